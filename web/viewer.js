@@ -1,0 +1,301 @@
+// Full-window viewer of one sandbox's desktop: noVNC over the control plane's
+// WebSocket relay, with reconnection.
+//
+// We open the WebSocket ourselves and hand it to noVNC, because noVNC reports
+// only "clean or not" when a connection ends, and the relay's close code is
+// what tells us whether trying again makes sense (see docs/ui.md).
+
+import RFB from '/novnc/core/rfb.js';
+import { ApiError, getSandbox, getToken, setToken, vncUrl } from '/api.js';
+
+// Close codes the relay uses. `final` ones stop the reconnect loop.
+const CLOSE_CODES = {
+  4401: { final: true, token: true, text: 'Not authorized: the API token is missing or was refused.' },
+  4404: { final: true, text: 'There is no such sandbox, or it is not yours.' },
+  4410: { final: true, text: 'The sandbox is gone or stopping.' },
+  4409: { final: false, text: 'sandbox not ready yet' },
+  4408: { final: false, text: 'viewer fell behind and was dropped' },
+  4502: { final: false, text: 'sandbox display unreachable' },
+  1011: { final: false, text: 'relay error' },
+};
+
+const BACKOFF_MS = [500, 1000, 2000, 4000, 8000];
+const MAX_BACKOFF_MS = 10000;
+// A connection that stayed up this long counts as a success: the next drop
+// starts the backoff from the beginning again.
+const STABLE_MS = 5000;
+// How long after connecting (or a window resize) the remote display must have
+// followed the window before we give up on resizing and scale instead.
+const RESIZE_GRACE_MS = 2500;
+
+const $ = (id) => document.getElementById(id);
+const screen = $('screen');
+const badge = $('status');
+const badgeText = $('status-text');
+const overlay = $('overlay');
+const overlayTitle = $('overlay-title');
+const overlayText = $('overlay-text');
+const overlayToken = $('overlay-token');
+const overlayTokenInput = $('overlay-token-input');
+const overlayRetry = $('overlay-retry');
+
+const id = sandboxIdFromPath(location.pathname);
+
+let rfb = null;
+let generation = 0;
+let phase = 'connecting'; // connecting | connected | reconnecting | disconnected
+let status = 'connecting';
+let attempt = 0;
+let connectedAt = 0;
+let lastClose = null;
+let retryTimer = 0;
+let countdownTimer = 0;
+let resizeTimer = 0;
+let scaledFallback = false;
+
+window.airlockViewer = {
+  id,
+  /** connecting | connected | disconnected (reconnect waits count as connecting) */
+  get state() {
+    return document.body.dataset.viewerState;
+  },
+  /** connecting | connected | reconnecting | disconnected */
+  get phase() {
+    return phase;
+  },
+  /** the badge's words */
+  get status() {
+    return status;
+  },
+  get rfb() {
+    return rfb;
+  },
+  /** { code, reason } of the last WebSocket close, or null */
+  get lastClose() {
+    return lastClose;
+  },
+  /** true once the server refused to follow the window size and we scale instead */
+  get scaled() {
+    return scaledFallback;
+  },
+  reconnect() {
+    attempt = 0;
+    connect();
+  },
+};
+
+function sandboxIdFromPath(path) {
+  const m = /^\/view\/([^/]+)\/?$/.exec(path);
+  return m ? decodeURIComponent(m[1]) : '';
+}
+
+function setPhase(next, text) {
+  phase = next;
+  status = text;
+  badge.dataset.phase = next;
+  if (badgeText.textContent !== text) badgeText.textContent = text;
+  document.body.dataset.viewerState = next === 'reconnecting' ? 'connecting' : next;
+  document.body.dataset.viewerPhase = next;
+}
+
+function clearTimers() {
+  clearTimeout(retryTimer);
+  clearInterval(countdownTimer);
+  clearTimeout(resizeTimer);
+}
+
+function connect() {
+  clearTimers();
+  overlay.hidden = true;
+  const gen = ++generation;
+  if (rfb) {
+    const old = rfb;
+    rfb = null;
+    try {
+      old.disconnect();
+    } catch {
+      // It is already down; nothing to undo.
+    }
+  }
+  if (!id) {
+    stop('This address names no sandbox.');
+    return;
+  }
+
+  setPhase('connecting', attempt > 0 ? `connecting (attempt ${attempt + 1})` : 'connecting');
+
+  let socket;
+  try {
+    socket = new WebSocket(vncUrl(id));
+  } catch (err) {
+    stop(`The browser refused to open the connection: ${err.message}`);
+    return;
+  }
+  // Registered before noVNC attaches its own handlers, so we see the close
+  // code first.
+  socket.addEventListener('close', (ev) => {
+    if (gen === generation) socketClosed(gen, ev.code, ev.reason);
+  });
+
+  let session;
+  try {
+    session = new RFB(screen, socket, { shared: true });
+  } catch (err) {
+    socket.close();
+    stop(`The viewer could not start: ${err.message}`);
+    return;
+  }
+  rfb = session;
+  session.scaleViewport = false;
+  session.resizeSession = true;
+  session.focusOnClick = true;
+  session.background = '#282828';
+  scaledFallback = false;
+
+  session.addEventListener('connect', () => {
+    if (gen !== generation) return;
+    connectedAt = Date.now();
+    setPhase('connected', 'connected');
+    checkResizeLater();
+  });
+
+  session.addEventListener('disconnect', () => {
+    if (gen !== generation) return;
+    // The socket's close event decides what happens next. If noVNC gave up on
+    // its own (a protocol error), the socket closes right after; make sure a
+    // stuck close handshake cannot leave us waiting forever.
+    setTimeout(() => {
+      if (gen === generation && socket.readyState !== WebSocket.CLOSED) socketClosed(gen, 1006, 'viewer error');
+    }, 3000);
+  });
+
+  // The relay offers security type None and authenticates to the guest itself,
+  // so a password prompt means something is misconfigured: never ask the user.
+  session.addEventListener('credentialsrequired', () => {
+    if (gen !== generation) return;
+    generation++;
+    session.disconnect();
+    stop('The display asked for a password. The relay should never do that; the server needs fixing.');
+  });
+
+  session.addEventListener('securityfailure', (ev) => {
+    if (gen !== generation) return;
+    generation++;
+    const reason = (ev.detail && ev.detail.reason) || 'no reason given';
+    stop(`The display refused the connection: ${reason}.`);
+  });
+
+  session.addEventListener('desktopname', (ev) => {
+    const name = ev.detail && ev.detail.name;
+    if (name) document.title = `${name} · airlock`;
+  });
+}
+
+async function socketClosed(gen, code, reason) {
+  generation++;
+  gen = generation;
+  clearTimeout(resizeTimer);
+  if (connectedAt && Date.now() - connectedAt >= STABLE_MS) attempt = 0;
+  connectedAt = 0;
+  lastClose = { code, reason };
+
+  const known = CLOSE_CODES[code];
+  if (known && known.final) {
+    stop(known.text + (reason ? ` (${reason})` : ''), { token: known.token });
+    return;
+  }
+
+  setPhase('reconnecting', 'reconnecting');
+  // The browser shows a refused WebSocket handshake only as code 1006, so ask
+  // the API whether there is still something to connect to before retrying.
+  const verdict = await checkSandbox();
+  if (gen !== generation) return;
+  if (verdict.final) {
+    stop(verdict.text, { token: verdict.token });
+    return;
+  }
+  const why = verdict.text || (known && known.text) || reason || `connection closed (${code})`;
+  scheduleRetry(why);
+}
+
+async function checkSandbox() {
+  try {
+    const sb = await getSandbox(id);
+    if (sb.state === 'stopping' || sb.state === 'stopped') {
+      return { final: true, text: `The sandbox is ${sb.state}.` };
+    }
+    if (sb.state === 'failed') {
+      return { final: true, text: `The sandbox failed: ${sb.failure_reason || 'the server gave no reason'}.` };
+    }
+    return { final: false, text: sb.state === 'ready' ? '' : `sandbox ${sb.state}` };
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) {
+      return { final: true, token: true, text: CLOSE_CODES[4401].text };
+    }
+    if (err instanceof ApiError && (err.status === 403 || err.status === 404)) {
+      return { final: true, text: `${CLOSE_CODES[4404].text} (${err.message})` };
+    }
+    return { final: false, text: '' };
+  }
+}
+
+function scheduleRetry(why) {
+  const base = attempt < BACKOFF_MS.length ? BACKOFF_MS[attempt] : MAX_BACKOFF_MS;
+  const delay = Math.round(base * (0.8 + Math.random() * 0.4));
+  attempt += 1;
+  const due = Date.now() + delay;
+  const tick = () => {
+    const left = Math.max(1, Math.ceil((due - Date.now()) / 1000));
+    setPhase('reconnecting', `reconnecting in ${left} s (${why})`);
+  };
+  tick();
+  countdownTimer = setInterval(tick, 250);
+  retryTimer = setTimeout(connect, delay);
+}
+
+function stop(text, { token = false } = {}) {
+  clearTimers();
+  generation++;
+  setPhase('disconnected', `disconnected: ${text}`);
+  overlayTitle.textContent = 'Disconnected';
+  overlayText.textContent = text;
+  overlayToken.hidden = !token;
+  if (token) overlayTokenInput.value = getToken();
+  overlay.hidden = false;
+  (token ? overlayTokenInput : overlayRetry).focus();
+}
+
+function retryFromOverlay() {
+  if (!overlayToken.hidden) setToken(overlayTokenInput.value.trim());
+  attempt = 0;
+  connect();
+}
+
+overlayRetry.addEventListener('click', retryFromOverlay);
+overlayToken.addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  retryFromOverlay();
+});
+
+// resizeSession asks the server to make its display match the window. A
+// server that cannot (or will not) leaves the sizes apart; then scale the
+// picture to the window instead, which always works.
+function checkResizeLater() {
+  clearTimeout(resizeTimer);
+  resizeTimer = setTimeout(() => {
+    if (!rfb || phase !== 'connected' || rfb.scaleViewport) return;
+    const canvas = screen.querySelector('canvas');
+    if (!canvas) return;
+    const w = screen.clientWidth;
+    const h = screen.clientHeight;
+    if (canvas.width !== w || canvas.height !== h) {
+      scaledFallback = true;
+      rfb.scaleViewport = true;
+      console.info(`airlock viewer: display stayed ${canvas.width}x${canvas.height} for a ${w}x${h} window; scaling instead`);
+    }
+  }, RESIZE_GRACE_MS);
+}
+
+window.addEventListener('resize', checkResizeLater);
+
+connect();
