@@ -306,9 +306,9 @@ function makeRow(id) {
   const createdTime = node('time');
   created.append(createdTime);
   const info = node('td', { class: 'details' });
-  const open = node('button', { type: 'button', class: 'small open', 'aria-pressed': 'false' }, 'Open viewer');
+  const open = node('button', { type: 'button', class: 'small open' }, 'Open viewer');
   const del = node('button', { type: 'button', class: 'small danger delete' }, 'Delete');
-  open.addEventListener('click', () => select(selectedId === id ? '' : id));
+  open.addEventListener('click', () => select(id));
   del.addEventListener('click', () => remove(id));
   const actions = node('td', { class: 'actions' }, open, del);
   tr.append(idCell, kind, state, created, info, actions);
@@ -361,7 +361,8 @@ function renderRows() {
     const d = details(sb);
     setText(row.info, d.text);
     row.info.classList.toggle('reason', d.failed);
-    row.open.setAttribute('aria-pressed', String(sb.id === selectedId));
+    if (sb.id === selectedId) row.tr.setAttribute('aria-current', 'true');
+    else row.tr.removeAttribute('aria-current');
     row.open.setAttribute('aria-label', `Open viewer of sandbox ${sb.id}`);
     row.del.setAttribute('aria-label', `Delete sandbox ${sb.id}`);
     const busy = deleting.has(sb.id);

@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 // A stand-in for the control plane, for working on web/ without the Rust
 // server: it serves web/ with the same routes, keeps sandboxes in memory, and
-// gives each "sandbox" a real local TigerVNC display (Xvnc) with an xterm on
-// the left half and Chromium on the right half, relayed over the same
+// gives each "sandbox" a real local TigerVNC display (Xvnc) with openbox, an
+// xterm on the left half and Chromium on the right half, relayed over the same
 // WebSocket path with the same close codes.
 //
 // It is a development aid only. The end-to-end test proper runs desktop.mjs
@@ -154,6 +154,10 @@ async function boot(sb) {
     return fail(sb, e.message);
   }
   spawnLogged('xsetroot', ['-solid', '#3a4a5c']);
+  // The image runs openbox; without a window manager X keeps the focus on
+  // whichever window took it last, and clicks do not move it.
+  if (fs.existsSync('/usr/bin/openbox')) spawnLogged('openbox', []);
+  else console.error('devserver: openbox is not installed; clicking a window will not focus it');
   spawnLogged('xterm', ['-geometry', '80x45+0+0', '-fa', 'Monospace', '-fs', '11']);
   const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'devserver-chromium-'));
   sb.profile = profile;
@@ -185,8 +189,14 @@ function teardown(sb) {
   for (const p of sb.procs) {
     if (p.exitCode === null) p.kill('SIGTERM');
   }
+  const procs = sb.procs;
   sb.procs = [];
-  if (sb.profile) fs.rmSync(sb.profile, { recursive: true, force: true });
+  const profile = sb.profile;
+  if (!profile) return;
+  // Chromium writes to its profile until it has exited.
+  Promise.all(procs.map((p) => (p.exitCode === null && p.signalCode === null ? new Promise((r) => p.once('exit', r)) : null)))
+    .then(() => fs.rmSync(profile, { recursive: true, force: true, maxRetries: 5 }))
+    .catch((e) => console.error(`devserver: could not remove ${profile}: ${e.message}`));
 }
 
 function create(kind) {
