@@ -1,0 +1,257 @@
+//! Host operations the drivers need (run a command, start a detached process,
+//! signal it, look at /proc), behind [`Host`] so driver logic can run against
+//! [`FakeHost`] in unit tests and against the real host in integration tests.
+
+use async_trait::async_trait;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// A command line, kept as data so it can be logged, compared and faked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cmd {
+    pub program: String,
+    pub args: Vec<String>,
+}
+
+impl Cmd {
+    pub fn new(program: &str) -> Self {
+        Cmd { program: program.to_owned(), args: Vec::new() }
+    }
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
+
+impl std::fmt::Display for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.program)?;
+        for arg in &self.args {
+            write!(f, " {arg}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("could not run `{cmd}`")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{cmd}` failed ({status}): {stderr}")]
+    Failed { cmd: String, status: String, stderr: String },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl HostError {
+    /// The command's stderr, when it ran and failed.
+    pub fn stderr(&self) -> Option<&str> {
+        match self {
+            HostError::Failed { stderr, .. } => Some(stderr),
+            _ => None,
+        }
+    }
+}
+
+#[async_trait]
+pub trait Host: Send + Sync + std::fmt::Debug + 'static {
+    /// Run to completion; non-zero exit is an error carrying stderr.
+    async fn run(&self, cmd: &Cmd) -> Result<String, HostError>;
+    /// Start a process in its own process group that outlives the caller, with
+    /// stdout and stderr appended to `log`. Returns its pid.
+    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<u32, HostError>;
+    fn signal(&self, pid: u32, signal: i32) -> Result<(), HostError>;
+    /// The process's command line (NUL-separated arguments joined by spaces),
+    /// or `None` if there is no such process (or it is a zombie).
+    fn cmdline(&self, pid: u32) -> Option<String>;
+    /// Direct children of a process.
+    fn children(&self, pid: u32) -> Vec<u32>;
+}
+
+/// The real host.
+#[derive(Debug, Default)]
+pub struct RealHost;
+
+#[async_trait]
+impl Host for RealHost {
+    async fn run(&self, cmd: &Cmd) -> Result<String, HostError> {
+        let output = tokio::process::Command::new(&cmd.program)
+            .args(&cmd.args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|source| HostError::Spawn { cmd: cmd.to_string(), source })?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(HostError::Failed {
+                cmd: cmd.to_string(),
+                status: output.status.to_string(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            })
+        }
+    }
+
+    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<u32, HostError> {
+        use std::os::unix::process::CommandExt;
+        let open_log = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .map_err(|source| HostError::Io { what: format!("open {}", log.display()), source })
+        };
+        let (stdout, stderr) = (open_log()?, open_log()?);
+        let child = std::process::Command::new(&cmd.program)
+            .args(&cmd.args)
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            // Its own process group: a Ctrl-C or kill of the control plane's
+            // group must not take running sandboxes down with it.
+            .process_group(0)
+            .spawn()
+            .map_err(|source| HostError::Spawn { cmd: cmd.to_string(), source })?;
+        let pid = child.id();
+        // Reap it when it exits so it never lingers as a zombie while we live.
+        std::thread::spawn(move || {
+            let mut child = child;
+            let _ = child.wait();
+        });
+        Ok(pid)
+    }
+
+    fn signal(&self, pid: u32, signal: i32) -> Result<(), HostError> {
+        let pid = i32::try_from(pid).map_err(|_| HostError::Io {
+            what: format!("pid {pid} out of range"),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        })?;
+        // SAFETY: kill(2) takes two integers and touches none of our memory.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::kill(pid, signal) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(HostError::Io {
+                what: format!("kill({pid}, {signal})"),
+                source: std::io::Error::last_os_error(),
+            })
+        }
+    }
+
+    fn cmdline(&self, pid: u32) -> Option<String> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Field 3 (after the parenthesised comm) is the state; Z is a zombie.
+        let state = status.rsplit_once(')')?.1.split_whitespace().next()?;
+        if state == "Z" || state == "X" {
+            return None;
+        }
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let parts: Vec<String> = raw
+            .split(|b| *b == 0)
+            .filter(|p| !p.is_empty())
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect();
+        Some(parts.join(" "))
+    }
+
+    fn children(&self, pid: u32) -> Vec<u32> {
+        let mut out = Vec::new();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return out;
+        };
+        for task in tasks.flatten() {
+            let path: PathBuf = task.path().join("children");
+            if let Ok(text) = std::fs::read_to_string(path) {
+                out.extend(text.split_whitespace().filter_map(|s| s.parse::<u32>().ok()));
+            }
+        }
+        out
+    }
+}
+
+/// A recording fake: commands succeed (unless told to fail) and are kept in order.
+#[derive(Debug, Default)]
+pub struct FakeHost {
+    pub ran: Mutex<Vec<Cmd>>,
+    /// A command whose display string contains one of these fails.
+    pub fail_when: Mutex<Vec<String>>,
+    pub signals: Mutex<Vec<(u32, i32)>>,
+    pub alive: Mutex<std::collections::BTreeMap<u32, String>>,
+    next_pid: Mutex<u32>,
+}
+
+impl FakeHost {
+    pub fn commands(&self) -> Vec<String> {
+        self.ran.lock().map(|r| r.iter().map(ToString::to_string).collect()).unwrap_or_default()
+    }
+    pub fn fail_on(&self, needle: &str) {
+        if let Ok(mut f) = self.fail_when.lock() {
+            f.push(needle.to_owned());
+        }
+    }
+    fn check(&self, cmd: &Cmd) -> Result<(), HostError> {
+        if let Ok(mut ran) = self.ran.lock() {
+            ran.push(cmd.clone());
+        }
+        let line = cmd.to_string();
+        let fails = self.fail_when.lock().map(|f| f.iter().any(|n| line.contains(n))).unwrap_or(false);
+        if fails {
+            return Err(HostError::Failed { cmd: line, status: "exit status: 1".into(), stderr: "fake failure".into() });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Host for FakeHost {
+    async fn run(&self, cmd: &Cmd) -> Result<String, HostError> {
+        self.check(cmd).map(|()| String::new())
+    }
+    async fn spawn_detached(&self, cmd: &Cmd, _log: &Path) -> Result<u32, HostError> {
+        self.check(cmd)?;
+        let mut next = self.next_pid.lock().map_err(|_| HostError::Io {
+            what: "fake pid lock".into(),
+            source: std::io::Error::other("poisoned"),
+        })?;
+        *next += 1;
+        let pid = 10_000 + *next;
+        if let Ok(mut alive) = self.alive.lock() {
+            alive.insert(pid, cmd.to_string());
+        }
+        Ok(pid)
+    }
+    fn signal(&self, pid: u32, signal: i32) -> Result<(), HostError> {
+        if let Ok(mut s) = self.signals.lock() {
+            s.push((pid, signal));
+        }
+        if signal == libc::SIGKILL || signal == libc::SIGTERM {
+            if let Ok(mut alive) = self.alive.lock() {
+                alive.remove(&pid);
+            }
+        }
+        Ok(())
+    }
+    fn cmdline(&self, pid: u32) -> Option<String> {
+        self.alive.lock().ok()?.get(&pid).cloned()
+    }
+    fn children(&self, _pid: u32) -> Vec<u32> {
+        Vec::new()
+    }
+}

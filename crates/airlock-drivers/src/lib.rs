@@ -1,0 +1,127 @@
+//! Sandbox drivers. Every backend implements [`Driver`]; the control plane never
+//! knows which one it talks to. Host operations (processes, mounts, links) sit
+//! behind [`host::Host`] so the logic can be tested against a fake.
+
+pub mod host;
+pub mod net;
+pub mod nspawn;
+
+use airlock_proto::metadata::{Metadata, SandboxKind};
+use async_trait::async_trait;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The golden image as a driver sees it: read-only layers, top first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    pub build_id: String,
+    /// Directories stacked as overlay lower layers, uppermost first.
+    pub layers: Vec<PathBuf>,
+}
+
+/// What the host gave a sandbox from the address pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Index of the block in the pool; stable across restarts (it is persisted).
+    pub index: u32,
+    pub host: Ipv4Addr,
+    pub guest: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    pub max_pids: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { memory_bytes: Some(2 << 30), max_pids: Some(4096) }
+    }
+}
+
+/// Everything a driver needs to create one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub id: String,
+    pub kind: SandboxKind,
+    pub image: ImageRef,
+    pub lease: Lease,
+    pub metadata: Metadata,
+    pub limits: Limits,
+    /// For workspaces: the persistent directory mounted as the user's home.
+    pub home_volume: Option<PathBuf>,
+}
+
+/// Where the control plane reaches a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints {
+    pub agent: SocketAddr,
+    pub vnc: SocketAddr,
+}
+
+impl Endpoints {
+    pub fn for_guest(guest: Ipv4Addr) -> Self {
+        Endpoints {
+            agent: SocketAddr::from((guest, airlock_proto::AGENT_PORT)),
+            vnc: SocketAddr::from((guest, airlock_proto::VNC_PORT)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    pub id: String,
+    pub running: bool,
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("sandbox {0} is not known to the driver")]
+    NotFound(String),
+    /// Worth retrying: the host was briefly unable (busy device, racing cleanup).
+    #[error("transient host failure: {0}")]
+    Transient(String),
+    #[error("{context}")]
+    Host {
+        context: String,
+        #[source]
+        source: host::HostError,
+    },
+    #[error("guest did not become reachable within {0:?}")]
+    Timeout(Duration),
+    #[error("guest exited during boot: {0}")]
+    GuestExited(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl DriverError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, DriverError::Transient(_))
+    }
+}
+
+/// One sandbox backend. Methods are idempotent where it matters for recovery:
+/// `destroy` of a half-made or already-gone sandbox succeeds and releases whatever
+/// is left.
+#[async_trait]
+pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
+    fn name(&self) -> &'static str;
+    /// Prepare the sandbox's private resources (writable layer, link, metadata).
+    async fn create(&self, spec: &SandboxSpec) -> Result<(), DriverError>;
+    /// Boot the guest.
+    async fn start(&self, id: &str) -> Result<(), DriverError>;
+    /// Wait until the guest's agent port accepts connections.
+    async fn wait_ready(&self, id: &str, timeout: Duration) -> Result<Endpoints, DriverError>;
+    /// Ask the guest to power off; force it after `grace`.
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), DriverError>;
+    /// Stop if needed and release everything the sandbox holds on the host.
+    async fn destroy(&self, id: &str) -> Result<(), DriverError>;
+    async fn inspect(&self, id: &str) -> Result<InstanceInfo, DriverError>;
+    /// Every sandbox this driver holds resources for, running or not.
+    async fn list(&self) -> Result<Vec<InstanceInfo>, DriverError>;
+}

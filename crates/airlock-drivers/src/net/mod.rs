@@ -1,0 +1,5 @@
+//! Host networking for sandboxes: the address pool and the per-sandbox link
+//! (a network namespace joined to the host by its own veth pair; no bridge).
+
+pub mod link;
+pub mod pool;

@@ -1,0 +1,119 @@
+//! Application logic between the HTTP handlers and the store and driver:
+//! who may do what, and the sandbox lifecycle with its recovery and reaping.
+
+pub mod agent;
+pub mod auth;
+pub mod reaper;
+pub mod sandboxes;
+pub mod state;
+
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+use airlock_drivers::net::pool::AddressPool;
+use airlock_drivers::{Driver, ImageRef, Limits};
+use airlock_proto::metadata::Display;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Settings the app works with, already validated.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub data_dir: PathBuf,
+    pub loopback_only: bool,
+    pub display: Display,
+    pub limits: Limits,
+    /// From `booting` to `ready`, at most.
+    pub boot_timeout: Duration,
+    /// A browser sandbox with no viewer and no exec for this long is reaped.
+    pub idle_ttl: Duration,
+    /// Finished sandboxes stay listed this long.
+    pub history_ttl: Duration,
+    pub reaper_every: Duration,
+    /// Bounded retries of transient driver failures.
+    pub driver_retries: u32,
+}
+
+impl AppConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        AppConfig {
+            data_dir,
+            loopback_only: true,
+            display: Display::default(),
+            limits: Limits::default(),
+            boot_timeout: Duration::from_secs(90),
+            idle_ttl: Duration::from_secs(2 * 3600),
+            history_ttl: Duration::from_secs(24 * 3600),
+            reaper_every: Duration::from_secs(10),
+            driver_retries: 3,
+        }
+    }
+}
+
+/// Errors as the app states them; `http::error` maps each to one status.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    BadInput(String),
+    #[error("missing or unknown API token")]
+    Unauthorized,
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NoCapacity(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("storage failed")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+#[derive(Debug)]
+pub struct App {
+    pub cfg: AppConfig,
+    pub store: Store,
+    pub driver: Arc<dyn Driver>,
+    pub image: ImageRef,
+    pub pool: AddressPool,
+    pub metrics: Metrics,
+    pub agent: agent::AgentClient,
+    /// Ids of sandboxes going away, so their viewers close with a reason.
+    pub stopping: broadcast::Sender<String>,
+    /// Serialises lease allocation.
+    lease_lock: tokio::sync::Mutex<()>,
+    /// One lock per sandbox: driver work on a sandbox never overlaps.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl App {
+    pub fn new(cfg: AppConfig, store: Store, driver: Arc<dyn Driver>, image: ImageRef, pool: AddressPool) -> Arc<Self> {
+        let (stopping, _) = broadcast::channel(256);
+        Arc::new(App {
+            cfg,
+            store,
+            driver,
+            image,
+            pool,
+            metrics: Metrics::new(),
+            agent: agent::AgentClient::new(),
+            stopping,
+            lease_lock: tokio::sync::Mutex::new(()),
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(id.to_owned()).or_default().clone()
+    }
+
+    fn forget_lock(&self, id: &str) {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.remove(id);
+    }
+}

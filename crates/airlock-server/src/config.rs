@@ -1,0 +1,174 @@
+//! Configuration: embedded defaults, then an optional TOML file, then the
+//! command line and environment (applied by the binary). Validated once, with
+//! errors that name the file and the field.
+
+use crate::app::AppConfig;
+use airlock_drivers::net::pool::AddressPool;
+use airlock_drivers::Limits;
+use airlock_proto::metadata::Display;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    Nspawn,
+    Qemu,
+    Firecracker,
+}
+
+impl std::str::FromStr for DriverKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "nspawn" => Ok(DriverKind::Nspawn),
+            "qemu" => Ok(DriverKind::Qemu),
+            "firecracker" => Ok(DriverKind::Firecracker),
+            other => Err(format!("unknown driver {other:?} (expected nspawn, qemu or firecracker)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Where golden image layers live; `<data_dir>/images` when unset.
+    pub image_dir: Option<PathBuf>,
+    pub driver: DriverKind,
+    /// `sqlite://…` or `postgres://…`; `<data_dir>/airlock.db` when unset.
+    pub database_url: Option<String>,
+    /// Sandbox addresses: one /30 per sandbox.
+    pub address_pool: String,
+    pub display_width: u32,
+    pub display_height: u32,
+    pub boot_timeout_s: u64,
+    pub idle_ttl_s: u64,
+    pub history_ttl_s: u64,
+    pub memory_mb: Option<u64>,
+    pub max_pids: Option<u64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4000)),
+            data_dir: PathBuf::from("/var/lib/airlock"),
+            image_dir: None,
+            driver: DriverKind::Nspawn,
+            database_url: None,
+            address_pool: "10.231.0.0/16".into(),
+            display_width: 1280,
+            display_height: 800,
+            boot_timeout_s: 90,
+            idle_ttl_s: 2 * 3600,
+            history_ttl_s: 24 * 3600,
+            memory_mb: Some(2048),
+            max_pids: Some(4096),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+    }
+
+    pub fn image_dir(&self) -> PathBuf {
+        self.image_dir.clone().unwrap_or_else(|| self.data_dir.join("images"))
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("airlock.db").display()))
+    }
+
+    pub fn pool(&self) -> Result<AddressPool, ConfigError> {
+        AddressPool::parse(&self.address_pool).map_err(|e| ConfigError::Invalid { field: "address_pool", message: e.to_string() })
+    }
+
+    /// Check every field once; the first problem is reported by field name.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.pool()?;
+        let invalid = |field, message: &str| Err(ConfigError::Invalid { field, message: message.to_owned() });
+        if !(320..=7680).contains(&self.display_width) {
+            return invalid("display_width", "must be between 320 and 7680");
+        }
+        if !(240..=4320).contains(&self.display_height) {
+            return invalid("display_height", "must be between 240 and 4320");
+        }
+        if self.boot_timeout_s == 0 || self.boot_timeout_s > 3600 {
+            return invalid("boot_timeout_s", "must be between 1 and 3600");
+        }
+        if self.idle_ttl_s == 0 {
+            return invalid("idle_ttl_s", "must be at least 1");
+        }
+        if let Some(url) = &self.database_url {
+            if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return invalid("database_url", "must start with sqlite:, postgres:// or postgresql://");
+            }
+        }
+        if self.memory_mb == Some(0) {
+            return invalid("memory_mb", "must be at least 1");
+        }
+        if !self.data_dir.is_absolute() {
+            return invalid("data_dir", "must be an absolute path");
+        }
+        Ok(())
+    }
+
+    pub fn app_config(&self) -> AppConfig {
+        let mut app = AppConfig::new(self.data_dir.clone());
+        app.loopback_only = self.listen.ip().is_loopback();
+        app.display = Display { width: self.display_width, height: self.display_height };
+        app.limits = Limits { memory_bytes: self.memory_mb.map(|m| m << 20), max_pids: self.max_pids };
+        app.boot_timeout = Duration::from_secs(self.boot_timeout_s);
+        app.idle_ttl = Duration::from_secs(self.idle_ttl_s);
+        app.history_ttl = Duration::from_secs(self.history_ttl_s);
+        app
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/airlock.example.toml");
+        let cfg = Config::from_file(&path).expect("example parses");
+        cfg.validate().expect("example is valid");
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = toml::from_str::<Config>("listne = \"127.0.0.1:1\"").expect_err("typo");
+        assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let cfg = Config { address_pool: "10.0.0.1/16".into(), ..Config::default() };
+        let err = cfg.validate().expect_err("host bits");
+        assert!(err.to_string().starts_with("address_pool:"), "{err}");
+        let cfg = Config { display_width: 10, ..Config::default() };
+        assert!(cfg.validate().expect_err("tiny").to_string().starts_with("display_width:"));
+    }
+}

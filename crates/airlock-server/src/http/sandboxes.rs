@@ -1,0 +1,177 @@
+//! Sandbox endpoints. Thin: parse, call the app, shape the answer.
+
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use crate::app::state::SandboxState;
+use crate::app::App;
+use crate::relay::ws::{self, close};
+use crate::store::SandboxRow;
+use airlock_proto::metadata::SandboxKind;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// `browser` (disposable) or `workspace` (the user's long-lived machine).
+    pub kind: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Sandbox {
+    pub id: String,
+    pub kind: String,
+    pub state: SandboxState,
+    pub owner: String,
+    pub image_build_id: String,
+    /// RFC 3339 timestamps.
+    pub created_at: String,
+    pub updated_at: String,
+    pub ready_at: Option<String>,
+    pub last_heartbeat_at: Option<String>,
+    pub failure_reason: Option<String>,
+    /// The page that shows this sandbox's desktop.
+    pub viewer_url: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SandboxList {
+    pub sandboxes: Vec<Sandbox>,
+}
+
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Seconds, 1–600; 30 when omitted.
+    pub timeout_s: Option<u64>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ExecResult {
+    /// Absent when the process was killed (by a signal or the timeout).
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+    pub truncated: bool,
+}
+
+fn rfc3339(ms: i64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn view(row: SandboxRow, owner: &str) -> Sandbox {
+    Sandbox {
+        viewer_url: format!("/view/{}", row.id),
+        id: row.id,
+        kind: row.kind,
+        state: row.state,
+        owner: owner.to_owned(),
+        image_build_id: row.image_build_id,
+        created_at: rfc3339(row.created_at),
+        updated_at: rfc3339(row.updated_at),
+        ready_at: row.ready_at.map(rfc3339),
+        last_heartbeat_at: row.last_heartbeat_at.map(rfc3339),
+        failure_reason: row.failure_reason,
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/sandboxes", request_body = CreateSandbox,
+    responses((status = 201, body = Sandbox), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn create(
+    State(app): State<Arc<App>>,
+    Caller(user): Caller,
+    body: Result<Json<CreateSandbox>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let kind: SandboxKind = body.kind.parse().map_err(|e: airlock_proto::metadata::UnknownKind| ApiError::bad_request(e.to_string()))?;
+    let row = app.create_sandbox(&user, kind).await?;
+    Ok((StatusCode::CREATED, Json(view(row, &user.name))).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/sandboxes", responses((status = 200, body = SandboxList)))]
+pub async fn list(State(app): State<Arc<App>>, Caller(user): Caller) -> Result<Json<SandboxList>, ApiError> {
+    let rows = app.sandboxes(&user).await?;
+    Ok(Json(SandboxList { sandboxes: rows.into_iter().map(|r| view(r, &user.name)).collect() }))
+}
+
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}", responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody)))]
+pub async fn get(State(app): State<Arc<App>>, Caller(user): Caller, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(view(app.sandbox_of(&user, &id).await?, &user.name)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/sandboxes/{id}", responses((status = 202, body = Sandbox), (status = 404, body = ErrorBody)))]
+pub async fn delete(State(app): State<Arc<App>>, Caller(user): Caller, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let row = app.delete_sandbox(&user, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(view(row, &user.name))).into_response())
+}
+
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/exec", request_body = ExecBody,
+    responses((status = 200, body = ExecResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn exec(
+    State(app): State<Arc<App>>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    body: Result<Json<ExecBody>, JsonRejection>,
+) -> Result<Json<ExecResult>, ApiError> {
+    let Json(body) = body?;
+    let req = airlock_proto::agent::ExecRequest { argv: body.argv, env: body.env, timeout_s: body.timeout_s };
+    let out = app.exec(&user, &id, req).await?;
+    Ok(Json(ExecResult {
+        exit_code: out.exit_code,
+        stdout: out.stdout,
+        stderr: out.stderr,
+        timed_out: out.timed_out,
+        truncated: out.truncated,
+    }))
+}
+
+/// The viewer's WebSocket. Ownership is checked before the upgrade; a sandbox
+/// that is not ready is upgraded and closed at once with a reason.
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/vnc",
+    responses((status = 101, description = "WebSocket carrying binary RFB"), (status = 404, body = ErrorBody)))]
+pub async fn vnc(
+    State(app): State<Arc<App>>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let row = app.sandbox_of(&user, &id).await?;
+    let upgrade = upgrade.protocols(["binary"]).max_message_size(1 << 20).write_buffer_size(64 * 1024).max_write_buffer_size(1 << 20);
+    let target = app.ready_endpoints(&row).map(|e| ws::Target { sandbox_id: row.id.clone(), vnc: e.vnc, password: row.vnc_password.clone() });
+    let state = row.state;
+    Ok(upgrade.on_upgrade(move |socket| async move {
+        app.metrics.viewer_opened();
+        let code = match target {
+            Ok(target) => {
+                let _ = app.store.touch_activity(&target.sandbox_id).await;
+                let stopping = app.stopping.subscribe();
+                ws::relay(socket, target, stopping).await
+            }
+            Err(_) => {
+                let (code, reason) = match state {
+                    SandboxState::Provisioning | SandboxState::Booting => (close::NOT_READY, format!("the sandbox is {state}; try again when it is ready")),
+                    _ => (close::GONE, format!("the sandbox is {state}")),
+                };
+                ws::close_with(socket, code, &reason).await;
+                code
+            }
+        };
+        let _ = app.store.touch_activity(&id).await;
+        app.metrics.viewer_closed(code);
+    }))
+}

@@ -1,0 +1,11 @@
+//! The airlock control plane as a library: the `airlock` binary and the
+//! integration tests both start it through [`Server`].
+
+pub mod app;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod relay;
+pub mod store;
+
+pub use config::Config;

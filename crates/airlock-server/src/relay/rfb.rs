@@ -1,0 +1,275 @@
+//! The client side of RFB 3.8 that the control plane needs: the security
+//! handshake with a guest's VNC server, the relay's server-side greeting for the
+//! browser, and one full framebuffer read to tell a desktop from a blank screen.
+
+use airlock_proto::vncauth;
+use std::collections::HashSet;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RfbError {
+    #[error("VNC connection failed")]
+    Io(#[from] std::io::Error),
+    #[error("the VNC server speaks {0:?}, not RFB 3.x")]
+    Version(String),
+    #[error("the VNC server refused the connection: {0}")]
+    Refused(String),
+    #[error("the VNC server offers no security type the relay supports (offered {0:?})")]
+    NoSecurityType(Vec<u8>),
+    #[error("VNC authentication failed: {0}")]
+    AuthFailed(String),
+    #[error("unexpected RFB message type {0}")]
+    Unexpected(u8),
+    #[error("the VNC server's framebuffer is {0}x{1}, too large to read")]
+    TooLarge(u16, u16),
+}
+
+const VERSION_38: &[u8; 12] = b"RFB 003.008\n";
+const SECURITY_NONE: u8 = 1;
+const SECURITY_VNC_AUTH: u8 = 2;
+
+async fn read_reason<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, RfbError> {
+    let len = s.read_u32().await? as usize;
+    let mut buf = vec![0u8; len.min(4096)];
+    s.read_exact(&mut buf).await?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Authenticate to a guest's VNC server, up to (not including) ClientInit.
+pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, password: &str) -> Result<(), RfbError> {
+    let mut version = [0u8; 12];
+    s.read_exact(&mut version).await?;
+    if !version.starts_with(b"RFB 003.") {
+        return Err(RfbError::Version(String::from_utf8_lossy(&version).trim().to_owned()));
+    }
+    s.write_all(VERSION_38).await?;
+    let count = s.read_u8().await?;
+    if count == 0 {
+        return Err(RfbError::Refused(read_reason(s).await?));
+    }
+    let mut types = vec![0u8; usize::from(count)];
+    s.read_exact(&mut types).await?;
+    let chosen = if types.contains(&SECURITY_VNC_AUTH) {
+        SECURITY_VNC_AUTH
+    } else if types.contains(&SECURITY_NONE) {
+        SECURITY_NONE
+    } else {
+        return Err(RfbError::NoSecurityType(types));
+    };
+    s.write_u8(chosen).await?;
+    if chosen == SECURITY_VNC_AUTH {
+        let mut challenge = [0u8; 16];
+        s.read_exact(&mut challenge).await?;
+        s.write_all(&vncauth::challenge_response(password, &challenge)).await?;
+    }
+    if s.read_u32().await? != 0 {
+        return Err(RfbError::AuthFailed(read_reason(s).await?));
+    }
+    Ok(())
+}
+
+/// A byte pipe the browser-side greeting can run over: a TCP-like stream in
+/// tests, WebSocket messages in the relay.
+pub trait Wire {
+    fn read_exact(&mut self, buf: &mut [u8]) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    fn write_all(&mut self, buf: &[u8]) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+/// [`Wire`] over any byte stream.
+#[derive(Debug)]
+pub struct IoWire<S>(pub S);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire for IoWire<S> {
+    async fn read_exact(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
+        AsyncReadExt::read_exact(&mut self.0, buf).await.map(|_| ())
+    }
+    async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        AsyncWriteExt::write_all(&mut self.0, buf).await?;
+        self.0.flush().await
+    }
+}
+
+/// Greet a browser as a VNC server that needs no authentication (the relay has
+/// already authenticated to the guest). Handles RFB 3.3, 3.7 and 3.8 clients.
+pub async fn serve_none_security<W: Wire>(w: &mut W) -> Result<(), RfbError> {
+    w.write_all(VERSION_38).await?;
+    let mut version = [0u8; 12];
+    w.read_exact(&mut version).await?;
+    match &version {
+        b"RFB 003.003\n" => {
+            w.write_all(&u32::from(SECURITY_NONE).to_be_bytes()).await?;
+        }
+        v if v.starts_with(b"RFB 003.") => {
+            w.write_all(&[1, SECURITY_NONE]).await?;
+            let mut choice = [0u8; 1];
+            w.read_exact(&mut choice).await?;
+            if choice[0] != SECURITY_NONE {
+                let reason = b"only security type None is offered";
+                let mut msg = 1u32.to_be_bytes().to_vec();
+                msg.extend_from_slice(&(reason.len() as u32).to_be_bytes());
+                msg.extend_from_slice(reason);
+                w.write_all(&msg).await?;
+                return Err(RfbError::NoSecurityType(vec![choice[0]]));
+            }
+            w.write_all(&0u32.to_be_bytes()).await?;
+        }
+        other => return Err(RfbError::Version(String::from_utf8_lossy(other).trim().to_owned())),
+    }
+    Ok(())
+}
+
+/// What one full framebuffer looked like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameStats {
+    pub width: u16,
+    pub height: u16,
+    pub distinct_colours: usize,
+    /// Share of pixels (0..=1000, per mille) taken by the most common colour.
+    pub dominant_per_mille: u32,
+}
+
+impl FrameStats {
+    /// A desktop with windows on it, not a blank or single-colour screen.
+    pub fn looks_like_desktop(&self) -> bool {
+        self.distinct_colours >= 16 && self.dominant_per_mille < 950
+    }
+}
+
+/// After [`client_handshake`]: ClientInit, then one full, raw-encoded frame.
+pub async fn read_frame<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<FrameStats, RfbError> {
+    s.write_u8(1).await?; // shared
+    let width = s.read_u16().await?;
+    let height = s.read_u16().await?;
+    let mut server_format = [0u8; 16];
+    s.read_exact(&mut server_format).await?;
+    let _name = read_reason(s).await?;
+    if u32::from(width) * u32::from(height) > 8192 * 8192 {
+        return Err(RfbError::TooLarge(width, height));
+    }
+    // SetPixelFormat: 32 bpp, depth 24, little endian, true colour, 8 bits each.
+    let format: [u8; 16] = [32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0];
+    s.write_all(&[0, 0, 0, 0]).await?;
+    s.write_all(&format).await?;
+    // SetEncodings: raw only.
+    s.write_all(&[2, 0, 0, 1, 0, 0, 0, 0]).await?;
+    // FramebufferUpdateRequest, not incremental, whole screen.
+    let mut req = vec![3u8, 0, 0, 0, 0, 0];
+    req.extend_from_slice(&width.to_be_bytes());
+    req.extend_from_slice(&height.to_be_bytes());
+    s.write_all(&req).await?;
+    s.flush().await?;
+
+    let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    let mut pixels: u64 = 0;
+    loop {
+        match s.read_u8().await? {
+            0 => {
+                s.read_u8().await?;
+                let rects = s.read_u16().await?;
+                for _ in 0..rects {
+                    let mut header = [0u8; 12];
+                    s.read_exact(&mut header).await?;
+                    let w = u16::from_be_bytes([header[4], header[5]]);
+                    let h = u16::from_be_bytes([header[6], header[7]]);
+                    let encoding = i32::from_be_bytes([header[8], header[9], header[10], header[11]]);
+                    if encoding != 0 {
+                        // Pseudo-encodings carry no pixels we asked for.
+                        continue;
+                    }
+                    let mut row = vec![0u8; usize::from(w) * 4];
+                    for _ in 0..h {
+                        s.read_exact(&mut row).await?;
+                        for px in row.chunks_exact(4) {
+                            let colour = u32::from_le_bytes([px[0], px[1], px[2], 0]);
+                            *counts.entry(colour).or_default() += 1;
+                        }
+                    }
+                    pixels += u64::from(w) * u64::from(h);
+                }
+                break;
+            }
+            2 => {} // bell
+            3 => {
+                let mut pad = [0u8; 3];
+                s.read_exact(&mut pad).await?;
+                let _ = read_reason(s).await?;
+            }
+            other => return Err(RfbError::Unexpected(other)),
+        }
+    }
+    let dominant = counts.values().copied().max().unwrap_or(0);
+    let distinct: HashSet<u32> = counts.keys().copied().collect();
+    Ok(FrameStats {
+        width,
+        height,
+        distinct_colours: distinct.len(),
+        dominant_per_mille: (u64::from(dominant) * 1000).checked_div(pixels).map_or(1000, |v| v as u32),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny RFB server good enough to test the handshakes against.
+    async fn fake_server(mut s: tokio::io::DuplexStream, password: &'static str) -> Result<(), RfbError> {
+        s.write_all(VERSION_38).await?;
+        let mut v = [0u8; 12];
+        s.read_exact(&mut v).await?;
+        s.write_all(&[1, SECURITY_VNC_AUTH]).await?;
+        assert_eq!(s.read_u8().await?, SECURITY_VNC_AUTH);
+        let challenge = [9u8; 16];
+        s.write_all(&challenge).await?;
+        let mut resp = [0u8; 16];
+        s.read_exact(&mut resp).await?;
+        if resp == vncauth::challenge_response(password, &challenge) {
+            s.write_u32(0).await?;
+        } else {
+            s.write_u32(1).await?;
+            s.write_u32(14).await?;
+            s.write_all(b"wrong password").await?;
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn vnc_auth_succeeds_with_the_right_password() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let srv = tokio::spawn(fake_server(server, "s3cret"));
+        client_handshake(&mut client, "s3cret").await.expect("handshake");
+        srv.await.expect("join").expect("server");
+    }
+
+    #[tokio::test]
+    async fn vnc_auth_reports_the_servers_reason() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let srv = tokio::spawn(fake_server(server, "right"));
+        let err = client_handshake(&mut client, "wrong").await.expect_err("must fail");
+        assert!(err.to_string().contains("wrong password"), "{err}");
+        let _ = srv.await;
+    }
+
+    #[tokio::test]
+    async fn browser_side_offers_none() {
+        let (relay, mut browser) = tokio::io::duplex(1024);
+        let srv = tokio::spawn(async move { serve_none_security(&mut IoWire(relay)).await });
+        let mut v = [0u8; 12];
+        browser.read_exact(&mut v).await.expect("version");
+        assert_eq!(&v, VERSION_38);
+        browser.write_all(VERSION_38).await.expect("write");
+        let mut types = [0u8; 2];
+        browser.read_exact(&mut types).await.expect("types");
+        assert_eq!(types, [1, SECURITY_NONE]);
+        browser.write_u8(SECURITY_NONE).await.expect("choose");
+        assert_eq!(browser.read_u32().await.expect("result"), 0);
+        srv.await.expect("join").expect("ok");
+    }
+
+    #[test]
+    fn blank_frames_are_not_desktops() {
+        let blank = FrameStats { width: 10, height: 10, distinct_colours: 1, dominant_per_mille: 1000 };
+        assert!(!blank.looks_like_desktop());
+        let desk = FrameStats { width: 10, height: 10, distinct_colours: 300, dominant_per_mille: 400 };
+        assert!(desk.looks_like_desktop());
+    }
+}

@@ -1,0 +1,176 @@
+//! Joins a browser's WebSocket to a guest's VNC server. Bounded both ways: the
+//! relay reads from one side only when the other side has taken the previous
+//! chunk, and a viewer that cannot keep up is closed on purpose (4408) instead
+//! of being buffered without end.
+
+use super::rfb::{self, Wire};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use bytes::{Buf, BytesMut};
+use futures::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::broadcast;
+
+/// Close codes the viewer acts on (documented in docs/ui.md).
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const UNAUTHORIZED: u16 = 4401;
+    pub const NOT_FOUND: u16 = 4404;
+    pub const TOO_SLOW: u16 = 4408;
+    pub const NOT_READY: u16 = 4409;
+    pub const GONE: u16 = 4410;
+    pub const GUEST_UNREACHABLE: u16 = 4502;
+    pub const RELAY_ERROR: u16 = 1011;
+}
+
+const CHUNK: usize = 64 * 1024;
+const PING_EVERY: Duration = Duration::from_secs(20);
+const PONG_DEADLINE: Duration = Duration::from_secs(45);
+/// How long one frame may wait for the viewer before it counts as too slow.
+const SEND_DEADLINE: Duration = Duration::from_secs(10);
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What the relay was given for one viewer.
+#[derive(Debug)]
+pub struct Target {
+    pub sandbox_id: String,
+    pub vnc: SocketAddr,
+    pub password: String,
+}
+
+/// Close the socket with a code and reason the viewer can show.
+pub async fn close_with(mut socket: WebSocket, code: u16, reason: &str) {
+    let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+}
+
+/// The browser side of the greeting, over WebSocket messages.
+struct WsWire<'a> {
+    socket: &'a mut WebSocket,
+    pending: BytesMut,
+}
+
+impl Wire for WsWire<'_> {
+    async fn read_exact(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
+        while self.pending.len() < buf.len() {
+            match self.socket.recv().await {
+                Some(Ok(Message::Binary(data))) => self.pending.extend_from_slice(&data),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(_)) | None => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Some(Err(e)) => return Err(std::io::Error::other(e)),
+            }
+        }
+        buf.copy_from_slice(&self.pending[..buf.len()]);
+        self.pending.advance(buf.len());
+        Ok(())
+    }
+    async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.socket.send(Message::Binary(buf.to_vec().into())).await.map_err(std::io::Error::other)
+    }
+}
+
+/// Run one viewer until either side ends. Returns the close code sent.
+pub async fn relay(mut socket: WebSocket, target: Target, mut stopping: broadcast::Receiver<String>) -> u16 {
+    let connect = tokio::time::timeout(HANDSHAKE_DEADLINE, tokio::net::TcpStream::connect(target.vnc)).await;
+    let mut tcp = match connect {
+        Ok(Ok(tcp)) => tcp,
+        _ => {
+            close_with(socket, close::GUEST_UNREACHABLE, "the sandbox's display is not answering").await;
+            return close::GUEST_UNREACHABLE;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    match tokio::time::timeout(HANDSHAKE_DEADLINE, rfb::client_handshake(&mut tcp, &target.password)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(sandbox = %target.sandbox_id, error = %e, "VNC handshake with the guest failed");
+            close_with(socket, close::GUEST_UNREACHABLE, "the sandbox's display refused the relay").await;
+            return close::GUEST_UNREACHABLE;
+        }
+        Err(_) => {
+            close_with(socket, close::GUEST_UNREACHABLE, "the sandbox's display did not answer in time").await;
+            return close::GUEST_UNREACHABLE;
+        }
+    }
+    let mut wire = WsWire { socket: &mut socket, pending: BytesMut::new() };
+    match tokio::time::timeout(HANDSHAKE_DEADLINE, rfb::serve_none_security(&mut wire)).await {
+        Ok(Ok(())) => {}
+        _ => {
+            close_with(socket, close::NORMAL, "the viewer did not complete the RFB greeting").await;
+            return close::NORMAL;
+        }
+    }
+    let leftover = std::mem::take(&mut wire.pending);
+    if !leftover.is_empty() && tcp.write_all(&leftover).await.is_err() {
+        close_with(socket, close::GUEST_UNREACHABLE, "the sandbox's display closed the connection").await;
+        return close::GUEST_UNREACHABLE;
+    }
+    pump(socket, tcp, &target.sandbox_id, &mut stopping).await
+}
+
+async fn pump(socket: WebSocket, tcp: tokio::net::TcpStream, id: &str, stopping: &mut broadcast::Receiver<String>) -> u16 {
+    let (mut sink, mut stream) = socket.split();
+    let (mut tcp_read, mut tcp_write) = tcp.into_split();
+    let last_pong = std::sync::Arc::new(std::sync::Mutex::new(Instant::now()));
+
+    // Browser → guest. Ends when the browser goes away or the guest stops reading.
+    let pong_seen = last_pong.clone();
+    let mut inbound = tokio::spawn(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            match msg {
+                Message::Binary(data) => {
+                    let write = tokio::time::timeout(SEND_DEADLINE, tcp_write.write_all(&data)).await;
+                    if !matches!(write, Ok(Ok(()))) {
+                        return;
+                    }
+                }
+                Message::Pong(_) => {
+                    if let Ok(mut t) = pong_seen.lock() {
+                        *t = Instant::now();
+                    }
+                }
+                Message::Close(_) => return,
+                Message::Text(_) | Message::Ping(_) => {}
+            }
+        }
+    });
+
+    let mut buf = vec![0u8; CHUNK];
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    let (code, reason): (u16, &str) = loop {
+        tokio::select! {
+            read = tcp_read.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break (close::GUEST_UNREACHABLE, "the sandbox's display closed the connection"),
+                Ok(n) => {
+                    let send = tokio::time::timeout(SEND_DEADLINE, sink.send(Message::Binary(buf[..n].to_vec().into()))).await;
+                    match send {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break (close::NORMAL, ""),
+                        Err(_) => break (close::TOO_SLOW, "the viewer could not keep up and was dropped"),
+                    }
+                }
+            },
+            _ = ping.tick() => {
+                let silent = last_pong.lock().map(|t| t.elapsed() > PONG_DEADLINE).unwrap_or(false);
+                if silent {
+                    break (close::TOO_SLOW, "the viewer stopped answering pings");
+                }
+                let send = tokio::time::timeout(SEND_DEADLINE, sink.send(Message::Ping(Vec::new().into()))).await;
+                if !matches!(send, Ok(Ok(()))) {
+                    break (close::TOO_SLOW, "the viewer could not keep up and was dropped");
+                }
+            },
+            stopped = stopping.recv() => match stopped {
+                Ok(stopped_id) if stopped_id == id => break (close::GONE, "the sandbox is stopping"),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break (close::GONE, "the control plane is shutting down"),
+            },
+            _ = &mut inbound => break (close::NORMAL, ""),
+        }
+    };
+    inbound.abort();
+    let frame = CloseFrame { code, reason: reason.into() };
+    let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(Message::Close(Some(frame)))).await;
+    code
+}
