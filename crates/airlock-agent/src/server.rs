@@ -1,0 +1,242 @@
+//! `airlock-agent serve`: the agent's HTTP API. Every request carries the
+//! sandbox's bearer token; answers that are not 2xx are JSON [`AgentError`]s.
+
+use crate::exec::{self, ExecConfig, ExecError};
+use airlock_proto::agent::{AgentError, ExecRequest, ExecResponse, Health};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Request bodies beyond this are refused with 413 before they are parsed.
+const MAX_BODY_BYTES: usize = 256 * 1024;
+
+pub struct AgentState {
+    pub token: String,
+    pub sandbox_id: String,
+    pub image_build_id: String,
+    pub started: Instant,
+    pub exec: ExecConfig,
+}
+
+impl std::fmt::Debug for AgentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentState")
+            .field("token", &"[redacted]")
+            .field("sandbox_id", &self.sandbox_id)
+            .field("image_build_id", &self.image_build_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(AgentError {
+            error: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+/// Compares in time that depends only on the lengths, never on where the first
+/// difference is.
+fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
+    let mut diff = presented.len() ^ expected.len();
+    for (i, e) in expected.iter().enumerate() {
+        let p = presented.get(i).copied().unwrap_or(0);
+        diff |= usize::from(p ^ e);
+    }
+    diff == 0
+}
+
+async fn require_token(State(state): State<Arc<AgentState>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    if presented.is_empty() || !token_matches(presented, state.token.as_bytes()) {
+        tracing::warn!(path = %req.uri().path(), "request without a valid bearer token");
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    next.run(req).await
+}
+
+async fn health(State(state): State<Arc<AgentState>>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        sandbox_id: state.sandbox_id.clone(),
+        image_build_id: state.image_build_id.clone(),
+        uptime_s: state.started.elapsed().as_secs(),
+    })
+}
+
+async fn exec_handler(
+    State(state): State<Arc<AgentState>>,
+    body: Result<Json<ExecRequest>, JsonRejection>,
+) -> Result<Json<ExecResponse>, Response> {
+    let Json(req) = body.map_err(|r| error(r.status(), r.body_text()))?;
+    let program = req.argv.first().cloned().unwrap_or_default();
+    let started = Instant::now();
+    match exec::run(&state.exec, req).await {
+        Ok(resp) => {
+            tracing::info!(
+                program = %program,
+                exit_code = ?resp.exit_code,
+                timed_out = resp.timed_out,
+                took_ms = started.elapsed().as_millis() as u64,
+                "exec"
+            );
+            Ok(Json(resp))
+        }
+        Err(ExecError::BadRequest(m)) => Err(error(StatusCode::BAD_REQUEST, m)),
+        Err(e) => {
+            tracing::error!(program = %program, error = %crate::chain(&e), "exec failed");
+            Err(error(StatusCode::INTERNAL_SERVER_ERROR, crate::chain(&e)))
+        }
+    }
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+pub fn router(state: Arc<AgentState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/exec", post(exec_handler))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AgentState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::RunAs;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    const TOKEN: &str = "tok-0123456789abcdef";
+
+    fn app() -> Router {
+        router(Arc::new(AgentState {
+            token: TOKEN.into(),
+            sandbox_id: "sb-1".into(),
+            image_build_id: "0123456789abcdef".into(),
+            started: Instant::now(),
+            exec: ExecConfig {
+                run_as: RunAs::Current,
+                home: std::env::temp_dir(),
+                base_env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            },
+        }))
+    }
+
+    async fn call(
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json");
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        let resp = app()
+            .oneshot(b.body(Body::from(body.to_owned())).expect("request"))
+            .await
+            .expect("response");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(token_matches(b"abc", b"abc"));
+        assert!(!token_matches(b"abd", b"abc"));
+        assert!(!token_matches(b"ab", b"abc"));
+        assert!(!token_matches(b"abcd", b"abc"));
+        assert!(!token_matches(b"", b"abc"));
+    }
+
+    #[tokio::test]
+    async fn every_endpoint_needs_the_token() {
+        let bearer = format!("Bearer {TOKEN}");
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some(TOKEN),
+            Some("Basic x"),
+            Some("Bearer "),
+        ] {
+            for (m, p) in [("GET", "/health"), ("POST", "/exec"), ("GET", "/nope")] {
+                let (status, body) = call(m, p, auth, "{}").await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{m} {p} {auth:?}");
+                assert!(body["error"].is_string());
+            }
+        }
+        let (status, body) = call("GET", "/health", Some(&bearer), "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["image_build_id"], "0123456789abcdef");
+        assert_eq!(body["sandbox_id"], "sb-1");
+        let (status, _) = call("GET", "/nope", Some(&bearer), "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn exec_round_trip_and_bad_bodies() {
+        let bearer = format!("Bearer {TOKEN}");
+        let (status, body) =
+            call("POST", "/exec", Some(&bearer), r#"{"argv":["echo","hi"]}"#).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["stdout"], "hi\n");
+        assert_eq!(body["exit_code"], 0);
+
+        for bad in [
+            "",
+            "{",
+            r#"{"argv":[]}"#,
+            r#"{"argv":"echo"}"#,
+            r#"{"argv":["x"],"what":1}"#,
+            r#"{"argv":["x"],"timeout_s":-1}"#,
+        ] {
+            let (status, body) = call("POST", "/exec", Some(&bearer), bad).await;
+            assert!(status.is_client_error(), "{bad:?} gave {status}");
+            assert!(body["error"].is_string(), "{bad:?}");
+        }
+        let huge = format!(r#"{{"argv":["echo","{}"]}}"#, "x".repeat(MAX_BODY_BYTES));
+        let (status, _) = call("POST", "/exec", Some(&bearer), &huge).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}

@@ -1,0 +1,348 @@
+//! Small host operations the builder and verifier share: running a program with
+//! its output forwarded to the progress, mounts, and careful directory removal.
+
+use crate::{ImageError, Progress};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Lines of output kept to explain a failure.
+const TAIL_LINES: usize = 30;
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")))
+        .unwrap_or(false)
+}
+
+/// The captured outcome of [`run`].
+#[derive(Debug)]
+pub struct Output {
+    pub success: bool,
+    pub status: String,
+    /// Every stdout line (stderr is only forwarded and kept in `tail`).
+    pub stdout: String,
+    pub tail: String,
+}
+
+/// Runs `cmd` with umask 022 (layers must be world-readable whatever the
+/// caller's umask), forwarding every output line to `progress` and killing it
+/// after `timeout`.
+pub fn run(
+    mut cmd: Command,
+    doing: &str,
+    progress: &dyn Progress,
+    timeout: Duration,
+) -> Result<Output, ImageError> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut wrapped = Command::new("/bin/sh");
+    wrapped
+        .arg("-c")
+        .arg("umask 022 && exec \"$0\" \"$@\"")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => wrapped.env(k, v),
+            None => wrapped.env_remove(k),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        wrapped.current_dir(dir);
+    }
+    cmd = wrapped;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| ImageError::Spawn {
+        program: program.clone(),
+        doing: doing.to_owned(),
+        source,
+    })?;
+    let (tx, rx) = mpsc::channel::<(bool, String)>();
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send((true, line));
+            }
+        }));
+    }
+    if let Some(err) = child.stderr.take() {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send((false, line));
+            }
+        }));
+    }
+    drop(tx);
+    let deadline = Instant::now() + timeout;
+    let mut stdout = String::new();
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let mut timed_out = false;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok((is_stdout, line)) => {
+                if is_stdout {
+                    stdout.push_str(&line);
+                    stdout.push('\n');
+                }
+                if !line.trim().is_empty() {
+                    progress.message(line.trim());
+                }
+                tail.push_back(line);
+                if tail.len() > TAIL_LINES {
+                    tail.pop_front();
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if Instant::now() > deadline {
+            timed_out = true;
+            let _ = child.kill();
+            break;
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| ImageError::io(format!("waiting for {program}"), e))?;
+    if !timed_out {
+        for r in readers {
+            let _ = r.join();
+        }
+    }
+    let tail: Vec<String> = tail.into_iter().collect();
+    Ok(Output {
+        success: status.success() && !timed_out,
+        status: if timed_out {
+            format!("timed out after {timeout:?}")
+        } else {
+            status.to_string()
+        },
+        stdout,
+        tail: tail.join("\n"),
+    })
+}
+
+/// [`run`], with a failure turned into an error.
+pub fn run_ok(
+    cmd: Command,
+    doing: &str,
+    progress: &dyn Progress,
+    timeout: Duration,
+) -> Result<Output, ImageError> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let out = run(cmd, doing, progress, timeout)?;
+    if !out.success {
+        return Err(ImageError::Command {
+            program,
+            doing: doing.to_owned(),
+            status: out.status,
+            tail: out.tail,
+        });
+    }
+    Ok(out)
+}
+
+/// Creates `dir` and its missing parents with mode 0755, whatever the umask:
+/// in an overlay, an upper layer's directory attributes hide the lower ones'.
+pub fn mkdirs(dir: &Path) -> Result<(), ImageError> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d.exists() {
+            break;
+        }
+        missing.push(d.to_path_buf());
+        cur = d.parent();
+    }
+    for d in missing.iter().rev() {
+        std::fs::create_dir(d)
+            .map_err(|e| ImageError::io(format!("creating {}", d.display()), e))?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| ImageError::io(format!("setting the mode of {}", d.display()), e))?;
+    }
+    Ok(())
+}
+
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), ImageError> {
+    if let Some(parent) = path.parent() {
+        mkdirs(parent)?;
+    }
+    std::fs::write(path, data)
+        .map_err(|e| ImageError::io(format!("writing {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| ImageError::io(format!("setting the mode of {}", path.display()), e))
+}
+
+pub fn symlink(target: &str, link: &Path) -> Result<(), ImageError> {
+    if let Some(parent) = link.parent() {
+        mkdirs(parent)?;
+    }
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(target, link)
+        .map_err(|e| ImageError::io(format!("linking {} to {target}", link.display()), e))
+}
+
+/// Mount points at or below `path`, deepest first (from /proc/self/mountinfo).
+pub fn mounts_below(path: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return vec![];
+    };
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .map(PathBuf::from)
+        .filter(|m| m.starts_with(path))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    // mountinfo writes space, tab, newline and backslash as \ooo octal escapes.
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn unmount(path: &Path) -> Result<(), ImageError> {
+    let out = Command::new("umount")
+        .arg(path)
+        .output()
+        .map_err(|source| ImageError::Spawn {
+            program: "umount".into(),
+            doing: format!("unmounting {}", path.display()),
+            source,
+        })?;
+    if !out.status.success() {
+        // Busy (a process still inside): detach it now, the kernel finishes later.
+        let lazy = Command::new("umount").arg("-l").arg(path).status();
+        if !matches!(lazy, Ok(s) if s.success()) {
+            return Err(ImageError::Command {
+                program: "umount".into(),
+                doing: format!("unmounting {}", path.display()),
+                status: out.status.to_string(),
+                tail: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Removes a tree the builder made, after unmounting anything left mounted in it
+/// (a crashed mmdebstrap's /proc, a crashed verify's overlay): never descends
+/// into a mount.
+pub fn remove_tree(path: &Path) -> Result<(), ImageError> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    for m in mounts_below(path) {
+        unmount(&m)?;
+    }
+    if let Some(m) = mounts_below(path).first() {
+        return Err(ImageError::Recipe(format!(
+            "{} is still mounted; not removing {}",
+            m.display(),
+            path.display()
+        )));
+    }
+    std::fs::remove_dir_all(path)
+        .map_err(|e| ImageError::io(format!("removing {}", path.display()), e))
+}
+
+/// Bytes of regular-file content under `path` (symlinks not followed).
+pub fn tree_size(path: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                stack.extend(rd.filter_map(Result::ok).map(|e| e.path()));
+            }
+        } else if meta.is_file() {
+            total += meta.len();
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/end\\04"), "/end\\04");
+    }
+
+    #[test]
+    fn mkdirs_sets_0755_and_sizes_add_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let deep = dir.path().join("a/b/c");
+        mkdirs(&deep).expect("mkdirs");
+        assert_eq!(
+            std::fs::metadata(dir.path().join("a"))
+                .expect("stat")
+                .permissions()
+                .mode()
+                & 0o777,
+            0o755
+        );
+        write_file(&deep.join("f"), b"12345", 0o600).expect("write");
+        symlink("/nonexistent", &deep.join("l")).expect("symlink");
+        assert_eq!(tree_size(dir.path()), 5);
+        remove_tree(&dir.path().join("a")).expect("remove");
+        assert!(!dir.path().join("a").exists());
+    }
+
+    #[test]
+    fn run_forwards_output_and_reports_failure() {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg("echo out; echo err >&2; umask; exit 4");
+        let out = run(cmd, "testing", &crate::NoProgress, Duration::from_secs(10)).expect("run");
+        assert!(!out.success);
+        assert_eq!(out.stdout, "out\n0022\n");
+        assert!(out.tail.contains("err"));
+        let mut slow = Command::new("sleep");
+        slow.arg("30");
+        let out = run(
+            slow,
+            "sleeping",
+            &crate::NoProgress,
+            Duration::from_millis(300),
+        )
+        .expect("run");
+        assert!(out.status.contains("timed out"));
+    }
+}

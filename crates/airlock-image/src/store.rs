@@ -1,0 +1,592 @@
+//! [`ImageStore`]: builds the image incrementally (a layer whose digest exists
+//! is reused as is), records manifests, and names the current build.
+
+use crate::host::{self, mkdirs};
+use crate::inputs::{inputs_with_agent, sha256_file};
+use crate::manifest::{LayerRecord, Manifest};
+use crate::recipe::{self, layer_dir_name, BuildContext, HostSteps, LayerKind, Steps};
+use crate::verify::VerifyReport;
+use crate::{ImageError, Progress};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Overrides where images live (default `<data dir>/images`).
+pub const IMAGE_DIR_ENV: &str = "AIRLOCK_IMAGE_DIR";
+/// Overrides which agent binary is baked in (default: `airlock-agent` beside
+/// the running executable).
+pub const AGENT_BIN_ENV: &str = "AIRLOCK_AGENT_BIN";
+
+const VERIFY_STAGE: &str = "verify";
+const DEFAULT_VERIFY_ESTIMATE: Duration = Duration::from_secs(15);
+
+/// `$AIRLOCK_IMAGE_DIR`, else `<data_dir>/images`.
+pub fn image_dir(data_dir: &Path) -> PathBuf {
+    match std::env::var_os(IMAGE_DIR_ENV) {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => data_dir.join("images"),
+    }
+}
+
+/// `$AIRLOCK_AGENT_BIN`, else `airlock-agent` in the running executable's directory.
+pub fn default_agent_bin() -> Result<PathBuf, ImageError> {
+    if let Some(p) = std::env::var_os(AGENT_BIN_ENV).filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| ImageError::io("locating the running executable", e))?;
+    Ok(exe.parent().unwrap_or(Path::new("/")).join("airlock-agent"))
+}
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub agent_bin: PathBuf,
+    /// Debian mirror URI; `None` asks `AIRLOCK_DEBIAN_MIRROR`, then the host's apt sources.
+    pub mirror: Option<String>,
+    /// Verify the image inside before recording it (on by default).
+    pub verify: bool,
+    /// Verify again even when this exact build was already recorded.
+    pub force_verify: bool,
+}
+
+impl BuildOptions {
+    pub fn new(agent_bin: PathBuf) -> Self {
+        BuildOptions {
+            agent_bin,
+            mirror: None,
+            verify: true,
+            force_verify: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    dir: PathBuf,
+}
+
+/// An exclusive lock on the image directory for the length of a build.
+#[derive(Debug)]
+struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    #[allow(unsafe_code)]
+    fn take(path: &Path, progress: &dyn Progress) -> Result<Self, ImageError> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| ImageError::io(format!("opening {}", path.display()), e))?;
+        // SAFETY: flock(2) on a descriptor this function owns; no memory is shared.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            progress.message("waiting for another image build to finish");
+            // SAFETY: as above, now blocking.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(ImageError::io(
+                    format!("locking {}", path.display()),
+                    std::io::Error::last_os_error(),
+                ));
+            }
+        }
+        Ok(DirLock { _file: f })
+    }
+}
+
+impl ImageStore {
+    pub fn new(dir: PathBuf) -> Self {
+        ImageStore { dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn layers_dir(&self) -> PathBuf {
+        self.dir.join("layers")
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.dir.join("tmp")
+    }
+
+    fn manifest_path(&self, build_id: &str) -> PathBuf {
+        self.dir.join("builds").join(build_id).join("manifest.json")
+    }
+
+    /// Builds (or reuses) every layer, verifies the result and makes it current.
+    pub fn build(
+        &self,
+        opts: &BuildOptions,
+        progress: &dyn Progress,
+    ) -> Result<Manifest, ImageError> {
+        self.build_with(&HostSteps, opts, progress)
+    }
+
+    pub(crate) fn build_with(
+        &self,
+        steps: &dyn Steps,
+        opts: &BuildOptions,
+        progress: &dyn Progress,
+    ) -> Result<Manifest, ImageError> {
+        let agent_sha = sha256_file(&opts.agent_bin).map_err(|e| match e {
+            ImageError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                ImageError::AgentMissing(opts.agent_bin.clone())
+            }
+            other => other,
+        })?;
+        let inputs = inputs_with_agent(&agent_sha);
+        let base = recipe::base_digest()?;
+        let node = recipe::node_digest()?;
+        let files = recipe::files_digest(&agent_sha)?;
+        let build_id = recipe::build_id(&base, &node, &files);
+        let meta = recipe::meta_digest(&build_id);
+
+        for d in [self.dir.clone(), self.layers_dir(), self.tmp_dir()] {
+            mkdirs(&d)?;
+        }
+        let _lock = DirLock::take(&self.dir.join(".lock"), progress)?;
+        // Whatever is in tmp/ belongs to a build that died: nothing else runs now.
+        self.clean_tmp()?;
+
+        let previous = self.current().ok().flatten();
+        let mut timings = previous
+            .as_ref()
+            .map(|p| p.timings.clone())
+            .unwrap_or_default();
+        let ctx = BuildContext {
+            agent_bin: opts.agent_bin.clone(),
+            mirror: opts.mirror.clone(),
+            work_dir: self.tmp_dir().join("work"),
+            build_id: build_id.clone(),
+        };
+        let mut layers = Vec::new();
+        for (kind, digest) in [
+            (LayerKind::Base, &base),
+            (LayerKind::Node, &node),
+            (LayerKind::Files, &files),
+            (LayerKind::Meta, &meta),
+        ] {
+            layers.push(self.ensure_layer(
+                steps,
+                kind,
+                digest,
+                &ctx,
+                previous.as_ref(),
+                &mut timings,
+                progress,
+            )?);
+        }
+
+        if let Some(existing) = self.manifest(&build_id)? {
+            if existing.inputs == inputs && (!opts.force_verify || !opts.verify) {
+                progress.stage(VERIFY_STAGE, Some(Duration::ZERO));
+                progress.done(VERIFY_STAGE, Duration::ZERO, true);
+                self.set_current(&build_id)?;
+                return Ok(existing);
+            }
+        }
+
+        let mut manifest = Manifest {
+            build_id: build_id.clone(),
+            created_at: now_rfc3339(),
+            layers,
+            inputs,
+            versions: BTreeMap::new(),
+            timings: BTreeMap::new(),
+        };
+        if opts.verify {
+            let estimate = timings
+                .get(VERIFY_STAGE)
+                .map(|s| Duration::from_secs_f64(*s));
+            progress.stage(
+                VERIFY_STAGE,
+                Some(estimate.unwrap_or(DEFAULT_VERIFY_ESTIMATE)),
+            );
+            let started = Instant::now();
+            let report = steps.verify(
+                &manifest.layer_dirs_top_first(),
+                &build_id,
+                &self.tmp_dir(),
+                progress,
+            )?;
+            progress.done(VERIFY_STAGE, started.elapsed(), false);
+            timings.insert(VERIFY_STAGE.into(), started.elapsed().as_secs_f64());
+            if !report.ok() {
+                return Err(ImageError::VerifyFailed {
+                    build_id,
+                    failures: report.failures(),
+                });
+            }
+            manifest.versions = report.versions;
+        }
+        manifest.timings = timings;
+        self.write_manifest(&manifest)?;
+        self.set_current(&build_id)?;
+        Ok(manifest)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ensure_layer(
+        &self,
+        steps: &dyn Steps,
+        kind: LayerKind,
+        digest: &str,
+        ctx: &BuildContext,
+        previous: Option<&Manifest>,
+        timings: &mut BTreeMap<String, f64>,
+        progress: &dyn Progress,
+    ) -> Result<LayerRecord, ImageError> {
+        let name = kind.name();
+        let dir = self.layers_dir().join(layer_dir_name(kind, digest));
+        let estimate = timings
+            .get(name)
+            .map(|s| Duration::from_secs_f64(*s))
+            .unwrap_or(kind.default_estimate());
+        let started = Instant::now();
+        progress.stage(name, Some(estimate));
+        if dir.is_dir() {
+            let size = previous
+                .and_then(|p| p.layers.iter().find(|l| l.digest == digest))
+                .map(|l| l.size)
+                .unwrap_or_else(|| host::tree_size(&dir));
+            progress.done(name, started.elapsed(), true);
+            return Ok(LayerRecord {
+                name: name.into(),
+                digest: digest.into(),
+                dir,
+                size,
+            });
+        }
+        let tmp = self.tmp_dir().join(layer_dir_name(kind, digest));
+        host::remove_tree(&tmp)?;
+        host::remove_tree(&ctx.work_dir)?;
+        mkdirs(&tmp)?;
+        mkdirs(&ctx.work_dir)?;
+        steps.build_layer(kind, ctx, &tmp, progress)?;
+        // The layer's root is `/` of the merged tree: it must look like one.
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(|e| ImageError::io(format!("setting the mode of {}", tmp.display()), e))?;
+        host::remove_tree(&ctx.work_dir)?;
+        let size = host::tree_size(&tmp);
+        std::fs::rename(&tmp, &dir)
+            .map_err(|e| ImageError::io(format!("moving {} into place", tmp.display()), e))?;
+        let took = started.elapsed();
+        timings.insert(name.into(), took.as_secs_f64());
+        progress.done(name, took, false);
+        Ok(LayerRecord {
+            name: name.into(),
+            digest: digest.into(),
+            dir,
+            size,
+        })
+    }
+
+    fn clean_tmp(&self) -> Result<(), ImageError> {
+        let tmp = self.tmp_dir();
+        let Ok(rd) = std::fs::read_dir(&tmp) else {
+            return Ok(());
+        };
+        for e in rd.filter_map(Result::ok) {
+            host::remove_tree(&e.path())?;
+        }
+        Ok(())
+    }
+
+    /// The manifest of `build_id`, if that build was recorded here.
+    pub fn manifest(&self, build_id: &str) -> Result<Option<Manifest>, ImageError> {
+        let path = self.manifest_path(build_id);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ImageError::io(format!("reading {}", path.display()), e)),
+        };
+        let mut m: Manifest =
+            serde_json::from_slice(&bytes).map_err(|source| ImageError::Manifest {
+                path: path.clone(),
+                source,
+            })?;
+        // Layer directories are found relative to this store, wherever it was
+        // when the manifest was written.
+        for l in &mut m.layers {
+            let kind = LayerKind::ALL.into_iter().find(|k| k.name() == l.name);
+            if let Some(kind) = kind {
+                l.dir = self.layers_dir().join(layer_dir_name(kind, &l.digest));
+            }
+        }
+        Ok(Some(m))
+    }
+
+    /// The build named by `current`, if any.
+    pub fn current(&self) -> Result<Option<Manifest>, ImageError> {
+        let path = self.dir.join("current");
+        let id = match std::fs::read_to_string(&path) {
+            Ok(s) => s.trim().to_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ImageError::io(format!("reading {}", path.display()), e)),
+        };
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(ImageError::Recipe(format!(
+                "{} does not hold a build id",
+                path.display()
+            )));
+        }
+        self.manifest(&id)
+    }
+
+    /// Runs the in-image checks of `manifest` again.
+    pub fn verify(&self, manifest: &Manifest) -> Result<VerifyReport, ImageError> {
+        self.verify_with(&HostSteps, manifest, &crate::NoProgress)
+    }
+
+    pub(crate) fn verify_with(
+        &self,
+        steps: &dyn Steps,
+        manifest: &Manifest,
+        progress: &dyn Progress,
+    ) -> Result<VerifyReport, ImageError> {
+        for l in &manifest.layers {
+            if !l.dir.is_dir() {
+                return Err(ImageError::Recipe(format!(
+                    "layer {} is missing at {}",
+                    l.name,
+                    l.dir.display()
+                )));
+            }
+        }
+        mkdirs(&self.tmp_dir())?;
+        steps.verify(
+            &manifest.layer_dirs_top_first(),
+            &manifest.build_id,
+            &self.tmp_dir(),
+            progress,
+        )
+    }
+
+    fn write_manifest(&self, m: &Manifest) -> Result<(), ImageError> {
+        let path = self.manifest_path(&m.build_id);
+        let mut text = serde_json::to_vec_pretty(m).map_err(|source| ImageError::Manifest {
+            path: path.clone(),
+            source,
+        })?;
+        text.push(b'\n');
+        write_atomic(&path, &text)
+    }
+
+    fn set_current(&self, build_id: &str) -> Result<(), ImageError> {
+        write_atomic(
+            &self.dir.join("current"),
+            format!("{build_id}\n").as_bytes(),
+        )
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ImageError> {
+    if let Some(parent) = path.parent() {
+        mkdirs(parent)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)
+        .map_err(|e| ImageError::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| ImageError::io(format!("replacing {}", path.display()), e))
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verify::CheckResult;
+    use std::cell::RefCell;
+
+    /// Steps that write a marker file and count what they were asked to do.
+    #[derive(Default)]
+    struct FakeSteps {
+        built: RefCell<Vec<LayerKind>>,
+        verified: RefCell<u32>,
+        fail_verify: bool,
+    }
+
+    impl Steps for FakeSteps {
+        fn build_layer(
+            &self,
+            kind: LayerKind,
+            ctx: &BuildContext,
+            dest: &Path,
+            _: &dyn Progress,
+        ) -> Result<(), ImageError> {
+            self.built.borrow_mut().push(kind);
+            host::write_file(&dest.join(kind.name()), ctx.build_id.as_bytes(), 0o644)
+        }
+        fn verify(
+            &self,
+            layers: &[PathBuf],
+            build_id: &str,
+            _: &Path,
+            _: &dyn Progress,
+        ) -> Result<VerifyReport, ImageError> {
+            *self.verified.borrow_mut() += 1;
+            assert_eq!(layers.len(), 4);
+            assert!(layers[0]
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("meta-")));
+            Ok(VerifyReport {
+                build_id: build_id.into(),
+                checks: vec![CheckResult {
+                    name: "node".into(),
+                    ok: !self.fail_verify,
+                    detail: "v22.0.0".into(),
+                }],
+                versions: [("node".to_owned(), "v22.0.0".to_owned())].into(),
+            })
+        }
+    }
+
+    struct Recorder(RefCell<Vec<(String, bool)>>);
+    impl Progress for Recorder {
+        fn stage(&self, _: &str, estimate: Option<Duration>) {
+            assert!(estimate.is_some());
+        }
+        fn message(&self, _: &str) {}
+        fn done(&self, name: &str, _: Duration, cached: bool) {
+            self.0.borrow_mut().push((name.into(), cached));
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, ImageStore, BuildOptions) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agent = dir.path().join("airlock-agent");
+        std::fs::write(&agent, b"agent v1").expect("write");
+        let store = ImageStore::new(dir.path().join("images"));
+        (dir, store, BuildOptions::new(agent))
+    }
+
+    #[test]
+    fn first_build_makes_every_layer_then_everything_is_reused() {
+        let (_d, store, opts) = setup();
+        let steps = FakeSteps::default();
+        let m1 = store
+            .build_with(&steps, &opts, &crate::NoProgress)
+            .expect("build");
+        assert_eq!(*steps.built.borrow(), LayerKind::ALL.to_vec());
+        assert_eq!(*steps.verified.borrow(), 1);
+        assert_eq!(m1.versions["node"], "v22.0.0");
+        assert_eq!(m1.layers.len(), 4);
+        assert!(m1.timings.contains_key("base") && m1.timings.contains_key("verify"));
+        assert_eq!(store.current().expect("current"), Some(m1.clone()));
+
+        let steps2 = FakeSteps::default();
+        let rec = Recorder(RefCell::new(vec![]));
+        let m2 = store.build_with(&steps2, &opts, &rec).expect("rebuild");
+        assert!(steps2.built.borrow().is_empty());
+        assert_eq!(*steps2.verified.borrow(), 0);
+        assert_eq!(m2, m1);
+        assert!(
+            rec.0.borrow().iter().all(|(_, cached)| *cached),
+            "{:?}",
+            rec.0.borrow()
+        );
+    }
+
+    #[test]
+    fn a_new_agent_rebuilds_only_files_and_meta() {
+        let (_d, store, opts) = setup();
+        let m1 = store
+            .build_with(&FakeSteps::default(), &opts, &crate::NoProgress)
+            .expect("build");
+        std::fs::write(&opts.agent_bin, b"agent v2").expect("write");
+        let steps = FakeSteps::default();
+        let m2 = store
+            .build_with(&steps, &opts, &crate::NoProgress)
+            .expect("rebuild");
+        assert_eq!(
+            *steps.built.borrow(),
+            vec![LayerKind::Files, LayerKind::Meta]
+        );
+        assert_ne!(m1.build_id, m2.build_id);
+        assert_eq!(m1.layers[0].dir, m2.layers[0].dir);
+        assert_ne!(m1.layers[2].dir, m2.layers[2].dir);
+        let stale = m1
+            .check_fresh(&crate::expected_inputs(&opts.agent_bin).expect("inputs"))
+            .expect_err("stale");
+        assert_eq!(stale.changed, vec!["agent"]);
+        assert_eq!(
+            m2.check_fresh(&crate::expected_inputs(&opts.agent_bin).expect("inputs")),
+            Ok(())
+        );
+        // Measured times are carried to the next build's estimates.
+        assert_eq!(m2.timings.get("base"), m1.timings.get("base"));
+    }
+
+    #[test]
+    fn failed_verification_records_nothing_and_leftovers_are_cleaned() {
+        let (_d, store, opts) = setup();
+        let steps = FakeSteps {
+            fail_verify: true,
+            ..Default::default()
+        };
+        let err = store
+            .build_with(&steps, &opts, &crate::NoProgress)
+            .expect_err("verify fails");
+        assert!(matches!(err, ImageError::VerifyFailed { .. }), "{err}");
+        assert_eq!(store.current().expect("current"), None);
+        // A half-built layer from a crashed build is removed, never reused.
+        std::fs::create_dir_all(store.tmp_dir().join("base-0000000000000000/etc")).expect("mkdir");
+        let steps = FakeSteps::default();
+        store
+            .build_with(&steps, &opts, &crate::NoProgress)
+            .expect("build");
+        assert!(!store.tmp_dir().join("base-0000000000000000").exists());
+        assert_eq!(
+            *steps.built.borrow(),
+            Vec::<LayerKind>::new(),
+            "layers from the failed run are complete"
+        );
+    }
+
+    #[test]
+    fn manifests_are_found_relative_to_the_store() {
+        let (d, store, opts) = setup();
+        let m = store
+            .build_with(&FakeSteps::default(), &opts, &crate::NoProgress)
+            .expect("build");
+        let moved = d.path().join("moved");
+        std::fs::rename(store.dir(), &moved).expect("move");
+        let again = ImageStore::new(moved.clone())
+            .current()
+            .expect("current")
+            .expect("some");
+        assert_eq!(again.build_id, m.build_id);
+        assert!(again
+            .layers
+            .iter()
+            .all(|l| l.dir.starts_with(&moved) && l.dir.is_dir()));
+    }
+
+    #[test]
+    fn missing_agent_is_named() {
+        let (d, store, _) = setup();
+        let opts = BuildOptions::new(d.path().join("nope"));
+        let err = store
+            .build_with(&FakeSteps::default(), &opts, &crate::NoProgress)
+            .expect_err("no agent");
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn image_dir_prefers_the_environment() {
+        // Only checks the fallback: changing the process environment in a
+        // threaded test run would race with other tests.
+        if std::env::var_os(IMAGE_DIR_ENV).is_none() {
+            assert_eq!(image_dir(Path::new("/data")), PathBuf::from("/data/images"));
+        }
+    }
+}
