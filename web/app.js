@@ -131,6 +131,7 @@ function askForToken(message) {
   ui.tokenForm.hidden = false;
   ui.tokenInput.value = '';
   ui.tokenInput.focus();
+  render();
 }
 
 ui.tokenForm.addEventListener('submit', (ev) => {
@@ -328,7 +329,9 @@ function renderRows() {
   }
 
   if (list.length === 0) {
-    const text = loaded ? 'No sandboxes yet. Start one with the buttons above.' : 'Loading…';
+    let text = 'Loading…';
+    if (loaded) text = 'No sandboxes yet. Start one with the buttons above.';
+    else if (needToken) text = 'Enter an API token to see your sandboxes.';
     const empty = ui.rows.querySelector('tr.empty');
     if (empty) setText(empty.firstElementChild, text);
     else ui.rows.replaceChildren(node('tr', { class: 'empty' }, node('td', { colspan: '6', text })));

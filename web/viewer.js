@@ -42,6 +42,7 @@ const overlayRetry = $('overlay-retry');
 const id = sandboxIdFromPath(location.pathname);
 
 let rfb = null;
+let rfbLive = false; // whether `rfb` still needs a disconnect()
 let generation = 0;
 let phase = 'connecting'; // connecting | connected | reconnecting | disconnected
 let status = 'connecting';
@@ -108,15 +109,9 @@ function connect() {
   clearTimers();
   overlay.hidden = true;
   const gen = ++generation;
-  if (rfb) {
-    const old = rfb;
-    rfb = null;
-    try {
-      old.disconnect();
-    } catch {
-      // It is already down; nothing to undo.
-    }
-  }
+  if (rfb && rfbLive) rfb.disconnect();
+  rfb = null;
+  rfbLive = false;
   if (!id) {
     stop('This address names no sandbox.');
     return;
@@ -146,6 +141,10 @@ function connect() {
     return;
   }
   rfb = session;
+  rfbLive = true;
+  session.addEventListener('disconnect', () => {
+    if (rfb === session) rfbLive = false;
+  });
   session.scaleViewport = false;
   session.resizeSession = true;
   session.focusOnClick = true;
@@ -174,7 +173,7 @@ function connect() {
   session.addEventListener('credentialsrequired', () => {
     if (gen !== generation) return;
     generation++;
-    session.disconnect();
+    if (rfbLive) session.disconnect();
     stop('The display asked for a password. The relay should never do that; the server needs fixing.');
   });
 

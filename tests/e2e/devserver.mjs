@@ -8,7 +8,7 @@
 // It is a development aid only. The end-to-end test proper runs desktop.mjs
 // against the real `airlock up`; nothing here stands in for that in CI.
 //
-//   node tests/e2e/devserver.mjs [--port 4080] [--token T] [--no-display]
+//   node tests/e2e/devserver.mjs [--port 4080] [--token T] [--no-display] [--no-resize]
 //
 // It binds to 127.0.0.1 only. `exec` runs the command on this host (there is
 // no guest), with the sandbox's display in its environment.
@@ -147,6 +147,8 @@ async function boot(sb) {
   spawnLogged('Xvnc', [
     sb.display, '-geometry', '1280x800', '-depth', '24', '-SecurityTypes', 'None',
     '-rfbport', String(sb.rfbPort), '-localhost', '-AlwaysShared', '-desktop', `sandbox ${sb.id.slice(0, 8)}`,
+    // --no-resize plays a server that refuses SetDesktopSize (the viewer must scale).
+    ...(args['no-resize'] ? ['-AcceptSetDesktopSize=0'] : []),
   ]);
   try {
     await waitForPort(sb.rfbPort, 10000);
