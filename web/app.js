@@ -59,11 +59,16 @@ function formatDuration(s) {
   return `${Math.floor(m / 60)} h ${m % 60} min`;
 }
 
-const timeFormat = new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'medium' });
+const timeOnly = new Intl.DateTimeFormat(undefined, { timeStyle: 'medium' });
+const dateAndTime = new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'short' });
+const fullTime = new Intl.DateTimeFormat(undefined, { dateStyle: 'full', timeStyle: 'long' });
 
+// Today's sandboxes show the time only; older ones the date too.
 function formatCreated(value) {
   const t = parseTime(value);
-  return t === null ? '—' : timeFormat.format(new Date(t));
+  if (t === null) return '—';
+  const d = new Date(t);
+  return d.toDateString() === new Date().toDateString() ? timeOnly.format(d) : dateAndTime.format(d);
 }
 
 function elapsedSince(value) {
@@ -360,7 +365,11 @@ function renderRows() {
     setText(row.kind, sb.kind || '');
     updateBadge(row.state, state);
     setText(row.createdTime, formatCreated(sb.created_at));
-    if (sb.created_at) row.createdTime.dateTime = sb.created_at;
+    if (sb.created_at && row.createdTime.dateTime !== sb.created_at) {
+      row.createdTime.dateTime = sb.created_at;
+      const t = parseTime(sb.created_at);
+      if (t !== null) row.createdTime.title = fullTime.format(new Date(t));
+    }
     const d = details(sb);
     setText(row.info, d.text);
     row.info.classList.toggle('reason', d.failed);
