@@ -15,7 +15,10 @@ pub struct Cmd {
 
 impl Cmd {
     pub fn new(program: &str) -> Self {
-        Cmd { program: program.to_owned(), args: Vec::new() }
+        Cmd {
+            program: program.to_owned(),
+            args: Vec::new(),
+        }
     }
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.args.push(arg.into());
@@ -50,7 +53,11 @@ pub enum HostError {
         source: std::io::Error,
     },
     #[error("`{cmd}` failed ({status}): {stderr}")]
-    Failed { cmd: String, status: String, stderr: String },
+    Failed {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
     #[error("{what}")]
     Io {
         what: String,
@@ -96,7 +103,10 @@ impl Host for RealHost {
             .stdin(std::process::Stdio::null())
             .output()
             .await
-            .map_err(|source| HostError::Spawn { cmd: cmd.to_string(), source })?;
+            .map_err(|source| HostError::Spawn {
+                cmd: cmd.to_string(),
+                source,
+            })?;
         if output.status.success() {
             Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         } else {
@@ -115,7 +125,10 @@ impl Host for RealHost {
                 .create(true)
                 .append(true)
                 .open(log)
-                .map_err(|source| HostError::Io { what: format!("open {}", log.display()), source })
+                .map_err(|source| HostError::Io {
+                    what: format!("open {}", log.display()),
+                    source,
+                })
         };
         let (stdout, stderr) = (open_log()?, open_log()?);
         let child = std::process::Command::new(&cmd.program)
@@ -127,7 +140,10 @@ impl Host for RealHost {
             // group must not take running sandboxes down with it.
             .process_group(0)
             .spawn()
-            .map_err(|source| HostError::Spawn { cmd: cmd.to_string(), source })?;
+            .map_err(|source| HostError::Spawn {
+                cmd: cmd.to_string(),
+                source,
+            })?;
         let pid = child.id();
         // Reap it when it exits so it never lingers as a zombie while we live.
         std::thread::spawn(move || {
@@ -179,7 +195,10 @@ impl Host for RealHost {
         for task in tasks.flatten() {
             let path: PathBuf = task.path().join("children");
             if let Ok(text) = std::fs::read_to_string(path) {
-                out.extend(text.split_whitespace().filter_map(|s| s.parse::<u32>().ok()));
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|s| s.parse::<u32>().ok()),
+                );
             }
         }
         out
@@ -199,7 +218,10 @@ pub struct FakeHost {
 
 impl FakeHost {
     pub fn commands(&self) -> Vec<String> {
-        self.ran.lock().map(|r| r.iter().map(ToString::to_string).collect()).unwrap_or_default()
+        self.ran
+            .lock()
+            .map(|r| r.iter().map(ToString::to_string).collect())
+            .unwrap_or_default()
     }
     pub fn fail_on(&self, needle: &str) {
         if let Ok(mut f) = self.fail_when.lock() {
@@ -211,9 +233,17 @@ impl FakeHost {
             ran.push(cmd.clone());
         }
         let line = cmd.to_string();
-        let fails = self.fail_when.lock().map(|f| f.iter().any(|n| line.contains(n))).unwrap_or(false);
+        let fails = self
+            .fail_when
+            .lock()
+            .map(|f| f.iter().any(|n| line.contains(n)))
+            .unwrap_or(false);
         if fails {
-            return Err(HostError::Failed { cmd: line, status: "exit status: 1".into(), stderr: "fake failure".into() });
+            return Err(HostError::Failed {
+                cmd: line,
+                status: "exit status: 1".into(),
+                stderr: "fake failure".into(),
+            });
         }
         Ok(())
     }

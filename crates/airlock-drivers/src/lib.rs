@@ -38,7 +38,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { memory_bytes: Some(2 << 30), max_pids: Some(4096) }
+        Limits {
+            memory_bytes: Some(2 << 30),
+            max_pids: Some(4096),
+        }
     }
 }
 

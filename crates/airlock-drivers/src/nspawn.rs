@@ -42,7 +42,12 @@ struct Record {
 
 impl Record {
     fn lease(&self) -> Lease {
-        Lease { index: self.lease_index, host: self.host_addr, guest: self.guest_addr, prefix_len: self.prefix_len }
+        Lease {
+            index: self.lease_index,
+            host: self.host_addr,
+            guest: self.guest_addr,
+            prefix_len: self.prefix_len,
+        }
     }
 }
 
@@ -84,7 +89,10 @@ fn host_err(context: impl Into<String>) -> impl FnOnce(HostError) -> DriverError
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
     let what = what.into();
-    move |source| DriverError::Host { context: what.clone(), source: HostError::Io { what, source } }
+    move |source| DriverError::Host {
+        context: what.clone(),
+        source: HostError::Io { what, source },
+    }
 }
 
 impl NspawnDriver {
@@ -102,8 +110,10 @@ impl NspawnDriver {
 
     fn read_record(&self, id: &str) -> Result<Record, DriverError> {
         let path = self.dir(id).join("sandbox.json");
-        let text = std::fs::read_to_string(&path).map_err(|_| DriverError::NotFound(id.to_owned()))?;
-        serde_json::from_str(&text).map_err(|e| DriverError::Other(format!("{}: {e}", path.display())))
+        let text =
+            std::fs::read_to_string(&path).map_err(|_| DriverError::NotFound(id.to_owned()))?;
+        serde_json::from_str(&text)
+            .map_err(|e| DriverError::Other(format!("{}: {e}", path.display())))
     }
 
     /// The nspawn process, if it is still running for this sandbox.
@@ -156,28 +166,45 @@ impl NspawnDriver {
         if !is_mounted(&merged) {
             return;
         }
-        if self.host.run(&Cmd::new("umount").arg(&merged)).await.is_err() {
+        if self
+            .host
+            .run(&Cmd::new("umount").arg(&merged))
+            .await
+            .is_err()
+        {
             // Busy because a process still holds it open: detach it now, the
             // kernel frees it when the last user goes.
-            let _ = self.host.run(&Cmd::new("umount").args(["-l", &merged])).await;
+            let _ = self
+                .host
+                .run(&Cmd::new("umount").args(["-l", &merged]))
+                .await;
         }
     }
 
     async fn create_steps(&self, spec: &SandboxSpec, record: &Record) -> Result<(), DriverError> {
         let dir = self.dir(&spec.id);
         for sub in ["upper", "work", "merged", "meta"] {
-            std::fs::create_dir_all(dir.join(sub)).map_err(io_err(format!("create {}", dir.join(sub).display())))?;
+            std::fs::create_dir_all(dir.join(sub))
+                .map_err(io_err(format!("create {}", dir.join(sub).display())))?;
         }
-        write_private(&dir.join("sandbox.json"), &serde_json::to_vec_pretty(record).unwrap_or_default())?;
-        let metadata = serde_json::to_vec(&spec.metadata).map_err(|e| DriverError::Other(e.to_string()))?;
+        write_private(
+            &dir.join("sandbox.json"),
+            &serde_json::to_vec_pretty(record).unwrap_or_default(),
+        )?;
+        let metadata =
+            serde_json::to_vec(&spec.metadata).map_err(|e| DriverError::Other(e.to_string()))?;
         write_private(&dir.join("meta").join("metadata.json"), &metadata)?;
         set_mode(&dir.join("meta"), 0o700)?;
         if let Some(home) = &spec.home_volume {
             prepare_home(home, self.cfg.guest_uid)?;
         }
-        link::create(self.host.as_ref(), &LinkNames::for_sandbox(&spec.id), &spec.lease)
-            .await
-            .map_err(host_err("create the sandbox's network link"))?;
+        link::create(
+            self.host.as_ref(),
+            &LinkNames::for_sandbox(&spec.id),
+            &spec.lease,
+        )
+        .await
+        .map_err(host_err("create the sandbox's network link"))?;
         self.mount_overlay(&dir, &spec.image.layers).await?;
         if let Some(root) = &self.cfg.cgroup_root {
             if let Err(e) = Cgroups::create(root, &spec.id, &spec.limits) {
@@ -252,7 +279,8 @@ impl Driver for NspawnDriver {
             .spawn_detached(&cmd, &dir.join("console.log"))
             .await
             .map_err(host_err("start systemd-nspawn"))?;
-        std::fs::write(dir.join("nspawn.pid"), pid.to_string()).map_err(io_err("write nspawn.pid"))?;
+        std::fs::write(dir.join("nspawn.pid"), pid.to_string())
+            .map_err(io_err("write nspawn.pid"))?;
         Ok(())
     }
 
@@ -264,7 +292,11 @@ impl Driver for NspawnDriver {
             if self.running_pid(id).is_none() {
                 return Err(DriverError::GuestExited(self.console_tail(id)));
             }
-            let attempt = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(endpoints.agent)).await;
+            let attempt = tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(endpoints.agent),
+            )
+            .await;
             if let Ok(Ok(_)) = attempt {
                 return Ok(endpoints);
             }
@@ -293,7 +325,9 @@ impl Driver for NspawnDriver {
         if self.wait_exit(pid, Duration::from_secs(5)).await {
             Ok(())
         } else {
-            Err(DriverError::Transient(format!("systemd-nspawn (pid {pid}) did not exit after SIGKILL")))
+            Err(DriverError::Transient(format!(
+                "systemd-nspawn (pid {pid}) did not exit after SIGKILL"
+            )))
         }
     }
 
@@ -315,7 +349,11 @@ impl Driver for NspawnDriver {
     async fn inspect(&self, id: &str) -> Result<InstanceInfo, DriverError> {
         self.read_record(id)?;
         let pid = self.running_pid(id);
-        Ok(InstanceInfo { id: id.to_owned(), running: pid.is_some(), pid })
+        Ok(InstanceInfo {
+            id: id.to_owned(),
+            running: pid.is_some(),
+            pid,
+        })
     }
 
     async fn list(&self) -> Result<Vec<InstanceInfo>, DriverError> {
@@ -328,7 +366,11 @@ impl Driver for NspawnDriver {
         for entry in entries.flatten() {
             let id = entry.file_name().to_string_lossy().into_owned();
             let pid = self.running_pid(&id);
-            out.push(InstanceInfo { id, running: pid.is_some(), pid });
+            out.push(InstanceInfo {
+                id,
+                running: pid.is_some(),
+                pid,
+            });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
@@ -339,7 +381,10 @@ impl NspawnDriver {
     /// The image a sandbox was created from, as recorded at create time.
     pub fn image_of(&self, id: &str) -> Result<ImageRef, DriverError> {
         let record = self.read_record(id)?;
-        Ok(ImageRef { build_id: record.build_id, layers: record.layers })
+        Ok(ImageRef {
+            build_id: record.build_id,
+            layers: record.layers,
+        })
     }
 
     /// The lease a sandbox holds, as recorded at create time.
@@ -358,18 +403,21 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DriverError> {
         .mode(0o600)
         .open(path)
         .map_err(io_err(format!("write {}", path.display())))?;
-    file.write_all(bytes).map_err(io_err(format!("write {}", path.display())))
+    file.write_all(bytes)
+        .map_err(io_err(format!("write {}", path.display())))
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), DriverError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err(format!("chmod {}", path.display())))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io_err(format!("chmod {}", path.display())))
 }
 
 fn prepare_home(home: &Path, uid: u32) -> Result<(), DriverError> {
     if !home.exists() {
         std::fs::create_dir_all(home).map_err(io_err(format!("create {}", home.display())))?;
-        std::os::unix::fs::chown(home, Some(uid), Some(uid)).map_err(io_err(format!("chown {}", home.display())))?;
+        std::os::unix::fs::chown(home, Some(uid), Some(uid))
+            .map_err(io_err(format!("chown {}", home.display())))?;
         set_mode(home, 0o750)?;
     }
     Ok(())
@@ -393,7 +441,9 @@ impl Cgroups {
         }
         let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
         let controllers = std::fs::read_to_string(v2).unwrap_or_default();
-        controllers.contains("memory").then(|| PathBuf::from("/sys/fs/cgroup"))
+        controllers
+            .contains("memory")
+            .then(|| PathBuf::from("/sys/fs/cgroup"))
     }
 
     fn is_v1(root: &Path) -> bool {
@@ -402,7 +452,10 @@ impl Cgroups {
 
     fn dirs(root: &Path, id: &str) -> Vec<(PathBuf, &'static str)> {
         if Self::is_v1(root) {
-            vec![(root.join("memory/airlock").join(id), "memory"), (root.join("pids/airlock").join(id), "pids")]
+            vec![
+                (root.join("memory/airlock").join(id), "memory"),
+                (root.join("pids/airlock").join(id), "pids"),
+            ]
         } else {
             vec![(root.join("airlock").join(id), "unified")]
         }
@@ -418,7 +471,9 @@ impl Cgroups {
         for (dir, controller) in Self::dirs(root, id) {
             std::fs::create_dir_all(&dir)?;
             match (controller, limits.memory_bytes, limits.max_pids) {
-                ("memory", Some(mem), _) => std::fs::write(dir.join("memory.limit_in_bytes"), mem.to_string())?,
+                ("memory", Some(mem), _) => {
+                    std::fs::write(dir.join("memory.limit_in_bytes"), mem.to_string())?
+                }
                 ("pids", _, Some(pids)) => std::fs::write(dir.join("pids.max"), pids.to_string())?,
                 ("unified", mem, pids) => {
                     if let Some(mem) = mem {
@@ -435,8 +490,11 @@ impl Cgroups {
     }
 
     fn procs_files(root: &Path, id: &str) -> Option<Vec<PathBuf>> {
-        let files: Vec<PathBuf> =
-            Self::dirs(root, id).into_iter().map(|(d, _)| d.join("cgroup.procs")).filter(|p| p.exists()).collect();
+        let files: Vec<PathBuf> = Self::dirs(root, id)
+            .into_iter()
+            .map(|(d, _)| d.join("cgroup.procs"))
+            .filter(|p| p.exists())
+            .collect();
         (!files.is_empty()).then_some(files)
     }
 
@@ -447,7 +505,14 @@ impl Cgroups {
             script.push_str(&format!("echo $$ > '{}' && ", p.display()));
         }
         script.push_str("exec \"$@\"");
-        Cmd::new("/bin/sh").args(["-c".to_owned(), script, "airlock-nspawn".to_owned(), cmd.program]).args(cmd.args)
+        Cmd::new("/bin/sh")
+            .args([
+                "-c".to_owned(),
+                script,
+                "airlock-nspawn".to_owned(),
+                cmd.program,
+            ])
+            .args(cmd.args)
     }
 
     fn remove(root: &Path, id: &str) {
@@ -467,15 +532,27 @@ mod tests {
         SandboxSpec {
             id: id.into(),
             kind: SandboxKind::Browser,
-            image: ImageRef { build_id: "b1".into(), layers: vec!["/img/top".into(), "/img/base".into()] },
-            lease: Lease { index: 3, host: Ipv4Addr::new(10, 1, 0, 13), guest: Ipv4Addr::new(10, 1, 0, 14), prefix_len: 30 },
+            image: ImageRef {
+                build_id: "b1".into(),
+                layers: vec!["/img/top".into(), "/img/base".into()],
+            },
+            lease: Lease {
+                index: 3,
+                host: Ipv4Addr::new(10, 1, 0, 13),
+                guest: Ipv4Addr::new(10, 1, 0, 14),
+                prefix_len: 30,
+            },
             metadata: Metadata {
                 sandbox_id: id.into(),
                 kind: SandboxKind::Browser,
                 agent_token: "tok".into(),
                 vnc_password: "pw".into(),
                 display: Display::default(),
-                network: Network { address: "10.1.0.14".into(), gateway: "10.1.0.13".into(), prefix_len: 30 },
+                network: Network {
+                    address: "10.1.0.14".into(),
+                    gateway: "10.1.0.13".into(),
+                    prefix_len: 30,
+                },
                 egress: None,
             },
             limits: Limits::default(),
@@ -496,20 +573,29 @@ mod tests {
         let host = Arc::new(FakeHost::default());
         let d = driver(tmp.path(), host.clone());
         d.create(&spec("s1")).await.expect("create");
-        let meta = std::fs::read_to_string(tmp.path().join("s1/meta/metadata.json")).expect("metadata");
+        let meta =
+            std::fs::read_to_string(tmp.path().join("s1/meta/metadata.json")).expect("metadata");
         assert!(meta.contains("\"sandbox_id\":\"s1\""));
         d.start("s1").await.expect("start");
         let info = d.inspect("s1").await.expect("inspect");
         assert!(info.running);
         let cmds = host.commands();
-        assert!(cmds.iter().any(|c| c.contains("lowerdir=/img/top:/img/base")));
-        let nspawn = cmds.iter().find(|c| c.starts_with("systemd-nspawn")).expect("nspawn ran");
+        assert!(cmds
+            .iter()
+            .any(|c| c.contains("lowerdir=/img/top:/img/base")));
+        let nspawn = cmds
+            .iter()
+            .find(|c| c.starts_with("systemd-nspawn"))
+            .expect("nspawn ran");
         assert!(nspawn.contains("--register=no") && nspawn.contains("--keep-unit"));
         assert!(nspawn.contains("--network-namespace-path=/run/netns/airlock-s1"));
         d.destroy("s1").await.expect("destroy");
         assert!(!tmp.path().join("s1").exists());
         assert!(d.list().await.expect("list").is_empty());
-        assert!(host.commands().iter().any(|c| c == "ip netns del airlock-s1"));
+        assert!(host
+            .commands()
+            .iter()
+            .any(|c| c == "ip netns del airlock-s1"));
     }
 
     #[tokio::test]

@@ -83,7 +83,10 @@ pub struct Display {
 
 impl Default for Display {
     fn default() -> Self {
-        Display { width: 1280, height: 800 }
+        Display {
+            width: 1280,
+            height: 800,
+        }
     }
 }
 

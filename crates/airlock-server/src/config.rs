@@ -26,7 +26,9 @@ impl std::str::FromStr for DriverKind {
             "nspawn" => Ok(DriverKind::Nspawn),
             "qemu" => Ok(DriverKind::Qemu),
             "firecracker" => Ok(DriverKind::Firecracker),
-            other => Err(format!("unknown driver {other:?} (expected nspawn, qemu or firecracker)")),
+            other => Err(format!(
+                "unknown driver {other:?} (expected nspawn, qemu or firecracker)"
+            )),
         }
     }
 }
@@ -83,31 +85,52 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
     }
 
     pub fn image_dir(&self) -> PathBuf {
-        self.image_dir.clone().unwrap_or_else(|| self.data_dir.join("images"))
+        self.image_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("images"))
     }
 
     pub fn database_url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("airlock.db").display()))
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("airlock.db").display()))
     }
 
     pub fn pool(&self) -> Result<AddressPool, ConfigError> {
-        AddressPool::parse(&self.address_pool).map_err(|e| ConfigError::Invalid { field: "address_pool", message: e.to_string() })
+        AddressPool::parse(&self.address_pool).map_err(|e| ConfigError::Invalid {
+            field: "address_pool",
+            message: e.to_string(),
+        })
     }
 
     /// Check every field once; the first problem is reported by field name.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.pool()?;
-        let invalid = |field, message: &str| Err(ConfigError::Invalid { field, message: message.to_owned() });
+        let invalid = |field, message: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                message: message.to_owned(),
+            })
+        };
         if !(320..=7680).contains(&self.display_width) {
             return invalid("display_width", "must be between 320 and 7680");
         }
@@ -121,8 +144,14 @@ impl Config {
             return invalid("idle_ttl_s", "must be at least 1");
         }
         if let Some(url) = &self.database_url {
-            if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                return invalid("database_url", "must start with sqlite:, postgres:// or postgresql://");
+            if !(url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+            {
+                return invalid(
+                    "database_url",
+                    "must start with sqlite:, postgres:// or postgresql://",
+                );
             }
         }
         if self.memory_mb == Some(0) {
@@ -137,8 +166,14 @@ impl Config {
     pub fn app_config(&self) -> AppConfig {
         let mut app = AppConfig::new(self.data_dir.clone());
         app.loopback_only = self.listen.ip().is_loopback();
-        app.display = Display { width: self.display_width, height: self.display_height };
-        app.limits = Limits { memory_bytes: self.memory_mb.map(|m| m << 20), max_pids: self.max_pids };
+        app.display = Display {
+            width: self.display_width,
+            height: self.display_height,
+        };
+        app.limits = Limits {
+            memory_bytes: self.memory_mb.map(|m| m << 20),
+            max_pids: self.max_pids,
+        };
         app.boot_timeout = Duration::from_secs(self.boot_timeout_s);
         app.idle_ttl = Duration::from_secs(self.idle_ttl_s);
         app.history_ttl = Duration::from_secs(self.history_ttl_s);
@@ -165,10 +200,20 @@ mod tests {
 
     #[test]
     fn invalid_values_name_the_field() {
-        let cfg = Config { address_pool: "10.0.0.1/16".into(), ..Config::default() };
+        let cfg = Config {
+            address_pool: "10.0.0.1/16".into(),
+            ..Config::default()
+        };
         let err = cfg.validate().expect_err("host bits");
         assert!(err.to_string().starts_with("address_pool:"), "{err}");
-        let cfg = Config { display_width: 10, ..Config::default() };
-        assert!(cfg.validate().expect_err("tiny").to_string().starts_with("display_width:"));
+        let cfg = Config {
+            display_width: 10,
+            ..Config::default()
+        };
+        assert!(cfg
+            .validate()
+            .expect_err("tiny")
+            .to_string()
+            .starts_with("display_width:"));
     }
 }

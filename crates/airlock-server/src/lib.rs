@@ -6,6 +6,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod relay;
+pub mod server;
 pub mod store;
 
 pub use config::Config;

@@ -47,24 +47,53 @@ impl Metrics {
         let mut registry = Registry::with_prefix("airlock");
         let creations = Counter::default();
         let failures = Family::<ReasonLabel, Counter>::default();
-        let ready_seconds = Histogram::new([0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 60.0, 90.0]);
+        let ready_seconds =
+            Histogram::new([0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 60.0, 90.0]);
         let sandboxes = Family::<StateLabel, Gauge>::default();
         let viewers_opened = Counter::default();
         let viewers_closed = Family::<CodeLabel, Counter>::default();
         registry.register("sandbox_creations", "Sandboxes created", creations.clone());
-        registry.register("sandbox_failures", "Sandboxes failed, by reason", failures.clone());
-        registry.register("sandbox_create_to_ready_seconds", "Time from create to ready", ready_seconds.clone());
+        registry.register(
+            "sandbox_failures",
+            "Sandboxes failed, by reason",
+            failures.clone(),
+        );
+        registry.register(
+            "sandbox_create_to_ready_seconds",
+            "Time from create to ready",
+            ready_seconds.clone(),
+        );
         registry.register("sandboxes", "Sandboxes by state", sandboxes.clone());
-        registry.register("viewer_connections_opened", "Viewer connections opened", viewers_opened.clone());
-        registry.register("viewer_connections_closed", "Viewer connections closed, by close code", viewers_closed.clone());
-        Metrics { registry, creations, failures, ready_seconds, sandboxes, viewers_opened, viewers_closed }
+        registry.register(
+            "viewer_connections_opened",
+            "Viewer connections opened",
+            viewers_opened.clone(),
+        );
+        registry.register(
+            "viewer_connections_closed",
+            "Viewer connections closed, by close code",
+            viewers_closed.clone(),
+        );
+        Metrics {
+            registry,
+            creations,
+            failures,
+            ready_seconds,
+            sandboxes,
+            viewers_opened,
+            viewers_closed,
+        }
     }
 
     pub fn created(&self) {
         self.creations.inc();
     }
     pub fn failed(&self, reason: &str) {
-        self.failures.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
+        self.failures
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
     pub fn ready(&self, took: Duration) {
         self.ready_seconds.observe(took.as_secs_f64());
@@ -73,14 +102,26 @@ impl Metrics {
         self.viewers_opened.inc();
     }
     pub fn viewer_closed(&self, code: u16) {
-        self.viewers_closed.get_or_create(&CodeLabel { code: code.to_string() }).inc();
+        self.viewers_closed
+            .get_or_create(&CodeLabel {
+                code: code.to_string(),
+            })
+            .inc();
     }
 
     /// The text exposition, with the per-state gauge set from `counts`.
     pub fn render(&self, counts: &[(crate::app::state::SandboxState, i64)]) -> String {
         for state in crate::app::state::SandboxState::ALL {
-            let n = counts.iter().find(|(s, _)| *s == state).map(|(_, n)| *n).unwrap_or(0);
-            self.sandboxes.get_or_create(&StateLabel { state: state.as_str().to_owned() }).set(n);
+            let n = counts
+                .iter()
+                .find(|(s, _)| *s == state)
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
+            self.sandboxes
+                .get_or_create(&StateLabel {
+                    state: state.as_str().to_owned(),
+                })
+                .set(n);
         }
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {

@@ -1,1 +1,289 @@
-fn main() {}
+//! `airlock`: the one binary. Thin: parses the command line, renders progress,
+//! and calls into the library crates.
+
+mod doctor;
+mod progress;
+
+use airlock_drivers::host::RealHost;
+use airlock_drivers::nspawn::{NspawnConfig, NspawnDriver};
+use airlock_drivers::{Driver, ImageRef};
+use airlock_image::{ImageStore, Manifest};
+use airlock_server::config::{Config, DriverKind};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "airlock",
+    version,
+    about = "Disposable desktops in the browser"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane and its web UI (builds the golden image first if missing).
+    Up(UpArgs),
+    /// Build, check or describe the golden image.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Manage users and their API tokens.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Say which drivers this host can run, and why not.
+    Doctor,
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// TOML config file (see docs/airlock.example.toml).
+    #[arg(long, env = "AIRLOCK_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "AIRLOCK_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, env = "AIRLOCK_IMAGE_DIR")]
+    image_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, env = "AIRLOCK_LISTEN")]
+    listen: Option<SocketAddr>,
+    #[arg(long, env = "AIRLOCK_DRIVER")]
+    driver: Option<DriverKind>,
+    /// `postgres://…` to use PostgreSQL instead of the embedded SQLite.
+    #[arg(long, env = "AIRLOCK_DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Build the golden image (incremental: unchanged layers are reused).
+    Build(Common),
+    /// Check the current image: manifest matches this binary, and the programs run inside it.
+    Verify(Common),
+    /// Describe the current image.
+    Show(Common),
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Add a user; prints its API token as the last line.
+    Add {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn load_config(common: &Common) -> Result<Config> {
+    let mut cfg = match &common.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = &common.data_dir {
+        cfg.data_dir = dir.clone();
+    }
+    if let Some(dir) = &common.image_dir {
+        cfg.image_dir = Some(dir.clone());
+    }
+    Ok(cfg)
+}
+
+/// The agent binary baked into the image: next to this executable unless
+/// `AIRLOCK_AGENT_BIN` says otherwise.
+fn agent_bin() -> Result<PathBuf> {
+    if let Ok(path) = std::env::var("AIRLOCK_AGENT_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("could not find the airlock executable")?;
+    let path = exe.with_file_name("airlock-agent");
+    if !path.exists() {
+        bail!("airlock-agent was not found next to {} (build it with `cargo build --release`, or set AIRLOCK_AGENT_BIN)", exe.display());
+    }
+    Ok(path)
+}
+
+fn build_image(store: &ImageStore, agent: &Path) -> Result<Manifest> {
+    let progress = progress::Bars::new();
+    let opts = airlock_image::BuildOptions::new(agent.to_path_buf());
+    let manifest = store
+        .build(&opts, &progress)
+        .context("building the golden image failed")?;
+    Ok(manifest)
+}
+
+/// The current image if it matches this binary; built first if there is none.
+fn fresh_image(cfg: &Config) -> Result<Manifest> {
+    let store = ImageStore::new(cfg.image_dir());
+    let agent = agent_bin()?;
+    let expected = airlock_image::expected_inputs(&agent)?;
+    match store.current()? {
+        Some(manifest) => {
+            manifest.check_fresh(&expected)?;
+            Ok(manifest)
+        }
+        None => {
+            eprintln!(
+                "No golden image in {} yet: building it now.",
+                cfg.image_dir().display()
+            );
+            build_image(&store, &agent)
+        }
+    }
+}
+
+fn driver_for(cfg: &Config) -> Result<Arc<dyn Driver>> {
+    match cfg.driver {
+        DriverKind::Nspawn => {
+            let nspawn = NspawnConfig::new(cfg.data_dir.join("sandboxes"));
+            Ok(Arc::new(NspawnDriver::new(nspawn, Arc::new(RealHost))))
+        }
+        other => bail!("the {other:?} driver is not part of this build yet; use --driver nspawn (see `airlock doctor`)"),
+    }
+}
+
+async fn up(args: UpArgs) -> Result<()> {
+    let mut cfg = load_config(&args.common)?;
+    if let Some(listen) = args.listen {
+        cfg.listen = listen;
+    }
+    if let Some(driver) = args.driver {
+        cfg.driver = driver;
+    }
+    if let Some(url) = args.database_url {
+        cfg.database_url = Some(url);
+    }
+    cfg.validate()?;
+    let manifest = tokio::task::block_in_place(|| fresh_image(&cfg))?;
+    let image = ImageRef {
+        build_id: manifest.build_id.clone(),
+        layers: manifest.layer_dirs_top_first(),
+    };
+    if cfg.driver == DriverKind::Nspawn && !cfg.listen.ip().is_loopback() {
+        eprintln!(
+            "warning: the nspawn driver runs sandboxes as containers that share this host's kernel; \
+             that suits one trusted user or development. Users who must not trust each other need a VM driver."
+        );
+    }
+    let driver = driver_for(&cfg)?;
+    let running = airlock_server::server::start(&cfg, image, driver).await?;
+    let shutdown = running.shutdown_handle();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = shutdown.send(true);
+    });
+    println!(
+        "airlock is up: http://{}/  (image {}, driver {:?})",
+        running.addr, manifest.build_id, cfg.driver
+    );
+    running.wait().await?;
+    Ok(())
+}
+
+fn image_command(cmd: ImageCommand) -> Result<()> {
+    match cmd {
+        ImageCommand::Build(common) => {
+            let cfg = load_config(&common)?;
+            let manifest = build_image(&ImageStore::new(cfg.image_dir()), &agent_bin()?)?;
+            println!("golden image {} is built", manifest.build_id);
+        }
+        ImageCommand::Verify(common) => {
+            let cfg = load_config(&common)?;
+            let store = ImageStore::new(cfg.image_dir());
+            let Some(manifest) = store.current()? else {
+                bail!(
+                    "there is no golden image in {}; run `airlock image build`",
+                    cfg.image_dir().display()
+                );
+            };
+            manifest.check_fresh(&airlock_image::expected_inputs(&agent_bin()?)?)?;
+            let report = store.verify(&manifest)?;
+            for check in &report.checks {
+                println!(
+                    "{} {:<28} {}",
+                    if check.ok { "ok  " } else { "FAIL" },
+                    check.name,
+                    check.detail
+                );
+            }
+            if !report.ok() {
+                bail!("golden image {} failed verification", manifest.build_id);
+            }
+        }
+        ImageCommand::Show(common) => {
+            let cfg = load_config(&common)?;
+            let Some(manifest) = ImageStore::new(cfg.image_dir()).current()? else {
+                bail!(
+                    "there is no golden image in {}; run `airlock image build`",
+                    cfg.image_dir().display()
+                );
+            };
+            println!("{}", serde_json_pretty(&manifest)?);
+        }
+    }
+    Ok(())
+}
+
+fn serde_json_pretty(manifest: &Manifest) -> Result<String> {
+    serde_json::to_string_pretty(manifest).context("could not print the manifest")
+}
+
+async fn user_command(cmd: UserCommand) -> Result<()> {
+    match cmd {
+        UserCommand::Add { name, common } => {
+            let cfg = load_config(&common)?;
+            std::fs::create_dir_all(&cfg.data_dir)
+                .with_context(|| format!("create {}", cfg.data_dir.display()))?;
+            let store = airlock_server::store::Store::open(&cfg.database_url()).await?;
+            let (user, token) = airlock_server::app::auth::add_user(&store, &name).await?;
+            eprintln!(
+                "user {} added (id {}); its API token, shown only now:",
+                user.name, user.id
+            );
+            println!("{token}");
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
+                .unwrap_or_else(|_| "info,sqlx=warn,tower_http=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Up(args) => up(args).await,
+            Command::Image(cmd) => tokio::task::block_in_place(|| image_command(cmd)),
+            Command::User(cmd) => user_command(cmd).await,
+            Command::Doctor => doctor::run(),
+        }
+    });
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

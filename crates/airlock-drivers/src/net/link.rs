@@ -15,8 +15,16 @@ pub struct LinkNames {
 
 impl LinkNames {
     pub fn for_sandbox(id: &str) -> Self {
-        let short: String = id.chars().filter(char::is_ascii_alphanumeric).take(12).collect();
-        LinkNames { netns: format!("airlock-{short}"), host_if: format!("al{short}"), guest_if: "eth0".into() }
+        let short: String = id
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(12)
+            .collect();
+        LinkNames {
+            netns: format!("airlock-{short}"),
+            host_if: format!("al{short}"),
+            guest_if: "eth0".into(),
+        }
     }
     pub fn netns_path(&self) -> String {
         format!("/run/netns/{}", self.netns)
@@ -39,13 +47,32 @@ async fn create_steps(host: &dyn Host, names: &LinkNames, lease: &Lease) -> Resu
     let ns = names.netns.as_str();
     let steps = [
         Cmd::new("ip").args(["netns", "add", ns]),
-        Cmd::new("ip").args(["link", "add", &names.host_if, "type", "veth", "peer", "name", &names.guest_if, "netns", ns]),
+        Cmd::new("ip").args([
+            "link",
+            "add",
+            &names.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &names.guest_if,
+            "netns",
+            ns,
+        ]),
         Cmd::new("ip").args(["addr", "add", &host_cidr, "dev", &names.host_if]),
         Cmd::new("ip").args(["link", "set", &names.host_if, "up"]),
         Cmd::new("ip").args(["-n", ns, "link", "set", "lo", "up"]),
         Cmd::new("ip").args(["-n", ns, "addr", "add", &guest_cidr, "dev", &names.guest_if]),
         Cmd::new("ip").args(["-n", ns, "link", "set", &names.guest_if, "up"]),
-        Cmd::new("ip").args(["-n", ns, "route", "add", "default", "via", &lease.host.to_string()]),
+        Cmd::new("ip").args([
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &lease.host.to_string(),
+        ]),
     ];
     for step in &steps {
         host.run(step).await?;
@@ -56,13 +83,19 @@ async fn create_steps(host: &dyn Host, names: &LinkNames, lease: &Lease) -> Resu
 /// Remove the link and namespace; missing pieces are not an error.
 pub async fn destroy(host: &dyn Host, names: &LinkNames) {
     // Deleting either end of a veth pair deletes both.
-    let _ = host.run(&Cmd::new("ip").args(["link", "del", &names.host_if])).await;
-    let _ = host.run(&Cmd::new("ip").args(["netns", "del", &names.netns])).await;
+    let _ = host
+        .run(&Cmd::new("ip").args(["link", "del", &names.host_if]))
+        .await;
+    let _ = host
+        .run(&Cmd::new("ip").args(["netns", "del", &names.netns]))
+        .await;
 }
 
 /// Whether the host end of the link still exists.
 pub async fn exists(host: &dyn Host, names: &LinkNames) -> bool {
-    host.run(&Cmd::new("ip").args(["link", "show", &names.host_if])).await.is_ok()
+    host.run(&Cmd::new("ip").args(["link", "show", &names.host_if]))
+        .await
+        .is_ok()
 }
 
 #[cfg(test)]
@@ -72,7 +105,12 @@ mod tests {
     use std::net::Ipv4Addr;
 
     fn lease() -> Lease {
-        Lease { index: 0, host: Ipv4Addr::new(10, 9, 0, 1), guest: Ipv4Addr::new(10, 9, 0, 2), prefix_len: 30 }
+        Lease {
+            index: 0,
+            host: Ipv4Addr::new(10, 9, 0, 1),
+            guest: Ipv4Addr::new(10, 9, 0, 2),
+            prefix_len: 30,
+        }
     }
 
     #[test]

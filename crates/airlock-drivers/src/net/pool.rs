@@ -19,7 +19,11 @@ pub enum PoolError {
     #[error("address pool {0:?} is not of the form A.B.C.D/N")]
     Malformed(String),
     #[error("address pool {cidr} has host bits set; did you mean {base}/{len}?")]
-    HostBits { cidr: String, base: Ipv4Addr, len: u8 },
+    HostBits {
+        cidr: String,
+        base: Ipv4Addr,
+        len: u8,
+    },
     #[error("address pool /{0} is too small: it must hold at least one /30 (prefix ≤ 30)")]
     TooSmall(u8),
     #[error("no free addresses: all {0} blocks of the pool are in use")]
@@ -40,9 +44,17 @@ impl AddressPool {
             return Err(PoolError::TooSmall(len));
         }
         let base = u32::from(addr);
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+        let mask = if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        };
         if base & !mask != 0 {
-            return Err(PoolError::HostBits { cidr: cidr.to_owned(), base: Ipv4Addr::from(base & mask), len });
+            return Err(PoolError::HostBits {
+                cidr: cidr.to_owned(),
+                base: Ipv4Addr::from(base & mask),
+                len,
+            });
         }
         let size = 1u64 << (32 - u32::from(len));
         let blocks = u32::try_from(size / u64::from(BLOCK)).unwrap_or(u32::MAX);
@@ -76,7 +88,8 @@ impl AddressPool {
             }
             candidate += 1;
         }
-        self.lease(candidate).ok_or(PoolError::Exhausted(self.blocks))
+        self.lease(candidate)
+            .ok_or(PoolError::Exhausted(self.blocks))
     }
 }
 
@@ -96,10 +109,22 @@ mod tests {
 
     #[test]
     fn rejects_bad_ranges_with_reasons() {
-        assert!(matches!(AddressPool::parse("10.0.0.0"), Err(PoolError::Malformed(_))));
-        assert!(matches!(AddressPool::parse("10.0.0.1/24"), Err(PoolError::HostBits { .. })));
-        assert_eq!(AddressPool::parse("10.0.0.0/31"), Err(PoolError::TooSmall(31)));
-        assert!(matches!(AddressPool::parse("10.0.0.0/33"), Err(PoolError::Malformed(_))));
+        assert!(matches!(
+            AddressPool::parse("10.0.0.0"),
+            Err(PoolError::Malformed(_))
+        ));
+        assert!(matches!(
+            AddressPool::parse("10.0.0.1/24"),
+            Err(PoolError::HostBits { .. })
+        ));
+        assert_eq!(
+            AddressPool::parse("10.0.0.0/31"),
+            Err(PoolError::TooSmall(31))
+        );
+        assert!(matches!(
+            AddressPool::parse("10.0.0.0/33"),
+            Err(PoolError::Malformed(_))
+        ));
     }
 
     #[test]

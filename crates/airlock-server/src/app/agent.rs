@@ -49,8 +49,15 @@ impl AgentClient {
         decode(resp).await
     }
 
-    pub async fn exec(&self, addr: SocketAddr, token: &str, req: &ExecRequest) -> Result<ExecResponse, AgentError> {
-        let limit = req.timeout_s.unwrap_or(airlock_proto::agent::DEFAULT_EXEC_TIMEOUT_S);
+    pub async fn exec(
+        &self,
+        addr: SocketAddr,
+        token: &str,
+        req: &ExecRequest,
+    ) -> Result<ExecResponse, AgentError> {
+        let limit = req
+            .timeout_s
+            .unwrap_or(airlock_proto::agent::DEFAULT_EXEC_TIMEOUT_S);
         let resp = self
             .http
             .post(format!("http://{addr}/exec"))
@@ -73,5 +80,8 @@ async fn decode<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Resu
         Ok(e) => e.error,
         Err(_) => status.canonical_reason().unwrap_or("error").to_owned(),
     };
-    Err(AgentError::Status { status: status.as_u16(), message })
+    Err(AgentError::Status {
+        status: status.as_u16(),
+        message,
+    })
 }

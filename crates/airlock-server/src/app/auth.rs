@@ -2,7 +2,7 @@
 //! SHA-256 digests.
 
 use super::{App, AppError};
-use crate::store::{StoreError, UserRow};
+use crate::store::{Store, StoreError, UserRow};
 use sha2::{Digest, Sha256};
 
 /// The user that needs no token while airlock listens on loopback only.
@@ -19,24 +19,35 @@ fn new_token() -> String {
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Create a user; returns the user and its API token (shown only now).
+pub async fn add_user(store: &Store, name: &str) -> Result<(UserRow, String), AppError> {
+    if !valid_name(name) {
+        return Err(AppError::BadInput(format!(
+            "user name {name:?} must be 1–64 characters of letters, digits, '-', '_' or '.'"
+        )));
+    }
+    let token = new_token();
+    let id = hex::encode(rand::random::<[u8; 8]>());
+    match store
+        .insert_user(&id, name, Some(&hash_token(&token)))
+        .await
+    {
+        Ok(user) => Ok((user, token)),
+        Err(StoreError::Conflict(_)) => {
+            Err(AppError::Conflict(format!("user {name:?} already exists")))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 impl App {
-    /// Create a user; returns the user and its API token (shown only now).
     pub async fn add_user(&self, name: &str) -> Result<(UserRow, String), AppError> {
-        if !valid_name(name) {
-            return Err(AppError::BadInput(format!(
-                "user name {name:?} must be 1–64 characters of letters, digits, '-', '_' or '.'"
-            )));
-        }
-        let token = new_token();
-        let id = hex::encode(rand::random::<[u8; 8]>());
-        match self.store.insert_user(&id, name, Some(&hash_token(&token))).await {
-            Ok(user) => Ok((user, token)),
-            Err(StoreError::Conflict(_)) => Err(AppError::Conflict(format!("user {name:?} already exists"))),
-            Err(e) => Err(e.into()),
-        }
+        add_user(&self.store, name).await
     }
 
     /// Make sure the token-less local user exists.
@@ -46,9 +57,11 @@ impl App {
         }
         match self.store.insert_user(LOCAL_USER, LOCAL_USER, None).await {
             Ok(user) => Ok(user),
-            Err(StoreError::Conflict(_)) => {
-                self.store.user_by_name(LOCAL_USER).await?.ok_or_else(|| AppError::Internal("local user vanished".into()))
-            }
+            Err(StoreError::Conflict(_)) => self
+                .store
+                .user_by_name(LOCAL_USER)
+                .await?
+                .ok_or_else(|| AppError::Internal("local user vanished".into())),
             Err(e) => Err(e.into()),
         }
     }
@@ -57,7 +70,11 @@ impl App {
     /// given and airlock listens on loopback only.
     pub async fn authenticate(&self, token: Option<&str>) -> Result<UserRow, AppError> {
         match token {
-            Some(token) => self.store.user_by_token_hash(&hash_token(token)).await?.ok_or(AppError::Unauthorized),
+            Some(token) => self
+                .store
+                .user_by_token_hash(&hash_token(token))
+                .await?
+                .ok_or(AppError::Unauthorized),
             None if self.cfg.loopback_only => self.ensure_local_user().await,
             None => Err(AppError::Unauthorized),
         }

@@ -91,7 +91,13 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(cfg: AppConfig, store: Store, driver: Arc<dyn Driver>, image: ImageRef, pool: AddressPool) -> Arc<Self> {
+    pub fn new(
+        cfg: AppConfig,
+        store: Store,
+        driver: Arc<dyn Driver>,
+        image: ImageRef,
+        pool: AddressPool,
+    ) -> Arc<Self> {
         let (stopping, _) = broadcast::channel(256);
         Arc::new(App {
             cfg,

@@ -23,13 +23,23 @@ impl App {
     }
 
     async fn reap_once(self: &Arc<Self>, missed: &mut std::collections::HashMap<String, u32>) {
-        let idle_before = now_ms() - i64::try_from(self.cfg.idle_ttl.as_millis()).unwrap_or(i64::MAX);
+        let idle_before =
+            now_ms() - i64::try_from(self.cfg.idle_ttl.as_millis()).unwrap_or(i64::MAX);
         match self.store.reapable(idle_before).await {
             Ok(rows) => {
                 for row in rows {
                     if row.state == SandboxState::Ready {
                         tracing::info!(sandbox = %row.id, "reaping an idle sandbox");
-                        if let Ok(true) = self.store.transition(&row.id, &[SandboxState::Ready], SandboxState::Stopping, Some("idle for longer than the idle TTL")).await {
+                        if let Ok(true) = self
+                            .store
+                            .transition(
+                                &row.id,
+                                &[SandboxState::Ready],
+                                SandboxState::Stopping,
+                                Some("idle for longer than the idle TTL"),
+                            )
+                            .await
+                        {
                             self.teardown(&row.id, SandboxState::Stopped).await;
                         }
                     } else {
@@ -41,11 +51,16 @@ impl App {
         }
         if let Ok(rows) = self.store.live_sandboxes().await {
             for row in rows.into_iter().filter(|r| r.state == SandboxState::Ready) {
-                let Ok(endpoints) = self.ready_endpoints(&row) else { continue };
-                let ok = tokio::time::timeout(Duration::from_secs(5), self.agent.health(endpoints.agent, &row.agent_token))
-                    .await
-                    .map(|r| r.is_ok())
-                    .unwrap_or(false);
+                let Ok(endpoints) = self.ready_endpoints(&row) else {
+                    continue;
+                };
+                let ok = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    self.agent.health(endpoints.agent, &row.agent_token),
+                )
+                .await
+                .map(|r| r.is_ok())
+                .unwrap_or(false);
                 if ok {
                     missed.remove(&row.id);
                     let _ = self.store.touch_heartbeat(&row.id).await;
@@ -54,12 +69,18 @@ impl App {
                     *n += 1;
                     if *n >= MISSED_HEARTBEATS {
                         missed.remove(&row.id);
-                        self.fail(&row.id, "heartbeat", "the sandbox's agent stopped answering").await;
+                        self.fail(
+                            &row.id,
+                            "heartbeat",
+                            "the sandbox's agent stopped answering",
+                        )
+                        .await;
                     }
                 }
             }
         }
-        let forget_before = now_ms() - i64::try_from(self.cfg.history_ttl.as_millis()).unwrap_or(i64::MAX);
+        let forget_before =
+            now_ms() - i64::try_from(self.cfg.history_ttl.as_millis()).unwrap_or(i64::MAX);
         let _ = self.store.purge_finished(forget_before).await;
     }
 }

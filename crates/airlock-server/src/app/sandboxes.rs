@@ -33,11 +33,18 @@ fn failure_label(err: &DriverError) -> &'static str {
 }
 
 impl App {
-    pub async fn create_sandbox(self: &Arc<Self>, user: &UserRow, kind: SandboxKind) -> Result<SandboxRow, AppError> {
+    pub async fn create_sandbox(
+        self: &Arc<Self>,
+        user: &UserRow,
+        kind: SandboxKind,
+    ) -> Result<SandboxRow, AppError> {
         let row = {
             let _guard = self.lease_lock.lock().await;
             let used = self.store.used_leases().await?;
-            let lease = self.pool.allocate(&used).map_err(|e| AppError::NoCapacity(e.to_string()))?;
+            let lease = self
+                .pool
+                .allocate(&used)
+                .map_err(|e| AppError::NoCapacity(e.to_string()))?;
             let now = now_ms();
             let row = SandboxRow {
                 id: new_id(),
@@ -60,7 +67,9 @@ impl App {
             match self.store.insert_sandbox(&row).await {
                 Ok(()) => row,
                 Err(StoreError::Conflict(_)) if kind == SandboxKind::Workspace => {
-                    return Err(AppError::Conflict("this user already has a workspace sandbox; delete it first".into()))
+                    return Err(AppError::Conflict(
+                        "this user already has a workspace sandbox; delete it first".into(),
+                    ))
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -85,12 +94,26 @@ impl App {
     }
 
     /// Start tearing a sandbox down; repeated calls are harmless.
-    pub async fn delete_sandbox(self: &Arc<Self>, user: &UserRow, id: &str) -> Result<SandboxRow, AppError> {
+    pub async fn delete_sandbox(
+        self: &Arc<Self>,
+        user: &UserRow,
+        id: &str,
+    ) -> Result<SandboxRow, AppError> {
         let row = self.sandbox_of(user, id).await?;
-        let from = [SandboxState::Provisioning, SandboxState::Booting, SandboxState::Ready, SandboxState::Failed];
+        let from = [
+            SandboxState::Provisioning,
+            SandboxState::Booting,
+            SandboxState::Ready,
+            SandboxState::Failed,
+        ];
         if from.contains(&row.state) {
-            state::transition(row.state, &Event::StopRequested).map_err(|e| AppError::Conflict(e.to_string()))?;
-            if self.store.transition(id, &from, SandboxState::Stopping, None).await? {
+            state::transition(row.state, &Event::StopRequested)
+                .map_err(|e| AppError::Conflict(e.to_string()))?;
+            if self
+                .store
+                .transition(id, &from, SandboxState::Stopping, None)
+                .await?
+            {
                 let app = self.clone();
                 let id = id.to_owned();
                 tokio::spawn(async move { app.teardown(&id, SandboxState::Stopped).await });
@@ -99,7 +122,12 @@ impl App {
         self.sandbox_of(user, id).await
     }
 
-    pub async fn exec(&self, user: &UserRow, id: &str, req: ExecRequest) -> Result<ExecResponse, AppError> {
+    pub async fn exec(
+        &self,
+        user: &UserRow,
+        id: &str,
+        req: ExecRequest,
+    ) -> Result<ExecResponse, AppError> {
         if req.argv.is_empty() || req.argv[0].is_empty() {
             return Err(AppError::BadInput("argv must name a program".into()));
         }
@@ -123,7 +151,10 @@ impl App {
     /// Where a ready sandbox is reached; a conflict for any other state.
     pub fn ready_endpoints(&self, row: &SandboxRow) -> Result<Endpoints, AppError> {
         if row.state != SandboxState::Ready {
-            return Err(AppError::Conflict(format!("sandbox {} is {}, not ready", row.id, row.state)));
+            return Err(AppError::Conflict(format!(
+                "sandbox {} is {}, not ready",
+                row.id, row.state
+            )));
         }
         let lease = self.lease(row)?;
         Ok(Endpoints::for_guest(lease.guest))
@@ -136,12 +167,21 @@ impl App {
     }
 
     fn home_volume(&self, row: &SandboxRow) -> Option<PathBuf> {
-        (row.kind == "workspace").then(|| self.cfg.data_dir.join("volumes").join(&row.owner_id).join("home"))
+        (row.kind == "workspace").then(|| {
+            self.cfg
+                .data_dir
+                .join("volumes")
+                .join(&row.owner_id)
+                .join("home")
+        })
     }
 
     fn spec(&self, row: &SandboxRow) -> Result<SandboxSpec, AppError> {
         let lease = self.lease(row)?;
-        let kind: SandboxKind = row.kind.parse().map_err(|e: airlock_proto::metadata::UnknownKind| AppError::Internal(e.to_string()))?;
+        let kind: SandboxKind = row
+            .kind
+            .parse()
+            .map_err(|e: airlock_proto::metadata::UnknownKind| AppError::Internal(e.to_string()))?;
         Ok(SandboxSpec {
             id: row.id.clone(),
             kind,
@@ -152,7 +192,10 @@ impl App {
                 kind,
                 agent_token: row.agent_token.clone(),
                 vnc_password: row.vnc_password.clone(),
-                display: Display { width: row.display_width, height: row.display_height },
+                display: Display {
+                    width: row.display_width,
+                    height: row.display_height,
+                },
                 network: Network {
                     address: lease.guest.to_string(),
                     gateway: lease.host.to_string(),
@@ -189,7 +232,9 @@ impl App {
     /// provisioning → booting → ready, or failed with the reason.
     pub(crate) async fn boot(self: &Arc<Self>, id: &str) {
         let started = Instant::now();
-        let Ok(Some(row)) = self.store.sandbox(id).await else { return };
+        let Ok(Some(row)) = self.store.sandbox(id).await else {
+            return;
+        };
         let spec = match self.spec(&row) {
             Ok(spec) => spec,
             Err(e) => return self.fail(id, "create", &e.to_string()).await,
@@ -197,25 +242,57 @@ impl App {
         {
             let lock = self.lock_for(id);
             let _guard = lock.lock().await;
-            if let Err(e) = self.with_retries("create", || self.driver.create(&spec)).await {
-                return self.fail(id, "create", &format!("could not create the sandbox: {}", chain(&e))).await;
+            if let Err(e) = self
+                .with_retries("create", || self.driver.create(&spec))
+                .await
+            {
+                return self
+                    .fail(
+                        id,
+                        "create",
+                        &format!("could not create the sandbox: {}", chain(&e)),
+                    )
+                    .await;
             }
-            match self.store.transition(id, &[SandboxState::Provisioning], SandboxState::Booting, None).await {
+            match self
+                .store
+                .transition(
+                    id,
+                    &[SandboxState::Provisioning],
+                    SandboxState::Booting,
+                    None,
+                )
+                .await
+            {
                 Ok(true) => {}
                 // Deleted meanwhile: its teardown owns it now.
                 _ => return,
             }
             if let Err(e) = self.with_retries("start", || self.driver.start(id)).await {
-                return self.fail(id, "start", &format!("could not start the sandbox: {}", chain(&e))).await;
+                return self
+                    .fail(
+                        id,
+                        "start",
+                        &format!("could not start the sandbox: {}", chain(&e)),
+                    )
+                    .await;
             }
         }
         if let Err((label, reason)) = self.wait_until_ready(&row, started).await {
             return self.fail(id, label, &reason).await;
         }
-        match self.store.transition(id, &[SandboxState::Booting], SandboxState::Ready, None).await {
+        match self
+            .store
+            .transition(id, &[SandboxState::Booting], SandboxState::Ready, None)
+            .await
+        {
             Ok(true) => {
                 self.metrics.ready(started.elapsed());
-                tracing::info!(sandbox = id, took_ms = started.elapsed().as_millis() as u64, "sandbox ready");
+                tracing::info!(
+                    sandbox = id,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "sandbox ready"
+                );
             }
             _ => tracing::info!(sandbox = id, "sandbox left booting before it was ready"),
         }
@@ -223,14 +300,23 @@ impl App {
 
     /// Ready means: the agent answers with the right build, the VNC server
     /// takes our secret, and its first frame is not blank.
-    async fn wait_until_ready(&self, row: &SandboxRow, started: Instant) -> Result<(), (&'static str, String)> {
+    async fn wait_until_ready(
+        &self,
+        row: &SandboxRow,
+        started: Instant,
+    ) -> Result<(), (&'static str, String)> {
         let deadline = started + self.cfg.boot_timeout;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let endpoints = self
             .driver
             .wait_ready(&row.id, remaining)
             .await
-            .map_err(|e| (failure_label(&e), format!("the guest did not come up: {}", chain(&e))))?;
+            .map_err(|e| {
+                (
+                    failure_label(&e),
+                    format!("the guest did not come up: {}", chain(&e)),
+                )
+            })?;
         let mut last = String::from("not probed yet");
         while Instant::now() < deadline {
             if !self.still_booting(&row.id).await {
@@ -242,12 +328,21 @@ impl App {
             }
             if let Ok(info) = self.driver.inspect(&row.id).await {
                 if !info.running {
-                    return Err(("guest_exited", format!("the guest exited while booting ({last})")));
+                    return Err((
+                        "guest_exited",
+                        format!("the guest exited while booting ({last})"),
+                    ));
                 }
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        Err(("boot_timeout", format!("not ready after {}s: {last}", self.cfg.boot_timeout.as_secs())))
+        Err((
+            "boot_timeout",
+            format!(
+                "not ready after {}s: {last}",
+                self.cfg.boot_timeout.as_secs()
+            ),
+        ))
     }
 
     async fn still_booting(&self, id: &str) -> bool {
@@ -255,9 +350,16 @@ impl App {
     }
 
     async fn probe(&self, row: &SandboxRow, endpoints: Endpoints) -> Result<(), String> {
-        let health = self.agent.health(endpoints.agent, &row.agent_token).await.map_err(|e| e.to_string())?;
+        let health = self
+            .agent
+            .health(endpoints.agent, &row.agent_token)
+            .await
+            .map_err(|e| e.to_string())?;
         if health.sandbox_id != row.id {
-            return Err(format!("the agent says it is sandbox {:?}", health.sandbox_id));
+            return Err(format!(
+                "the agent says it is sandbox {:?}",
+                health.sandbox_id
+            ));
         }
         if health.image_build_id != row.image_build_id {
             return Err(format!(
@@ -268,13 +370,16 @@ impl App {
         let frame = tokio::time::timeout(Duration::from_secs(5), async {
             let mut tcp = tokio::net::TcpStream::connect(endpoints.vnc).await?;
             rfb::client_handshake(&mut tcp, &row.vnc_password).await?;
-            rfb::read_frame(&mut tcp).await
+            rfb::read_frame(&mut rfb::IoWire(tcp)).await
         })
         .await
         .map_err(|_| "the VNC server did not send a frame in time".to_owned())?
         .map_err(|e| format!("VNC: {e}"))?;
         if !frame.looks_like_desktop() {
-            return Err(format!("the display is still blank ({} colours)", frame.distinct_colours));
+            return Err(format!(
+                "the display is still blank ({} colours)",
+                frame.distinct_colours
+            ));
         }
         let _ = self.store.touch_heartbeat(&row.id).await;
         Ok(())
@@ -283,8 +388,17 @@ impl App {
     /// Mark failed (from any live state) and release the host resources.
     pub(crate) async fn fail(self: &Arc<Self>, id: &str, label: &'static str, reason: &str) {
         tracing::warn!(sandbox = id, reason, "sandbox failed");
-        let live = [SandboxState::Provisioning, SandboxState::Booting, SandboxState::Ready, SandboxState::Stopping];
-        match self.store.transition(id, &live, SandboxState::Failed, Some(reason)).await {
+        let live = [
+            SandboxState::Provisioning,
+            SandboxState::Booting,
+            SandboxState::Ready,
+            SandboxState::Stopping,
+        ];
+        match self
+            .store
+            .transition(id, &live, SandboxState::Failed, Some(reason))
+            .await
+        {
             Ok(true) => self.metrics.failed(label),
             Ok(false) => return,
             Err(e) => tracing::error!(sandbox = id, error = %e, "could not record the failure"),
@@ -298,7 +412,10 @@ impl App {
         let _ = self.stopping.send(id.to_owned());
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
-        if let Err(e) = self.with_retries("destroy", || self.driver.destroy(id)).await {
+        if let Err(e) = self
+            .with_retries("destroy", || self.driver.destroy(id))
+            .await
+        {
             // Keep the lease: the reaper tries again, so nothing is handed out twice.
             tracing::error!(sandbox = id, error = %chain(&e), "destroy failed; the reaper will retry");
             return;
@@ -308,7 +425,10 @@ impl App {
             return;
         }
         if end == SandboxState::Stopped {
-            let _ = self.store.transition(id, &[SandboxState::Stopping], SandboxState::Stopped, None).await;
+            let _ = self
+                .store
+                .transition(id, &[SandboxState::Stopping], SandboxState::Stopped, None)
+                .await;
         }
         drop(_guard);
         self.forget_lock(id);
@@ -319,7 +439,11 @@ impl App {
     pub async fn recover(self: &Arc<Self>) -> Result<(), AppError> {
         let rows = self.store.live_sandboxes().await?;
         let known: std::collections::HashSet<String> = rows.iter().map(|r| r.id.clone()).collect();
-        let instances = self.driver.list().await.map_err(|e| AppError::Internal(chain(&e)))?;
+        let instances = self
+            .driver
+            .list()
+            .await
+            .map_err(|e| AppError::Internal(chain(&e)))?;
         for inst in &instances {
             if !known.contains(&inst.id) {
                 tracing::warn!(sandbox = %inst.id, "removing an orphaned sandbox nobody owns");
@@ -340,7 +464,15 @@ impl App {
                         let started = Instant::now();
                         match app.wait_until_ready(&row, started).await {
                             Ok(()) => {
-                                let _ = app.store.transition(&row.id, &[SandboxState::Booting], SandboxState::Ready, None).await;
+                                let _ = app
+                                    .store
+                                    .transition(
+                                        &row.id,
+                                        &[SandboxState::Booting],
+                                        SandboxState::Ready,
+                                        None,
+                                    )
+                                    .await;
                             }
                             Err((label, reason)) => app.fail(&row.id, label, &reason).await,
                         }
@@ -348,7 +480,12 @@ impl App {
                 }
                 SandboxState::Provisioning | SandboxState::Booting | SandboxState::Ready => {
                     tokio::spawn(async move {
-                        app.fail(&row.id, "lost", "the sandbox was interrupted by a control plane restart").await
+                        app.fail(
+                            &row.id,
+                            "lost",
+                            "the sandbox was interrupted by a control plane restart",
+                        )
+                        .await
                     });
                 }
                 SandboxState::Stopping => {

@@ -50,7 +50,13 @@ impl SandboxState {
 
     /// Holds (or may hold) host resources.
     pub fn is_live(self) -> bool {
-        matches!(self, SandboxState::Provisioning | SandboxState::Booting | SandboxState::Ready | SandboxState::Stopping)
+        matches!(
+            self,
+            SandboxState::Provisioning
+                | SandboxState::Booting
+                | SandboxState::Ready
+                | SandboxState::Stopping
+        )
     }
 }
 
@@ -100,7 +106,12 @@ pub fn transition(from: SandboxState, event: &Event) -> Result<SandboxState, Inv
         (Provisioning | Booting | Ready | Failed, Event::StopRequested) => Stopping,
         (Stopping, Event::Released) => Stopped,
         (Provisioning | Booting | Ready | Stopping, Event::Fail(_)) => Failed,
-        _ => return Err(InvalidTransition { from: from.as_str(), event: event.name() }),
+        _ => {
+            return Err(InvalidTransition {
+                from: from.as_str(),
+                event: event.name(),
+            })
+        }
     };
     Ok(next)
 }
@@ -123,7 +134,12 @@ mod tests {
     #[test]
     fn happy_path() {
         let mut s = SandboxState::Provisioning;
-        for e in [Event::Provisioned, Event::Ready, Event::StopRequested, Event::Released] {
+        for e in [
+            Event::Provisioned,
+            Event::Ready,
+            Event::StopRequested,
+            Event::Released,
+        ] {
             s = transition(s, &e).expect("valid");
         }
         assert_eq!(s, SandboxState::Stopped);

@@ -17,14 +17,21 @@ fn token_from(parts: &Parts) -> Option<String> {
         return value.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
     }
     let query = parts.uri.query()?;
-    query.split('&').find_map(|pair| pair.strip_prefix("token=").map(str::to_owned))
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("token=").map(str::to_owned))
 }
 
 impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
-        let has_header = parts.headers.contains_key(axum::http::header::AUTHORIZATION);
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Self::Rejection> {
+        let has_header = parts
+            .headers
+            .contains_key(axum::http::header::AUTHORIZATION);
         let token = token_from(parts);
         if has_header && token.is_none() {
             return Err(ApiError::new(

@@ -70,7 +70,10 @@ fn rfc3339(ms: i64) -> String {
     let nanos = i128::from(ms) * 1_000_000;
     time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -98,24 +101,40 @@ pub async fn create(
     body: Result<Json<CreateSandbox>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
-    let kind: SandboxKind = body.kind.parse().map_err(|e: airlock_proto::metadata::UnknownKind| ApiError::bad_request(e.to_string()))?;
+    let kind: SandboxKind = body
+        .kind
+        .parse()
+        .map_err(|e: airlock_proto::metadata::UnknownKind| ApiError::bad_request(e.to_string()))?;
     let row = app.create_sandbox(&user, kind).await?;
     Ok((StatusCode::CREATED, Json(view(row, &user.name))).into_response())
 }
 
 #[utoipa::path(get, path = "/api/v1/sandboxes", responses((status = 200, body = SandboxList)))]
-pub async fn list(State(app): State<Arc<App>>, Caller(user): Caller) -> Result<Json<SandboxList>, ApiError> {
+pub async fn list(
+    State(app): State<Arc<App>>,
+    Caller(user): Caller,
+) -> Result<Json<SandboxList>, ApiError> {
     let rows = app.sandboxes(&user).await?;
-    Ok(Json(SandboxList { sandboxes: rows.into_iter().map(|r| view(r, &user.name)).collect() }))
+    Ok(Json(SandboxList {
+        sandboxes: rows.into_iter().map(|r| view(r, &user.name)).collect(),
+    }))
 }
 
 #[utoipa::path(get, path = "/api/v1/sandboxes/{id}", responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody)))]
-pub async fn get(State(app): State<Arc<App>>, Caller(user): Caller, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
+pub async fn get(
+    State(app): State<Arc<App>>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, ApiError> {
     Ok(Json(view(app.sandbox_of(&user, &id).await?, &user.name)))
 }
 
 #[utoipa::path(delete, path = "/api/v1/sandboxes/{id}", responses((status = 202, body = Sandbox), (status = 404, body = ErrorBody)))]
-pub async fn delete(State(app): State<Arc<App>>, Caller(user): Caller, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn delete(
+    State(app): State<Arc<App>>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let row = app.delete_sandbox(&user, &id).await?;
     Ok((StatusCode::ACCEPTED, Json(view(row, &user.name))).into_response())
 }
@@ -129,7 +148,11 @@ pub async fn exec(
     body: Result<Json<ExecBody>, JsonRejection>,
 ) -> Result<Json<ExecResult>, ApiError> {
     let Json(body) = body?;
-    let req = airlock_proto::agent::ExecRequest { argv: body.argv, env: body.env, timeout_s: body.timeout_s };
+    let req = airlock_proto::agent::ExecRequest {
+        argv: body.argv,
+        env: body.env,
+        timeout_s: body.timeout_s,
+    };
     let out = app.exec(&user, &id, req).await?;
     Ok(Json(ExecResult {
         exit_code: out.exit_code,
@@ -151,8 +174,16 @@ pub async fn vnc(
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let row = app.sandbox_of(&user, &id).await?;
-    let upgrade = upgrade.protocols(["binary"]).max_message_size(1 << 20).write_buffer_size(64 * 1024).max_write_buffer_size(1 << 20);
-    let target = app.ready_endpoints(&row).map(|e| ws::Target { sandbox_id: row.id.clone(), vnc: e.vnc, password: row.vnc_password.clone() });
+    let upgrade = upgrade
+        .protocols(["binary"])
+        .max_message_size(1 << 20)
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(1 << 20);
+    let target = app.ready_endpoints(&row).map(|e| ws::Target {
+        sandbox_id: row.id.clone(),
+        vnc: e.vnc,
+        password: row.vnc_password.clone(),
+    });
     let state = row.state;
     Ok(upgrade.on_upgrade(move |socket| async move {
         app.metrics.viewer_opened();
@@ -164,7 +195,10 @@ pub async fn vnc(
             }
             Err(_) => {
                 let (code, reason) = match state {
-                    SandboxState::Provisioning | SandboxState::Booting => (close::NOT_READY, format!("the sandbox is {state}; try again when it is ready")),
+                    SandboxState::Provisioning | SandboxState::Booting => (
+                        close::NOT_READY,
+                        format!("the sandbox is {state}; try again when it is ready"),
+                    ),
                     _ => (close::GONE, format!("the sandbox is {state}")),
                 };
                 ws::close_with(socket, code, &reason).await;

@@ -3,7 +3,6 @@
 //! browser, and one full framebuffer read to tell a desktop from a blank screen.
 
 use airlock_proto::vncauth;
-use std::collections::HashSet;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,11 +35,16 @@ async fn read_reason<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, RfbError
 }
 
 /// Authenticate to a guest's VNC server, up to (not including) ClientInit.
-pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, password: &str) -> Result<(), RfbError> {
+pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    password: &str,
+) -> Result<(), RfbError> {
     let mut version = [0u8; 12];
     s.read_exact(&mut version).await?;
     if !version.starts_with(b"RFB 003.") {
-        return Err(RfbError::Version(String::from_utf8_lossy(&version).trim().to_owned()));
+        return Err(RfbError::Version(
+            String::from_utf8_lossy(&version).trim().to_owned(),
+        ));
     }
     s.write_all(VERSION_38).await?;
     let count = s.read_u8().await?;
@@ -60,7 +64,8 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, pass
     if chosen == SECURITY_VNC_AUTH {
         let mut challenge = [0u8; 16];
         s.read_exact(&mut challenge).await?;
-        s.write_all(&vncauth::challenge_response(password, &challenge)).await?;
+        s.write_all(&vncauth::challenge_response(password, &challenge))
+            .await?;
     }
     if s.read_u32().await? != 0 {
         return Err(RfbError::AuthFailed(read_reason(s).await?));
@@ -71,8 +76,14 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, pass
 /// A byte pipe the browser-side greeting can run over: a TCP-like stream in
 /// tests, WebSocket messages in the relay.
 pub trait Wire {
-    fn read_exact(&mut self, buf: &mut [u8]) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
-    fn write_all(&mut self, buf: &[u8]) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    fn read_exact(
+        &mut self,
+        buf: &mut [u8],
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    fn write_all(
+        &mut self,
+        buf: &[u8],
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
 }
 
 /// [`Wire`] over any byte stream.
@@ -113,7 +124,11 @@ pub async fn serve_none_security<W: Wire>(w: &mut W) -> Result<(), RfbError> {
             }
             w.write_all(&0u32.to_be_bytes()).await?;
         }
-        other => return Err(RfbError::Version(String::from_utf8_lossy(other).trim().to_owned())),
+        other => {
+            return Err(RfbError::Version(
+                String::from_utf8_lossy(other).trim().to_owned(),
+            ))
+        }
     }
     Ok(())
 }
@@ -135,43 +150,62 @@ impl FrameStats {
     }
 }
 
-/// After [`client_handshake`]: ClientInit, then one full, raw-encoded frame.
-pub async fn read_frame<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<FrameStats, RfbError> {
-    s.write_u8(1).await?; // shared
-    let width = s.read_u16().await?;
-    let height = s.read_u16().await?;
+async fn wire_u8<W: Wire>(w: &mut W) -> std::io::Result<u8> {
+    let mut b = [0u8; 1];
+    w.read_exact(&mut b).await?;
+    Ok(b[0])
+}
+
+async fn wire_u16<W: Wire>(w: &mut W) -> std::io::Result<u16> {
+    let mut b = [0u8; 2];
+    w.read_exact(&mut b).await?;
+    Ok(u16::from_be_bytes(b))
+}
+
+async fn wire_string<W: Wire>(w: &mut W) -> std::io::Result<String> {
+    let mut len = [0u8; 4];
+    w.read_exact(&mut len).await?;
+    let mut buf = vec![0u8; (u32::from_be_bytes(len) as usize).min(4096)];
+    w.read_exact(&mut buf).await?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// After the security handshake: ClientInit, then one full, raw-encoded frame.
+pub async fn read_frame<W: Wire>(s: &mut W) -> Result<FrameStats, RfbError> {
+    s.write_all(&[1]).await?; // shared
+    let width = wire_u16(s).await?;
+    let height = wire_u16(s).await?;
     let mut server_format = [0u8; 16];
     s.read_exact(&mut server_format).await?;
-    let _name = read_reason(s).await?;
+    let _name = wire_string(s).await?;
     if u32::from(width) * u32::from(height) > 8192 * 8192 {
         return Err(RfbError::TooLarge(width, height));
     }
-    // SetPixelFormat: 32 bpp, depth 24, little endian, true colour, 8 bits each.
-    let format: [u8; 16] = [32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0];
-    s.write_all(&[0, 0, 0, 0]).await?;
-    s.write_all(&format).await?;
-    // SetEncodings: raw only.
-    s.write_all(&[2, 0, 0, 1, 0, 0, 0, 0]).await?;
-    // FramebufferUpdateRequest, not incremental, whole screen.
-    let mut req = vec![3u8, 0, 0, 0, 0, 0];
-    req.extend_from_slice(&width.to_be_bytes());
-    req.extend_from_slice(&height.to_be_bytes());
-    s.write_all(&req).await?;
-    s.flush().await?;
+    // SetPixelFormat: 32 bpp, depth 24, little endian, true colour, 8 bits each;
+    // SetEncodings: raw only; FramebufferUpdateRequest: whole screen.
+    let mut msg: Vec<u8> = vec![
+        0, 0, 0, 0, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0,
+    ];
+    msg.extend_from_slice(&[2, 0, 0, 1, 0, 0, 0, 0]);
+    msg.extend_from_slice(&[3, 0, 0, 0, 0, 0]);
+    msg.extend_from_slice(&width.to_be_bytes());
+    msg.extend_from_slice(&height.to_be_bytes());
+    s.write_all(&msg).await?;
 
     let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
     let mut pixels: u64 = 0;
     loop {
-        match s.read_u8().await? {
+        match wire_u8(s).await? {
             0 => {
-                s.read_u8().await?;
-                let rects = s.read_u16().await?;
+                wire_u8(s).await?;
+                let rects = wire_u16(s).await?;
                 for _ in 0..rects {
                     let mut header = [0u8; 12];
                     s.read_exact(&mut header).await?;
                     let w = u16::from_be_bytes([header[4], header[5]]);
                     let h = u16::from_be_bytes([header[6], header[7]]);
-                    let encoding = i32::from_be_bytes([header[8], header[9], header[10], header[11]]);
+                    let encoding =
+                        i32::from_be_bytes([header[8], header[9], header[10], header[11]]);
                     if encoding != 0 {
                         // Pseudo-encodings carry no pixels we asked for.
                         continue;
@@ -192,18 +226,19 @@ pub async fn read_frame<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<
             3 => {
                 let mut pad = [0u8; 3];
                 s.read_exact(&mut pad).await?;
-                let _ = read_reason(s).await?;
+                let _ = wire_string(s).await?;
             }
             other => return Err(RfbError::Unexpected(other)),
         }
     }
     let dominant = counts.values().copied().max().unwrap_or(0);
-    let distinct: HashSet<u32> = counts.keys().copied().collect();
     Ok(FrameStats {
         width,
         height,
-        distinct_colours: distinct.len(),
-        dominant_per_mille: (u64::from(dominant) * 1000).checked_div(pixels).map_or(1000, |v| v as u32),
+        distinct_colours: counts.len(),
+        dominant_per_mille: (u64::from(dominant) * 1000)
+            .checked_div(pixels)
+            .map_or(1000, |v| v as u32),
     })
 }
 
@@ -212,7 +247,10 @@ mod tests {
     use super::*;
 
     /// A tiny RFB server good enough to test the handshakes against.
-    async fn fake_server(mut s: tokio::io::DuplexStream, password: &'static str) -> Result<(), RfbError> {
+    async fn fake_server(
+        mut s: tokio::io::DuplexStream,
+        password: &'static str,
+    ) -> Result<(), RfbError> {
         s.write_all(VERSION_38).await?;
         let mut v = [0u8; 12];
         s.read_exact(&mut v).await?;
@@ -236,7 +274,9 @@ mod tests {
     async fn vnc_auth_succeeds_with_the_right_password() {
         let (mut client, server) = tokio::io::duplex(1024);
         let srv = tokio::spawn(fake_server(server, "s3cret"));
-        client_handshake(&mut client, "s3cret").await.expect("handshake");
+        client_handshake(&mut client, "s3cret")
+            .await
+            .expect("handshake");
         srv.await.expect("join").expect("server");
     }
 
@@ -244,7 +284,9 @@ mod tests {
     async fn vnc_auth_reports_the_servers_reason() {
         let (mut client, server) = tokio::io::duplex(1024);
         let srv = tokio::spawn(fake_server(server, "right"));
-        let err = client_handshake(&mut client, "wrong").await.expect_err("must fail");
+        let err = client_handshake(&mut client, "wrong")
+            .await
+            .expect_err("must fail");
         assert!(err.to_string().contains("wrong password"), "{err}");
         let _ = srv.await;
     }
@@ -267,9 +309,19 @@ mod tests {
 
     #[test]
     fn blank_frames_are_not_desktops() {
-        let blank = FrameStats { width: 10, height: 10, distinct_colours: 1, dominant_per_mille: 1000 };
+        let blank = FrameStats {
+            width: 10,
+            height: 10,
+            distinct_colours: 1,
+            dominant_per_mille: 1000,
+        };
         assert!(!blank.looks_like_desktop());
-        let desk = FrameStats { width: 10, height: 10, distinct_colours: 300, dominant_per_mille: 400 };
+        let desk = FrameStats {
+            width: 10,
+            height: 10,
+            distinct_colours: 300,
+            dominant_per_mille: 400,
+        };
         assert!(desk.looks_like_desktop());
     }
 }

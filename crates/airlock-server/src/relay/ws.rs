@@ -41,7 +41,12 @@ pub struct Target {
 
 /// Close the socket with a code and reason the viewer can show.
 pub async fn close_with(mut socket: WebSocket, code: u16, reason: &str) {
-    let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
 }
 
 /// The browser side of the greeting, over WebSocket messages.
@@ -65,50 +70,99 @@ impl Wire for WsWire<'_> {
         Ok(())
     }
     async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.socket.send(Message::Binary(buf.to_vec().into())).await.map_err(std::io::Error::other)
+        self.socket
+            .send(Message::Binary(buf.to_vec().into()))
+            .await
+            .map_err(std::io::Error::other)
     }
 }
 
 /// Run one viewer until either side ends. Returns the close code sent.
-pub async fn relay(mut socket: WebSocket, target: Target, mut stopping: broadcast::Receiver<String>) -> u16 {
-    let connect = tokio::time::timeout(HANDSHAKE_DEADLINE, tokio::net::TcpStream::connect(target.vnc)).await;
+pub async fn relay(
+    mut socket: WebSocket,
+    target: Target,
+    mut stopping: broadcast::Receiver<String>,
+) -> u16 {
+    let connect = tokio::time::timeout(
+        HANDSHAKE_DEADLINE,
+        tokio::net::TcpStream::connect(target.vnc),
+    )
+    .await;
     let mut tcp = match connect {
         Ok(Ok(tcp)) => tcp,
         _ => {
-            close_with(socket, close::GUEST_UNREACHABLE, "the sandbox's display is not answering").await;
+            close_with(
+                socket,
+                close::GUEST_UNREACHABLE,
+                "the sandbox's display is not answering",
+            )
+            .await;
             return close::GUEST_UNREACHABLE;
         }
     };
     let _ = tcp.set_nodelay(true);
-    match tokio::time::timeout(HANDSHAKE_DEADLINE, rfb::client_handshake(&mut tcp, &target.password)).await {
+    match tokio::time::timeout(
+        HANDSHAKE_DEADLINE,
+        rfb::client_handshake(&mut tcp, &target.password),
+    )
+    .await
+    {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::warn!(sandbox = %target.sandbox_id, error = %e, "VNC handshake with the guest failed");
-            close_with(socket, close::GUEST_UNREACHABLE, "the sandbox's display refused the relay").await;
+            close_with(
+                socket,
+                close::GUEST_UNREACHABLE,
+                "the sandbox's display refused the relay",
+            )
+            .await;
             return close::GUEST_UNREACHABLE;
         }
         Err(_) => {
-            close_with(socket, close::GUEST_UNREACHABLE, "the sandbox's display did not answer in time").await;
+            close_with(
+                socket,
+                close::GUEST_UNREACHABLE,
+                "the sandbox's display did not answer in time",
+            )
+            .await;
             return close::GUEST_UNREACHABLE;
         }
     }
-    let mut wire = WsWire { socket: &mut socket, pending: BytesMut::new() };
+    let mut wire = WsWire {
+        socket: &mut socket,
+        pending: BytesMut::new(),
+    };
     match tokio::time::timeout(HANDSHAKE_DEADLINE, rfb::serve_none_security(&mut wire)).await {
         Ok(Ok(())) => {}
         _ => {
-            close_with(socket, close::NORMAL, "the viewer did not complete the RFB greeting").await;
+            close_with(
+                socket,
+                close::NORMAL,
+                "the viewer did not complete the RFB greeting",
+            )
+            .await;
             return close::NORMAL;
         }
     }
     let leftover = std::mem::take(&mut wire.pending);
     if !leftover.is_empty() && tcp.write_all(&leftover).await.is_err() {
-        close_with(socket, close::GUEST_UNREACHABLE, "the sandbox's display closed the connection").await;
+        close_with(
+            socket,
+            close::GUEST_UNREACHABLE,
+            "the sandbox's display closed the connection",
+        )
+        .await;
         return close::GUEST_UNREACHABLE;
     }
     pump(socket, tcp, &target.sandbox_id, &mut stopping).await
 }
 
-async fn pump(socket: WebSocket, tcp: tokio::net::TcpStream, id: &str, stopping: &mut broadcast::Receiver<String>) -> u16 {
+async fn pump(
+    socket: WebSocket,
+    tcp: tokio::net::TcpStream,
+    id: &str,
+    stopping: &mut broadcast::Receiver<String>,
+) -> u16 {
     let (mut sink, mut stream) = socket.split();
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let last_pong = std::sync::Arc::new(std::sync::Mutex::new(Instant::now()));
@@ -119,7 +173,8 @@ async fn pump(socket: WebSocket, tcp: tokio::net::TcpStream, id: &str, stopping:
         while let Some(Ok(msg)) = stream.next().await {
             match msg {
                 Message::Binary(data) => {
-                    let write = tokio::time::timeout(SEND_DEADLINE, tcp_write.write_all(&data)).await;
+                    let write =
+                        tokio::time::timeout(SEND_DEADLINE, tcp_write.write_all(&data)).await;
                     if !matches!(write, Ok(Ok(()))) {
                         return;
                     }
@@ -170,7 +225,14 @@ async fn pump(socket: WebSocket, tcp: tokio::net::TcpStream, id: &str, stopping:
         }
     };
     inbound.abort();
-    let frame = CloseFrame { code, reason: reason.into() };
-    let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(Message::Close(Some(frame)))).await;
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        sink.send(Message::Close(Some(frame))),
+    )
+    .await;
     code
 }

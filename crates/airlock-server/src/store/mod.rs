@@ -96,7 +96,8 @@ fn sandbox_from_row(row: &AnyRow) -> Result<SandboxRow, StoreError> {
         id: row.try_get("id").map_err(get)?,
         owner_id: row.try_get("owner_id").map_err(get)?,
         kind: row.try_get("kind").map_err(get)?,
-        state: SandboxState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("unknown state {state:?}")))?,
+        state: SandboxState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown state {state:?}")))?,
         failure_reason: row.try_get("failure_reason").map_err(get)?,
         image_build_id: row.try_get("image_build_id").map_err(get)?,
         lease_index: lease.map(|l| u32::try_from(l).unwrap_or(u32::MAX)),
@@ -114,7 +115,9 @@ fn sandbox_from_row(row: &AnyRow) -> Result<SandboxRow, StoreError> {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -137,22 +140,39 @@ impl Store {
         if is_sqlite {
             options = options.after_connect(|conn, _| {
                 Box::pin(async move {
-                    sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
-                    sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
-                    sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA foreign_keys = ON")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA journal_mode = WAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA busy_timeout = 5000")
+                        .execute(&mut *conn)
+                        .await?;
                     Ok(())
                 })
             });
         }
         let redacted = redact_url(url);
-        let pool = options.connect(&connect_url).await.map_err(|source| StoreError::Open { url: redacted, source })?;
+        let pool = options
+            .connect(&connect_url)
+            .await
+            .map_err(|source| StoreError::Open {
+                url: redacted,
+                source,
+            })?;
         MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
         Ok(Store { pool })
     }
 
     // ---- users ----
 
-    pub async fn insert_user(&self, id: &str, name: &str, token_hash: Option<&str>) -> Result<UserRow, StoreError> {
+    pub async fn insert_user(
+        &self,
+        id: &str,
+        name: &str,
+        token_hash: Option<&str>,
+    ) -> Result<UserRow, StoreError> {
         let created_at = now_ms();
         sqlx::query("INSERT INTO users (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4)")
             .bind(id)
@@ -162,7 +182,11 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(q("insert user"))?;
-        Ok(UserRow { id: id.to_owned(), name: name.to_owned(), created_at })
+        Ok(UserRow {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            created_at,
+        })
     }
 
     pub async fn user_by_name(&self, name: &str) -> Result<Option<UserRow>, StoreError> {
@@ -214,13 +238,21 @@ impl Store {
 
     pub async fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError> {
         let sql = format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = $1");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await.map_err(q("get sandbox"))?;
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("get sandbox"))?;
         row.map(|r| sandbox_from_row(&r)).transpose()
     }
 
     pub async fn sandboxes_of(&self, owner_id: &str) -> Result<Vec<SandboxRow>, StoreError> {
         let sql = format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE owner_id = $1 ORDER BY created_at DESC, id");
-        let rows = sqlx::query(&sql).bind(owner_id).fetch_all(&self.pool).await.map_err(q("list sandboxes"))?;
+        let rows = sqlx::query(&sql)
+            .bind(owner_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("list sandboxes"))?;
         rows.iter().map(sandbox_from_row).collect()
     }
 
@@ -230,7 +262,10 @@ impl Store {
             "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state IN ('provisioning', 'booting', 'ready', 'stopping') \
              OR lease_index IS NOT NULL ORDER BY created_at"
         );
-        let rows = sqlx::query(&sql).fetch_all(&self.pool).await.map_err(q("list live sandboxes"))?;
+        let rows = sqlx::query(&sql)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("list live sandboxes"))?;
         rows.iter().map(sandbox_from_row).collect()
     }
 
@@ -240,7 +275,11 @@ impl Store {
             "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE (state = 'failed' AND lease_index IS NOT NULL) \
              OR (state = 'ready' AND kind = 'browser' AND last_activity_at < $1)"
         );
-        let rows = sqlx::query(&sql).bind(idle_before).fetch_all(&self.pool).await.map_err(q("find reapable"))?;
+        let rows = sqlx::query(&sql)
+            .bind(idle_before)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("find reapable"))?;
         rows.iter().map(sandbox_from_row).collect()
     }
 
@@ -251,7 +290,9 @@ impl Store {
             .map_err(q("list leases"))?;
         let mut out = BTreeSet::new();
         for row in rows {
-            let v: i64 = row.try_get(0).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let v: i64 = row
+                .try_get(0)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             out.insert(u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("lease {v}")))?);
         }
         Ok(out)
@@ -266,17 +307,28 @@ impl Store {
         reason: Option<&str>,
     ) -> Result<bool, StoreError> {
         let placeholders: Vec<String> = (0..from.len()).map(|i| format!("${}", i + 5)).collect();
-        let ready_clause = if to == SandboxState::Ready { ", ready_at = $2, last_activity_at = $2" } else { "" };
+        let ready_clause = if to == SandboxState::Ready {
+            ", ready_at = $2, last_activity_at = $2"
+        } else {
+            ""
+        };
         let sql = format!(
             "UPDATE sandboxes SET state = $1, updated_at = $2, failure_reason = COALESCE($3, failure_reason){ready_clause} \
              WHERE id = $4 AND state IN ({})",
             placeholders.join(", ")
         );
-        let mut query = sqlx::query(&sql).bind(to.as_str()).bind(now_ms()).bind(reason).bind(id);
+        let mut query = sqlx::query(&sql)
+            .bind(to.as_str())
+            .bind(now_ms())
+            .bind(reason)
+            .bind(id);
         for s in from {
             query = query.bind(s.as_str());
         }
-        let done = query.execute(&self.pool).await.map_err(q("update sandbox state"))?;
+        let done = query
+            .execute(&self.pool)
+            .await
+            .map_err(q("update sandbox state"))?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -329,8 +381,12 @@ impl Store {
             .map_err(q("count sandboxes"))?;
         let mut out = Vec::new();
         for row in rows {
-            let state: String = row.try_get("state").map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let n: i64 = row.try_get("n").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let state: String = row
+                .try_get("state")
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let n: i64 = row
+                .try_get("n")
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             if let Some(s) = SandboxState::parse(&state) {
                 out.push((s, n));
             }

@@ -13,15 +13,26 @@ async fn sqlite() -> (Store, tempfile::TempDir) {
 /// printed) when no server is configured.
 async fn postgres() -> Option<Store> {
     let Ok(base) = std::env::var("AIRLOCK_TEST_POSTGRES_URL") else {
-        eprintln!("skipping the PostgreSQL half: AIRLOCK_TEST_POSTGRES_URL is not set (.ci/run sets it)");
+        eprintln!(
+            "skipping the PostgreSQL half: AIRLOCK_TEST_POSTGRES_URL is not set (.ci/run sets it)"
+        );
         return None;
     };
     sqlx::any::install_default_drivers();
     let name = format!("airlock_test_{}", hex::encode(rand::random::<[u8; 6]>()));
-    let admin = sqlx::AnyPool::connect(&base).await.expect("connect to the PostgreSQL test server");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("create test database");
+    let admin = sqlx::AnyPool::connect(&base)
+        .await
+        .expect("connect to the PostgreSQL test server");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("create test database");
     let (prefix, _) = base.rsplit_once('/').expect("URL has a database path");
-    Some(Store::open(&format!("{prefix}/{name}")).await.expect("open postgres"))
+    Some(
+        Store::open(&format!("{prefix}/{name}"))
+            .await
+            .expect("open postgres"),
+    )
 }
 
 fn sandbox(id: &str, owner: &str, kind: &str, lease: Option<u32>) -> SandboxRow {
@@ -48,31 +59,75 @@ fn sandbox(id: &str, owner: &str, kind: &str, lease: Option<u32>) -> SandboxRow 
 
 async fn exercise(store: &Store) {
     // Users.
-    let u = store.insert_user("u1", "alice", Some("h1")).await.expect("insert user");
-    assert_eq!(store.user_by_name("alice").await.expect("q"), Some(u.clone()));
+    let u = store
+        .insert_user("u1", "alice", Some("h1"))
+        .await
+        .expect("insert user");
+    assert_eq!(
+        store.user_by_name("alice").await.expect("q"),
+        Some(u.clone())
+    );
     assert_eq!(store.user_by_token_hash("h1").await.expect("q"), Some(u));
     assert!(store.user_by_token_hash("nope").await.expect("q").is_none());
     let dup = store.insert_user("u2", "alice", None).await;
     assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
 
     // Sandboxes and compare-and-set transitions.
-    store.insert_sandbox(&sandbox("s1", "u1", "browser", Some(0))).await.expect("insert");
+    store
+        .insert_sandbox(&sandbox("s1", "u1", "browser", Some(0)))
+        .await
+        .expect("insert");
     let got = store.sandbox("s1").await.expect("q").expect("exists");
     assert_eq!(got.state, SandboxState::Provisioning);
     assert_eq!(got.lease_index, Some(0));
-    assert!(store.transition("s1", &[SandboxState::Provisioning], SandboxState::Booting, None).await.expect("t"));
-    assert!(!store.transition("s1", &[SandboxState::Provisioning], SandboxState::Booting, None).await.expect("t"));
-    assert!(store.transition("s1", &[SandboxState::Booting], SandboxState::Ready, None).await.expect("t"));
-    assert!(store.sandbox("s1").await.expect("q").expect("row").ready_at.is_some());
+    assert!(store
+        .transition(
+            "s1",
+            &[SandboxState::Provisioning],
+            SandboxState::Booting,
+            None
+        )
+        .await
+        .expect("t"));
+    assert!(!store
+        .transition(
+            "s1",
+            &[SandboxState::Provisioning],
+            SandboxState::Booting,
+            None
+        )
+        .await
+        .expect("t"));
+    assert!(store
+        .transition("s1", &[SandboxState::Booting], SandboxState::Ready, None)
+        .await
+        .expect("t"));
+    assert!(store
+        .sandbox("s1")
+        .await
+        .expect("q")
+        .expect("row")
+        .ready_at
+        .is_some());
 
     // A lease cannot be held twice.
-    let clash = store.insert_sandbox(&sandbox("s2", "u1", "browser", Some(0))).await;
+    let clash = store
+        .insert_sandbox(&sandbox("s2", "u1", "browser", Some(0)))
+        .await;
     assert!(matches!(clash, Err(StoreError::Conflict(_))), "{clash:?}");
-    assert!(store.sandbox("s2").await.expect("q").is_none(), "failed insert left no row");
+    assert!(
+        store.sandbox("s2").await.expect("q").is_none(),
+        "failed insert left no row"
+    );
 
     // One live workspace per user.
-    store.insert_sandbox(&sandbox("w1", "u1", "workspace", Some(1))).await.expect("first workspace");
-    let second = store.insert_sandbox(&sandbox("w2", "u1", "workspace", Some(2))).await;
+    store
+        .insert_sandbox(&sandbox("w1", "u1", "workspace", Some(1)))
+        .await
+        .expect("first workspace");
+    let second = store
+        .insert_sandbox(&sandbox("w2", "u1", "workspace", Some(2)))
+        .await;
     assert!(matches!(second, Err(StoreError::Conflict(_))), "{second:?}");
 
     assert_eq!(store.used_leases().await.expect("q"), [0, 1].into());
@@ -80,18 +135,36 @@ async fn exercise(store: &Store) {
     assert_eq!(store.live_sandboxes().await.expect("q").len(), 2);
 
     // Finish s1: stopping, released, stopped; the lease goes back.
-    store.transition("s1", &[SandboxState::Ready], SandboxState::Stopping, None).await.expect("t");
+    store
+        .transition("s1", &[SandboxState::Ready], SandboxState::Stopping, None)
+        .await
+        .expect("t");
     store.release_lease("s1").await.expect("release");
-    store.transition("s1", &[SandboxState::Stopping], SandboxState::Stopped, None).await.expect("t");
+    store
+        .transition("s1", &[SandboxState::Stopping], SandboxState::Stopped, None)
+        .await
+        .expect("t");
     assert_eq!(store.used_leases().await.expect("q"), [1].into());
     assert_eq!(store.purge_finished(now_ms() + 1).await.expect("purge"), 1);
     assert!(store.sandbox("s1").await.expect("q").is_none());
 
     // A failure reason sticks.
-    store.transition("w1", &[SandboxState::Provisioning], SandboxState::Failed, Some("boom")).await.expect("t");
+    store
+        .transition(
+            "w1",
+            &[SandboxState::Provisioning],
+            SandboxState::Failed,
+            Some("boom"),
+        )
+        .await
+        .expect("t");
     let w1 = store.sandbox("w1").await.expect("q").expect("row");
     assert_eq!(w1.failure_reason.as_deref(), Some("boom"));
-    assert_eq!(store.reapable(0).await.expect("q").len(), 1, "failed with a lease is reapable");
+    assert_eq!(
+        store.reapable(0).await.expect("q").len(),
+        1,
+        "failed with a lease is reapable"
+    );
 }
 
 #[tokio::test]
@@ -121,6 +194,12 @@ async fn data_survives_reopen() {
 
 #[test]
 fn urls_are_redacted() {
-    assert_eq!(redact_url("postgres://me:secret@db:5432/x"), "postgres://me:***@db:5432/x");
-    assert_eq!(redact_url("sqlite:///var/lib/a.db"), "sqlite:///var/lib/a.db");
+    assert_eq!(
+        redact_url("postgres://me:secret@db:5432/x"),
+        "postgres://me:***@db:5432/x"
+    );
+    assert_eq!(
+        redact_url("sqlite:///var/lib/a.db"),
+        "sqlite:///var/lib/a.db"
+    );
 }

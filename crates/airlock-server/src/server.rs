@@ -1,0 +1,111 @@
+//! Starting and stopping a whole control plane: store, app, recovery, reaper,
+//! HTTP. The caller chooses the driver and image, so tests can run the real
+//! thing on port 0.
+
+use crate::app::sandboxes::chain;
+use crate::app::App;
+use crate::config::{Config, ConfigError};
+use crate::store::{Store, StoreError};
+use airlock_drivers::{Driver, ImageRef};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    #[error("could not create the data directory {path}")]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not open the store")]
+    Store(#[from] StoreError),
+    #[error("could not listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not recover sandboxes from the last run: {0}")]
+    Recover(String),
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    shutdown: watch::Sender<bool>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+    reaper: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stop serving. Sandboxes keep running; the next start re-adopts them.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.http.await;
+        let _ = self.reaper.await;
+    }
+
+    /// Wait until the HTTP server ends (after a shutdown signal).
+    pub async fn wait(self) -> std::io::Result<()> {
+        let result = match self.http.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        let _ = self.shutdown.send(true);
+        let _ = self.reaper.await;
+        result
+    }
+
+    pub fn shutdown_handle(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+pub async fn start(
+    cfg: &Config,
+    image: ImageRef,
+    driver: Arc<dyn Driver>,
+) -> Result<Running, StartError> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| StartError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let store = Store::open(&cfg.database_url()).await?;
+    let app = App::new(cfg.app_config(), store, driver, image, cfg.pool()?);
+    app.ensure_local_user()
+        .await
+        .map_err(|e| StartError::Recover(chain(&e)))?;
+    app.recover()
+        .await
+        .map_err(|e| StartError::Recover(chain(&e)))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    let (shutdown, rx) = watch::channel(false);
+    let reaper = tokio::spawn(app.clone().run_reaper(rx.clone()));
+    let mut http_rx = rx;
+    let http = tokio::spawn(crate::http::serve(listener, app.clone(), async move {
+        let _ = http_rx.wait_for(|stop| *stop).await;
+    }));
+    Ok(Running {
+        addr,
+        app,
+        shutdown,
+        http,
+        reaper,
+    })
+}

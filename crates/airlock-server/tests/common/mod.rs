@@ -1,0 +1,248 @@
+//! Shared set-up for the integration tests: the real control plane on port 0,
+//! with the real nspawn driver and the real golden image.
+
+#![allow(dead_code)]
+
+pub mod viewer;
+
+use airlock_drivers::host::RealHost;
+use airlock_drivers::nspawn::{NspawnConfig, NspawnDriver};
+use airlock_drivers::{Driver, ImageRef};
+use airlock_server::config::Config;
+use airlock_server::server::{self, Running};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Why these tests cannot run here, or `None` when they can. In CI a missing
+/// prerequisite is a failure, not a skip.
+pub fn unmet() -> Option<String> {
+    let why = if !is_root() {
+        Some("they need root (namespaces, mounts, links)".to_owned())
+    } else if std::process::Command::new("systemd-nspawn")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        Some("systemd-nspawn is not installed".to_owned())
+    } else if image().is_none() {
+        Some(
+            "no golden image: set AIRLOCK_IMAGE_DIR to a built image (`airlock image build`)"
+                .to_owned(),
+        )
+    } else {
+        None
+    };
+    if let Some(why) = &why {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the sandbox tests, but {why}"
+        );
+        eprintln!("skipping: {why}");
+    }
+    why
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+pub fn image() -> Option<ImageRef> {
+    let dir = std::env::var_os("AIRLOCK_IMAGE_DIR")?;
+    let manifest = airlock_image::ImageStore::new(PathBuf::from(dir))
+        .current()
+        .ok()??;
+    Some(ImageRef {
+        build_id: manifest.build_id.clone(),
+        layers: manifest.layer_dirs_top_first(),
+    })
+}
+
+pub struct Harness {
+    pub running: Option<Running>,
+    pub base: String,
+    pub data_dir: PathBuf,
+    pub cfg: Config,
+    _tmp: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+/// A control plane with its own data dir and its own slice of addresses
+/// (`pool` must differ between tests that may run at the same time).
+pub async fn start(pool: &str) -> Harness {
+    let tmp = tempfile::Builder::new()
+        .prefix("airlock-test-")
+        .tempdir_in("/var/tmp")
+        .expect("tempdir");
+    let cfg = Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: tmp.path().to_path_buf(),
+        address_pool: pool.to_owned(),
+        ..Config::default()
+    };
+    let running = launch(&cfg).await;
+    let base = format!("http://{}", running.addr);
+    Harness {
+        running: Some(running),
+        base,
+        data_dir: cfg.data_dir.clone(),
+        cfg,
+        _tmp: tmp,
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client"),
+    }
+}
+
+pub async fn launch(cfg: &Config) -> Running {
+    let driver: Arc<dyn Driver> = Arc::new(NspawnDriver::new(
+        NspawnConfig::new(cfg.data_dir.join("sandboxes")),
+        Arc::new(RealHost),
+    ));
+    server::start(cfg, image().expect("image"), driver)
+        .await
+        .expect("server starts")
+}
+
+impl Harness {
+    /// Stop serving and start a fresh control plane on the same data dir, as
+    /// after a crash (sandboxes keep running in between).
+    pub async fn restart(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.listen = "127.0.0.1:0".parse().expect("addr");
+        let running = launch(&cfg).await;
+        self.base = format!("http://{}", running.addr);
+        self.running = Some(running);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self.http.get(self.url(path)).send().await.expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Create a sandbox and wait until it is ready; panics with its failure reason otherwise.
+    pub async fn ready_sandbox(&self, kind: &str) -> String {
+        let (status, body) = self
+            .post("/api/v1/sandboxes", serde_json::json!({ "kind": kind }))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let id = body["id"].as_str().expect("id").to_owned();
+        self.wait_state(&id, "ready", Duration::from_secs(120))
+            .await;
+        id
+    }
+
+    pub async fn wait_state(&self, id: &str, want: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let (_, body) = self.get(&format!("/api/v1/sandboxes/{id}")).await;
+            let state = body["state"].as_str().unwrap_or("");
+            if state == want {
+                return body;
+            }
+            assert!(
+                state != "failed" || want == "failed",
+                "sandbox failed: {}",
+                body["failure_reason"]
+            );
+            assert!(
+                Instant::now() < deadline,
+                "sandbox {id} is {state}, not {want}, after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn exec(&self, id: &str, argv: &[&str]) -> Value {
+        let (status, body) = self
+            .post(
+                &format!("/api/v1/sandboxes/{id}/exec"),
+                serde_json::json!({ "argv": argv }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+    }
+}
+
+/// What this sandbox still holds on the host: links, namespaces, mounts,
+/// processes, directories. Empty means nothing leaked.
+pub fn leftovers(data_dir: &std::path::Path, id: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let short: String = id.chars().take(12).collect();
+    let links = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .expect("ip link");
+    if String::from_utf8_lossy(&links.stdout).contains(&format!("al{short}")) {
+        out.push(format!("link al{short}"));
+    }
+    if std::path::Path::new(&format!("/run/netns/airlock-{short}")).exists() {
+        out.push(format!("netns airlock-{short}"));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts
+        .lines()
+        .any(|l| l.contains(&format!("/sandboxes/{id}/")))
+    {
+        out.push("overlay mount".into());
+    }
+    let procs = std::process::Command::new("pgrep")
+        .args(["-f", &format!("--machine=airlock-{id}")])
+        .output()
+        .expect("pgrep");
+    if !procs.stdout.is_empty() {
+        out.push(format!(
+            "processes {}",
+            String::from_utf8_lossy(&procs.stdout).trim()
+        ));
+    }
+    if data_dir.join("sandboxes").join(id).exists() {
+        out.push("sandbox directory".into());
+    }
+    out
+}
