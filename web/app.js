@@ -445,7 +445,7 @@ function renderViewer() {
     showMessage(`starting:${id}`, () => [
       node('span', { class: 'spinner large', 'aria-hidden': 'true' }),
       node('p', { class: 'phase' }),
-      node('p', { class: 'elapsed' }),
+      node('p', { class: 'elapsed', 'aria-hidden': 'true' }),
     ]);
     const s = elapsedSince(sb.created_at);
     setText(ui.viewerMessage.querySelector('.phase'), `Starting the ${kindLabel(sb.kind)}: ${sb.state}…`);

@@ -32,6 +32,7 @@ const $ = (id) => document.getElementById(id);
 const screen = $('screen');
 const badge = $('status');
 const badgeText = $('status-text');
+const statusLive = $('status-live');
 const overlay = $('overlay');
 const overlayTitle = $('overlay-title');
 const overlayText = $('overlay-text');
@@ -91,6 +92,9 @@ function sandboxIdFromPath(path) {
 }
 
 function setPhase(next, text) {
+  if (next !== phase || next === 'disconnected') {
+    statusLive.textContent = next === 'reconnecting' ? 'connection lost, reconnecting' : text;
+  }
   phase = next;
   status = text;
   badge.dataset.phase = next;
