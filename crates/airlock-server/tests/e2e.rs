@@ -1,0 +1,45 @@
+//! End to end in a real headless Chromium: the UI creates a sandbox, the noVNC
+//! viewer shows its desktop, typing into the terminal over the viewer changes
+//! the sandbox (checked through exec). Screenshots land in `target/e2e/`.
+
+mod common;
+
+use common::unmet;
+use std::path::Path;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ui_shows_a_live_desktop_that_takes_typing() {
+    if unmet().is_some() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let script = root.join("tests/e2e/desktop.mjs");
+    if !root.join("tests/e2e/node_modules/playwright-core").exists() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the browser test: run scripts/setup first");
+        eprintln!("skipping: tests/e2e has no node_modules (run `npm ci --prefix tests/e2e`)");
+        return;
+    }
+    let h = common::start("10.232.20.0/24").await;
+    let artifacts = root.join("target/e2e");
+    std::fs::create_dir_all(&artifacts).expect("artifacts dir");
+    let status = tokio::process::Command::new("node")
+        .arg(&script)
+        .args(["--url", &h.base, "--artifacts"])
+        .arg(&artifacts)
+        .status()
+        .await
+        .expect("node runs");
+    assert!(status.success(), "the browser test failed ({status}); screenshots are in {}", artifacts.display());
+    let (_, list) = h.get("/api/v1/sandboxes").await;
+    for sb in list["sandboxes"].as_array().into_iter().flatten() {
+        let id = sb["id"].as_str().unwrap_or_default();
+        assert!(
+            ["stopped", "stopping"].contains(&sb["state"].as_str().unwrap_or("")),
+            "the UI's delete left {id} {}",
+            sb["state"]
+        );
+        h.wait_state(id, "stopped", std::time::Duration::from_secs(30)).await;
+        assert_eq!(common::leftovers(&h.data_dir, id), Vec::<String>::new());
+    }
+    h.shutdown().await;
+}
