@@ -23,6 +23,7 @@ const CONNECT_TIMEOUT_MS = 60_000;
 const DESKTOP_TIMEOUT_MS = 60_000;
 const EXEC_TIMEOUT_MS = 15_000;
 const DELETE_TIMEOUT_MS = 60_000;
+const VIEWER_GIVE_UP_MS = 20_000;
 const WATCHDOG_MS = 420_000;
 
 const MIN_DISTINCT_COLOURS = 64;
@@ -383,6 +384,35 @@ async function deleteThroughUi() {
   });
   sandboxId = '';
   await screenshot('deleted');
+  return id;
+}
+
+// Opens the full-window viewer of `id` in a page of its own and requires it
+// to stop trying (not to reconnect forever) with words that say why.
+async function expectViewerGivesUp(id, what, pattern) {
+  log(`opening /view/${id} (${what}); it must give up with a reason`);
+  const viewer = await context.newPage();
+  viewer.on('pageerror', (e) => {
+    pageErrors.push(e.message);
+    consoleLog.write(`[pageerror /view/${id}] ${e.message}\n`);
+  });
+  try {
+    await viewer.goto(`${opts.url}/view/${encodeURIComponent(id)}`, { waitUntil: 'load' });
+    let status = '';
+    await waitFor(`the viewer of ${what} to give up`, VIEWER_GIVE_UP_MS, async () => {
+      const s = await viewer
+        .evaluate(() => ({ state: document.body.dataset.viewerState, status: window.airlockViewer && window.airlockViewer.status }))
+        .catch(() => null);
+      status = (s && s.status) || '';
+      return s && s.state === 'disconnected';
+    });
+    log(`viewer: ${status}`);
+    check(pattern.test(status), `the viewer of ${what} gave up, but its words do not say why: "${status}"`);
+    shotNo += 1;
+    await viewer.screenshot({ path: path.join(opts.artifacts, `${String(shotNo).padStart(2, '0')}-viewer-${what.replace(/\W+/g, '-')}.png`) });
+  } finally {
+    await viewer.close();
+  }
 }
 
 async function cleanUp() {
@@ -404,12 +434,14 @@ async function main() {
   let code = 0;
   try {
     await openUi();
+    await expectViewerGivesUp(`e2e-missing-${randomBytes(4).toString('hex')}`, 'a sandbox that does not exist', /no such sandbox/i);
     await createSandbox();
     await waitReady();
     await openViewer();
     await checkDesktop();
     await typeIntoTerminal();
-    await deleteThroughUi();
+    const deleted = await deleteThroughUi();
+    await expectViewerGivesUp(deleted, 'the deleted sandbox', /gone|stopp|no such sandbox/i);
     check(pageErrors.length === 0, `uncaught errors in the page: ${pageErrors.join(' | ')}`);
     log(`PASSED; artifacts in ${opts.artifacts}`);
   } catch (e) {

@@ -9,6 +9,7 @@
 // against the real `airlock up`; nothing here stands in for that in CI.
 //
 //   node tests/e2e/devserver.mjs [--port 4080] [--token T] [--no-display] [--no-resize]
+//                                [--refuse-upgrades]
 //
 // It binds to 127.0.0.1 only. `exec` runs the command on this host (there is
 // no guest), with the sandbox's display in its environment.
@@ -318,6 +319,16 @@ server.on('upgrade', (req, socket, head) => {
   if (!m) {
     socket.destroy();
     return;
+  }
+  // --refuse-upgrades plays a server that answers an unknown sandbox or a bad
+  // token with an HTTP status instead of a close code: the page then sees only
+  // 1006 and must ask the API why.
+  if (args['refuse-upgrades']) {
+    const status = !authorized(req, url) ? '401 Unauthorized' : !sandboxes.has(decodeURIComponent(m[1])) ? '404 Not Found' : '';
+    if (status) {
+      socket.end(`HTTP/1.1 ${status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`);
+      return;
+    }
   }
   // Accept first, then close with a code: a refused handshake reaches the
   // page only as 1006, which says nothing.
