@@ -3,7 +3,8 @@
 
 use crate::exec::{self, ExecConfig, ExecError};
 use airlock_proto::agent::{AgentError, ExecRequest, ExecResponse, Health};
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
@@ -79,9 +80,17 @@ async fn health(State(state): State<Arc<AgentState>>) -> Json<Health> {
 
 async fn exec_handler(
     State(state): State<Arc<AgentState>>,
-    body: Result<Json<ExecRequest>, JsonRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ExecResponse>, Response> {
-    let Json(req) = body.map_err(|r| error(r.status(), r.body_text()))?;
+    // The body is JSON whatever the Content-Type says: callers are scripts and
+    // curl as often as the control plane.
+    let body = body.map_err(|r| error(r.status(), r.body_text()))?;
+    let req: ExecRequest = serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid exec request: {e}"),
+        )
+    })?;
     let program = req.argv.first().cloned().unwrap_or_default();
     let started = Instant::now();
     match exec::run(&state.exec, req).await {
@@ -179,6 +188,18 @@ mod tests {
             status,
             serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
         )
+    }
+
+    #[tokio::test]
+    async fn exec_body_needs_no_content_type() {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/exec")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(Body::from(r#"{"argv":["true"]}"#))
+            .expect("request");
+        let resp = app().oneshot(req).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
     }
 
     #[test]

@@ -46,14 +46,20 @@ impl VerifyReport {
     }
 }
 
-/// (check name, argv, what the first output line must start with)
+/// (check name, argv, a marker the version line must contain; "" takes the
+/// first line of standard output)
 const VERSION_CHECKS: &[(&str, &[&str], &str)] = &[
     ("node", &["node", "--version"], "v22."),
     ("codex", &["codex", "--version"], ""),
     ("claude", &["claude", "--version"], ""),
     ("gemini", &["gemini", "--version"], ""),
     ("chromium", &["chromium", "--version"], "Chromium "),
-    ("xvnc", &["Xvnc", "-version"], ""),
+        // `Xvnc -version` prints nothing when not on a terminal: ask dpkg.
+    (
+        "xvnc",
+        &["sh", "-c", "test -x /usr/bin/Xvnc && dpkg-query -W -f 'TigerVNC ${Version}\\n' tigervnc-standalone-server"],
+        "TigerVNC",
+    ),
     (
         "agent",
         &["airlock-agent", "--help"],
@@ -185,18 +191,22 @@ pub(crate) fn verify_layers(
     Ok(report)
 }
 
-fn judge_version(name: &str, prefix: &str, out: &Output) -> CheckResult {
-    // Some programs print their version on stderr (Xvnc): take the first
-    // non-empty line of stdout, else of the kept output.
-    let first = out
+fn judge_version(name: &str, marker: &str, out: &Output) -> CheckResult {
+    // Some programs print their version on stderr (Xvnc), where nspawn's own
+    // warnings also go: look for the marker in every line.
+    let mut lines = out
         .stdout
         .lines()
         .chain(out.tail.lines())
         .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("")
-        .to_owned();
-    let ok = out.success && !first.is_empty() && first.starts_with(prefix);
+        .filter(|l| !l.is_empty());
+    let first = if marker.is_empty() {
+        lines.next()
+    } else {
+        lines.find(|l| l.contains(marker))
+    };
+    let first = first.unwrap_or("").to_owned();
+    let ok = out.success && !first.is_empty();
     let detail = if ok {
         first
     } else if !out.success {
@@ -206,7 +216,7 @@ fn judge_version(name: &str, prefix: &str, out: &Output) -> CheckResult {
             out.tail.lines().last().unwrap_or("no output")
         )
     } else {
-        format!("unexpected output {first:?} (wanted it to start with {prefix:?})")
+        format!("no output line containing {marker:?}")
     };
     CheckResult {
         name: name.to_owned(),
@@ -293,7 +303,11 @@ mod tests {
         assert!(!judge_version("node", "v22.", &out(true, "v20.1.0\n", "")).ok);
         assert!(!judge_version("codex", "", &out(false, "", "boom")).ok);
         assert!(!judge_version("codex", "", &out(true, "", "")).ok);
-        let x = judge_version("xvnc", "", &out(true, "", "\nXvnc TigerVNC 1.15.0\n"));
+        let x = judge_version(
+            "xvnc",
+            "TigerVNC",
+            &out(true, "", "nspawn: a warning\nXvnc TigerVNC 1.15.0\n"),
+        );
         assert!(x.ok);
         assert_eq!(x.detail, "Xvnc TigerVNC 1.15.0");
     }
