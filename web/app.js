@@ -37,6 +37,7 @@ let selectedId = idFromHash();
 let needToken = false;
 let pollTimer = 0;
 let pollSeq = 0;
+let pollFailures = 0;
 let errorSource = '';
 let iframe = null;
 let messageKey = '';
@@ -183,11 +184,16 @@ async function poll() {
   try {
     const list = await listSandboxes();
     if (seq !== pollSeq) return; // a newer poll is under way
+    pollFailures = 0;
     applyList(list, startedAt);
     clearError('poll');
   } catch (err) {
     if (seq !== pollSeq) return;
-    handleError('poll', 'Could not load your sandboxes', err);
+    // One lost request (a network change aborts requests in flight) is not
+    // worth a red banner; two in a row are.
+    pollFailures += 1;
+    const transient = err instanceof ApiError && err.status === 0 && pollFailures < 2;
+    if (!transient) handleError('poll', 'Could not load your sandboxes', err);
   } finally {
     if (seq === pollSeq && !needToken) pollTimer = setTimeout(poll, POLL_MS);
   }
