@@ -265,6 +265,15 @@ async function waitReady() {
   await screenshot('ready');
 }
 
+// While the test looks at the viewer, the sandbox must stay ready; if it does
+// not, say so with the reason the list shows instead of timing out later.
+async function requireRowReady() {
+  const state = await rowState(sandboxId);
+  if (state === 'ready') return;
+  const reason = state === null ? '' : await rowLocator(sandboxId).locator('td.details').innerText().catch(() => '');
+  throw new CheckFailed(`the sandbox left ready: it is ${state ?? 'gone from the list'}${reason ? ` (${reason})` : ''}`);
+}
+
 async function openViewer() {
   log('clicking "Open viewer" on the row');
   await rowLocator(sandboxId).getByRole('button', { name: /Open viewer/ }).click();
@@ -276,6 +285,7 @@ async function openViewer() {
   log(`waiting up to ${CONNECT_TIMEOUT_MS / 1000} s for the viewer to connect`);
   let last = '';
   await waitFor('the viewer to connect', CONNECT_TIMEOUT_MS, async () => {
+    await requireRowReady();
     const frame = viewerFrame();
     if (!frame) return false;
     const s = await frame
@@ -297,6 +307,7 @@ async function checkDesktop() {
   let last = null;
   try {
     await waitFor('a desktop on the canvas', DESKTOP_TIMEOUT_MS, async () => {
+      await requireRowReady();
       const frame = viewerFrame();
       last = await frame.evaluate(() => {
         const c = document.querySelector('#screen canvas');
@@ -350,6 +361,7 @@ async function typeIntoTerminal() {
     let last = '';
     try {
       await waitFor('the typed command to take effect', EXEC_TIMEOUT_MS, async () => {
+        await requireRowReady();
         const r = await apiCall('POST', `/sandboxes/${sandboxId}/exec`, { argv: ['cat', '/tmp/e2e-mark'], timeout_s: 10 });
         last = `${r.status} ${r.text.slice(0, 300)}`;
         if (r.status !== 200) return false;
