@@ -1,5 +1,5 @@
 //! Builds, verifies or shows the golden image without the rest of airlock:
-//! `cargo run --release -p airlock-image --example image -- build|verify|show`
+//! `cargo run --release -p airlock-image --example image -- build|verify|show|prune`
 //! with `AIRLOCK_IMAGE_DIR` naming the image directory and `AIRLOCK_AGENT_BIN`
 //! the agent (default: target/release/airlock-agent beside this example).
 
@@ -68,7 +68,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Err(stale) => eprintln!("{stale}"),
             }
         }
-        _ => return Err("usage: image build [--verify] | verify | show".into()),
+        "prune" => {
+            let keep: Vec<String> = std::env::args().skip(2).collect();
+            for path in store.prune(&keep)? {
+                println!("removed {}", path.display());
+            }
+        }
+        _ => {
+            return Err("usage: image build [--verify] | verify | show | prune [BUILD_ID…]".into())
+        }
     }
     Ok(())
 }

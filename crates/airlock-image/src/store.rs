@@ -366,6 +366,44 @@ impl ImageStore {
         )
     }
 
+    /// Removes every recorded build except the current one and `keep` (builds
+    /// that running sandboxes still boot from), and every layer none of the kept
+    /// builds uses. Returns what was removed.
+    pub fn prune(&self, keep: &[String]) -> Result<Vec<PathBuf>, ImageError> {
+        let _lock = DirLock::take(&self.dir.join(".lock"), &crate::NoProgress)?;
+        let mut kept_ids: Vec<String> = keep.to_vec();
+        if let Some(current) = self.current()? {
+            kept_ids.push(current.build_id);
+        }
+        let mut kept_layers = std::collections::BTreeSet::new();
+        for id in &kept_ids {
+            if let Some(m) = self.manifest(id)? {
+                kept_layers.extend(m.layers.into_iter().map(|l| l.dir));
+            }
+        }
+        let mut removed = Vec::new();
+        let builds = self.dir.join("builds");
+        for dir in [builds, self.layers_dir()] {
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in rd.filter_map(Result::ok) {
+                let path = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                let keep_it = if dir == self.layers_dir() {
+                    kept_layers.contains(&path)
+                } else {
+                    kept_ids.contains(&name)
+                };
+                if !keep_it {
+                    host::remove_tree(&path)?;
+                    removed.push(path);
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     fn write_manifest(&self, m: &Manifest) -> Result<(), ImageError> {
         let path = self.manifest_path(&m.build_id);
         let mut text = serde_json::to_vec_pretty(m).map_err(|source| ImageError::Manifest {
@@ -569,6 +607,38 @@ mod tests {
             .layers
             .iter()
             .all(|l| l.dir.starts_with(&moved) && l.dir.is_dir()));
+    }
+
+    #[test]
+    fn prune_keeps_current_and_named_builds_only() {
+        let (_d, store, opts) = setup();
+        let old = store
+            .build_with(&FakeSteps::default(), &opts, &crate::NoProgress)
+            .expect("build 1");
+        std::fs::write(&opts.agent_bin, b"agent v2").expect("write");
+        let mid = store
+            .build_with(&FakeSteps::default(), &opts, &crate::NoProgress)
+            .expect("build 2");
+        std::fs::write(&opts.agent_bin, b"agent v3").expect("write");
+        let new = store
+            .build_with(&FakeSteps::default(), &opts, &crate::NoProgress)
+            .expect("build 3");
+
+        let removed = store
+            .prune(std::slice::from_ref(&old.build_id))
+            .expect("prune");
+        // mid's own files and meta layers and its manifest go; base and node are shared.
+        assert_eq!(removed.len(), 3, "{removed:?}");
+        assert!(store.manifest(&mid.build_id).expect("read").is_none());
+        for m in [&old, &new] {
+            assert!(m.layers.iter().all(|l| l.dir.is_dir()));
+            assert!(store.manifest(&m.build_id).expect("read").is_some());
+        }
+        assert!(!mid.layers[2].dir.exists());
+        assert_eq!(
+            store.current().expect("current").map(|m| m.build_id),
+            Some(new.build_id)
+        );
     }
 
     #[test]
