@@ -60,7 +60,8 @@ pub struct NspawnConfig {
     pub guest_uid: u32,
     /// How long `destroy` waits for a clean poweroff before killing the guest.
     pub stop_grace: Duration,
-    /// Where cgroup limits go; `None` disables them.
+    /// The cgroup filesystem; each sandbox gets its own cgroups below it.
+    /// `None` only in unit tests against a fake host.
     pub cgroup_root: Option<PathBuf>,
 }
 
@@ -187,6 +188,8 @@ impl NspawnDriver {
             std::fs::create_dir_all(dir.join(sub))
                 .map_err(io_err(format!("create {}", dir.join(sub).display())))?;
         }
+        // The upper layer's root becomes the guest's `/`.
+        set_mode(&dir.join("upper"), 0o755)?;
         write_private(
             &dir.join("sandbox.json"),
             &serde_json::to_vec_pretty(record).unwrap_or_default(),
@@ -207,9 +210,10 @@ impl NspawnDriver {
         .map_err(host_err("create the sandbox's network link"))?;
         self.mount_overlay(&dir, &spec.image.layers).await?;
         if let Some(root) = &self.cfg.cgroup_root {
-            if let Err(e) = Cgroups::create(root, &spec.id, &spec.limits) {
-                tracing::warn!(sandbox = %spec.id, error = %e, "memory and process limits not applied");
-            }
+            Cgroups::create(root, &spec.id, &spec.limits).map_err(io_err(format!(
+                "create the sandbox's cgroups under {}",
+                root.display()
+            )))?;
         }
         Ok(())
     }
@@ -270,9 +274,7 @@ impl Driver for NspawnDriver {
         let dir = self.dir(id);
         let mut cmd = self.nspawn_cmd(id, &record);
         if let Some(root) = &self.cfg.cgroup_root {
-            if let Some(procs) = Cgroups::procs_files(root, id) {
-                cmd = Cgroups::wrap(cmd, &procs);
-            }
+            cmd = Cgroups::wrap(cmd, &Cgroups::procs_files(root, id));
         }
         let pid = self
             .host
@@ -429,73 +431,86 @@ fn is_mounted(path: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Memory and process limits through cgroup v1 (this host kind) or v2.
+/// Each sandbox's own cgroups. Not optional: with `--keep-unit` and no systemd
+/// on the host, nspawn puts the guest in the cgroup it was started from, so
+/// without a cgroup of its own every guest would share one, and one guest's
+/// systemd stopping a unit would signal the processes of all the others.
+/// Memory and process limits are set on the same cgroups where the host allows.
 #[derive(Debug)]
 struct Cgroups;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Controller {
+    /// A hierarchy used only for placement (name=systemd, or v2 in hybrid mode).
+    Placement,
+    Memory,
+    Pids,
+    /// A pure v2 host: one hierarchy with memory and pids.
+    Unified,
+}
+
 impl Cgroups {
     fn detect() -> Option<PathBuf> {
-        let v1 = Path::new("/sys/fs/cgroup/memory");
-        if v1.join("memory.limit_in_bytes").exists() {
-            return Some(PathBuf::from("/sys/fs/cgroup"));
-        }
-        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
-        let controllers = std::fs::read_to_string(v2).unwrap_or_default();
-        controllers
-            .contains("memory")
-            .then(|| PathBuf::from("/sys/fs/cgroup"))
+        let root = Path::new("/sys/fs/cgroup");
+        (root.join("systemd/cgroup.procs").exists() || root.join("cgroup.controllers").exists())
+            .then(|| root.to_path_buf())
     }
 
-    fn is_v1(root: &Path) -> bool {
-        root.join("memory").join("memory.limit_in_bytes").exists()
-    }
-
-    fn dirs(root: &Path, id: &str) -> Vec<(PathBuf, &'static str)> {
-        if Self::is_v1(root) {
-            vec![
-                (root.join("memory/airlock").join(id), "memory"),
-                (root.join("pids/airlock").join(id), "pids"),
-            ]
+    fn dirs(root: &Path, id: &str) -> Vec<(PathBuf, Controller)> {
+        let mut out = Vec::new();
+        if root.join("systemd/cgroup.procs").exists() {
+            // cgroup v1 with systemd's named hierarchy (a hybrid host).
+            out.push((root.join("systemd/airlock").join(id), Controller::Placement));
+            if root.join("unified/cgroup.procs").exists() {
+                out.push((root.join("unified/airlock").join(id), Controller::Placement));
+            }
+            if root.join("memory/cgroup.procs").exists() {
+                out.push((root.join("memory/airlock").join(id), Controller::Memory));
+            }
+            if root.join("pids/cgroup.procs").exists() {
+                out.push((root.join("pids/airlock").join(id), Controller::Pids));
+            }
         } else {
-            vec![(root.join("airlock").join(id), "unified")]
+            out.push((root.join("airlock").join(id), Controller::Unified));
         }
+        out
     }
 
+    /// Make the cgroups; placement failing is an error, limits failing a warning.
     fn create(root: &Path, id: &str, limits: &Limits) -> std::io::Result<()> {
-        if !Self::is_v1(root) {
-            let parent = root.join("airlock");
-            std::fs::create_dir_all(&parent)?;
-            let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory +pids");
-            let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory +pids");
-        }
         for (dir, controller) in Self::dirs(root, id) {
+            if controller == Controller::Unified {
+                let parent = root.join("airlock");
+                std::fs::create_dir_all(&parent)?;
+                let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory +pids");
+                let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory +pids");
+            }
             std::fs::create_dir_all(&dir)?;
-            match (controller, limits.memory_bytes, limits.max_pids) {
-                ("memory", Some(mem), _) => {
-                    std::fs::write(dir.join("memory.limit_in_bytes"), mem.to_string())?
-                }
-                ("pids", _, Some(pids)) => std::fs::write(dir.join("pids.max"), pids.to_string())?,
-                ("unified", mem, pids) => {
-                    if let Some(mem) = mem {
-                        std::fs::write(dir.join("memory.max"), mem.to_string())?;
-                    }
-                    if let Some(pids) = pids {
-                        std::fs::write(dir.join("pids.max"), pids.to_string())?;
+            let limit = |file: &str, value: Option<u64>| {
+                if let Some(v) = value {
+                    if let Err(e) = std::fs::write(dir.join(file), v.to_string()) {
+                        tracing::warn!(sandbox = id, file, error = %e, "limit not applied");
                     }
                 }
-                _ => {}
+            };
+            match controller {
+                Controller::Memory => limit("memory.limit_in_bytes", limits.memory_bytes),
+                Controller::Pids => limit("pids.max", limits.max_pids),
+                Controller::Unified => {
+                    limit("memory.max", limits.memory_bytes);
+                    limit("pids.max", limits.max_pids);
+                }
+                Controller::Placement => {}
             }
         }
         Ok(())
     }
 
-    fn procs_files(root: &Path, id: &str) -> Option<Vec<PathBuf>> {
-        let files: Vec<PathBuf> = Self::dirs(root, id)
+    fn procs_files(root: &Path, id: &str) -> Vec<PathBuf> {
+        Self::dirs(root, id)
             .into_iter()
             .map(|(d, _)| d.join("cgroup.procs"))
-            .filter(|p| p.exists())
-            .collect();
-        (!files.is_empty()).then_some(files)
+            .collect()
     }
 
     /// Join the cgroups before exec, so every process of the guest starts inside.
@@ -515,11 +530,24 @@ impl Cgroups {
             .args(cmd.args)
     }
 
+    /// Remove the sandbox's cgroups, deepest first (the guest's systemd made
+    /// a tree below them). Only empty cgroups can go, so this runs after stop.
     fn remove(root: &Path, id: &str) {
         for (dir, _) in Self::dirs(root, id) {
-            let _ = std::fs::remove_dir(&dir);
+            remove_cgroup_tree(&dir);
         }
     }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 #[cfg(test)]

@@ -15,7 +15,10 @@ async fn the_ui_shows_a_live_desktop_that_takes_typing() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let script = root.join("tests/e2e/desktop.mjs");
     if !root.join("tests/e2e/node_modules/playwright-core").exists() {
-        assert!(std::env::var_os("CI").is_none(), "CI must run the browser test: run scripts/setup first");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the browser test: run scripts/setup first"
+        );
         eprintln!("skipping: tests/e2e has no node_modules (run `npm ci --prefix tests/e2e`)");
         return;
     }
@@ -29,7 +32,11 @@ async fn the_ui_shows_a_live_desktop_that_takes_typing() {
         .status()
         .await
         .expect("node runs");
-    assert!(status.success(), "the browser test failed ({status}); screenshots are in {}", artifacts.display());
+    assert!(
+        status.success(),
+        "the browser test failed ({status}); screenshots are in {}",
+        artifacts.display()
+    );
     let (_, list) = h.get("/api/v1/sandboxes").await;
     for sb in list["sandboxes"].as_array().into_iter().flatten() {
         let id = sb["id"].as_str().unwrap_or_default();
@@ -38,7 +45,8 @@ async fn the_ui_shows_a_live_desktop_that_takes_typing() {
             "the UI's delete left {id} {}",
             sb["state"]
         );
-        h.wait_state(id, "stopped", std::time::Duration::from_secs(30)).await;
+        h.wait_state(id, "stopped", std::time::Duration::from_secs(30))
+            .await;
         assert_eq!(common::leftovers(&h.data_dir, id), Vec::<String>::new());
     }
     h.shutdown().await;

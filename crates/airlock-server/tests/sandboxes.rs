@@ -100,26 +100,33 @@ async fn a_killed_vnc_server_comes_back_and_viewers_reconnect() {
         .expect("the open viewer is told");
     assert_eq!(code, 4502);
 
+    // systemd restarts Xvnc (RestartSec=1): the relay reaches a display again...
     let started = Instant::now();
+    loop {
+        if viewer::frame(&h.base, &id).await.is_ok() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "Xvnc was not back within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let vnc_back = started.elapsed();
+    // ...and the terminal and Chromium, restarted with it, paint the desktop again.
     let frame = loop {
         match viewer::frame(&h.base, &id).await {
             Ok(f) if f.looks_like_desktop() => break f,
-            _ if started.elapsed() < Duration::from_secs(20) => {
+            _ if started.elapsed() < Duration::from_secs(30) => {
                 tokio::time::sleep(Duration::from_millis(250)).await
             }
-            other => panic!("the display did not come back: {other:?}"),
+            other => panic!("the desktop did not come back: {other:?}"),
         }
     };
     eprintln!(
-        "display back after {:?} ({} colours)",
+        "VNC back after {vnc_back:?}; desktop repainted after {:?} ({} colours)",
         started.elapsed(),
         frame.distinct_colours
-    );
-    // systemd restarts it (RestartSec=1); the relay connects as soon as it listens.
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "Xvnc took {:?} to come back",
-        started.elapsed()
     );
     h.delete(&format!("/api/v1/sandboxes/{id}")).await;
     h.wait_state(&id, "stopped", Duration::from_secs(30)).await;

@@ -189,9 +189,20 @@ pub async fn vnc(
         app.metrics.viewer_opened();
         let code = match target {
             Ok(target) => {
-                let _ = app.store.touch_activity(&target.sandbox_id).await;
+                // An open viewer is activity: keep the idle reaper away while it lasts.
+                let keepalive = {
+                    let (app, id) = (app.clone(), target.sandbox_id.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            let _ = app.store.touch_activity(&id).await;
+                            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                        }
+                    })
+                };
                 let stopping = app.stopping.subscribe();
-                ws::relay(socket, target, stopping).await
+                let code = ws::relay(socket, target, stopping).await;
+                keepalive.abort();
+                code
             }
             Err(_) => {
                 let (code, reason) = match state {

@@ -144,9 +144,11 @@ pub struct FrameStats {
 }
 
 impl FrameStats {
-    /// A desktop with windows on it, not a blank or single-colour screen.
+    /// A desktop with windows on it, not a blank or single-colour screen. A
+    /// fresh Xvnc is one colour; a terminal alone is a few dozen shades; with
+    /// Chromium's window painted there are hundreds (white still covers ~96%).
     pub fn looks_like_desktop(&self) -> bool {
-        self.distinct_colours >= 16 && self.dominant_per_mille < 950
+        self.distinct_colours >= 100 && self.dominant_per_mille < 990
     }
 }
 
@@ -319,9 +321,19 @@ mod tests {
         let desk = FrameStats {
             width: 10,
             height: 10,
-            distinct_colours: 300,
-            dominant_per_mille: 400,
+            distinct_colours: 622,
+            dominant_per_mille: 962,
         };
-        assert!(desk.looks_like_desktop());
+        assert!(
+            desk.looks_like_desktop(),
+            "a real desktop: xterm and a new Chromium tab"
+        );
+        let terminal_only = FrameStats {
+            width: 10,
+            height: 10,
+            distinct_colours: 40,
+            dominant_per_mille: 700,
+        };
+        assert!(!terminal_only.looks_like_desktop());
     }
 }

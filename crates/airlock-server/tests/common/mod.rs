@@ -209,6 +209,32 @@ impl Harness {
     }
 }
 
+impl Drop for Harness {
+    /// Even when a test fails half-way, destroy whatever it left running, with
+    /// the driver's own destroy, so the next run starts clean.
+    fn drop(&mut self) {
+        let root = self.data_dir.join("sandboxes");
+        if !root.exists() {
+            return;
+        }
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let driver = NspawnDriver::new(NspawnConfig::new(root), Arc::new(RealHost));
+                for inst in driver.list().await.unwrap_or_default() {
+                    let _ = driver.destroy(&inst.id).await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
 /// What this sandbox still holds on the host: links, namespaces, mounts,
 /// processes, directories. Empty means nothing leaked.
 pub fn leftovers(data_dir: &std::path::Path, id: &str) -> Vec<String> {
