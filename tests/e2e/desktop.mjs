@@ -102,6 +102,7 @@ let page;
 let sandboxId = '';
 let shotNo = 0;
 const pageErrors = [];
+const failedRequests = [];
 
 async function screenshot(name) {
   if (!page) return;
@@ -198,6 +199,11 @@ async function openUi() {
       }
     }, opts.token);
   }
+  context.on('requestfailed', (r) => {
+    const line = `${r.method()} ${r.url()}: ${(r.failure() && r.failure().errorText) || 'failed'}`;
+    failedRequests.push(line);
+    consoleLog.write(`[requestfailed] ${line}\n`);
+  });
   page = context.pages()[0] || (await context.newPage());
   page.on('console', (m) => consoleLog.write(`[${m.type()}] ${m.text()}\n`));
   page.on('pageerror', (e) => {
@@ -408,6 +414,7 @@ async function deleteThroughUi() {
 async function expectViewerGivesUp(id, what, pattern) {
   log(`opening /view/${id} (${what}); it must give up with a reason`);
   const viewer = await context.newPage();
+  viewer.on('console', (m) => consoleLog.write(`[${m.type()} /view/${id}] ${m.text()}\n`));
   viewer.on('pageerror', (e) => {
     pageErrors.push(e.message);
     consoleLog.write(`[pageerror /view/${id}] ${e.message}\n`);
@@ -463,6 +470,9 @@ async function main() {
   } catch (e) {
     code = 1;
     console.error(`e2e: FAILED: ${e instanceof CheckFailed ? e.message : e.stack || e}`);
+    if (failedRequests.length > 0) {
+      console.error(`e2e: requests that failed at the network level:\n  ${failedRequests.slice(-10).join('\n  ')}`);
+    }
     await screenshot('failure');
     await saveCanvas('canvas-failure');
     await cleanUp();
