@@ -195,9 +195,10 @@ function teardown(sb) {
   const procs = sb.procs;
   sb.procs = [];
   const profile = sb.profile;
-  if (!profile) return;
+  sb.profile = '';
+  if (!profile) return Promise.resolve();
   // Chromium writes to its profile until it has exited.
-  Promise.all(procs.map((p) => (p.exitCode === null && p.signalCode === null ? new Promise((r) => p.once('exit', r)) : null)))
+  return Promise.all(procs.map((p) => (p.exitCode === null && p.signalCode === null ? new Promise((r) => p.once('exit', r)) : null)))
     .then(() => fs.rmSync(profile, { recursive: true, force: true, maxRetries: 5 }))
     .catch((e) => console.error(`devserver: could not remove ${profile}: ${e.message}`));
 }
@@ -368,7 +369,8 @@ server.listen(port, '127.0.0.1', () => {
 
 for (const sig of ['SIGINT', 'SIGTERM']) {
   process.on(sig, () => {
-    for (const sb of sandboxes.values()) teardown(sb);
-    process.exit(0);
+    const done = [...sandboxes.values()].map(teardown);
+    const timeout = new Promise((r) => setTimeout(r, 5000));
+    Promise.race([Promise.all(done), timeout]).then(() => process.exit(0));
   });
 }
