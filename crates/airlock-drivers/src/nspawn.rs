@@ -229,6 +229,28 @@ impl NspawnDriver {
         self.host.cmdline(pid).is_none()
     }
 
+    async fn kill_cgroups(&self, id: &str) -> Result<(), DriverError> {
+        let Some(root) = &self.cfg.cgroup_root else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pids = Cgroups::pids(root, id);
+            if pids.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(DriverError::Transient(format!(
+                    "processes {pids:?} of sandbox {id} survived SIGKILL"
+                )));
+            }
+            for pid in pids {
+                let _ = self.host.signal(pid, libc::SIGKILL);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn console_tail(&self, id: &str) -> String {
         let text = std::fs::read_to_string(self.dir(id).join("console.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().rev().take(5).collect();
@@ -310,27 +332,26 @@ impl Driver for NspawnDriver {
     }
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), DriverError> {
-        let Some(pid) = self.running_pid(id) else {
-            return Ok(());
-        };
-        // nspawn turns SIGTERM into a clean poweroff request to the guest's systemd.
-        let _ = self.host.signal(pid, libc::SIGTERM);
-        if self.wait_exit(pid, grace).await {
-            return Ok(());
+        if let Some(pid) = self.running_pid(id) {
+            // nspawn turns SIGTERM into a clean poweroff request to the guest's systemd.
+            let _ = self.host.signal(pid, libc::SIGTERM);
+            if !self.wait_exit(pid, grace).await {
+                // The guest ignored it (a unit holding its stop timeout): killing
+                // the guest's init ends its whole PID namespace at once.
+                for child in self.host.children(pid) {
+                    let _ = self.host.signal(child, libc::SIGKILL);
+                }
+                let _ = self.host.signal(pid, libc::SIGKILL);
+                if !self.wait_exit(pid, Duration::from_secs(5)).await {
+                    return Err(DriverError::Transient(format!(
+                        "systemd-nspawn (pid {pid}) did not exit after SIGKILL"
+                    )));
+                }
+            }
         }
-        // The guest ignored it (a unit holding its stop timeout): killing the
-        // guest's init ends its whole PID namespace at once.
-        for child in self.host.children(pid) {
-            let _ = self.host.signal(child, libc::SIGKILL);
-        }
-        let _ = self.host.signal(pid, libc::SIGKILL);
-        if self.wait_exit(pid, Duration::from_secs(5)).await {
-            Ok(())
-        } else {
-            Err(DriverError::Transient(format!(
-                "systemd-nspawn (pid {pid}) did not exit after SIGKILL"
-            )))
-        }
+        // Whatever is left in the sandbox's cgroups (a guest whose nspawn died
+        // first, a process that escaped) goes too.
+        self.kill_cgroups(id).await
     }
 
     async fn destroy(&self, id: &str) -> Result<(), DriverError> {
@@ -528,6 +549,32 @@ impl Cgroups {
                 cmd.program,
             ])
             .args(cmd.args)
+    }
+
+    /// Every process in the sandbox's cgroups, at any depth.
+    fn pids(root: &Path, id: &str) -> Vec<u32> {
+        fn walk(dir: &Path, out: &mut Vec<u32>) {
+            if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
+            }
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for entry in entries.flatten() {
+                    if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        walk(&entry.path(), out);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (dir, _) in Self::dirs(root, id) {
+            walk(&dir, &mut out);
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// Remove the sandbox's cgroups, deepest first (the guest's systemd made

@@ -8,5 +8,6 @@ pub mod metrics;
 pub mod relay;
 pub mod server;
 pub mod store;
+pub mod vault;
 
 pub use config::Config;

@@ -5,21 +5,27 @@ use axum::extract::Path;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+/// The UI's own files (never anything under node_modules).
 #[derive(rust_embed::RustEmbed)]
 #[folder = "../../web/"]
 #[include = "*.html"]
 #[include = "*.js"]
 #[include = "*.css"]
 #[include = "*.svg"]
-#[include = "node_modules/@novnc/novnc/core/**"]
-#[include = "node_modules/@novnc/novnc/vendor/**"]
-#[exclude = "node_modules/@novnc/novnc/**/tests/**"]
+#[exclude = "node_modules/**"]
 #[exclude = "tests/**"]
-#[exclude = "package*.json"]
 struct Assets;
 
-fn serve(path: &str) -> Response {
-    match Assets::get(path) {
+/// noVNC, from the npm package pinned in web/package-lock.json.
+#[derive(rust_embed::RustEmbed)]
+#[folder = "../../web/node_modules/@novnc/novnc/"]
+#[include = "core/**"]
+#[include = "vendor/**"]
+#[exclude = "**/tests/**"]
+struct NoVnc;
+
+fn serve<E: rust_embed::RustEmbed>(path: &str) -> Response {
+    match E::get(path) {
         Some(file) => {
             let mime = file.metadata.mimetype().to_owned();
             (
@@ -36,20 +42,17 @@ fn serve(path: &str) -> Response {
 }
 
 pub async fn index() -> Response {
-    serve("index.html")
+    serve::<Assets>("index.html")
 }
 
 pub async fn viewer(Path(_id): Path<String>) -> Response {
-    serve("viewer.html")
+    serve::<Assets>("viewer.html")
 }
 
 pub async fn novnc(Path(path): Path<String>) -> Response {
-    serve(&format!("node_modules/@novnc/novnc/{path}"))
+    serve::<NoVnc>(&path)
 }
 
 pub async fn asset(Path(path): Path<String>) -> Response {
-    if path.starts_with("node_modules/") {
-        return (StatusCode::NOT_FOUND, "not found").into_response();
-    }
-    serve(&path)
+    serve::<Assets>(&path)
 }

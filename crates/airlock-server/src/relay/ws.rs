@@ -20,6 +20,8 @@ pub mod close {
     pub const TOO_SLOW: u16 = 4408;
     pub const NOT_READY: u16 = 4409;
     pub const GONE: u16 = 4410;
+    /// The control plane is restarting: reconnect shortly.
+    pub const RESTARTING: u16 = 1012;
     pub const GUEST_UNREACHABLE: u16 = 4502;
     pub const RELAY_ERROR: u16 = 1011;
 }
@@ -219,7 +221,7 @@ async fn pump(
             stopped = stopping.recv() => match stopped {
                 Ok(stopped_id) if stopped_id == id => break (close::GONE, "the sandbox is stopping"),
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => break (close::GONE, "the control plane is shutting down"),
+                Err(broadcast::error::RecvError::Closed) => break (close::RESTARTING, "the control plane is restarting"),
             },
             _ = &mut inbound => break (close::NORMAL, ""),
         }

@@ -2,6 +2,7 @@
 //! server (CI starts one), against PostgreSQL.
 
 use super::*;
+use crate::app::state::SandboxState;
 
 async fn sqlite() -> (Store, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
