@@ -54,6 +54,9 @@ pub struct SandboxSpec {
     pub lease: Lease,
     pub metadata: Metadata,
     pub limits: Limits,
+    /// The one port on the gateway the sandbox may reach (its egress proxy);
+    /// `None`: the sandbox reaches nothing outside itself.
+    pub proxy_port: Option<u16>,
     /// For workspaces: the persistent directory mounted as the user's home.
     pub home_volume: Option<PathBuf>,
 }

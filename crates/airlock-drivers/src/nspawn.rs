@@ -15,6 +15,7 @@
 //! ```
 
 use crate::host::{Cmd, Host, HostError};
+use crate::net::firewall;
 use crate::net::link::{self, LinkNames};
 use crate::{Driver, DriverError, Endpoints, ImageRef, InstanceInfo, Lease, Limits, SandboxSpec};
 use async_trait::async_trait;
@@ -208,6 +209,14 @@ impl NspawnDriver {
         )
         .await
         .map_err(host_err("create the sandbox's network link"))?;
+        firewall::install(
+            self.host.as_ref(),
+            &LinkNames::for_sandbox(&spec.id),
+            &spec.lease,
+            spec.proxy_port,
+        )
+        .await
+        .map_err(host_err("install the sandbox's firewall rules"))?;
         self.mount_overlay(&dir, &spec.image.layers).await?;
         if let Some(root) = &self.cfg.cgroup_root {
             Cgroups::create(root, &spec.id, &spec.limits).map_err(io_err(format!(
@@ -358,6 +367,7 @@ impl Driver for NspawnDriver {
         let dir = self.dir(id);
         self.stop(id, self.cfg.stop_grace).await?;
         self.unmount_overlay(&dir).await;
+        firewall::remove(self.host.as_ref(), &LinkNames::for_sandbox(id)).await;
         link::destroy(self.host.as_ref(), &LinkNames::for_sandbox(id)).await;
         if let Some(root) = &self.cfg.cgroup_root {
             Cgroups::remove(root, id);
@@ -631,6 +641,7 @@ mod tests {
                 egress: None,
             },
             limits: Limits::default(),
+            proxy_port: None,
             home_volume: None,
         }
     }

@@ -27,7 +27,8 @@ struct CodeLabel {
 
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Registry,
+    /// Subsystems (logins, egress) register their own metrics here.
+    registry: std::sync::Mutex<Registry>,
     creations: Counter,
     failures: Family<ReasonLabel, Counter>,
     ready_seconds: Histogram,
@@ -75,7 +76,7 @@ impl Metrics {
             viewers_closed.clone(),
         );
         Metrics {
-            registry,
+            registry: std::sync::Mutex::new(registry),
             creations,
             failures,
             ready_seconds,
@@ -83,6 +84,17 @@ impl Metrics {
             viewers_opened,
             viewers_closed,
         }
+    }
+
+    /// Register a subsystem's metric (name without the `airlock_` prefix).
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        registry.register(name, help, metric);
     }
 
     pub fn created(&self) {
@@ -124,7 +136,8 @@ impl Metrics {
                 .set(n);
         }
         let mut out = String::new();
-        if encode(&mut out, &self.registry).is_err() {
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if encode(&mut out, &registry).is_err() {
             out.clear();
         }
         out

@@ -6,6 +6,7 @@ use crate::app::sandboxes::chain;
 use crate::app::App;
 use crate::config::{Config, ConfigError};
 use crate::store::{Store, StoreError};
+use crate::vault::{Vault, VaultError};
 use airlock_drivers::{Driver, ImageRef};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("could not open the vault")]
+    Vault(#[from] VaultError),
     #[error("could not open the store")]
     Store(#[from] StoreError),
     #[error("could not listen on {addr}")]
@@ -78,7 +81,8 @@ pub async fn start(
         source,
     })?;
     let store = Store::open(&cfg.database_url()).await?;
-    let app = App::new(cfg.app_config(), store, driver, image, cfg.pool()?);
+    let vault = Vault::load(&cfg.data_dir)?;
+    let app = App::new(cfg.app_config(), store, driver, image, cfg.pool()?, vault);
     app.ensure_local_user()
         .await
         .map_err(|e| StartError::Recover(chain(&e)))?;

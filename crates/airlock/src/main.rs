@@ -2,7 +2,9 @@
 //! and calls into the library crates.
 
 mod doctor;
+mod egress;
 mod progress;
+mod vault;
 
 use airlock_drivers::host::RealHost;
 use airlock_drivers::nspawn::{NspawnConfig, NspawnDriver};
@@ -36,12 +38,18 @@ enum Command {
     /// Manage users and their API tokens.
     #[command(subcommand)]
     User(UserCommand),
+    /// Upstream proxies that sandboxes' traffic leaves through.
+    #[command(subcommand)]
+    Egress(egress::Command),
+    /// The keyring that seals credentials at rest.
+    #[command(subcommand)]
+    Vault(vault::Command),
     /// Say which drivers this host can run, and why not.
     Doctor,
 }
 
 #[derive(Debug, Args)]
-struct Common {
+pub(crate) struct Common {
     /// TOML config file (see docs/airlock.example.toml).
     #[arg(long, env = "AIRLOCK_CONFIG")]
     config: Option<PathBuf>,
@@ -84,7 +92,7 @@ enum UserCommand {
     },
 }
 
-fn load_config(common: &Common) -> Result<Config> {
+pub(crate) fn load_config(common: &Common) -> Result<Config> {
     let mut cfg = match &common.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -279,6 +287,8 @@ fn main() {
             Command::Up(args) => up(args).await,
             Command::Image(cmd) => tokio::task::block_in_place(|| image_command(cmd)),
             Command::User(cmd) => user_command(cmd).await,
+            Command::Egress(cmd) => egress::run(cmd).await,
+            Command::Vault(cmd) => vault::run(cmd).await,
             Command::Doctor => doctor::run(),
         }
     });

@@ -3,6 +3,8 @@
 
 pub mod agent;
 pub mod auth;
+pub mod egress;
+pub mod logins;
 pub mod reaper;
 pub mod sandboxes;
 pub mod state;
@@ -84,6 +86,9 @@ pub struct App {
     pub agent: agent::AgentClient,
     /// Ids of sandboxes going away, so their viewers close with a reason.
     pub stopping: broadcast::Sender<String>,
+    pub vault: tokio::sync::RwLock<crate::vault::Vault>,
+    pub egress: egress::EgressState,
+    pub logins: logins::LoginsState,
     /// Serialises lease allocation.
     lease_lock: tokio::sync::Mutex<()>,
     /// One lock per sandbox: driver work on a sandbox never overlaps.
@@ -97,6 +102,7 @@ impl App {
         driver: Arc<dyn Driver>,
         image: ImageRef,
         pool: AddressPool,
+        vault: crate::vault::Vault,
     ) -> Arc<Self> {
         let (stopping, _) = broadcast::channel(256);
         Arc::new(App {
@@ -108,6 +114,9 @@ impl App {
             metrics: Metrics::new(),
             agent: agent::AgentClient::new(),
             stopping,
+            vault: tokio::sync::RwLock::new(vault),
+            egress: egress::EgressState::default(),
+            logins: logins::LoginsState::default(),
             lease_lock: tokio::sync::Mutex::new(()),
             locks: Mutex::new(HashMap::new()),
         })

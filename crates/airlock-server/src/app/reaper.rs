@@ -79,6 +79,7 @@ impl App {
                 }
             }
         }
+        self.reap_logins().await;
         let forget_before =
             now_ms() - i64::try_from(self.cfg.history_ttl.as_millis()).unwrap_or(i64::MAX);
         let _ = self.store.purge_finished(forget_before).await;

@@ -176,8 +176,9 @@ impl App {
         })
     }
 
-    fn spec(&self, row: &SandboxRow) -> Result<SandboxSpec, AppError> {
+    async fn spec(&self, row: &SandboxRow) -> Result<SandboxSpec, AppError> {
         let lease = self.lease(row)?;
+        let egress = self.egress_for(row, &lease).await?;
         let kind: SandboxKind = row
             .kind
             .parse()
@@ -201,8 +202,9 @@ impl App {
                     gateway: lease.host.to_string(),
                     prefix_len: lease.prefix_len,
                 },
-                egress: None,
+                egress: egress.as_ref().map(|(e, _)| e.clone()),
             },
+            proxy_port: egress.map(|(_, port)| port),
             limits: self.cfg.limits,
             home_volume: self.home_volume(row),
         })
@@ -235,7 +237,7 @@ impl App {
         let Ok(Some(row)) = self.store.sandbox(id).await else {
             return;
         };
-        let spec = match self.spec(&row) {
+        let spec = match self.spec(&row).await {
             Ok(spec) => spec,
             Err(e) => return self.fail(id, "create", &e.to_string()).await,
         };
@@ -410,6 +412,7 @@ impl App {
     /// the row in `end` (stopped after a delete, failed after a failure).
     pub(crate) async fn teardown(&self, id: &str, end: SandboxState) {
         let _ = self.stopping.send(id.to_owned());
+        self.egress_detach(id).await;
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
         if let Err(e) = self
@@ -455,6 +458,22 @@ impl App {
         let running = |id: &str| instances.iter().any(|i| i.id == id && i.running);
         for row in rows {
             let app = self.clone();
+            let adopted = matches!(row.state, SandboxState::Ready | SandboxState::Booting)
+                && running(&row.id);
+            if adopted {
+                // Its forward proxy lived in the previous process.
+                let reattached = match self.lease(&row) {
+                    Ok(lease) => self.egress_attach(&row, &lease).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = reattached {
+                    tokio::spawn(async move {
+                        app.fail(&row.id, "egress", &format!("could not restore egress: {e}"))
+                            .await
+                    });
+                    continue;
+                }
+            }
             match row.state {
                 SandboxState::Ready if running(&row.id) => {
                     tracing::info!(sandbox = %row.id, "re-adopted a running sandbox");
@@ -496,6 +515,7 @@ impl App {
                 }
             }
         }
+        self.recover_logins().await;
         Ok(())
     }
 }

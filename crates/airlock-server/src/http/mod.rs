@@ -1,7 +1,9 @@
 //! HTTP: the `/api/v1` routes, the OpenAPI document, health, metrics, and the UI.
 
 pub mod auth;
+pub mod egress;
 pub mod error;
+pub mod logins;
 pub mod sandboxes;
 pub mod web;
 
@@ -45,6 +47,14 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// The whole OpenAPI document: sandboxes, logins, egress.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.merge(logins::Doc::openapi());
+    doc.merge(egress::Doc::openapi());
+    doc
+}
+
 /// Request bodies are small JSON documents.
 const BODY_LIMIT: usize = 64 * 1024;
 
@@ -57,7 +67,9 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/sandboxes/{id}/exec", post(sandboxes::exec))
         .route("/sandboxes/{id}/vnc", get(sandboxes::vnc))
-        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .merge(logins::routes())
+        .merge(egress::routes())
+        .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|| async {
             error::ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,

@@ -6,6 +6,8 @@
 use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 
+mod egress;
+mod logins;
 mod sandboxes;
 mod users;
 
