@@ -80,6 +80,14 @@ enum ImageCommand {
     Verify(Common),
     /// Describe the current image.
     Show(Common),
+    /// Remove the layers of old builds; the current build, builds that sandboxes
+    /// under the data dir still run from, and the builds named are kept.
+    Prune {
+        #[command(flatten)]
+        common: Common,
+        /// Build ids to keep as well.
+        keep: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -225,6 +233,25 @@ fn image_command(cmd: ImageCommand) -> Result<()> {
             }
             if !report.ok() {
                 bail!("golden image {} failed verification", manifest.build_id);
+            }
+        }
+        ImageCommand::Prune { common, mut keep } => {
+            let cfg = load_config(&common)?;
+            let sandboxes = NspawnDriver::new(
+                NspawnConfig::new(cfg.data_dir.join("sandboxes")),
+                Arc::new(RealHost),
+            );
+            let in_use = std::fs::read_dir(cfg.data_dir.join("sandboxes"))
+                .into_iter()
+                .flatten()
+                .flatten();
+            for entry in in_use {
+                if let Ok(image) = sandboxes.image_of(&entry.file_name().to_string_lossy()) {
+                    keep.push(image.build_id);
+                }
+            }
+            for path in ImageStore::new(cfg.image_dir()).prune(&keep)? {
+                println!("removed {}", path.display());
             }
         }
         ImageCommand::Show(common) => {
