@@ -2,9 +2,12 @@
 //! knows which one it talks to. Host operations (processes, mounts, links) sit
 //! behind [`host::Host`] so the logic can be tested against a fake.
 
+pub mod firecracker;
 pub mod host;
 pub mod net;
 pub mod nspawn;
+pub mod qemu;
+pub mod vm;
 
 use airlock_proto::metadata::{Metadata, SandboxKind};
 use async_trait::async_trait;

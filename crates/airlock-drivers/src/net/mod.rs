@@ -4,3 +4,4 @@
 pub mod firewall;
 pub mod link;
 pub mod pool;
+pub mod tap;
