@@ -3,8 +3,12 @@
 //! - `prepare` (a oneshot unit at boot, as root): reads the metadata document and
 //!   writes the VNC password file and the desktop units' environment.
 //! - `serve` (a long-running unit): the agent HTTP API on the guest's address.
+//! - `layout` (a unit of the desktop user): keeps the terminal and Chromium
+//!   side by side when the display is resized.
 
 mod exec;
+mod layout;
+mod login;
 mod metadata;
 mod prepare;
 mod server;
@@ -15,9 +19,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: airlock-agent prepare|serve\n\n\
+const USAGE: &str = "usage: airlock-agent prepare|serve|layout\n\n\
   prepare   write /run/airlock/{vnc/passwd,session.env,profile.sh} from the metadata document\n\
-  serve     answer the agent API on <guest address>:7000\n";
+  serve     answer the agent API on <guest address>:7000\n\
+  layout    re-tile the desktop (terminal left, Chromium right) after every resize\n";
 
 /// Baked into the image's top layer by the image builder.
 const IMAGE_INFO_PATH: &str = "/etc/airlock/image.json";
@@ -52,6 +57,7 @@ fn main() -> std::process::ExitCode {
     {
         ["prepare"] => prepare_cmd(),
         ["serve"] => serve_cmd(),
+        ["layout"] => layout::run(),
         ["--help"] | ["-h"] | ["help"] => {
             print!("{USAGE}");
             Ok(())
@@ -143,6 +149,12 @@ fn serve_cmd() -> Result<(), String> {
         tracing::warn!("not running as root: commands run as the agent's own user");
         exec::RunAs::Current
     };
+    let logins = Arc::new(login::Logins::new(login::LoginConfig::guest(
+        run_as.clone(),
+        account.home.clone(),
+        base_env.clone(),
+        meta.network.gateway.clone(),
+    )));
     let state = Arc::new(server::AgentState {
         token: meta.agent_token.clone(),
         sandbox_id: meta.sandbox_id.clone(),
@@ -153,6 +165,7 @@ fn serve_cmd() -> Result<(), String> {
             home: account.home.clone(),
             base_env,
         },
+        logins,
     });
     drop(meta);
 

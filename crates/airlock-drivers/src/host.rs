@@ -84,8 +84,9 @@ pub trait Host: Send + Sync + std::fmt::Debug + 'static {
     /// stdout and stderr appended to `log`. Returns its pid.
     async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<u32, HostError>;
     fn signal(&self, pid: u32, signal: i32) -> Result<(), HostError>;
-    /// The process's command line (NUL-separated arguments joined by spaces),
-    /// or `None` if there is no such process (or it is a zombie).
+    /// The process's command line (NUL-separated arguments joined by spaces;
+    /// empty while it is in the middle of exec), or `None` if there is no such
+    /// process (or it is a zombie).
     fn cmdline(&self, pid: u32) -> Option<String>;
     /// Direct children of a process.
     fn children(&self, pid: u32) -> Vec<u32>;
@@ -178,7 +179,9 @@ impl Host for RealHost {
         if state == "Z" || state == "X" {
             return None;
         }
-        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        // Mid-exec the command line can be unreadable or empty for a moment:
+        // the process is alive all the same.
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let parts: Vec<String> = raw
             .split(|b| *b == 0)
             .filter(|p| !p.is_empty())

@@ -124,7 +124,10 @@ impl NspawnDriver {
         let pid: u32 = text.trim().parse().ok()?;
         let cmdline = self.host.cmdline(pid)?;
         let marker = format!("--machine={}", Self::machine_name(id));
-        cmdline.contains(&marker).then_some(pid)
+        // An empty command line is a process in the middle of exec (our
+        // wrapper shell becoming nspawn): still ours. The marker guards
+        // against a reused pid after a restart.
+        (cmdline.is_empty() || cmdline.contains(&marker)).then_some(pid)
     }
 
     fn nspawn_cmd(&self, id: &str, record: &Record) -> Cmd {
@@ -263,6 +266,9 @@ impl NspawnDriver {
     fn console_tail(&self, id: &str) -> String {
         let text = std::fs::read_to_string(self.dir(id).join("console.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().rev().take(5).collect();
+        if lines.is_empty() {
+            return "it printed nothing".to_owned();
+        }
         lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
     }
 }
