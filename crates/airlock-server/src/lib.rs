@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod config;
+pub mod egress;
 pub mod http;
 pub mod metrics;
 pub mod relay;

@@ -98,6 +98,12 @@ enum UserCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Remove a user that has no live sandboxes; its egress port is released.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 pub(crate) fn load_config(common: &Common) -> Result<Config> {
@@ -285,6 +291,12 @@ async fn user_command(cmd: UserCommand) -> Result<()> {
                 user.name, user.id
             );
             println!("{token}");
+        }
+        UserCommand::Remove { name, common } => {
+            let cfg = load_config(&common)?;
+            let store = airlock_server::store::Store::open(&cfg.database_url()).await?;
+            airlock_server::app::egress::remove_user(&store, &name).await?;
+            eprintln!("user {name} removed");
         }
     }
     Ok(())

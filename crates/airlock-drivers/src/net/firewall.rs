@@ -276,7 +276,8 @@ mod tests {
             last_in,
             "add rule inet airlock alabc123_in counter name alabc123_other drop"
         );
-        assert!(script.contains("add element inet airlock from_guest { \"alabc123\" : jump alabc123_in }"));
+        assert!(script
+            .contains("add element inet airlock from_guest { \"alabc123\" : jump alabc123_in }"));
     }
 
     #[test]

@@ -256,6 +256,9 @@ impl App {
                     )
                     .await;
             }
+            if let Err(e) = self.egress_attach(&row, &spec.lease).await {
+                return self.fail(id, "egress", &e.to_string()).await;
+            }
             match self
                 .store
                 .transition(

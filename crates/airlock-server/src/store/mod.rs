@@ -11,6 +11,7 @@ mod logins;
 mod sandboxes;
 mod users;
 
+pub use egress::{AccountRow, UpstreamRow, ACCOUNT_ID as EGRESS_ACCOUNT_ID};
 pub use sandboxes::SandboxRow;
 pub use users::UserRow;
 

@@ -1,0 +1,165 @@
+//! An upstream proxy: where it is and the credentials we present to it.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use secrecy::{ExposeSecret, SecretString};
+
+/// `http://USER:PASS@HOST:PORT`. The password is a secret: `Debug` and
+/// [`Upstream::masked`] never show it.
+#[derive(Debug)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    password: SecretString,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UpstreamError {
+    #[error("the upstream URL is not a URL of the form http://USER:PASS@HOST:PORT")]
+    Malformed,
+    #[error("the upstream proxy must be spoken to over http:// (got {0}://)")]
+    Scheme(String),
+    #[error("the upstream URL needs a {0}")]
+    Missing(&'static str),
+    #[error("the upstream URL must not carry a {0}")]
+    Extra(&'static str),
+}
+
+impl Upstream {
+    pub fn new(host: String, port: u16, username: String, password: SecretString) -> Self {
+        Upstream {
+            host,
+            port,
+            username,
+            password,
+        }
+    }
+
+    /// Parse `http://USER:PASS@HOST:PORT` (user and password percent-encoded
+    /// where needed). Errors never repeat the URL, since it holds a password.
+    pub fn parse(url: &str) -> Result<Self, UpstreamError> {
+        let parsed = url::Url::parse(url).map_err(|_| UpstreamError::Malformed)?;
+        if parsed.scheme() != "http" {
+            return Err(UpstreamError::Scheme(parsed.scheme().to_owned()));
+        }
+        let host = parsed
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or(UpstreamError::Missing("host"))?;
+        let port = parsed.port().ok_or(UpstreamError::Missing("port"))?;
+        if parsed.username().is_empty() {
+            return Err(UpstreamError::Missing("user name"));
+        }
+        let password = parsed
+            .password()
+            .ok_or(UpstreamError::Missing("password"))?;
+        if !(parsed.path().is_empty() || parsed.path() == "/") {
+            return Err(UpstreamError::Extra("path"));
+        }
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(UpstreamError::Extra("query or fragment"));
+        }
+        let decode = |s: &str| {
+            percent_decode(s)
+                .ok_or(UpstreamError::Malformed)
+                .map(|v| v.trim().to_owned())
+        };
+        Ok(Upstream {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port,
+            username: decode(parsed.username())?,
+            password: SecretString::from(decode(password)?),
+        })
+    }
+
+    pub fn password(&self) -> &SecretString {
+        &self.password
+    }
+
+    /// `host:port`, to connect to.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// For people: `http://user:***@host:port`.
+    pub fn masked(&self) -> String {
+        format!("http://{}:***@{}", self.username, self.authority())
+    }
+
+    /// The `Proxy-Authorization` value, marked sensitive so hyper never logs it.
+    pub fn authorization(&self) -> hyper::header::HeaderValue {
+        let mut raw = format!("{}:{}", self.username, self.password.expose_secret());
+        let mut value = format!("Basic {}", B64.encode(raw.as_bytes()));
+        zeroize::Zeroize::zeroize(&mut raw);
+        let mut header = hyper::header::HeaderValue::from_str(&value)
+            .unwrap_or_else(|_| hyper::header::HeaderValue::from_static("Basic"));
+        zeroize::Zeroize::zeroize(&mut value);
+        header.set_sensitive(true);
+        header
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|v| v.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_and_masks() {
+        let up = Upstream::parse("http://alice:s%40cret@gate.example:10001").expect("valid");
+        assert_eq!(up.host, "gate.example");
+        assert_eq!(up.port, 10001);
+        assert_eq!(up.password().expose_secret(), "s@cret");
+        assert_eq!(up.masked(), "http://alice:***@gate.example:10001");
+        assert!(!format!("{up:?}").contains("s@cret"));
+        let auth = up.authorization();
+        assert!(auth.is_sensitive());
+        assert_eq!(auth.to_str().expect("ascii"), "Basic YWxpY2U6c0BjcmV0");
+    }
+
+    #[test]
+    fn errors_name_the_problem_without_the_secret() {
+        for (url, want) in [
+            ("https://a:b@h:1", UpstreamError::Scheme("https".into())),
+            ("http://a:b@h", UpstreamError::Missing("port")),
+            ("http://h:1", UpstreamError::Missing("user name")),
+            ("http://a@h:1", UpstreamError::Missing("password")),
+            ("http://a:b@h:1/x", UpstreamError::Extra("path")),
+            ("not a url", UpstreamError::Malformed),
+        ] {
+            let err = Upstream::parse(url).expect_err(url);
+            assert_eq!(err, want, "{url}");
+        }
+        let err = Upstream::parse("https://a:topsecret@h:1").expect_err("scheme");
+        assert!(!err.to_string().contains("topsecret"));
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(s in ".{0,64}") {
+            let _ = Upstream::parse(&s);
+        }
+
+        #[test]
+        fn masked_never_shows_the_password(user in "[a-z]{1,5}", pass in "[A-Za-z0-9]{6,16}", port in 1u16..) {
+            let up = Upstream::parse(&format!("http://{user}:{pass}@127.0.0.1:{port}")).expect("valid");
+            prop_assert!(!up.masked().contains(&pass));
+            prop_assert_eq!(up.password().expose_secret(), pass.as_str());
+        }
+    }
+}
