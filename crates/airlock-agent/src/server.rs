@@ -23,6 +23,7 @@ pub struct AgentState {
     pub image_build_id: String,
     pub started: Instant,
     pub exec: ExecConfig,
+    pub logins: Arc<crate::login::Logins>,
 }
 
 impl std::fmt::Debug for AgentState {
@@ -120,6 +121,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/exec", post(exec_handler))
+        .merge(crate::login::http::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -160,6 +162,12 @@ mod tests {
                 home: std::env::temp_dir(),
                 base_env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             },
+            logins: Arc::new(crate::login::Logins::new(crate::login::LoginConfig::guest(
+                RunAs::Current,
+                std::env::temp_dir(),
+                vec![],
+                "10.0.0.1".into(),
+            ))),
         }))
     }
 

@@ -2,6 +2,7 @@
 //! the per-sandbox metadata document, the agent's HTTP API, and VNC authentication.
 
 pub mod agent;
+pub mod login;
 pub mod metadata;
 pub mod vncauth;
 

@@ -1,0 +1,221 @@
+//! Login capture between the control plane and the agent: the provider
+//! definition the agent runs, and what it reports back.
+//!
+//! A provider is data: the control plane reads the definitions (the files under
+//! `/etc/airlock/providers/` of the image) and sends the one it wants run with
+//! the start request, so the agent needs no parser for them and no second copy.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One CLI's way of signing in. Written as TOML by people, so unknown fields
+/// are refused.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderDef {
+    /// `codex`, `claude`, `gemini`, …: the name in `POST /logins`.
+    pub name: String,
+    /// Shown on the Connect button.
+    pub display_name: String,
+    /// The CLI's own login command, run as the sandbox user under a PTY in its home.
+    pub command: Vec<String>,
+    /// Laid over the agent's environment. `{gateway}` in a value becomes the
+    /// sandbox's gateway address.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// A login URL starts with one of these (scheme, host and path). URLs are
+    /// taken from what the CLI asks a browser to open, else from its output.
+    pub url_prefixes: Vec<String>,
+    /// Prompts the CLI shows and what to type at each.
+    #[serde(default)]
+    pub prompts: Vec<Prompt>,
+    /// Text after which the CLI waits for a code pasted by the user.
+    #[serde(default)]
+    pub code_prompt: Option<String>,
+    /// What the CLI writes when signed in, relative to the user's home.
+    pub credentials: Vec<CredentialFile>,
+    /// Run in the workspace after delivery; exit 0 means signed in.
+    #[serde(default)]
+    pub check: Option<Vec<String>>,
+    /// Number of columns of the PTY: wide, so URLs never wrap.
+    #[serde(default = "default_cols")]
+    pub cols: u16,
+}
+
+fn default_cols() -> u16 {
+    500
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Prompt {
+    /// Seen in the output (escapes stripped, runs of whitespace as one space).
+    pub expect: String,
+    /// Typed into the PTY; `\r` is Enter.
+    pub send: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialFile {
+    /// Relative to the home directory, without `..`.
+    pub path: String,
+    /// Dotted keys that must be present for the file to count (it must be JSON
+    /// then); empty: any non-empty file counts.
+    #[serde(default)]
+    pub json_keys: Vec<String>,
+}
+
+impl ProviderDef {
+    /// Problems a definition must not have, named by field.
+    pub fn validate(&self) -> Result<(), String> {
+        let ok_name = !self.name.is_empty()
+            && self.name.len() <= 32
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok_name {
+            return Err("name: lowercase letters, digits and '-', at most 32".into());
+        }
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return Err("command: must name a program".into());
+        }
+        if self.url_prefixes.is_empty()
+            || self
+                .url_prefixes
+                .iter()
+                .any(|p| !(p.starts_with("https://") || p.starts_with("http://")))
+        {
+            return Err("url_prefixes: at least one, each http:// or https://".into());
+        }
+        if self.credentials.is_empty() {
+            return Err("credentials: at least one file".into());
+        }
+        for c in &self.credentials {
+            if !safe_relative(&c.path) {
+                return Err(format!(
+                    "credentials: {:?} must be relative to home, without '..'",
+                    c.path
+                ));
+            }
+        }
+        if self.prompts.iter().any(|p| p.expect.trim().is_empty()) {
+            return Err("prompts: expect must not be empty".into());
+        }
+        if !(80..=1000).contains(&self.cols) {
+            return Err("cols: between 80 and 1000".into());
+        }
+        Ok(())
+    }
+}
+
+/// A path inside the home directory: relative, no `..`, no empty parts.
+pub fn safe_relative(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && path
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != "..")
+        && !path.contains('\0')
+}
+
+/// `POST /login`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LoginStart {
+    pub login_id: String,
+    pub provider: ProviderDef,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentLoginPhase {
+    /// The command runs; no URL yet.
+    Running,
+    /// The URL is open in the browser; waiting for the user.
+    AwaitingUser,
+    /// Every credential file is present and valid.
+    Captured,
+    /// The command ended without credentials, or could not start.
+    Failed,
+}
+
+/// `GET /login/{id}`: no secrets in here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LoginStatus {
+    pub login_id: String,
+    pub phase: AgentLoginPhase,
+    pub login_url: Option<String>,
+    /// The CLI shows its code prompt: a code typed through `POST /login/{id}/input` is expected.
+    #[serde(default)]
+    pub awaiting_code: bool,
+    pub error: Option<String>,
+}
+
+/// One credential file, read by the agent (`GET /login/{id}/credentials`) or
+/// written by it (`POST /credentials/deliver`). The contents are secret: this
+/// type prints none of them.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileBlob {
+    pub path: String,
+    /// Base64 (standard alphabet, padded).
+    pub contents_b64: String,
+}
+
+impl std::fmt::Debug for FileBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileBlob")
+            .field("path", &self.path)
+            .field("contents_b64", &"[redacted]")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileSet {
+    pub files: Vec<FileBlob>,
+}
+
+/// `POST /login/{id}/input`: a code the user pasted; Enter is added.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LoginInput {
+    pub text: String,
+}
+
+impl std::fmt::Debug for LoginInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoginInput([redacted])")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths() {
+        for ok in [".codex/auth.json", "a", ".gemini/oauth_creds.json"] {
+            assert!(safe_relative(ok), "{ok}");
+        }
+        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a", "a/"] {
+            assert!(!safe_relative(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn blobs_never_print_contents() {
+        let b = FileBlob {
+            path: "p".into(),
+            contents_b64: "c2VjcmV0".into(),
+        };
+        assert!(!format!("{b:?}").contains("c2VjcmV0"));
+        let i = LoginInput {
+            text: "code-123".into(),
+        };
+        assert!(!format!("{i:?}").contains("code-123"));
+    }
+}
