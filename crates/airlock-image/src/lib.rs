@@ -21,6 +21,7 @@ pub mod mirror;
 pub mod recipe;
 mod store;
 mod verify;
+pub mod vm;
 
 pub use error::ImageError;
 pub use inputs::{expected_inputs, AGENT_INPUT};

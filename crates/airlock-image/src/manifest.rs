@@ -23,6 +23,10 @@ pub struct Manifest {
     /// Stage → seconds it took when it last really ran (not when reused).
     #[serde(default)]
     pub timings: BTreeMap<String, f64>,
+    /// The guest kernel and ext4 (`airlock image build --vm`); absent from
+    /// manifests of builds without them, so those read as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<crate::vm::VmArtefacts>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -139,6 +143,7 @@ mod tests {
             .collect(),
             versions: [("node".to_owned(), "v22.23.3".to_owned())].into(),
             timings: [("base".to_owned(), 52.5)].into(),
+            vm: None,
         }
     }
 

@@ -6,6 +6,7 @@ use crate::inputs::{inputs_with_agent, sha256_file};
 use crate::manifest::{LayerRecord, Manifest};
 use crate::recipe::{self, layer_dir_name, BuildContext, HostSteps, LayerKind, Steps};
 use crate::verify::VerifyReport;
+use crate::vm::{Timings, VmArtefacts, VmBuilder};
 use crate::{ImageError, Progress};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -197,6 +198,7 @@ impl ImageStore {
             inputs,
             versions: BTreeMap::new(),
             timings: BTreeMap::new(),
+            vm: None,
         };
         if opts.verify {
             let estimate = timings
@@ -317,7 +319,44 @@ impl ImageStore {
                 l.dir = self.layers_dir().join(layer_dir_name(kind, &l.digest));
             }
         }
+        if let Some(vm) = &mut m.vm {
+            let kernel = self
+                .dir
+                .join("kernels")
+                .join(&vm.kernel.digest[..16.min(vm.kernel.digest.len())]);
+            vm.kernel.vmlinux = kernel.join("vmlinux");
+            vm.kernel.bzimage = kernel.join("bzImage");
+            vm.kernel.config = kernel.join("config");
+            vm.rootfs.path = self.dir.join("rootfs").join(format!(
+                "{}.ext4",
+                &vm.rootfs.digest[..16.min(vm.rootfs.digest.len())]
+            ));
+        }
         Ok(Some(m))
+    }
+
+    /// Adds the VM artefacts to `manifest`'s build (a guest kernel and the
+    /// image as ext4), reusing cached ones, and records them in its manifest.
+    pub fn build_vm(
+        &self,
+        manifest: &Manifest,
+        progress: &dyn Progress,
+    ) -> Result<Manifest, ImageError> {
+        let _lock = DirLock::take(&self.dir.join(".lock"), progress)?;
+        self.clean_tmp()?;
+        let mut m = manifest.clone();
+        let mut timings = m.timings.clone();
+        let builder = VmBuilder {
+            dir: &self.dir,
+            progress,
+        };
+        let kernel = builder.ensure_kernel(&mut Timings(&mut timings))?;
+        let rootfs = builder.ensure_rootfs(&m, &mut Timings(&mut timings))?;
+        self.clean_tmp()?;
+        m.vm = Some(VmArtefacts { kernel, rootfs });
+        m.timings = timings;
+        self.write_manifest(&m)?;
+        Ok(m)
     }
 
     /// The build named by `current`, if any.

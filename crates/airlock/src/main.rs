@@ -6,8 +6,12 @@ mod egress;
 mod progress;
 mod vault;
 
+use airlock_drivers::firecracker::api::UnixApi;
+use airlock_drivers::firecracker::{FirecrackerConfig, FirecrackerDriver};
 use airlock_drivers::host::RealHost;
 use airlock_drivers::nspawn::{NspawnConfig, NspawnDriver};
+use airlock_drivers::qemu::{QemuConfig, QemuDriver};
+use airlock_drivers::vm::VmImage;
 use airlock_drivers::{Driver, ImageRef};
 use airlock_image::{ImageStore, Manifest};
 use airlock_server::config::{Config, DriverKind};
@@ -75,9 +79,9 @@ struct UpArgs {
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
     /// Build the golden image (incremental: unchanged layers are reused).
-    Build(Common),
+    Build(ImageArgs),
     /// Check the current image: manifest matches this binary, and the programs run inside it.
-    Verify(Common),
+    Verify(ImageArgs),
     /// Describe the current image.
     Show(Common),
     /// Remove the layers of old builds; the current build, builds that sandboxes
@@ -88,6 +92,16 @@ enum ImageCommand {
         /// Build ids to keep as well.
         keep: Vec<String>,
     },
+}
+
+#[derive(Debug, Args)]
+struct ImageArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Also the VM artefacts the qemu and firecracker drivers boot: the image
+    /// as ext4 and a guest kernel (cached; the first kernel build takes minutes).
+    #[arg(long)]
+    vm: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,14 +177,49 @@ fn fresh_image(cfg: &Config) -> Result<Manifest> {
     }
 }
 
-fn driver_for(cfg: &Config) -> Result<Arc<dyn Driver>> {
+fn driver_for(cfg: &Config, manifest: &Manifest) -> Result<Arc<dyn Driver>> {
     match cfg.driver {
         DriverKind::Nspawn => {
             let nspawn = NspawnConfig::new(cfg.data_dir.join("sandboxes"));
             Ok(Arc::new(NspawnDriver::new(nspawn, Arc::new(RealHost))))
         }
-        other => bail!("the {other:?} driver is not part of this build yet; use --driver nspawn (see `airlock doctor`)"),
+        DriverKind::Qemu => {
+            let qemu = QemuConfig::new(cfg.data_dir.join("qemu"), vm_image(manifest)?);
+            Ok(Arc::new(QemuDriver::new(qemu, Arc::new(RealHost))))
+        }
+        DriverKind::Firecracker => {
+            let mut fc =
+                FirecrackerConfig::new(cfg.data_dir.join("firecracker"), vm_image(manifest)?);
+            if let Some(bin) = std::env::var_os("AIRLOCK_FIRECRACKER_BIN") {
+                fc.firecracker_bin = PathBuf::from(bin);
+            }
+            Ok(Arc::new(FirecrackerDriver::new(
+                fc,
+                Arc::new(RealHost),
+                Arc::new(UnixApi::default()),
+            )))
+        }
     }
+}
+
+/// The VM drivers boot the manifest's kernel and ext4.
+fn vm_image(manifest: &Manifest) -> Result<Option<VmImage>> {
+    let Some(vm) = &manifest.vm else {
+        bail!(
+            "golden image {} has no VM artefacts; build them with `airlock image build --vm`",
+            manifest.build_id
+        );
+    };
+    Ok(Some(VmImage {
+        build_id: manifest.build_id.clone(),
+        vmlinux: vm.kernel.vmlinux.clone(),
+        bzimage: vm.kernel.bzimage.clone(),
+        vmlinux_sha256: vm.kernel.vmlinux_sha256.clone(),
+        bzimage_sha256: vm.kernel.bzimage_sha256.clone(),
+        rootfs: vm.rootfs.path.clone(),
+        rootfs_sha256: vm.rootfs.sha256.clone(),
+        rootfs_size: vm.rootfs.size,
+    }))
 }
 
 async fn up(args: UpArgs) -> Result<()> {
@@ -196,7 +245,7 @@ async fn up(args: UpArgs) -> Result<()> {
              that suits one trusted user or development. Users who must not trust each other need a VM driver."
         );
     }
-    let driver = driver_for(&cfg)?;
+    let driver = driver_for(&cfg, &manifest)?;
     let running = airlock_server::server::start(&cfg, image, driver).await?;
     let shutdown = running.shutdown_handle();
     tokio::spawn(async move {
@@ -213,12 +262,18 @@ async fn up(args: UpArgs) -> Result<()> {
 
 fn image_command(cmd: ImageCommand) -> Result<()> {
     match cmd {
-        ImageCommand::Build(common) => {
+        ImageCommand::Build(ImageArgs { common, vm }) => {
             let cfg = load_config(&common)?;
-            let manifest = build_image(&ImageStore::new(cfg.image_dir()), &agent_bin()?)?;
+            let store = ImageStore::new(cfg.image_dir());
+            let mut manifest = build_image(&store, &agent_bin()?)?;
+            if vm {
+                manifest = store
+                    .build_vm(&manifest, &progress::Bars::new())
+                    .context("building the VM artefacts failed")?;
+            }
             println!("golden image {} is built", manifest.build_id);
         }
-        ImageCommand::Verify(common) => {
+        ImageCommand::Verify(ImageArgs { common, vm }) => {
             let cfg = load_config(&common)?;
             let store = ImageStore::new(cfg.image_dir());
             let Some(manifest) = store.current()? else {
@@ -239,6 +294,19 @@ fn image_command(cmd: ImageCommand) -> Result<()> {
             }
             if !report.ok() {
                 bail!("golden image {} failed verification", manifest.build_id);
+            }
+            if vm {
+                let checks = airlock_image::vm::verify(&manifest)?;
+                for check in &checks {
+                    let mark = if check.ok { "ok  " } else { "FAIL" };
+                    println!("{mark} {:<28} {}", check.name, check.detail);
+                }
+                if checks.iter().any(|c| !c.ok) {
+                    bail!(
+                        "the VM artefacts of {} failed verification",
+                        manifest.build_id
+                    );
+                }
             }
         }
         ImageCommand::Prune { common, mut keep } => {
@@ -328,7 +396,7 @@ fn main() {
             Command::User(cmd) => user_command(cmd).await,
             Command::Egress(cmd) => egress::run(cmd).await,
             Command::Vault(cmd) => vault::run(cmd).await,
-            Command::Doctor => doctor::run(),
+            Command::Doctor => doctor::run().await,
         }
     });
     if let Err(err) = result {

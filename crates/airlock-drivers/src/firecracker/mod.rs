@@ -119,9 +119,10 @@ impl FirecrackerDriver {
         VmDir(self.cfg.root.join(id))
     }
 
-    /// `--id` is on Firecracker's command line whether jailed or not.
+    /// `--id` is on Firecracker's command line whether jailed or not, and
+    /// never last (the trailing space keeps `vm1` from matching `vm10`).
     fn marker(id: &str) -> String {
-        format!("--id {id}")
+        format!("--id {id} ")
     }
 
     fn jail_root(&self, id: &str) -> Option<PathBuf> {
@@ -605,4 +606,4 @@ impl Driver for FirecrackerDriver {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
