@@ -52,6 +52,13 @@ pub struct Config {
     pub history_ttl_s: u64,
     pub memory_mb: Option<u64>,
     pub max_pids: Option<u64>,
+    /// New sandboxes are refused (503) while the host has less memory
+    /// available than this.
+    pub min_free_memory_mb: u64,
+    /// A login the user has not completed by then expires.
+    pub login_timeout_s: u64,
+    /// Extra provider definitions (`*.toml`), added to those of the image.
+    pub providers_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -70,6 +77,9 @@ impl Default for Config {
             history_ttl_s: 24 * 3600,
             memory_mb: Some(2048),
             max_pids: Some(4096),
+            min_free_memory_mb: 768,
+            login_timeout_s: 15 * 60,
+            providers_dir: None,
         }
     }
 }
@@ -177,6 +187,9 @@ impl Config {
         app.boot_timeout = Duration::from_secs(self.boot_timeout_s);
         app.idle_ttl = Duration::from_secs(self.idle_ttl_s);
         app.history_ttl = Duration::from_secs(self.history_ttl_s);
+        app.min_free_memory = self.min_free_memory_mb << 20;
+        app.login_timeout = Duration::from_secs(self.login_timeout_s);
+        app.providers_dir = self.providers_dir.clone();
         app
     }
 }

@@ -213,3 +213,27 @@ async fn openapi_health_and_ui_are_served() {
     );
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_little_host_memory_is_503_and_leaves_no_row() {
+    if unmet().is_some() {
+        return;
+    }
+    // Ask for more free memory than any host has.
+    let h = common::start_with("10.232.14.0/24", |cfg| cfg.min_free_memory_mb = 1 << 30).await;
+    let (status, body) = h
+        .post("/api/v1/sandboxes", json!({"kind": "browser"}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "no_capacity");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("memory"),
+        "{body}"
+    );
+    let (_, list) = h.get("/api/v1/sandboxes").await;
+    assert_eq!(list["sandboxes"].as_array().map(Vec::len), Some(0));
+    h.shutdown().await;
+}

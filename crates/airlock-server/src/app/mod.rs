@@ -36,6 +36,12 @@ pub struct AppConfig {
     pub reaper_every: Duration,
     /// Bounded retries of transient driver failures.
     pub driver_retries: u32,
+    /// Bytes of host memory that must stay available for a new sandbox.
+    pub min_free_memory: u64,
+    /// A login not signed in by then expires.
+    pub login_timeout: Duration,
+    /// Provider definitions added to those of the image (tests, local providers).
+    pub providers_dir: Option<PathBuf>,
 }
 
 impl AppConfig {
@@ -50,6 +56,9 @@ impl AppConfig {
             history_ttl: Duration::from_secs(24 * 3600),
             reaper_every: Duration::from_secs(10),
             driver_retries: 3,
+            min_free_memory: 768 << 20,
+            login_timeout: Duration::from_secs(15 * 60),
+            providers_dir: None,
         }
     }
 }

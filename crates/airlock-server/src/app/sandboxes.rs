@@ -38,6 +38,16 @@ impl App {
         user: &UserRow,
         kind: SandboxKind,
     ) -> Result<SandboxRow, AppError> {
+        if let Some(available) = memory_available() {
+            if available < self.cfg.min_free_memory {
+                return Err(AppError::NoCapacity(format!(
+                    "the host has {} MiB of memory available, less than the {} MiB a new sandbox needs; \
+                     delete a sandbox or try later",
+                    available >> 20,
+                    self.cfg.min_free_memory >> 20
+                )));
+            }
+        }
         let row = {
             let _guard = self.lease_lock.lock().await;
             let used = self.store.used_leases().await?;
@@ -521,6 +531,14 @@ impl App {
         self.recover_logins().await;
         Ok(())
     }
+}
+
+/// The host's available memory in bytes (MemAvailable), if it can be read.
+fn memory_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
 }
 
 /// An error with all its sources, on one line.

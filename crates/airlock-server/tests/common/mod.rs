@@ -76,6 +76,11 @@ pub struct Harness {
 /// A control plane with its own data dir and its own slice of addresses
 /// (`pool` must differ between tests that may run at the same time).
 pub async fn start(pool: &str) -> Harness {
+    start_with(pool, |_| {}).await
+}
+
+/// Like [`start`], with the configuration adjusted first.
+pub async fn start_with(pool: &str, adjust: impl FnOnce(&mut Config)) -> Harness {
     let tmp = tempfile::Builder::new()
         .prefix("airlock-test-")
         .tempdir_in("/var/tmp")
@@ -86,6 +91,8 @@ pub async fn start(pool: &str) -> Harness {
         address_pool: pool.to_owned(),
         ..Config::default()
     };
+    let mut cfg = cfg;
+    adjust(&mut cfg);
     let running = launch(&cfg).await;
     let base = format!("http://{}", running.addr);
     Harness {
