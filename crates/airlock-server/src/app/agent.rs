@@ -71,6 +71,33 @@ impl AgentClient {
     }
 }
 
+impl AgentClient {
+    /// A JSON request to one of the agent's other endpoints (logins, delivery);
+    /// `None` for answers without a body.
+    pub async fn call<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        addr: SocketAddr,
+        token: &str,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Option<T>, AgentError> {
+        let mut req = self
+            .http
+            .request(method, format!("http://{addr}{path}"))
+            .bearer_auth(token)
+            .timeout(Duration::from_secs(20));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(AgentError::Unreachable)?;
+        if resp.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        decode(resp).await.map(Some)
+    }
+}
+
 async fn decode<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T, AgentError> {
     let status = resp.status();
     if status.is_success() {

@@ -1,15 +1,256 @@
-//! The `/api/v1` endpoints of logins (owned by the logins work).
+//! The `/api/v1` endpoints of logins and stored credentials. Thin: parse,
+//! call the app, shape the answer. No secret is ever part of an answer.
 
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use crate::app::logins::state::LoginState;
+use crate::app::logins::ProviderStats;
 use crate::app::App;
-use axum::Router;
+use crate::store::{CredentialRow, LoginRow};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::Arc;
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateLogin {
+    /// `claude`, `codex` or `gemini` (see `GET /providers`).
+    pub provider: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Login {
+    pub id: String,
+    pub provider: String,
+    pub state: LoginState,
+    /// Why it failed, expired or was cancelled.
+    pub error: Option<String>,
+    /// The provider's sign-in page, once the CLI printed it.
+    pub login_url: Option<String>,
+    /// The CLI waits for a code the user pastes (`POST /logins/{id}/code`).
+    pub awaiting_code: bool,
+    pub browser_sandbox_id: Option<String>,
+    pub workspace_sandbox_id: Option<String>,
+    /// The page that shows the browser sandbox's desktop.
+    pub viewer_url: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub expires_at: String,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LoginList {
+    pub logins: Vec<Login>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginCode {
+    pub code: String,
+}
+
+/// Metadata of stored credentials; never the credentials.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Credential {
+    pub provider: String,
+    pub login_id: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub delivered_at: Option<String>,
+    /// Credentials are replaced by the next login; they carry no expiry we
+    /// can read without opening them, so this is not set today.
+    pub expires_at: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CredentialList {
+    pub credentials: Vec<Credential>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Provider {
+    pub name: String,
+    pub display_name: String,
+    /// The CLI may ask for a code pasted back.
+    pub takes_code: bool,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProviderList {
+    pub providers: Vec<Provider>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LoginStats {
+    pub providers: BTreeMap<String, ProviderStats>,
+}
+
+fn rfc3339(ms: i64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn view(row: LoginRow) -> Login {
+    Login {
+        viewer_url: row
+            .browser_sandbox_id
+            .as_ref()
+            .map(|s| format!("/view/{s}")),
+        id: row.id,
+        provider: row.provider,
+        state: row.state,
+        error: row.reason,
+        login_url: row.login_url,
+        awaiting_code: row.awaiting_code,
+        browser_sandbox_id: row.browser_sandbox_id,
+        workspace_sandbox_id: row.workspace_sandbox_id,
+        created_at: rfc3339(row.created_at),
+        updated_at: rfc3339(row.updated_at),
+        expires_at: rfc3339(row.expires_at),
+        finished_at: row.finished_at.map(rfc3339),
+    }
+}
+
+fn cred_view(row: CredentialRow) -> Credential {
+    Credential {
+        provider: row.provider,
+        login_id: row.login_id,
+        created_at: rfc3339(row.created_at),
+        updated_at: rfc3339(row.updated_at),
+        delivered_at: row.delivered_at.map(rfc3339),
+        expires_at: None,
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/logins", request_body = CreateLogin,
+    responses((status = 201, body = Login), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn create(
+    State(app): State<Arc<App>>,
+    Caller(user): Caller,
+    body: Result<Json<CreateLogin>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let row = app.start_login(&user, &body.provider).await?;
+    Ok((StatusCode::CREATED, Json(view(row))).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/logins", responses((status = 200, body = LoginList)))]
+pub async fn list(
+    State(app): State<Arc<App>>,
+    Caller(user): Caller,
+) -> Result<Json<LoginList>, ApiError> {
+    let rows = app.logins_list(&user).await?;
+    Ok(Json(LoginList {
+        logins: rows.into_iter().map(view).collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/logins/{id}", responses((status = 200, body = Login), (status = 404, body = ErrorBody)))]
+pub async fn get_one(
+    State(app): State<Arc<App>>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Login>, ApiError> {
+    Ok(Json(view(app.login_of(&user, &id).await?)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/logins/{id}", responses((status = 202, body = Login), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn cancel(
+    State(app): State<Arc<App>>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let row = app.cancel_login(&user, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(view(row))).into_response())
+}
+
+#[utoipa::path(post, path = "/api/v1/logins/{id}/code", request_body = LoginCode,
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn code(
+    State(app): State<Arc<App>>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    body: Result<Json<LoginCode>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Json(body) = body?;
+    app.submit_code(&user, &id, &body.code).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/credentials", responses((status = 200, body = CredentialList)))]
+pub async fn credentials(
+    State(app): State<Arc<App>>,
+    Caller(user): Caller,
+) -> Result<Json<CredentialList>, ApiError> {
+    let rows = app.credentials_list(&user).await?;
+    Ok(Json(CredentialList {
+        credentials: rows.into_iter().map(cred_view).collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/providers", responses((status = 200, body = ProviderList)))]
+pub async fn providers(State(app): State<Arc<App>>, Caller(_user): Caller) -> Json<ProviderList> {
+    Json(ProviderList {
+        providers: app
+            .providers()
+            .list()
+            .iter()
+            .map(|p| Provider {
+                name: p.name.clone(),
+                display_name: p.display_name.clone(),
+                takes_code: p.code_prompt.is_some(),
+            })
+            .collect(),
+    })
+}
+
+#[utoipa::path(get, path = "/api/v1/login-stats", responses((status = 200, body = LoginStats)))]
+pub async fn stats(State(app): State<Arc<App>>, Caller(_user): Caller) -> Json<LoginStats> {
+    Json(LoginStats {
+        providers: app.login_stats(),
+    })
+}
 
 /// Routes under `/api/v1`.
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
+        .route("/logins", post(create).get(list))
+        .route("/logins/{id}", get(get_one).delete(cancel))
+        .route("/logins/{id}/code", post(code))
+        .route("/credentials", get(credentials))
+        .route("/providers", get(providers))
+        .route("/login-stats", get(stats))
 }
 
 /// This module's part of the OpenAPI document.
 #[derive(Debug, utoipa::OpenApi)]
-#[openapi()]
+#[openapi(
+    paths(create, list, get_one, cancel, code, credentials, providers, stats),
+    components(schemas(
+        CreateLogin,
+        Login,
+        LoginList,
+        LoginCode,
+        Credential,
+        CredentialList,
+        Provider,
+        ProviderList,
+        LoginStats,
+        ProviderStats,
+        LoginState
+    ))
+)]
 pub struct Doc;

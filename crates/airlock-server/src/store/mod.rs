@@ -12,6 +12,7 @@ mod sandboxes;
 mod users;
 
 pub use egress::{AccountRow, UpstreamRow, ACCOUNT_ID as EGRESS_ACCOUNT_ID};
+pub use logins::{CredentialRow, LoginRow, LoginUpdate};
 pub use sandboxes::SandboxRow;
 pub use users::UserRow;
 
