@@ -55,17 +55,29 @@ async fn upstream() -> SocketAddr {
         while let Ok((s, _)) = l.accept().await {
             let _ = s.set_nodelay(true);
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|mut req: hyper::Request<hyper::body::Incoming>| async move {
-                    let target = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
-                    let on = hyper::upgrade::on(&mut req);
-                    tokio::spawn(async move {
-                        if let (Ok(up), Ok(mut o)) = (on.await, TcpStream::connect(target).await) {
-                            let _ = o.set_nodelay(true);
-                            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut o).await;
-                        }
-                    });
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Empty::<Bytes>::new()))
-                });
+                let svc = hyper::service::service_fn(
+                    |mut req: hyper::Request<hyper::body::Incoming>| async move {
+                        let target = req
+                            .uri()
+                            .authority()
+                            .map(|a| a.to_string())
+                            .unwrap_or_default();
+                        let on = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            if let (Ok(up), Ok(mut o)) =
+                                (on.await, TcpStream::connect(target).await)
+                            {
+                                let _ = o.set_nodelay(true);
+                                let _ =
+                                    tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut o)
+                                        .await;
+                            }
+                        });
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            Empty::<Bytes>::new(),
+                        ))
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
                     .with_upgrades()
@@ -88,7 +100,11 @@ async fn tunnel(via: SocketAddr, target: SocketAddr) -> TcpStream {
         s.read_exact(&mut b).await.expect("read head");
         head.push(b[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s
 }
 
@@ -157,7 +173,12 @@ async fn main() {
     ))));
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let proxy = l.local_addr().expect("addr");
-    tokio::spawn(serve(l, ProxyConfig::default(), resolve.clone(), Arc::new(Stats::default())));
+    tokio::spawn(serve(
+        l,
+        ProxyConfig::default(),
+        resolve.clone(),
+        Arc::new(Stats::default()),
+    ));
     measure("direct (upstream only)", up, echo, sink).await;
     measure("via forward proxy", proxy, echo, sink).await;
 
@@ -166,7 +187,12 @@ async fn main() {
     let mut tasks = Vec::new();
     for _ in 0..n {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        tasks.push(tokio::spawn(serve(l, ProxyConfig::default(), resolve.clone(), Arc::new(Stats::default()))));
+        tasks.push(tokio::spawn(serve(
+            l,
+            ProxyConfig::default(),
+            resolve.clone(),
+            Arc::new(Stats::default()),
+        )));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let after = rss_kib();

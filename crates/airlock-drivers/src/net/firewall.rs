@@ -269,8 +269,7 @@ mod tests {
         // The chain ends in a drop that matches everything.
         let last_in = script
             .lines()
-            .filter(|l| l.starts_with("add rule inet airlock alabc123_in"))
-            .next_back()
+            .rfind(|l| l.starts_with("add rule inet airlock alabc123_in"))
             .expect("rules");
         assert_eq!(
             last_in,
