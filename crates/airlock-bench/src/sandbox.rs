@@ -318,3 +318,29 @@ pub fn self_rss() -> u64 {
         .unwrap_or(0)
         * 1024
 }
+
+/// CPU time (user + system, in clock ticks) of every process now in the
+/// sandbox's cgroup. Processes that exit between two readings drop out.
+pub fn cpu_ticks(id: &str) -> u64 {
+    let mut pids = Vec::new();
+    procs_under(&memory_cgroup(id), &mut pids);
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // After the command: state is field 3; utime and stime are 14 and 15.
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`), 100 when that cannot be asked.
+pub fn clock_ticks() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100)
+}

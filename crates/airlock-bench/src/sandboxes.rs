@@ -1,7 +1,9 @@
 //! Sandbox start time and idle memory: sandboxes created one after another
 //! through the real API (each left running), then measured together once idle.
 
-use crate::sandbox::{cgroup_memory, meminfo, process_memory, ControlPlane};
+use crate::sandbox::{
+    cgroup_memory, clock_ticks, cpu_ticks, meminfo, process_memory, ControlPlane,
+};
 use crate::stats::{mib, percentile, secs, Table};
 use anyhow::Result;
 use std::time::{Duration, Instant};
@@ -65,6 +67,17 @@ async fn measure(cp: &ControlPlane, count: usize, settle: Duration) -> Result<()
         secs(settle)
     );
     tokio::time::sleep(settle).await;
+    // Idle CPU: every sandbox's processes over one 10 s window.
+    let window = Duration::from_secs(10);
+    let before: Vec<u64> = ids.iter().map(|id| cpu_ticks(id)).collect();
+    tokio::time::sleep(window).await;
+    let idle_cpu: Vec<f64> = ids
+        .iter()
+        .zip(&before)
+        .map(|(id, b)| {
+            cpu_ticks(id).saturating_sub(*b) as f64 / clock_ticks() as f64 / window.as_secs_f64()
+        })
+        .collect();
 
     let mut m = Table::new(
         &format!(
@@ -81,11 +94,12 @@ async fn measure(cp: &ControlPlane, count: usize, settle: Duration) -> Result<()
             "processes",
             "Σ PSS",
             "Σ RSS",
+            "idle CPU",
         ],
     );
     let n = ids.len().max(1) as u64;
     let (mut su, mut sw, mut spss) = (0u64, 0u64, 0u64);
-    for id in &ids {
+    for (id, cpu) in ids.iter().zip(&idle_cpu) {
         let c = cgroup_memory(id)?;
         let (procs, pss, rss) = process_memory(id);
         let working = c.usage.saturating_sub(c.inactive_file);
@@ -101,6 +115,7 @@ async fn measure(cp: &ControlPlane, count: usize, settle: Duration) -> Result<()
             procs.to_string(),
             mib(pss),
             mib(rss),
+            format!("{:.1}% of a core", cpu * 100.0),
         ]);
     }
     m.row(&[
@@ -112,6 +127,10 @@ async fn measure(cp: &ControlPlane, count: usize, settle: Duration) -> Result<()
         String::new(),
         mib(spss / n),
         String::new(),
+        format!(
+            "{:.1}% of a core",
+            idle_cpu.iter().sum::<f64>() / n as f64 * 100.0
+        ),
     ]);
     m.print();
 
@@ -163,6 +182,18 @@ async fn measure(cp: &ControlPlane, count: usize, settle: Duration) -> Result<()
             mib(per)
         ),
     ]);
+    let mean_cpu = idle_cpu.iter().sum::<f64>() / n as f64;
+    if mean_cpu > 0.0 {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
+        cap.row(&[
+            "idle sandboxes the CPUs carry".to_owned(),
+            format!("{:.0}", cores / mean_cpu),
+            format!(
+                "{cores} cores / {:.1}% of a core per idle sandbox (no headroom left)",
+                mean_cpu * 100.0
+            ),
+        ]);
+    }
     cap.print();
 
     let mut del = Vec::new();
