@@ -206,15 +206,33 @@ struct Bare {
 }
 
 impl Drop for Bare {
+    /// Each was started as the leader of its own process group; end the whole
+    /// group (Chromium's zygotes, renderers and crash handlers with it).
     fn drop(&mut self) {
-        if let Some(c) = self.chromium.as_mut() {
-            // Chromium's own children follow their parent's exit.
-            let _ = c.kill();
-            let _ = c.wait();
+        let children = self
+            .chromium
+            .iter_mut()
+            .chain(std::iter::once(&mut self.xvnc));
+        for child in children {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
         }
-        let _ = self.xvnc.kill();
-        let _ = self.xvnc.wait();
     }
+}
+
+/// Run as `nobody` (uid/gid 65534), as the leader of a new process group.
+fn as_nobody(program: &str) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = std::process::Command::new(program);
+    c.uid(65534)
+        .gid(65534)
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    c
 }
 
 fn chown_nobody(p: &Path) -> Result<()> {
@@ -247,8 +265,7 @@ async fn start_bare(password: &str, display: u16, width: u16, height: u16) -> Re
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let xvnc = std::process::Command::new("runuser")
-        .args(["-u", "nobody", "--", "Xvnc"])
+    let xvnc = as_nobody("Xvnc")
         .arg(format!(":{display}"))
         .args(["-geometry", &format!("{width}x{height}"), "-depth", "24"])
         .args(["-rfbport", &port.to_string(), "-interface", "127.0.0.1"])
@@ -262,8 +279,6 @@ async fn start_bare(password: &str, display: u16, width: u16, height: u16) -> Re
             "-desktop",
             "bare",
         ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
         .spawn()
         .context("starting Xvnc (TigerVNC)")?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -281,20 +296,15 @@ async fn start_bare(password: &str, display: u16, width: u16, height: u16) -> Re
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let home = bare._dir.path().join("home");
-    let chromium = std::process::Command::new("runuser")
-        .args(["-u", "nobody", "--", "env"])
-        .arg(format!("HOME={}", home.display()))
-        .arg(format!("DISPLAY=:{display}"))
-        .arg("chromium")
+    let chromium = as_nobody("chromium")
+        .env("HOME", &home)
+        .env("DISPLAY", format!(":{display}"))
         .arg(format!(
             "--user-data-dir={}",
             home.join("profile").display()
         ))
         .args(CHROMIUM_FLAGS.split_whitespace())
         .arg(format!("file://{}", page.display()))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
         .spawn()
         .context("starting Chromium")?;
     bare.chromium = Some(chromium);
@@ -324,7 +334,14 @@ pub async fn run(presses: usize, gap: Duration) -> Result<()> {
     // Bare first: nothing of ours is running yet.
     eprintln!("keypress: bare Xvnc + Chromium on the host");
     let password = "benchpw1";
-    let bare = start_bare(password, 87, 1280, 800).await?;
+    // The first display number nobody on this host is using.
+    let display = (87..200)
+        .find(|d| {
+            !Path::new(&format!("/tmp/.X11-unix/X{d}")).exists()
+                && !Path::new(&format!("/tmp/.X{d}-lock")).exists()
+        })
+        .context("no free X display number")?;
+    let bare = start_bare(password, display, 1280, 800).await?;
     let mut v = tcp_viewer(bare.addr, password).await?;
     v.wait_black(Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
