@@ -62,9 +62,12 @@ fn up(config: &std::path::Path, data: &std::path::Path) -> Up {
     Up { child }
 }
 
-async fn wait_healthy(http: &reqwest::Client, base: &str) {
+async fn wait_healthy(http: &reqwest::Client, base: &str, up: &mut Up) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
+        if let Ok(Some(status)) = up.child.try_wait() {
+            panic!("airlock up exited ({status}) before it served {base}; its stderr is above");
+        }
         if let Ok(r) = http.get(format!("{base}/healthz")).send().await {
             if r.status().is_success() {
                 return;
@@ -124,7 +127,7 @@ async fn sandboxes_survive_kill_9_of_the_control_plane() {
         .expect("client");
 
     let mut first = up(&config, &data);
-    wait_healthy(&http, &base).await;
+    wait_healthy(&http, &base, &mut first).await;
     let created: Value = http
         .post(format!("{base}/api/v1/sandboxes"))
         .json(&json!({"kind": "browser"}))
@@ -151,8 +154,8 @@ async fn sandboxes_survive_kill_9_of_the_control_plane() {
     // SIGKILL: no chance to clean up or say goodbye.
     first.child.kill().expect("kill -9");
     first.child.wait().expect("reaped");
-    let _second = up(&config, &data);
-    wait_healthy(&http, &base).await;
+    let mut second = up(&config, &data);
+    wait_healthy(&http, &base, &mut second).await;
 
     let s = state(&http, &base, &id).await;
     assert_eq!(s["state"], "ready", "re-adopted as ready: {s}");
