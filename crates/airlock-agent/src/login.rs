@@ -1210,6 +1210,7 @@ pub mod http {
             .into_response()
     }
 
+    #[allow(clippy::result_large_err)] // an axum Response, as the handlers return
     fn body<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> Result<T, Response> {
         serde_json::from_slice(bytes).map_err(|e| {
             (
