@@ -445,6 +445,17 @@ pub struct EgressState {
     metrics: OnceLock<EgressMetrics>,
 }
 
+impl Drop for EgressState {
+    /// The listeners go with the app: a control plane started again in the
+    /// same process (tests, or an embedding) must be able to bind them anew.
+    fn drop(&mut self) {
+        let attached = self.attached.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (_, a) in attached.drain() {
+            a.task.abort();
+        }
+    }
+}
+
 impl EgressState {
     fn forget_cache(&self) {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -770,13 +781,19 @@ impl App {
     }
 }
 
-/// Bind the gateway address; the link was just made, so give it a moment.
+/// Bind the gateway address, giving the link and any old listener a moment.
 async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let mut last = None;
-    for _ in 0..10 {
+    for _ in 0..30 {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => return Ok(l),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+            // The link was just made, or a previous listener is still going away.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::AddrInUse
+                ) =>
+            {
                 last = Some(e);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
