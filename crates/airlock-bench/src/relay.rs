@@ -154,7 +154,8 @@ impl Websockify {
             .spawn()
             .context("starting websockify (Debian package websockify)")?;
         let ws = Websockify { child, addr };
-        for _ in 0..100 {
+        // Python starts slowly on a busy machine: allow it half a minute.
+        for _ in 0..600 {
             if TcpStream::connect(addr).await.is_ok() {
                 return Ok(ws);
             }
