@@ -26,7 +26,7 @@ pub mod close {
     pub const RELAY_ERROR: u16 = 1011;
 }
 
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 128 * 1024;
 const PING_EVERY: Duration = Duration::from_secs(20);
 const PONG_DEADLINE: Duration = Duration::from_secs(45);
 /// How long one frame may wait for the viewer before it counts as too slow.
@@ -192,15 +192,21 @@ async fn pump(
         }
     });
 
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = BytesMut::with_capacity(CHUNK);
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
     let (code, reason): (u16, &str) = loop {
         tokio::select! {
-            read = tcp_read.read(&mut buf) => match read {
+            read = tcp_read.read_buf(&mut buf) => match read {
                 Ok(0) | Err(_) => break (close::GUEST_UNREACHABLE, "the sandbox's display closed the connection"),
-                Ok(n) => {
-                    let send = tokio::time::timeout(SEND_DEADLINE, sink.send(Message::Binary(buf[..n].to_vec().into()))).await;
+                Ok(_) => {
+                    // Hand the bytes over without copying; the next read gets
+                    // fresh room once this chunk's memory is spoken for.
+                    let chunk = buf.split().freeze();
+                    if buf.capacity() < CHUNK / 4 {
+                        buf.reserve(CHUNK);
+                    }
+                    let send = tokio::time::timeout(SEND_DEADLINE, sink.send(Message::Binary(chunk))).await;
                     match send {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break (close::NORMAL, ""),
