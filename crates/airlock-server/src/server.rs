@@ -52,6 +52,7 @@ impl Running {
         let _ = self.shutdown.send(true);
         let _ = self.http.await;
         let _ = self.reaper.await;
+        self.app.stop_background();
     }
 
     /// Wait until the HTTP server ends (after a shutdown signal).
@@ -62,6 +63,7 @@ impl Running {
         };
         let _ = self.shutdown.send(true);
         let _ = self.reaper.await;
+        self.app.stop_background();
         result
     }
 

@@ -208,10 +208,9 @@ async fn whole_flow_with_a_local_oauth_server() {
             );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        // A restart of the control plane while the user signs in: off while an
-        // in-process restart leaves the previous run's forward proxies bound
-        // (egress, "Address already in use"); set AIRLOCK_TEST_LOGIN_RESTART=1.
-        if round == 0 && std::env::var_os("AIRLOCK_TEST_LOGIN_RESTART").is_some() {
+        // The first login lives through a restart of the control plane while
+        // the user signs in.
+        if round == 0 {
             // The control plane dies while the user is signing in.
             h.restart().await;
             let (_, b) = h.get(&format!("/api/v1/logins/{id}")).await;

@@ -449,10 +449,23 @@ impl Drop for EgressState {
     /// The listeners go with the app: a control plane started again in the
     /// same process (tests, or an embedding) must be able to bind them anew.
     fn drop(&mut self) {
-        let attached = self.attached.get_mut().unwrap_or_else(|p| p.into_inner());
+        self.abort_all();
+    }
+}
+
+impl EgressState {
+    fn abort_all(&self) {
+        let mut attached = self.attached.lock().unwrap_or_else(|p| p.into_inner());
         for (_, a) in attached.drain() {
             a.task.abort();
         }
+    }
+}
+
+impl App {
+    /// Stop every sandbox's forward proxy (the control plane is stopping).
+    pub(crate) fn egress_stop_all(&self) {
+        self.egress.abort_all();
     }
 }
 

@@ -475,7 +475,7 @@ impl App {
         }
         let app = self.clone();
         let id = id.to_owned();
-        tokio::spawn(async move {
+        self.spawn(async move {
             app.drive(&id).await;
             app.logins
                 .driving

@@ -100,6 +100,9 @@ pub struct App {
     pub logins: logins::LoginsState,
     /// Serialises lease allocation.
     lease_lock: tokio::sync::Mutex<()>,
+    /// Background work (boots, teardowns, logins), so a stop can end it all
+    /// at once, as a process exit would.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// One lock per sandbox: driver work on a sandbox never overlaps.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -127,8 +130,27 @@ impl App {
             egress: egress::EgressState::default(),
             logins: logins::LoginsState::default(),
             lease_lock: tokio::sync::Mutex::new(()),
+            tasks: Mutex::new(Vec::new()),
             locks: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Run `work` in the background, tracked so [`App::stop_background`] ends it.
+    pub(crate) fn spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(work).abort_handle();
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(handle);
+    }
+
+    /// End all background work and every per-sandbox listener. Sandboxes keep
+    /// running: the next start re-adopts them and resumes what was under way.
+    pub fn stop_background(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            task.abort();
+        }
+        self.egress_stop_all();
     }
 
     fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {

@@ -87,7 +87,7 @@ impl App {
         self.metrics.created();
         let app = self.clone();
         let id = row.id.clone();
-        tokio::spawn(async move { app.boot(&id).await });
+        self.spawn(async move { app.boot(&id).await });
         Ok(row)
     }
 
@@ -126,7 +126,7 @@ impl App {
             {
                 let app = self.clone();
                 let id = id.to_owned();
-                tokio::spawn(async move { app.teardown(&id, SandboxState::Stopped).await });
+                self.spawn(async move { app.teardown(&id, SandboxState::Stopped).await });
             }
         }
         self.sandbox_of(user, id).await
@@ -480,7 +480,7 @@ impl App {
                     Err(e) => Err(e),
                 };
                 if let Err(e) = reattached {
-                    tokio::spawn(async move {
+                    self.spawn(async move {
                         app.fail(&row.id, "egress", &format!("could not restore egress: {e}"))
                             .await
                     });
@@ -492,7 +492,7 @@ impl App {
                     tracing::info!(sandbox = %row.id, "re-adopted a running sandbox");
                 }
                 SandboxState::Booting if running(&row.id) => {
-                    tokio::spawn(async move {
+                    self.spawn(async move {
                         let started = Instant::now();
                         match app.wait_until_ready(&row, started).await {
                             Ok(()) => {
@@ -511,7 +511,7 @@ impl App {
                     });
                 }
                 SandboxState::Provisioning | SandboxState::Booting | SandboxState::Ready => {
-                    tokio::spawn(async move {
+                    self.spawn(async move {
                         app.fail(
                             &row.id,
                             "lost",
@@ -521,10 +521,10 @@ impl App {
                     });
                 }
                 SandboxState::Stopping => {
-                    tokio::spawn(async move { app.teardown(&row.id, SandboxState::Stopped).await });
+                    self.spawn(async move { app.teardown(&row.id, SandboxState::Stopped).await });
                 }
                 SandboxState::Failed | SandboxState::Stopped => {
-                    tokio::spawn(async move { app.teardown(&row.id, row.state).await });
+                    self.spawn(async move { app.teardown(&row.id, row.state).await });
                 }
             }
         }
