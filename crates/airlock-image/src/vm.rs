@@ -207,8 +207,10 @@ impl VmBuilder<'_> {
             .ok_or_else(|| {
                 ImageError::Recipe(format!("no kernel tree under {}", src_root.display()))
             })?;
-        mkdirs(&self.tmp())?;
-        let fragment = self.tmp().join("microvm.config");
+        // In a directory of its own: whatever is in tmp/ is removed as a tree.
+        let scratch = self.tmp().join("kernel-config");
+        mkdirs(&scratch)?;
+        let fragment = scratch.join("microvm.config");
         std::fs::write(&fragment, embedded_str(KERNEL_CONFIG_INPUT)?)
             .map_err(|e| ImageError::io(format!("writing {}", fragment.display()), e))?;
         let make = |targets: &[&str]| {
@@ -578,7 +580,7 @@ mod tests {
 
     #[test]
     fn newest_source_wins_and_sizes_have_room() {
-        let mut v = vec![
+        let mut v = [
             PathBuf::from("/usr/src/linux-source-6.10.tar.xz"),
             PathBuf::from("/usr/src/linux-source-6.9.tar.xz"),
         ];

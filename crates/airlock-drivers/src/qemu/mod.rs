@@ -1,5 +1,5 @@
 //! The QEMU driver: the same guest kernel and ext4 as Firecracker, on QEMU's
-//! `microvm` machine (virtio-mmio devices found through ACPI), with KVM where
+//! `microvm` machine (virtio-mmio devices from the kernel command line), with KVM where
 //! it really runs a guest and TCG otherwise. The metadata document goes in
 //! through fw_cfg (`opt/airlock/metadata`, root-only in the guest).
 //!
@@ -92,7 +92,7 @@ pub async fn probe_kvm(qemu_bin: &str, kernel: &Path, within: Duration) -> KvmPr
     let child = tokio::process::Command::new(qemu_bin)
         .args([
             "-M",
-            "microvm,acpi=on",
+            "microvm,acpi=off,pit=on,pic=on,rtc=on",
             "-accel",
             "kvm",
             "-cpu",
@@ -133,6 +133,20 @@ pub async fn probe_kvm(qemu_bin: &str, kernel: &Path, within: Duration) -> KvmPr
             }
         }
     }
+}
+
+/// The host's TSC rate in kHz, from `/proc/cpuinfo`.
+fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0).round() as u64)
 }
 
 #[derive(Debug, Clone)]
@@ -236,17 +250,40 @@ impl QemuDriver {
             Accel::Kvm => "host",
             Accel::Tcg => "max",
         };
+        // Under TCG a second vCPU never comes up on `microvm` (the guest
+        // hangs bringing up secondary CPUs), and the TSC cannot be calibrated
+        // against an emulated PIT on a busy host: one vCPU, and the host's
+        // TSC rate (what TCG's TSC runs at) given to the guest.
+        let (vcpus, mut cmdline) = match accel {
+            Accel::Kvm => (record.vcpus, vm::kernel_cmdline(&record.lease())),
+            Accel::Tcg => (1, vm::kernel_cmdline(&record.lease())),
+        };
+        // Devices are found from the command line QEMU appends
+        // (`virtio_mmio.device=`), not through ACPI: with this kernel the
+        // microvm DSDT fails to load (AE_BAD_PARAMETER), and fw_cfg reads
+        // fail while ACPI is half there, so ACPI is off on both sides.
+        // `reboot=t`: there is no keyboard controller to reset through.
+        cmdline = cmdline.replace("reboot=k", "reboot=t");
+        cmdline.push_str(" acpi=off qemu_fw_cfg.ioport=0xc@0x510:0x0:0x1:0x4");
+        if accel == Accel::Tcg {
+            cmdline.push_str(" tsc=reliable");
+            if let Some(khz) = host_tsc_khz() {
+                cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+            }
+        }
         Ok(Cmd::new(&self.cfg.qemu_bin).args([
             "-name".to_owned(),
             format!("airlock-{id}"),
             "-M".to_owned(),
-            "microvm,acpi=on".to_owned(),
+            // PIT and PIC spelled out: without them the guest has no timer
+            // interrupt before its local APIC timer is calibrated.
+            "microvm,acpi=off,pit=on,pic=on,rtc=on".to_owned(),
             "-accel".to_owned(),
             accel.as_str().to_owned(),
             "-cpu".to_owned(),
             cpu.to_owned(),
             "-smp".to_owned(),
-            record.vcpus.to_string(),
+            vcpus.to_string(),
             "-m".to_owned(),
             format!("{}M", record.mem_mib),
             "-nodefaults".to_owned(),
@@ -258,7 +295,7 @@ impl QemuDriver {
             "-kernel".to_owned(),
             image.bzimage.display().to_string(),
             "-append".to_owned(),
-            vm::kernel_cmdline(&record.lease()),
+            cmdline,
             "-drive".to_owned(),
             format!(
                 "id=root,file={},format=raw,if=none,readonly=on",
@@ -512,7 +549,8 @@ mod tests {
             .expect("qemu ran");
         for part in [
             "-name airlock-q1 ",
-            "-M microvm,acpi=on -accel tcg -cpu max",
+            "-M microvm,acpi=off,pit=on,pic=on,rtc=on -accel tcg -cpu max -smp 1",
+            "acpi=off qemu_fw_cfg.ioport=",
             "readonly=on",
             "rw.ext4,format=raw",
             "ifname=alq1,script=no",

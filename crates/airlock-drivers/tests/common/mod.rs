@@ -1,0 +1,126 @@
+//! What the VM integration tests share: why a test must skip, the image's VM
+//! artefacts, a sandbox spec in the tests' address range, and a plain HTTP
+//! GET to the guest's agent.
+
+#![allow(dead_code)]
+
+use airlock_drivers::net::pool::AddressPool;
+use airlock_drivers::vm::VmImage;
+use airlock_drivers::{ImageRef, Limits, SandboxSpec};
+use airlock_proto::metadata::{Display, Metadata, Network, SandboxKind};
+use std::path::Path;
+use std::time::Duration;
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")))
+        .unwrap_or(false)
+}
+
+pub fn on_path(program: &str) -> Option<std::path::PathBuf> {
+    let p = Path::new(program);
+    if p.is_absolute() {
+        return p.is_file().then(|| p.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|c| c.is_file())
+    })
+}
+
+/// The current image and its VM artefacts from `$AIRLOCK_IMAGE_DIR`, or why not.
+pub fn vm_image() -> Result<(ImageRef, VmImage), String> {
+    let dir = std::env::var_os("AIRLOCK_IMAGE_DIR")
+        .ok_or("AIRLOCK_IMAGE_DIR is not set (scripts/test sets it)")?;
+    let store = airlock_image::ImageStore::new(dir.into());
+    let manifest = store
+        .current()
+        .map_err(|e| e.to_string())?
+        .ok_or("there is no golden image (`airlock image build --vm`)")?;
+    let vm = manifest.vm.clone().ok_or(format!(
+        "golden image {} has no VM artefacts (`airlock image build --vm`)",
+        manifest.build_id
+    ))?;
+    Ok((
+        ImageRef {
+            build_id: manifest.build_id.clone(),
+            layers: manifest.layer_dirs_top_first(),
+        },
+        VmImage {
+            build_id: manifest.build_id.clone(),
+            vmlinux: vm.kernel.vmlinux,
+            bzimage: vm.kernel.bzimage,
+            vmlinux_sha256: vm.kernel.vmlinux_sha256,
+            bzimage_sha256: vm.kernel.bzimage_sha256,
+            rootfs: vm.rootfs.path,
+            rootfs_sha256: vm.rootfs.sha256,
+            rootfs_size: vm.rootfs.size,
+        },
+    ))
+}
+
+/// A sandbox in the tests' range (10.235.0.0/16), its block picked by pid
+/// so parallel runs on one host do not collide.
+pub fn spec(id: &str, image: ImageRef, token: &str) -> SandboxSpec {
+    let pool = AddressPool::parse("10.235.0.0/16").expect("pool");
+    let lease = pool.lease(8192 + std::process::id() % 8000).expect("lease");
+    SandboxSpec {
+        id: id.to_owned(),
+        kind: SandboxKind::Browser,
+        image,
+        lease,
+        metadata: Metadata {
+            sandbox_id: id.to_owned(),
+            kind: SandboxKind::Browser,
+            agent_token: token.to_owned(),
+            vnc_password: "vmtestpw".into(),
+            display: Display::default(),
+            network: Network {
+                address: lease.guest.to_string(),
+                gateway: lease.host.to_string(),
+                prefix_len: lease.prefix_len,
+            },
+            egress: None,
+        },
+        limits: Limits::default(),
+        proxy_port: None,
+        home_volume: None,
+    }
+}
+
+/// `GET path` with a bearer token; the status and body, or why not.
+pub async fn get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: &str,
+) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or(format!("no status in {text:?}"))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
