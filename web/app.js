@@ -2,7 +2,7 @@
 // without rebuilding rows (so focus and hover survive a poll), and shows the
 // selected sandbox's desktop in an iframe of /view/{id} once it is ready.
 
-import { ApiError, createSandbox, deleteSandbox, getToken, listSandboxes, setToken } from '/api.js';
+import { ApiError, api, createSandbox, deleteSandbox, getToken, listSandboxes, setToken } from '/api.js';
 
 const POLL_MS = 1000;
 const STARTING = new Set(['provisioning', 'booting']);
@@ -172,7 +172,9 @@ function closeTokenForm() {
   clearError('auth');
   // A viewer open with the old token would keep being refused: start it again.
   dropIframe();
+  dropLoginIframe();
   poll();
+  connectPoll();
 }
 
 // ---------- polling ----------
@@ -483,5 +485,312 @@ setInterval(() => {
   if (loaded) render();
 }, 1000);
 
+
+// ---------- connect a CLI (logins) ----------
+//
+// One button per provider; a login shows its state live (polled about once a
+// second), the browser sandbox's desktop while the user signs in, a Cancel
+// button, and a code field when the CLI waits for a pasted code. Below: the
+// stored credentials (provider and date only) and the login totals.
+
+const LOGIN_STEPS = ['starting', 'awaiting_user', 'captured', 'stored', 'delivered', 'completed'];
+const LOGIN_ENDED = new Set(['completed', 'failed', 'expired', 'cancelled']);
+const LOGIN_WORDS = {
+  starting: 'Starting a browser sandbox and the sign-in command…',
+  awaiting_user: 'Sign in on the page shown below.',
+  captured: 'Signed in. Fetching the credentials…',
+  stored: 'Credentials sealed in the vault. Delivering them to your workspace…',
+  delivered: 'Delivered to your workspace. Checking the CLI and cleaning up…',
+  completed: 'Connected: the CLI is signed in in your workspace.',
+};
+const STEP_LABEL = {
+  starting: 'starting',
+  awaiting_user: 'sign in',
+  captured: 'captured',
+  stored: 'stored',
+  delivered: 'delivered',
+  completed: 'completed',
+};
+
+const cx = {
+  buttons: $('connect-buttons'),
+  box: $('login'),
+  title: $('login-title'),
+  badge: $('login-badge'),
+  words: $('login-words'),
+  steps: $('login-steps'),
+  cancel: $('login-cancel'),
+  dismiss: $('login-dismiss'),
+  codeForm: $('login-code'),
+  codeInput: $('login-code-input'),
+  viewer: $('login-viewer'),
+  credentials: $('credentials'),
+  stats: $('login-stats'),
+};
+
+const providerNames = new Map(); // name -> display name
+let login = null; // the login on show, as the API last described it
+let loginIframe = null;
+let connectTimer = 0;
+let connectSeq = 0;
+let connectTick = 0;
+let providersLoaded = false;
+let startingLogin = false;
+let cancelling = false;
+
+const providerLabel = (name) => providerNames.get(name) || name;
+
+function dropLoginIframe() {
+  if (loginIframe) {
+    loginIframe.remove();
+    loginIframe = null;
+  }
+  cx.viewer.hidden = true;
+}
+
+async function loadProviders() {
+  const data = await api('GET', '/providers');
+  const list = Array.isArray(data && data.providers) ? data.providers : [];
+  providerNames.clear();
+  const buttons = list.map((p) => {
+    providerNames.set(p.name, p.display_name || p.name);
+    const b = node('button', { type: 'button', class: 'connect-button', 'data-provider': p.name }, `Connect ${p.display_name || p.name}`);
+    b.addEventListener('click', () => startLogin(p.name));
+    return b;
+  });
+  cx.buttons.replaceChildren(...(buttons.length ? buttons : [node('span', { class: 'hint', text: 'No providers are configured.' })]));
+  providersLoaded = true;
+}
+
+async function loadCredentials() {
+  const data = await api('GET', '/credentials');
+  const list = Array.isArray(data && data.credentials) ? data.credentials : [];
+  if (list.length === 0) {
+    cx.credentials.replaceChildren(node('li', { class: 'hint', text: 'none yet' }));
+    return;
+  }
+  cx.credentials.replaceChildren(
+    ...list.map((c) => {
+      const when = c.updated_at || c.created_at;
+      const t = node('time', { datetime: when || '', text: formatCreated(when) });
+      const tt = parseTime(when);
+      if (tt !== null) t.title = fullTime.format(new Date(tt));
+      return node('li', { 'data-provider': c.provider }, node('strong', { text: providerLabel(c.provider) }), ' since ', t);
+    }),
+  );
+}
+
+async function loadStats() {
+  const data = await api('GET', '/login-stats');
+  const entries = Object.entries((data && data.providers) || {}).filter(([, s]) => s && s.started > 0);
+  if (entries.length === 0) {
+    setText(cx.stats, 'Logins since the server started: none.');
+    return;
+  }
+  const parts = entries.map(([name, s]) => {
+    const failed = Object.entries(s.failed || {});
+    const failedTotal = failed.reduce((n, [, v]) => n + v, 0);
+    let text = `${providerLabel(name)} ${s.started} started, ${s.completed} completed, ${failedTotal} failed`;
+    if (failedTotal) text += ` (${failed.map(([r, v]) => `${r} ${v}`).join(', ')})`;
+    if (typeof s.mean_seconds_to_complete === 'number') text += `, ${Math.round(s.mean_seconds_to_complete)} s to complete on average`;
+    return text;
+  });
+  setText(cx.stats, `Logins since the server started: ${parts.join('; ')}.`);
+}
+
+async function startLogin(provider) {
+  startingLogin = true;
+  renderLogin();
+  try {
+    const l = await api('POST', '/logins', { provider });
+    clearError('login');
+    showLogin(l);
+    connectPoll();
+  } catch (err) {
+    handleError('login', `Could not start the ${providerLabel(provider)} login`, err);
+  } finally {
+    startingLogin = false;
+    renderLogin();
+  }
+}
+
+function showLogin(l) {
+  const ended = login && login.id === l.id && LOGIN_ENDED.has(login.state);
+  login = l;
+  renderLogin();
+  // The totals and the list change when a login ends.
+  if (LOGIN_ENDED.has(l.state) && !ended) refreshSide();
+}
+
+function refreshSide() {
+  loadCredentials().catch((err) => handleError('login', 'Could not load your connected CLIs', err));
+  loadStats().catch((err) => handleError('login', 'Could not load the login totals', err));
+}
+
+cx.cancel.addEventListener('click', async () => {
+  if (!login) return;
+  cancelling = true;
+  renderLogin();
+  try {
+    const l = await api('DELETE', `/logins/${encodeURIComponent(login.id)}`);
+    clearError('login');
+    if (l && l.id) showLogin(l);
+  } catch (err) {
+    handleError('login', 'Could not cancel the login', err);
+  } finally {
+    cancelling = false;
+    renderLogin();
+  }
+});
+
+cx.dismiss.addEventListener('click', () => {
+  login = null;
+  renderLogin();
+});
+
+cx.codeForm.addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  const code = cx.codeInput.value.trim();
+  if (!login || !code) {
+    cx.codeInput.focus();
+    return;
+  }
+  try {
+    await api('POST', `/logins/${encodeURIComponent(login.id)}/code`, { code });
+    cx.codeInput.value = '';
+    clearError('login');
+    setText(ui.notice, 'Code sent to the CLI.');
+  } catch (err) {
+    handleError('login', 'Could not send the code', err);
+  }
+});
+
+function renderLogin() {
+  document.body.dataset.loginState = login ? login.state : '';
+  for (const b of cx.buttons.querySelectorAll('button')) {
+    b.disabled = startingLogin || Boolean(login && !LOGIN_ENDED.has(login.state));
+  }
+  if (!login) {
+    cx.box.hidden = true;
+    dropLoginIframe();
+    return;
+  }
+  const l = login;
+  const ended = LOGIN_ENDED.has(l.state);
+  cx.box.hidden = false;
+  cx.box.dataset.loginId = l.id;
+  cx.box.dataset.state = l.state;
+  setText(cx.title, `${providerLabel(l.provider)} login`);
+  updateBadge(cx.badge, l.state);
+  let words = LOGIN_WORDS[l.state] || l.state;
+  if (l.state === 'failed') words = `Failed: ${l.error || 'the server gave no reason'}`;
+  else if (l.state === 'expired') words = `Expired: ${l.error || 'not signed in in time'}`;
+  else if (l.state === 'cancelled') words = `Cancelled${l.error ? `: ${l.error}` : '.'}`;
+  else if (l.awaiting_code) words = 'Sign in below, then paste the code the page shows.';
+  setText(cx.words, words);
+  cx.words.classList.toggle('reason', ['failed', 'expired'].includes(l.state));
+
+  const at = LOGIN_STEPS.indexOf(l.state);
+  const lastReached = at >= 0 ? at : -1;
+  const key = `${l.id}:${l.state}`;
+  if (cx.steps.dataset.key !== key) {
+    cx.steps.dataset.key = key;
+    cx.steps.replaceChildren(
+      ...LOGIN_STEPS.map((s, i) => {
+        let cls = 'todo';
+        if (i < lastReached || (i === lastReached && s === 'completed')) cls = 'done';
+        else if (i === lastReached) cls = 'current';
+        const li = node('li', { class: cls, 'data-step': s, text: STEP_LABEL[s] });
+        if (cls === 'current') li.setAttribute('aria-current', 'step');
+        return li;
+      }),
+    );
+    cx.steps.hidden = ended && l.state !== 'completed';
+  }
+
+  cx.cancel.hidden = ended;
+  cx.cancel.disabled = cancelling;
+  setText(cx.cancel, cancelling ? 'Cancelling…' : 'Cancel');
+  cx.dismiss.hidden = !ended;
+  cx.codeForm.hidden = ended || !l.awaiting_code;
+
+  // The desktop of the login's browser sandbox while the user signs in. It is
+  // embedded once the sign-in page is up (`awaiting_user`): while a sandbox
+  // starts, the host's network changes under the browser, which can abort the
+  // viewer's own module loads.
+  const sb = l.browser_sandbox_id;
+  const live = !ended && sb && ['awaiting_user', 'captured'].includes(l.state);
+  if (live) {
+    const src = l.viewer_url || `/view/${encodeURIComponent(sb)}`;
+    if (!loginIframe || loginIframe.dataset.id !== sb) {
+      dropLoginIframe();
+      loginIframe = node('iframe', {
+        src,
+        title: `Sign in to ${providerLabel(l.provider)}: desktop of sandbox ${sb}`,
+        'data-id': sb,
+        allow: 'clipboard-read; clipboard-write',
+      });
+      loginIframe.dataset.since = String(Date.now());
+      cx.viewer.append(loginIframe);
+    } else {
+      reloadStuckViewer(loginIframe);
+    }
+    cx.viewer.hidden = false;
+  } else {
+    dropLoginIframe();
+  }
+}
+
+// A viewer page whose scripts failed to load (a network change aborts
+// requests in flight) never starts, and says nothing: load it again.
+function reloadStuckViewer(frame) {
+  if (Date.now() - Number(frame.dataset.since || 0) < 10_000) return;
+  let started = true;
+  try {
+    started = Boolean(frame.contentWindow && frame.contentWindow.airlockViewer);
+  } catch {
+    started = true; // not ours to look into
+  }
+  if (started) return;
+  console.warn(`the login viewer ${frame.src} did not start; loading it again`);
+  frame.dataset.since = String(Date.now());
+  frame.src = frame.getAttribute('src');
+}
+
+async function connectPoll() {
+  clearTimeout(connectTimer);
+  const seq = ++connectSeq;
+  try {
+    if (!providersLoaded) {
+      await loadProviders();
+      // Come back to a login still under way (a reload while signing in).
+      const data = await api('GET', '/logins');
+      const list = Array.isArray(data && data.logins) ? data.logins : [];
+      const active = list
+        .filter((l) => !LOGIN_ENDED.has(l.state))
+        .sort((a, b) => (parseTime(b.created_at) || 0) - (parseTime(a.created_at) || 0))[0];
+      if (active && !login) login = active;
+      refreshSide();
+    }
+    if (seq !== connectSeq) return;
+    if (login && !LOGIN_ENDED.has(login.state)) {
+      const l = await api('GET', `/logins/${encodeURIComponent(login.id)}`);
+      if (seq !== connectSeq) return;
+      if (login && l && l.id === login.id) showLogin(l);
+    } else if (connectTick % 10 === 0) {
+      refreshSide();
+    }
+    connectTick += 1;
+    clearError('connect');
+    renderLogin();
+  } catch (err) {
+    if (seq !== connectSeq) return;
+    if (!(err instanceof ApiError && err.status === 0)) handleError('connect', 'Could not load the login', err);
+  } finally {
+    if (seq === connectSeq && !needToken) connectTimer = setTimeout(connectPoll, POLL_MS);
+  }
+}
+
 render();
 poll();
+connectPoll();
