@@ -7,6 +7,7 @@
 //!   side by side when the display is resized.
 
 mod exec;
+mod fw_cfg;
 mod layout;
 mod login;
 mod metadata;

@@ -6,12 +6,9 @@
 //! for a token, then `GET /airlock/metadata` with it. The guest's address and
 //! route are already up (the kernel's `ip=`), so no setup is needed first.
 
-use airlock_proto::metadata::{Metadata, NSPAWN_METADATA_PATH};
+use airlock_proto::metadata::{Metadata, FW_CFG_METADATA_NAME, NSPAWN_METADATA_PATH};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-
-/// The document QEMU exposes through `-fw_cfg name=opt/airlock/metadata,file=…`.
-pub const FW_CFG_METADATA_PATH: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/airlock/metadata/raw";
 
 /// Firecracker's MMDS address (its default) and where the driver puts the document.
 pub const MMDS_ADDR: &str = "169.254.169.254:80";
@@ -47,8 +44,8 @@ pub enum MetadataError {
 pub enum MetadataSource {
     /// A read-only bind mount of a host file (systemd-nspawn).
     NspawnFile(PathBuf),
-    /// A QEMU fw_cfg blob, which the kernel shows as a plain file.
-    FwCfg(PathBuf),
+    /// A QEMU fw_cfg file, read over the device's I/O ports (see `fw_cfg`).
+    FwCfg(String),
     /// Firecracker's metadata service (MMDS v2) at `addr`, document at `path`.
     Mmds { addr: SocketAddr, path: String },
 }
@@ -58,7 +55,7 @@ impl MetadataSource {
     pub fn default_order() -> Vec<MetadataSource> {
         vec![
             MetadataSource::NspawnFile(PathBuf::from(NSPAWN_METADATA_PATH)),
-            MetadataSource::FwCfg(PathBuf::from(FW_CFG_METADATA_PATH)),
+            MetadataSource::FwCfg(FW_CFG_METADATA_NAME.into()),
             MetadataSource::Mmds {
                 addr: MMDS_ADDR
                     .parse()
@@ -70,7 +67,8 @@ impl MetadataSource {
 
     fn path(&self) -> PathBuf {
         match self {
-            MetadataSource::NspawnFile(p) | MetadataSource::FwCfg(p) => p.clone(),
+            MetadataSource::NspawnFile(p) => p.clone(),
+            MetadataSource::FwCfg(name) => PathBuf::from(format!("fw_cfg:{name}")),
             MetadataSource::Mmds { addr, path } => PathBuf::from(format!("http://{addr}{path}")),
         }
     }
@@ -81,7 +79,8 @@ impl MetadataSource {
         let path = path.as_path();
         let read = match self {
             MetadataSource::Mmds { addr, path } => mmds::fetch(*addr, path),
-            _ => read_capped(path),
+            MetadataSource::FwCfg(name) => crate::fw_cfg::read_file(name, MAX_METADATA_BYTES),
+            MetadataSource::NspawnFile(_) => read_capped(path),
         };
         let bytes = match read {
             Ok(b) => b,
@@ -303,11 +302,13 @@ pub(crate) mod tests {
     #[test]
     fn first_present_source_wins_and_missing_ones_are_skipped() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let present = dir.path().join("fwcfg");
+        let present = dir.path().join("metadata.json");
         std::fs::write(&present, serde_json::to_vec(&sample()).expect("json")).expect("write");
         let sources = vec![
             MetadataSource::NspawnFile(dir.path().join("absent.json")),
-            MetadataSource::FwCfg(present),
+            // Not announced on this host's command line: absent, ports untouched.
+            MetadataSource::FwCfg(FW_CFG_METADATA_NAME.into()),
+            MetadataSource::NspawnFile(present),
         ];
         assert_eq!(load(&sources).expect("load"), sample());
     }

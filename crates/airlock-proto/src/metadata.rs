@@ -7,6 +7,13 @@ use serde::{Deserialize, Serialize};
 /// Where the nspawn driver places the metadata document inside the guest.
 pub const NSPAWN_METADATA_PATH: &str = "/run/airlock/meta/metadata.json";
 
+/// The fw_cfg file QEMU serves the document as (`-fw_cfg name=…`).
+pub const FW_CFG_METADATA_NAME: &str = "opt/airlock/metadata";
+
+/// On a guest's kernel command line: fw_cfg is there, read it over its I/O
+/// ports (the QEMU driver adds it; no other guest is ever told to poke ports).
+pub const FW_CFG_CMDLINE_FLAG: &str = "airlock.fw_cfg=ioport";
+
 /// Everything a guest needs to know about itself.
 ///
 /// `agent_token` and `vnc_password` are secrets: the document is readable by root

@@ -28,6 +28,7 @@ use crate::net::link::LinkNames;
 use crate::net::tap;
 use crate::vm::{self, CheckedRootfs, VmDir, VmImage, VmRecord};
 use crate::{Driver, DriverError, Endpoints, InstanceInfo, SandboxSpec};
+use airlock_proto::metadata::{FW_CFG_CMDLINE_FLAG, FW_CFG_METADATA_NAME};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -260,11 +261,14 @@ impl QemuDriver {
         };
         // Devices are found from the command line QEMU appends
         // (`virtio_mmio.device=`), not through ACPI: with this kernel the
-        // microvm DSDT fails to load (AE_BAD_PARAMETER), and fw_cfg reads
-        // fail while ACPI is half there, so ACPI is off on both sides.
+        // microvm DSDT fails to load (AE_BAD_PARAMETER), so QEMU offers no
+        // ACPI tables. The kernel's fw_cfg driver needs ACPI to find its
+        // device, so the agent reads fw_cfg over its I/O ports, and only
+        // where this flag says the device is there.
         // `reboot=t`: there is no keyboard controller to reset through.
         cmdline = cmdline.replace("reboot=k", "reboot=t");
-        cmdline.push_str(" acpi=off qemu_fw_cfg.ioport=0xc@0x510:0x0:0x1:0x4");
+        cmdline.push(' ');
+        cmdline.push_str(FW_CFG_CMDLINE_FLAG);
         if accel == Accel::Tcg {
             cmdline.push_str(" tsc=reliable");
             if let Some(khz) = host_tsc_khz() {
@@ -323,7 +327,7 @@ impl QemuDriver {
             "virtio-keyboard-device".to_owned(),
             "-fw_cfg".to_owned(),
             format!(
-                "name=opt/airlock/metadata,file={}",
+                "name={FW_CFG_METADATA_NAME},file={}",
                 dir.metadata().display()
             ),
             "-chardev".to_owned(),
@@ -550,7 +554,7 @@ mod tests {
         for part in [
             "-name airlock-q1 ",
             "-M microvm,acpi=off,pit=on,pic=on,rtc=on -accel tcg -cpu max -smp 1",
-            "acpi=off qemu_fw_cfg.ioport=",
+            "eth0:off airlock.fw_cfg=ioport tsc=reliable",
             "readonly=on",
             "rw.ext4,format=raw",
             "ifname=alq1,script=no",
