@@ -394,6 +394,10 @@ fn build_node(ctx: &BuildContext, dest: &Path, progress: &dyn Progress) -> Resul
     let links = [
         ("codex", format!("{modules}/.bin/codex")),
         ("gemini", format!("{modules}/.bin/gemini")),
+        // Node's own package manager, pinned like the CLIs (the node package
+        // brings the binary only).
+        ("npm", format!("{modules}/.bin/npm")),
+        ("npx", format!("{modules}/.bin/npx")),
         // claude-code's own postinstall would copy this native binary over its
         // placeholder; pointing at it directly needs no install script.
         (

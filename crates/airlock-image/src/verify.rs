@@ -50,6 +50,7 @@ impl VerifyReport {
 /// first line of standard output)
 const VERSION_CHECKS: &[(&str, &[&str], &str)] = &[
     ("node", &["node", "--version"], "v22."),
+    ("npm", &["npm", "--version"], "10."),
     ("codex", &["codex", "--version"], ""),
     ("claude", &["claude", "--version"], ""),
     ("gemini", &["gemini", "--version"], ""),

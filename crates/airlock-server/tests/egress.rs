@@ -488,6 +488,17 @@ async fn every_byte_leaves_through_the_users_upstream() {
             .starts_with("hello from origin\nhello from origin\n"),
         "{out}"
     );
+    // npm (the image's own) honours the same proxy variables; the origin
+    // answers its registry ping.
+    let out = exec_as(
+        &h,
+        None,
+        &a,
+        &format!("npm ping --registry http://{ORIGIN}/ --fetch-timeout 20000 2>&1"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(out["exit_code"], 0, "{out}");
     let out = exec_as(
         &h,
         bob,
@@ -510,7 +521,12 @@ async fn every_byte_leaves_through_the_users_upstream() {
         log.contains(&format!("{p2} acct GET http://{ORIGIN}/b-http 200")),
         "{log}"
     );
+    assert!(
+        log.contains(&format!("{p1} acct GET http://{ORIGIN}/-/ping")),
+        "npm's request through this user's upstream: {log}"
+    );
     let olog = origin.log();
+    assert!(olog.contains(&format!("{EXIT_A} GET /-/ping")), "{olog}");
     assert!(olog.contains(&format!("{EXIT_A} GET /a-http")), "{olog}");
     assert!(olog.contains(&format!("{EXIT_A} GET /a-https")), "{olog}");
     assert!(olog.contains(&format!("{EXIT_B} GET /b-http")), "{olog}");
