@@ -334,6 +334,18 @@ impl App {
                 row.state
             )));
         }
+        // Typed into a CLI that reads no code, it would answer whatever that
+        // CLI asks next.
+        if self
+            .providers()
+            .get(&row.provider)
+            .is_none_or(|p| p.code_prompt.is_none())
+        {
+            return Err(AppError::Conflict(format!(
+                "the {} login takes no code",
+                row.provider
+            )));
+        }
         let code = code.trim();
         if code.is_empty() || code.len() > 4096 || code.chars().any(char::is_control) {
             return Err(AppError::BadInput(
