@@ -34,6 +34,8 @@ pub struct OAuth {
     /// Authorisation requests seen, newest last (query strings).
     pub authorize_requests: Mutex<Vec<HashMap<String, String>>>,
     pub tokens_issued: Mutex<u32>,
+    /// code → the access token issued for it (each code is used once).
+    pub issued: Mutex<HashMap<String, String>>,
     /// Put into every access token (the canary).
     pub marker: String,
 }
@@ -125,12 +127,32 @@ async fn token(State(s): State<Arc<OAuth>>, Form(f): Form<HashMap<String, String
         return bad("PKCE verifier does not match the challenge");
     }
     *s.tokens_issued.lock().expect("lock") += 1;
+    let access_token = format!("at-{}-{}", s.marker, hex::encode(rand::random::<[u8; 8]>()));
+    s.issued
+        .lock()
+        .expect("lock")
+        .insert(code.clone(), access_token.clone());
     Json(serde_json::json!({
-        "access_token": format!("at-{}-{}", s.marker, hex::encode(rand::random::<[u8; 8]>())),
+        "access_token": access_token,
         "refresh_token": format!("rt-{}", hex::encode(rand::random::<[u8; 8]>())),
         "token_type": "Bearer",
         "expires_in": 3600,
     }))
+    .into_response()
+}
+
+/// The page a "paste the code" redirect lands on (claude's manual route):
+/// it shows `code#state` for the user to copy into the CLI.
+async fn show_code(Query(q): Query<HashMap<String, String>>) -> Response {
+    let (Some(code), Some(state)) = (q.get("code"), q.get("state")) else {
+        return (axum::http::StatusCode::BAD_REQUEST, "missing code").into_response();
+    };
+    Html(format!(
+        "<!doctype html><title>Your code</title><p>Paste this code into the CLI:</p>\
+         <pre id=code>{}#{}</pre>",
+        html(code),
+        html(state)
+    ))
     .into_response()
 }
 
@@ -140,6 +162,7 @@ pub async fn start_oauth(state: Arc<OAuth>) -> u16 {
         .route("/authorize", get(authorize))
         .route("/approve", get(approve))
         .route("/token", post(token))
+        .route("/code", get(show_code))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -222,4 +245,102 @@ pub fn write_test_providers(dir: &Path) {
          credentials = [{ path = \".testcli/none.json\" }]\n",
     )
     .expect("write");
+}
+
+/// The login command of the paste-code test provider: an OAuth client on
+/// claude's manual route. Its redirect is the OAuth server's own page that
+/// shows `code#state`; it asks a browser to open the authorise URL, then waits
+/// at "Paste code here if prompted" for that line on its terminal, exchanges
+/// the code through the sandbox's proxy and writes
+/// ~/.testcli/credentials.json (temp file, then rename).
+pub const PASTE_CLI: &str = r#"
+const http=require('http'),crypto=require('crypto'),fs=require('fs'),path=require('path'),readline=require('readline');
+const proxy=new URL(process.env.HTTP_PROXY||process.env.http_proxy);
+const b64u=b=>b.toString('base64url');
+const verifier=b64u(crypto.randomBytes(32));
+const challenge=b64u(crypto.createHash('sha256').update(verifier).digest());
+const state=b64u(crypto.randomBytes(16));
+const redirect='http://oauth.test/code';
+const url='http://oauth.test/authorize?'+new URLSearchParams({response_type:'code',client_id:'airlock-test',redirect_uri:redirect,code_challenge:challenge,code_challenge_method:'S256',state});
+console.log('Browser didn\'t open? Use the url below to sign in:');console.log(url);
+require('child_process').spawn(process.env.BROWSER,[url],{stdio:'ignore'});
+const rl=readline.createInterface({input:process.stdin,output:process.stdout});
+rl.question('Paste code here if prompted > ',line=>{
+  rl.close();
+  const [code,got]=line.trim().split('#');
+  if(!code||got!==state){console.log('invalid code');process.exit(6);}
+  const body=new URLSearchParams({grant_type:'authorization_code',code,redirect_uri:redirect,client_id:'airlock-test',code_verifier:verifier}).toString();
+  const r=http.request({host:proxy.hostname,port:proxy.port,method:'POST',path:'http://oauth.test/token',headers:{host:'oauth.test','content-type':'application/x-www-form-urlencoded','content-length':Buffer.byteLength(body)}},t=>{
+    let d='';t.on('data',c=>d+=c);t.on('end',()=>{
+      if(t.statusCode!==200){console.log('token exchange failed: '+t.statusCode);process.exit(4);}
+      const dir=path.join(process.env.HOME,'.testcli');fs.mkdirSync(dir,{recursive:true,mode:0o700});
+      fs.writeFileSync(path.join(dir,'.tmp'),d,{mode:0o600});fs.renameSync(path.join(dir,'.tmp'),path.join(dir,'credentials.json'));
+      console.log('signed in');setTimeout(()=>process.exit(0),500);});});
+  r.on('error',e=>{console.log('token exchange failed: '+e.message);process.exit(5);});
+  r.end(body);
+});
+"#;
+
+/// Writes the paste-code test provider (`testpaste`) into `dir`.
+pub fn write_paste_provider(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let mut def = toml::toml! {
+        name = "testpaste"
+        display_name = "Test paste code"
+        url_prefixes = ["http://oauth.test/authorize?"]
+        code_prompt = "Paste code here"
+        credentials = [{ path = ".testcli/credentials.json", json_keys = ["access_token"] }]
+        check = ["test", "-s", ".testcli/credentials.json"]
+    };
+    def.insert(
+        "command".into(),
+        toml::Value::Array(vec!["node".into(), "-e".into(), PASTE_CLI.into()]),
+    );
+    std::fs::write(
+        dir.join("testpaste.toml"),
+        toml::to_string(&def).expect("toml"),
+    )
+    .expect("write");
+}
+
+/// Everything this test process logs through `tracing` (and `log`) at debug
+/// level, from the first call on: the control plane runs in the test's
+/// process, so this is its log. One buffer per process (nextest runs each
+/// test in its own).
+pub fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
+    use tracing_subscriber::util::SubscriberInitExt;
+    static BUF: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    BUF.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+            .with_ansi(false)
+            .with_writer(move || LogSink(sink.clone()))
+            .finish()
+            .try_init()
+            .expect("no other subscriber is installed in this test binary");
+        buf
+    })
+    .clone()
+}
+
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &str) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
