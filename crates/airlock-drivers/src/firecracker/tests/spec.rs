@@ -14,15 +14,37 @@ use super::super::api::{ApiRequest, Method};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
-/// Where the description is: `$AIRLOCK_FIRECRACKER_API_YAML`, else
-/// `reference/firecracker-v1.16.1-api.yaml` in the `shared` directory beside
-/// the workspace.
+/// Where the description is: `$AIRLOCK_FIRECRACKER_API_YAML`, else the copy
+/// kept with the tests (`tests/data/`, see its README).
 fn location() -> PathBuf {
     if let Some(p) = std::env::var_os("AIRLOCK_FIRECRACKER_API_YAML") {
         return PathBuf::from(p);
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/reference/firecracker-v1.16.1-api.yaml")
+    kept_copy()
+}
+
+fn kept_copy() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/firecracker-v1.16.1-api.yaml")
+}
+
+/// The kept copy is the reference one, wherever the reference is at hand
+/// (the `shared/reference` directory beside the workspace).
+#[test]
+fn the_kept_description_is_the_reference_one() {
+    let reference = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/reference/firecracker-v1.16.1-api.yaml");
+    let Ok(reference) = std::fs::read(&reference) else {
+        eprintln!(
+            "skipped: no reference copy at {} to compare with",
+            reference.display()
+        );
+        return;
+    };
+    let kept = std::fs::read(kept_copy()).expect("the kept copy");
+    assert!(
+        kept == reference,
+        "tests/data differs from the reference description"
+    );
 }
 
 pub struct ApiSpec {
