@@ -488,9 +488,14 @@ impl Logins {
                     st.url = Some(u);
                 }
             }
+            // A CLI shows its code prompt right after the URL, often in the
+            // same chunk, before the URL is opened and the phase moves on:
+            // remember it, and report it once the login awaits the user.
             if let Some(cp) = &run.def.code_prompt {
-                if st.phase == AgentLoginPhase::AwaitingUser
-                    && collapse(chunk).contains(&collapse(cp))
+                if matches!(
+                    st.phase,
+                    AgentLoginPhase::Running | AgentLoginPhase::AwaitingUser
+                ) && collapse(chunk).contains(&collapse(cp))
                 {
                     st.awaiting_code = true;
                 }
@@ -635,7 +640,7 @@ fn status_of(id: &str, run: &Run) -> LoginStatus {
         login_id: id.to_owned(),
         phase: st.phase,
         login_url: st.url.clone(),
-        awaiting_code: st.awaiting_code,
+        awaiting_code: st.awaiting_code && st.phase == AgentLoginPhase::AwaitingUser,
         error: st
             .error
             .clone()
@@ -1174,6 +1179,64 @@ mod tests {
         }
         std::os::unix::fs::symlink("/tmp", home.path().join("link")).expect("symlink");
         assert!(logins.deliver(set("link/x")).is_err());
+    }
+
+    /// A CLI on the paste-code route prints its URL, asks a browser to open
+    /// it and shows its code prompt at once (claude does): the login says it
+    /// awaits a code, and the code typed reaches the CLI.
+    #[tokio::test]
+    async fn code_prompt_right_after_the_url() {
+        let home = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        let hook = home.path().join("hook");
+        std::fs::create_dir_all(&hook).expect("mkdir");
+        let hook_script = hook.join("xdg-open");
+        std::fs::write(
+            &hook_script,
+            "#!/bin/sh\nprintf '%s\\n' \"$1\" >> \"$AIRLOCK_LOGIN_URLS\"\n",
+        )
+        .expect("write");
+        std::fs::set_permissions(&hook_script, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let logins = Arc::new(Logins::new(test_cfg(home.path(), run.path())));
+        let mut d = def();
+        d.prompts.clear();
+        d.code_prompt = Some("Paste code here".into());
+        d.command = vec![
+            "sh".into(),
+            "-c".into(),
+            "u='https://auth.example/authorize?x=1'; echo \"$u\"; $BROWSER \"$u\"; \
+             printf 'Paste code here if prompted > '; read c; mkdir -p .t; \
+             printf '{\"tokens\":{\"access\":\"%s\"}}' \"$c\" > .t/tmp && mv .t/tmp .t/creds.json; sleep 30"
+                .into(),
+        ];
+        logins
+            .start(LoginStart {
+                login_id: "l3".into(),
+                provider: d,
+            })
+            .expect("start");
+        let mut last = logins.status("l3").expect("status");
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            last = logins.status("l3").expect("status");
+            if last.awaiting_code {
+                break;
+            }
+        }
+        assert_eq!(last.phase, AgentLoginPhase::AwaitingUser, "{last:?}");
+        assert!(last.awaiting_code, "{last:?}");
+        logins.input("l3", "abc").expect("input");
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            last = logins.status("l3").expect("status");
+            if last.phase == AgentLoginPhase::Captured {
+                break;
+            }
+        }
+        assert_eq!(last.phase, AgentLoginPhase::Captured, "{last:?}");
+        assert!(!last.awaiting_code, "{last:?}");
+        logins.cancel("l3");
     }
 }
 
