@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the guest does not reach agent /health under TCG yet (docs/vm.md, QEMU status); run with --ignored"]
 async fn the_golden_image_boots_under_qemu_until_the_agent_answers() {
     let why_not = if !common::is_root() {
         Some("needs root (TAP devices)".to_owned())
