@@ -55,6 +55,9 @@ pub struct Config {
     /// New sandboxes are refused (503) while the host has less memory
     /// available than this.
     pub min_free_memory_mb: u64,
+    /// New sandboxes are refused (507) while the disk holding `data_dir` has
+    /// less free space than this.
+    pub min_free_disk_mb: u64,
     /// A login the user has not completed by then expires.
     pub login_timeout_s: u64,
     /// Extra provider definitions (`*.toml`), added to those of the image.
@@ -78,6 +81,7 @@ impl Default for Config {
             memory_mb: Some(2048),
             max_pids: Some(4096),
             min_free_memory_mb: 768,
+            min_free_disk_mb: 2048,
             login_timeout_s: 15 * 60,
             providers_dir: None,
         }
@@ -188,6 +192,7 @@ impl Config {
         app.idle_ttl = Duration::from_secs(self.idle_ttl_s);
         app.history_ttl = Duration::from_secs(self.history_ttl_s);
         app.min_free_memory = self.min_free_memory_mb << 20;
+        app.min_free_disk = self.min_free_disk_mb << 20;
         app.login_timeout = Duration::from_secs(self.login_timeout_s);
         app.providers_dir = self.providers_dir.clone();
         app

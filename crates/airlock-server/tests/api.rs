@@ -215,6 +215,36 @@ async fn openapi_health_and_ui_are_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_little_free_disk_is_507_and_leaves_no_row() {
+    if unmet().is_some() {
+        return;
+    }
+    // Ask for more free space than any disk has.
+    let h = common::start_with("10.232.15.0/24", |cfg| cfg.min_free_disk_mb = 1 << 40).await;
+    let (status, body) = h
+        .post("/api/v1/sandboxes", json!({"kind": "browser"}))
+        .await;
+    assert_eq!(status, 507, "{body}");
+    assert_eq!(body["error"]["code"], "insufficient_storage");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("MiB free"),
+        "{body}"
+    );
+    let (_, list) = h.get("/api/v1/sandboxes").await;
+    assert_eq!(list["sandboxes"].as_array().map(Vec::len), Some(0));
+    assert!(
+        std::fs::read_dir(h.data_dir.join("sandboxes"))
+            .map(|d| d.count() == 0)
+            .unwrap_or(true),
+        "nothing made on disk"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_little_host_memory_is_503_and_leaves_no_row() {
     if unmet().is_some() {
         return;

@@ -38,6 +38,9 @@ pub struct AppConfig {
     pub driver_retries: u32,
     /// Bytes of host memory that must stay available for a new sandbox.
     pub min_free_memory: u64,
+    /// Bytes that must stay free on the disk holding `data_dir` (writable
+    /// layers, VM disks) for a new sandbox.
+    pub min_free_disk: u64,
     /// A login not signed in by then expires.
     pub login_timeout: Duration,
     /// Provider definitions added to those of the image (tests, local providers).
@@ -57,6 +60,7 @@ impl AppConfig {
             reaper_every: Duration::from_secs(10),
             driver_retries: 3,
             min_free_memory: 768 << 20,
+            min_free_disk: 2048 << 20,
             login_timeout: Duration::from_secs(15 * 60),
             providers_dir: None,
         }
@@ -76,6 +80,9 @@ pub enum AppError {
     Conflict(String),
     #[error("{0}")]
     NoCapacity(String),
+    /// The host's disk is too full for new work.
+    #[error("{0}")]
+    NoStorage(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("storage failed")]

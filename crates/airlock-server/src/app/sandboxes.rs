@@ -38,16 +38,7 @@ impl App {
         user: &UserRow,
         kind: SandboxKind,
     ) -> Result<SandboxRow, AppError> {
-        if let Some(available) = memory_available() {
-            if available < self.cfg.min_free_memory {
-                return Err(AppError::NoCapacity(format!(
-                    "the host has {} MiB of memory available, less than the {} MiB a new sandbox needs; \
-                     delete a sandbox or try later",
-                    available >> 20,
-                    self.cfg.min_free_memory >> 20
-                )));
-            }
-        }
+        self.check_host_room()?;
         let row = {
             let _guard = self.lease_lock.lock().await;
             let used = self.store.used_leases().await?;
@@ -534,6 +525,51 @@ impl App {
 }
 
 /// The host's available memory in bytes (MemAvailable), if it can be read.
+impl App {
+    /// Refuses new work, before anything is made, while the host lacks the
+    /// memory (503) or the disk space (507) a sandbox needs.
+    fn check_host_room(&self) -> Result<(), AppError> {
+        if let Some(available) = memory_available() {
+            if available < self.cfg.min_free_memory {
+                return Err(AppError::NoCapacity(format!(
+                    "the host has {} MiB of memory available, less than the {} MiB a new sandbox needs; \
+                     delete a sandbox or try later",
+                    available >> 20,
+                    self.cfg.min_free_memory >> 20
+                )));
+            }
+        }
+        if let Some(free) = disk_available(&self.cfg.data_dir) {
+            if free < self.cfg.min_free_disk {
+                return Err(AppError::NoStorage(format!(
+                    "the disk holding the data directory has {} MiB free, less than the {} MiB a new \
+                     sandbox needs; delete sandboxes or old images (`airlock image prune`)",
+                    free >> 20,
+                    self.cfg.min_free_disk >> 20
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bytes an unprivileged writer may still use on the file system of `path`.
+fn disk_available(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid C string and `st` is written by statvfs before
+    // it is read (only on success).
+    #[allow(unsafe_code)]
+    let st = unsafe {
+        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 fn memory_available() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
