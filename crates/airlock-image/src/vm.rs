@@ -555,7 +555,7 @@ mod tests {
             "CONFIG_EXT4_FS=y",
             "CONFIG_ACPI=y",
             "CONFIG_SERIAL_8250_CONSOLE=y",
-            "CONFIG_FW_CFG_SYSFS=y",
+            "CONFIG_X86_IOPL_IOPERM=y",
             "CONFIG_OVERLAY_FS=y",
         ] {
             assert!(lines.iter().any(|l| l == needed), "{needed}");
