@@ -251,25 +251,6 @@ fn port_pair() -> (u16, u16) {
     panic!("no two consecutive free ports");
 }
 
-async fn call(
-    h: &common::Harness,
-    method: reqwest::Method,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req = h.http.request(method, h.url(path));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 async fn exec_as(
     h: &common::Harness,
     token: Option<&str>,
@@ -277,27 +258,27 @@ async fn exec_as(
     script: &str,
     env: Value,
 ) -> Value {
-    let (status, body) = call(
-        h,
-        reqwest::Method::POST,
-        &format!("/api/v1/sandboxes/{id}/exec"),
-        token,
-        Some(json!({ "argv": ["bash", "-lc", script], "env": env, "timeout_s": 60 })),
-    )
-    .await;
+    let (status, body) = h
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/v1/sandboxes/{id}/exec"),
+            token,
+            Some(json!({ "argv": ["bash", "-lc", script], "env": env, "timeout_s": 60 })),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     body
 }
 
 async fn egress_of(h: &common::Harness, token: Option<&str>, id: &str) -> Value {
-    let (status, body) = call(
-        h,
-        reqwest::Method::GET,
-        &format!("/api/v1/sandboxes/{id}/egress"),
-        token,
-        None,
-    )
-    .await;
+    let (status, body) = h
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/v1/sandboxes/{id}/egress"),
+            token,
+            None,
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     body
 }
@@ -388,62 +369,57 @@ async fn every_byte_leaves_through_the_users_upstream() {
     let mut seen = String::new();
 
     // The admin (the local user on loopback) sets the provider account.
-    let (status, body) = call(
-        &h,
-        reqwest::Method::PUT,
-        "/api/v1/egress/account",
-        None,
-        Some(
-            json!({ "host": "127.0.0.1", "username": ACCOUNT_USER, "password": ACCOUNT_PASS,
+    let (status, body) = h
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/egress/account",
+            None,
+            Some(
+                json!({ "host": "127.0.0.1", "username": ACCOUNT_USER, "password": ACCOUNT_PASS,
                      "port_min": p1, "port_max": p2 }),
-        ),
-    )
-    .await;
+            ),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body["masked"],
         format!("http://acct:***@127.0.0.1:{{{p1}-{p2}}}")
     );
-    let (status, body) = call(
-        &h,
-        reqwest::Method::PUT,
-        "/api/v1/egress/settings",
-        None,
-        Some(json!({ "echo_url": format!("http://{ORIGIN}/ip"), "upstream_timeout_s": 3 })),
-    )
-    .await;
+    let (status, body) = h
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/egress/settings",
+            None,
+            Some(json!({ "echo_url": format!("http://{ORIGIN}/ip"), "upstream_timeout_s": 3 })),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     let (_, bob_token) = app.add_user("bob").await.expect("bob");
     let bob = Some(bob_token.as_str());
     // Bob is not the admin.
-    let (status, _) = call(
-        &h,
-        reqwest::Method::GET,
-        "/api/v1/egress/account",
-        bob,
-        None,
-    )
-    .await;
+    let (status, _) = h
+        .call(reqwest::Method::GET, "/api/v1/egress/account", bob, None)
+        .await;
     assert_eq!(status, 403);
 
     // Two users' sandboxes at the same time.
-    let (s, a) = call(
-        &h,
-        reqwest::Method::POST,
-        "/api/v1/sandboxes",
-        None,
-        Some(json!({"kind": "browser"})),
-    )
-    .await;
+    let (s, a) = h
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/sandboxes",
+            None,
+            Some(json!({"kind": "browser"})),
+        )
+        .await;
     assert_eq!(s, 201, "{a}");
-    let (s, b) = call(
-        &h,
-        reqwest::Method::POST,
-        "/api/v1/sandboxes",
-        bob,
-        Some(json!({"kind": "browser"})),
-    )
-    .await;
+    let (s, b) = h
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/sandboxes",
+            bob,
+            Some(json!({"kind": "browser"})),
+        )
+        .await;
     assert_eq!(s, 201, "{b}");
     let (a, b) = (
         a["id"].as_str().expect("id").to_owned(),
@@ -452,14 +428,14 @@ async fn every_byte_leaves_through_the_users_upstream() {
     h.wait_state(&a, "ready", Duration::from_secs(150)).await;
     let deadline = Instant::now() + Duration::from_secs(150);
     loop {
-        let (_, body) = call(
-            &h,
-            reqwest::Method::GET,
-            &format!("/api/v1/sandboxes/{b}"),
-            bob,
-            None,
-        )
-        .await;
+        let (_, body) = h
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/v1/sandboxes/{b}"),
+                bob,
+                None,
+            )
+            .await;
         match body["state"].as_str() {
             Some("ready") => break,
             Some("failed") => panic!("bob's sandbox failed: {body}"),
@@ -642,14 +618,14 @@ async fn every_byte_leaves_through_the_users_upstream() {
     assert_eq!(origin.udp_log(), "", "UDP reached the origin");
 
     // Wrong upstream password: clear status, quick error, nothing out.
-    let (status, body) = call(
-        &h,
-        reqwest::Method::PUT,
-        "/api/v1/egress/users/bob",
-        None,
-        Some(json!({ "url": format!("http://{ACCOUNT_USER}:wrong-password@127.0.0.1:{p2}") })),
-    )
-    .await;
+    let (status, body) = h
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/egress/users/bob",
+            None,
+            Some(json!({ "url": format!("http://{ACCOUNT_USER}:wrong-password@127.0.0.1:{p2}") })),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     seen.push_str(&body.to_string());
     let packets = origin.packets_in();
@@ -706,14 +682,14 @@ async fn every_byte_leaves_through_the_users_upstream() {
     drop(silent);
 
     // Canary: a unique upstream password is used, and appears nowhere.
-    let (status, body) = call(
-        &h,
-        reqwest::Method::PUT,
-        "/api/v1/egress/users/local",
-        None,
-        Some(json!({ "url": format!("http://canaryuser:{canary}@127.0.0.1:{p1}") })),
-    )
-    .await;
+    let (status, body) = h
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/egress/users/local",
+            None,
+            Some(json!({ "url": format!("http://canaryuser:{canary}@127.0.0.1:{p1}") })),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     seen.push_str(&body.to_string());
     let out = exec_as(
@@ -730,14 +706,14 @@ async fn every_byte_leaves_through_the_users_upstream() {
         .contains(&format!("{p1} canaryuser GET http://{ORIGIN}/canary 200")));
     let ea = egress_of(&h, None, &a).await;
     seen.push_str(&ea.to_string());
-    let (_, user_view) = call(
-        &h,
-        reqwest::Method::GET,
-        "/api/v1/egress/users/local",
-        None,
-        None,
-    )
-    .await;
+    let (_, user_view) = h
+        .call(
+            reqwest::Method::GET,
+            "/api/v1/egress/users/local",
+            None,
+            None,
+        )
+        .await;
     seen.push_str(&user_view.to_string());
     let inside = exec_as(
         &h,
@@ -768,14 +744,14 @@ async fn every_byte_leaves_through_the_users_upstream() {
 
     // Teardown removes the rules with the sandboxes.
     for (id, token) in [(&a, None), (&b, bob)] {
-        let (s, _) = call(
-            &h,
-            reqwest::Method::DELETE,
-            &format!("/api/v1/sandboxes/{id}"),
-            token,
-            None,
-        )
-        .await;
+        let (s, _) = h
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/api/v1/sandboxes/{id}"),
+                token,
+                None,
+            )
+            .await;
         assert_eq!(s, 202);
     }
     h.wait_state(&a, "stopped", Duration::from_secs(60)).await;

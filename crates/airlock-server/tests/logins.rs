@@ -5,55 +5,10 @@
 mod common;
 mod logins_support;
 
-use logins_support::{start_oauth, write_test_providers, OAuth};
-use serde_json::{json, Value};
-use std::collections::HashMap;
+use logins_support::{query, start_oauth, wait_gone, wait_login, write_test_providers, OAuth};
+use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-async fn wait_login(h: &common::Harness, id: &str, want: &[&str], within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let (status, body) = h.get(&format!("/api/v1/logins/{id}")).await;
-        assert_eq!(status, 200, "{body}");
-        let state = body["state"].as_str().unwrap_or("").to_owned();
-        if want.contains(&state.as_str()) {
-            return body;
-        }
-        assert!(
-            !["failed", "expired", "cancelled"].contains(&state.as_str()),
-            "login ended {state}: {body}"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "login is {state} after {within:?}: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-fn query(url: &str) -> HashMap<String, String> {
-    let q = url.split_once('?').map(|(_, q)| q).unwrap_or("");
-    url::form_urlencoded::parse(q.as_bytes())
-        .into_owned()
-        .collect()
-}
-
-async fn sandbox_state(h: &common::Harness, id: &str) -> String {
-    let (_, b) = h.get(&format!("/api/v1/sandboxes/{id}")).await;
-    b["state"].as_str().unwrap_or("").to_owned()
-}
-
-async fn wait_gone(h: &common::Harness, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !["stopped", "failed"].contains(&sandbox_state(h, id).await.as_str()) {
-        assert!(
-            Instant::now() < deadline,
-            "browser sandbox {id} still there"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
 
 /// Each real CLI, in the real image, prints (or asks a browser to open) its
 /// login URL, with no network: provider host, client id, redirect, PKCE.
@@ -74,7 +29,7 @@ async fn real_clis_print_their_login_urls() {
             .as_str()
             .expect("sandbox")
             .to_owned();
-        let login = wait_login(&h, &id, &["awaiting_user"], Duration::from_secs(150)).await;
+        let login = wait_login(&h, None, &id, &["awaiting_user"], Duration::from_secs(150)).await;
         let url = login["login_url"].as_str().expect("login_url").to_owned();
         let q = query(&url);
         eprintln!("{provider}: {url}");
@@ -118,7 +73,7 @@ async fn real_clis_print_their_login_urls() {
         let (status, body) = h.delete(&format!("/api/v1/logins/{id}")).await;
         assert_eq!(status, 202, "{body}");
         assert_eq!(body["state"], "cancelled");
-        wait_gone(&h, &sb).await;
+        wait_gone(&h, None, &sb, Duration::from_secs(60)).await;
         seen.push(provider);
     }
     assert_eq!(seen.len(), 3);
@@ -196,7 +151,7 @@ async fn whole_flow_with_a_local_oauth_server() {
         responses.push_str(&body.to_string());
         let id = body["id"].as_str().expect("id").to_owned();
         let sb = body["browser_sandbox_id"].as_str().expect("sb").to_owned();
-        let login = wait_login(&h, &id, &["awaiting_user"], Duration::from_secs(150)).await;
+        let login = wait_login(&h, None, &id, &["awaiting_user"], Duration::from_secs(150)).await;
         let url = login["login_url"].as_str().expect("url").to_owned();
         assert!(url.starts_with("http://oauth.test/authorize?"), "{url}");
         // Chromium in the sandbox opened it, through the proxy chain.
@@ -217,14 +172,14 @@ async fn whole_flow_with_a_local_oauth_server() {
             assert_eq!(b["state"], "awaiting_user", "{b}");
         }
         sign_in(&h, port, &url, &sb).await;
-        let done = wait_login(&h, &id, &["completed"], Duration::from_secs(180)).await;
+        let done = wait_login(&h, None, &id, &["completed"], Duration::from_secs(180)).await;
         responses.push_str(&done.to_string());
         assert!(done["error"].is_null(), "{done}");
         let ws = done["workspace_sandbox_id"]
             .as_str()
             .expect("ws")
             .to_owned();
-        wait_gone(&h, &sb).await;
+        wait_gone(&h, None, &sb, Duration::from_secs(60)).await;
         // The file is in the workspace, 0600, the user's, and it is the token
         // the OAuth server issued.
         let out = h
@@ -372,8 +327,20 @@ async fn early_exit_and_expiry() {
             .contains("not signed in within"),
         "{i}"
     );
-    wait_gone(&h, fail["browser_sandbox_id"].as_str().expect("sb")).await;
-    wait_gone(&h, idle["browser_sandbox_id"].as_str().expect("sb")).await;
+    wait_gone(
+        &h,
+        None,
+        fail["browser_sandbox_id"].as_str().expect("sb"),
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_gone(
+        &h,
+        None,
+        idle["browser_sandbox_id"].as_str().expect("sb"),
+        Duration::from_secs(60),
+    )
+    .await;
     let metrics = h
         .http
         .get(h.url("/metrics"))

@@ -10,7 +10,8 @@ mod common;
 mod logins_support;
 
 use logins_support::{
-    capture_logs, contains, start_oauth, write_paste_provider, write_test_providers, OAuth,
+    capture_logs, contains, query, start_oauth, wait_gone, wait_login, write_paste_provider,
+    write_test_providers, OAuth,
 };
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -18,92 +19,23 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// One API call, as the token's user (the local user, who is the admin, when
-/// `None`).
-async fn call(
-    h: &common::Harness,
-    method: Method,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req = h.http.request(method, h.url(path));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 async fn get(h: &common::Harness, path: &str, token: Option<&str>) -> Value {
-    let (status, body) = call(h, Method::GET, path, token, None).await;
+    let (status, body) = h.call(Method::GET, path, token, None).await;
     assert_eq!(status, 200, "GET {path}: {body}");
     body
 }
 
-async fn wait_login(
-    h: &common::Harness,
-    token: Option<&str>,
-    id: &str,
-    want: &[&str],
-    within: Duration,
-) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let body = get(h, &format!("/api/v1/logins/{id}"), token).await;
-        let state = body["state"].as_str().unwrap_or("").to_owned();
-        if want.contains(&state.as_str()) {
-            return body;
-        }
-        assert!(
-            !["failed", "expired", "cancelled"].contains(&state.as_str()),
-            "login ended {state}: {body}"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "login is {state} after {within:?}: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-async fn wait_gone(h: &common::Harness, token: Option<&str>, id: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let b = get(h, &format!("/api/v1/sandboxes/{id}"), token).await;
-        if ["stopped", "failed"].contains(&b["state"].as_str().unwrap_or("")) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "browser sandbox {id} still there: {b}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 async fn exec(h: &common::Harness, token: Option<&str>, id: &str, argv: &[&str]) -> Value {
-    let (status, body) = call(
-        h,
-        Method::POST,
-        &format!("/api/v1/sandboxes/{id}/exec"),
-        token,
-        Some(json!({ "argv": argv, "timeout_s": 120 })),
-    )
-    .await;
+    let (status, body) = h
+        .call(
+            Method::POST,
+            &format!("/api/v1/sandboxes/{id}/exec"),
+            token,
+            Some(json!({ "argv": argv, "timeout_s": 120 })),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     body
-}
-
-fn query(url: &str) -> HashMap<String, String> {
-    let q = url.split_once('?').map(|(_, q)| q).unwrap_or("");
-    url::form_urlencoded::parse(q.as_bytes())
-        .into_owned()
-        .collect()
 }
 
 /// The user approves at the OAuth server (the page Chromium shows): the
@@ -195,14 +127,14 @@ struct Done {
 /// the delivered file.
 async fn flow(h: &common::Harness, port: u16, name: String, token: String) -> Done {
     let t = Some(token.as_str());
-    let (status, body) = call(
-        h,
-        Method::POST,
-        "/api/v1/logins",
-        t,
-        Some(json!({ "provider": "testoauth" })),
-    )
-    .await;
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/api/v1/logins",
+            t,
+            Some(json!({ "provider": "testoauth" })),
+        )
+        .await;
     assert_eq!(status, 201, "{name}: {body}");
     let login = body["id"].as_str().expect("id").to_owned();
     let browser = body["browser_sandbox_id"].as_str().expect("sb").to_owned();
@@ -271,9 +203,13 @@ async fn five_users_sign_in_at_once() {
         let (_, token) = app.add_user(name).await.expect("user");
         let path = format!("/api/v1/egress/users/{name}");
         // A user cannot choose its own upstream: the admin does.
-        let (status, _) = call(&h, Method::PUT, &path, Some(&token), Some(upstream.clone())).await;
+        let (status, _) = h
+            .call(Method::PUT, &path, Some(&token), Some(upstream.clone()))
+            .await;
         assert_eq!(status, 403, "{name} set its own upstream");
-        let (status, body) = call(&h, Method::PUT, &path, None, Some(upstream.clone())).await;
+        let (status, body) = h
+            .call(Method::PUT, &path, None, Some(upstream.clone()))
+            .await;
         assert_eq!(status, 200, "{body}");
         users.push((name.to_owned(), token));
     }
@@ -337,7 +273,7 @@ async fn five_users_sign_in_at_once() {
                 format!("/api/v1/logins/{}", other.login),
                 format!("/api/v1/sandboxes/{}", other.workspace),
             ] {
-                let (status, _) = call(&h, Method::GET, &path, t, None).await;
+                let (status, _) = h.call(Method::GET, &path, t, None).await;
                 assert_eq!(status, 404, "{} sees {path}", d.name);
             }
         }
@@ -379,14 +315,14 @@ async fn pasted_code_completes_the_login() {
     h.cfg.login_timeout_s = 900;
     h.restart().await;
     let _ = get(&h, "/api/v1/logins", None).await;
-    let (status, body) = call(
-        &h,
-        Method::PUT,
-        "/api/v1/egress/users/local",
-        None,
-        Some(json!({ "url": format!("http://t:t@127.0.0.1:{port}") })),
-    )
-    .await;
+    let (status, body) = h
+        .call(
+            Method::PUT,
+            "/api/v1/egress/users/local",
+            None,
+            Some(json!({ "url": format!("http://t:t@127.0.0.1:{port}") })),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     let app = h.running.as_ref().expect("running").app.clone();
     let (_, other) = app.add_user("mallory").await.expect("user");
@@ -406,27 +342,22 @@ async fn pasted_code_completes_the_login() {
     assert_eq!(takes_code.get("testpaste"), Some(&true), "{providers}");
     assert_eq!(takes_code.get("testoauth"), Some(&false), "{providers}");
 
-    let (status, body) = call(
-        &h,
-        Method::POST,
-        "/api/v1/logins",
-        None,
-        Some(json!({ "provider": "testpaste" })),
-    )
-    .await;
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/api/v1/logins",
+            None,
+            Some(json!({ "provider": "testpaste" })),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     let id = body["id"].as_str().expect("id").to_owned();
     let sb = body["browser_sandbox_id"].as_str().expect("sb").to_owned();
     let code_path = format!("/api/v1/logins/{id}/code");
     // Too early: no code is awaited while the login is starting.
-    let (status, body) = call(
-        &h,
-        Method::POST,
-        &code_path,
-        None,
-        Some(json!({"code": "x#y"})),
-    )
-    .await;
+    let (status, body) = h
+        .call(Method::POST, &code_path, None, Some(json!({"code": "x#y"})))
+        .await;
     assert_eq!(status, 409, "{body}");
 
     let waiting = wait_login(&h, None, &id, &["awaiting_user"], Duration::from_secs(300)).await;
@@ -459,7 +390,9 @@ async fn pasted_code_completes_the_login() {
         (json!({ "code": 5 }), 400),
         (json!({ "code": "x", "extra": 1 }), 400),
     ] {
-        let (status, answer) = call(&h, Method::POST, &code_path, None, Some(body.clone())).await;
+        let (status, answer) = h
+            .call(Method::POST, &code_path, None, Some(body.clone()))
+            .await;
         assert_eq!(status, want, "{body} → {answer}");
         let msg = answer["error"]["message"].as_str().unwrap_or("");
         assert!(!msg.is_empty(), "{body} → {answer}");
@@ -467,23 +400,23 @@ async fn pasted_code_completes_the_login() {
     }
     // Another user's login does not exist for that user; an unknown one
     // neither.
-    let (status, answer) = call(
-        &h,
-        Method::POST,
-        &code_path,
-        Some(&other),
-        Some(json!({ "code": "x#y" })),
-    )
-    .await;
+    let (status, answer) = h
+        .call(
+            Method::POST,
+            &code_path,
+            Some(&other),
+            Some(json!({ "code": "x#y" })),
+        )
+        .await;
     assert_eq!(status, 404, "{answer}");
-    let (status, answer) = call(
-        &h,
-        Method::POST,
-        "/api/v1/logins/0000000000000000/code",
-        None,
-        Some(json!({ "code": "x#y" })),
-    )
-    .await;
+    let (status, answer) = h
+        .call(
+            Method::POST,
+            "/api/v1/logins/0000000000000000/code",
+            None,
+            Some(json!({ "code": "x#y" })),
+        )
+        .await;
     assert_eq!(status, 404, "{answer}");
     let l = get(&h, &format!("/api/v1/logins/{id}"), None).await;
     assert_eq!(l["state"], "awaiting_user", "{l}");
@@ -514,14 +447,14 @@ async fn pasted_code_completes_the_login() {
         .expect("the page shows a code");
     let code = query(&location)["code"].clone();
     assert!(shown.starts_with(&format!("{code}#")), "{shown}");
-    let (status, answer) = call(
-        &h,
-        Method::POST,
-        &code_path,
-        None,
-        Some(json!({ "code": format!("  {shown}\n") })),
-    )
-    .await;
+    let (status, answer) = h
+        .call(
+            Method::POST,
+            &code_path,
+            None,
+            Some(json!({ "code": format!("  {shown}\n") })),
+        )
+        .await;
     assert_eq!(status, 204, "{answer}");
 
     let done = wait_login(&h, None, &id, &["completed"], Duration::from_secs(300)).await;
@@ -544,14 +477,14 @@ async fn pasted_code_completes_the_login() {
 
     // A code for a login that no longer awaits one: refused, nothing changes.
     let creds = get(&h, "/api/v1/credentials", None).await;
-    let (status, answer) = call(
-        &h,
-        Method::POST,
-        &code_path,
-        None,
-        Some(json!({ "code": shown })),
-    )
-    .await;
+    let (status, answer) = h
+        .call(
+            Method::POST,
+            &code_path,
+            None,
+            Some(json!({ "code": shown })),
+        )
+        .await;
     assert_eq!(status, 409, "{answer}");
     assert!(
         answer["error"]["message"]
@@ -568,14 +501,14 @@ async fn pasted_code_completes_the_login() {
 
     // A login whose CLI takes no code (testoauth): its code is refused while
     // it waits for the user.
-    let (status, body) = call(
-        &h,
-        Method::POST,
-        "/api/v1/logins",
-        None,
-        Some(json!({ "provider": "testoauth" })),
-    )
-    .await;
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/api/v1/logins",
+            None,
+            Some(json!({ "provider": "testoauth" })),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     let plain = body["id"].as_str().expect("id").to_owned();
     let plain_sb = body["browser_sandbox_id"].as_str().expect("sb").to_owned();
@@ -587,25 +520,25 @@ async fn pasted_code_completes_the_login() {
         Duration::from_secs(300),
     )
     .await;
-    let (status, answer) = call(
-        &h,
-        Method::POST,
-        &format!("/api/v1/logins/{plain}/code"),
-        None,
-        Some(json!({ "code": "x#y" })),
-    )
-    .await;
+    let (status, answer) = h
+        .call(
+            Method::POST,
+            &format!("/api/v1/logins/{plain}/code"),
+            None,
+            Some(json!({ "code": "x#y" })),
+        )
+        .await;
     assert_eq!(status, 409, "{answer}");
     let l = get(&h, &format!("/api/v1/logins/{plain}"), None).await;
     assert_eq!(l["state"], "awaiting_user", "{l}");
-    let (status, _) = call(
-        &h,
-        Method::DELETE,
-        &format!("/api/v1/logins/{plain}"),
-        None,
-        None,
-    )
-    .await;
+    let (status, _) = h
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/logins/{plain}"),
+            None,
+            None,
+        )
+        .await;
     assert_eq!(status, 202);
     wait_gone(&h, None, &plain_sb, Duration::from_secs(120)).await;
 

@@ -136,33 +136,38 @@ impl Harness {
         format!("{}{}", self.base, path)
     }
 
-    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let resp = self
-            .http
-            .post(self.url(path))
-            .json(&body)
-            .send()
-            .await
-            .expect("request");
+    /// One API call as the user of `token` (the local user, the admin, when
+    /// `None`): the status and the JSON body (`null` when there is none).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, None, Some(body))
+            .await
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let resp = self.http.get(self.url(path)).send().await.expect("request");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        self.call(reqwest::Method::GET, path, None, None).await
     }
 
     pub async fn delete(&self, path: &str) -> (u16, Value) {
-        let resp = self
-            .http
-            .delete(self.url(path))
-            .send()
-            .await
-            .expect("request");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        self.call(reqwest::Method::DELETE, path, None, None).await
     }
 
     /// Create a sandbox and wait until it is ready; panics with its failure reason otherwise.

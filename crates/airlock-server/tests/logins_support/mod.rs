@@ -24,6 +24,79 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Polls a login (as the user of `token`) until it is in one of `want`;
+/// panics when it ends otherwise or takes longer than `within`.
+pub async fn wait_login(
+    h: &crate::common::Harness,
+    token: Option<&str>,
+    id: &str,
+    want: &[&str],
+    within: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = h
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/v1/logins/{id}"),
+                token,
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let state = body["state"].as_str().unwrap_or("").to_owned();
+        if want.contains(&state.as_str()) {
+            return body;
+        }
+        assert!(
+            !["failed", "expired", "cancelled"].contains(&state.as_str()),
+            "login ended {state}: {body}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "login is {state} after {within:?}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Waits until a (browser) sandbox has stopped or failed.
+pub async fn wait_gone(
+    h: &crate::common::Harness,
+    token: Option<&str>,
+    id: &str,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (_, b) = h
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/v1/sandboxes/{id}"),
+                token,
+                None,
+            )
+            .await;
+        if ["stopped", "failed"].contains(&b["state"].as_str().unwrap_or("")) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "browser sandbox {id} still there: {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The query parameters of a URL.
+pub fn query(url: &str) -> HashMap<String, String> {
+    let q = url.split_once('?').map(|(_, q)| q).unwrap_or("");
+    url::form_urlencoded::parse(q.as_bytes())
+        .into_owned()
+        .collect()
+}
 
 pub const CLIENT_ID: &str = "airlock-test";
 
