@@ -25,10 +25,7 @@ pub fn image() -> Result<ImageRef> {
         .current()
         .context("reading the golden image")?
         .context("no current golden image: run `airlock image build`")?;
-    Ok(ImageRef {
-        build_id: manifest.build_id.clone(),
-        layers: manifest.layer_dirs_top_first(),
-    })
+    Ok(ImageRef::of(&manifest))
 }
 
 /// A control plane running in this process.

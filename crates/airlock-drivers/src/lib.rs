@@ -23,6 +23,16 @@ pub struct ImageRef {
     pub layers: Vec<PathBuf>,
 }
 
+impl ImageRef {
+    /// The image a build's manifest describes.
+    pub fn of(manifest: &airlock_image::Manifest) -> ImageRef {
+        ImageRef {
+            build_id: manifest.build_id.clone(),
+            layers: manifest.layer_dirs_top_first(),
+        }
+    }
+}
+
 /// What the host gave a sandbox from the address pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {

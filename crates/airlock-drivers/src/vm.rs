@@ -40,6 +40,24 @@ pub struct VmImage {
     pub rootfs_size: u64,
 }
 
+impl VmImage {
+    /// The VM artefacts a build's manifest records; `None` for a build made
+    /// without `--vm`.
+    pub fn of(manifest: &airlock_image::Manifest) -> Option<VmImage> {
+        let vm = manifest.vm.as_ref()?;
+        Some(VmImage {
+            build_id: manifest.build_id.clone(),
+            vmlinux: vm.kernel.vmlinux.clone(),
+            bzimage: vm.kernel.bzimage.clone(),
+            vmlinux_sha256: vm.kernel.vmlinux_sha256.clone(),
+            bzimage_sha256: vm.kernel.bzimage_sha256.clone(),
+            rootfs: vm.rootfs.path.clone(),
+            rootfs_sha256: vm.rootfs.sha256.clone(),
+            rootfs_size: vm.rootfs.size,
+        })
+    }
+}
+
 /// Which (path, size, mtime) of a root file system was already hashed and
 /// matched: hashing gigabytes before every boot would cost seconds each time.
 #[derive(Debug, Default)]

@@ -4,10 +4,18 @@
 
 use crate::app::sandboxes::chain;
 use crate::app::App;
+use crate::config::DriverKind;
 use crate::config::{Config, ConfigError};
 use crate::store::{Store, StoreError};
 use crate::vault::{Vault, VaultError};
+use airlock_drivers::firecracker::api::UnixApi;
+use airlock_drivers::firecracker::{FirecrackerConfig, FirecrackerDriver};
+use airlock_drivers::host::RealHost;
+use airlock_drivers::nspawn::{NspawnConfig, NspawnDriver};
+use airlock_drivers::qemu::{QemuConfig, QemuDriver};
+use airlock_drivers::vm::VmImage;
 use airlock_drivers::{Driver, ImageRef};
+use airlock_image::Manifest;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -34,6 +42,38 @@ pub enum StartError {
     },
     #[error("could not recover sandboxes from the last run: {0}")]
     Recover(String),
+    #[error("golden image {0} has no VM artefacts; build them with `airlock image build --vm`")]
+    NoVmArtefacts(String),
+}
+
+/// The driver the configuration names, over the given image build.
+pub fn driver_for(cfg: &Config, manifest: &Manifest) -> Result<Arc<dyn Driver>, StartError> {
+    let vm_image = || {
+        VmImage::of(manifest)
+            .map(Some)
+            .ok_or_else(|| StartError::NoVmArtefacts(manifest.build_id.clone()))
+    };
+    Ok(match cfg.driver {
+        DriverKind::Nspawn => Arc::new(NspawnDriver::new(
+            NspawnConfig::new(cfg.data_dir.join("sandboxes")),
+            Arc::new(RealHost),
+        )),
+        DriverKind::Qemu => Arc::new(QemuDriver::new(
+            QemuConfig::new(cfg.data_dir.join("qemu"), vm_image()?),
+            Arc::new(RealHost),
+        )),
+        DriverKind::Firecracker => {
+            let mut fc = FirecrackerConfig::new(cfg.data_dir.join("firecracker"), vm_image()?);
+            if let Some(bin) = std::env::var_os("AIRLOCK_FIRECRACKER_BIN") {
+                fc.firecracker_bin = bin.into();
+            }
+            Arc::new(FirecrackerDriver::new(
+                fc,
+                Arc::new(RealHost),
+                Arc::new(UnixApi::default()),
+            ))
+        }
+    })
 }
 
 /// A running control plane.

@@ -1,29 +1,76 @@
 //! End to end in a real headless Chromium: the UI creates a sandbox, the noVNC
 //! viewer shows its desktop, typing into the terminal over the viewer changes
 //! the sandbox (checked through exec). Screenshots land in `target/e2e/`.
+//! Once with the nspawn driver, once with the QEMU driver (the same image as a
+//! microVM, under TCG where KVM does not run guests).
 
 mod common;
 
+use airlock_server::config::DriverKind;
 use common::unmet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Why the browser test cannot run here (in CI: a failure, not a skip).
+fn browser_unmet() -> Option<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    if root.join("tests/e2e/node_modules/playwright-core").exists() {
+        return None;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run the browser test: run scripts/setup first"
+    );
+    eprintln!("skipping: tests/e2e has no node_modules (run `npm ci --prefix tests/e2e`)");
+    Some("no node_modules".into())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ui_shows_a_live_desktop_that_takes_typing() {
-    if unmet().is_some() {
-        return;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let script = root.join("tests/e2e/desktop.mjs");
-    if !root.join("tests/e2e/node_modules/playwright-core").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the browser test: run scripts/setup first"
-        );
-        eprintln!("skipping: tests/e2e has no node_modules (run `npm ci --prefix tests/e2e`)");
+    if unmet().is_some() || browser_unmet().is_some() {
         return;
     }
     let h = common::start("10.232.20.0/24").await;
-    let artifacts = root.join("target/e2e");
+    drive_the_ui(h, "target/e2e").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_desktop_as_a_qemu_microvm() {
+    if unmet().is_some() || browser_unmet().is_some() {
+        return;
+    }
+    let has_vm = common::manifest().is_some_and(|m| m.vm.is_some());
+    let has_qemu = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !has_vm || !has_qemu {
+        let why = if has_vm {
+            "qemu-system-x86_64 is not installed"
+        } else {
+            "the golden image has no VM artefacts (`airlock image build --vm`)"
+        };
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the QEMU desktop test, but {why}"
+        );
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let h = common::start_with("10.232.21.0/24", |cfg| {
+        cfg.driver = DriverKind::Qemu;
+        // Emulated (TCG) guests boot in tens of seconds on a busy host.
+        cfg.boot_timeout_s = 300;
+    })
+    .await;
+    drive_the_ui(h, "target/e2e/qemu").await;
+}
+
+/// Runs tests/e2e/desktop.mjs against the harness and checks the UI's delete
+/// left nothing behind.
+async fn drive_the_ui(h: common::Harness, artifacts: &str) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let script = root.join("tests/e2e/desktop.mjs");
+    let artifacts: PathBuf = root.join(artifacts);
     std::fs::create_dir_all(&artifacts).expect("artifacts dir");
     let status = tokio::process::Command::new("node")
         .arg(&script)

@@ -6,13 +6,9 @@ mod egress;
 mod progress;
 mod vault;
 
-use airlock_drivers::firecracker::api::UnixApi;
-use airlock_drivers::firecracker::{FirecrackerConfig, FirecrackerDriver};
 use airlock_drivers::host::RealHost;
 use airlock_drivers::nspawn::{NspawnConfig, NspawnDriver};
-use airlock_drivers::qemu::{QemuConfig, QemuDriver};
-use airlock_drivers::vm::VmImage;
-use airlock_drivers::{Driver, ImageRef};
+use airlock_drivers::ImageRef;
 use airlock_image::{ImageStore, Manifest};
 use airlock_server::config::{Config, DriverKind};
 use anyhow::{bail, Context, Result};
@@ -177,51 +173,6 @@ fn fresh_image(cfg: &Config) -> Result<Manifest> {
     }
 }
 
-fn driver_for(cfg: &Config, manifest: &Manifest) -> Result<Arc<dyn Driver>> {
-    match cfg.driver {
-        DriverKind::Nspawn => {
-            let nspawn = NspawnConfig::new(cfg.data_dir.join("sandboxes"));
-            Ok(Arc::new(NspawnDriver::new(nspawn, Arc::new(RealHost))))
-        }
-        DriverKind::Qemu => {
-            let qemu = QemuConfig::new(cfg.data_dir.join("qemu"), vm_image(manifest)?);
-            Ok(Arc::new(QemuDriver::new(qemu, Arc::new(RealHost))))
-        }
-        DriverKind::Firecracker => {
-            let mut fc =
-                FirecrackerConfig::new(cfg.data_dir.join("firecracker"), vm_image(manifest)?);
-            if let Some(bin) = std::env::var_os("AIRLOCK_FIRECRACKER_BIN") {
-                fc.firecracker_bin = PathBuf::from(bin);
-            }
-            Ok(Arc::new(FirecrackerDriver::new(
-                fc,
-                Arc::new(RealHost),
-                Arc::new(UnixApi::default()),
-            )))
-        }
-    }
-}
-
-/// The VM drivers boot the manifest's kernel and ext4.
-fn vm_image(manifest: &Manifest) -> Result<Option<VmImage>> {
-    let Some(vm) = &manifest.vm else {
-        bail!(
-            "golden image {} has no VM artefacts; build them with `airlock image build --vm`",
-            manifest.build_id
-        );
-    };
-    Ok(Some(VmImage {
-        build_id: manifest.build_id.clone(),
-        vmlinux: vm.kernel.vmlinux.clone(),
-        bzimage: vm.kernel.bzimage.clone(),
-        vmlinux_sha256: vm.kernel.vmlinux_sha256.clone(),
-        bzimage_sha256: vm.kernel.bzimage_sha256.clone(),
-        rootfs: vm.rootfs.path.clone(),
-        rootfs_sha256: vm.rootfs.sha256.clone(),
-        rootfs_size: vm.rootfs.size,
-    }))
-}
-
 async fn up(args: UpArgs) -> Result<()> {
     let mut cfg = load_config(&args.common)?;
     if let Some(listen) = args.listen {
@@ -235,17 +186,14 @@ async fn up(args: UpArgs) -> Result<()> {
     }
     cfg.validate()?;
     let manifest = tokio::task::block_in_place(|| fresh_image(&cfg))?;
-    let image = ImageRef {
-        build_id: manifest.build_id.clone(),
-        layers: manifest.layer_dirs_top_first(),
-    };
+    let image = ImageRef::of(&manifest);
     if cfg.driver == DriverKind::Nspawn && !cfg.listen.ip().is_loopback() {
         eprintln!(
             "warning: the nspawn driver runs sandboxes as containers that share this host's kernel; \
              that suits one trusted user or development. Users who must not trust each other need a VM driver."
         );
     }
-    let driver = driver_for(&cfg, &manifest)?;
+    let driver = airlock_server::server::driver_for(&cfg, &manifest)?;
     let running = airlock_server::server::start(&cfg, image, driver).await?;
     let shutdown = running.shutdown_handle();
     tokio::spawn(async move {

@@ -38,26 +38,11 @@ pub fn vm_image() -> Result<(ImageRef, VmImage), String> {
         .current()
         .map_err(|e| e.to_string())?
         .ok_or("there is no golden image (`airlock image build --vm`)")?;
-    let vm = manifest.vm.clone().ok_or(format!(
+    let vm = VmImage::of(&manifest).ok_or(format!(
         "golden image {} has no VM artefacts (`airlock image build --vm`)",
         manifest.build_id
     ))?;
-    Ok((
-        ImageRef {
-            build_id: manifest.build_id.clone(),
-            layers: manifest.layer_dirs_top_first(),
-        },
-        VmImage {
-            build_id: manifest.build_id.clone(),
-            vmlinux: vm.kernel.vmlinux,
-            bzimage: vm.kernel.bzimage,
-            vmlinux_sha256: vm.kernel.vmlinux_sha256,
-            bzimage_sha256: vm.kernel.bzimage_sha256,
-            rootfs: vm.rootfs.path,
-            rootfs_sha256: vm.rootfs.sha256,
-            rootfs_size: vm.rootfs.size,
-        },
-    ))
+    Ok((ImageRef::of(&manifest), vm))
 }
 
 /// A sandbox in the tests' range (10.235.0.0/16), its block picked by pid

@@ -1,18 +1,16 @@
 //! Shared set-up for the integration tests: the real control plane on port 0,
-//! with the real nspawn driver and the real golden image.
+//! with the real golden image and the driver its configuration names (the
+//! real nspawn driver unless a test picks another).
 
 #![allow(dead_code)]
 
 pub mod viewer;
 
-use airlock_drivers::host::RealHost;
-use airlock_drivers::nspawn::{NspawnConfig, NspawnDriver};
-use airlock_drivers::{Driver, ImageRef};
+use airlock_drivers::ImageRef;
 use airlock_server::config::Config;
 use airlock_server::server::{self, Running};
 use serde_json::Value;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Why these tests cannot run here, or `None` when they can. In CI a missing
@@ -53,15 +51,16 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-pub fn image() -> Option<ImageRef> {
+/// The current build's manifest in `$AIRLOCK_IMAGE_DIR`.
+pub fn manifest() -> Option<airlock_image::Manifest> {
     let dir = std::env::var_os("AIRLOCK_IMAGE_DIR")?;
-    let manifest = airlock_image::ImageStore::new(PathBuf::from(dir))
+    airlock_image::ImageStore::new(PathBuf::from(dir))
         .current()
-        .ok()??;
-    Some(ImageRef {
-        build_id: manifest.build_id.clone(),
-        layers: manifest.layer_dirs_top_first(),
-    })
+        .ok()?
+}
+
+pub fn image() -> Option<ImageRef> {
+    manifest().map(|m| ImageRef::of(&m))
 }
 
 pub struct Harness {
@@ -109,11 +108,9 @@ pub async fn start_with(pool: &str, adjust: impl FnOnce(&mut Config)) -> Harness
 }
 
 pub async fn launch(cfg: &Config) -> Running {
-    let driver: Arc<dyn Driver> = Arc::new(NspawnDriver::new(
-        NspawnConfig::new(cfg.data_dir.join("sandboxes")),
-        Arc::new(RealHost),
-    ));
-    server::start(cfg, image().expect("image"), driver)
+    let manifest = manifest().expect("image");
+    let driver = server::driver_for(cfg, &manifest).expect("driver");
+    server::start(cfg, ImageRef::of(&manifest), driver)
         .await
         .expect("server starts")
 }
@@ -225,10 +222,7 @@ impl Drop for Harness {
     /// Even when a test fails half-way, destroy whatever it left running, with
     /// the driver's own destroy, so the next run starts clean.
     fn drop(&mut self) {
-        let root = self.data_dir.join("sandboxes");
-        if !root.exists() {
-            return;
-        }
+        let cfg = self.cfg.clone();
         let cleanup = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -236,8 +230,13 @@ impl Drop for Harness {
             else {
                 return;
             };
+            let Some(manifest) = manifest() else {
+                return;
+            };
+            let Ok(driver) = server::driver_for(&cfg, &manifest) else {
+                return;
+            };
             rt.block_on(async {
-                let driver = NspawnDriver::new(NspawnConfig::new(root), Arc::new(RealHost));
                 for inst in driver.list().await.unwrap_or_default() {
                     let _ = driver.destroy(&inst.id).await;
                 }
@@ -245,6 +244,24 @@ impl Drop for Harness {
         });
         let _ = cleanup.join();
     }
+}
+
+/// Pids (space-separated) of processes whose command line matches `pattern`.
+fn processes_matching(pattern: &str) -> String {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", "--", pattern])
+        .output()
+        .expect("pgrep");
+    // 0: found, 1: none; anything else is pgrep failing, not an answer.
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "pgrep {pattern:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// What this sandbox still holds on the host: links, namespaces, mounts,
@@ -269,18 +286,20 @@ pub fn leftovers(data_dir: &std::path::Path, id: &str) -> Vec<String> {
     {
         out.push("overlay mount".into());
     }
-    let procs = std::process::Command::new("pgrep")
-        .args(["-f", &format!("--machine=airlock-{id}")])
-        .output()
-        .expect("pgrep");
-    if !procs.stdout.is_empty() {
-        out.push(format!(
-            "processes {}",
-            String::from_utf8_lossy(&procs.stdout).trim()
-        ));
+    // The container (systemd-nspawn --machine=…) and the VMM (qemu -name …).
+    for pattern in [
+        format!("--machine=airlock-{id}"),
+        format!("-name airlock-{id} "),
+    ] {
+        let pids = processes_matching(&pattern);
+        if !pids.is_empty() {
+            out.push(format!("processes {pids}"));
+        }
     }
-    if data_dir.join("sandboxes").join(id).exists() {
-        out.push("sandbox directory".into());
+    for dir in ["sandboxes", "qemu"] {
+        if data_dir.join(dir).join(id).exists() {
+            out.push(format!("{dir} directory"));
+        }
     }
     out
 }
