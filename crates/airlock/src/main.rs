@@ -194,6 +194,7 @@ async fn up(args: UpArgs) -> Result<()> {
         );
     }
     let driver = airlock_server::server::driver_for(&cfg, &manifest)?;
+    let driver_name = driver.name();
     let running = airlock_server::server::start(&cfg, image, driver).await?;
     let shutdown = running.shutdown_handle();
     tokio::spawn(async move {
@@ -201,8 +202,8 @@ async fn up(args: UpArgs) -> Result<()> {
         let _ = shutdown.send(true);
     });
     println!(
-        "airlock is up: http://{}/  (image {}, driver {:?})",
-        running.addr, manifest.build_id, cfg.driver
+        "airlock is up: http://{}/  (image {}, driver {driver_name})",
+        running.addr, manifest.build_id
     );
     running.wait().await?;
     Ok(())
