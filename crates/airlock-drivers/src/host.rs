@@ -151,6 +151,16 @@ impl Host for RealHost {
             let mut child = child;
             let _ = child.wait();
         });
+        // `spawn` returns once exec has begun, but the new program's command
+        // line reads empty until exec has finished: a caller that checks the
+        // process by its command line right away would think it gone. Return
+        // once it shows (or the process is gone), within a bound.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while self.cmdline(pid).is_some_and(|c| c.is_empty())
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         Ok(pid)
     }
 
@@ -286,5 +296,35 @@ impl Host for FakeHost {
     }
     fn children(&self, _pid: u32) -> Vec<u32> {
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A detached process is found by its command line the moment
+    /// `spawn_detached` returns (the VM drivers check it right away).
+    #[tokio::test]
+    async fn a_spawned_process_shows_its_command_line_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = RealHost;
+        let mut pids = Vec::new();
+        for i in 0..40 {
+            let marker = format!("{}", 3000 + i);
+            let pid = host
+                .spawn_detached(
+                    &Cmd::new("sleep").args([marker.clone()]),
+                    &dir.path().join("log"),
+                )
+                .await
+                .expect("spawn");
+            pids.push(pid);
+            let cmdline = host.cmdline(pid).expect("alive");
+            assert!(cmdline.contains(&marker), "pid {pid}: {cmdline:?}");
+        }
+        for pid in pids {
+            let _ = host.signal(pid, libc::SIGKILL);
+        }
     }
 }
