@@ -5,7 +5,9 @@
 mod common;
 mod logins_support;
 
-use logins_support::{query, start_oauth, wait_gone, wait_login, write_test_providers, OAuth};
+use logins_support::{
+    approve_at, query, start_oauth, wait_gone, wait_login, write_test_providers, OAuth,
+};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,21 +93,7 @@ fn test_harness_cfg(h: &mut common::Harness, timeout_s: u64) {
 /// OAuth server, then follow its redirect inside the browser sandbox (the
 /// callback listens on the sandbox's own loopback).
 async fn sign_in(h: &common::Harness, oauth_port: u16, url: &str, browser: &str) {
-    let q: Vec<(String, String)> = query(url).into_iter().collect();
-    let approve = format!(
-        "http://127.0.0.1:{oauth_port}/approve?{}",
-        url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(q)
-            .finish()
-    );
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client");
-    let resp = http.get(&approve).send().await.expect("approve");
-    assert_eq!(resp.status().as_u16(), 303, "approve");
-    let location = resp.headers()["location"].to_str().expect("loc").to_owned();
+    let location = approve_at(oauth_port, url).await;
     assert!(location.starts_with("http://127.0.0.1:"), "{location}");
     let script = format!(
         "require('http').get({location:?},r=>{{r.resume();r.on('end',()=>process.exit(r.statusCode===200?0:1))}})"

@@ -10,8 +10,8 @@ mod common;
 mod logins_support;
 
 use logins_support::{
-    capture_logs, contains, query, start_oauth, wait_gone, wait_login, write_paste_provider,
-    write_test_providers, OAuth,
+    approve_at, capture_logs, contains, query, start_oauth, wait_gone, wait_login,
+    write_paste_provider, write_test_providers, OAuth,
 };
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -36,28 +36,6 @@ async fn exec(h: &common::Harness, token: Option<&str>, id: &str, argv: &[&str])
         .await;
     assert_eq!(status, 200, "{body}");
     body
-}
-
-/// The user approves at the OAuth server (the page Chromium shows): the
-/// server's redirect, with the code in it.
-async fn approve(oauth_port: u16, login_url: &str) -> String {
-    let approve = format!(
-        "http://127.0.0.1:{oauth_port}/approve?{}",
-        url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(query(login_url))
-            .finish()
-    );
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client");
-    let resp = http.get(&approve).send().await.expect("approve");
-    assert_eq!(resp.status().as_u16(), 303, "approve");
-    resp.headers()["location"]
-        .to_str()
-        .expect("location")
-        .to_owned()
 }
 
 /// The credential file in a workspace: its mode and owner, and its contents.
@@ -141,7 +119,7 @@ async fn flow(h: &common::Harness, port: u16, name: String, token: String) -> Do
     let waiting = wait_login(h, t, &login, &["awaiting_user"], Duration::from_secs(600)).await;
     let url = waiting["login_url"].as_str().expect("url").to_owned();
     assert!(url.starts_with("http://oauth.test/authorize?"), "{url}");
-    let location = approve(port, &url).await;
+    let location = approve_at(port, &url).await;
     assert!(location.starts_with("http://127.0.0.1:"), "{location}");
     let code = query(&location)["code"].clone();
     eprintln!("{name}: login {login} awaiting the user; approved with code {code}");
@@ -171,6 +149,41 @@ async fn flow(h: &common::Harness, port: u16, name: String, token: String) -> Do
     }
 }
 
+/// A control plane for these tests: the test providers (the paste one
+/// included), the control plane's log captured, and a local OAuth server
+/// whose tokens carry a fresh canary.
+struct Bed {
+    logs: Arc<Mutex<Vec<u8>>>,
+    marker: String,
+    oauth: Arc<OAuth>,
+    port: u16,
+    h: common::Harness,
+}
+
+async fn bed(pool: &str, adjust: impl FnOnce(&mut airlock_server::config::Config)) -> Bed {
+    let logs = capture_logs();
+    let marker = format!("CANARY{}", hex::encode(rand::random::<[u8; 8]>()));
+    let oauth = Arc::new(OAuth {
+        marker: marker.clone(),
+        ..Default::default()
+    });
+    let port = start_oauth(oauth.clone()).await;
+    let mut h = common::start(pool).await;
+    let dir = h.data_dir.join("test-providers");
+    write_test_providers(&dir);
+    write_paste_provider(&dir);
+    h.cfg.providers_dir = Some(dir);
+    adjust(&mut h.cfg);
+    h.restart().await;
+    Bed {
+        logs,
+        marker,
+        oauth,
+        port,
+        h,
+    }
+}
+
 /// Five users sign in at the same time: every login completes, and each
 /// user's workspace holds the very token issued for that user's own code;
 /// each sees only its own login and record; the browser sandboxes go.
@@ -179,21 +192,18 @@ async fn five_users_sign_in_at_once() {
     if common::unmet().is_some() {
         return;
     }
-    let logs = capture_logs();
-    let marker = format!("CANARY{}", hex::encode(rand::random::<[u8; 8]>()));
-    let oauth = Arc::new(OAuth {
-        marker: marker.clone(),
-        ..Default::default()
-    });
-    let port = start_oauth(oauth.clone()).await;
-    let mut h = common::start("10.234.60.0/24").await;
-    let dir = h.data_dir.join("test-providers");
-    write_test_providers(&dir);
-    h.cfg.providers_dir = Some(dir);
-    h.cfg.login_timeout_s = 1500;
-    // Ten sandboxes booting on two cores at once take longer than one.
-    h.cfg.boot_timeout_s = 600;
-    h.restart().await;
+    let Bed {
+        logs,
+        marker,
+        oauth,
+        port,
+        h,
+    } = bed("10.234.60.0/24", |cfg| {
+        cfg.login_timeout_s = 1500;
+        // Ten sandboxes booting on two cores at once take longer than one.
+        cfg.boot_timeout_s = 600;
+    })
+    .await;
     // The first request makes the local user, the admin.
     let _ = get(&h, "/api/v1/logins", None).await;
     let app = h.running.as_ref().expect("running").app.clone();
@@ -300,20 +310,13 @@ async fn pasted_code_completes_the_login() {
     if common::unmet().is_some() {
         return;
     }
-    let logs = capture_logs();
-    let marker = format!("CANARY{}", hex::encode(rand::random::<[u8; 8]>()));
-    let oauth = Arc::new(OAuth {
-        marker: marker.clone(),
-        ..Default::default()
-    });
-    let port = start_oauth(oauth.clone()).await;
-    let mut h = common::start("10.234.61.0/24").await;
-    let dir = h.data_dir.join("test-providers");
-    write_test_providers(&dir);
-    write_paste_provider(&dir);
-    h.cfg.providers_dir = Some(dir);
-    h.cfg.login_timeout_s = 900;
-    h.restart().await;
+    let Bed {
+        logs,
+        marker,
+        oauth,
+        port,
+        h,
+    } = bed("10.234.61.0/24", |cfg| cfg.login_timeout_s = 900).await;
     let _ = get(&h, "/api/v1/logins", None).await;
     let (status, body) = h
         .call(
@@ -423,7 +426,7 @@ async fn pasted_code_completes_the_login() {
     assert_eq!(l["awaiting_code"], true, "{l}");
 
     // The user signs in; the OAuth server sends the browser to its code page.
-    let location = approve(port, &url).await;
+    let location = approve_at(port, &url).await;
     assert!(
         location.starts_with("http://oauth.test/code?"),
         "{location}"

@@ -90,6 +90,28 @@ pub async fn wait_gone(
     }
 }
 
+/// The user approves at the OAuth server (the page Chromium shows): the
+/// server's redirect, with the code in it.
+pub async fn approve_at(oauth_port: u16, login_url: &str) -> String {
+    let approve = format!(
+        "http://127.0.0.1:{oauth_port}/approve?{}",
+        url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(query(login_url))
+            .finish()
+    );
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let resp = http.get(&approve).send().await.expect("approve");
+    assert_eq!(resp.status().as_u16(), 303, "approve");
+    resp.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned()
+}
+
 /// The query parameters of a URL.
 pub fn query(url: &str) -> HashMap<String, String> {
     let q = url.split_once('?').map(|(_, q)| q).unwrap_or("");
