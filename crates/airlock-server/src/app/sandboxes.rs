@@ -524,7 +524,6 @@ impl App {
     }
 }
 
-/// The host's available memory in bytes (MemAvailable), if it can be read.
 impl App {
     /// Refuses new work, before anything is made, while the host lacks the
     /// memory (503) or the disk space (507) a sandbox needs.
@@ -570,6 +569,7 @@ fn disk_available(path: &std::path::Path) -> Option<u64> {
     Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// The host's available memory in bytes (MemAvailable), if it can be read.
 fn memory_available() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
