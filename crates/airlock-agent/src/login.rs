@@ -1064,13 +1064,10 @@ mod tests {
         }
     }
 
-    /// A fake CLI (a shell script) under a real PTY: a prompt answered, a URL
-    /// taken from the browser hook, the credential file captured.
-    #[tokio::test]
-    async fn runs_a_cli_under_a_pty() {
-        let home = tempfile::tempdir().expect("tmp");
-        let run = tempfile::tempdir().expect("tmp");
-        let hook = home.path().join("hook");
+    /// The browser hook the agent puts on a login's PATH, as the image has
+    /// it: it appends each URL it is asked to open to $AIRLOCK_LOGIN_URLS.
+    fn write_browser_hook(home: &Path) {
+        let hook = home.join("hook");
         std::fs::create_dir_all(&hook).expect("mkdir");
         let hook_script = hook.join("xdg-open");
         std::fs::write(
@@ -1080,6 +1077,15 @@ mod tests {
         .expect("write");
         std::fs::set_permissions(&hook_script, std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
+    }
+
+    /// A fake CLI (a shell script) under a real PTY: a prompt answered, a URL
+    /// taken from the browser hook, the credential file captured.
+    #[tokio::test]
+    async fn runs_a_cli_under_a_pty() {
+        let home = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        write_browser_hook(home.path());
         let logins = Arc::new(Logins::new(test_cfg(home.path(), run.path())));
         let mut d = def();
         d.command = vec![
@@ -1188,16 +1194,7 @@ mod tests {
     async fn code_prompt_right_after_the_url() {
         let home = tempfile::tempdir().expect("tmp");
         let run = tempfile::tempdir().expect("tmp");
-        let hook = home.path().join("hook");
-        std::fs::create_dir_all(&hook).expect("mkdir");
-        let hook_script = hook.join("xdg-open");
-        std::fs::write(
-            &hook_script,
-            "#!/bin/sh\nprintf '%s\\n' \"$1\" >> \"$AIRLOCK_LOGIN_URLS\"\n",
-        )
-        .expect("write");
-        std::fs::set_permissions(&hook_script, std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
+        write_browser_hook(home.path());
         let logins = Arc::new(Logins::new(test_cfg(home.path(), run.path())));
         let mut d = def();
         d.prompts.clear();

@@ -35,25 +35,7 @@ async fn the_ui_shows_a_live_desktop_that_takes_typing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_desktop_as_a_qemu_microvm() {
-    if unmet().is_some() || browser_unmet().is_some() {
-        return;
-    }
-    let has_vm = common::manifest().is_some_and(|m| m.vm.is_some());
-    let has_qemu = std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !has_vm || !has_qemu {
-        let why = if has_vm {
-            "qemu-system-x86_64 is not installed"
-        } else {
-            "the golden image has no VM artefacts (`airlock image build --vm`)"
-        };
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the QEMU desktop test, but {why}"
-        );
-        eprintln!("skipping: {why}");
+    if unmet().is_some() || browser_unmet().is_some() || common::qemu_unmet().is_some() {
         return;
     }
     let h = common::start_with("10.232.21.0/24", |cfg| {

@@ -25,6 +25,23 @@ async fn get(h: &common::Harness, path: &str, token: Option<&str>) -> Value {
     body
 }
 
+/// Starts a login as the user of `token`: its id and its browser sandbox's.
+async fn start_login(h: &common::Harness, token: Option<&str>, provider: &str) -> (String, String) {
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/api/v1/logins",
+            token,
+            Some(json!({ "provider": provider })),
+        )
+        .await;
+    assert_eq!(status, 201, "{provider}: {body}");
+    (
+        body["id"].as_str().expect("id").to_owned(),
+        body["browser_sandbox_id"].as_str().expect("sb").to_owned(),
+    )
+}
+
 async fn exec(h: &common::Harness, token: Option<&str>, id: &str, argv: &[&str]) -> Value {
     let (status, body) = h
         .call(
@@ -105,17 +122,7 @@ struct Done {
 /// the delivered file.
 async fn flow(h: &common::Harness, port: u16, name: String, token: String) -> Done {
     let t = Some(token.as_str());
-    let (status, body) = h
-        .call(
-            Method::POST,
-            "/api/v1/logins",
-            t,
-            Some(json!({ "provider": "testoauth" })),
-        )
-        .await;
-    assert_eq!(status, 201, "{name}: {body}");
-    let login = body["id"].as_str().expect("id").to_owned();
-    let browser = body["browser_sandbox_id"].as_str().expect("sb").to_owned();
+    let (login, browser) = start_login(h, t, "testoauth").await;
     let waiting = wait_login(h, t, &login, &["awaiting_user"], Duration::from_secs(600)).await;
     let url = waiting["login_url"].as_str().expect("url").to_owned();
     assert!(url.starts_with("http://oauth.test/authorize?"), "{url}");
@@ -345,17 +352,7 @@ async fn pasted_code_completes_the_login() {
     assert_eq!(takes_code.get("testpaste"), Some(&true), "{providers}");
     assert_eq!(takes_code.get("testoauth"), Some(&false), "{providers}");
 
-    let (status, body) = h
-        .call(
-            Method::POST,
-            "/api/v1/logins",
-            None,
-            Some(json!({ "provider": "testpaste" })),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let id = body["id"].as_str().expect("id").to_owned();
-    let sb = body["browser_sandbox_id"].as_str().expect("sb").to_owned();
+    let (id, sb) = start_login(&h, None, "testpaste").await;
     let code_path = format!("/api/v1/logins/{id}/code");
     // Too early: no code is awaited while the login is starting.
     let (status, body) = h
@@ -504,17 +501,7 @@ async fn pasted_code_completes_the_login() {
 
     // A login whose CLI takes no code (testoauth): its code is refused while
     // it waits for the user.
-    let (status, body) = h
-        .call(
-            Method::POST,
-            "/api/v1/logins",
-            None,
-            Some(json!({ "provider": "testoauth" })),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let plain = body["id"].as_str().expect("id").to_owned();
-    let plain_sb = body["browser_sandbox_id"].as_str().expect("sb").to_owned();
+    let (plain, plain_sb) = start_login(&h, None, "testoauth").await;
     wait_login(
         &h,
         None,

@@ -59,6 +59,28 @@ pub fn manifest() -> Option<airlock_image::Manifest> {
         .ok()?
 }
 
+/// Why a QEMU sandbox cannot run here (no VM artefacts, no QEMU), or `None`.
+/// In CI that is a failure, not a skip.
+pub fn qemu_unmet() -> Option<String> {
+    let why = if manifest().is_none_or(|m| m.vm.is_none()) {
+        "the golden image has no VM artefacts (`airlock image build --vm`)"
+    } else if std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        "qemu-system-x86_64 is not installed"
+    } else {
+        return None;
+    };
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run the QEMU tests, but {why}"
+    );
+    eprintln!("skipping: {why}");
+    Some(why.to_owned())
+}
+
 pub fn image() -> Option<ImageRef> {
     manifest().map(|m| ImageRef::of(&m))
 }
