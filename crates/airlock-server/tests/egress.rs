@@ -314,10 +314,6 @@ fn all_process_text() -> Vec<u8> {
     out
 }
 
-fn contains(hay: &[u8], needle: &str) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
-}
-
 /// Files under `dir` whose bytes contain `needle`, skipping overlay mounts.
 fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
     let mut hits = Vec::new();
@@ -335,7 +331,7 @@ fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
                 }
             } else if ft.is_file() {
                 if let Ok(bytes) = std::fs::read(&path) {
-                    if contains(&bytes, needle) {
+                    if common::contains(&bytes, needle) {
                         hits.push(path);
                     }
                 }
@@ -738,7 +734,7 @@ async fn every_byte_leaves_through_the_users_upstream() {
     assert!(files.is_empty(), "canary in plaintext on disk: {files:?}");
     let procs = all_process_text();
     assert!(
-        !contains(&procs, &canary),
+        !common::contains(&procs, &canary),
         "canary in a process's command line or environment"
     );
 

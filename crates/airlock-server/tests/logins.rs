@@ -235,7 +235,7 @@ async fn whole_flow_with_a_local_oauth_server() {
             continue; // the workspace's home and guests' disks: where the file belongs
         }
         if let Ok(bytes) = std::fs::read(&entry) {
-            if bytes.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+            if common::contains(&bytes, &marker) {
                 hits.push(entry.display().to_string());
             }
         }

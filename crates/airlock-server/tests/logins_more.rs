@@ -9,9 +9,10 @@
 mod common;
 mod logins_support;
 
+use common::contains;
 use logins_support::{
-    approve_at, capture_logs, contains, query, start_oauth, wait_gone, wait_login,
-    write_paste_provider, write_test_providers, OAuth,
+    approve_at, capture_logs, query, start_oauth, wait_gone, wait_login, write_paste_provider,
+    write_test_providers, OAuth,
 };
 use reqwest::Method;
 use serde_json::{json, Value};

@@ -268,6 +268,11 @@ impl Drop for Harness {
     }
 }
 
+/// Whether `hay` holds `needle` (a canary search over files, logs, memory).
+pub fn contains(hay: &[u8], needle: &str) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
 /// Pids (space-separated) of processes whose command line matches `pattern`.
 fn processes_matching(pattern: &str) -> String {
     let out = std::process::Command::new("pgrep")

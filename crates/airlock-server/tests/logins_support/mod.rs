@@ -434,8 +434,3 @@ impl std::io::Write for LogSink {
         Ok(())
     }
 }
-
-/// Whether `needle` occurs in `hay`.
-pub fn contains(hay: &[u8], needle: &str) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle.as_bytes())
-}
