@@ -1,9 +1,11 @@
 //! Types shared across the wire between the control plane and `airlock-agent`:
-//! the per-sandbox metadata document, the agent's HTTP API, and VNC authentication.
+//! the per-sandbox metadata document, the agent's HTTP API, the video link of
+//! the WebRTC path, and VNC authentication.
 
 pub mod agent;
 pub mod login;
 pub mod metadata;
+pub mod stream;
 pub mod vncauth;
 
 /// TCP port the agent listens on inside every guest.

@@ -1,0 +1,230 @@
+//! The video link between a guest and the control plane (the WebRTC path).
+//!
+//! The control plane opens `GET` [`STREAM_PATH`] on the agent (bearer token, as
+//! every agent call) and upgrades it to a WebSocket. While it is open the guest
+//! captures its display, encodes H.264 for low latency, and sends:
+//!
+//! * one **text** message [`StreamInfo`] first, and again whenever the
+//!   display's size changes;
+//! * one **binary** message per encoded frame: [`VideoFrame::encode`]'s layout
+//!   (a 13-byte header, then the access unit in Annex-B form).
+//!
+//! The control plane sends **text** messages, each one [`Control`] as JSON:
+//! keyframe requests and the viewer's input, which the guest injects with XTest.
+//! Closing the socket stops capture and encoding in the guest.
+
+use serde::{Deserialize, Serialize};
+
+/// Agent route of the stream WebSocket.
+pub const STREAM_PATH: &str = "/v1/stream";
+
+/// The capture rate the guest aims for.
+pub const DEFAULT_FPS: u32 = 30;
+
+/// Largest encoded frame either side accepts (a keyframe of a 4K desktop fits).
+pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
+
+/// Sent by the guest before the first frame and whenever the display resizes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    /// Always `"h264"` today (constrained baseline, Annex-B, no B-frames).
+    pub codec: String,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+}
+
+/// One encoded access unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VideoFrame {
+    /// Capture time in microseconds on the guest's monotonic clock; only
+    /// differences matter (they become RTP timestamps).
+    pub pts_us: u64,
+    pub keyframe: bool,
+    /// H.264 access unit, Annex-B (start codes), SPS/PPS in front of keyframes.
+    pub data: Vec<u8>,
+}
+
+const FRAME_MAGIC: u8 = b'V';
+const HEADER_LEN: usize = 1 + 8 + 1 + 3;
+
+/// Why a binary message is not a [`VideoFrame`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("a video message is {0} bytes, shorter than its header")]
+    Short(usize),
+    #[error("a video message starts with {0:#04x}, not the video marker")]
+    Magic(u8),
+    #[error("a video frame of {0} bytes is larger than the limit")]
+    TooLarge(usize),
+}
+
+impl VideoFrame {
+    /// `'V'`, pts (u64 big-endian), flags (bit 0: keyframe), 3 reserved zero
+    /// bytes, then the access unit.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.data.len());
+        out.push(FRAME_MAGIC);
+        out.extend_from_slice(&self.pts_us.to_be_bytes());
+        out.push(u8::from(self.keyframe));
+        out.extend_from_slice(&[0, 0, 0]);
+        out.extend_from_slice(&self.data);
+        out
+    }
+
+    pub fn decode(msg: &[u8]) -> Result<Self, FrameError> {
+        if msg.len() < HEADER_LEN {
+            return Err(FrameError::Short(msg.len()));
+        }
+        if msg[0] != FRAME_MAGIC {
+            return Err(FrameError::Magic(msg[0]));
+        }
+        let data = &msg[HEADER_LEN..];
+        if data.len() > MAX_FRAME_BYTES {
+            return Err(FrameError::TooLarge(data.len()));
+        }
+        let mut pts = [0u8; 8];
+        pts.copy_from_slice(&msg[1..9]);
+        Ok(Self {
+            pts_us: u64::from_be_bytes(pts),
+            keyframe: msg[9] & 1 == 1,
+            data: data.to_vec(),
+        })
+    }
+}
+
+/// What the control plane sends the guest. Pointer coordinates are display
+/// pixels; the viewer scales them before sending.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Control {
+    /// Send a keyframe as soon as possible (a viewer joined or lost packets).
+    Keyframe,
+    /// Move the pointer; `buttons` is the mask of pressed buttons after the
+    /// move (bit 0 left, bit 1 middle, bit 2 right), as in RFB.
+    Pointer { x: u32, y: u32, buttons: u8 },
+    /// Scroll by whole notches: positive `dy` is down, positive `dx` right.
+    Wheel { dx: i32, dy: i32 },
+    /// Press or release one key, named by its X keysym.
+    Key { keysym: u32, down: bool },
+    /// Type text as a sequence of key presses (keysyms of its characters).
+    Text { text: String },
+}
+
+/// Longest text one [`Control::Text`] may carry.
+pub const MAX_TEXT_CHARS: usize = 4096;
+
+/// Why a control message is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("not a control message: {0}")]
+    Json(String),
+    #[error("text input longer than {MAX_TEXT_CHARS} characters")]
+    TextTooLong,
+    #[error("pointer buttons {0:#04x} name a button other than left, middle or right")]
+    Buttons(u8),
+    #[error("a wheel step of {0} notches is out of range")]
+    Wheel(i32),
+}
+
+impl Control {
+    /// Parse and check one message (the control plane checks what a browser
+    /// sent before forwarding it; the guest checks again).
+    pub fn parse(text: &str) -> Result<Self, ControlError> {
+        let c: Control =
+            serde_json::from_str(text).map_err(|e| ControlError::Json(e.to_string()))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    pub fn check(&self) -> Result<(), ControlError> {
+        match self {
+            Control::Text { text } if text.chars().count() > MAX_TEXT_CHARS => {
+                Err(ControlError::TextTooLong)
+            }
+            Control::Pointer { buttons, .. } if buttons & !0b111 != 0 => {
+                Err(ControlError::Buttons(*buttons))
+            }
+            Control::Wheel { dx, dy } if dx.abs() > 100 || dy.abs() > 100 => {
+                Err(ControlError::Wheel(if dx.abs() > 100 { *dx } else { *dy }))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let f = VideoFrame {
+            pts_us: 0x0102_0304_0506_0708,
+            keyframe: true,
+            data: vec![0, 0, 0, 1, 0x67, 1, 2],
+        };
+        let bytes = f.encode();
+        assert_eq!(bytes.len(), HEADER_LEN + 7);
+        assert_eq!(VideoFrame::decode(&bytes), Ok(f));
+    }
+
+    #[test]
+    fn bad_frames_are_refused() {
+        assert_eq!(VideoFrame::decode(b"V123"), Err(FrameError::Short(4)));
+        let mut bytes = VideoFrame {
+            pts_us: 1,
+            keyframe: false,
+            data: vec![1],
+        }
+        .encode();
+        bytes[0] = b'X';
+        assert_eq!(VideoFrame::decode(&bytes), Err(FrameError::Magic(b'X')));
+    }
+
+    #[test]
+    fn controls_parse_and_check() {
+        assert_eq!(
+            Control::parse(r#"{"type":"key","keysym":65293,"down":true}"#),
+            Ok(Control::Key {
+                keysym: 0xff0d,
+                down: true
+            })
+        );
+        assert_eq!(
+            Control::parse(r#"{"type":"keyframe"}"#),
+            Ok(Control::Keyframe)
+        );
+        let c = Control::Pointer {
+            x: 3,
+            y: 4,
+            buttons: 1,
+        };
+        assert_eq!(Control::parse(&c.to_json()), Ok(c));
+        assert!(matches!(
+            Control::parse(r#"{"type":"pointer","x":1,"y":1,"buttons":8}"#),
+            Err(ControlError::Buttons(8))
+        ));
+        assert!(matches!(
+            Control::parse(r#"{"type":"key","keysym":1,"down":true,"extra":1}"#),
+            Err(ControlError::Json(_))
+        ));
+        assert!(matches!(
+            Control::parse(r#"{"type":"rm -rf"}"#),
+            Err(ControlError::Json(_))
+        ));
+        let long = "x".repeat(MAX_TEXT_CHARS + 1);
+        assert_eq!(
+            Control::Text { text: long }.check(),
+            Err(ControlError::TextTooLong)
+        );
+        assert!(matches!(
+            Control::parse(r#"{"type":"wheel","dx":0,"dy":1000}"#),
+            Err(ControlError::Wheel(1000))
+        ));
+    }
+}
