@@ -241,7 +241,12 @@ pub struct VmRecord {
     pub host_addr: Ipv4Addr,
     pub guest_addr: Ipv4Addr,
     pub prefix_len: u8,
+    /// The TAP as the VMM opens it (inside `netns` when there is one).
     pub tap: String,
+    /// The VM's own network namespace (a jailed Firecracker), joined to the
+    /// host by a veth pair; `None`: the TAP is in the host's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
     pub mem_mib: u64,
     pub vcpus: u8,
 }

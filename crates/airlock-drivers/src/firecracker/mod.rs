@@ -6,7 +6,7 @@
 //! work from, so a restarted control plane re-adopts or cleans up):
 //!
 //! ```text
-//! sandbox.json    what was created (build, lease, TAP, size)
+//! sandbox.json    what was created (build, lease, TAP, namespace, size)
 //! metadata.json   the document MMDS serves (root-only)
 //! rw.ext4         the VM's writable disk: sparse, thrown away on destroy
 //! api.sock        Firecracker's API socket (not jailed)
@@ -16,7 +16,12 @@
 //! ```
 //!
 //! Under the jailer the VM's files are hard links inside
-//! `<chroot base>/firecracker/<id>/root/`, removed with the sandbox.
+//! `<chroot base>/firecracker/<id>/root/`, removed with the sandbox, and the
+//! VM has a network namespace of its own (`/run/netns/airlock-<id>`, given to
+//! the jailer as `--netns`): its TAP is inside it, bridged there to a veth pair
+//! whose host end (`al<id>`) carries the gateway address and the firewall
+//! rules, as an nspawn sandbox's does (`net::link::create_for_vm`). Without the
+//! jailer the TAP itself is `al<id>`, in the host's namespace.
 //!
 //! Life of one VM, every step an API call except the first and the last:
 //!
@@ -24,7 +29,8 @@
 //! spawn firecracker ─▶ machine-config ─▶ boot-source ─▶ drives/root (ro)
 //!   ─▶ drives/rw ─▶ network-interfaces/eth0 ─▶ vsock ─▶ mmds/config (V2)
 //!   ─▶ mmds ─▶ actions InstanceStart ─▶ … ─▶ actions SendCtrlAltDel
-//!   ─▶ bounded wait ─▶ SIGKILL ─▶ remove TAP, rules, disk, socket, chroot
+//!   ─▶ bounded wait ─▶ SIGKILL ─▶ remove rules, TAP (veth, namespace), disk,
+//!      socket, chroot
 //! ```
 
 pub mod api;
@@ -32,7 +38,7 @@ pub mod pool;
 
 use crate::host::{Cmd, Host};
 use crate::net::firewall;
-use crate::net::link::LinkNames;
+use crate::net::link::{self, LinkNames};
 use crate::net::tap;
 use crate::vm::{self, CheckedRootfs, VmDir, VmImage, VmRecord};
 use crate::{Driver, DriverError, Endpoints, InstanceInfo, SandboxSpec};
@@ -51,8 +57,8 @@ pub const IFACE_ID: &str = "eth0";
 /// Where inside a jail Firecracker's API socket is (the jailer's default).
 const JAILED_SOCKET: &str = "run/firecracker.socket";
 
-/// Run Firecracker under its jailer: chroot, an unprivileged uid/gid and a
-/// cgroup per VM.
+/// Run Firecracker under its jailer: chroot, an unprivileged uid/gid, a
+/// cgroup and a network namespace per VM.
 #[derive(Debug, Clone)]
 pub struct JailerConfig {
     pub jailer_bin: PathBuf,
@@ -229,6 +235,11 @@ impl FirecrackerDriver {
                         "--cgroup".to_owned(),
                         format!("memory.max={}", (record.mem_mib + 256) << 20),
                     ]);
+                }
+                // The jailer joins it before it execs Firecracker, which then
+                // finds the VM's TAP there by name.
+                if let Some(ns) = &record.netns {
+                    cmd = cmd.args(["--netns".to_owned(), format!("/run/netns/{ns}")]);
                 }
                 cmd
             }
@@ -418,13 +429,7 @@ impl FirecrackerDriver {
             vm::WRITABLE_DISK_BYTES,
         )
         .await?;
-        tap_create(
-            self.host.as_ref(),
-            &record.tap,
-            spec,
-            self.cfg.jailer.as_ref(),
-        )
-        .await?;
+        net_create(self.host.as_ref(), record, spec, self.cfg.jailer.as_ref()).await?;
         firewall::install(
             self.host.as_ref(),
             &link_names(&spec.id),
@@ -449,25 +454,36 @@ pub struct GuestPaths {
     pub vsock: String,
 }
 
-/// The firewall hook matches on the host end of the link, which for a VM is its TAP.
+/// The firewall hook matches on the host end of the link: the TAP of an
+/// unjailed VM, the host end of the veth pair of a jailed one.
 fn link_names(id: &str) -> LinkNames {
     LinkNames::for_sandbox(id)
 }
 
-async fn tap_create(
+/// The VM's link: a TAP in the host's namespace, or (jailed) a namespace of
+/// its own with the TAP inside, joined to the host by a veth pair.
+async fn net_create(
     host: &dyn Host,
-    name: &str,
+    record: &VmRecord,
     spec: &SandboxSpec,
     jailer: Option<&JailerConfig>,
 ) -> Result<(), DriverError> {
     // A jailed Firecracker opens the TAP as its own uid.
     let owner = jailer.map(|j| (j.uid, j.gid));
-    tap::create_owned(host, name, &spec.lease, owner)
-        .await
-        .map_err(|source| DriverError::Host {
-            context: "create the VM's TAP device".into(),
-            source,
-        })
+    let (made, context) = match &record.netns {
+        None => (
+            tap::create_owned(host, &record.tap, &spec.lease, owner).await,
+            "create the VM's TAP device",
+        ),
+        Some(_) => (
+            link::create_for_vm(host, &link_names(&spec.id), &spec.lease, owner).await,
+            "create the VM's network namespace, veth pair and TAP",
+        ),
+    };
+    made.map_err(|source| DriverError::Host {
+        context: context.into(),
+        source,
+    })
 }
 
 #[async_trait]
@@ -479,6 +495,7 @@ impl Driver for FirecrackerDriver {
     async fn create(&self, spec: &SandboxSpec) -> Result<(), DriverError> {
         // Refused before anything is made: artefacts that do not match the manifest.
         self.image()?.check(&spec.image.build_id, &self.checked)?;
+        let jailed = self.cfg.jailer.is_some();
         let record = VmRecord {
             id: spec.id.clone(),
             kind: spec.kind.as_str().to_owned(),
@@ -487,7 +504,12 @@ impl Driver for FirecrackerDriver {
             host_addr: spec.lease.host,
             guest_addr: spec.lease.guest,
             prefix_len: spec.lease.prefix_len,
-            tap: tap::name(&spec.id),
+            tap: if jailed {
+                link::VM_TAP.into()
+            } else {
+                tap::name(&spec.id)
+            },
+            netns: jailed.then(|| link_names(&spec.id).netns),
             mem_mib: vm::mem_mib(spec.limits.memory_bytes),
             vcpus: self.cfg.vcpus,
         };
@@ -570,8 +592,18 @@ impl Driver for FirecrackerDriver {
 
     async fn destroy(&self, id: &str) -> Result<(), DriverError> {
         self.stop(id, self.cfg.stop_grace).await?;
-        firewall::remove(self.host.as_ref(), &link_names(id)).await;
-        tap::destroy(self.host.as_ref(), &tap::name(id)).await;
+        let names = link_names(id);
+        firewall::remove(self.host.as_ref(), &names).await;
+        // A sandbox half made has no record yet: the configuration says what
+        // it would have had. A record says so too when the configuration has
+        // changed since (a jailed VM re-adopted by an unjailed driver).
+        let own_netns = self.cfg.jailer.is_some()
+            || VmRecord::read(self.dir(id).path(), id).is_ok_and(|r| r.netns.is_some());
+        if own_netns {
+            link::destroy_for_vm(self.host.as_ref(), &names).await;
+        } else {
+            tap::destroy(self.host.as_ref(), &names.host_if).await;
+        }
         if let Some(jail) = self.jail_root(id) {
             if let Some(parent) = jail.parent() {
                 vm::remove_dir(parent)?;

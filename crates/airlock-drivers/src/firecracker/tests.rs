@@ -306,10 +306,214 @@ async fn jailed_vms_see_their_files_inside_the_jail() {
         .host
         .inner
         .commands()
-        .contains(&"ip tuntap add dev alvm6 mode tap user 123 group 456".to_owned()));
+        .contains(&"ip -n airlock-vm6 tuntap add dev tap0 mode tap user 123 group 456".to_owned()));
     assert_all_valid(&s.api);
     s.driver.destroy("vm6").await.expect("destroy");
     assert!(!jail.exists());
+}
+
+/// What a jailed VM's network is made of, in order (`link::create_for_vm`).
+fn jailed_net_commands(id: &str) -> Vec<String> {
+    let ns = format!("airlock-{id}");
+    [
+        format!("ip netns add {ns}"),
+        format!("ip link add al{id} type veth peer name eth0 netns {ns}"),
+        format!("ip addr add 10.235.0.21/30 dev al{id}"),
+        format!("ip link set al{id} up"),
+        format!("ip -n {ns} link add br0 type bridge"),
+        format!("ip -n {ns} tuntap add dev tap0 mode tap user 123 group 456"),
+        format!("ip -n {ns} link set br0 addrgenmode none"),
+        format!("ip -n {ns} link set eth0 addrgenmode none"),
+        format!("ip -n {ns} link set tap0 addrgenmode none"),
+        format!("ip -n {ns} link set eth0 master br0 up"),
+        format!("ip -n {ns} link set tap0 master br0 up"),
+        format!("ip -n {ns} link set br0 up"),
+    ]
+    .into()
+}
+
+/// What removing it is made of, after the firewall rules' removal.
+fn jailed_net_removal(id: &str) -> Vec<String> {
+    let ns = format!("airlock-{id}");
+    [
+        format!("ip -n {ns} link del tap0"),
+        format!("ip -n {ns} link del br0"),
+        format!("ip link del al{id}"),
+        format!("ip netns del {ns}"),
+    ]
+    .into()
+}
+
+fn is_network(cmd: &str) -> bool {
+    cmd.starts_with("ip ") || cmd.starts_with("nft ")
+}
+
+#[tokio::test]
+async fn a_jailed_vm_gets_a_network_namespace_with_its_tap_inside() {
+    let s = setup(true);
+    s.driver.create(&sandbox("vm10")).await.expect("create");
+    let cmds: Vec<String> = s
+        .host
+        .inner
+        .commands()
+        .into_iter()
+        .filter(|c| is_network(c))
+        .collect();
+    let mut want = jailed_net_commands("vm10");
+    assert_eq!(cmds[..want.len()], want[..], "{cmds:#?}");
+    // Then the firewall, on the host end of the veth pair, as for nspawn.
+    assert_eq!(cmds.len(), want.len() + 1, "{cmds:#?}");
+    let nft = &cmds[want.len()];
+    assert!(nft.starts_with("nft add table inet airlock"), "{nft}");
+    assert!(nft.contains("add element inet airlock from_guest { \"alvm10\" : jump alvm10_in }"));
+    assert!(nft.contains("ip daddr 10.235.0.21 tcp dport 3128 ct state new accept"));
+    assert!(
+        !cmds.iter().any(|c| c.starts_with("ip tuntap")),
+        "no TAP in the host's namespace: {cmds:#?}"
+    );
+    let record = VmRecord::read(&s.root.join("vm10"), "vm10").expect("record");
+    assert_eq!(
+        (record.tap.as_str(), record.netns.as_deref()),
+        ("tap0", Some("airlock-vm10"))
+    );
+
+    s.driver.start("vm10").await.expect("start");
+    let spawned = s.host.spawned.lock().expect("lock").clone();
+    let line = spawned[0].to_string();
+    assert!(
+        line.ends_with(" --netns /run/netns/airlock-vm10"),
+        "the jailer joins the VM's namespace: {line}"
+    );
+    let sent = s.api.sent();
+    let nic = sent
+        .iter()
+        .find(|r| r.path == "/network-interfaces/eth0")
+        .and_then(|r| r.body.clone())
+        .expect("network interface");
+    assert_eq!(nic["host_dev_name"], "tap0", "the TAP inside the namespace");
+    assert_eq!(nic["guest_mac"], "06:00:0a:eb:00:16");
+    let boot = sent[1].body.as_ref().expect("boot source");
+    assert!(boot["boot_args"]
+        .as_str()
+        .expect("str")
+        .contains("ip=10.235.0.22::10.235.0.21:255.255.255.252::eth0:off"));
+    assert_all_valid(&s.api);
+
+    let before = s.host.inner.commands().len();
+    s.driver.destroy("vm10").await.expect("destroy");
+    let removal: Vec<String> = s.host.inner.commands()[before..]
+        .iter()
+        .filter(|c| is_network(c))
+        .cloned()
+        .collect();
+    assert!(
+        removal[0].starts_with("nft delete element inet airlock from_guest { \"alvm10\" }"),
+        "{removal:#?}"
+    );
+    want = jailed_net_removal("vm10");
+    assert_eq!(removal[1..], want[..], "{removal:#?}");
+    assert!(!s.root.join("vm10").exists());
+    assert!(!s.driver.jail_root("vm10").expect("jail").exists());
+    // Again: idempotent, the same removal of what may be left.
+    let before = s.host.inner.commands().len();
+    s.driver.destroy("vm10").await.expect("idempotent");
+    let again: Vec<String> = s.host.inner.commands()[before..]
+        .iter()
+        .filter(|c| c.starts_with("ip "))
+        .cloned()
+        .collect();
+    assert_eq!(again, want);
+}
+
+#[tokio::test]
+async fn a_jailed_create_that_fails_half_way_leaves_nothing() {
+    // Every step of the VM's network, and the firewall after it.
+    let mut failures: Vec<String> = jailed_net_commands("vm11");
+    failures.push("nft add table".into());
+    for failing in failures {
+        let s = setup(true);
+        s.host.inner.fail_on(&failing);
+        let err = s
+            .driver
+            .create(&sandbox("vm11"))
+            .await
+            .expect_err("a step fails");
+        assert!(
+            matches!(err, DriverError::Host { .. }),
+            "{failing}: {err:#?}"
+        );
+        let cmds = s.host.inner.commands();
+        let removal = jailed_net_removal("vm11");
+        assert_eq!(
+            cmds[cmds.len() - removal.len()..],
+            removal[..],
+            "{failing}: {cmds:#?}"
+        );
+        assert!(
+            cmds.iter()
+                .any(|c| c.starts_with("nft delete element inet airlock from_guest")),
+            "{failing}: the rules' removal is tried too"
+        );
+        assert!(!s.root.join("vm11").exists(), "{failing}");
+        assert!(
+            !s.driver.jail_root("vm11").expect("jail").exists(),
+            "{failing}"
+        );
+        assert!(s.host.spawned.lock().expect("lock").is_empty());
+    }
+}
+
+#[tokio::test]
+async fn an_unjailed_vm_keeps_its_tap_in_the_host_namespace() {
+    let s = setup(false);
+    s.driver.create(&sandbox("vm12")).await.expect("create");
+    s.driver.start("vm12").await.expect("start");
+    s.driver.destroy("vm12").await.expect("destroy");
+    let cmds = s.host.inner.commands();
+    assert!(
+        !cmds
+            .iter()
+            .any(|c| c.contains("netns") || c.contains(" -n ")),
+        "{cmds:#?}"
+    );
+    let spawned = s.host.spawned.lock().expect("lock").clone();
+    assert!(!spawned[0].to_string().contains("--netns"));
+    let record_tap = s
+        .api
+        .sent()
+        .into_iter()
+        .find(|r| r.path == "/network-interfaces/eth0")
+        .and_then(|r| r.body)
+        .expect("nic");
+    assert_eq!(record_tap["host_dev_name"], "alvm12");
+}
+
+/// A control plane restarted with other settings still cleans up exactly
+/// what a sandbox has: the record says it has a namespace of its own.
+#[tokio::test]
+async fn a_jailed_vm_re_adopted_without_the_jailer_is_cleaned_up_whole() {
+    let jailed = setup(true);
+    jailed
+        .driver
+        .create(&sandbox("vm13"))
+        .await
+        .expect("create");
+    let mut cfg = jailed.driver.cfg.clone();
+    cfg.jailer = None;
+    let host = Arc::new(Host2::default());
+    let restarted = FirecrackerDriver::new(cfg, host.clone(), Arc::new(FakeApi::default()));
+    let listed = restarted.list().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, "vm13");
+    restarted.destroy("vm13").await.expect("destroy");
+    let cmds: Vec<String> = host
+        .inner
+        .commands()
+        .into_iter()
+        .filter(|c| c.starts_with("ip "))
+        .collect();
+    assert_eq!(cmds, jailed_net_removal("vm13"));
+    assert!(restarted.list().await.expect("list").is_empty());
 }
 
 #[tokio::test]

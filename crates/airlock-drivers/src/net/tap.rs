@@ -4,6 +4,10 @@
 //!
 //! The TAP is named like the nspawn driver's host veth end (`al<id>`), so the
 //! firewall hook matches a VM's traffic exactly as it matches a container's.
+//!
+//! This is the link of a VM whose VMM runs in the host's namespace (QEMU, and
+//! Firecracker without its jailer). A jailed Firecracker runs in a namespace
+//! of its own, with its TAP there: see `link::create_for_vm`.
 
 use crate::host::{Cmd, Host, HostError};
 use crate::net::link::LinkNames;
@@ -49,17 +53,8 @@ async fn create_steps(
     owner: Option<(u32, u32)>,
 ) -> Result<(), HostError> {
     let host_cidr = format!("{}/{}", lease.host, lease.prefix_len);
-    let mut add = Cmd::new("ip").args(["tuntap", "add", "dev", tap, "mode", "tap"]);
-    if let Some((uid, gid)) = owner {
-        add = add.args([
-            "user".to_owned(),
-            uid.to_string(),
-            "group".to_owned(),
-            gid.to_string(),
-        ]);
-    }
     let steps = [
-        add,
+        Cmd::new("ip").args(add_args(tap, owner)),
         Cmd::new("ip").args(["addr", "add", &host_cidr, "dev", tap]),
         Cmd::new("ip").args(["link", "set", tap, "up"]),
     ];
@@ -67,6 +62,22 @@ async fn create_steps(
         host.run(step).await?;
     }
     Ok(())
+}
+
+/// The arguments of `ip` that add a persistent TAP, owned by `(uid, gid)` when given.
+pub(crate) fn add_args(tap: &str, owner: Option<(u32, u32)>) -> Vec<String> {
+    let mut args: Vec<String> = ["tuntap", "add", "dev", tap, "mode", "tap"]
+        .map(str::to_owned)
+        .into();
+    if let Some((uid, gid)) = owner {
+        args.extend([
+            "user".to_owned(),
+            uid.to_string(),
+            "group".to_owned(),
+            gid.to_string(),
+        ]);
+    }
+    args
 }
 
 /// Remove the TAP (its address and route go with it); a missing TAP is not an error.

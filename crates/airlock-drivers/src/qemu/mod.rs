@@ -402,6 +402,7 @@ impl Driver for QemuDriver {
             guest_addr: spec.lease.guest,
             prefix_len: spec.lease.prefix_len,
             tap: tap::name(&spec.id),
+            netns: None,
             mem_mib: vm::mem_mib(spec.limits.memory_bytes),
             vcpus: self.cfg.vcpus,
         };
