@@ -54,6 +54,8 @@ impl ControlPlane {
             listen: "127.0.0.1:0".parse()?,
             data_dir: tmp.path().to_path_buf(),
             address_pool: POOL.to_owned(),
+            webrtc_udp_port: 0,
+            webrtc_tcp_port: 0,
             ..Config::default()
         };
         let driver: Arc<dyn Driver> = Arc::new(NspawnDriver::new(

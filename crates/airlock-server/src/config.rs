@@ -62,6 +62,15 @@ pub struct Config {
     pub login_timeout_s: u64,
     /// Extra provider definitions (`*.toml`), added to those of the image.
     pub providers_dir: Option<PathBuf>,
+    /// The WebRTC path of the viewer; when off, viewers use noVNC only.
+    pub webrtc: bool,
+    /// UDP port WebRTC media uses, on the listen address (0: any free port).
+    pub webrtc_udp_port: u16,
+    /// TCP port of ICE-TCP, for networks that drop UDP (0: any free port).
+    pub webrtc_tcp_port: u16,
+    /// The address browsers are told to send media to; the listen address
+    /// when unset. Needed when listening on 0.0.0.0 or behind NAT.
+    pub webrtc_address: Option<std::net::IpAddr>,
 }
 
 impl Default for Config {
@@ -84,6 +93,10 @@ impl Default for Config {
             min_free_disk_mb: 2048,
             login_timeout_s: 15 * 60,
             providers_dir: None,
+            webrtc: true,
+            webrtc_udp_port: 4001,
+            webrtc_tcp_port: 4001,
+            webrtc_address: None,
         }
     }
 }
@@ -174,7 +187,30 @@ impl Config {
         if !self.data_dir.is_absolute() {
             return invalid("data_dir", "must be an absolute path");
         }
+        if self.webrtc {
+            if let Some(ip) = self.webrtc_address {
+                if ip.is_unspecified() || ip.is_multicast() {
+                    return invalid("webrtc_address", "must be an address browsers can reach");
+                }
+            } else if self.listen.ip().is_unspecified() {
+                return invalid(
+                    "webrtc_address",
+                    "must be set when listen is a wildcard address: it is the address browsers send media to",
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// Where the WebRTC sockets listen and what address they advertise;
+    /// `None` when WebRTC is off.
+    pub fn webrtc_endpoint(&self) -> Option<crate::webrtc::EndpointConfig> {
+        self.webrtc.then(|| crate::webrtc::EndpointConfig {
+            bind: self.listen.ip(),
+            udp_port: self.webrtc_udp_port,
+            tcp_port: self.webrtc_tcp_port,
+            advertise: self.webrtc_address.unwrap_or(self.listen.ip()),
+        })
     }
 
     pub fn app_config(&self) -> AppConfig {
@@ -233,5 +269,29 @@ mod tests {
             .expect_err("tiny")
             .to_string()
             .starts_with("display_width:"));
+    }
+
+    #[test]
+    fn webrtc_needs_an_address_browsers_can_reach() {
+        let wildcard = Config {
+            listen: "0.0.0.0:4000".parse().expect("addr"),
+            ..Config::default()
+        };
+        let err = wildcard.validate().expect_err("no address to advertise");
+        assert!(err.to_string().starts_with("webrtc_address:"), "{err}");
+        let advertised = Config {
+            webrtc_address: Some("192.0.2.1".parse().expect("ip")),
+            ..wildcard.clone()
+        };
+        advertised.validate().expect("valid");
+        let e = advertised.webrtc_endpoint().expect("on");
+        assert_eq!(e.advertise.to_string(), "192.0.2.1");
+        assert!(e.bind.is_unspecified());
+        let off = Config {
+            webrtc: false,
+            ..wildcard
+        };
+        off.validate().expect("webrtc off needs no address");
+        assert!(off.webrtc_endpoint().is_none());
     }
 }

@@ -10,5 +10,6 @@ pub mod relay;
 pub mod server;
 pub mod store;
 pub mod vault;
+pub mod webrtc;
 
 pub use config::Config;

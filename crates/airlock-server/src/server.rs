@@ -40,6 +40,13 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("could not open the WebRTC ports (UDP {udp}, TCP {tcp}); set webrtc_udp_port/webrtc_tcp_port or webrtc = false")]
+    WebRtc {
+        udp: u16,
+        tcp: u16,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("could not recover sandboxes from the last run: {0}")]
     Recover(String),
     #[error("golden image {0} has no VM artefacts; build them with `airlock image build --vm`")]
@@ -141,6 +148,17 @@ pub async fn start(
         addr: cfg.listen,
         source,
     })?;
+    if let Some(rtc) = cfg.webrtc_endpoint() {
+        let endpoint = crate::webrtc::Endpoint::start(&rtc)
+            .await
+            .map_err(|source| StartError::WebRtc {
+                udp: rtc.udp_port,
+                tcp: rtc.tcp_port,
+                source,
+            })?;
+        tracing::info!(udp = %endpoint.udp_addr(), tcp = %endpoint.tcp_addr(), "WebRTC media ports open");
+        let _ = app.webrtc.set(endpoint);
+    }
     let (shutdown, rx) = watch::channel(false);
     let reaper = tokio::spawn(app.clone().run_reaper(rx.clone()));
     let mut http_rx = rx;

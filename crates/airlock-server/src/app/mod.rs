@@ -105,6 +105,11 @@ pub struct App {
     pub vault: tokio::sync::RwLock<crate::vault::Vault>,
     pub egress: egress::EgressState,
     pub logins: logins::LoginsState,
+    /// The WebRTC sockets, once bound (unset when WebRTC is off).
+    pub webrtc: std::sync::OnceLock<Arc<crate::webrtc::Endpoint>>,
+    /// One video link per sandbox with WebRTC viewers.
+    pub streams: Arc<crate::webrtc::hub::Hubs>,
+    pub stream_metrics: Arc<crate::webrtc::StreamMetrics>,
     /// Serialises lease allocation.
     lease_lock: tokio::sync::Mutex<()>,
     /// Background work (boots, teardowns, logins), so a stop can end it all
@@ -124,18 +129,23 @@ impl App {
         vault: crate::vault::Vault,
     ) -> Arc<Self> {
         let (stopping, _) = broadcast::channel(256);
+        let metrics = Metrics::new();
+        let stream_metrics = Arc::new(crate::webrtc::StreamMetrics::new(&metrics));
         Arc::new(App {
             cfg,
             store,
             driver,
             image,
             pool,
-            metrics: Metrics::new(),
+            metrics,
             agent: agent::AgentClient::new(),
             stopping,
             vault: tokio::sync::RwLock::new(vault),
             egress: egress::EgressState::default(),
             logins: logins::LoginsState::default(),
+            webrtc: std::sync::OnceLock::new(),
+            streams: Arc::default(),
+            stream_metrics,
             lease_lock: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
             locks: Mutex::new(HashMap::new()),
@@ -156,6 +166,9 @@ impl App {
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {
             task.abort();
+        }
+        if let Some(endpoint) = self.webrtc.get() {
+            endpoint.stop();
         }
         self.egress_stop_all();
     }

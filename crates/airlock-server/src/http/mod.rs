@@ -19,7 +19,7 @@ use utoipa::OpenApi;
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "airlock", description = "Disposable desktops in the browser"),
-    paths(sandboxes::create, sandboxes::list, sandboxes::get, sandboxes::delete, sandboxes::exec, sandboxes::vnc),
+    paths(sandboxes::create, sandboxes::list, sandboxes::get, sandboxes::delete, sandboxes::exec, sandboxes::vnc, sandboxes::stream),
     components(schemas(
         sandboxes::CreateSandbox, sandboxes::Sandbox, sandboxes::SandboxList, sandboxes::ExecBody,
         sandboxes::ExecResult, error::ErrorBody, error::ErrorDetail, crate::app::state::SandboxState
@@ -67,6 +67,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/sandboxes/{id}/exec", post(sandboxes::exec))
         .route("/sandboxes/{id}/vnc", get(sandboxes::vnc))
+        .route("/sandboxes/{id}/stream", get(sandboxes::stream))
         .merge(logins::routes())
         .merge(egress::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))

@@ -205,13 +205,7 @@ pub async fn vnc(
                 code
             }
             Err(_) => {
-                let (code, reason) = match state {
-                    SandboxState::Provisioning | SandboxState::Booting => (
-                        close::NOT_READY,
-                        format!("the sandbox is {state}; try again when it is ready"),
-                    ),
-                    _ => (close::GONE, format!("the sandbox is {state}")),
-                };
+                let (code, reason) = not_ready(state);
                 ws::close_with(socket, code, &reason).await;
                 code
             }
@@ -219,4 +213,59 @@ pub async fn vnc(
         let _ = app.store.touch_activity(&id).await;
         app.metrics.viewer_closed(code);
     }))
+}
+
+/// The WebRTC viewer's signalling socket (see `webrtc::session` for its
+/// messages). Checked like the VNC socket; 4503 when WebRTC is off here.
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/stream",
+    responses((status = 101, description = "WebSocket carrying WebRTC signalling (JSON)"), (status = 404, body = ErrorBody)))]
+pub async fn stream(
+    State(app): State<Arc<App>>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let row = app.sandbox_of(&user, &id).await?;
+    let target = app
+        .ready_endpoints(&row)
+        .map(|e| crate::webrtc::hub::GuestStream {
+            sandbox_id: row.id.clone(),
+            agent: e.agent,
+            token: row.agent_token.clone(),
+        });
+    let state = row.state;
+    Ok(upgrade
+        .max_message_size(256 * 1024)
+        .on_upgrade(move |mut socket| async move {
+            let code = match (target, app.webrtc.get().cloned()) {
+                (Ok(guest), Some(endpoint)) => {
+                    let hub = app.streams.join(guest);
+                    let stopping = app.stopping.subscribe();
+                    let metrics = app.stream_metrics.clone();
+                    crate::webrtc::session::serve(socket, endpoint, hub, metrics, stopping).await
+                }
+                (Ok(_), None) => {
+                    ws::close_with(socket, close::NO_WEBRTC, "WebRTC is off on this server").await;
+                    close::NO_WEBRTC
+                }
+                (Err(_), _) => {
+                    let (code, reason) = not_ready(state);
+                    let _ = &mut socket;
+                    ws::close_with(socket, code, &reason).await;
+                    code
+                }
+            };
+            tracing::debug!(sandbox = %id, code, "WebRTC viewer closed");
+        }))
+}
+
+/// The close code and reason for a viewer of a sandbox that is not ready.
+fn not_ready(state: SandboxState) -> (u16, String) {
+    match state {
+        SandboxState::Provisioning | SandboxState::Booting => (
+            close::NOT_READY,
+            format!("the sandbox is {state}; try again when it is ready"),
+        ),
+        _ => (close::GONE, format!("the sandbox is {state}")),
+    }
 }

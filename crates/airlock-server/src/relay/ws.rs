@@ -23,6 +23,8 @@ pub mod close {
     /// The control plane is restarting: reconnect shortly.
     pub const RESTARTING: u16 = 1012;
     pub const GUEST_UNREACHABLE: u16 = 4502;
+    /// The server does not offer WebRTC (the viewer uses noVNC).
+    pub const NO_WEBRTC: u16 = 4503;
     pub const RELAY_ERROR: u16 = 1011;
 }
 

@@ -110,6 +110,9 @@ pub async fn start_with(pool: &str, adjust: impl FnOnce(&mut Config)) -> Harness
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: tmp.path().to_path_buf(),
         address_pool: pool.to_owned(),
+        // Tests run side by side: any free ports.
+        webrtc_udp_port: 0,
+        webrtc_tcp_port: 0,
         ..Config::default()
     };
     let mut cfg = cfg;
