@@ -96,10 +96,20 @@ export const execInSandbox = (id, argv, timeoutS = 10) =>
 
 // The WebSocket URL of a sandbox's display. Browsers cannot set headers on a
 // WebSocket, so the token (if any) travels as a query parameter instead.
-export function vncUrl(id) {
+function socketUrl(id, what) {
   const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
-  let url = `${scheme}//${location.host}/api/v1${sandboxPath(id)}/vnc`;
+  let url = `${scheme}//${location.host}/api/v1${sandboxPath(id)}/${what}`;
   const token = getToken();
   if (token) url += `?token=${encodeURIComponent(token)}`;
   return url;
+}
+
+/** The noVNC path: RFB over the relay's WebSocket. */
+export function vncUrl(id) {
+  return socketUrl(id, 'vnc');
+}
+
+/** The WebRTC path's signalling WebSocket. */
+export function streamUrl(id) {
+  return socketUrl(id, 'stream');
 }

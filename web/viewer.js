@@ -1,12 +1,17 @@
-// Full-window viewer of one sandbox's desktop: noVNC over the control plane's
-// WebSocket relay, with reconnection.
+// Full-window viewer of one sandbox's desktop. It tries the WebRTC path first
+// (an H.264 video from the control plane, see webrtc.js); without a picture
+// within 3 s, or when that path fails later, it switches to noVNC over the
+// control plane's WebSocket relay by itself and says so in the badge.
+// `?path=webrtc` or `?path=vnc` (or the stored preference 'airlock.viewer-path')
+// forces one path.
 //
 // We open the WebSocket ourselves and hand it to noVNC, because noVNC reports
 // only "clean or not" when a connection ends, and the relay's close code is
 // what tells us whether trying again makes sense (see docs/ui.md).
 
 import RFB from '/novnc/core/rfb.js';
-import { ApiError, getSandbox, getToken, setToken, vncUrl } from '/api.js';
+import { ApiError, getSandbox, getToken, setToken, streamUrl, vncUrl } from '/api.js';
+import { WebRtcView } from '/webrtc.js';
 
 // Close codes the relay uses. `final` ones stop the reconnect loop.
 const CLOSE_CODES = {
@@ -16,6 +21,8 @@ const CLOSE_CODES = {
   4409: { final: false, text: 'sandbox not ready yet' },
   4408: { final: false, text: 'viewer fell behind and was dropped' },
   4502: { final: false, text: 'sandbox display unreachable' },
+  4503: { final: false, text: 'WebRTC is off on this server' },
+  4504: { final: false, text: 'the media connection failed' },
   1011: { final: false, text: 'relay error' },
 };
 
@@ -41,6 +48,14 @@ const overlayTokenInput = $('overlay-token-input');
 const overlayRetry = $('overlay-retry');
 
 const id = sandboxIdFromPath(location.pathname);
+
+// Which path to use: 'webrtc' or 'vnc' when forced, else null (WebRTC first).
+const FORCED_PATH = forcedPath();
+// A WebRTC viewer without a picture by then gives way to noVNC.
+const WEBRTC_GRACE_MS = 3000;
+let path = FORCED_PATH === 'vnc' ? 'vnc' : 'webrtc';
+let fallbackWhy = '';
+let view = null; // the WebRtcView while the WebRTC path is in use
 
 let rfb = null;
 let rfbLive = false; // whether `rfb` still needs a disconnect()
@@ -72,6 +87,18 @@ window.airlockViewer = {
   get rfb() {
     return rfb;
   },
+  /** 'webrtc' or 'vnc': the path in use (or being tried) */
+  get path() {
+    return path;
+  },
+  /** why the viewer left WebRTC for noVNC, or '' */
+  get fallbackReason() {
+    return fallbackWhy;
+  },
+  /** the WebRTC view (its video, stats and input) while that path is in use */
+  get webrtc() {
+    return view;
+  },
   /** { code, reason } of the last WebSocket close, or null */
   get lastClose() {
     return lastClose;
@@ -86,6 +113,78 @@ window.airlockViewer = {
   },
 };
 
+function forcedPath() {
+  const asked = new URLSearchParams(location.search).get('path') || localStorage.getItem('airlock.viewer-path');
+  return asked === 'webrtc' || asked === 'vnc' ? asked : null;
+}
+
+function connect() {
+  if (path === 'webrtc') connectWebRtc();
+  else connectVnc();
+}
+
+function closeViews() {
+  if (rfb && rfbLive) rfb.disconnect();
+  rfb = null;
+  rfbLive = false;
+  if (view) view.close();
+  view = null;
+}
+
+function webrtcBadge(s) {
+  const parts = ['WebRTC'];
+  if (s.fps) parts.push(`${s.fps} fps`);
+  if (s.kbps) parts.push(s.kbps >= 1000 ? `${(s.kbps / 1000).toFixed(1)} Mbit/s` : `${s.kbps} kbit/s`);
+  if (typeof s.rttMs === 'number') parts.push(`rtt ${s.rttMs} ms`);
+  return `connected · ${parts.join(' · ')}`;
+}
+
+function connectWebRtc() {
+  clearTimers();
+  overlay.hidden = true;
+  const gen = ++generation;
+  closeViews();
+  if (!id) {
+    stop('This address names no sandbox.');
+    return;
+  }
+  setPhase('connecting', attempt > 0 ? `connecting over WebRTC (attempt ${attempt + 1})` : 'connecting over WebRTC');
+  const v = new WebRtcView(screen, streamUrl(id));
+  view = v;
+  const grace = setTimeout(() => v.fail(`no picture within ${WEBRTC_GRACE_MS / 1000} s`), WEBRTC_GRACE_MS);
+  v.onplaying = () => {
+    clearTimeout(grace);
+    if (gen !== generation) return;
+    connectedAt = Date.now();
+    setPhase('connected', webrtcBadge(v.stats));
+    v.video.focus();
+  };
+  v.onstats = (s) => {
+    if (gen === generation && phase === 'connected') setPhase('connected', webrtcBadge(s));
+  };
+  v.onfailed = (reason, code) => {
+    clearTimeout(grace);
+    if (gen !== generation) return;
+    if (view === v) view = null;
+    const known = CLOSE_CODES[code];
+    if (known && known.final) {
+      generation++;
+      stop(known.text + (reason ? ` (${reason})` : ''), { token: known.token });
+      return;
+    }
+    if (FORCED_PATH === 'webrtc') {
+      socketClosed(gen, code || 1006, reason);
+      return;
+    }
+    console.info(`airlock viewer: WebRTC gave way to noVNC: ${reason}`);
+    fallbackWhy = reason;
+    path = 'vnc';
+    attempt = 0;
+    connectVnc();
+  };
+  v.start();
+}
+
 function sandboxIdFromPath(path) {
   const m = /^\/view\/([^/]+)\/?$/.exec(path);
   return m ? decodeURIComponent(m[1]) : '';
@@ -98,6 +197,7 @@ function setPhase(next, text) {
   phase = next;
   status = text;
   badge.dataset.phase = next;
+  badge.dataset.path = path;
   if (badgeText.textContent !== text) badgeText.textContent = text;
   document.body.dataset.viewerState = next === 'reconnecting' ? 'connecting' : next;
   document.body.dataset.viewerPhase = next;
@@ -109,19 +209,17 @@ function clearTimers() {
   clearTimeout(resizeTimer);
 }
 
-function connect() {
+function connectVnc() {
   clearTimers();
   overlay.hidden = true;
   const gen = ++generation;
-  if (rfb && rfbLive) rfb.disconnect();
-  rfb = null;
-  rfbLive = false;
+  closeViews();
   if (!id) {
     stop('This address names no sandbox.');
     return;
   }
 
-  setPhase('connecting', attempt > 0 ? `connecting (attempt ${attempt + 1})` : 'connecting');
+  setPhase('connecting', attempt > 0 ? `connecting over noVNC (attempt ${attempt + 1})` : 'connecting over noVNC');
 
   let socket;
   try {
@@ -158,7 +256,7 @@ function connect() {
   session.addEventListener('connect', () => {
     if (gen !== generation) return;
     connectedAt = Date.now();
-    setPhase('connected', 'connected');
+    setPhase('connected', fallbackWhy ? `connected · noVNC (WebRTC: ${fallbackWhy})` : 'connected · noVNC');
     checkResizeLater();
   });
 

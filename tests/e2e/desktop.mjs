@@ -199,6 +199,15 @@ async function openUi() {
       }
     }, opts.token);
   }
+  // This test drives the noVNC canvas; the WebRTC path has its own test
+  // (tests/e2e/webrtc.mjs).
+  await context.addInitScript(() => {
+    try {
+      localStorage.setItem('airlock.viewer-path', 'vnc');
+    } catch {
+      // Frames without storage (about:blank) show no viewer.
+    }
+  });
   context.on('requestfailed', (r) => {
     const line = `${r.method()} ${r.url()}: ${(r.failure() && r.failure().errorText) || 'failed'}`;
     failedRequests.push(line);

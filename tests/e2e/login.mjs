@@ -217,6 +217,15 @@ async function openUi() {
       }
     }, opts.token);
   }
+  // This test drives the noVNC canvas; the WebRTC path has its own test
+  // (tests/e2e/webrtc.mjs).
+  await context.addInitScript(() => {
+    try {
+      localStorage.setItem('airlock.viewer-path', 'vnc');
+    } catch {
+      // Frames without storage (about:blank) show no viewer.
+    }
+  });
   page = context.pages()[0] || (await context.newPage());
   page.on('console', (m) => consoleLog.write(`[${m.type()}] ${m.text()}\n`));
   page.on('pageerror', (e) => {

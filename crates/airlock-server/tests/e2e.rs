@@ -7,22 +7,8 @@
 mod common;
 
 use airlock_server::config::DriverKind;
-use common::unmet;
-use std::path::{Path, PathBuf};
-
-/// Why the browser test cannot run here (in CI: a failure, not a skip).
-fn browser_unmet() -> Option<String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    if root.join("tests/e2e/node_modules/playwright-core").exists() {
-        return None;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must run the browser test: run scripts/setup first"
-    );
-    eprintln!("skipping: tests/e2e has no node_modules (run `npm ci --prefix tests/e2e`)");
-    Some("no node_modules".into())
-}
+use common::{browser_unmet, unmet};
+use std::path::PathBuf;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ui_shows_a_live_desktop_that_takes_typing() {
@@ -50,7 +36,7 @@ async fn the_same_desktop_as_a_qemu_microvm() {
 /// Runs tests/e2e/desktop.mjs against the harness and checks the UI's delete
 /// left nothing behind.
 async fn drive_the_ui(h: common::Harness, artifacts: &str) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = common::repo_root();
     let script = root.join("tests/e2e/desktop.mjs");
     let artifacts: PathBuf = root.join(artifacts);
     std::fs::create_dir_all(&artifacts).expect("artifacts dir");

@@ -134,6 +134,12 @@ impl Hubs {
         drop(hub);
     }
 
+    /// Viewers attached to a sandbox's hub, `None` when it has no hub.
+    pub fn viewers(&self, sandbox_id: &str) -> Option<usize> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(sandbox_id).map(|h| h.viewers())
+    }
+
     /// Number of live hubs (tests, metrics).
     pub fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()

@@ -42,6 +42,27 @@ pub fn unmet() -> Option<String> {
     why
 }
 
+/// Why the browser tests cannot run here (in CI: a failure, not a skip).
+pub fn browser_unmet() -> Option<String> {
+    if repo_root()
+        .join("tests/e2e/node_modules/playwright-core")
+        .exists()
+    {
+        return None;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run the browser tests: run scripts/setup first"
+    );
+    eprintln!("skipping: tests/e2e has no node_modules (run `npm ci --prefix tests/e2e`)");
+    Some("no node_modules".into())
+}
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .map(|s| {

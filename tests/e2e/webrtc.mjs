@@ -1,0 +1,222 @@
+#!/usr/bin/env node
+// The viewer's paths in a real headless Chromium, against a ready sandbox.
+//
+//   node tests/e2e/webrtc.mjs --url http://127.0.0.1:PORT --id SANDBOX [--token T]
+//        --expect webrtc|vnc [--viewers N] [--type TEXT] [--hold-ms MS] --artifacts DIR
+//
+// Opens N viewer pages of the sandbox (the viewer chooses its path itself),
+// waits until each is connected on the expected path and shows a desktop
+// (many colours, not one), and for WebRTC that frames keep arriving. With
+// --type, clicks into the terminal (left half of the desktop) of the first
+// viewer and types TEXT followed by Enter. Then prints "viewers ready" and
+// keeps the pages open for --hold-ms, so the caller can look at the server.
+// Exit status 0 on success, 1 on a failed check, 2 on bad usage.
+
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+const USAGE =
+  'usage: node tests/e2e/webrtc.mjs --url URL --id SANDBOX [--token T] --expect webrtc|vnc [--viewers N] [--type TEXT] [--hold-ms MS] --artifacts DIR';
+const CONNECT_TIMEOUT_MS = 45_000;
+const DESKTOP_TIMEOUT_MS = 45_000;
+const MIN_DISTINCT_COLOURS = 64;
+const MAX_DOMINANT_SHARE = 0.97;
+
+class CheckFailed extends Error {}
+
+function parseArgs(argv) {
+  const o = { url: '', id: '', token: '', expect: '', viewers: 1, type: '', holdMs: 0, artifacts: '' };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const v = () => {
+      const x = argv[++i];
+      if (x === undefined) usage(`${a} needs a value`);
+      return x;
+    };
+    if (a === '--url') o.url = v();
+    else if (a === '--id') o.id = v();
+    else if (a === '--token') o.token = v();
+    else if (a === '--expect') o.expect = v();
+    else if (a === '--viewers') o.viewers = Number(v());
+    else if (a === '--type') o.type = v();
+    else if (a === '--hold-ms') o.holdMs = Number(v());
+    else if (a === '--artifacts') o.artifacts = v();
+    else usage(`unknown argument ${a}`);
+  }
+  if (!o.url || !o.id || !o.artifacts) usage('--url, --id and --artifacts are required');
+  if (o.expect !== 'webrtc' && o.expect !== 'vnc') usage('--expect is webrtc or vnc');
+  if (!(o.viewers >= 1 && o.viewers <= 8)) usage('--viewers is 1 to 8');
+  return o;
+}
+
+function usage(m) {
+  console.error(`webrtc e2e: ${m}\n${USAGE}`);
+  process.exit(2);
+}
+
+const opts = parseArgs(process.argv.slice(2));
+const started = Date.now();
+const log = (m) => console.log(`webrtc-e2e [${((Date.now() - started) / 1000).toFixed(1).padStart(6)}s] ${m}`);
+const check = (c, m) => {
+  if (!c) throw new CheckFailed(m);
+};
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function waitFor(what, ms, fn, every = 250) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    if (await fn()) return;
+    if (Date.now() > deadline) throw new CheckFailed(`timed out after ${ms / 1000} s waiting for ${what}`);
+    await sleep(every);
+  }
+}
+
+// Colour statistics of what the viewer shows: the video's current frame (drawn
+// into a canvas) on the WebRTC path, noVNC's canvas otherwise.
+function pictureStats() {
+  const v = window.airlockViewer;
+  let source = null;
+  let w = 0;
+  let h = 0;
+  if (v.path === 'webrtc' && v.webrtc) {
+    source = v.webrtc.video;
+    w = source.videoWidth;
+    h = source.videoHeight;
+  } else {
+    source = document.querySelector('#screen canvas');
+    w = source ? source.width : 0;
+    h = source ? source.height : 0;
+  }
+  if (!source || !w || !h) return { width: 0, height: 0, distinct: 0, dominant: 1 };
+  const c = document.createElement('canvas');
+  c.width = w;
+  c.height = h;
+  const ctx = c.getContext('2d');
+  ctx.drawImage(source, 0, 0);
+  const data = ctx.getImageData(0, 0, w, h).data;
+  const counts = new Map();
+  for (let i = 0; i < data.length; i += 16) {
+    const rgb = (data[i] << 16) | (data[i + 1] << 8) | data[i + 2];
+    counts.set(rgb, (counts.get(rgb) || 0) + 1);
+  }
+  let top = 0;
+  for (const n of counts.values()) top = Math.max(top, n);
+  return { width: w, height: h, distinct: counts.size, dominant: top / (data.length / 16), png: c.toDataURL('image/png') };
+}
+
+async function openViewer(context, n) {
+  const page = await context.newPage();
+  page.on('console', (m) => log(`viewer ${n} [${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => log(`viewer ${n} page error: ${e.message}`));
+  await page.goto(`${opts.url}/view/${opts.id}`);
+  let last = '';
+  await waitFor(`viewer ${n} to connect`, CONNECT_TIMEOUT_MS, async () => {
+    const s = await page.evaluate(() => ({
+      state: document.body.dataset.viewerState,
+      status: window.airlockViewer.status,
+      path: window.airlockViewer.path,
+    }));
+    if (s.status !== last) {
+      log(`viewer ${n}: ${s.status}`);
+      last = s.status;
+    }
+    if (s.state === 'disconnected') throw new CheckFailed(`viewer ${n} gave up: ${s.status}`);
+    return s.state === 'connected';
+  });
+  const p = await page.evaluate(() => window.airlockViewer.path);
+  check(p === opts.expect, `viewer ${n} connected over ${p}, expected ${opts.expect} (${last})`);
+  if (opts.expect === 'vnc') {
+    const why = await page.evaluate(() => window.airlockViewer.fallbackReason);
+    log(`viewer ${n} fell back to noVNC because: ${why || '(forced)'}`);
+  }
+  let stats = null;
+  try {
+    await waitFor(`a desktop in viewer ${n}`, DESKTOP_TIMEOUT_MS, async () => {
+      stats = await page.evaluate(pictureStats);
+      return stats.distinct >= MIN_DISTINCT_COLOURS && stats.dominant <= MAX_DOMINANT_SHARE;
+    }, 1000);
+  } finally {
+    if (stats) {
+      log(`viewer ${n} shows ${stats.width}x${stats.height}: ${stats.distinct} colours, the most common covers ${(stats.dominant * 100).toFixed(1)}%`);
+      if (stats.png) fs.writeFileSync(path.join(opts.artifacts, `viewer-${n}-${opts.expect}.png`), Buffer.from(stats.png.split(',')[1], 'base64'));
+    }
+  }
+  if (opts.expect === 'webrtc') {
+    const frames = async () => page.evaluate(() => window.airlockViewer.webrtc.video.getVideoPlaybackQuality().totalVideoFrames);
+    const before = await frames();
+    await waitFor(`frames to keep arriving in viewer ${n}`, 10_000, async () => (await frames()) > before + 5);
+    const badge = await page.evaluate(() => window.airlockViewer.status);
+    log(`viewer ${n} frames keep arriving; badge: ${badge}`);
+  }
+  return page;
+}
+
+async function typeInto(page) {
+  const target = opts.expect === 'webrtc' ? page.locator('video.webrtc-video') : page.locator('#screen canvas');
+  const box = await target.boundingBox();
+  check(box && box.width > 0, 'the picture has no size');
+  await target.click({ position: { x: Math.round(box.width * 0.25), y: Math.round(box.height * 0.5) } });
+  await sleep(500);
+  log(`typing ${JSON.stringify(opts.type)} into the terminal`);
+  await page.keyboard.type(opts.type, { delay: 30 });
+  await page.keyboard.press('Enter');
+  await sleep(500);
+}
+
+async function main() {
+  fs.mkdirSync(opts.artifacts, { recursive: true });
+  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'airlock-webrtc-e2e-'));
+  const context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      // The control plane listens on loopback in tests; Chromium gathers no
+      // loopback candidates without this.
+      '--allow-loopback-in-peer-connection',
+    ],
+    viewport: { width: 1280, height: 800 },
+  });
+  if (opts.token) {
+    await context.addInitScript((t) => {
+      try {
+        localStorage.setItem('airlock.token', t);
+      } catch {
+        // frames without storage
+      }
+    }, opts.token);
+  }
+  try {
+    const pages = [];
+    for (let n = 1; n <= opts.viewers; n++) pages.push(await openViewer(context, n));
+    if (opts.type) await typeInto(pages[0]);
+    console.log('viewers ready');
+    if (opts.holdMs > 0) await sleep(opts.holdMs);
+    // Every viewer is still on its path after the hold.
+    for (const [i, page] of pages.entries()) {
+      const s = await page.evaluate(() => ({ state: document.body.dataset.viewerState, path: window.airlockViewer.path }));
+      check(s.state === 'connected' && s.path === opts.expect, `viewer ${i + 1} ended up ${s.state} over ${s.path}`);
+    }
+  } finally {
+    await context.close();
+    fs.rmSync(userDataDir, { recursive: true, force: true });
+  }
+}
+
+main().then(
+  () => {
+    log('all checks passed');
+    process.exit(0);
+  },
+  (e) => {
+    console.error(`webrtc e2e: ${e instanceof CheckFailed ? 'check failed' : 'error'}: ${e.stack || e.message}`);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,235 @@
+// The viewer's fast path: the desktop as a WebRTC video from the control
+// plane, input back over an ordered, reliable data channel. The server is
+// ICE-lite and puts all of its candidates in the answer, so there is no
+// trickle: one offer, one answer (see docs/webrtc.md).
+//
+// A WebRtcView reports through callbacks:
+//   onplaying()            the first frame is on screen
+//   onfailed(reason, code) the path is gone (the viewer falls back to noVNC)
+//   onstats(stats)         once a second: { fps, kbps, rttMs, frames, width, height }
+
+import { getKeysym } from '/novnc/core/input/util.js';
+
+const STATS_EVERY_MS = 1000;
+
+export class WebRtcView {
+  constructor(container, url) {
+    this.container = container;
+    this.url = url;
+    this.onplaying = () => {};
+    this.onfailed = () => {};
+    this.onstats = () => {};
+    this.closed = false;
+    this.playing = false;
+    this.display = { width: 0, height: 0 };
+    this.stats = { fps: 0, kbps: 0, rttMs: null, frames: 0, width: 0, height: 0 };
+    this.buttons = 0;
+    this.lastBytes = 0;
+    this.lastStatsAt = 0;
+    this.listeners = [];
+
+    const video = document.createElement('video');
+    video.className = 'webrtc-video';
+    video.autoplay = true;
+    video.muted = true;
+    video.playsInline = true;
+    video.tabIndex = 0;
+    video.disablePictureInPicture = true;
+    video.setAttribute('aria-label', 'Remote desktop (WebRTC)');
+    this.video = video;
+  }
+
+  start() {
+    let socket;
+    try {
+      socket = new WebSocket(this.url);
+    } catch (err) {
+      this.fail(`the browser refused the signalling socket: ${err.message}`);
+      return;
+    }
+    this.socket = socket;
+    const pc = new RTCPeerConnection({ iceServers: [], bundlePolicy: 'max-bundle' });
+    this.pc = pc;
+    const transceiver = pc.addTransceiver('video', { direction: 'recvonly' });
+    // Show each frame as soon as it is decoded: no jitter buffer to speak of.
+    const receiver = transceiver.receiver;
+    if ('playoutDelayHint' in receiver) receiver.playoutDelayHint = 0;
+    if ('jitterBufferTarget' in receiver) receiver.jitterBufferTarget = 0;
+    this.channel = pc.createDataChannel('input', { ordered: true });
+
+    pc.addEventListener('track', (ev) => {
+      this.video.srcObject = ev.streams[0] || new MediaStream([ev.track]);
+    });
+    pc.addEventListener('connectionstatechange', () => {
+      if (pc.connectionState === 'failed') this.fail('the media connection failed');
+      if (pc.connectionState === 'disconnected') this.fail('the media connection was lost');
+    });
+    socket.addEventListener('open', async () => {
+      try {
+        const offer = await pc.createOffer();
+        await pc.setLocalDescription(offer);
+        socket.send(JSON.stringify({ type: 'offer', sdp: pc.localDescription.sdp }));
+      } catch (err) {
+        this.fail(`could not make an offer: ${err.message}`);
+      }
+    });
+    socket.addEventListener('message', (ev) => this.signal(ev.data));
+    socket.addEventListener('close', (ev) => {
+      this.fail(ev.reason || `signalling closed (${ev.code})`, ev.code);
+    });
+
+    this.video.addEventListener('loadeddata', () => {
+      if (this.closed || this.playing) return;
+      this.playing = true;
+      this.onplaying();
+    });
+    this.container.appendChild(this.video);
+    this.bindInput();
+    this.statsTimer = setInterval(() => this.collectStats(), STATS_EVERY_MS);
+  }
+
+  async signal(data) {
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (msg.type === 'answer') {
+      try {
+        await this.pc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
+      } catch (err) {
+        this.fail(`the server's answer was refused: ${err.message}`);
+      }
+    } else if (msg.type === 'info') {
+      this.display = { width: msg.width, height: msg.height };
+    } else if (msg.type === 'stats') {
+      if (typeof msg.rtt_ms === 'number') this.stats.rttMs = msg.rtt_ms;
+    }
+  }
+
+  /** Report one measured input-to-photon sample to the server's metrics. */
+  sample(ms) {
+    if (this.socket && this.socket.readyState === WebSocket.OPEN) {
+      this.socket.send(JSON.stringify({ type: 'sample', input_to_photon_ms: ms }));
+    }
+  }
+
+  send(control) {
+    if (this.channel && this.channel.readyState === 'open') this.channel.send(JSON.stringify(control));
+  }
+
+  get inputReady() {
+    return !!this.channel && this.channel.readyState === 'open';
+  }
+
+  // Display pixel under a pointer event (the video is letterboxed by CSS).
+  toDisplay(ev) {
+    const r = this.video.getBoundingClientRect();
+    const w = this.display.width || this.video.videoWidth;
+    const h = this.display.height || this.video.videoHeight;
+    if (!w || !h || !r.width || !r.height) return null;
+    const scale = Math.min(r.width / w, r.height / h);
+    const offX = (r.width - w * scale) / 2;
+    const offY = (r.height - h * scale) / 2;
+    const x = Math.round((ev.clientX - r.left - offX) / scale);
+    const y = Math.round((ev.clientY - r.top - offY) / scale);
+    return { x: Math.max(0, Math.min(w - 1, x)), y: Math.max(0, Math.min(h - 1, y)) };
+  }
+
+  bindInput() {
+    const v = this.video;
+    const on = (target, type, fn, opts) => {
+      target.addEventListener(type, fn, opts);
+      this.listeners.push(() => target.removeEventListener(type, fn, opts));
+    };
+    // RFB's mask: bit 0 left, 1 middle, 2 right; DOM buttons: 1 left, 2 right, 4 middle.
+    const mask = (b) => (b & 1) | ((b & 4) >> 1) | ((b & 2) << 1);
+    const pointer = (ev) => {
+      const p = this.toDisplay(ev);
+      if (!p) return;
+      this.buttons = mask(ev.buttons);
+      this.send({ type: 'pointer', x: p.x, y: p.y, buttons: this.buttons });
+    };
+    on(v, 'pointermove', pointer);
+    on(v, 'pointerdown', (ev) => {
+      v.focus();
+      v.setPointerCapture(ev.pointerId);
+      pointer(ev);
+      ev.preventDefault();
+    });
+    on(v, 'pointerup', (ev) => {
+      pointer(ev);
+      ev.preventDefault();
+    });
+    on(v, 'contextmenu', (ev) => ev.preventDefault());
+    let wheelRest = 0;
+    on(v, 'wheel', (ev) => {
+      ev.preventDefault();
+      wheelRest += ev.deltaMode === 0 ? ev.deltaY / 50 : ev.deltaY;
+      const notches = Math.trunc(wheelRest);
+      if (notches !== 0) {
+        wheelRest -= notches;
+        this.send({ type: 'wheel', dx: 0, dy: Math.max(-100, Math.min(100, notches)) });
+      }
+    }, { passive: false });
+    const key = (down) => (ev) => {
+      const keysym = getKeysym(ev);
+      if (!keysym) return;
+      ev.preventDefault();
+      this.send({ type: 'key', keysym, down });
+    };
+    on(v, 'keydown', key(true));
+    on(v, 'keyup', key(false));
+    on(v, 'paste', (ev) => {
+      const text = ev.clipboardData && ev.clipboardData.getData('text');
+      if (text) this.send({ type: 'text', text: text.slice(0, 4096) });
+      ev.preventDefault();
+    });
+  }
+
+  async collectStats() {
+    if (!this.pc || this.closed) return;
+    let report;
+    try {
+      report = await this.pc.getStats();
+    } catch {
+      return;
+    }
+    const now = performance.now();
+    report.forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'video') {
+        if (this.lastStatsAt) {
+          const secs = (now - this.lastStatsAt) / 1000;
+          this.stats.kbps = Math.round(((s.bytesReceived - this.lastBytes) * 8) / 1000 / secs);
+        }
+        this.lastBytes = s.bytesReceived;
+        this.stats.fps = Math.round(s.framesPerSecond || 0);
+        this.stats.frames = s.framesDecoded || 0;
+        this.stats.width = s.frameWidth || 0;
+        this.stats.height = s.frameHeight || 0;
+      }
+      if (s.type === 'candidate-pair' && s.nominated && typeof s.currentRoundTripTime === 'number') {
+        this.stats.rttMs = Math.round(s.currentRoundTripTime * 1000 * 10) / 10;
+      }
+    });
+    this.lastStatsAt = now;
+    this.onstats({ ...this.stats });
+  }
+
+  fail(reason, code) {
+    if (this.closed) return;
+    this.close();
+    this.onfailed(reason, code);
+  }
+
+  close() {
+    if (this.closed) return;
+    this.closed = true;
+    clearInterval(this.statsTimer);
+    for (const off of this.listeners) off();
+    if (this.socket && this.socket.readyState <= WebSocket.OPEN) this.socket.close(1000);
+    if (this.pc) this.pc.close();
+    this.video.remove();
+  }
+}
