@@ -71,6 +71,14 @@ pub struct Config {
     /// The address browsers are told to send media to; the listen address
     /// when unset. Needed when listening on 0.0.0.0 or behind NAT.
     pub webrtc_address: Option<std::net::IpAddr>,
+    /// The `firecracker` binary (default: `firecracker` on the PATH).
+    pub firecracker_bin: Option<PathBuf>,
+    /// When set, the firecracker driver starts every VM under this `jailer`:
+    /// a chroot, the uid/gid below, a cgroup and a network namespace per VM.
+    pub jailer_bin: Option<PathBuf>,
+    pub jailer_uid: u32,
+    pub jailer_gid: u32,
+    pub jailer_chroot_base: PathBuf,
 }
 
 impl Default for Config {
@@ -97,6 +105,11 @@ impl Default for Config {
             webrtc_udp_port: 4001,
             webrtc_tcp_port: 4001,
             webrtc_address: None,
+            firecracker_bin: None,
+            jailer_bin: None,
+            jailer_uid: 64_000,
+            jailer_gid: 64_000,
+            jailer_chroot_base: PathBuf::from("/srv/jailer"),
         }
     }
 }
@@ -186,6 +199,14 @@ impl Config {
         }
         if !self.data_dir.is_absolute() {
             return invalid("data_dir", "must be an absolute path");
+        }
+        if self.jailer_bin.is_some() {
+            if self.jailer_uid == 0 || self.jailer_gid == 0 {
+                return invalid("jailer_uid", "jailed VMs must not run as root (uid or gid 0)");
+            }
+            if !self.jailer_chroot_base.is_absolute() {
+                return invalid("jailer_chroot_base", "must be an absolute path");
+            }
         }
         if self.webrtc {
             if let Some(ip) = self.webrtc_address {

@@ -9,7 +9,7 @@ use crate::config::{Config, ConfigError};
 use crate::store::{Store, StoreError};
 use crate::vault::{Vault, VaultError};
 use airlock_drivers::firecracker::api::UnixApi;
-use airlock_drivers::firecracker::{FirecrackerConfig, FirecrackerDriver};
+use airlock_drivers::firecracker::{FirecrackerConfig, FirecrackerDriver, JailerConfig};
 use airlock_drivers::host::RealHost;
 use airlock_drivers::nspawn::{NspawnConfig, NspawnDriver};
 use airlock_drivers::qemu::{QemuConfig, QemuDriver};
@@ -73,7 +73,16 @@ pub fn driver_for(cfg: &Config, manifest: &Manifest) -> Result<Arc<dyn Driver>, 
             let mut fc = FirecrackerConfig::new(cfg.data_dir.join("firecracker"), vm_image()?);
             if let Some(bin) = std::env::var_os("AIRLOCK_FIRECRACKER_BIN") {
                 fc.firecracker_bin = bin.into();
+            } else if let Some(bin) = &cfg.firecracker_bin {
+                fc.firecracker_bin = bin.clone();
             }
+            fc.jailer = cfg.jailer_bin.as_ref().map(|bin| JailerConfig {
+                jailer_bin: bin.clone(),
+                uid: cfg.jailer_uid,
+                gid: cfg.jailer_gid,
+                chroot_base: cfg.jailer_chroot_base.clone(),
+                cgroup_version: 2,
+            });
             Arc::new(FirecrackerDriver::new(
                 fc,
                 Arc::new(RealHost),
