@@ -99,13 +99,13 @@ fn take(c: &Arc<Mutex<Capture>>) -> (String, bool) {
 
 /// Kills the command's whole process group unless disarmed: on timeout, and when
 /// the request is dropped half-way (the client went away).
-struct GroupKiller {
-    pgid: Option<i32>,
+pub(crate) struct GroupKiller {
+    pub(crate) pgid: Option<i32>,
 }
 
 impl GroupKiller {
     #[allow(unsafe_code)]
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(pgid) = self.pgid.take() {
             // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
             unsafe {
@@ -122,7 +122,7 @@ impl Drop for GroupKiller {
 }
 
 #[allow(unsafe_code)]
-fn switch_user(cmd: &mut Command, uid: u32, gid: u32, groups: Vec<u32>) {
+pub(crate) fn switch_user(cmd: &mut Command, uid: u32, gid: u32, groups: Vec<u32>) {
     // std applies its own uid/gid *before* pre_exec hooks and then drops all
     // supplementary groups, so the switch is done here in one place, in order.
     // SAFETY: the closure only makes async-signal-safe system calls on data moved

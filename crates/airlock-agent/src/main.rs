@@ -5,40 +5,23 @@
 //! - `serve` (a long-running unit): the agent HTTP API on the guest's address.
 //! - `layout` (a unit of the desktop user): keeps the terminal and Chromium
 //!   side by side when the display is resized.
+//! - `capture` (started by `serve` as the desktop user, one per viewer): the
+//!   display as H.264 on standard output, the viewer's input from standard input.
 
-mod exec;
-mod fw_cfg;
-mod layout;
-mod login;
-mod metadata;
-mod prepare;
-mod server;
-mod users;
-
+use airlock_agent::{chain, exec, layout, login, metadata, prepare, server, stream, users};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: airlock-agent prepare|serve|layout\n\n\
+const USAGE: &str = "usage: airlock-agent prepare|serve|layout|capture\n\n\
   prepare   write /run/airlock/{vnc/passwd,session.env,profile.sh} from the metadata document\n\
   serve     answer the agent API on <guest address>:7000\n\
-  layout    re-tile the desktop (terminal left, Chromium right) after every resize\n";
+  layout    re-tile the desktop (terminal left, Chromium right) after every resize\n\
+  capture   stream the display as H.264 for the agent's /v1/stream (see capture --help)\n";
 
 /// Baked into the image's top layer by the image builder.
 const IMAGE_INFO_PATH: &str = "/etc/airlock/image.json";
-
-/// Prints an error with every cause, on one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -59,6 +42,11 @@ fn main() -> std::process::ExitCode {
         ["prepare"] => prepare_cmd(),
         ["serve"] => serve_cmd(),
         ["layout"] => layout::run(),
+        ["capture", "--help" | "-h"] => {
+            print!("{}", stream::capture::USAGE);
+            Ok(())
+        }
+        ["capture", rest @ ..] => stream::capture::main(rest),
         ["--help"] | ["-h"] | ["help"] => {
             print!("{USAGE}");
             Ok(())
@@ -156,6 +144,14 @@ fn serve_cmd() -> Result<(), String> {
         base_env.clone(),
         meta.network.gateway.clone(),
     )));
+    let exe =
+        std::env::current_exe().map_err(|e| format!("finding the agent's own executable: {e}"))?;
+    let streams = Arc::new(stream::route::Streams::new(stream::route::CaptureCommand {
+        argv: vec![exe.display().to_string(), "capture".to_owned()],
+        run_as: run_as.clone(),
+        env: base_env.clone(),
+        cwd: account.home.clone(),
+    }));
     let state = Arc::new(server::AgentState {
         token: meta.agent_token.clone(),
         sandbox_id: meta.sandbox_id.clone(),
@@ -167,6 +163,7 @@ fn serve_cmd() -> Result<(), String> {
             base_env,
         },
         logins,
+        streams,
     });
     drop(meta);
 

@@ -24,6 +24,7 @@ pub struct AgentState {
     pub started: Instant,
     pub exec: ExecConfig,
     pub logins: Arc<crate::login::Logins>,
+    pub streams: Arc<crate::stream::route::Streams>,
 }
 
 impl std::fmt::Debug for AgentState {
@@ -36,7 +37,7 @@ impl std::fmt::Debug for AgentState {
     }
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (
         status,
         Json(AgentError {
@@ -122,6 +123,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/health", get(health))
         .route("/exec", post(exec_handler))
         .merge(crate::login::http::routes())
+        .merge(crate::stream::route::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -168,6 +170,14 @@ mod tests {
                 vec![],
                 "10.0.0.1".into(),
             ))),
+            streams: Arc::new(crate::stream::route::Streams::new(
+                crate::stream::route::CaptureCommand {
+                    argv: vec!["false".into()],
+                    run_as: RunAs::Current,
+                    env: vec![],
+                    cwd: std::env::temp_dir(),
+                },
+            )),
         }))
     }
 
@@ -229,7 +239,12 @@ mod tests {
             Some("Basic x"),
             Some("Bearer "),
         ] {
-            for (m, p) in [("GET", "/health"), ("POST", "/exec"), ("GET", "/nope")] {
+            for (m, p) in [
+                ("GET", "/health"),
+                ("POST", "/exec"),
+                ("GET", airlock_proto::stream::STREAM_PATH),
+                ("GET", "/nope"),
+            ] {
                 let (status, body) = call(m, p, auth, "{}").await;
                 assert_eq!(status, StatusCode::UNAUTHORIZED, "{m} {p} {auth:?}");
                 assert!(body["error"].is_string());
@@ -241,6 +256,11 @@ mod tests {
         assert_eq!(body["sandbox_id"], "sb-1");
         let (status, _) = call("GET", "/nope", Some(&bearer), "").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+        // Not a WebSocket handshake: refused, as JSON like every other error.
+        let (status, body) =
+            call("GET", airlock_proto::stream::STREAM_PATH, Some(&bearer), "").await;
+        assert!(status.is_client_error(), "{status}");
+        assert!(body["error"].is_string());
     }
 
     #[tokio::test]

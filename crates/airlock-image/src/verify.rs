@@ -66,6 +66,13 @@ const VERSION_CHECKS: &[(&str, &[&str], &str)] = &[
         &["airlock-agent", "--help"],
         "usage: airlock-agent",
     ),
+    // The WebRTC viewer's capture: every GStreamer element it needs can be
+    // made (the display is not opened); a missing one is named with its package.
+    (
+        "capture",
+        &["airlock-agent", "capture", "--check"],
+        "capture: OK",
+    ),
 ];
 
 /// The overlay a verification runs in; unmounted and removed on drop.

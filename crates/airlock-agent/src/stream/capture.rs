@@ -1,0 +1,307 @@
+//! `airlock-agent capture`: the program the agent runs, as the desktop user,
+//! for as long as one viewer watches.
+//!
+//! The main thread captures and encodes ([`super::encoder`]) and writes a
+//! [`StreamInfo`] and then the frames to standard output ([`super::wire`]); it
+//! rebuilds the pipeline when the display's size changes, so every size starts
+//! with its own description and a keyframe. A thread reads [`Control`] lines
+//! from standard input: keyframe requests go to the encoder, the rest to the
+//! injector ([`super::input`]) on a thread of its own, so slow input never
+//! holds frames back. Standard input closing ends the program, with every key
+//! and button it pressed released.
+
+use super::encoder::{self, Encoder, EncoderError, Settings};
+use super::input::{Injector, SPARE_HOLD};
+use super::wire;
+use airlock_proto::stream::{Control, StreamInfo, VideoFrame, DEFAULT_FPS};
+use std::io::{BufRead, Write};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use x11rb::connection::Connection;
+use x11rb::protocol::randr::{self, ConnectionExt as _};
+use x11rb::protocol::xproto::ConnectionExt as _;
+
+/// x264's target rate: a desktop of text and windows stays sharp at
+/// 1280×800 well below it; a video playing in Chromium takes it all.
+pub const DEFAULT_BITRATE_KBIT: u32 = 4000;
+pub const MAX_FPS: u32 = 60;
+/// How often the display's size is compared with the pipeline's.
+const SIZE_POLL: Duration = Duration::from_millis(250);
+/// Longest wait for a frame before the loop looks at its signals again.
+const PULL_WAIT: Duration = Duration::from_millis(20);
+
+pub const USAGE: &str = "usage: airlock-agent capture [--fps N] [--check]\n\n\
+  Captures $DISPLAY (default :0) as H.264 onto standard output (length-prefixed\n\
+  stream descriptions and frames) and injects the control messages read from\n\
+  standard input, one JSON object per line. --check only makes the GStreamer\n\
+  elements and reports whether they are all there.\n";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub display: String,
+    pub fps: u32,
+    pub bitrate_kbit: u32,
+    pub check: bool,
+}
+
+impl Options {
+    /// `args` follow `capture`; `display` is `$DISPLAY`.
+    pub fn parse(args: &[&str], display: Option<String>) -> Result<Options, String> {
+        let mut o = Options {
+            display: display
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| ":0".into()),
+            fps: DEFAULT_FPS,
+            bitrate_kbit: DEFAULT_BITRATE_KBIT,
+            check: false,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match *a {
+                "--check" => o.check = true,
+                "--fps" => {
+                    o.fps = it
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .filter(|f| (1..=MAX_FPS).contains(f))
+                        .ok_or(format!("--fps takes a number from 1 to {MAX_FPS}"))?;
+                }
+                other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// What the capture loop produces, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Info(StreamInfo),
+    Frame(VideoFrame),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("connecting to the X display {display}")]
+    Display {
+        display: String,
+        #[source]
+        source: x11rb::errors::ConnectError,
+    },
+    #[error("the X connection failed")]
+    X(#[from] x11rb::errors::ConnectionError),
+    #[error("asking the X server for the display's size")]
+    Size(#[from] x11rb::errors::ReplyError),
+    #[error(transparent)]
+    Encoder(#[from] EncoderError),
+    #[error("writing to the agent")]
+    Write(#[source] std::io::Error),
+}
+
+/// Set by the input side, read by the capture loop.
+#[derive(Debug, Default)]
+pub struct Signals {
+    pub keyframe: AtomicBool,
+    pub stop: AtomicBool,
+}
+
+/// Captures until `signals.stop` is set or `emit` fails.
+pub fn capture(
+    opts: &Options,
+    signals: &Signals,
+    emit: &mut dyn FnMut(Output) -> std::io::Result<()>,
+) -> Result<(), CaptureError> {
+    let (conn, screen) =
+        x11rb::connect(Some(&opts.display)).map_err(|source| CaptureError::Display {
+            display: opts.display.clone(),
+            source,
+        })?;
+    let root = conn.setup().roots[screen].root;
+    // RandR reports a resize at once; polling the size finds it without RandR too.
+    let randr = conn
+        .randr_query_version(1, 2)
+        .ok()
+        .and_then(|c| c.reply().ok())
+        .is_some();
+    if randr {
+        conn.randr_select_input(root, randr::NotifyMask::SCREEN_CHANGE)?;
+        conn.flush()?;
+    }
+    let mut x_errors = super::xlib::errors();
+    let size = || -> Result<(u32, u32), CaptureError> {
+        let g = conn.get_geometry(root)?.reply()?;
+        Ok(Settings::even(g.width.into(), g.height.into()))
+    };
+    loop {
+        let (width, height) = size()?;
+        let enc = Encoder::start(&Settings {
+            display: opts.display.clone(),
+            width,
+            height,
+            fps: opts.fps,
+            bitrate_kbit: opts.bitrate_kbit,
+        })?;
+        tracing::info!(width, height, fps = opts.fps, "capturing");
+        emit(Output::Info(StreamInfo {
+            codec: "h264".into(),
+            width,
+            height,
+            fps: opts.fps,
+        }))
+        .map_err(CaptureError::Write)?;
+        // A new pipeline starts with a keyframe anyway.
+        signals.keyframe.store(false, Ordering::Relaxed);
+        let mut measured = Instant::now();
+        loop {
+            if signals.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            if signals.keyframe.swap(false, Ordering::Relaxed) {
+                enc.force_keyframe();
+            }
+            if let Some(frame) = enc.next_frame(PULL_WAIT)? {
+                emit(Output::Frame(frame)).map_err(CaptureError::Write)?;
+            }
+            // An X error in ximagesrc is most likely a grab of a display
+            // that just shrank.
+            let mut look = measured.elapsed() >= SIZE_POLL || super::xlib::errors() != x_errors;
+            while conn.poll_for_event()?.is_some() {
+                look = true;
+            }
+            if look {
+                measured = Instant::now();
+                let errors = super::xlib::errors();
+                if errors != x_errors {
+                    tracing::debug!(errors = errors - x_errors, "X errors in the capture");
+                    x_errors = errors;
+                }
+                let now = size()?;
+                if now != (width, height) {
+                    tracing::info!(
+                        from = %format!("{width}x{height}"),
+                        to = %format!("{}x{}", now.0, now.1),
+                        "the display was resized"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// What the input thread is told.
+#[derive(Debug)]
+enum InputMsg {
+    Control(Control),
+    Stop,
+}
+
+fn run_input(mut injector: Injector, rx: mpsc::Receiver<InputMsg>) {
+    loop {
+        match rx.recv_timeout(SPARE_HOLD / 2) {
+            Ok(InputMsg::Control(c)) => {
+                if let Err(e) = injector.apply(&c) {
+                    tracing::warn!(error = %crate::chain(&e), "input not injected");
+                }
+            }
+            Ok(InputMsg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Err(e) = injector.tidy(false) {
+                    tracing::warn!(error = %crate::chain(&e), "spare keycodes not restored");
+                }
+            }
+        }
+    }
+    if let Err(e) = injector.release_all() {
+        tracing::warn!(error = %crate::chain(&e), "keys and buttons not released");
+    }
+}
+
+/// Reads control lines until standard input closes, then stops everything.
+fn read_controls(signals: Arc<Signals>, tx: mpsc::Sender<InputMsg>) {
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        if line.trim().is_empty() {
+            continue;
+        }
+        match Control::parse(&line) {
+            Ok(Control::Keyframe) => signals.keyframe.store(true, Ordering::Relaxed),
+            Ok(c) => {
+                if tx.send(InputMsg::Control(c)).is_err() {
+                    break;
+                }
+            }
+            // The message itself may hold typed text: only its length is logged.
+            Err(_) => tracing::warn!(bytes = line.len(), "ignoring a bad control message"),
+        }
+    }
+    signals.stop.store(true, Ordering::Relaxed);
+    let _ = tx.send(InputMsg::Stop);
+}
+
+/// `airlock-agent capture …`.
+pub fn main(args: &[&str]) -> Result<(), String> {
+    let opts = Options::parse(args, std::env::var("DISPLAY").ok())?;
+    if opts.check {
+        let found = encoder::check().map_err(|e| crate::chain(&e))?;
+        println!("capture: OK, {found}");
+        return Ok(());
+    }
+    let injector = Injector::connect(&opts.display).map_err(|e| crate::chain(&e))?;
+    let signals = Arc::new(Signals::default());
+    let (tx, rx) = mpsc::channel();
+    let input = std::thread::spawn(move || run_input(injector, rx));
+    {
+        let (signals, tx) = (signals.clone(), tx.clone());
+        // Not joined: it sits in a read until the agent closes the pipe.
+        std::thread::spawn(move || read_controls(signals, tx));
+    }
+    // Standard output unbuffered by line: frames are binary.
+    let stdout = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| format!("standard output: {e}"))?;
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, std::fs::File::from(stdout));
+    let result = capture(&opts, &signals, &mut |o| {
+        match o {
+            Output::Info(info) => wire::write_info(&mut out, &info)?,
+            Output::Frame(frame) => wire::write_frame(&mut out, &frame)?,
+        }
+        out.flush()
+    });
+    let _ = tx.send(InputMsg::Stop);
+    let _ = input.join();
+    match result {
+        Ok(()) => {
+            tracing::info!("capture stopped: the agent closed the stream");
+            Ok(())
+        }
+        Err(e) => Err(crate::chain(&e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options() {
+        let o = Options::parse(&[], None).expect("defaults");
+        assert_eq!(o.display, ":0");
+        assert_eq!(o.fps, DEFAULT_FPS);
+        assert!(!o.check);
+        let o = Options::parse(&["--fps", "15", "--check"], Some(":7".into())).expect("parse");
+        assert_eq!((o.display.as_str(), o.fps, o.check), (":7", 15, true));
+        for bad in [
+            &["--fps"][..],
+            &["--fps", "0"],
+            &["--fps", "61"],
+            &["--fps", "x"],
+            &["--what"],
+        ] {
+            assert!(Options::parse(bad, None).is_err(), "{bad:?}");
+        }
+    }
+}
