@@ -27,7 +27,8 @@ use x11rb::protocol::xproto::{
 use x11rb::protocol::Event;
 use x11rb::rust_connection::RustConnection;
 
-/// A private Xvnc: no RFB listener, no TCP, killed (it alone) on drop.
+/// A private Xvnc: no RFB listener, no TCP, killed (it alone) on drop, and
+/// gone after two minutes whatever happens.
 struct Xvnc {
     child: Child,
     display: String,
@@ -60,6 +61,9 @@ impl Xvnc {
                     "-nolisten",
                     "tcp",
                 ])
+                // A test process that dies without unwinding (Xlib exits on
+                // an X error) cannot kill it: it then quits by itself.
+                .args(["-MaxIdleTime", "120"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
