@@ -12,6 +12,7 @@ mod sandbox;
 mod sandboxes;
 mod soak;
 mod stats;
+mod viewer;
 mod wire;
 
 use anyhow::Result;
@@ -77,6 +78,16 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         minutes: u64,
     },
+    /// Input to photon through the viewer in headless Chromium: WebRTC vs noVNC
+    /// (run from the repository root; needs `npm ci --prefix tests/e2e`).
+    Viewer {
+        /// Presses per path, at random gaps of 150–400 ms.
+        #[arg(long, default_value_t = 200)]
+        presses: usize,
+        /// Instead: a soak of one press a second for this many minutes per path.
+        #[arg(long)]
+        soak_minutes: Option<u64>,
+    },
     /// The quick ones: relay, sandboxes, keypress, and image without the cold build.
     All {
         #[arg(long, env = "AIRLOCK_IMAGE_DIR")]
@@ -106,6 +117,10 @@ fn main() -> Result<()> {
         Cmd::Keypress { presses, gap_ms } => {
             rt.block_on(keypress::run(presses, Duration::from_millis(gap_ms)))
         }
+        Cmd::Viewer {
+            presses,
+            soak_minutes,
+        } => rt.block_on(viewer::run(presses, soak_minutes)),
         Cmd::Soak { minutes } => rt.block_on(soak::run(minutes)),
         Cmd::All { image_dir, agent } => {
             rt.block_on(relay::run(2000, 256, 5))?;

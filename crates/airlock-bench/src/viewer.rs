@@ -1,0 +1,193 @@
+//! Input-to-photon through the real viewer in headless Chromium, WebRTC vs
+//! noVNC, on one sandbox showing the flip page (tests/e2e/latency.mjs does the
+//! pressing and the detecting; this drives it and reports). With `soak`, one
+//! press a second for a long time on each path, with memory before and after.
+
+use crate::keypress::show_page;
+use crate::sandbox::{cgroup_memory, clock_ticks, cpu_ticks, self_rss, ControlPlane};
+use crate::stats::{mib, ms, percentile, Table};
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+struct Run {
+    path: String,
+    samples_ms: Vec<f64>,
+    missed: usize,
+    frames: u64,
+    disconnects: usize,
+    fallbacks: usize,
+}
+
+#[derive(Debug)]
+struct Measured {
+    run: Run,
+    wall: Duration,
+    guest_cpu: f64,
+    plane_cpu: f64,
+}
+
+fn script() -> Result<PathBuf> {
+    let root = std::env::current_dir()?;
+    let s = root.join("tests/e2e/latency.mjs");
+    if !s.exists() || !root.join("tests/e2e/node_modules/playwright-core").exists() {
+        bail!("run from the repository root after `npm ci --prefix tests/e2e` (needs tests/e2e/latency.mjs and playwright-core)");
+    }
+    Ok(s)
+}
+
+/// This process's CPU time (the control plane runs in it), in clock ticks.
+fn self_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+async fn measure(
+    cp: &ControlPlane,
+    id: &str,
+    path: &str,
+    presses: usize,
+    gap: (u64, u64),
+) -> Result<Measured> {
+    let (g0, p0, t0) = (cpu_ticks(id), self_ticks(), Instant::now());
+    let out = tokio::process::Command::new("node")
+        .arg(script()?)
+        .args(["--url", &cp.base, "--id", id, "--path", path])
+        .args(["--presses", &presses.to_string()])
+        .args([
+            "--gap-min",
+            &gap.0.to_string(),
+            "--gap-max",
+            &gap.1.to_string(),
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .context("running node")?;
+    let wall = t0.elapsed();
+    let (g1, p1) = (cpu_ticks(id), self_ticks());
+    if !out.status.success() {
+        bail!(
+            "the latency script failed on the {path} path ({})",
+            out.status
+        );
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or(""))
+        .with_context(|| format!("reading the script's result: {line}"))?;
+    let count = |k: &str| v[k].as_u64().unwrap_or(0);
+    let run = Run {
+        path: v["path"].as_str().unwrap_or(path).to_owned(),
+        samples_ms: v["samples_ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default(),
+        missed: count("missed") as usize,
+        frames: count("frames"),
+        disconnects: count("disconnects") as usize,
+        fallbacks: count("fallbacks") as usize,
+    };
+    let hz = clock_ticks() as f64;
+    let pct = |ticks: u64| ticks as f64 / hz / wall.as_secs_f64() * 100.0;
+    Ok(Measured {
+        run,
+        wall,
+        guest_cpu: pct(g1.saturating_sub(g0)),
+        plane_cpu: pct(p1.saturating_sub(p0)),
+    })
+}
+
+/// `presses` per path with random gaps, or `soak_minutes` of one press a second.
+pub async fn run(presses: usize, soak_minutes: Option<u64>) -> Result<()> {
+    script()?;
+    let cp = ControlPlane::start().await?;
+    let id = cp.create("browser").await?;
+    let result = async {
+        cp.wait_ready(&id, Duration::from_secs(120)).await?;
+        show_page(&cp, &id).await?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let (n, gap) = match soak_minutes {
+            Some(m) => (m as usize * 60, (1000, 1000)),
+            None => (presses, (150, 400)),
+        };
+        let mut rows = Vec::new();
+        for path in ["webrtc", "vnc"] {
+            let mem0 = (self_rss(), cgroup_memory(&id).map(|m| m.usage).unwrap_or(0));
+            let m = measure(&cp, &id, path, n, gap).await?;
+            let mem1 = (self_rss(), cgroup_memory(&id).map(|m| m.usage).unwrap_or(0));
+            rows.push((m, mem0, mem1));
+        }
+        let mut t = Table::new(
+            &format!(
+                "Input to photon through the viewer in headless Chromium ({n} presses per path)"
+            ),
+            &[
+                "path",
+                "p50",
+                "p95",
+                "p99",
+                "missed",
+                "frames/s",
+                "guest CPU",
+                "control plane CPU",
+            ],
+        );
+        for (m, _, _) in &rows {
+            let d: Vec<Duration> = m
+                .run
+                .samples_ms
+                .iter()
+                .map(|v| Duration::from_secs_f64(v / 1000.0))
+                .collect();
+            let fps = if m.run.path == "webrtc" {
+                format!("{:.1}", m.run.frames as f64 / m.wall.as_secs_f64())
+            } else {
+                "-".into()
+            };
+            t.row(&[
+                m.run.path.clone(),
+                ms(percentile(&d, 50.0)),
+                ms(percentile(&d, 95.0)),
+                ms(percentile(&d, 99.0)),
+                m.run.missed.to_string(),
+                fps,
+                format!("{:.0} %", m.guest_cpu),
+                format!("{:.0} %", m.plane_cpu),
+            ]);
+        }
+        t.print();
+        if soak_minutes.is_some() {
+            let mut s = Table::new(
+                "Soak: one press a second",
+                &[
+                    "path",
+                    "disconnects",
+                    "fell back",
+                    "plane RSS before → after",
+                    "sandbox memory before → after",
+                ],
+            );
+            for (m, (r0, c0), (r1, c1)) in &rows {
+                s.row(&[
+                    m.run.path.clone(),
+                    m.run.disconnects.to_string(),
+                    m.run.fallbacks.to_string(),
+                    format!("{} → {}", mib(*r0), mib(*r1)),
+                    format!("{} → {}", mib(*c0), mib(*c1)),
+                ]);
+            }
+            s.print();
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let _ = cp.delete(&id).await;
+    cp.shutdown().await;
+    result
+}

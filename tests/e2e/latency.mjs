@@ -1,0 +1,181 @@
+#!/usr/bin/env node
+// Input-to-photon latency through the real viewer, in headless Chromium.
+//
+//   node tests/e2e/latency.mjs --url URL --id SANDBOX --path webrtc|vnc
+//        [--presses N] [--gap-min MS] [--gap-max MS] [--token T]
+//
+// The sandbox must show the flip page (full screen, black ↔ white on every
+// key press; airlock-bench puts it there). The viewer is opened on the given
+// path; each key press is stamped when the viewer page receives it (a capture
+// listener on window), and the flip is stamped when the changed picture is
+// there: on the WebRTC path when the video frame that shows it is presented
+// (requestVideoFrameCallback), on the noVNC path when noVNC's canvas shows it
+// (sampled every animation frame). Both on the page's clock.
+// Prints one JSON line: { path, samples_ms, missed, frames, disconnects, fallbacks }.
+
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+const o = { url: '', id: '', path: '', presses: 200, gapMin: 150, gapMax: 400, token: '' };
+const argv = process.argv.slice(2);
+for (let i = 0; i < argv.length; i++) {
+  const v = () => argv[++i];
+  const a = argv[i];
+  if (a === '--url') o.url = v();
+  else if (a === '--id') o.id = v();
+  else if (a === '--path') o.path = v();
+  else if (a === '--presses') o.presses = Number(v());
+  else if (a === '--gap-min') o.gapMin = Number(v());
+  else if (a === '--gap-max') o.gapMax = Number(v());
+  else if (a === '--token') o.token = v();
+  else {
+    console.error(`latency: unknown argument ${a}`);
+    process.exit(2);
+  }
+}
+if (!o.url || !o.id || !['webrtc', 'vnc'].includes(o.path)) {
+  console.error('usage: node tests/e2e/latency.mjs --url URL --id SANDBOX --path webrtc|vnc [--presses N] [--gap-min MS] [--gap-max MS]');
+  process.exit(2);
+}
+const log = (m) => console.error(`latency [${o.path}] ${m}`);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const FLIP_TIMEOUT_MS = 3000;
+
+// Runs in the viewer page: stamps presses and flips.
+function installProbe() {
+  const probe = { presses: [], flips: [], white: null, phases: [], paths: [] };
+  window.__probe = probe;
+  addEventListener('keydown', () => probe.presses.push(performance.now()), { capture: true });
+  const sampler = document.createElement('canvas');
+  sampler.width = 1;
+  sampler.height = 1;
+  const ctx = sampler.getContext('2d', { willReadFrequently: true });
+  const bright = (source, w, h) => {
+    // A small square a third of the way in: the flip page is one colour.
+    ctx.drawImage(source, Math.floor(w / 3), Math.floor(h / 3), 8, 8, 0, 0, 1, 1);
+    const d = ctx.getImageData(0, 0, 1, 1).data;
+    return (d[0] + d[1] + d[2]) / 3;
+  };
+  const seen = (b, at) => {
+    const white = b > 128 ? true : b < 60 ? false : probe.white;
+    if (probe.white !== null && white !== probe.white) probe.flips.push(at);
+    probe.white = white;
+  };
+  const v = window.airlockViewer;
+  if (v.path === 'webrtc') {
+    const video = v.webrtc.video;
+    const onFrame = (now, meta) => {
+      if (video.videoWidth) seen(bright(video, video.videoWidth, video.videoHeight), meta.expectedDisplayTime || now);
+      video.requestVideoFrameCallback(onFrame);
+    };
+    video.requestVideoFrameCallback(onFrame);
+  } else {
+    const tick = (now) => {
+      const c = document.querySelector('#screen canvas');
+      if (c && c.width) seen(bright(c, c.width, c.height), now);
+      requestAnimationFrame(tick);
+    };
+    requestAnimationFrame(tick);
+  }
+  let lastPhase = v.phase;
+  let lastPath = v.path;
+  setInterval(() => {
+    if (v.phase !== lastPhase) probe.phases.push(v.phase);
+    if (v.path !== lastPath) probe.paths.push(v.path);
+    lastPhase = v.phase;
+    lastPath = v.path;
+  }, 100);
+}
+
+async function main() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'airlock-latency-'));
+  const context = await chromium.launchPersistentContext(dir, {
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--allow-loopback-in-peer-connection', '--disable-background-timer-throttling'],
+    viewport: { width: 1280, height: 800 },
+  });
+  if (o.token) await context.addInitScript((t) => localStorage.setItem('airlock.token', t), o.token);
+  try {
+    const page = await context.newPage();
+    await page.goto(`${o.url}/view/${o.id}?path=${o.path}`);
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      const s = await page.evaluate(() => ({ state: document.body.dataset.viewerState, path: window.airlockViewer.path }));
+      if (s.state === 'connected' && s.path === o.path) break;
+      if (Date.now() > deadline) throw new Error(`the viewer did not connect over ${o.path}`);
+      await sleep(200);
+    }
+    await sleep(1500);
+    await page.evaluate(installProbe);
+    const target = o.path === 'webrtc' ? page.locator('video.webrtc-video') : page.locator('#screen canvas');
+    await target.click();
+    await sleep(500);
+    const frames0 = await page.evaluate(() =>
+      window.airlockViewer.path === 'webrtc' ? window.airlockViewer.webrtc.video.getVideoPlaybackQuality().totalVideoFrames : 0,
+    );
+
+    const press = async () => {
+      const before = await page.evaluate(() => [window.__probe.presses.length, window.__probe.flips.length]);
+      await page.keyboard.press('a');
+      const until = Date.now() + FLIP_TIMEOUT_MS;
+      for (;;) {
+        const r = await page.evaluate(
+          ([p, f]) => {
+            const pr = window.__probe;
+            return pr.flips.length > f && pr.presses.length > p ? pr.flips[pr.flips.length - 1] - pr.presses[p] : null;
+          },
+          before,
+        );
+        if (r !== null) return r;
+        if (Date.now() > until) return null;
+        await sleep(5);
+      }
+    };
+    // The page in the sandbox must take the keys: a few presses to be sure.
+    let warm = 0;
+    for (let i = 0; i < 5; i++) if ((await press()) !== null) warm++;
+    if (warm < 3) throw new Error(`key presses do not flip the page (${warm}/5 flipped): no focus?`);
+    log(`warm-up flipped ${warm}/5; ${o.presses} presses, gaps ${o.gapMin}–${o.gapMax} ms`);
+
+    const samples = [];
+    let missed = 0;
+    for (let i = 0; i < o.presses; i++) {
+      await sleep(o.gapMin + Math.random() * (o.gapMax - o.gapMin));
+      const r = await press();
+      if (r === null) missed++;
+      else samples.push(Math.round(r * 10) / 10);
+      if ((i + 1) % 50 === 0) log(`${i + 1}/${o.presses}`);
+    }
+    const end = await page.evaluate(() => ({
+      frames: window.airlockViewer.path === 'webrtc' ? window.airlockViewer.webrtc.video.getVideoPlaybackQuality().totalVideoFrames : 0,
+      phases: window.__probe.phases,
+      paths: window.__probe.paths,
+    }));
+    // Report samples to the server's metrics too (the WebRTC path carries them).
+    await page.evaluate((s) => {
+      const w = window.airlockViewer.webrtc;
+      if (w) for (const ms of s) w.sample(ms);
+    }, samples);
+    console.log(
+      JSON.stringify({
+        path: o.path,
+        samples_ms: samples,
+        missed,
+        frames: end.frames - frames0,
+        disconnects: end.phases.filter((p) => p !== 'connected').length,
+        fallbacks: end.paths.length,
+      }),
+    );
+  } finally {
+    await context.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+main().catch((e) => {
+  console.error(`latency: ${e.stack || e.message}`);
+  process.exit(1);
+});
