@@ -103,7 +103,10 @@ async function main() {
     await page.goto(`${o.url}/view/${o.id}?path=${o.path}`);
     const deadline = Date.now() + 60_000;
     for (;;) {
-      const s = await page.evaluate(() => ({ state: document.body.dataset.viewerState, path: window.airlockViewer.path }));
+      const s = await page.evaluate(() => ({
+        state: document.body.dataset.viewerState,
+        path: window.airlockViewer ? window.airlockViewer.path : '',
+      }));
       if (s.state === 'connected' && s.path === o.path) break;
       if (Date.now() > deadline) throw new Error(`the viewer did not connect over ${o.path}`);
       await sleep(200);

@@ -115,8 +115,8 @@ async function openViewer(context, n) {
   await waitFor(`viewer ${n} to connect`, CONNECT_TIMEOUT_MS, async () => {
     const s = await page.evaluate(() => ({
       state: document.body.dataset.viewerState,
-      status: window.airlockViewer.status,
-      path: window.airlockViewer.path,
+      status: window.airlockViewer ? window.airlockViewer.status : 'loading',
+      path: window.airlockViewer ? window.airlockViewer.path : '',
     }));
     if (s.status !== last) {
       log(`viewer ${n}: ${s.status}`);
@@ -154,6 +154,9 @@ async function openViewer(context, n) {
 }
 
 async function typeInto(page) {
+  if (opts.expect === 'webrtc') {
+    await waitFor('the input data channel to open', 10_000, () => page.evaluate(() => window.airlockViewer.webrtc.inputReady));
+  }
   const target = opts.expect === 'webrtc' ? page.locator('video.webrtc-video') : page.locator('#screen canvas');
   const box = await target.boundingBox();
   check(box && box.width > 0, 'the picture has no size');
@@ -162,7 +165,9 @@ async function typeInto(page) {
   log(`typing ${JSON.stringify(opts.type)} into the terminal`);
   await page.keyboard.type(opts.type, { delay: 30 });
   await page.keyboard.press('Enter');
-  await sleep(500);
+  await sleep(1000);
+  const after = await page.evaluate(pictureStats);
+  if (after.png) fs.writeFileSync(path.join(opts.artifacts, `after-typing-${opts.expect}.png`), Buffer.from(after.png.split(',')[1], 'base64'));
 }
 
 async function main() {

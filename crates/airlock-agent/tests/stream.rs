@@ -509,6 +509,31 @@ fn input_reaches_the_display() {
         keys_down(&conn)
     );
 
+    // Keys on the Shift level, sent without Shift (as a program typing, or
+    // another layout, sends them), come out as sent; with the viewer's own
+    // Shift held they come out the same.
+    for (keysym, shift) in [(0x3e, false), (0x41, false), (0x3e, true)] {
+        if shift {
+            inj.apply(&Control::Key {
+                keysym: 0xffe1,
+                down: true,
+            })
+            .expect("shift");
+        }
+        for down in [true, false] {
+            inj.apply(&Control::Key { keysym, down }).expect("key");
+        }
+        if shift {
+            inj.apply(&Control::Key {
+                keysym: 0xffe1,
+                down: false,
+            })
+            .expect("shift up");
+        }
+        assert_eq!(watcher.typed(1), vec![keysym], "shift held: {shift}");
+    }
+    assert!(keys_down(&conn).is_empty());
+
     // Everything held is let go, and the mapping is as it was.
     inj.apply(&Control::Pointer {
         x: 1,

@@ -110,7 +110,27 @@ async fn webrtc_shows_the_desktop_takes_input_and_shares_one_encoder() {
     let (viewers, captures) = seen.lock().expect("lock").clone();
     assert_eq!(viewers, Some(2), "both viewers hang off one hub");
     assert_eq!(captures, "1", "one encoder in the guest for two viewers");
-    assert_eq!(file_in(&h, &id, "/tmp/webrtc-mark").await, mark);
+    let typed_in = file_in(&h, &id, "/tmp/webrtc-mark").await;
+    if typed_in != mark {
+        let journal = h
+            .exec(
+                &id,
+                &[
+                    "journalctl",
+                    "-u",
+                    "airlock-agent",
+                    "--no-pager",
+                    "-n",
+                    "60",
+                ],
+            )
+            .await;
+        println!("{}", journal["stdout"].as_str().unwrap_or_default());
+    }
+    assert_eq!(
+        typed_in, mark,
+        "typing over WebRTC did not reach the terminal"
+    );
 
     // The viewers are gone: the hub closes the link, the guest stops encoding.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);

@@ -21,6 +21,7 @@ use x11rb::rust_connection::RustConnection;
 
 const NO_SYMBOL: Keysym = 0;
 const SHIFT_L: Keysym = 0xffe1;
+const SHIFT_R: Keysym = 0xffe2;
 const RETURN: Keysym = 0xff0d;
 const TAB: Keysym = 0xff09;
 
@@ -279,12 +280,24 @@ impl Injector {
     fn key(&mut self, keysym: Keysym, down: bool) -> Result<(), InputError> {
         if down {
             let map = Keymap::fetch(&self.conn)?;
-            // The viewer sends Shift itself: the keycode alone is pressed.
-            let (kc, _) = self.keycode_for(&map, keysym, true)?;
+            let (kc, col) = self.keycode_for(&map, keysym, true)?;
             if let Some(s) = self.spares.iter_mut().find(|s| s.keycode == kc) {
                 s.held = true;
             }
-            self.fake(KEY_PRESS_EVENT, kc, 0, 0)?;
+            // A keysym on the Shift level ('>', 'A') comes from a viewer whose
+            // own keyboard may not have needed Shift for it (another layout,
+            // or text typed by a program): add Shift around the press when
+            // the viewer holds none, as a VNC server does.
+            let shift_held = self.held.contains_key(&SHIFT_L) || self.held.contains_key(&SHIFT_R);
+            let shift = map.find(SHIFT_L).map(|(kc, _)| kc);
+            match (col, shift) {
+                (1, Some(shift)) if !shift_held => {
+                    self.fake(KEY_PRESS_EVENT, shift, 0, 0)?;
+                    self.fake(KEY_PRESS_EVENT, kc, 0, 0)?;
+                    self.fake(KEY_RELEASE_EVENT, shift, 0, 0)?;
+                }
+                _ => self.fake(KEY_PRESS_EVENT, kc, 0, 0)?,
+            }
             self.held.insert(keysym, kc);
             return Ok(());
         }
