@@ -202,7 +202,10 @@ impl Config {
         }
         if self.jailer_bin.is_some() {
             if self.jailer_uid == 0 || self.jailer_gid == 0 {
-                return invalid("jailer_uid", "jailed VMs must not run as root (uid or gid 0)");
+                return invalid(
+                    "jailer_uid",
+                    "jailed VMs must not run as root (uid or gid 0)",
+                );
             }
             if !self.jailer_chroot_base.is_absolute() {
                 return invalid("jailer_chroot_base", "must be an absolute path");
