@@ -805,7 +805,10 @@ async fn route_streams_and_takes_input() {
         (1000, "replaced by a newer stream".to_owned())
     );
     match next_msg(&mut ws2).await {
-        Message::Text(t) => assert!(t.contains("\"fps\":30"), "{t}"),
+        Message::Text(t) => assert!(
+            t.contains(&format!("\"fps\":{}", airlock_proto::stream::DEFAULT_FPS)),
+            "{t}"
+        ),
         other => panic!("expected the stream info, got {other:?}"),
     }
     assert!(next_frame(&mut ws2).await.keyframe);

@@ -87,6 +87,9 @@ enum Cmd {
         /// Instead: a soak of one press a second for this many minutes per path.
         #[arg(long)]
         soak_minutes: Option<u64>,
+        /// Frames per second the guest encodes for WebRTC.
+        #[arg(long, default_value_t = 60)]
+        fps: u32,
     },
     /// The quick ones: relay, sandboxes, keypress, and image without the cold build.
     All {
@@ -120,7 +123,8 @@ fn main() -> Result<()> {
         Cmd::Viewer {
             presses,
             soak_minutes,
-        } => rt.block_on(viewer::run(presses, soak_minutes)),
+            fps,
+        } => rt.block_on(viewer::run(presses, soak_minutes, fps)),
         Cmd::Soak { minutes } => rt.block_on(soak::run(minutes)),
         Cmd::All { image_dir, agent } => {
             rt.block_on(relay::run(2000, 256, 5))?;

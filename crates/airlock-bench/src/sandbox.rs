@@ -47,6 +47,11 @@ impl std::fmt::Debug for ControlPlane {
 
 impl ControlPlane {
     pub async fn start() -> Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like [`ControlPlane::start`], with the configuration adjusted first.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Result<Self> {
         let tmp = tempfile::Builder::new()
             .prefix("airlock-bench-")
             .tempdir_in("/var/tmp")?;
@@ -58,6 +63,8 @@ impl ControlPlane {
             webrtc_tcp_port: 0,
             ..Config::default()
         };
+        let mut cfg = cfg;
+        adjust(&mut cfg);
         let driver: Arc<dyn Driver> = Arc::new(NspawnDriver::new(
             NspawnConfig::new(cfg.data_dir.join("sandboxes")),
             Arc::new(RealHost),

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 pub const STREAM_PATH: &str = "/v1/stream";
 
 /// The capture rate the guest aims for.
-pub const DEFAULT_FPS: u32 = 30;
+pub const DEFAULT_FPS: u32 = 60;
 
 /// Largest encoded frame either side accepts (a keyframe of a 4K desktop fits).
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;

@@ -71,6 +71,9 @@ pub struct Config {
     /// The address browsers are told to send media to; the listen address
     /// when unset. Needed when listening on 0.0.0.0 or behind NAT.
     pub webrtc_address: Option<std::net::IpAddr>,
+    /// Frames per second the guest captures for WebRTC viewers (1–60): more
+    /// is lower latency for more guest CPU (docs/performance.md).
+    pub webrtc_fps: u32,
     /// The `firecracker` binary (default: `firecracker` on the PATH).
     pub firecracker_bin: Option<PathBuf>,
     /// When set, the firecracker driver starts every VM under this `jailer`:
@@ -105,6 +108,7 @@ impl Default for Config {
             webrtc_udp_port: 4001,
             webrtc_tcp_port: 4001,
             webrtc_address: None,
+            webrtc_fps: airlock_proto::stream::DEFAULT_FPS,
             firecracker_bin: None,
             jailer_bin: None,
             jailer_uid: 64_000,
@@ -211,6 +215,9 @@ impl Config {
                 return invalid("jailer_chroot_base", "must be an absolute path");
             }
         }
+        if !(1..=60).contains(&self.webrtc_fps) {
+            return invalid("webrtc_fps", "must be between 1 and 60");
+        }
         if self.webrtc {
             if let Some(ip) = self.webrtc_address {
                 if ip.is_unspecified() || ip.is_multicast() {
@@ -255,6 +262,7 @@ impl Config {
         app.min_free_disk = self.min_free_disk_mb << 20;
         app.login_timeout = Duration::from_secs(self.login_timeout_s);
         app.providers_dir = self.providers_dir.clone();
+        app.webrtc_fps = self.webrtc_fps;
         app
     }
 }

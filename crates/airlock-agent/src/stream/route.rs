@@ -38,7 +38,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdin, Command};
 use tokio::sync::{mpsc, oneshot};
 
-/// Frames waiting for the socket: about 130 ms at 30 fps; beyond that the
+/// Frames waiting for the socket: about 70 ms at 60 fps; beyond that the
 /// viewer is behind and frames are dropped.
 const FRAME_QUEUE: usize = 4;
 /// Control lines waiting for the child.

@@ -45,6 +45,8 @@ pub struct AppConfig {
     pub login_timeout: Duration,
     /// Provider definitions added to those of the image (tests, local providers).
     pub providers_dir: Option<PathBuf>,
+    /// Frames per second a guest encodes for WebRTC viewers.
+    pub webrtc_fps: u32,
 }
 
 impl AppConfig {
@@ -63,6 +65,7 @@ impl AppConfig {
             min_free_disk: 2048 << 20,
             login_timeout: Duration::from_secs(15 * 60),
             providers_dir: None,
+            webrtc_fps: airlock_proto::stream::DEFAULT_FPS,
         }
     }
 }

@@ -232,6 +232,7 @@ pub async fn stream(
             sandbox_id: row.id.clone(),
             agent: e.agent,
             token: row.agent_token.clone(),
+            fps: app.cfg.webrtc_fps,
         });
     let state = row.state;
     Ok(upgrade

@@ -81,6 +81,8 @@ pub struct GuestStream {
     pub sandbox_id: String,
     pub agent: SocketAddr,
     pub token: String,
+    /// Frames per second the guest captures and encodes.
+    pub fps: u32,
 }
 
 impl Hubs {
@@ -158,7 +160,7 @@ async fn run(
     state: &watch::Sender<HubState>,
     mut control: mpsc::Receiver<Control>,
 ) -> String {
-    let url = format!("ws://{}{STREAM_PATH}", guest.agent);
+    let url = format!("ws://{}{STREAM_PATH}?fps={}", guest.agent, guest.fps);
     let mut req = match url.into_client_request() {
         Ok(r) => r,
         Err(e) => return format!("bad guest address: {e}"),
