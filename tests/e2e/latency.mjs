@@ -100,15 +100,17 @@ async function main() {
   if (o.token) await context.addInitScript((t) => localStorage.setItem('airlock.token', t), o.token);
   try {
     const page = await context.newPage();
+    page.on('console', (m) => log(`[viewer ${m.type()}] ${m.text()}`));
     await page.goto(`${o.url}/view/${o.id}?path=${o.path}`);
     const deadline = Date.now() + 60_000;
     for (;;) {
       const s = await page.evaluate(() => ({
         state: document.body.dataset.viewerState,
         path: window.airlockViewer ? window.airlockViewer.path : '',
+        status: window.airlockViewer ? window.airlockViewer.status : 'loading',
       }));
       if (s.state === 'connected' && s.path === o.path) break;
-      if (Date.now() > deadline) throw new Error(`the viewer did not connect over ${o.path}`);
+      if (Date.now() > deadline) throw new Error(`the viewer did not connect over ${o.path}: ${s.status}`);
       await sleep(200);
     }
     await sleep(1500);

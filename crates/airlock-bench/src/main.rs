@@ -10,6 +10,7 @@ mod relay;
 mod rfbc;
 mod sandbox;
 mod sandboxes;
+mod shaped;
 mod soak;
 mod stats;
 mod viewer;
@@ -90,6 +91,11 @@ enum Cmd {
         /// Frames per second the guest encodes for WebRTC.
         #[arg(long, default_value_t = 60)]
         fps: u32,
+        /// Between browser and control plane: 40 ms round trip, 10 Mbit/s,
+        /// 0.5 % loss each way (a namespace, a veth pair, tbf, nftables, and a
+        /// delaying relay: this kernel has no netem).
+        #[arg(long)]
+        shaped: bool,
     },
     /// The quick ones: relay, sandboxes, keypress, and image without the cold build.
     All {
@@ -124,7 +130,8 @@ fn main() -> Result<()> {
             presses,
             soak_minutes,
             fps,
-        } => rt.block_on(viewer::run(presses, soak_minutes, fps)),
+            shaped,
+        } => rt.block_on(viewer::run(presses, soak_minutes, fps, shaped)),
         Cmd::Soak { minutes } => rt.block_on(soak::run(minutes)),
         Cmd::All { image_dir, agent } => {
             rt.block_on(relay::run(2000, 256, 5))?;

@@ -81,6 +81,17 @@ impl ControlPlane {
         })
     }
 
+    /// The WebRTC endpoint's UDP and TCP ports.
+    pub fn webrtc_ports(&self) -> Option<(u16, u16)> {
+        let e = self.running.as_ref()?.app.webrtc.get()?;
+        Some((e.udp_addr().port(), e.tcp_addr().port()))
+    }
+
+    /// The HTTP port.
+    pub fn port(&self) -> Option<u16> {
+        Some(self.running.as_ref()?.addr.port())
+    }
+
     pub fn ws_url(&self, id: &str) -> String {
         format!(
             "{}/api/v1/sandboxes/{id}/vnc",

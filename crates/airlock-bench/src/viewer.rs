@@ -5,6 +5,7 @@
 
 use crate::keypress::show_page;
 use crate::sandbox::{cgroup_memory, clock_ticks, cpu_ticks, self_rss, ControlPlane};
+use crate::shaped::{Link, Shape};
 use crate::stats::{mib, ms, percentile, Table};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
@@ -48,17 +49,33 @@ fn self_ticks() -> u64 {
     get(11) + get(12)
 }
 
+/// Where the browser runs and what address it uses for the control plane.
+#[derive(Debug, Clone)]
+struct Browser {
+    url: String,
+    /// A network namespace to run it in (the shaped link), if any.
+    netns: Option<String>,
+}
+
 async fn measure(
-    cp: &ControlPlane,
+    browser: &Browser,
     id: &str,
     path: &str,
     presses: usize,
     gap: (u64, u64),
 ) -> Result<Measured> {
     let (g0, p0, t0) = (cpu_ticks(id), self_ticks(), Instant::now());
-    let out = tokio::process::Command::new("node")
+    let mut cmd = match &browser.netns {
+        Some(ns) => {
+            let mut c = tokio::process::Command::new("ip");
+            c.args(["netns", "exec", ns, "node"]);
+            c
+        }
+        None => tokio::process::Command::new("node"),
+    };
+    let out = cmd
         .arg(script()?)
-        .args(["--url", &cp.base, "--id", id, "--path", path])
+        .args(["--url", &browser.url, "--id", id, "--path", path])
         .args(["--presses", &presses.to_string()])
         .args([
             "--gap-min",
@@ -66,12 +83,12 @@ async fn measure(
             "--gap-max",
             &gap.1.to_string(),
         ])
-        .stderr(std::process::Stdio::inherit())
         .output()
         .await
         .context("running node")?;
     let wall = t0.elapsed();
     let (g1, p1) = (cpu_ticks(id), self_ticks());
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
         bail!(
             "the latency script failed on the {path} path ({})",
@@ -104,9 +121,41 @@ async fn measure(
 }
 
 /// `presses` per path with random gaps, or `soak_minutes` of one press a second.
-pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32) -> Result<()> {
+pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32, shaped: bool) -> Result<()> {
     script()?;
-    let cp = ControlPlane::start_with(|cfg| cfg.webrtc_fps = fps).await?;
+    let shape = Shape {
+        rtt: Duration::from_millis(40),
+        mbit: 10,
+        loss_per_mille: 5,
+    };
+    let mut link = if shaped { Some(Link::up(shape)?) } else { None };
+    let advertise = link.as_ref().map(|l| std::net::IpAddr::V4(l.host));
+    let cp = ControlPlane::start_with(|cfg| {
+        // Its own addresses, so it can run beside the other benchmarks.
+        cfg.address_pool = "10.238.0.0/16".into();
+        cfg.webrtc_fps = fps;
+        cfg.webrtc_address = advertise;
+    })
+    .await?;
+    let port = cp.port().context("no HTTP port")?;
+    let browser = match link.as_mut() {
+        Some(link) => {
+            let (udp, tcp) = cp.webrtc_ports().context("WebRTC is off")?;
+            link.relay(port, false, shape).await?;
+            link.relay(udp, true, shape).await?;
+            if tcp != udp {
+                link.relay(tcp, false, shape).await?;
+            }
+            Browser {
+                url: format!("http://{}:{port}", link.host),
+                netns: Some(link.netns.clone()),
+            }
+        }
+        None => Browser {
+            url: cp.base.clone(),
+            netns: None,
+        },
+    };
     let id = cp.create("browser").await?;
     let result = async {
         cp.wait_ready(&id, Duration::from_secs(120)).await?;
@@ -119,7 +168,7 @@ pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32) -> Result<
         let mut rows = Vec::new();
         for path in ["webrtc", "vnc"] {
             let mem0 = (self_rss(), cgroup_memory(&id).map(|m| m.usage).unwrap_or(0));
-            let m = measure(&cp, &id, path, n, gap).await?;
+            let m = measure(&browser, &id, path, n, gap).await?;
             let mem1 = (self_rss(), cgroup_memory(&id).map(|m| m.usage).unwrap_or(0));
             rows.push((m, mem0, mem1));
             // The guest's CPU is read per process: let the encoder of the
@@ -128,7 +177,12 @@ pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32) -> Result<
         }
         let mut t = Table::new(
             &format!(
-                "Input to photon through the viewer in headless Chromium ({n} presses per path)"
+                "Input to photon through the viewer in headless Chromium ({n} presses per path, WebRTC at {fps} fps, {})",
+                if shaped {
+                    "shaped link: 40 ms round trip, 10 Mbit/s, 0.5 % loss each way"
+                } else {
+                    "loopback"
+                }
             ),
             &[
                 "path",
@@ -192,5 +246,6 @@ pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32) -> Result<
     .await;
     let _ = cp.delete(&id).await;
     cp.shutdown().await;
+    drop(link);
     result
 }

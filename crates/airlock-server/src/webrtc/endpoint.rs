@@ -88,7 +88,10 @@ impl Endpoint {
             tasks: Mutex::default(),
         });
         let weak = Arc::downgrade(&endpoint);
-        let udp_task = tokio::spawn(read_udp(endpoint.udp.clone(), weak.clone()));
+        // Packets are handed to str0m as sent to the advertised candidate
+        // (behind NAT or a relay the socket's own address differs from it).
+        let udp_dest = SocketAddr::new(cfg.advertise, endpoint.udp_local.port());
+        let udp_task = tokio::spawn(read_udp(endpoint.udp.clone(), udp_dest, weak.clone()));
         let tcp_task = tokio::spawn(accept_tcp(tcp, weak));
         endpoint
             .tasks
@@ -216,11 +219,8 @@ pub fn local_ufrag(data: &[u8]) -> Option<String> {
     msg.split_username().map(|(local, _)| local.to_owned())
 }
 
-async fn read_udp(socket: Arc<UdpSocket>, endpoint: std::sync::Weak<Endpoint>) {
+async fn read_udp(socket: Arc<UdpSocket>, local: SocketAddr, endpoint: std::sync::Weak<Endpoint>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let Ok(local) = socket.local_addr() else {
-        return;
-    };
     loop {
         let Ok((n, source)) = socket.recv_from(&mut buf).await else {
             continue;
@@ -250,7 +250,10 @@ async fn accept_tcp(listener: TcpListener, endpoint: std::sync::Weak<Endpoint>) 
 
 /// One ICE-TCP connection: frames in go to the peer, frames out come from it.
 async fn serve_tcp(stream: TcpStream, source: SocketAddr, endpoint: std::sync::Weak<Endpoint>) {
-    let Ok(local) = stream.local_addr() else {
+    let Some(local) = endpoint
+        .upgrade()
+        .map(|e| SocketAddr::new(e.advertise, e.tcp_local.port()))
+    else {
         return;
     };
     let (mut rd, mut wr) = stream.into_split();
@@ -340,7 +343,8 @@ mod tests {
             bind: "127.0.0.1".parse().expect("ip"),
             udp_port: 0,
             tcp_port: 0,
-            advertise: "127.0.0.1".parse().expect("ip"),
+            // As behind NAT or a relay: browsers are told another address.
+            advertise: "192.0.2.7".parse().expect("ip"),
         };
         let e = Endpoint::start(&cfg).await.expect("bind");
         let (_a, mut a_rx) = e.register("aaaa");
@@ -356,6 +360,11 @@ mod tests {
         client.send_to(b"media", e.udp_addr()).await.expect("send");
         let first = within(b_rx.recv()).await.expect("check");
         assert_eq!(first.proto, Protocol::Udp);
+        // str0m matches packets to candidates: they arrive "at" the advertised one.
+        assert_eq!(
+            first.destination,
+            SocketAddr::new(cfg.advertise, e.udp_addr().port())
+        );
         let media = within(b_rx.recv()).await.expect("media");
         assert_eq!(media.data, b"media");
         assert!(a_rx.try_recv().is_err());
@@ -367,6 +376,7 @@ mod tests {
         tcp.write_all(&framed).await.expect("write");
         let got = within(a_rx.recv()).await.expect("tcp check");
         assert_eq!(got.proto, Protocol::Tcp);
+        assert_eq!(got.destination.ip(), cfg.advertise);
         assert_eq!(got.data, check);
         // Replies go back framed on the same connection.
         e.send(Protocol::Tcp, got.source, b"reply");
@@ -379,6 +389,8 @@ mod tests {
         client.send_to(b"late", e.udp_addr()).await.expect("send");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(b_rx.try_recv().is_err());
-        assert_eq!(e.candidates().len(), 2);
+        let candidates = e.candidates();
+        assert_eq!(candidates.len(), 2);
+        assert!(candidates.iter().all(|c| c.addr().ip() == cfg.advertise));
     }
 }
