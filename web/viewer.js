@@ -136,6 +136,7 @@ function webrtcBadge(s) {
   if (s.fps) parts.push(`${s.fps} fps`);
   if (s.kbps) parts.push(s.kbps >= 1000 ? `${(s.kbps / 1000).toFixed(1)} Mbit/s` : `${s.kbps} kbit/s`);
   if (typeof s.rttMs === 'number') parts.push(`rtt ${s.rttMs} ms`);
+  if (typeof s.inputMs === 'number') parts.push(`input ≈${Math.round(s.inputMs)} ms`);
   return `connected · ${parts.join(' · ')}`;
 }
 

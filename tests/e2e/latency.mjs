@@ -159,11 +159,6 @@ async function main() {
       phases: window.__probe.phases,
       paths: window.__probe.paths,
     }));
-    // Report samples to the server's metrics too (the WebRTC path carries them).
-    await page.evaluate((s) => {
-      const w = window.airlockViewer.webrtc;
-      if (w) for (const ms of s) w.sample(ms);
-    }, samples);
     console.log(
       JSON.stringify({
         path: o.path,

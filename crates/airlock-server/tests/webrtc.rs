@@ -154,6 +154,20 @@ async fn webrtc_shows_the_desktop_takes_input_and_shares_one_encoder() {
         metrics.contains("airlock_webrtc_sessions_total 2"),
         "{metrics}"
     );
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        value("airlock_webrtc_frames_sent_total ") > 10.0,
+        "{metrics}"
+    );
+    assert!(
+        value("airlock_viewer_input_to_photon_seconds_count{path=\"webrtc\"} ") > 0.0,
+        "the viewer reported no latency samples: {metrics}"
+    );
     h.delete(&format!("/api/v1/sandboxes/{id}")).await;
     h.wait_state(&id, "stopped", Duration::from_secs(30)).await;
     assert_eq!(common::leftovers(&h.data_dir, &id), Vec::<String>::new());

@@ -32,6 +32,8 @@ struct PathLabel {
 pub struct StreamMetrics {
     sessions: Counter,
     active: Gauge,
+    frames: Counter,
+    bytes: Counter,
     rtt: Histogram,
     input_to_photon: Family<PathLabel, Histogram>,
 }
@@ -41,6 +43,8 @@ impl StreamMetrics {
         let m = StreamMetrics {
             sessions: Counter::default(),
             active: Gauge::default(),
+            frames: Counter::default(),
+            bytes: Counter::default(),
             rtt: Histogram::new([0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64]),
             input_to_photon: Family::new_with_constructor(|| {
                 Histogram::new([
@@ -57,6 +61,16 @@ impl StreamMetrics {
             "webrtc_sessions_active",
             "WebRTC viewer sessions open now",
             m.active.clone(),
+        );
+        metrics.register(
+            "webrtc_frames_sent",
+            "Video frames sent to WebRTC viewers (each viewer counts)",
+            m.frames.clone(),
+        );
+        metrics.register(
+            "webrtc_video_bytes_sent",
+            "Encoded video bytes sent to WebRTC viewers, before RTP and SRTP",
+            m.bytes.clone(),
         );
         metrics.register(
             "webrtc_rtt_seconds",
@@ -78,6 +92,11 @@ impl StreamMetrics {
 
     fn session_ended(&self) {
         self.active.dec();
+    }
+
+    fn frame_sent(&self, bytes: usize) {
+        self.frames.inc();
+        self.bytes.inc_by(bytes as u64);
     }
 
     fn rtt(&self, rtt: Duration) {

@@ -256,7 +256,11 @@ async fn run(
                 }
             }
             f = frames.recv() => match f {
-                Ok(frame) => write_frame(rtc, &mut sending, &frame),
+                Ok(frame) => {
+                    if write_frame(rtc, &mut sending, &frame) {
+                        metrics.frame_sent(frame.data.len());
+                    }
+                }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::debug!(sandbox = %hub.sandbox_id, skipped = n, "viewer fell behind; waiting for a keyframe");
                     sending.need_keyframe = true;
@@ -371,19 +375,20 @@ fn drain(
     }
 }
 
-fn write_frame(rtc: &mut Rtc, sending: &mut Sending, frame: &Frame) {
+/// Hand one frame to str0m; whether it was sent.
+fn write_frame(rtc: &mut Rtc, sending: &mut Sending, frame: &Frame) -> bool {
     let (Some(mid), Some(pt)) = (sending.mid, sending.pt) else {
-        return;
+        return false;
     };
     if !sending.connected {
-        return;
+        return false;
     }
     if sending.need_keyframe && !frame.keyframe {
-        return;
+        return false;
     }
     sending.need_keyframe = false;
     let Some(writer) = rtc.writer(mid) else {
-        return;
+        return false;
     };
     let rtp_time = MediaTime::from_90khz(frame.pts_us.wrapping_mul(9) / 100);
     let zero = MediaTime::from_millis(0);
@@ -394,7 +399,11 @@ fn write_frame(rtc: &mut Rtc, sending: &mut Sending, frame: &Frame) {
         Ok(()) => {
             sending.frames += 1;
             sending.bytes += frame.data.len() as u64;
+            true
         }
-        Err(e) => tracing::debug!(error = %e, "a frame was not sent"),
+        Err(e) => {
+            tracing::debug!(error = %e, "a frame was not sent");
+            false
+        }
     }
 }
