@@ -794,3 +794,15 @@ async function connectPoll() {
 render();
 poll();
 connectPoll();
+
+// Which path viewers use (read by the viewer page at load; see docs/ui.md).
+{
+  const select = $('viewer-path');
+  select.value = localStorage.getItem('airlock.viewer-path') || '';
+  select.addEventListener('change', () => {
+    if (select.value) localStorage.setItem('airlock.viewer-path', select.value);
+    else localStorage.removeItem('airlock.viewer-path');
+    // Open viewers reconnect on the chosen path.
+    for (const frame of document.querySelectorAll('iframe[src^="/view/"]')) frame.src = frame.getAttribute('src');
+  });
+}
