@@ -237,7 +237,7 @@ pub async fn stream(
     let state = row.state;
     Ok(upgrade
         .max_message_size(256 * 1024)
-        .on_upgrade(move |mut socket| async move {
+        .on_upgrade(move |socket| async move {
             let code = match (target, app.webrtc.get().cloned()) {
                 (Ok(guest), Some(endpoint)) => {
                     let hub = app.streams.join(guest);
@@ -251,7 +251,6 @@ pub async fn stream(
                 }
                 (Err(_), _) => {
                     let (code, reason) = not_ready(state);
-                    let _ = &mut socket;
                     ws::close_with(socket, code, &reason).await;
                     code
                 }

@@ -126,16 +126,6 @@ impl Hubs {
         hub
     }
 
-    /// Close the hub of a sandbox that is going away.
-    pub fn end(&self, sandbox_id: &str) {
-        let hub = self
-            .map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(sandbox_id);
-        drop(hub);
-    }
-
     /// Viewers attached to a sandbox's hub, `None` when it has no hub.
     pub fn viewers(&self, sandbox_id: &str) -> Option<usize> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
