@@ -524,15 +524,7 @@ async fn every_byte_leaves_through_the_users_upstream() {
         format!("http://acct:***@127.0.0.1:{p2}"),
         "{eb}"
     );
-    let metrics = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains(&format!(
             "airlock_egress_bytes_out_total{{sandbox=\"{a}\"}}"

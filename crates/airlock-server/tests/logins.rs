@@ -209,15 +209,7 @@ async fn whole_flow_with_a_local_oauth_server() {
         let (_, b) = h.get(path).await;
         responses.push_str(&b.to_string());
     }
-    let metrics = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .expect("m")
-        .text()
-        .await
-        .expect("t");
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains("airlock_logins_completed_total{provider=\"testoauth\"} 2"),
         "{metrics}"
@@ -329,15 +321,7 @@ async fn early_exit_and_expiry() {
         Duration::from_secs(60),
     )
     .await;
-    let metrics = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .expect("m")
-        .text()
-        .await
-        .expect("t");
+    let metrics = h.metrics().await;
     assert!(metrics.contains("reason=\"expired\""), "{metrics}");
     assert!(metrics.contains("reason=\"cli_exited\""), "{metrics}");
     h.shutdown().await;

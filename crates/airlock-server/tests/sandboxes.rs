@@ -34,15 +34,7 @@ async fn desktop_lifecycle_and_nothing_left_behind() {
         .expect("frame through the relay");
     assert!(frame.looks_like_desktop(), "{frame:?}");
 
-    let metrics = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains("airlock_sandboxes{state=\"ready\"} 1"),
         "{metrics}"

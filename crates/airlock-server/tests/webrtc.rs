@@ -141,15 +141,7 @@ async fn webrtc_shows_the_desktop_takes_input_and_shares_one_encoder() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let metrics = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains("airlock_webrtc_sessions_total 2"),
         "{metrics}"
