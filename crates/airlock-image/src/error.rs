@@ -41,6 +41,17 @@ pub enum ImageError {
     NotRoot,
     #[error("image {build_id} failed verification: {failures}")]
     VerifyFailed { build_id: String, failures: String },
+    #[error(
+        "not enough disk space for {what}: it needs about {need_mib} MiB in {}, \
+         {free_mib} MiB are free (`airlock image prune` removes builds no sandbox uses)",
+        dir.display()
+    )]
+    NoSpace {
+        what: String,
+        dir: PathBuf,
+        need_mib: u64,
+        free_mib: u64,
+    },
 }
 
 impl ImageError {

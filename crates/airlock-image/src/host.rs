@@ -276,6 +276,51 @@ pub fn remove_tree(path: &Path) -> Result<(), ImageError> {
         .map_err(|e| ImageError::io(format!("removing {}", path.display()), e))
 }
 
+/// Bytes an unprivileged writer may still use on the file system holding
+/// `path`, or `None` when the file system cannot be asked.
+#[allow(unsafe_code)]
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` is written by the call.
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Refuses to start `what` when the file system holding `dir` has less than
+/// `need` bytes free: failing before a long step beats an `ENOSPC` half-way
+/// through it (and the half-written output it leaves). Unknown free space is
+/// not a reason to refuse.
+pub fn ensure_space(what: &str, dir: &Path, need: u64) -> Result<(), ImageError> {
+    check_space(what, dir, need, free_bytes(dir))
+}
+
+fn check_space(what: &str, dir: &Path, need: u64, free: Option<u64>) -> Result<(), ImageError> {
+    match free {
+        Some(free) if free < need => Err(ImageError::NoSpace {
+            what: what.into(),
+            dir: dir.to_path_buf(),
+            need_mib: need.div_ceil(1 << 20),
+            free_mib: free >> 20,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Removes a file or a tree (see [`remove_tree`]); absent is fine.
+pub fn remove_path(path: &Path) -> Result<(), ImageError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.is_dir() => std::fs::remove_file(path)
+            .map_err(|e| ImageError::io(format!("removing {}", path.display()), e)),
+        _ => remove_tree(path),
+    }
+}
+
 /// Bytes of regular-file content under `path` (symlinks not followed).
 pub fn tree_size(path: &Path) -> u64 {
     let mut total = 0;
@@ -304,6 +349,42 @@ mod tests {
         assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
         assert_eq!(unescape_mountinfo("/end\\04"), "/end\\04");
+    }
+
+    #[test]
+    fn too_little_space_is_refused_with_both_figures() {
+        let dir = Path::new("/images");
+        let err = check_space("the ext4", dir, 3 << 30, Some(512 << 20)).expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("the ext4") && text.contains("3072 MiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("512 MiB are free") && text.contains("/images"),
+            "{text}"
+        );
+        assert!(text.contains("airlock image prune"), "{text}");
+        assert!(check_space("x", dir, 1 << 20, Some(1 << 20)).is_ok());
+        assert!(
+            check_space("x", dir, u64::MAX, None).is_ok(),
+            "unknown is not a refusal"
+        );
+        let here = free_bytes(Path::new("/")).expect("statvfs /");
+        assert!(here > 0);
+        assert!(ensure_space("x", Path::new("/"), u64::MAX).is_err());
+    }
+
+    #[test]
+    fn remove_path_takes_files_trees_and_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("f.ext4");
+        std::fs::write(&file, b"x").expect("write");
+        mkdirs(&dir.path().join("t/u")).expect("mkdirs");
+        remove_path(&file).expect("file");
+        remove_path(&dir.path().join("t")).expect("tree");
+        remove_path(&dir.path().join("absent")).expect("absent");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0);
     }
 
     #[test]

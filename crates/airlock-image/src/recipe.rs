@@ -54,6 +54,16 @@ impl LayerKind {
         }
     }
 
+    /// Disk space to ask for before building this layer when no earlier build
+    /// says how big it is (a base and a node layer are each about 1 GiB).
+    pub fn typical_size(self) -> u64 {
+        match self {
+            LayerKind::Base | LayerKind::Node => 3 << 29,
+            LayerKind::Files => 256 << 20,
+            LayerKind::Meta => 16 << 20,
+        }
+    }
+
     /// A guess for a first build, before any measurement exists (2-core host).
     pub fn default_estimate(self) -> Duration {
         Duration::from_secs(match self {

@@ -263,6 +263,11 @@ impl ImageStore {
                 size,
             });
         }
+        let need = previous
+            .and_then(|p| p.layers.iter().find(|l| l.name == name))
+            .map(|l| l.size + l.size / 4)
+            .unwrap_or(kind.typical_size());
+        host::ensure_space(&format!("the {name} layer"), &self.dir, need)?;
         let tmp = self.tmp_dir().join(layer_dir_name(kind, digest));
         host::remove_tree(&tmp)?;
         host::remove_tree(&ctx.work_dir)?;
@@ -320,17 +325,14 @@ impl ImageStore {
             }
         }
         if let Some(vm) = &mut m.vm {
-            let kernel = self
-                .dir
-                .join("kernels")
-                .join(&vm.kernel.digest[..16.min(vm.kernel.digest.len())]);
+            let kernel = self.dir.join("kernels").join(short(&vm.kernel.digest));
             vm.kernel.vmlinux = kernel.join("vmlinux");
             vm.kernel.bzimage = kernel.join("bzImage");
             vm.kernel.config = kernel.join("config");
-            vm.rootfs.path = self.dir.join("rootfs").join(format!(
-                "{}.ext4",
-                &vm.rootfs.digest[..16.min(vm.rootfs.digest.len())]
-            ));
+            vm.rootfs.path = self
+                .dir
+                .join("rootfs")
+                .join(format!("{}.ext4", short(&vm.rootfs.digest)));
         }
         Ok(Some(m))
     }
@@ -350,9 +352,18 @@ impl ImageStore {
             dir: &self.dir,
             progress,
         };
-        let kernel = builder.ensure_kernel(&mut Timings(&mut timings))?;
-        let rootfs = builder.ensure_rootfs(&m, &mut Timings(&mut timings))?;
+        let built = builder
+            .ensure_kernel(&mut Timings(&mut timings))
+            .and_then(|kernel| {
+                Ok((
+                    kernel,
+                    builder.ensure_rootfs(&m, &mut Timings(&mut timings))?,
+                ))
+            });
+        // A failed step's staging files (a half-made ext4 is gigabytes) go now,
+        // not at the next build.
         self.clean_tmp()?;
+        let (kernel, rootfs) = built?;
         m.vm = Some(VmArtefacts { kernel, rootfs });
         m.timings = timings;
         self.write_manifest(&m)?;
@@ -406,36 +417,63 @@ impl ImageStore {
     }
 
     /// Removes every recorded build except the current one and `keep` (builds
-    /// that running sandboxes still boot from), and every layer none of the kept
-    /// builds uses. Returns what was removed.
+    /// that running sandboxes still boot from), and every layer, ext4 and
+    /// guest kernel none of the kept builds uses. The kernel that the installed
+    /// kernel source would build, and its extracted source, stay: the next
+    /// `build --vm` reuses them. Returns what was removed.
     pub fn prune(&self, keep: &[String]) -> Result<Vec<PathBuf>, ImageError> {
         let _lock = DirLock::take(&self.dir.join(".lock"), &crate::NoProgress)?;
+        // The lock is ours: whatever is in tmp/ is left from a build that died.
+        self.clean_tmp()?;
         let mut kept_ids: Vec<String> = keep.to_vec();
         if let Some(current) = self.current()? {
             kept_ids.push(current.build_id);
         }
-        let mut kept_layers = std::collections::BTreeSet::new();
+        let kernels = self.dir.join("kernels");
+        let kernel_src = self.dir.join("kernel-src");
+        let mut kept = std::collections::BTreeSet::new();
         for id in &kept_ids {
-            if let Some(m) = self.manifest(id)? {
-                kept_layers.extend(m.layers.into_iter().map(|l| l.dir));
+            let Some(m) = self.manifest(id)? else {
+                continue;
+            };
+            kept.extend(m.layers.into_iter().map(|l| l.dir));
+            if let Some(vm) = m.vm {
+                kept.insert(vm.rootfs.path);
+                kept.extend(vm.kernel.vmlinux.parent().map(Path::to_path_buf));
+                kept.insert(kernel_src.join(short(&vm.kernel.source_sha256)));
+            }
+        }
+        if let Some(sha) = crate::vm::find_kernel_source()
+            .ok()
+            .and_then(|source| sha256_file(&source).ok())
+        {
+            kept.insert(kernel_src.join(short(&sha)));
+            if let Ok(digest) = crate::vm::kernel_digest(&sha) {
+                kept.insert(kernels.join(short(&digest)));
             }
         }
         let mut removed = Vec::new();
         let builds = self.dir.join("builds");
-        for dir in [builds, self.layers_dir()] {
+        let rootfs = self.dir.join("rootfs");
+        for dir in [
+            builds.clone(),
+            self.layers_dir(),
+            rootfs,
+            kernels,
+            kernel_src,
+        ] {
             let Ok(rd) = std::fs::read_dir(&dir) else {
                 continue;
             };
             for e in rd.filter_map(Result::ok) {
                 let path = e.path();
-                let name = e.file_name().to_string_lossy().into_owned();
-                let keep_it = if dir == self.layers_dir() {
-                    kept_layers.contains(&path)
+                let keep_it = if dir == builds {
+                    kept_ids.contains(&e.file_name().to_string_lossy().into_owned())
                 } else {
-                    kept_ids.contains(&name)
+                    kept.contains(&path)
                 };
                 if !keep_it {
-                    host::remove_tree(&path)?;
+                    host::remove_path(&path)?;
                     removed.push(path);
                 }
             }
@@ -461,6 +499,11 @@ impl ImageStore {
     }
 }
 
+/// The first 16 hex digits of a digest: how cached artefacts are named.
+fn short(digest: &str) -> &str {
+    &digest[..16.min(digest.len())]
+}
+
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ImageError> {
     if let Some(parent) = path.parent() {
         mkdirs(parent)?;
@@ -482,6 +525,7 @@ fn now_rfc3339() -> String {
 mod tests {
     use super::*;
     use crate::verify::CheckResult;
+    use crate::vm::{KernelRecord, RootfsRecord};
     use std::cell::RefCell;
 
     /// Steps that write a marker file and count what they were asked to do.
@@ -678,6 +722,88 @@ mod tests {
             store.current().expect("current").map(|m| m.build_id),
             Some(new.build_id)
         );
+    }
+
+    #[test]
+    fn prune_removes_ext4s_and_kernels_no_kept_build_uses() {
+        let (_d, store, opts) = setup();
+        let m = store
+            .build_with(&FakeSteps::default(), &opts, &crate::NoProgress)
+            .expect("build");
+        let file = |p: &Path| {
+            mkdirs(p.parent().expect("parent")).expect("mkdirs");
+            std::fs::write(p, b"x").expect("write");
+        };
+        let kernel = |digest: &str| KernelRecord {
+            digest: digest.into(),
+            source: "linux-source-6.1.tar.xz".into(),
+            source_sha256: "5".repeat(64),
+            vmlinux: PathBuf::new(),
+            vmlinux_sha256: String::new(),
+            bzimage: PathBuf::new(),
+            bzimage_sha256: String::new(),
+            config: PathBuf::new(),
+        };
+        let mut with_vm = m.clone();
+        with_vm.vm = Some(VmArtefacts {
+            kernel: kernel(&"a".repeat(64)),
+            rootfs: RootfsRecord {
+                digest: "b".repeat(64),
+                path: PathBuf::new(),
+                sha256: String::new(),
+                size: 1,
+            },
+        });
+        store.write_manifest(&with_vm).expect("manifest");
+        let used_kernel = store.dir().join("kernels").join("a".repeat(16));
+        let used_src = store.dir().join("kernel-src").join("5".repeat(16));
+        let used_ext4 = store.dir().join(format!("rootfs/{}.ext4", "b".repeat(16)));
+        let stale_kernel = store.dir().join("kernels").join("c".repeat(16));
+        let stale_src = store.dir().join("kernel-src").join("6".repeat(16));
+        let stale_ext4 = store.dir().join(format!("rootfs/{}.ext4", "d".repeat(16)));
+        for f in [&used_kernel, &stale_kernel, &used_src, &stale_src] {
+            file(&f.join("vmlinux"));
+        }
+        file(&used_ext4);
+        file(&stale_ext4);
+
+        let removed = store.prune(&[]).expect("prune");
+        for stale in [&stale_kernel, &stale_src, &stale_ext4] {
+            assert!(!stale.exists(), "{} kept", stale.display());
+            assert!(removed.contains(stale), "{removed:?}");
+        }
+        // On a host with a kernel source installed, its own cache is kept too,
+        // which these made-up digests are not.
+        assert_eq!(removed.len(), 3, "{removed:?}");
+        for used in [&used_kernel, &used_src, &used_ext4] {
+            assert!(used.exists(), "{} removed", used.display());
+        }
+        assert!(m.layers.iter().all(|l| l.dir.is_dir()));
+    }
+
+    #[test]
+    fn a_full_disk_is_refused_before_a_layer_is_built() {
+        if !host::is_root() {
+            eprintln!("skipped: mounting a small tmpfs needs root");
+            return;
+        }
+        let (d, _, opts) = setup();
+        let small = d.path().join("small");
+        mkdirs(&small).expect("mkdir");
+        let mount = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(&small)
+            .status()
+            .expect("mount");
+        assert!(mount.success());
+        let store = ImageStore::new(small.join("images"));
+        let steps = FakeSteps::default();
+        let err = store.build_with(&steps, &opts, &crate::NoProgress);
+        let _ = host::unmount(&small);
+        let err = err.expect_err("no room for a base layer");
+        assert!(matches!(err, ImageError::NoSpace { .. }), "{err}");
+        assert!(err.to_string().contains("the base layer"), "{err}");
+        assert!(steps.built.borrow().is_empty(), "nothing was started");
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub const KERNEL_CONFIG_INPUT: &str = "kernel/microvm.config";
 const SOURCE_DIR: &str = "/usr/src";
 
 const KERNEL_STAGE: &str = "vm-kernel";
+/// The extracted source (about 1.6 GiB) and the objects of our small config.
+const KERNEL_BUILD_SPACE: u64 = 3 << 30;
 const ROOTFS_STAGE: &str = "vm-rootfs";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -153,6 +155,7 @@ impl VmBuilder<'_> {
         self.progress
             .stage(KERNEL_STAGE, timings.estimate(KERNEL_STAGE, 900));
         if !out.join("vmlinux").is_file() {
+            host::ensure_space("building the guest kernel", self.dir, KERNEL_BUILD_SPACE)?;
             self.build_kernel(&source, &source_sha256, &out)?;
             timings.record(KERNEL_STAGE, started.elapsed());
             self.progress.done(KERNEL_STAGE, started.elapsed(), false);
@@ -328,6 +331,11 @@ impl VmBuilder<'_> {
         )?;
         let result = (|| {
             let content: u64 = manifest.layers.iter().map(|l| l.size).sum();
+            host::ensure_space(
+                "making the ext4 root file system",
+                self.dir,
+                rootfs_mib(content) << 20,
+            )?;
             let staging = self.tmp().join("rootfs.ext4");
             let _ = std::fs::remove_file(&staging);
             let mut mkfs = Command::new("mke2fs");

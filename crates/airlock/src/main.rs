@@ -8,6 +8,7 @@ mod vault;
 
 use airlock_drivers::host::RealHost;
 use airlock_drivers::nspawn::{NspawnConfig, NspawnDriver};
+use airlock_drivers::vm::VmRecord;
 use airlock_drivers::ImageRef;
 use airlock_image::{ImageStore, Manifest};
 use airlock_server::config::{Config, DriverKind};
@@ -80,8 +81,9 @@ enum ImageCommand {
     Verify(ImageArgs),
     /// Describe the current image.
     Show(Common),
-    /// Remove the layers of old builds; the current build, builds that sandboxes
-    /// under the data dir still run from, and the builds named are kept.
+    /// Remove old builds with their layers, ext4 files and guest kernels; the
+    /// current build, builds that sandboxes under the data dir still run from
+    /// (any driver), and the builds named are kept.
     Prune {
         #[command(flatten)]
         common: Common,
@@ -114,6 +116,35 @@ enum UserCommand {
         #[command(flatten)]
         common: Common,
     },
+}
+
+/// The image builds that sandboxes under `data_dir` boot from, whichever
+/// driver made them: a container's layers, a VM's ext4 and kernel.
+fn builds_in_use(data_dir: &Path) -> Vec<String> {
+    let containers = NspawnDriver::new(
+        NspawnConfig::new(data_dir.join("sandboxes")),
+        Arc::new(RealHost),
+    );
+    let entries = |dir: PathBuf| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+    };
+    let mut ids: Vec<String> = entries(data_dir.join("sandboxes"))
+        .filter_map(|p| {
+            let id = p.file_name()?.to_string_lossy().into_owned();
+            containers.image_of(&id).ok().map(|image| image.build_id)
+        })
+        .collect();
+    for vms in ["qemu", "firecracker"] {
+        ids.extend(entries(data_dir.join(vms)).filter_map(|p| {
+            let id = p.file_name()?.to_string_lossy().into_owned();
+            VmRecord::read(&p, &id).ok().map(|r| r.build_id)
+        }));
+    }
+    ids
 }
 
 pub(crate) fn load_config(common: &Common) -> Result<Config> {
@@ -260,19 +291,7 @@ fn image_command(cmd: ImageCommand) -> Result<()> {
         }
         ImageCommand::Prune { common, mut keep } => {
             let cfg = load_config(&common)?;
-            let sandboxes = NspawnDriver::new(
-                NspawnConfig::new(cfg.data_dir.join("sandboxes")),
-                Arc::new(RealHost),
-            );
-            let in_use = std::fs::read_dir(cfg.data_dir.join("sandboxes"))
-                .into_iter()
-                .flatten()
-                .flatten();
-            for entry in in_use {
-                if let Ok(image) = sandboxes.image_of(&entry.file_name().to_string_lossy()) {
-                    keep.push(image.build_id);
-                }
-            }
+            keep.extend(builds_in_use(&cfg.data_dir));
             for path in ImageStore::new(cfg.image_dir()).prune(&keep)? {
                 println!("removed {}", path.display());
             }
