@@ -298,7 +298,7 @@ impl ImageStore {
             return Ok(());
         };
         for e in rd.filter_map(Result::ok) {
-            host::remove_tree(&e.path())?;
+            host::remove_path(&e.path())?;
         }
         Ok(())
     }
@@ -659,13 +659,16 @@ mod tests {
             .expect_err("verify fails");
         assert!(matches!(err, ImageError::VerifyFailed { .. }), "{err}");
         assert_eq!(store.current().expect("current"), None);
-        // A half-built layer from a crashed build is removed, never reused.
+        // A half-built layer from a crashed build is removed, never reused;
+        // so is a half-made ext4 (a file, not a tree).
         std::fs::create_dir_all(store.tmp_dir().join("base-0000000000000000/etc")).expect("mkdir");
+        std::fs::write(store.tmp_dir().join("rootfs.ext4"), b"half").expect("write");
         let steps = FakeSteps::default();
         store
             .build_with(&steps, &opts, &crate::NoProgress)
             .expect("build");
         assert!(!store.tmp_dir().join("base-0000000000000000").exists());
+        assert!(!store.tmp_dir().join("rootfs.ext4").exists());
         assert_eq!(
             *steps.built.borrow(),
             Vec::<LayerKind>::new(),
