@@ -2,7 +2,7 @@
 // Input-to-photon latency through the real viewer, in headless Chromium.
 //
 //   node tests/e2e/latency.mjs --url URL --id SANDBOX --path webrtc|vnc
-//        [--presses N] [--gap-min MS] [--gap-max MS] [--token T]
+//        [--presses N] [--gap-min MS] [--gap-max MS] [--busy-seconds S] [--token T]
 //
 // The sandbox must show the flip page (full screen, black ↔ white on every
 // key press; airlock-bench puts it there). The viewer is opened on the given
@@ -10,15 +10,24 @@
 // listener on window), and the flip is stamped when the changed picture is
 // there: on the WebRTC path when the video frame that shows it is presented
 // (requestVideoFrameCallback), on the noVNC path when noVNC's canvas shows it
-// (sampled every animation frame). Both on the page's clock.
-// Prints one JSON line: { path, samples_ms, missed, frames, disconnects, fallbacks }.
+// (sampled every animation frame). Both on the page's clock, and both as the
+// timestamp of the rendering step that first composites the new picture (the
+// `now` of requestVideoFrameCallback and of requestAnimationFrame; the picture
+// reaches the screen one display refresh later on either path).
+//
+// With --busy-seconds, the page is then switched to its busy screen (a full
+// repaint every frame, numbered in blocks at the top left) and every animation
+// frame reads the number from the video or canvas: frames delivered are the
+// distinct numbers seen, frames produced the span of the numbers.
+// Prints one JSON line:
+//   { path, samples_ms, missed, disconnects, fallbacks, busy: { seconds, delivered, produced } }.
 
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
 
-const o = { url: '', id: '', path: '', presses: 200, gapMin: 150, gapMax: 400, token: '' };
+const o = { url: '', id: '', path: '', presses: 200, gapMin: 150, gapMax: 400, busySeconds: 0, token: '' };
 const argv = process.argv.slice(2);
 for (let i = 0; i < argv.length; i++) {
   const v = () => argv[++i];
@@ -29,6 +38,7 @@ for (let i = 0; i < argv.length; i++) {
   else if (a === '--presses') o.presses = Number(v());
   else if (a === '--gap-min') o.gapMin = Number(v());
   else if (a === '--gap-max') o.gapMax = Number(v());
+  else if (a === '--busy-seconds') o.busySeconds = Number(v());
   else if (a === '--token') o.token = v();
   else {
     console.error(`latency: unknown argument ${a}`);
@@ -66,8 +76,8 @@ function installProbe() {
   const v = window.airlockViewer;
   if (v.path === 'webrtc') {
     const video = v.webrtc.video;
-    const onFrame = (now, meta) => {
-      if (video.videoWidth) seen(bright(video, video.videoWidth, video.videoHeight), meta.expectedDisplayTime || now);
+    const onFrame = (now) => {
+      if (video.videoWidth) seen(bright(video, video.videoWidth, video.videoHeight), now);
       video.requestVideoFrameCallback(onFrame);
     };
     video.requestVideoFrameCallback(onFrame);
@@ -79,6 +89,44 @@ function installProbe() {
     };
     requestAnimationFrame(tick);
   }
+  // The busy screen's frame number: 16 blocks of 32 px, one pixel read in each.
+  const strip = document.createElement('canvas');
+  strip.width = 16;
+  strip.height = 1;
+  const sg = strip.getContext('2d', { willReadFrequently: true });
+  sg.imageSmoothingEnabled = false;
+  const source = () => (v.path === 'webrtc' ? v.webrtc.video : document.querySelector('#screen canvas'));
+  const number = (src) => {
+    sg.drawImage(src, 0, 8, 512, 16, 0, 0, 16, 1);
+    const d = sg.getImageData(0, 0, 16, 1).data;
+    let n = 0;
+    for (let b = 0; b < 16; b++) n = (n << 1) | (d[b * 4] + d[b * 4 + 1] + d[b * 4 + 2] > 384 ? 1 : 0);
+    return n;
+  };
+  probe.startBusy = () => {
+    const seen = new Set();
+    let first = null;
+    let last = null;
+    let on = true;
+    const tick = () => {
+      if (!on) return;
+      const src = source();
+      if (src && (src.videoWidth || src.width)) {
+        const n = number(src);
+        if (!seen.has(n)) {
+          seen.add(n);
+          if (first === null) first = n;
+          last = n;
+        }
+      }
+      requestAnimationFrame(tick);
+    };
+    requestAnimationFrame(tick);
+    probe.stopBusy = () => {
+      on = false;
+      return { delivered: seen.size, produced: first === null ? 0 : ((last - first + 65536) % 65536) + 1 };
+    };
+  };
   let lastPhase = v.phase;
   let lastPath = v.path;
   setInterval(() => {
@@ -118,9 +166,6 @@ async function main() {
     const target = o.path === 'webrtc' ? page.locator('video.webrtc-video') : page.locator('#screen canvas');
     await target.click();
     await sleep(500);
-    const frames0 = await page.evaluate(() =>
-      window.airlockViewer.path === 'webrtc' ? window.airlockViewer.webrtc.video.getVideoPlaybackQuality().totalVideoFrames : 0,
-    );
 
     const press = async () => {
       const before = await page.evaluate(() => [window.__probe.presses.length, window.__probe.flips.length]);
@@ -154,8 +199,17 @@ async function main() {
       else samples.push(Math.round(r * 10) / 10);
       if ((i + 1) % 50 === 0) log(`${i + 1}/${o.presses}`);
     }
+    let busy = null;
+    if (o.busySeconds > 0) {
+      await page.keyboard.press('b');
+      await sleep(2000);
+      await page.evaluate(() => window.__probe.startBusy());
+      await sleep(o.busySeconds * 1000);
+      busy = { seconds: o.busySeconds, ...(await page.evaluate(() => window.__probe.stopBusy())) };
+      await page.keyboard.press('b');
+      log(`busy screen: ${busy.delivered} of ${busy.produced} frames in ${busy.seconds} s`);
+    }
     const end = await page.evaluate(() => ({
-      frames: window.airlockViewer.path === 'webrtc' ? window.airlockViewer.webrtc.video.getVideoPlaybackQuality().totalVideoFrames : 0,
       phases: window.__probe.phases,
       paths: window.__probe.paths,
     }));
@@ -164,9 +218,9 @@ async function main() {
         path: o.path,
         samples_ms: samples,
         missed,
-        frames: end.frames - frames0,
         disconnects: end.phases.filter((p) => p !== 'connected').length,
         fallbacks: end.paths.length,
+        busy,
       }),
     );
   } finally {

@@ -22,7 +22,8 @@ use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
 use x11rb::connection::Connection;
 use x11rb::protocol::randr::{self, ConnectionExt as _};
 use x11rb::protocol::xproto::{
-    ConnectionExt as _, CreateWindowAux, EventMask, InputFocus, KeyButMask, WindowClass,
+    ConnectionExt as _, CreateGCAux, CreateWindowAux, EventMask, InputFocus, KeyButMask, Rectangle,
+    WindowClass,
 };
 use x11rb::protocol::Event;
 use x11rb::rust_connection::RustConnection;
@@ -246,34 +247,73 @@ fn capture_streams_keyframes_and_follows_resizes() {
     assert_eq!(deltas, 0, "the stream does not start with a keyframe");
     assert_idr_with_headers(&first);
 
-    // An idle desktop still streams (use-damage=false): about 30 a second,
-    // each stamped with its capture time on the pipeline's clock.
+    // An idle desktop sends only the once-a-second refresh.
     let clock = gstreamer::SystemClock::obtain();
-    let started = Instant::now();
-    let mut frames = 0;
     let mut last_pts = first.pts_us;
-    let mut latencies = Vec::new();
-    while started.elapsed() < Duration::from_secs(2) {
-        match run.next(Duration::from_secs(2)) {
-            Output::Frame(f) => {
-                let now = clock.time().useconds();
-                latencies.push(now.saturating_sub(f.pts_us));
-                assert!(!f.keyframe, "a keyframe nobody asked for");
-                assert!(f.pts_us > last_pts, "timestamps go back");
-                last_pts = f.pts_us;
-                frames += 1;
+    let mut take = |within: Duration, mut each: Box<dyn FnMut(&VideoFrame) + '_>| {
+        let started = Instant::now();
+        let mut frames = 0;
+        while started.elapsed() < within {
+            match run.rx.recv_timeout(Duration::from_millis(50)) {
+                Ok((_, Output::Frame(f))) => {
+                    assert!(!f.keyframe, "a keyframe nobody asked for");
+                    assert!(f.pts_us > last_pts, "timestamps go back");
+                    last_pts = f.pts_us;
+                    each(&f);
+                    frames += 1;
+                }
+                Ok((_, Output::Info(i))) => panic!("unexpected {i:?}"),
+                Err(_) => {}
             }
-            Output::Info(i) => panic!("unexpected {i:?}"),
         }
-    }
-    assert!(frames >= 20, "only {frames} frames in 2 s");
+        frames
+    };
+    let idle = take(Duration::from_millis(2500), Box::new(|_| {}));
+    assert!(
+        (1..=4).contains(&idle),
+        "{idle} frames in 2.5 s of an idle screen (want the 1 s refresh only)"
+    );
+
+    // A screen that changes all the time streams at the frame rate, each
+    // frame stamped with its grab time on the pipeline's clock.
+    let painter = Painter::start(&x.display);
+    let mut latencies = Vec::new();
+    let busy = take(
+        Duration::from_secs(2),
+        Box::new(|f: &VideoFrame| {
+            latencies.push(clock.time().useconds().saturating_sub(f.pts_us));
+        }),
+    );
+    drop(painter);
+    assert!(
+        (40..=64).contains(&busy),
+        "{busy} frames in 2 s of a changing screen at 30 fps"
+    );
     latencies.sort_unstable();
     let median = latencies[latencies.len() / 2];
-    eprintln!("{frames} frames in 2 s; capture to output: median {median} µs");
+    eprintln!(
+        "idle: {idle} frames in 2.5 s; busy: {busy} in 2 s, grab to output: median {median} µs"
+    );
     assert!(
         median < 500_000,
         "frames come out {median} µs after capture"
     );
+
+    // One change after a quiet spell is sent at once, not at the next tick.
+    take(Duration::from_millis(300), Box::new(|_| {}));
+    let (conn, root) = x.connect();
+    let changed = Instant::now();
+    paint(&conn, root, 0x00ff_0000);
+    let mut first_after = None;
+    take(
+        Duration::from_millis(500),
+        Box::new(|_| {
+            first_after.get_or_insert(changed.elapsed());
+        }),
+    );
+    let first_after = first_after.expect("no frame after a change");
+    eprintln!("change to frame out: {} ms", first_after.as_millis());
+    assert!(first_after < Duration::from_millis(250), "{first_after:?}");
 
     // A keyframe request is answered within a few frames.
     run.signals.keyframe.store(true, Ordering::Relaxed);
@@ -290,7 +330,6 @@ fn capture_streams_keyframes_and_follows_resizes() {
     );
 
     // A resize starts over: a new description, then a keyframe first.
-    let (conn, root) = x.connect();
     resize(&conn, root, 800, 600);
     let until = Instant::now() + Duration::from_secs(5);
     loop {
@@ -309,8 +348,8 @@ fn capture_streams_keyframes_and_follows_resizes() {
     assert!(kf.pts_us > last_pts, "timestamps go back across the resize");
 
     // Shrinking while a frame of the old size is being grabbed makes the X
-    // server refuse the grab (BadMatch), which Xlib's default handler answers
-    // by exiting the process: the capture must live through a few of those.
+    // server refuse the grab (BadMatch): the capture must live through a few
+    // of those, and come back at the new size.
     for _ in 0..4 {
         resize(&conn, root, 640, 480);
         std::thread::sleep(Duration::from_millis(150));
@@ -333,6 +372,62 @@ fn capture_streams_keyframes_and_follows_resizes() {
         !run.thread.as_ref().is_some_and(|t| t.is_finished()),
         "the capture loop ended"
     );
+}
+
+/// Fills the root window with one colour.
+fn paint(conn: &RustConnection, root: u32, rgb: u32) {
+    let gc = conn.generate_id().expect("id");
+    conn.create_gc(gc, root, &CreateGCAux::new().foreground(rgb))
+        .expect("gc");
+    conn.poly_fill_rectangle(
+        root,
+        gc,
+        &[Rectangle {
+            x: 0,
+            y: 0,
+            width: 4096,
+            height: 4096,
+        }],
+    )
+    .expect("fill");
+    conn.free_gc(gc).expect("free gc");
+    conn.flush().expect("flush");
+}
+
+/// Repaints the root window in a new colour every 5 ms until dropped.
+struct Painter {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Painter {
+    fn start(display: &str) -> Painter {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (conn, screen) = x11rb::connect(Some(display)).expect("connect to Xvnc");
+        let root = conn.setup().roots[screen].root;
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut rgb = 0u32;
+            while !s.load(Ordering::Relaxed) {
+                rgb = (rgb + 0x0001_0305) & 0x00ff_ffff;
+                paint(&conn, root, rgb);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Painter {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Painter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A window with the focus that records its key presses as keysyms, read

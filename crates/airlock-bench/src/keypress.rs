@@ -14,10 +14,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub const PAGE: &str = "<!doctype html><html><head><title>flip</title><style>\
-html,body{margin:0;width:100%;height:100%;background:#000;cursor:none;overflow:hidden}\
-</style></head><body><script>let white=false;addEventListener('keydown',()=>{white=!white;\
-document.body.style.background=white?'#fff':'#000';});</script></body></html>";
+pub const PAGE: &str = include_str!("flip.html");
 
 /// Chromium flags shared by the sandbox and the bare run (beyond the profile).
 const CHROMIUM_FLAGS: &str = "--kiosk --no-first-run --no-default-browser-check \

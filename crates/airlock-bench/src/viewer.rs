@@ -16,15 +16,25 @@ struct Run {
     path: String,
     samples_ms: Vec<f64>,
     missed: usize,
-    frames: u64,
     disconnects: usize,
     fallbacks: usize,
+    busy: Option<Busy>,
 }
+
+/// The busy screen: distinct frames the viewer showed, of those the page drew.
+#[derive(Debug)]
+struct Busy {
+    seconds: f64,
+    delivered: u64,
+    produced: u64,
+}
+
+/// How long the busy screen is watched after the presses of a run.
+const BUSY_SECONDS: u64 = 15;
 
 #[derive(Debug)]
 struct Measured {
     run: Run,
-    wall: Duration,
     guest_cpu: f64,
     plane_cpu: f64,
 }
@@ -63,6 +73,7 @@ async fn measure(
     path: &str,
     presses: usize,
     gap: (u64, u64),
+    busy_seconds: u64,
 ) -> Result<Measured> {
     let (g0, p0, t0) = (cpu_ticks(id), self_ticks(), Instant::now());
     let mut cmd = match &browser.netns {
@@ -83,6 +94,7 @@ async fn measure(
             "--gap-max",
             &gap.1.to_string(),
         ])
+        .args(["--busy-seconds", &busy_seconds.to_string()])
         .output()
         .await
         .context("running node")?;
@@ -106,15 +118,18 @@ async fn measure(
             .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
             .unwrap_or_default(),
         missed: count("missed") as usize,
-        frames: count("frames"),
         disconnects: count("disconnects") as usize,
         fallbacks: count("fallbacks") as usize,
+        busy: v["busy"].is_object().then(|| Busy {
+            seconds: v["busy"]["seconds"].as_f64().unwrap_or(0.0),
+            delivered: v["busy"]["delivered"].as_u64().unwrap_or(0),
+            produced: v["busy"]["produced"].as_u64().unwrap_or(0),
+        }),
     };
     let hz = clock_ticks() as f64;
     let pct = |ticks: u64| ticks as f64 / hz / wall.as_secs_f64() * 100.0;
     Ok(Measured {
         run,
-        wall,
         guest_cpu: pct(g1.saturating_sub(g0)),
         plane_cpu: pct(p1.saturating_sub(p0)),
     })
@@ -161,14 +176,14 @@ pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32, shaped: bo
         cp.wait_ready(&id, Duration::from_secs(120)).await?;
         show_page(&cp, &id).await?;
         tokio::time::sleep(Duration::from_secs(4)).await;
-        let (n, gap) = match soak_minutes {
-            Some(m) => (m as usize * 60, (1000, 1000)),
-            None => (presses, (150, 400)),
+        let (n, gap, busy) = match soak_minutes {
+            Some(m) => (m as usize * 60, (1000, 1000), 0),
+            None => (presses, (150, 400), BUSY_SECONDS),
         };
         let mut rows = Vec::new();
         for path in ["webrtc", "vnc"] {
             let mem0 = (self_rss(), cgroup_memory(&id).map(|m| m.usage).unwrap_or(0));
-            let m = measure(&browser, &id, path, n, gap).await?;
+            let m = measure(&browser, &id, path, n, gap, busy).await?;
             let mem1 = (self_rss(), cgroup_memory(&id).map(|m| m.usage).unwrap_or(0));
             rows.push((m, mem0, mem1));
             // The guest's CPU is read per process: let the encoder of the
@@ -190,7 +205,7 @@ pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32, shaped: bo
                 "p95",
                 "p99",
                 "missed",
-                "frames/s",
+                "busy screen: frames/s shown (drawn)",
                 "guest CPU",
                 "control plane CPU",
             ],
@@ -202,10 +217,13 @@ pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32, shaped: bo
                 .iter()
                 .map(|v| Duration::from_secs_f64(v / 1000.0))
                 .collect();
-            let fps = if m.run.path == "webrtc" {
-                format!("{:.1}", m.run.frames as f64 / m.wall.as_secs_f64())
-            } else {
-                "-".into()
+            let fps = match &m.run.busy {
+                Some(b) if b.seconds > 0.0 => format!(
+                    "{:.1} ({:.1})",
+                    b.delivered as f64 / b.seconds,
+                    b.produced as f64 / b.seconds
+                ),
+                _ => "-".into(),
             };
             t.row(&[
                 m.run.path.clone(),

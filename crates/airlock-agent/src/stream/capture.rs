@@ -1,7 +1,8 @@
 //! `airlock-agent capture`: the program the agent runs, as the desktop user,
 //! for as long as one viewer watches.
 //!
-//! The main thread captures and encodes ([`super::encoder`]) and writes a
+//! The main thread grabs the screen when it changes ([`super::grab`], at most
+//! `--fps` times a second), encodes ([`super::encoder`]) and writes a
 //! [`StreamInfo`] and then the frames to standard output ([`super::wire`]); it
 //! rebuilds the pipeline when the display's size changes, so every size starts
 //! with its own description and a keyframe. A thread reads [`Control`] lines
@@ -11,6 +12,7 @@
 //! and button it pressed released.
 
 use super::encoder::{self, Encoder, EncoderError, Settings};
+use super::grab::{GrabError, Grabber};
 use super::input::{Injector, SPARE_HOLD};
 use super::wire;
 use airlock_proto::stream::{Control, StreamInfo, VideoFrame, DEFAULT_FPS};
@@ -29,8 +31,15 @@ pub const DEFAULT_BITRATE_KBIT: u32 = 4000;
 pub const MAX_FPS: u32 = 60;
 /// How often the display's size is compared with the pipeline's.
 const SIZE_POLL: Duration = Duration::from_millis(250);
-/// Longest wait for a frame before the loop looks at its signals again.
+/// Longest wait for X events before the loop looks at its signals again.
 const PULL_WAIT: Duration = Duration::from_millis(20);
+/// A frame this often even when the screen does not change.
+const REFRESH: Duration = Duration::from_secs(1);
+/// Longest wait for x264 to return the frame just pushed.
+const ENCODE_WAIT: Duration = Duration::from_millis(500);
+/// Grabs in a row that may fail (a display shrinking under the grab) before
+/// the capture gives up.
+const MAX_FAILED_GRABS: u32 = 20;
 
 pub const USAGE: &str = "usage: airlock-agent capture [--fps N] [--check]\n\n\
   Captures $DISPLAY (default :0) as H.264 onto standard output (length-prefixed\n\
@@ -96,6 +105,8 @@ pub enum CaptureError {
     Size(#[from] x11rb::errors::ReplyError),
     #[error(transparent)]
     Encoder(#[from] EncoderError),
+    #[error(transparent)]
+    Grab(#[from] GrabError),
     #[error("writing to the agent")]
     Write(#[source] std::io::Error),
 }
@@ -129,20 +140,21 @@ pub fn capture(
         conn.randr_select_input(root, randr::NotifyMask::SCREEN_CHANGE)?;
         conn.flush()?;
     }
-    let mut x_errors = super::xlib::errors();
     let size = || -> Result<(u32, u32), CaptureError> {
         let g = conn.get_geometry(root)?.reply()?;
         Ok(Settings::even(g.width.into(), g.height.into()))
     };
+    let interval = Duration::from_secs(1) / opts.fps.clamp(1, MAX_FPS);
     loop {
         let (width, height) = size()?;
         let enc = Encoder::start(&Settings {
-            display: opts.display.clone(),
             width,
             height,
             fps: opts.fps,
             bitrate_kbit: opts.bitrate_kbit,
         })?;
+        // Screens are far below 65536 pixels a side; X sizes are 16-bit.
+        let mut grabber = Grabber::new(&conn, screen, width as u16, height as u16)?;
         tracing::info!(width, height, fps = opts.fps, "capturing");
         emit(Output::Info(StreamInfo {
             codec: "h264".into(),
@@ -153,30 +165,27 @@ pub fn capture(
         .map_err(CaptureError::Write)?;
         // A new pipeline starts with a keyframe anyway.
         signals.keyframe.store(false, Ordering::Relaxed);
+        let mut pacer = Pacer::new(interval);
         let mut measured = Instant::now();
+        let mut failed_grabs = 0;
         loop {
             if signals.stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
             if signals.keyframe.swap(false, Ordering::Relaxed) {
                 enc.force_keyframe();
+                pacer.changed();
             }
-            if let Some(frame) = enc.next_frame(PULL_WAIT)? {
-                emit(Output::Frame(frame)).map_err(CaptureError::Write)?;
-            }
-            // An X error in ximagesrc is most likely a grab of a display
-            // that just shrank.
-            let mut look = measured.elapsed() >= SIZE_POLL || super::xlib::errors() != x_errors;
-            while conn.poll_for_event()?.is_some() {
-                look = true;
+            let mut look = measured.elapsed() >= SIZE_POLL;
+            while let Some(event) = conn.poll_for_event()? {
+                if grabber.is_damage(&event) {
+                    pacer.changed();
+                } else {
+                    look = true;
+                }
             }
             if look {
                 measured = Instant::now();
-                let errors = super::xlib::errors();
-                if errors != x_errors {
-                    tracing::debug!(errors = errors - x_errors, "X errors in the capture");
-                    x_errors = errors;
-                }
                 let now = size()?;
                 if now != (width, height) {
                     tracing::info!(
@@ -187,7 +196,108 @@ pub fn capture(
                     break;
                 }
             }
+            // A frame that took longer than ENCODE_WAIT is sent now.
+            while let Some(frame) = enc.next_frame(Duration::ZERO)? {
+                emit(Output::Frame(frame)).map_err(CaptureError::Write)?;
+            }
+            match pacer.next(Instant::now()) {
+                Step::Grab => {}
+                Step::Wait(wait) => {
+                    wait_for_events(&conn, wait.min(PULL_WAIT));
+                    continue;
+                }
+            }
+            match grabber.grab() {
+                Ok(pixels) => {
+                    failed_grabs = 0;
+                    enc.push(pixels)?;
+                }
+                // Most likely the display shrank under the grab: the size
+                // is looked at next, and the pipeline rebuilt.
+                Err(e) if failed_grabs < MAX_FAILED_GRABS => {
+                    failed_grabs += 1;
+                    tracing::debug!(error = %crate::chain(&e), "grab failed");
+                    measured = Instant::now() - SIZE_POLL;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            // x264 gives one access unit per frame, without delay: out as
+            // soon as it is done. One later than ENCODE_WAIT goes out at the
+            // top of the loop.
+            if let Some(frame) = enc.next_frame(ENCODE_WAIT)? {
+                emit(Output::Frame(frame)).map_err(CaptureError::Write)?;
+            }
         }
+    }
+}
+
+/// What the capture loop does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Grab,
+    /// Nothing to send for at most this long (new damage may come sooner).
+    Wait(Duration),
+}
+
+/// When to grab: as soon as the screen changed, but not sooner than one
+/// frame interval after the last grab; and once a [`REFRESH`] when nothing
+/// changes, so a viewer's picture and statistics never go stale.
+#[derive(Debug)]
+struct Pacer {
+    interval: Duration,
+    last: Option<Instant>,
+    dirty: bool,
+}
+
+impl Pacer {
+    fn new(interval: Duration) -> Self {
+        Pacer {
+            interval,
+            last: None,
+            dirty: true,
+        }
+    }
+
+    fn changed(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Decides at `now`; a `Grab` counts as done.
+    fn next(&mut self, now: Instant) -> Step {
+        let Some(last) = self.last else {
+            self.last = Some(now);
+            self.dirty = false;
+            return Step::Grab;
+        };
+        let due = if self.dirty {
+            last + self.interval
+        } else {
+            last + REFRESH
+        };
+        if now >= due {
+            self.last = Some(now);
+            self.dirty = false;
+            Step::Grab
+        } else {
+            Step::Wait(due - now)
+        }
+    }
+}
+
+/// Blocks until the X connection has something to read or `wait` passed.
+#[allow(unsafe_code)]
+fn wait_for_events(conn: &x11rb::rust_connection::RustConnection, wait: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: conn.stream().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = wait.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe {
+        libc::poll(&mut fd, 1, ms);
     }
 }
 
@@ -285,6 +395,25 @@ pub fn main(args: &[&str]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pacer_grabs_on_change_at_most_once_an_interval() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut p = Pacer::new(ms(16));
+        assert_eq!(p.next(t0), Step::Grab, "the first frame at once");
+        assert_eq!(p.next(t0 + ms(5)), Step::Wait(REFRESH - ms(5)), "idle");
+        p.changed();
+        assert_eq!(p.next(t0 + ms(5)), Step::Wait(ms(11)), "too soon");
+        assert_eq!(p.next(t0 + ms(16)), Step::Grab);
+        p.changed();
+        assert_eq!(p.next(t0 + ms(100)), Step::Grab, "late change: at once");
+        assert_eq!(
+            p.next(t0 + ms(100) + REFRESH),
+            Step::Grab,
+            "a refresh when nothing changes"
+        );
+    }
 
     #[test]
     fn options() {

@@ -1,15 +1,18 @@
-//! The GStreamer pipeline of `capture`: the X display, converted to I420 and
-//! encoded by x264 for the lowest latency, one access unit per frame.
+//! The GStreamer pipeline of `capture`: screen pixels pushed in when they
+//! change ([`super::grab`]), converted to I420 and encoded by x264 for the
+//! lowest latency, one access unit out per frame in.
 //!
 //! ```text
-//! ximagesrc ─ caps(framerate) ─ queue(leaky, 1 frame) ─ videoconvert ─ caps(I420)
+//! appsrc(BGRx, on change) ─ videoconvert ─ caps(I420)
 //!     ─ x264enc(zerolatency) ─ caps(constrained baseline, Annex-B, AU) ─ appsink
 //! ```
 //!
-//! Frames are dropped only *before* the encoder (the leaky queue): dropping an
-//! encoded frame would break the reference chain until the next keyframe. The
-//! appsink therefore blocks when full instead of dropping, which makes the queue
-//! in front of x264 drop the oldest raw frame.
+//! The capture loop pushes a frame and waits for its access unit before it
+//! grabs the next, so nothing queues between the screen and the encoder: a
+//! frame is encoded from the pixels of the moment it is sent, and when x264
+//! is slower than the screen changes, frames are skipped at the grab (never
+//! an encoded one, which would break the reference chain). Should a frame be
+//! pushed while the previous is still queued, appsrc drops the older one.
 
 use airlock_proto::stream::VideoFrame;
 use gstreamer as gst;
@@ -20,9 +23,8 @@ use std::time::Duration;
 /// Every element the pipeline uses, with the Debian package that ships it (for
 /// the message when one is missing).
 pub const ELEMENTS: &[(&str, &str)] = &[
-    ("ximagesrc", "gstreamer1.0-plugins-good"),
+    ("appsrc", "gstreamer1.0-plugins-base"),
     ("capsfilter", "libgstreamer1.0-0"),
-    ("queue", "libgstreamer1.0-0"),
     ("videoconvert", "gstreamer1.0-plugins-base"),
     ("x264enc", "gstreamer1.0-plugins-ugly"),
     ("appsink", "gstreamer1.0-plugins-base"),
@@ -39,11 +41,10 @@ const ENCODER_PTS_OFFSET: gst::ClockTime = gst::ClockTime::from_seconds(1000 * 3
 /// What one pipeline captures and how it encodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    /// X display name, e.g. `:0`.
-    pub display: String,
     /// The area captured, from the top-left corner; even (4:2:0 needs it).
     pub width: u32,
     pub height: u32,
+    /// The most frames per second; fewer when the screen changes less.
     pub fps: u32,
     pub bitrate_kbit: u32,
 }
@@ -139,27 +140,28 @@ fn caps(description: &str) -> Result<gst::Element, EncoderError> {
 /// The elements in order, configured for `s`.
 fn elements(s: &Settings) -> Result<Vec<gst::Element>, EncoderError> {
     let p = |k: &'static str, v: &str| (k, v.to_owned());
-    let mut src = vec![
-        p("display-name", &s.display),
-        p("use-damage", "false"),
-        p("show-pointer", "true"),
-    ];
-    // endx/endy are inclusive; 0 means "to the screen's edge", so they are
-    // set only to leave out an odd last column or row.
-    if s.width > 0 && s.height > 0 {
-        src.push(p("endx", &(s.width - 1).to_string()));
-        src.push(p("endy", &(s.height - 1).to_string()));
-    }
     Ok(vec![
-        make("ximagesrc", &src)?,
-        caps(&format!("video/x-raw,framerate={}/1", s.fps))?,
         make(
-            "queue",
+            "appsrc",
             &[
-                p("leaky", "downstream"),
-                p("max-size-buffers", "1"),
-                p("max-size-bytes", "0"),
-                p("max-size-time", "0"),
+                // The most frames a second, not a fixed rate: frames come
+                // when the screen changes. (With a variable rate declared,
+                // framerate=0/1, x264 holds every frame back until the next
+                // arrives, to learn its duration: a frame of latency, and on
+                // a quiet screen a second.)
+                p(
+                    "caps",
+                    &format!(
+                        "video/x-raw,format=BGRx,width={},height={},framerate={}/1",
+                        s.width, s.height, s.fps
+                    ),
+                ),
+                p("format", "time"),
+                p("is-live", "true"),
+                p("do-timestamp", "true"),
+                p("block", "false"),
+                p("max-buffers", "1"),
+                p("leaky-type", "downstream"),
             ],
         )?,
         make("videoconvert", &[])?,
@@ -203,7 +205,6 @@ fn init() -> Result<(), EncoderError> {
 pub fn check() -> Result<String, EncoderError> {
     init()?;
     elements(&Settings {
-        display: ":0".into(),
         width: 640,
         height: 480,
         fps: airlock_proto::stream::DEFAULT_FPS,
@@ -217,6 +218,7 @@ pub fn check() -> Result<String, EncoderError> {
 #[derive(Debug)]
 pub struct Encoder {
     pipeline: gst::Pipeline,
+    src: gst_app::AppSrc,
     sink: gst_app::AppSink,
     bus: gst::Bus,
     settings: Settings,
@@ -225,23 +227,23 @@ pub struct Encoder {
 impl Encoder {
     pub fn start(settings: &Settings) -> Result<Self, EncoderError> {
         init()?;
-        if !super::xlib::tolerate_errors() {
-            tracing::warn!("Xlib not found: an X error in ximagesrc will end the program");
-        }
         let els = elements(settings)?;
         let pipeline = gst::Pipeline::new();
         pipeline.add_many(&els).map_err(EncoderError::Assemble)?;
         gst::Element::link_many(&els).map_err(EncoderError::Assemble)?;
+        let missing = |element, package| EncoderError::Missing { element, package };
+        let src = els
+            .first()
+            .and_then(|e| e.clone().downcast::<gst_app::AppSrc>().ok())
+            .ok_or(missing("appsrc", "gstreamer1.0-plugins-base"))?;
         let sink = els
             .last()
             .and_then(|e| e.clone().downcast::<gst_app::AppSink>().ok())
-            .ok_or(EncoderError::Missing {
-                element: "appsink",
-                package: "gstreamer1.0-plugins-base",
-            })?;
+            .ok_or(missing("appsink", "gstreamer1.0-plugins-base"))?;
         let bus = pipeline.bus().ok_or(EncoderError::Ended)?;
         let enc = Encoder {
             pipeline,
+            src,
             sink,
             bus,
             settings: settings.clone(),
@@ -250,6 +252,15 @@ impl Encoder {
             .set_state(gst::State::Playing)
             .map_err(EncoderError::Start)?;
         Ok(enc)
+    }
+
+    /// Sends one frame of BGRx pixels (`width * 4` bytes per row) to the
+    /// encoder, stamped with the moment of the call.
+    pub fn push(&self, pixels: &[u8]) -> Result<(), EncoderError> {
+        self.src
+            .push_buffer(gst::Buffer::from_slice(pixels.to_vec()))
+            .map(|_| ())
+            .map_err(|_| EncoderError::Ended)
     }
 
     pub fn settings(&self) -> &Settings {

@@ -7,18 +7,18 @@
 //!                                   │ stdout: framed info + frames    wire.rs
 //!                                   ▼
 //!                                 `capture` (desktop user)      capture.rs
-//!                                   ├─ GStreamer: X → H.264      encoder.rs
-//!                                   └─ XTest: pointer, keys      input.rs
+//!                                   ├─ DAMAGE + MIT-SHM: pixels   grab.rs
+//!                                   ├─ GStreamer: → H.264         encoder.rs
+//!                                   └─ XTest: pointer, keys       input.rs
 //! ```
 //!
 //! Capture runs in a child process as the desktop user: the agent itself
 //! stays root and never links its own state to the display server, and a
-//! crash in GStreamer or Xlib (which exits on a lost display) ends one stream,
-//! not the agent.
+//! crash in GStreamer ends one stream, not the agent.
 
 pub mod capture;
 pub mod encoder;
+pub mod grab;
 pub mod input;
 pub mod route;
 pub mod wire;
-mod xlib;
