@@ -227,10 +227,13 @@ export class WebRtcView {
   watchLatency() {
     const v = this.video;
     if (!('requestVideoFrameCallback' in v)) return;
-    const onFrame = (now, meta) => {
+    const onFrame = () => {
       if (this.closed) return;
       const p = this.latency.pending;
-      const shown = meta.expectedDisplayTime || now;
+      // The moment this rendering step sees the frame, as the latency bench
+      // stamps both paths (the callback's `now` is the frame's begin time,
+      // which can come before the frame did).
+      const shown = performance.now();
       if (p) this.latency.frames++;
       if (p && shown - p.at > 1000) {
         this.latency.pending = null; // that key changed nothing we could see

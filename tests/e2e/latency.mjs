@@ -10,10 +10,12 @@
 // listener on window), and the flip is stamped when the changed picture is
 // there: on the WebRTC path when the video frame that shows it is presented
 // (requestVideoFrameCallback), on the noVNC path when noVNC's canvas shows it
-// (sampled every animation frame). Both on the page's clock, and both as the
-// timestamp of the rendering step that first composites the new picture (the
-// `now` of requestVideoFrameCallback and of requestAnimationFrame; the picture
-// reaches the screen one display refresh later on either path).
+// (sampled every animation frame). Both on the page's clock, and both stamped
+// with performance.now() inside the rendering-step callback that first sees
+// the new picture; it reaches the screen at the next display refresh on either
+// path. (The callbacks' own `now` argument is the frame's begin time, which can
+// precede the picture's arrival by up to a refresh: it gave flips before their
+// presses. `expectedDisplayTime` has no counterpart on the canvas path.)
 //
 // With --busy-seconds, the page is then switched to its busy screen (a full
 // repaint every frame, numbered in blocks at the top left) and every animation
@@ -76,15 +78,15 @@ function installProbe() {
   const v = window.airlockViewer;
   if (v.path === 'webrtc') {
     const video = v.webrtc.video;
-    const onFrame = (now) => {
-      if (video.videoWidth) seen(bright(video, video.videoWidth, video.videoHeight), now);
+    const onFrame = () => {
+      if (video.videoWidth) seen(bright(video, video.videoWidth, video.videoHeight), performance.now());
       video.requestVideoFrameCallback(onFrame);
     };
     video.requestVideoFrameCallback(onFrame);
   } else {
-    const tick = (now) => {
+    const tick = () => {
       const c = document.querySelector('#screen canvas');
-      if (c && c.width) seen(bright(c, c.width, c.height), now);
+      if (c && c.width) seen(bright(c, c.width, c.height), performance.now());
       requestAnimationFrame(tick);
     };
     requestAnimationFrame(tick);
@@ -192,11 +194,16 @@ async function main() {
 
     const samples = [];
     let missed = 0;
+    let negative = 0;
     for (let i = 0; i < o.presses; i++) {
       await sleep(o.gapMin + Math.random() * (o.gapMax - o.gapMin));
       const r = await press();
       if (r === null) missed++;
-      else samples.push(Math.round(r * 10) / 10);
+      else if (r < 0) {
+        const pr = await page.evaluate(() => ({ presses: window.__probe.presses.slice(-3), flips: window.__probe.flips.slice(-4) }));
+        log(`a flip before its press (${r.toFixed(1)} ms): ${JSON.stringify(pr)}`);
+        negative++;
+      } else samples.push(Math.round(r * 10) / 10);
       if ((i + 1) % 50 === 0) log(`${i + 1}/${o.presses}`);
     }
     let busy = null;
@@ -218,6 +225,7 @@ async function main() {
         path: o.path,
         samples_ms: samples,
         missed,
+        negative,
         disconnects: end.phases.filter((p) => p !== 'connected').length,
         fallbacks: end.paths.length,
         busy,

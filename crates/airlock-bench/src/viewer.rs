@@ -1,7 +1,7 @@
 //! Input-to-photon through the real viewer in headless Chromium, WebRTC vs
 //! noVNC, on one sandbox showing the flip page (tests/e2e/latency.mjs does the
 //! pressing and the detecting; this drives it and reports). With `soak`, one
-//! press a second for a long time on each path, with memory before and after.
+//! press a second for a long time on each path, with memory once a minute.
 
 use crate::keypress::show_page;
 use crate::sandbox::{cgroup_memory, clock_ticks, cpu_ticks, self_rss, ControlPlane};
@@ -27,6 +27,11 @@ struct Busy {
     seconds: f64,
     delivered: u64,
     produced: u64,
+}
+
+/// This process's RSS (the control plane runs in it) and the sandbox's memory.
+fn memory(id: &str) -> (u64, u64) {
+    (self_rss(), cgroup_memory(id).map(|m| m.usage).unwrap_or(0))
 }
 
 /// How long the busy screen is watched after the presses of a run.
@@ -115,7 +120,12 @@ async fn measure(
         path: v["path"].as_str().unwrap_or(path).to_owned(),
         samples_ms: v["samples_ms"]
             .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_f64())
+                    .filter(|x| *x >= 0.0)
+                    .collect()
+            })
             .unwrap_or_default(),
         missed: count("missed") as usize,
         disconnects: count("disconnects") as usize,
@@ -182,10 +192,27 @@ pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32, shaped: bo
         };
         let mut rows = Vec::new();
         for path in ["webrtc", "vnc"] {
-            let mem0 = (self_rss(), cgroup_memory(&id).map(|m| m.usage).unwrap_or(0));
-            let m = measure(&browser, &id, path, n, gap, busy).await?;
-            let mem1 = (self_rss(), cgroup_memory(&id).map(|m| m.usage).unwrap_or(0));
-            rows.push((m, mem0, mem1));
+            // Memory once a minute while the path runs (and at both ends).
+            let readings = std::sync::Arc::new(std::sync::Mutex::new(vec![memory(&id)]));
+            let sampler = {
+                let (readings, id) = (readings.clone(), id.clone());
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(60));
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        if let Ok(mut r) = readings.lock() {
+                            r.push(memory(&id));
+                        }
+                    }
+                })
+            };
+            let m = measure(&browser, &id, path, n, gap, busy).await;
+            sampler.abort();
+            let m = m?;
+            let mut readings = readings.lock().map(|r| r.clone()).unwrap_or_default();
+            readings.push(memory(&id));
+            rows.push((m, readings));
             // The guest's CPU is read per process: let the encoder of the
             // WebRTC run exit before the next run's first reading.
             tokio::time::sleep(Duration::from_secs(6)).await;
@@ -210,7 +237,7 @@ pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32, shaped: bo
                 "control plane CPU",
             ],
         );
-        for (m, _, _) in &rows {
+        for (m, _) in &rows {
             let d: Vec<Duration> = m
                 .run
                 .samples_ms
@@ -244,20 +271,33 @@ pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32, shaped: bo
                     "path",
                     "disconnects",
                     "fell back",
-                    "plane RSS before → after",
-                    "sandbox memory before → after",
+                    "plane RSS first → last (min–max)",
+                    "sandbox memory first → last (min–max)",
                 ],
             );
-            for (m, (r0, c0), (r1, c1)) in &rows {
+            let span = |v: Vec<u64>| {
+                let (min, max) = (v.iter().min(), v.iter().max());
+                match (v.first(), v.last(), min, max) {
+                    (Some(a), Some(b), Some(lo), Some(hi)) => {
+                        format!("{} → {} ({}–{})", mib(*a), mib(*b), mib(*lo), mib(*hi))
+                    }
+                    _ => "-".into(),
+                }
+            };
+            for (m, readings) in &rows {
                 s.row(&[
                     m.run.path.clone(),
                     m.run.disconnects.to_string(),
                     m.run.fallbacks.to_string(),
-                    format!("{} → {}", mib(*r0), mib(*r1)),
-                    format!("{} → {}", mib(*c0), mib(*c1)),
+                    span(readings.iter().map(|r| r.0).collect()),
+                    span(readings.iter().map(|r| r.1).collect()),
                 ]);
             }
             s.print();
+            for (m, readings) in &rows {
+                let series: Vec<String> = readings.iter().map(|r| format!("{:.1}", r.0 as f64 / 1048576.0)).collect();
+                println!("{} path, control plane RSS each minute (MiB): {}", m.run.path, series.join(" "));
+            }
         }
         Ok::<_, anyhow::Error>(())
     }

@@ -35,6 +35,8 @@ const SIZE_POLL: Duration = Duration::from_millis(250);
 const PULL_WAIT: Duration = Duration::from_millis(20);
 /// A frame this often even when the screen does not change.
 const REFRESH: Duration = Duration::from_secs(1);
+/// Frames sent at the full rate after the last change ([`Pacer`]).
+const TRAIL: u32 = 6;
 /// Longest wait for x264 to return the frame just pushed.
 const ENCODE_WAIT: Duration = Duration::from_millis(500);
 /// Grabs in a row that may fail (a display shrinking under the grab) before
@@ -241,13 +243,23 @@ enum Step {
 }
 
 /// When to grab: as soon as the screen changed, but not sooner than one
-/// frame interval after the last grab; and once a [`REFRESH`] when nothing
-/// changes, so a viewer's picture and statistics never go stale.
+/// frame interval after the last grab; then [`TRAIL`] more frames at the full
+/// rate; and once a [`REFRESH`] when nothing changes, so a viewer's picture and
+/// statistics never go stale.
+///
+/// The trailing frames cost little (nothing changed: x264 sends a few bytes)
+/// and do two things: they sharpen what the first frame after a big change
+/// had to leave coarse at the target bitrate, and they keep packets coming
+/// right after a change, so a viewer that lost the change's last packet
+/// notices the gap at once and asks for it again, instead of at the next
+/// refresh.
 #[derive(Debug)]
 struct Pacer {
     interval: Duration,
     last: Option<Instant>,
     dirty: bool,
+    /// Frames still to send at the full rate after the last change.
+    trail: u32,
 }
 
 impl Pacer {
@@ -256,6 +268,7 @@ impl Pacer {
             interval,
             last: None,
             dirty: true,
+            trail: 0,
         }
     }
 
@@ -265,23 +278,22 @@ impl Pacer {
 
     /// Decides at `now`; a `Grab` counts as done.
     fn next(&mut self, now: Instant) -> Step {
-        let Some(last) = self.last else {
-            self.last = Some(now);
-            self.dirty = false;
-            return Step::Grab;
+        let due = match self.last {
+            None => now,
+            Some(last) if self.dirty || self.trail > 0 => last + self.interval,
+            Some(last) => last + REFRESH,
         };
-        let due = if self.dirty {
-            last + self.interval
-        } else {
-            last + REFRESH
-        };
-        if now >= due {
-            self.last = Some(now);
-            self.dirty = false;
-            Step::Grab
-        } else {
-            Step::Wait(due - now)
+        if now < due {
+            return Step::Wait(due - now);
         }
+        self.trail = if self.dirty {
+            TRAIL
+        } else {
+            self.trail.saturating_sub(1)
+        };
+        self.last = Some(now);
+        self.dirty = false;
+        Step::Grab
     }
 }
 
@@ -402,14 +414,38 @@ mod tests {
         let ms = Duration::from_millis;
         let mut p = Pacer::new(ms(16));
         assert_eq!(p.next(t0), Step::Grab, "the first frame at once");
-        assert_eq!(p.next(t0 + ms(5)), Step::Wait(REFRESH - ms(5)), "idle");
+        // Then the trailing frames, one an interval.
+        let mut t = t0;
+        for i in 0..TRAIL {
+            assert_eq!(p.next(t + ms(5)), Step::Wait(ms(11)), "trail {i}: too soon");
+            t += ms(16);
+            assert_eq!(p.next(t), Step::Grab, "trail {i}");
+        }
+        assert_eq!(p.next(t + ms(5)), Step::Wait(REFRESH - ms(5)), "idle");
         p.changed();
-        assert_eq!(p.next(t0 + ms(5)), Step::Wait(ms(11)), "too soon");
-        assert_eq!(p.next(t0 + ms(16)), Step::Grab);
-        p.changed();
-        assert_eq!(p.next(t0 + ms(100)), Step::Grab, "late change: at once");
         assert_eq!(
-            p.next(t0 + ms(100) + REFRESH),
+            p.next(t + ms(5)),
+            Step::Wait(ms(11)),
+            "too soon after the last"
+        );
+        assert_eq!(p.next(t + ms(16)), Step::Grab);
+        p.changed();
+        assert_eq!(
+            p.next(t + ms(100)),
+            Step::Grab,
+            "a change during the trail: at once"
+        );
+        let t = t + ms(100);
+        for _ in 0..TRAIL {
+            assert!(matches!(p.next(t + ms(1)), Step::Wait(_)));
+        }
+        let mut t = t;
+        for _ in 0..TRAIL {
+            t += ms(16);
+            assert_eq!(p.next(t), Step::Grab, "the trail starts over");
+        }
+        assert_eq!(
+            p.next(t + REFRESH),
             Step::Grab,
             "a refresh when nothing changes"
         );
