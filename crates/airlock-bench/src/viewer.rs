@@ -127,7 +127,9 @@ async fn measure(
                     .collect()
             })
             .unwrap_or_default(),
-        missed: count("missed") as usize,
+        // A flip stamped before its press cannot be attributed: counted as
+        // missed, never as a sample.
+        missed: (count("missed") + count("negative")) as usize,
         disconnects: count("disconnects") as usize,
         fallbacks: count("fallbacks") as usize,
         busy: v["busy"].is_object().then(|| Busy {
@@ -242,7 +244,7 @@ pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32, shaped: bo
                 .run
                 .samples_ms
                 .iter()
-                .map(|v| Duration::from_secs_f64(v / 1000.0))
+                .filter_map(|v| Duration::try_from_secs_f64(v / 1000.0).ok())
                 .collect();
             let fps = match &m.run.busy {
                 Some(b) if b.seconds > 0.0 => format!(

@@ -6,7 +6,7 @@ use crate::inputs::{inputs_with_agent, sha256_file};
 use crate::manifest::{LayerRecord, Manifest};
 use crate::recipe::{self, layer_dir_name, BuildContext, HostSteps, LayerKind, Steps};
 use crate::verify::VerifyReport;
-use crate::vm::{Timings, VmArtefacts, VmBuilder};
+use crate::vm::{short, Timings, VmArtefacts, VmBuilder};
 use crate::{ImageError, Progress};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -497,11 +497,6 @@ impl ImageStore {
             format!("{build_id}\n").as_bytes(),
         )
     }
-}
-
-/// The first 16 hex digits of a digest: how cached artefacts are named.
-fn short(digest: &str) -> &str {
-    &digest[..16.min(digest.len())]
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ImageError> {

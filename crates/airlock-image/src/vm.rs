@@ -123,6 +123,13 @@ pub fn kernel_digest(source_sha256: &str) -> Result<String, ImageError> {
     Ok(h.finish())
 }
 
+/// How cached artefacts are named: the first 16 hex digits of their digest
+/// (`kernels/<short>/`, `kernel-src/<short of the tarball>/`,
+/// `rootfs/<short>.ext4`). Pruning finds them by the same names.
+pub(crate) fn short(digest: &str) -> &str {
+    &digest[..16.min(digest.len())]
+}
+
 pub fn rootfs_digest(build_id: &str) -> String {
     let mut h = Hasher::new(ROOTFS_RECIPE);
     h.field("build", build_id.as_bytes());
@@ -150,7 +157,7 @@ impl VmBuilder<'_> {
         let source = find_kernel_source()?;
         let source_sha256 = sha256_file(&source)?;
         let digest = kernel_digest(&source_sha256)?;
-        let out = self.dir.join("kernels").join(&digest[..16]);
+        let out = self.dir.join("kernels").join(short(&digest));
         let started = Instant::now();
         self.progress
             .stage(KERNEL_STAGE, timings.estimate(KERNEL_STAGE, 900));
@@ -185,7 +192,7 @@ impl VmBuilder<'_> {
     ) -> Result<(), ImageError> {
         // The extracted tree is kept, keyed by the tarball: a change of the
         // configuration then rebuilds only what it touches.
-        let src_root = self.dir.join("kernel-src").join(&source_sha256[..16]);
+        let src_root = self.dir.join("kernel-src").join(short(source_sha256));
         let marker = src_root.join(".extracted");
         if !marker.exists() {
             host::remove_tree(&src_root)?;
@@ -282,7 +289,7 @@ impl VmBuilder<'_> {
         let path = self
             .dir
             .join("rootfs")
-            .join(format!("{}.ext4", &digest[..16]));
+            .join(format!("{}.ext4", short(&digest)));
         let started = Instant::now();
         self.progress
             .stage(ROOTFS_STAGE, timings.estimate(ROOTFS_STAGE, 30));

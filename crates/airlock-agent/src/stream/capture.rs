@@ -170,6 +170,7 @@ pub fn capture(
         let mut pacer = Pacer::new(interval);
         let mut measured = Instant::now();
         let mut failed_grabs = 0;
+        let mut look_now = false;
         loop {
             if signals.stop.load(Ordering::Relaxed) {
                 return Ok(());
@@ -178,7 +179,7 @@ pub fn capture(
                 enc.force_keyframe();
                 pacer.changed();
             }
-            let mut look = measured.elapsed() >= SIZE_POLL;
+            let mut look = std::mem::take(&mut look_now) || measured.elapsed() >= SIZE_POLL;
             while let Some(event) = conn.poll_for_event()? {
                 if grabber.is_damage(&event) {
                     pacer.changed();
@@ -219,7 +220,7 @@ pub fn capture(
                 Err(e) if failed_grabs < MAX_FAILED_GRABS => {
                     failed_grabs += 1;
                     tracing::debug!(error = %crate::chain(&e), "grab failed");
-                    measured = Instant::now() - SIZE_POLL;
+                    look_now = true;
                     continue;
                 }
                 Err(e) => return Err(e.into()),
