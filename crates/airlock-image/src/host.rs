@@ -208,6 +208,42 @@ pub fn mounts_below(path: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// Every lower directory of every overlay mounted in this mount namespace:
+/// layers that a running sandbox may be reading, whoever mounted it.
+pub fn overlay_lowerdirs() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| parse_overlay_lowerdirs(&info))
+        .unwrap_or_default()
+}
+
+fn parse_overlay_lowerdirs(info: &str) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for line in info.lines() {
+        // `… mountpoint options [optional fields] - fstype source superoptions`
+        let Some((_, tail)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut fields = tail.split(' ');
+        if fields.next() != Some("overlay") {
+            continue;
+        }
+        let Some(options) = fields.nth(1) else {
+            continue;
+        };
+        for option in options.split(',') {
+            if let Some(list) = option.strip_prefix("lowerdir=") {
+                dirs.extend(
+                    list.split(':')
+                        .map(|d| PathBuf::from(unescape_mountinfo(d))),
+                );
+            } else if let Some(one) = option.strip_prefix("lowerdir+=") {
+                dirs.push(PathBuf::from(unescape_mountinfo(one)));
+            }
+        }
+    }
+    dirs
+}
+
 fn unescape_mountinfo(s: &str) -> String {
     // mountinfo writes space, tab, newline and backslash as \ooo octal escapes.
     let bytes = s.as_bytes();
@@ -343,6 +379,27 @@ pub fn tree_size(path: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlay_lower_directories_are_read_from_mountinfo() {
+        let info = "\
+22 1 0:21 / /proc rw,nosuid shared:12 - proc proc rw
+98 1 0:52 / /srv/sb/1/merged rw,relatime shared:40 - overlay overlay rw,lowerdir=/img/layers/meta-1:/img/layers/base-1,upperdir=/srv/sb/1/upper,workdir=/srv/sb/1/work
+99 1 0:53 / /srv/sb/2/merged rw - overlay overlay rw,lowerdir+=/img/a\\040b,lowerdir+=/img/c,upperdir=/u,workdir=/w
+100 1 8:1 / /data rw - ext4 /dev/vda rw,lowerdir=/not/overlay
+";
+        assert_eq!(
+            parse_overlay_lowerdirs(info),
+            [
+                "/img/layers/meta-1",
+                "/img/layers/base-1",
+                "/img/a b",
+                "/img/c"
+            ]
+            .map(PathBuf::from)
+            .to_vec()
+        );
+    }
 
     #[test]
     fn mountinfo_escapes_are_decoded() {

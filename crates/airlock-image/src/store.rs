@@ -416,9 +416,10 @@ impl ImageStore {
         )
     }
 
-    /// Removes every recorded build except the current one and `keep` (builds
-    /// that running sandboxes still boot from), and every layer, ext4 and
-    /// guest kernel none of the kept builds uses. The kernel that the installed
+    /// Removes every recorded build except the current one, `keep` (builds
+    /// that running sandboxes still boot from) and any build whose layers a
+    /// mounted overlay reads (a sandbox of another data dir), and every layer,
+    /// ext4 and guest kernel none of the kept builds uses. The kernel that the installed
     /// kernel source would build, and its extracted source, stay: the next
     /// `build --vm` reuses them. Returns what was removed.
     pub fn prune(&self, keep: &[String]) -> Result<Vec<PathBuf>, ImageError> {
@@ -428,6 +429,20 @@ impl ImageStore {
         let mut kept_ids: Vec<String> = keep.to_vec();
         if let Some(current) = self.current()? {
             kept_ids.push(current.build_id);
+        }
+        let mounted = host::overlay_lowerdirs();
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("builds")) {
+            for e in rd.filter_map(Result::ok) {
+                let id = e.file_name().to_string_lossy().into_owned();
+                let in_use = self
+                    .manifest(&id)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|m| m.layers.iter().any(|l| mounted.contains(&l.dir)));
+                if in_use && !kept_ids.contains(&id) {
+                    kept_ids.push(id);
+                }
+            }
         }
         let kernels = self.dir.join("kernels");
         let kernel_src = self.dir.join("kernel-src");
@@ -802,6 +817,54 @@ mod tests {
         assert!(matches!(err, ImageError::NoSpace { .. }), "{err}");
         assert!(err.to_string().contains("the base layer"), "{err}");
         assert!(steps.built.borrow().is_empty(), "nothing was started");
+    }
+
+    #[test]
+    fn prune_keeps_a_build_whose_layers_a_mounted_overlay_reads() {
+        if !host::is_root() {
+            eprintln!("skipped: mounting an overlay needs root");
+            return;
+        }
+        let (d, store, opts) = setup();
+        let old = store
+            .build_with(&FakeSteps::default(), &opts, &crate::NoProgress)
+            .expect("build 1");
+        std::fs::write(&opts.agent_bin, b"agent v2").expect("write");
+        store
+            .build_with(&FakeSteps::default(), &opts, &crate::NoProgress)
+            .expect("build 2");
+        // A sandbox this store does not know of boots from the old build.
+        let (upper, work, merged) = (d.path().join("u"), d.path().join("w"), d.path().join("m"));
+        for dir in [&upper, &work, &merged] {
+            mkdirs(dir).expect("mkdir");
+        }
+        let lower: Vec<String> = old
+            .layer_dirs_top_first()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.join(":"),
+                upper.display(),
+                work.display()
+            ))
+            .arg(&merged)
+            .status()
+            .expect("mount");
+        assert!(mounted.success());
+        let removed = store.prune(&[]);
+        let _ = host::unmount(&merged);
+        let removed = removed.expect("prune");
+        assert!(removed.is_empty(), "{removed:?}");
+        assert!(store.manifest(&old.build_id).expect("read").is_some());
+        assert!(old.layers.iter().all(|l| l.dir.is_dir()));
+        // Unmounted, it goes.
+        let removed = store.prune(&[]).expect("prune");
+        assert!(store.manifest(&old.build_id).expect("read").is_none());
+        assert_eq!(removed.len(), 3, "{removed:?}");
     }
 
     #[test]
