@@ -794,6 +794,20 @@ mod tests {
         assert!(m.layers.iter().all(|l| l.dir.is_dir()));
     }
 
+    /// `mount -t fstype -o options fstype target` (root only).
+    fn mount(fstype: &str, options: &str, target: &Path) {
+        let status = std::process::Command::new("mount")
+            .args(["-t", fstype, "-o", options, fstype])
+            .arg(target)
+            .status()
+            .expect("mount");
+        assert!(
+            status.success(),
+            "mounting {fstype} on {}",
+            target.display()
+        );
+    }
+
     #[test]
     fn a_full_disk_is_refused_before_a_layer_is_built() {
         if !host::is_root() {
@@ -803,12 +817,7 @@ mod tests {
         let (d, _, opts) = setup();
         let small = d.path().join("small");
         mkdirs(&small).expect("mkdir");
-        let mount = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-            .arg(&small)
-            .status()
-            .expect("mount");
-        assert!(mount.success());
+        mount("tmpfs", "size=8m", &small);
         let store = ImageStore::new(small.join("images"));
         let steps = FakeSteps::default();
         let err = store.build_with(&steps, &opts, &crate::NoProgress);
@@ -843,18 +852,13 @@ mod tests {
             .iter()
             .map(|p| p.display().to_string())
             .collect();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "overlay", "overlay", "-o"])
-            .arg(format!(
-                "lowerdir={},upperdir={},workdir={}",
-                lower.join(":"),
-                upper.display(),
-                work.display()
-            ))
-            .arg(&merged)
-            .status()
-            .expect("mount");
-        assert!(mounted.success());
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            upper.display(),
+            work.display()
+        );
+        mount("overlay", &options, &merged);
         let removed = store.prune(&[]);
         let _ = host::unmount(&merged);
         let removed = removed.expect("prune");

@@ -190,15 +190,7 @@ async fn openapi_health_and_ui_are_served() {
     }
     let health = h.http.get(h.url("/healthz")).send().await.expect("req");
     assert_eq!(health.status().as_u16(), 200);
-    let page = h
-        .http
-        .get(h.url("/"))
-        .send()
-        .await
-        .expect("req")
-        .text()
-        .await
-        .expect("text");
+    let page = h.text("/").await;
     assert!(page.contains("airlock"), "the UI is served");
     let rfb = h
         .http

@@ -205,16 +205,21 @@ impl Harness {
             .await
     }
 
-    /// The `/metrics` page as text.
-    pub async fn metrics(&self) -> String {
+    /// The body of `GET path` as text, whatever its status.
+    pub async fn text(&self, path: &str) -> String {
         self.http
-            .get(self.url("/metrics"))
+            .get(self.url(path))
             .send()
             .await
-            .expect("metrics")
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
             .text()
             .await
-            .expect("metrics text")
+            .unwrap_or_else(|e| panic!("GET {path}: reading the body: {e}"))
+    }
+
+    /// The `/metrics` page as text.
+    pub async fn metrics(&self) -> String {
+        self.text("/metrics").await
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
