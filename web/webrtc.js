@@ -1,5 +1,6 @@
 // The viewer's fast path: the desktop as a WebRTC video from the control
-// plane, input back over an ordered, reliable data channel. The server is
+// plane, input back over data channels (each message on a reliable one and
+// on one without retransmissions, numbered; the first copy wins). The server is
 // ICE-lite and puts all of its candidates in the answer, so there is no
 // trickle: one offer, one answer (see docs/webrtc.md).
 //
@@ -17,6 +18,8 @@
 import { getKeysym } from '/novnc/core/input/util.js';
 
 const STATS_EVERY_MS = 1000;
+// Between an input's fast copy and its reliable one.
+const COPY_GAP_MS = 4;
 
 export class WebRtcView {
   constructor(container, url) {
@@ -62,7 +65,12 @@ export class WebRtcView {
     const receiver = transceiver.receiver;
     if ('playoutDelayHint' in receiver) receiver.playoutDelayHint = 0;
     if ('jitterBufferTarget' in receiver) receiver.jitterBufferTarget = 0;
+    // Every input goes twice, numbered: on a reliable, ordered channel, and on
+    // one that never retransmits, so a lost packet does not cost the SCTP
+    // retransmission timeout; the server applies the first copy of each, in order.
     this.channel = pc.createDataChannel('input', { ordered: true });
+    this.fastChannel = pc.createDataChannel('input-fast', { ordered: false, maxRetransmits: 0 });
+    this.inputSeq = 0;
 
     pc.addEventListener('track', (ev) => {
       this.video.srcObject = ev.streams[0] || new MediaStream([ev.track]);
@@ -124,7 +132,16 @@ export class WebRtcView {
   }
 
   send(control) {
-    if (this.channel && this.channel.readyState === 'open') this.channel.send(JSON.stringify(control));
+    if (!this.inputReady) return;
+    this.inputSeq += 1;
+    const msg = JSON.stringify({ seq: this.inputSeq, input: control });
+    if (this.fastChannel.readyState === 'open') this.fastChannel.send(msg);
+    // The reliable copy a moment later, so the two do not share a packet (and
+    // its fate). Equal timeouts run in order: the reliable channel's order is
+    // the order of the calls.
+    setTimeout(() => {
+      if (this.channel.readyState === 'open') this.channel.send(msg);
+    }, COPY_GAP_MS);
   }
 
   get inputReady() {

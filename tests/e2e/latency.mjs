@@ -206,6 +206,7 @@ async function main() {
       } else samples.push(Math.round(r * 10) / 10);
       if ((i + 1) % 50 === 0) log(`${i + 1}/${o.presses}`);
     }
+    if (o.path === 'webrtc') log(`receiver: ${JSON.stringify(await page.evaluate(receiverStats))}`);
     let busy = null;
     if (o.busySeconds > 0) {
       await page.keyboard.press('b');
@@ -235,6 +236,39 @@ async function main() {
     await context.close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
+}
+
+// The browser's own account of the video it received (what it waited for,
+// what it lost), and which candidate pair carries it: in the page.
+async function receiverStats() {
+  const v = window.airlockViewer.webrtc;
+  if (!v || !v.pc) return null;
+  const out = {};
+  const report = await v.pc.getStats();
+  const per = (total, count) => (count ? Math.round((total / count) * 1e4) / 10 : null);
+  report.forEach((s) => {
+    if (s.type === 'inbound-rtp' && s.kind === 'video') {
+      Object.assign(out, {
+        frames_decoded: s.framesDecoded,
+        frames_dropped: s.framesDropped,
+        packets_lost: s.packetsLost,
+        packets_received: s.packetsReceived,
+        nacks: s.nackCount,
+        plis: s.pliCount,
+        freezes: s.freezeCount,
+        jitter_buffer_ms: per(s.jitterBufferDelay, s.jitterBufferEmittedCount),
+        decode_ms: per(s.totalDecodeTime, s.framesDecoded),
+        processing_ms: per(s.totalProcessingDelay, s.framesDecoded),
+        assembly_ms: per(s.totalAssemblyTime, s.framesAssembledFromMultiplePackets),
+      });
+    }
+    if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') {
+      const local = report.get(s.localCandidateId);
+      out.pair = local ? `${local.protocol} ${local.candidateType}` : '?';
+      out.rtt_ms = typeof s.currentRoundTripTime === 'number' ? s.currentRoundTripTime * 1000 : null;
+    }
+  });
+  return out;
 }
 
 main().catch((e) => {

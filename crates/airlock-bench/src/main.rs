@@ -96,6 +96,10 @@ enum Cmd {
         /// delaying relay: this kernel has no netem).
         #[arg(long)]
         shaped: bool,
+        /// Second copies of video packets against loss, kbit/s per viewer
+        /// (the control plane's `webrtc_copies_kbps`; 0 for none).
+        #[arg(long, default_value_t = 1000)]
+        copies_kbps: u32,
     },
     /// The quick ones: relay, sandboxes, keypress, and image without the cold build.
     All {
@@ -131,7 +135,8 @@ fn main() -> Result<()> {
             soak_minutes,
             fps,
             shaped,
-        } => rt.block_on(viewer::run(presses, soak_minutes, fps, shaped)),
+            copies_kbps,
+        } => rt.block_on(viewer::run(presses, soak_minutes, fps, shaped, copies_kbps)),
         Cmd::Soak { minutes } => rt.block_on(soak::run(minutes)),
         Cmd::All { image_dir, agent } => {
             rt.block_on(relay::run(2000, 256, 5))?;

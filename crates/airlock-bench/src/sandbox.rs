@@ -117,6 +117,17 @@ impl ControlPlane {
         Ok((status, resp.json().await.unwrap_or(Value::Null)))
     }
 
+    /// The control plane's `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        let resp = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .context("reading /metrics")?;
+        Ok(resp.text().await?)
+    }
+
     /// Create a sandbox; returns its id.
     pub async fn create(&self, kind: &str) -> Result<String> {
         let (status, body) = self

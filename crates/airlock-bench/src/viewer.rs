@@ -148,7 +148,13 @@ async fn measure(
 }
 
 /// `presses` per path with random gaps, or `soak_minutes` of one press a second.
-pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32, shaped: bool) -> Result<()> {
+pub async fn run(
+    presses: usize,
+    soak_minutes: Option<u64>,
+    fps: u32,
+    shaped: bool,
+    copies_kbps: u32,
+) -> Result<()> {
     script()?;
     let shape = Shape {
         rtt: Duration::from_millis(40),
@@ -161,6 +167,7 @@ pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32, shaped: bo
         // Its own addresses, so it can run beside the other benchmarks.
         cfg.address_pool = "10.238.0.0/16".into();
         cfg.webrtc_fps = fps;
+        cfg.webrtc_copies_kbps = copies_kbps;
         cfg.webrtc_address = advertise;
     })
     .await?;
@@ -266,6 +273,16 @@ pub async fn run(presses: usize, soak_minutes: Option<u64>, fps: u32, shaped: bo
             ]);
         }
         t.print();
+        // How the losses were met: which input copy came first, what the
+        // second copies of video packets cost.
+        let metrics = cp.metrics().await.unwrap_or_default();
+        for line in metrics.lines().filter(|l| {
+            l.starts_with("airlock_webrtc_input_applied_total")
+                || l.starts_with("airlock_webrtc_copy_bytes_sent_total")
+                || l.starts_with("airlock_webrtc_video_bytes_sent_total")
+        }) {
+            println!("{line}");
+        }
         if soak_minutes.is_some() {
             let mut s = Table::new(
                 "Soak: one press a second",

@@ -74,6 +74,10 @@ pub struct Config {
     /// Frames per second the guest captures for WebRTC viewers (1–60): more
     /// is lower latency for more guest CPU (docs/performance.md).
     pub webrtc_fps: u32,
+    /// Second copies of video packets against packet loss, at most this many
+    /// kbit/s per viewer (0: none). They go to the frames after a quiet
+    /// spell first — a key press, a click (docs/webrtc.md, "Packet loss").
+    pub webrtc_copies_kbps: u32,
     /// The `firecracker` binary (default: `firecracker` on the PATH).
     pub firecracker_bin: Option<PathBuf>,
     /// When set, the firecracker driver starts every VM under this `jailer`:
@@ -109,6 +113,7 @@ impl Default for Config {
             webrtc_tcp_port: 4001,
             webrtc_address: None,
             webrtc_fps: airlock_proto::stream::DEFAULT_FPS,
+            webrtc_copies_kbps: 1000,
             firecracker_bin: None,
             jailer_bin: None,
             jailer_uid: 64_000,
@@ -218,6 +223,9 @@ impl Config {
         if !(1..=60).contains(&self.webrtc_fps) {
             return invalid("webrtc_fps", "must be between 1 and 60");
         }
+        if self.webrtc_copies_kbps > 100_000 {
+            return invalid("webrtc_copies_kbps", "must be at most 100000 (100 Mbit/s)");
+        }
         if self.webrtc {
             if let Some(ip) = self.webrtc_address {
                 if ip.is_unspecified() || ip.is_multicast() {
@@ -241,6 +249,7 @@ impl Config {
             udp_port: self.webrtc_udp_port,
             tcp_port: self.webrtc_tcp_port,
             advertise: self.webrtc_address.unwrap_or(self.listen.ip()),
+            copies_kbps: self.webrtc_copies_kbps,
         })
     }
 
@@ -301,6 +310,15 @@ mod tests {
             .expect_err("tiny")
             .to_string()
             .starts_with("display_width:"));
+        let cfg = Config {
+            webrtc_copies_kbps: 1_000_000,
+            ..Config::default()
+        };
+        assert!(cfg
+            .validate()
+            .expect_err("a gigabit of copies")
+            .to_string()
+            .starts_with("webrtc_copies_kbps:"));
     }
 
     #[test]

@@ -156,6 +156,16 @@ async fn webrtc_shows_the_desktop_takes_input_and_shares_one_encoder() {
         value("airlock_webrtc_frames_sent_total ") > 10.0,
         "{metrics}"
     );
+    // Input went on both data channels; the unordered one, sent first, won.
+    assert!(
+        value("airlock_webrtc_input_applied_total{channel=\"fast\"} ") > 0.0,
+        "{metrics}"
+    );
+    // The frames after the typing went twice (within the copy budget).
+    assert!(
+        value("airlock_webrtc_copy_bytes_sent_total ") > 0.0,
+        "{metrics}"
+    );
     assert!(
         value("airlock_viewer_input_to_photon_seconds_count{path=\"webrtc\"} ") > 0.0,
         "the viewer reported no latency samples: {metrics}"

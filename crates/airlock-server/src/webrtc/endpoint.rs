@@ -23,6 +23,8 @@ pub struct EndpointConfig {
     pub udp_port: u16,
     pub tcp_port: u16,
     pub advertise: IpAddr,
+    /// Budget of second copies of video packets per viewer (copies.rs).
+    pub copies_kbps: u32,
 }
 
 /// One packet for one peer.
@@ -55,6 +57,7 @@ pub struct Endpoint {
     udp_local: SocketAddr,
     tcp_local: SocketAddr,
     advertise: IpAddr,
+    copies_kbps: u32,
     routes: Mutex<Routes>,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
@@ -84,6 +87,7 @@ impl Endpoint {
             tcp_local: tcp.local_addr()?,
             udp: Arc::new(udp),
             advertise: cfg.advertise,
+            copies_kbps: cfg.copies_kbps,
             routes: Mutex::default(),
             tasks: Mutex::default(),
         });
@@ -111,6 +115,10 @@ impl Endpoint {
 
     pub fn tcp_addr(&self) -> SocketAddr {
         self.tcp_local
+    }
+
+    pub fn copies_kbps(&self) -> u32 {
+        self.copies_kbps
     }
 
     /// The host candidates every peer offers: UDP, and passive ICE-TCP.
@@ -345,6 +353,7 @@ mod tests {
             tcp_port: 0,
             // As behind NAT or a relay: browsers are told another address.
             advertise: "192.0.2.7".parse().expect("ip"),
+            copies_kbps: 0,
         };
         let e = Endpoint::start(&cfg).await.expect("bind");
         let (_a, mut a_rx) = e.register("aaaa");

@@ -9,8 +9,10 @@
 //!  browser ◀──────── SRTP over the shared UDP socket / ICE-TCP ◀──────────┘ endpoint
 //! ```
 
+mod copies;
 pub mod endpoint;
 pub mod hub;
+mod input;
 pub mod session;
 
 pub use endpoint::{Endpoint, EndpointConfig};
@@ -27,6 +29,11 @@ struct PathLabel {
     path: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChannelLabel {
+    channel: String,
+}
+
 /// Stream quality, per session and in total, for `/metrics`.
 #[derive(Debug)]
 pub struct StreamMetrics {
@@ -34,6 +41,8 @@ pub struct StreamMetrics {
     active: Gauge,
     frames: Counter,
     bytes: Counter,
+    copies: Counter,
+    input: Family<ChannelLabel, Counter>,
     rtt: Histogram,
     input_to_photon: Family<PathLabel, Histogram>,
 }
@@ -45,6 +54,8 @@ impl StreamMetrics {
             active: Gauge::default(),
             frames: Counter::default(),
             bytes: Counter::default(),
+            copies: Counter::default(),
+            input: Family::default(),
             rtt: Histogram::new([0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64]),
             input_to_photon: Family::new_with_constructor(|| {
                 Histogram::new([
@@ -73,6 +84,16 @@ impl StreamMetrics {
             m.bytes.clone(),
         );
         metrics.register(
+            "webrtc_copy_bytes_sent",
+            "Bytes of second copies of video packets sent against packet loss",
+            m.copies.clone(),
+        );
+        metrics.register(
+            "webrtc_input_applied",
+            "Viewer input messages applied, by the data channel whose copy came first",
+            m.input.clone(),
+        );
+        metrics.register(
             "webrtc_rtt_seconds",
             "Round-trip time of WebRTC viewers (ICE/RTCP)",
             m.rtt.clone(),
@@ -97,6 +118,19 @@ impl StreamMetrics {
     fn frame_sent(&self, bytes: usize) {
         self.frames.inc();
         self.bytes.inc_by(bytes as u64);
+    }
+
+    fn copy_sent(&self, bytes: usize) {
+        self.copies.inc_by(bytes as u64);
+    }
+
+    fn input_applied(&self, reliable: bool) {
+        let channel = if reliable { "reliable" } else { "fast" };
+        self.input
+            .get_or_create(&ChannelLabel {
+                channel: channel.to_owned(),
+            })
+            .inc();
     }
 
     fn rtt(&self, rtt: Duration) {

@@ -14,8 +14,10 @@
 //! The session ends when either side closes the WebSocket, ICE disconnects,
 //! or the guest's link ends; the close code says which (docs/ui.md).
 
+use super::copies::Copies;
 use super::endpoint::{Endpoint, Packet};
 use super::hub::{Frame, Hub, HubState};
+use super::input::{self, InputOrder};
 use super::StreamMetrics;
 use crate::relay::ws::close;
 use airlock_proto::stream::Control;
@@ -24,9 +26,10 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::change::SdpOffer;
+use str0m::channel::ChannelId;
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, MediaTime, Mid, Pt};
-use str0m::net::Receive;
+use str0m::net::{Protocol, Receive};
 use str0m::rtp::Extension;
 use str0m::{Event, IceConnectionState, IceCreds, Input, Output, Rtc};
 use tokio::sync::broadcast;
@@ -111,7 +114,7 @@ fn pick_pt(rtc: &mut Rtc, mid: Mid) -> Option<Pt> {
         .map(|p| p.pt())
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Sending {
     mid: Option<Mid>,
     pt: Option<Pt>,
@@ -121,6 +124,11 @@ struct Sending {
     frames: u64,
     bytes: u64,
     rtt: Option<Duration>,
+    /// Second copies of video packets (copies.rs).
+    copies: Copies,
+    /// The `input` channel: what arrives on it is the reliable copy.
+    reliable_input: Option<ChannelId>,
+    input: InputOrder,
 }
 
 /// Run one viewer to its end; returns the close code sent.
@@ -211,8 +219,16 @@ async fn run(
     let mut frames = hub.subscribe();
     let mut hub_state = hub.state();
     let mut sending = Sending {
+        mid: None,
+        pt: None,
+        connected: false,
         need_keyframe: true,
-        ..Sending::default()
+        frames: 0,
+        bytes: 0,
+        rtt: None,
+        copies: Copies::new(endpoint.copies_kbps()),
+        reliable_input: None,
+        input: InputOrder::default(),
     };
     let started = Instant::now();
     let mut sent_info = None;
@@ -332,7 +348,15 @@ fn drain(
         };
         match out {
             Output::Timeout(t) => return Ok(t),
-            Output::Transmit(t) => endpoint.send(t.proto, t.destination, &t.contents),
+            Output::Transmit(t) => {
+                endpoint.send(t.proto, t.destination, &t.contents);
+                if t.proto == Protocol::Udp
+                    && sending.copies.second_copy(Instant::now(), &t.contents)
+                {
+                    endpoint.send(t.proto, t.destination, &t.contents);
+                    metrics.copy_sent(t.contents.len());
+                }
+            }
             Output::Event(e) => match e {
                 Event::Connected => {
                     tracing::info!(sandbox = %hub.sandbox_id, "WebRTC viewer connected");
@@ -353,11 +377,20 @@ fn drain(
                     sending.need_keyframe = true;
                     hub.control(Control::Keyframe);
                 }
+                Event::ChannelOpen(id, label) if label == input::RELIABLE => {
+                    sending.reliable_input = Some(id);
+                }
                 Event::ChannelData(d) => match std::str::from_utf8(&d.data)
                     .map_err(|e| e.to_string())
-                    .and_then(|t| Control::parse(t).map_err(|e| e.to_string()))
+                    .and_then(input::parse)
                 {
-                    Ok(c) => hub.control(c),
+                    Ok((seq, c)) => {
+                        let reliable = sending.reliable_input == Some(d.id);
+                        if sending.input.admit(seq, reliable) {
+                            metrics.input_applied(reliable);
+                            hub.control(c);
+                        }
+                    }
                     Err(e) => {
                         tracing::debug!(sandbox = %hub.sandbox_id, error = %e, "viewer input refused")
                     }
