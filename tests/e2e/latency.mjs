@@ -57,7 +57,7 @@ const FLIP_TIMEOUT_MS = 3000;
 
 // Runs in the viewer page: stamps presses and flips.
 function installProbe() {
-  const probe = { presses: [], flips: [], white: null, phases: [], paths: [] };
+  const probe = { presses: [], flips: [], received: [], white: null, phases: [], paths: [] };
   window.__probe = probe;
   addEventListener('keydown', () => probe.presses.push(performance.now()), { capture: true });
   const sampler = document.createElement('canvas');
@@ -70,16 +70,20 @@ function installProbe() {
     const d = ctx.getImageData(0, 0, 1, 1).data;
     return (d[0] + d[1] + d[2]) / 3;
   };
-  const seen = (b, at) => {
+  const seen = (b, at, received) => {
     const white = b > 128 ? true : b < 60 ? false : probe.white;
-    if (probe.white !== null && white !== probe.white) probe.flips.push(at);
+    if (probe.white !== null && white !== probe.white) {
+      probe.flips.push(at);
+      probe.received.push(received);
+    }
     probe.white = white;
   };
   const v = window.airlockViewer;
   if (v.path === 'webrtc') {
     const video = v.webrtc.video;
-    const onFrame = () => {
-      if (video.videoWidth) seen(bright(video, video.videoWidth, video.videoHeight), performance.now());
+    // receiveTime: when the frame's last packet arrived (same clock).
+    const onFrame = (_now, meta) => {
+      if (video.videoWidth) seen(bright(video, video.videoWidth, video.videoHeight), performance.now(), meta.receiveTime);
       video.requestVideoFrameCallback(onFrame);
     };
     video.requestVideoFrameCallback(onFrame);
@@ -206,7 +210,25 @@ async function main() {
       } else samples.push(Math.round(r * 10) / 10);
       if ((i + 1) % 50 === 0) log(`${i + 1}/${o.presses}`);
     }
-    if (o.path === 'webrtc') log(`receiver: ${JSON.stringify(await page.evaluate(receiverStats))}`);
+    if (o.path === 'webrtc') {
+      log(`receiver: ${JSON.stringify(await page.evaluate(receiverStats))}`);
+      // Each flip split where the browser's receive stamp allows: press → last
+      // packet in (network, control plane, guest), and last packet → shown.
+      const split = await page.evaluate(() => {
+        const p = window.__probe;
+        const n = Math.min(p.presses.length, p.flips.length);
+        const net = [];
+        const shown = [];
+        for (let i = 0; i < n; i++) {
+          if (typeof p.received[i] !== 'number') continue;
+          net.push(p.received[i] - p.presses[i]);
+          shown.push(p.flips[i] - p.received[i]);
+        }
+        const med = (a) => (a.length ? a.sort((x, y) => x - y)[Math.floor(a.length / 2)].toFixed(1) : '-');
+        return `press → last packet in p50 ${med(net)} ms, last packet → shown p50 ${med(shown)} ms (${net.length} flips)`;
+      });
+      log(split);
+    }
     let busy = null;
     if (o.busySeconds > 0) {
       await page.keyboard.press('b');
