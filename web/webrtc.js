@@ -121,7 +121,30 @@ export class WebRtcView {
       this.display = { width: msg.width, height: msg.height };
     } else if (msg.type === 'stats') {
       if (typeof msg.rtt_ms === 'number') this.stats.rttMs = msg.rtt_ms;
+    } else if (msg.type === 'cursor') {
+      this.showCursor(msg);
     }
+  }
+
+  /** The guest's pointer picture as this page's pointer over the video (the
+   *  video carries none, so the pointer moves without the stream's latency). */
+  showCursor(c) {
+    if (!c.width || !c.height) {
+      this.video.style.cursor = 'none';
+      return;
+    }
+    let bytes;
+    try {
+      bytes = Uint8ClampedArray.from(atob(c.rgba), (ch) => ch.charCodeAt(0));
+    } catch {
+      return;
+    }
+    if (bytes.length !== c.width * c.height * 4) return;
+    const canvas = document.createElement('canvas');
+    canvas.width = c.width;
+    canvas.height = c.height;
+    canvas.getContext('2d').putImageData(new ImageData(bytes, c.width, c.height), 0, 0);
+    this.video.style.cursor = `url(${canvas.toDataURL()}) ${c.xhot} ${c.yhot}, default`;
   }
 
   /** Report one measured input-to-photon sample to the server's metrics. */

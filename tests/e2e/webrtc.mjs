@@ -147,6 +147,9 @@ async function openViewer(context, n) {
     const frames = async () => page.evaluate(() => window.airlockViewer.webrtc.video.getVideoPlaybackQuality().totalVideoFrames);
     const before = await frames();
     await waitFor(`frames to keep arriving in viewer ${n}`, 10_000, async () => (await frames()) > before + 5);
+    // The guest's pointer picture is this page's pointer over the video.
+    const pointer = () => page.evaluate(() => window.airlockViewer.webrtc.video.style.cursor);
+    await waitFor(`the guest's pointer picture in viewer ${n}`, 10_000, async () => (await pointer()).startsWith('url("data:image/png'));
     const badge = await page.evaluate(() => window.airlockViewer.status);
     log(`viewer ${n} frames keep arriving; badge: ${badge}`);
   }

@@ -11,7 +11,7 @@ use airlock_agent::stream::capture::{self, Options, Output, Signals};
 use airlock_agent::stream::encoder::{self, nal_types};
 use airlock_agent::stream::input::{Injector, Keymap};
 use airlock_agent::stream::route::{CaptureCommand, Streams};
-use airlock_proto::stream::{Control, StreamInfo, VideoFrame, STREAM_PATH};
+use airlock_proto::stream::{Control, CursorImage, StreamInfo, VideoFrame, STREAM_PATH};
 use futures::{SinkExt, StreamExt};
 use gstreamer::prelude::ClockExt;
 use std::process::{Child, Command, Stdio};
@@ -199,6 +199,7 @@ impl Running {
                 Output::Frame(f) if f.keyframe => return (deltas, f),
                 Output::Frame(_) => deltas += 1,
                 Output::Info(i) => panic!("unexpected stream description {i:?}"),
+                Output::Cursor(_) => {}
             }
         }
     }
@@ -243,6 +244,15 @@ fn capture_streams_keyframes_and_follows_resizes() {
             fps: 30
         }
     );
+    // Then the pointer's picture (Xvnc's root window has X's default one).
+    let Output::Cursor(cursor) = run.next(Duration::from_secs(5)) else {
+        panic!("no pointer picture after the stream description");
+    };
+    assert!(cursor.width > 0 && cursor.height > 0, "{cursor:?}");
+    assert!(
+        cursor.rgba.chunks(4).any(|p| p[3] == 255),
+        "the pointer picture has no opaque pixel"
+    );
     let (deltas, first) = run.until_keyframe(Duration::from_secs(5));
     assert_eq!(deltas, 0, "the stream does not start with a keyframe");
     assert_idr_with_headers(&first);
@@ -262,7 +272,7 @@ fn capture_streams_keyframes_and_follows_resizes() {
                     frames += 1;
                 }
                 Ok((_, Output::Info(i))) => panic!("unexpected {i:?}"),
-                Err(_) => {}
+                Ok((_, Output::Cursor(_))) | Err(_) => {}
             }
         }
         frames
@@ -342,6 +352,7 @@ fn capture_streams_keyframes_and_follows_resizes() {
                 break;
             }
             Output::Frame(f) => assert!(f.pts_us > last_pts),
+            Output::Cursor(_) => {}
         }
     }
     let (deltas, kf) = run.until_keyframe(Duration::from_secs(5));
@@ -773,10 +784,16 @@ async fn next_msg(ws: &mut Ws) -> Message {
     }
 }
 
+/// The next video frame; pointer pictures on the way are checked and passed.
 async fn next_frame(ws: &mut Ws) -> VideoFrame {
-    match next_msg(ws).await {
-        Message::Binary(b) => VideoFrame::decode(&b).expect("a video frame"),
-        other => panic!("expected a frame, got {other:?}"),
+    loop {
+        match next_msg(ws).await {
+            Message::Binary(b) if CursorImage::is_cursor(&b) => {
+                CursorImage::decode(&b).expect("a pointer picture");
+            }
+            Message::Binary(b) => return VideoFrame::decode(&b).expect("a video frame"),
+            other => panic!("expected a frame, got {other:?}"),
+        }
     }
 }
 

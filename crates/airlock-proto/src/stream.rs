@@ -7,7 +7,10 @@
 //! * one **text** message [`StreamInfo`] first, and again whenever the
 //!   display's size changes;
 //! * one **binary** message per encoded frame: [`VideoFrame::encode`]'s layout
-//!   (a 13-byte header, then the access unit in Annex-B form).
+//!   (a 13-byte header, then the access unit in Annex-B form);
+//! * one **binary** message [`CursorImage::encode`] at the start and whenever
+//!   the pointer's picture changes (the video carries no pointer: the viewer
+//!   draws it, so it moves without latency).
 //!
 //! The control plane sends **text** messages, each one [`Control`] as JSON:
 //! keyframe requests and the viewer's input, which the guest injects with XTest.
@@ -90,6 +93,84 @@ impl VideoFrame {
             keyframe: msg[9] & 1 == 1,
             data: data.to_vec(),
         })
+    }
+}
+
+const CURSOR_MAGIC: u8 = b'C';
+const CURSOR_HEADER_LEN: usize = 1 + 4 * 2;
+
+/// Largest cursor side either side accepts (browsers show up to 128 px).
+pub const MAX_CURSOR_SIDE: u16 = 128;
+
+/// The pointer's picture: `width * height` pixels of RGBA (straight alpha,
+/// rows top to bottom) and the hot spot within it. A cursor of no pixels is
+/// a hidden pointer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CursorImage {
+    pub width: u16,
+    pub height: u16,
+    pub xhot: u16,
+    pub yhot: u16,
+    pub rgba: Vec<u8>,
+}
+
+/// Why a binary message is not a [`CursorImage`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CursorError {
+    #[error("a cursor message is {0} bytes, not its header and pixels")]
+    Length(usize),
+    #[error("a cursor message starts with {0:#04x}, not the cursor marker")]
+    Magic(u8),
+    #[error("a cursor of {0}x{1} pixels is larger than {MAX_CURSOR_SIDE} a side")]
+    TooLarge(u16, u16),
+    #[error("a cursor's hot spot ({0}, {1}) is outside it")]
+    HotSpot(u16, u16),
+}
+
+impl CursorImage {
+    /// `'C'`, width, height, x and y of the hot spot (u16 big-endian each),
+    /// then the RGBA pixels.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(CURSOR_HEADER_LEN + self.rgba.len());
+        out.push(CURSOR_MAGIC);
+        for v in [self.width, self.height, self.xhot, self.yhot] {
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+        out.extend_from_slice(&self.rgba);
+        out
+    }
+
+    pub fn decode(msg: &[u8]) -> Result<Self, CursorError> {
+        if msg.len() < CURSOR_HEADER_LEN {
+            return Err(CursorError::Length(msg.len()));
+        }
+        if msg[0] != CURSOR_MAGIC {
+            return Err(CursorError::Magic(msg[0]));
+        }
+        let at = |i: usize| u16::from_be_bytes([msg[1 + 2 * i], msg[2 + 2 * i]]);
+        let (width, height, xhot, yhot) = (at(0), at(1), at(2), at(3));
+        if width > MAX_CURSOR_SIDE || height > MAX_CURSOR_SIDE {
+            return Err(CursorError::TooLarge(width, height));
+        }
+        let pixels = &msg[CURSOR_HEADER_LEN..];
+        if pixels.len() != usize::from(width) * usize::from(height) * 4 {
+            return Err(CursorError::Length(msg.len()));
+        }
+        if !pixels.is_empty() && (xhot >= width || yhot >= height) {
+            return Err(CursorError::HotSpot(xhot, yhot));
+        }
+        Ok(CursorImage {
+            width,
+            height,
+            xhot,
+            yhot,
+            rgba: pixels.to_vec(),
+        })
+    }
+
+    /// Whether a binary message is a cursor (else a video frame).
+    pub fn is_cursor(msg: &[u8]) -> bool {
+        msg.first() == Some(&CURSOR_MAGIC)
     }
 }
 
@@ -184,6 +265,53 @@ mod tests {
         .encode();
         bytes[0] = b'X';
         assert_eq!(VideoFrame::decode(&bytes), Err(FrameError::Magic(b'X')));
+    }
+
+    #[test]
+    fn cursors_round_trip_and_bad_ones_are_refused() {
+        let c = CursorImage {
+            width: 2,
+            height: 3,
+            xhot: 1,
+            yhot: 2,
+            rgba: (0..24).collect(),
+        };
+        let bytes = c.encode();
+        assert!(CursorImage::is_cursor(&bytes));
+        assert!(!CursorImage::is_cursor(b"V"));
+        assert_eq!(CursorImage::decode(&bytes), Ok(c.clone()));
+        assert_eq!(
+            CursorImage::decode(&bytes[..bytes.len() - 1]),
+            Err(CursorError::Length(bytes.len() - 1))
+        );
+        let hot = CursorImage {
+            xhot: 2,
+            ..c.clone()
+        };
+        assert_eq!(
+            CursorImage::decode(&hot.encode()),
+            Err(CursorError::HotSpot(2, 2))
+        );
+        let big = CursorImage {
+            width: 129,
+            height: 1,
+            xhot: 0,
+            yhot: 0,
+            rgba: vec![0; 129 * 4],
+        };
+        assert_eq!(
+            CursorImage::decode(&big.encode()),
+            Err(CursorError::TooLarge(129, 1))
+        );
+        let hidden = CursorImage {
+            width: 0,
+            height: 0,
+            xhot: 0,
+            yhot: 0,
+            rgba: vec![],
+        };
+        assert_eq!(CursorImage::decode(&hidden.encode()), Ok(hidden));
+        assert_eq!(CursorImage::decode(b"C1"), Err(CursorError::Length(2)));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::encoder::{self, Encoder, EncoderError, Settings};
 use super::grab::{GrabError, Grabber};
 use super::input::{Injector, SPARE_HOLD};
 use super::wire;
-use airlock_proto::stream::{Control, StreamInfo, VideoFrame, DEFAULT_FPS};
+use airlock_proto::stream::{Control, CursorImage, StreamInfo, VideoFrame, DEFAULT_FPS};
 use std::io::{BufRead, Write};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,6 +91,7 @@ impl Options {
 pub enum Output {
     Info(StreamInfo),
     Frame(VideoFrame),
+    Cursor(CursorImage),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +143,8 @@ pub fn capture(
         conn.randr_select_input(root, randr::NotifyMask::SCREEN_CHANGE)?;
         conn.flush()?;
     }
+    let cursors = super::cursor::watch(&conn, root);
+    conn.flush()?;
     let size = || -> Result<(u32, u32), CaptureError> {
         let g = conn.get_geometry(root)?.reply()?;
         Ok(Settings::even(g.width.into(), g.height.into()))
@@ -165,6 +168,9 @@ pub fn capture(
             fps: opts.fps,
         }))
         .map_err(CaptureError::Write)?;
+        if let Some(c) = cursors.then(|| super::cursor::current(&conn)).flatten() {
+            emit(Output::Cursor(c)).map_err(CaptureError::Write)?;
+        }
         // A new pipeline starts with a keyframe anyway.
         signals.keyframe.store(false, Ordering::Relaxed);
         let mut pacer = Pacer::new(interval);
@@ -180,12 +186,18 @@ pub fn capture(
                 pacer.changed();
             }
             let mut look = std::mem::take(&mut look_now) || measured.elapsed() >= SIZE_POLL;
+            let mut pointer = false;
             while let Some(event) = conn.poll_for_event()? {
                 if grabber.is_damage(&event) {
                     pacer.changed();
+                } else if super::cursor::is_change(&event) {
+                    pointer = true;
                 } else {
                     look = true;
                 }
+            }
+            if let Some(c) = pointer.then(|| super::cursor::current(&conn)).flatten() {
+                emit(Output::Cursor(c)).map_err(CaptureError::Write)?;
             }
             if look {
                 measured = Instant::now();
@@ -391,6 +403,7 @@ pub fn main(args: &[&str]) -> Result<(), String> {
         match o {
             Output::Info(info) => wire::write_info(&mut out, &info)?,
             Output::Frame(frame) => wire::write_frame(&mut out, &frame)?,
+            Output::Cursor(cursor) => wire::write(&mut out, &cursor.encode())?,
         }
         out.flush()
     });

@@ -8,6 +8,7 @@
 //!                                   ▼
 //!                                 `capture` (desktop user)      capture.rs
 //!                                   ├─ DAMAGE + MIT-SHM: pixels   grab.rs
+//!                                   ├─ XFixes: pointer picture    cursor.rs
 //!                                   ├─ GStreamer: → H.264         encoder.rs
 //!                                   └─ XTest: pointer, keys       input.rs
 //! ```
@@ -17,6 +18,7 @@
 //! crash in GStreamer ends one stream, not the agent.
 
 pub mod capture;
+pub mod cursor;
 pub mod encoder;
 pub mod grab;
 pub mod input;

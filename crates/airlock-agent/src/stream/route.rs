@@ -269,6 +269,12 @@ async fn pump<R: AsyncRead + Unpin>(
                     Err(mpsc::error::TrySendError::Closed(_)) => return None,
                 }
             }
+            Piped::Cursor(bytes) => {
+                // Never dropped: the viewer would keep a stale pointer.
+                if out.send(Message::Binary(bytes.into())).await.is_err() {
+                    return None;
+                }
+            }
         }
     }
 }

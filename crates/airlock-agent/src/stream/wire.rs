@@ -1,10 +1,11 @@
 //! The pipe between the agent and its `capture` child: on the child's standard
 //! output, messages framed as a big-endian `u32` length and that many bytes,
-//! either a [`StreamInfo`] as JSON (starts with `{`) or a frame in
-//! [`VideoFrame::encode`]'s layout (starts with `V`). The child's standard input
+//! either a [`StreamInfo`] as JSON (starts with `{`), a frame in
+//! [`VideoFrame::encode`]'s layout (starts with `V`) or the pointer's picture in
+//! [`CursorImage::encode`]'s (starts with `C`). The child's standard input
 //! carries one [`Control`](airlock_proto::stream::Control) as JSON per line.
 
-use airlock_proto::stream::{StreamInfo, VideoFrame, MAX_FRAME_BYTES};
+use airlock_proto::stream::{CursorImage, StreamInfo, VideoFrame, MAX_FRAME_BYTES};
 use std::io::Write;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -21,6 +22,8 @@ pub enum Message {
         keyframe: bool,
         bytes: Vec<u8>,
     },
+    /// The pointer's picture, in [`CursorImage::encode`]'s layout.
+    Cursor(Vec<u8>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +36,11 @@ pub enum WireError {
     Info(#[source] serde_json::Error),
     #[error("the capture program sent a bad frame")]
     Frame(#[source] airlock_proto::stream::FrameError),
-    #[error("the capture program sent a message that is neither a description nor a frame")]
+    #[error("the capture program sent a bad cursor")]
+    Cursor(#[source] airlock_proto::stream::CursorError),
+    #[error(
+        "the capture program sent a message that is neither a description, a frame nor a cursor"
+    )]
     Unknown,
 }
 
@@ -83,6 +90,10 @@ fn parse(payload: Vec<u8>) -> Result<Message, WireError> {
                 bytes: payload,
             })
         }
+        Some(b'C') => {
+            CursorImage::decode(&payload).map_err(WireError::Cursor)?;
+            Ok(Message::Cursor(payload))
+        }
         _ => Err(WireError::Unknown),
     }
 }
@@ -110,6 +121,14 @@ mod tests {
         let mut buf = Vec::new();
         write_info(&mut buf, &info()).expect("write");
         write_frame(&mut buf, &frame).expect("write");
+        let cursor = CursorImage {
+            width: 1,
+            height: 1,
+            xhot: 0,
+            yhot: 0,
+            rgba: vec![1, 2, 3, 4],
+        };
+        write(&mut buf, &cursor.encode()).expect("write");
         let mut r = buf.as_slice();
         assert_eq!(
             read(&mut r).await.expect("read"),
@@ -121,6 +140,10 @@ mod tests {
                 keyframe: true,
                 bytes: frame.encode()
             })
+        );
+        assert_eq!(
+            read(&mut r).await.expect("read"),
+            Some(Message::Cursor(cursor.encode()))
         );
         assert_eq!(read(&mut r).await.expect("read"), None);
     }
@@ -142,6 +165,12 @@ mod tests {
         assert!(matches!(
             read(&mut buf.as_slice()).await,
             Err(WireError::Frame(_))
+        ));
+        let mut buf = Vec::new();
+        write(&mut buf, b"C\0\x01\0\x01\0\0\0\0").expect("write");
+        assert!(matches!(
+            read(&mut buf.as_slice()).await,
+            Err(WireError::Cursor(_))
         ));
         let mut buf = Vec::new();
         write(&mut buf, b"{\"codec\":1}").expect("write");

@@ -3,7 +3,9 @@
 //! and fans each encoded frame out to every viewer by reference. It closes the
 //! link (and so stops the guest's encoder) shortly after its last viewer left.
 
-use airlock_proto::stream::{Control, StreamInfo, VideoFrame, MAX_FRAME_BYTES, STREAM_PATH};
+use airlock_proto::stream::{
+    Control, CursorImage, StreamInfo, VideoFrame, MAX_FRAME_BYTES, STREAM_PATH,
+};
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,6 +42,7 @@ pub struct Hub {
     pub sandbox_id: String,
     frames: broadcast::Sender<Arc<Frame>>,
     info: watch::Receiver<Option<StreamInfo>>,
+    cursor: watch::Receiver<Option<Arc<CursorImage>>>,
     state: watch::Receiver<HubState>,
     control: mpsc::Sender<Control>,
 }
@@ -51,6 +54,11 @@ impl Hub {
 
     pub fn info(&self) -> Option<StreamInfo> {
         self.info.borrow().clone()
+    }
+
+    /// The guest's pointer picture, as it changes.
+    pub fn cursor(&self) -> watch::Receiver<Option<Arc<CursorImage>>> {
+        self.cursor.clone()
     }
 
     pub fn state(&self) -> watch::Receiver<HubState> {
@@ -96,12 +104,14 @@ impl Hubs {
         }
         let (frames, _) = broadcast::channel(FANOUT_DEPTH);
         let (info_tx, info) = watch::channel(None);
+        let (cursor_tx, cursor) = watch::channel(None);
         let (state_tx, state) = watch::channel(HubState::Starting);
         let (control, control_rx) = mpsc::channel(256);
         let hub = Arc::new(Hub {
             sandbox_id: guest.sandbox_id.clone(),
             frames: frames.clone(),
             info,
+            cursor,
             state,
             control,
         });
@@ -110,7 +120,7 @@ impl Hubs {
         let me = Arc::downgrade(&hub);
         tokio::spawn(async move {
             let id = guest.sandbox_id.clone();
-            let reason = run(guest, frames, info_tx, &state_tx, control_rx).await;
+            let reason = run(guest, frames, info_tx, cursor_tx, &state_tx, control_rx).await;
             tracing::info!(sandbox = %id, %reason, "video link to the guest closed");
             let _ = state_tx.send(HubState::Ended(reason));
             if let Some(hubs) = hubs.upgrade() {
@@ -147,6 +157,7 @@ async fn run(
     guest: GuestStream,
     frames: broadcast::Sender<Arc<Frame>>,
     info: watch::Sender<Option<StreamInfo>>,
+    cursor: watch::Sender<Option<Arc<CursorImage>>>,
     state: &watch::Sender<HubState>,
     mut control: mpsc::Receiver<Control>,
 ) -> String {
@@ -175,6 +186,12 @@ async fn run(
     loop {
         tokio::select! {
             msg = socket.next() => match msg {
+                Some(Ok(Message::Binary(b))) if CursorImage::is_cursor(&b) => match CursorImage::decode(&b) {
+                    Ok(c) => {
+                        let _ = cursor.send(Some(Arc::new(c)));
+                    }
+                    Err(e) => return format!("the guest sent a bad cursor: {e}"),
+                },
                 Some(Ok(Message::Binary(b))) => match VideoFrame::decode(&b) {
                     Ok(f) => {
                         let _ = frames.send(Arc::new(Frame {

@@ -10,6 +10,8 @@
 //! server → viewer  {"type":"answer","sdp":…}
 //!                  {"type":"info","width":…,"height":…}  display size
 //!                  {"type":"stats","rtt_ms":…,"frames":…,"bytes":…}  every second
+//!                  {"type":"cursor","width":…,"height":…,"xhot":…,"yhot":…,"rgba":…}
+//!                      the guest's pointer picture (RGBA in base64) when it changes
 //! ```
 //! The session ends when either side closes the WebSocket, ICE disconnects,
 //! or the guest's link ends; the close code says which (docs/ui.md).
@@ -62,6 +64,27 @@ enum ToViewer {
         frames: u64,
         bytes: u64,
     },
+    Cursor {
+        width: u16,
+        height: u16,
+        xhot: u16,
+        yhot: u16,
+        /// Straight RGBA, rows top to bottom, in base64.
+        rgba: String,
+    },
+}
+
+impl ToViewer {
+    fn cursor(c: &airlock_proto::stream::CursorImage) -> Self {
+        use base64::Engine as _;
+        ToViewer::Cursor {
+            width: c.width,
+            height: c.height,
+            xhot: c.xhot,
+            yhot: c.yhot,
+            rgba: base64::engine::general_purpose::STANDARD.encode(&c.rgba),
+        }
+    }
 }
 
 async fn send_json(socket: &mut WebSocket, msg: &ToViewer) -> bool {
@@ -218,6 +241,9 @@ async fn run(
 ) -> u16 {
     let mut frames = hub.subscribe();
     let mut hub_state = hub.state();
+    let mut cursor = hub.cursor();
+    // The picture the guest has now goes out first, then each change.
+    cursor.mark_changed();
     let mut sending = Sending {
         mid: None,
         pt: None,
@@ -286,6 +312,14 @@ async fn run(
                     return close_with(socket, close::GUEST_UNREACHABLE, "the sandbox's video stopped").await;
                 }
             },
+            Ok(()) = cursor.changed() => {
+                let msg = cursor.borrow_and_update().as_deref().map(ToViewer::cursor);
+                if let Some(msg) = msg {
+                    if !send_json(socket, &msg).await {
+                        return close::NORMAL;
+                    }
+                }
+            }
             changed = hub_state.changed() => {
                 let ended = match &*hub_state.borrow() {
                     HubState::Ended(reason) => Some(reason.clone()),
