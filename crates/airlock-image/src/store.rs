@@ -843,24 +843,11 @@ mod tests {
             .build_with(&FakeSteps::default(), &opts, &crate::NoProgress)
             .expect("build 2");
         // A sandbox this store does not know of boots from the old build.
-        let (upper, work, merged) = (d.path().join("u"), d.path().join("w"), d.path().join("m"));
-        for dir in [&upper, &work, &merged] {
-            mkdirs(dir).expect("mkdir");
-        }
-        let lower: Vec<String> = old
-            .layer_dirs_top_first()
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
-        let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.join(":"),
-            upper.display(),
-            work.display()
-        );
-        mount("overlay", &options, &merged);
+        let overlay =
+            crate::verify::Mounted::new(&old.layer_dirs_top_first(), &d.path().join("ov"))
+                .expect("mount");
         let removed = store.prune(&[]);
-        let _ = host::unmount(&merged);
+        drop(overlay);
         let removed = removed.expect("prune");
         assert!(removed.is_empty(), "{removed:?}");
         assert!(store.manifest(&old.build_id).expect("read").is_some());

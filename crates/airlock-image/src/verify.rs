@@ -76,13 +76,13 @@ const VERSION_CHECKS: &[(&str, &[&str], &str)] = &[
 ];
 
 /// The overlay a verification runs in; unmounted and removed on drop.
-struct Mounted {
+pub(crate) struct Mounted {
     root: PathBuf,
     merged: PathBuf,
 }
 
 impl Mounted {
-    fn new(layers_top_first: &[PathBuf], root: &Path) -> Result<Self, ImageError> {
+    pub(crate) fn new(layers_top_first: &[PathBuf], root: &Path) -> Result<Self, ImageError> {
         host::remove_tree(root)?;
         let (upper, work, merged) = (root.join("upper"), root.join("work"), root.join("merged"));
         for d in [&upper, &work, &merged] {
