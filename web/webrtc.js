@@ -267,13 +267,13 @@ export class WebRtcView {
   watchLatency() {
     const v = this.video;
     if (!('requestVideoFrameCallback' in v)) return;
-    const onFrame = () => {
+    const onFrame = (_now, meta) => {
       if (this.closed) return;
       const p = this.latency.pending;
-      // The moment this rendering step sees the frame, as the latency bench
-      // stamps both paths (the callback's `now` is the frame's begin time,
-      // which can come before the frame did).
-      const shown = performance.now();
+      // When the decoded frame was handed to the compositor, as the latency
+      // bench stamps its `ready` figure (docs/performance.md). The callback's
+      // `now` is the frame's begin time, which can come before the frame did.
+      const shown = meta.presentationTime;
       if (p) this.latency.frames++;
       if (p && shown - p.at > 1000) {
         this.latency.pending = null; // that key changed nothing we could see

@@ -100,6 +100,10 @@ enum Cmd {
         /// (the control plane's `webrtc_copies_kbps`; 0 for none).
         #[arg(long, default_value_t = 1000)]
         copies_kbps: u32,
+        /// Also write the viewer page's stamps (every press and flip) to
+        /// RAW.webrtc.json and RAW.vnc.json.
+        #[arg(long)]
+        raw: Option<std::path::PathBuf>,
     },
     /// The quick ones: relay, sandboxes, keypress, and image without the cold build.
     All {
@@ -136,7 +140,15 @@ fn main() -> Result<()> {
             fps,
             shaped,
             copies_kbps,
-        } => rt.block_on(viewer::run(presses, soak_minutes, fps, shaped, copies_kbps)),
+            raw,
+        } => rt.block_on(viewer::run(
+            presses,
+            soak_minutes,
+            fps,
+            shaped,
+            copies_kbps,
+            raw,
+        )),
         Cmd::Soak { minutes } => rt.block_on(soak::run(minutes)),
         Cmd::All { image_dir, agent } => {
             rt.block_on(relay::run(2000, 256, 5))?;

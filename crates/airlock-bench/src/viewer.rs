@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 struct Run {
     path: String,
+    /// Press → the new picture in the page (tests/e2e/latency.mjs: `ready`).
     samples_ms: Vec<f64>,
+    /// Press → the rendering step that first saw it (`step`).
+    step_ms: Vec<f64>,
     missed: usize,
     disconnects: usize,
     fallbacks: usize,
@@ -79,6 +82,7 @@ async fn measure(
     presses: usize,
     gap: (u64, u64),
     busy_seconds: u64,
+    raw: Option<&std::path::Path>,
 ) -> Result<Measured> {
     let (g0, p0, t0) = (cpu_ticks(id), self_ticks(), Instant::now());
     let mut cmd = match &browser.netns {
@@ -89,8 +93,7 @@ async fn measure(
         }
         None => tokio::process::Command::new("node"),
     };
-    let out = cmd
-        .arg(script()?)
+    cmd.arg(script()?)
         .args(["--url", &browser.url, "--id", id, "--path", path])
         .args(["--presses", &presses.to_string()])
         .args([
@@ -99,10 +102,12 @@ async fn measure(
             "--gap-max",
             &gap.1.to_string(),
         ])
-        .args(["--busy-seconds", &busy_seconds.to_string()])
-        .output()
-        .await
-        .context("running node")?;
+        .args(["--busy-seconds", &busy_seconds.to_string()]);
+    if let Some(raw) = raw {
+        cmd.arg("--raw")
+            .arg(raw.with_extension(format!("{path}.json")));
+    }
+    let out = cmd.output().await.context("running node")?;
     let wall = t0.elapsed();
     let (g1, p1) = (cpu_ticks(id), self_ticks());
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
@@ -116,20 +121,23 @@ async fn measure(
     let v: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or(""))
         .with_context(|| format!("reading the script's result: {line}"))?;
     let count = |k: &str| v[k].as_u64().unwrap_or(0);
-    let run = Run {
-        path: v["path"].as_str().unwrap_or(path).to_owned(),
-        samples_ms: v["samples_ms"]
-            .as_array()
+    let samples = |k: &str| {
+        v[k].as_array()
             .map(|a| {
                 a.iter()
                     .filter_map(|x| x.as_f64())
                     .filter(|x| *x >= 0.0)
                     .collect()
             })
-            .unwrap_or_default(),
-        // A flip stamped before its press cannot be attributed: counted as
-        // missed, never as a sample.
-        missed: (count("missed") + count("negative")) as usize,
+            .unwrap_or_default()
+    };
+    let run = Run {
+        path: v["path"].as_str().unwrap_or(path).to_owned(),
+        samples_ms: samples("samples_ms"),
+        step_ms: samples("step_ms"),
+        // A flip stamped before its press, or seen by one stamp and not the
+        // other, cannot be attributed: counted as missed, never as a sample.
+        missed: (count("missed") + count("negative") + count("unpaired")) as usize,
         disconnects: count("disconnects") as usize,
         fallbacks: count("fallbacks") as usize,
         busy: v["busy"].is_object().then(|| Busy {
@@ -154,6 +162,7 @@ pub async fn run(
     fps: u32,
     shaped: bool,
     copies_kbps: u32,
+    raw: Option<PathBuf>,
 ) -> Result<()> {
     script()?;
     let shape = Shape {
@@ -216,7 +225,7 @@ pub async fn run(
                     }
                 })
             };
-            let m = measure(&browser, &id, path, n, gap, busy).await;
+            let m = measure(&browser, &id, path, n, gap, busy, raw.as_deref()).await;
             sampler.abort();
             let m = m?;
             let mut readings = readings.lock().map(|r| r.clone()).unwrap_or_default();
@@ -240,19 +249,21 @@ pub async fn run(
                 "p50",
                 "p95",
                 "p99",
+                "at the rendering step: p50 / p95 / p99",
                 "missed",
                 "busy screen: frames/s shown (drawn)",
                 "guest CPU",
                 "control plane CPU",
             ],
         );
-        for (m, _) in &rows {
-            let d: Vec<Duration> = m
-                .run
-                .samples_ms
-                .iter()
+        let durations = |v: &[f64]| -> Vec<Duration> {
+            v.iter()
                 .filter_map(|v| Duration::try_from_secs_f64(v / 1000.0).ok())
-                .collect();
+                .collect()
+        };
+        for (m, _) in &rows {
+            let d = durations(&m.run.samples_ms);
+            let step = durations(&m.run.step_ms);
             let fps = match &m.run.busy {
                 Some(b) if b.seconds > 0.0 => format!(
                     "{:.1} ({:.1})",
@@ -266,6 +277,12 @@ pub async fn run(
                 ms(percentile(&d, 50.0)),
                 ms(percentile(&d, 95.0)),
                 ms(percentile(&d, 99.0)),
+                format!(
+                    "{} / {} / {}",
+                    ms(percentile(&step, 50.0)),
+                    ms(percentile(&step, 95.0)),
+                    ms(percentile(&step, 99.0))
+                ),
                 m.run.missed.to_string(),
                 fps,
                 format!("{:.0} %", m.guest_cpu),
