@@ -33,6 +33,9 @@ pub const ELEMENTS: &[(&str, &str)] = &[
 /// Seconds between keyframes when nobody asks for one; viewers that lose
 /// packets ask (`Control::Keyframe`), so this is only a backstop.
 const KEYFRAME_INTERVAL_S: u32 = 10;
+/// Most threads a frame is split over: x264 cuts the frame into one slice
+/// each, and slices past a few cost more bits than they save time.
+const MAX_WORKERS: usize = 4;
 
 /// What GStreamer's video encoders add to every timestamp
 /// (`gst_video_encoder_set_min_pts`, 1000 hours in x264enc).
@@ -140,6 +143,7 @@ fn caps(description: &str) -> Result<gst::Element, EncoderError> {
 /// The elements in order, configured for `s`.
 fn elements(s: &Settings) -> Result<Vec<gst::Element>, EncoderError> {
     let p = |k: &'static str, v: &str| (k, v.to_owned());
+    let threads = workers().to_string();
     Ok(vec![
         make(
             "appsrc",
@@ -164,7 +168,7 @@ fn elements(s: &Settings) -> Result<Vec<gst::Element>, EncoderError> {
                 p("leaky-type", "downstream"),
             ],
         )?,
-        make("videoconvert", &[])?,
+        make("videoconvert", &[p("n-threads", &threads)])?,
         caps("video/x-raw,format=I420")?,
         make(
             "x264enc",
@@ -173,8 +177,8 @@ fn elements(s: &Settings) -> Result<Vec<gst::Element>, EncoderError> {
                 p("speed-preset", "ultrafast"),
                 p("bframes", "0"),
                 p("rc-lookahead", "0"),
-                p("sliced-threads", "false"),
-                p("threads", "1"),
+                p("sliced-threads", "true"),
+                p("threads", &threads),
                 p("key-int-max", &(s.fps * KEYFRAME_INTERVAL_S).to_string()),
                 p("bitrate", &s.bitrate_kbit.to_string()),
                 // In byte-stream form x264 repeats SPS and PPS before every
@@ -194,6 +198,15 @@ fn elements(s: &Settings) -> Result<Vec<gst::Element>, EncoderError> {
             ],
         )?,
     ])
+}
+
+/// Threads for one frame's conversion and encoding: the cores there are, up
+/// to [`MAX_WORKERS`].
+fn workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(MAX_WORKERS)
 }
 
 fn init() -> Result<(), EncoderError> {
