@@ -81,30 +81,7 @@ enum Cmd {
     },
     /// Input to photon through the viewer in headless Chromium: WebRTC vs noVNC
     /// (run from the repository root; needs `npm ci --prefix tests/e2e`).
-    Viewer {
-        /// Presses per path, at random gaps of 150–400 ms.
-        #[arg(long, default_value_t = 200)]
-        presses: usize,
-        /// Instead: a soak of one press a second for this many minutes per path.
-        #[arg(long)]
-        soak_minutes: Option<u64>,
-        /// Frames per second the guest encodes for WebRTC.
-        #[arg(long, default_value_t = 60)]
-        fps: u32,
-        /// Between browser and control plane: 40 ms round trip, 10 Mbit/s,
-        /// 0.5 % loss each way (a namespace, a veth pair, tbf, nftables, and a
-        /// delaying relay: this kernel has no netem).
-        #[arg(long)]
-        shaped: bool,
-        /// Second copies of video packets against loss, kbit/s per viewer
-        /// (the control plane's `webrtc_copies_kbps`; 0 for none).
-        #[arg(long, default_value_t = 1000)]
-        copies_kbps: u32,
-        /// Also write the viewer page's stamps (every press and flip) to
-        /// RAW.webrtc.json and RAW.vnc.json.
-        #[arg(long)]
-        raw: Option<std::path::PathBuf>,
-    },
+    Viewer(viewer::Options),
     /// The quick ones: relay, sandboxes, keypress, and image without the cold build.
     All {
         #[arg(long, env = "AIRLOCK_IMAGE_DIR")]
@@ -134,21 +111,7 @@ fn main() -> Result<()> {
         Cmd::Keypress { presses, gap_ms } => {
             rt.block_on(keypress::run(presses, Duration::from_millis(gap_ms)))
         }
-        Cmd::Viewer {
-            presses,
-            soak_minutes,
-            fps,
-            shaped,
-            copies_kbps,
-            raw,
-        } => rt.block_on(viewer::run(
-            presses,
-            soak_minutes,
-            fps,
-            shaped,
-            copies_kbps,
-            raw,
-        )),
+        Cmd::Viewer(opts) => rt.block_on(viewer::run(opts)),
         Cmd::Soak { minutes } => rt.block_on(soak::run(minutes)),
         Cmd::All { image_dir, agent } => {
             rt.block_on(relay::run(2000, 256, 5))?;

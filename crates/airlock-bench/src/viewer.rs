@@ -155,15 +155,43 @@ async fn measure(
     })
 }
 
-/// `presses` per path with random gaps, or `soak_minutes` of one press a second.
-pub async fn run(
+/// What `airlock-bench viewer` measures, and how.
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Presses per path, at random gaps of 150–400 ms.
+    #[arg(long, default_value_t = 200)]
     presses: usize,
+    /// Instead: a soak of one press a second for this many minutes per path.
+    #[arg(long)]
     soak_minutes: Option<u64>,
+    /// Frames per second the guest encodes for WebRTC.
+    #[arg(long, default_value_t = 60)]
     fps: u32,
+    /// Between browser and control plane: 40 ms round trip, 10 Mbit/s,
+    /// 0.5 % loss each way (a namespace, a veth pair, tbf, nftables, and a
+    /// delaying relay: this kernel has no netem).
+    #[arg(long)]
     shaped: bool,
+    /// Second copies of video packets against loss, kbit/s per viewer
+    /// (the control plane's `webrtc_copies_kbps`; 0 for none).
+    #[arg(long, default_value_t = 1000)]
     copies_kbps: u32,
+    /// Also write the viewer page's stamps (every press and flip) to
+    /// RAW.webrtc.json and RAW.vnc.json.
+    #[arg(long)]
     raw: Option<PathBuf>,
-) -> Result<()> {
+}
+
+/// `presses` per path with random gaps, or `soak_minutes` of one press a second.
+pub async fn run(opts: Options) -> Result<()> {
+    let Options {
+        presses,
+        soak_minutes,
+        fps,
+        shaped,
+        copies_kbps,
+        raw,
+    } = opts;
     script()?;
     let shape = Shape {
         rtt: Duration::from_millis(40),
