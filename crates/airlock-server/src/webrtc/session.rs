@@ -41,6 +41,9 @@ const OFFER_DEADLINE: Duration = Duration::from_secs(10);
 /// ICE and DTLS must be done by then.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(15);
 const STATS_EVERY: Duration = Duration::from_secs(1);
+/// Most already-due timeouts one [`drain`] hands back to str0m before it lets
+/// the runtime's timer take over (a bound, should str0m keep asking).
+const MAX_DUE_TIMEOUTS: u32 = 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -365,6 +368,12 @@ async fn run(
 
 /// Poll until str0m has nothing more to say; returns its next deadline, or
 /// the close code when the peer connection is over.
+///
+/// A deadline that is already due is handled here and now: str0m (without
+/// congestion control) asks for a timeout between every two RTP packets it
+/// sends, with a deadline in the past, and the runtime's timer would round
+/// each of those up to its next millisecond tick — a frame of n packets would
+/// leave over n − 1 ticks.
 fn drain(
     rtc: &mut Rtc,
     endpoint: &Endpoint,
@@ -372,6 +381,7 @@ fn drain(
     metrics: &StreamMetrics,
     sending: &mut Sending,
 ) -> Result<Instant, u16> {
+    let mut due = 0;
     loop {
         let out = match rtc.poll_output() {
             Ok(o) => o,
@@ -381,7 +391,14 @@ fn drain(
             }
         };
         match out {
-            Output::Timeout(t) => return Ok(t),
+            Output::Timeout(t) => {
+                let now = Instant::now();
+                if t > now || due == MAX_DUE_TIMEOUTS {
+                    return Ok(t);
+                }
+                due += 1;
+                let _ = rtc.handle_input(Input::Timeout(now));
+            }
             Output::Transmit(t) => {
                 endpoint.send(t.proto, t.destination, &t.contents);
                 if t.proto == Protocol::Udp
