@@ -19,14 +19,13 @@
 //   which in real use is unrelated to the sandbox's own 60 Hz.
 // * step: performance.now() inside the rendering-step callback that first sees
 //   the new picture (requestVideoFrameCallback; an animation frame sampling the
-//   canvas). On this host that step is tied to a grid the sandbox's browser
-//   shares: both Chromiums tick at the same multiples of 16.67 ms of the one
-//   monotonic clock, so a noVNC picture always waits for the next tick of the
-//   same grid it was drawn on (a fixed wait, not a random one), while WebRTC's
-//   callbacks come off the grid. Printed beside `ready` for comparison with
-//   earlier figures. (The callbacks' own `now` argument is the frame's begin
-//   time, which can precede the picture's arrival: it gave flips before their
-//   presses.)
+//   canvas). The two are not alike: noVNC's animation frames come on the page's
+//   16.67 ms frame grid, so its stamp adds the wait for the next refresh, while
+//   WebRTC's requestVideoFrameCallback runs off that grid, some 6–16 ms after
+//   the frame went to the compositor. Printed beside `ready` for comparison
+//   with earlier figures. (The callbacks' own `now` argument is the frame's
+//   begin time, which can precede the picture's arrival: it gave flips before
+//   their presses.)
 //
 // With --busy-seconds, the page is then switched to its busy screen (a full
 // repaint every frame, numbered in blocks at the top left) and every animation
