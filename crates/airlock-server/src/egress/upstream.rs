@@ -26,6 +26,16 @@ pub enum UpstreamError {
     Extra(&'static str),
 }
 
+/// Whether `url`'s authority ends in `:DIGITS` (`[::1]:80` yes, `[::1]` no).
+fn explicit_port(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    host_port
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 impl Upstream {
     pub fn new(host: String, port: u16, username: String, password: SecretString) -> Self {
         Upstream {
@@ -47,7 +57,16 @@ impl Upstream {
             .host_str()
             .filter(|h| !h.is_empty())
             .ok_or(UpstreamError::Missing("host"))?;
-        let port = parsed.port().ok_or(UpstreamError::Missing("port"))?;
+        // The parser drops a port equal to the scheme's default (`:80`), so
+        // one written out is looked for in the text itself.
+        let port = parsed
+            .port()
+            .or_else(|| {
+                explicit_port(url)
+                    .then(|| parsed.port_or_known_default())
+                    .flatten()
+            })
+            .ok_or(UpstreamError::Missing("port"))?;
         if parsed.username().is_empty() {
             return Err(UpstreamError::Missing("user name"));
         }
@@ -147,6 +166,28 @@ mod tests {
         }
         let err = Upstream::parse("https://a:topsecret@h:1").expect_err("scheme");
         assert!(!err.to_string().contains("topsecret"));
+    }
+
+    #[test]
+    fn a_written_out_default_port_is_a_port() {
+        // The URL parser drops `:80` from an http:// URL; it was written, so
+        // it counts (a property test found it: any port but 80 passed).
+        let up = Upstream::parse("http://alice:pw@127.0.0.1:80").expect("port 80");
+        assert_eq!(up.port, 80);
+        let up = Upstream::parse("http://alice:pw@[::1]:80/").expect("IPv6, port 80");
+        assert_eq!((up.host.as_str(), up.port), ("::1", 80));
+        for url in [
+            "http://a:b@h",
+            "http://a:b@[::1]",
+            "http://a:b@h:",
+            "http://a:b@h/:80",
+        ] {
+            assert_eq!(
+                Upstream::parse(url).expect_err(url),
+                UpstreamError::Missing("port"),
+                "{url}"
+            );
+        }
     }
 
     proptest! {
