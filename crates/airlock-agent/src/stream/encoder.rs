@@ -1,11 +1,16 @@
-//! The GStreamer pipeline of `capture`: screen pixels pushed in when they
-//! change ([`super::grab`]), converted to I420 and encoded by x264 for the
+//! The encoder of `capture`: screen pixels converted to I420 as they are
+//! pushed, then a GStreamer pipeline that encodes them with x264 for the
 //! lowest latency, one access unit out per frame in.
 //!
 //! ```text
-//! appsrc(BGRx, on change) ─ videoconvert ─ caps(I420)
-//!     ─ x264enc(zerolatency) ─ caps(constrained baseline, Annex-B, AU) ─ appsink
+//! BGRx (grabbed on change) ─ I420 (dcv-color-primitives, into a pooled buffer)
+//!     ─ appsrc ─ x264enc(zerolatency) ─ caps(constrained baseline, Annex-B, AU) ─ appsink
 //! ```
+//!
+//! The conversion reads the grabbed pixels where they are (the X server's
+//! shared segment) and writes into a buffer of a small pool that GStreamer
+//! hands back when x264 is done with it: the 4 MB screen is never copied as
+//! it is, and no buffer is allocated per frame.
 //!
 //! The capture loop pushes a frame and waits for its access unit before it
 //! grabs the next, so nothing queues between the screen and the encoder: a
@@ -15,9 +20,11 @@
 //! pushed while the previous is still queued, appsrc drops the older one.
 
 use airlock_proto::stream::VideoFrame;
+use dcv_color_primitives as dcp;
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
 use std::time::Duration;
 
 /// Every element the pipeline uses, with the Debian package that ships it (for
@@ -25,7 +32,6 @@ use std::time::Duration;
 pub const ELEMENTS: &[(&str, &str)] = &[
     ("appsrc", "gstreamer1.0-plugins-base"),
     ("capsfilter", "libgstreamer1.0-0"),
-    ("videoconvert", "gstreamer1.0-plugins-base"),
     ("x264enc", "gstreamer1.0-plugins-ugly"),
     ("appsink", "gstreamer1.0-plugins-base"),
 ];
@@ -36,6 +42,23 @@ const KEYFRAME_INTERVAL_S: u32 = 10;
 /// Most threads a frame is split over: x264 cuts the frame into one slice
 /// each, and slices past a few cost more bits than they save time.
 const MAX_WORKERS: usize = 4;
+
+/// The grabbed pixels: 32 bits each, blue first, the fourth byte unused.
+const SCREEN: dcp::ImageFormat = dcp::ImageFormat {
+    pixel_format: dcp::PixelFormat::Bgra,
+    color_space: dcp::ColorSpace::Rgb,
+    num_planes: 1,
+};
+/// What x264 is given: 4:2:0 in three planes, BT.709 in studio range, which
+/// the caps say (`colorimetry=bt709`) and x264 writes into the stream for
+/// the decoder.
+const PLANES: dcp::ImageFormat = dcp::ImageFormat {
+    pixel_format: dcp::PixelFormat::I420,
+    color_space: dcp::ColorSpace::Bt709,
+    num_planes: 3,
+};
+/// Pool buffers made up front: one being converted while x264 holds the other.
+const POOLED: u32 = 2;
 
 /// What GStreamer's video encoders add to every timestamp
 /// (`gst_video_encoder_set_min_pts`, 1000 hours in x264enc).
@@ -90,6 +113,10 @@ pub enum EncoderError {
     Ended,
     #[error("a frame's buffer could not be read")]
     Map(#[source] gst::glib::BoolError),
+    #[error("converting the screen's pixels to I420: {0}")]
+    Convert(dcp::ErrorKind),
+    #[error("no buffer for the next frame")]
+    NoBuffer(#[source] gst::FlowError),
 }
 
 /// Makes `factory` with `props` (name, value as gst-launch would write it),
@@ -140,6 +167,14 @@ fn caps(description: &str) -> Result<gst::Element, EncoderError> {
         })
 }
 
+/// What appsrc takes and the pool's buffers hold.
+fn raw_caps(s: &Settings) -> String {
+    format!(
+        "video/x-raw,format=I420,width={},height={},framerate={}/1,colorimetry=bt709",
+        s.width, s.height, s.fps
+    )
+}
+
 /// The elements in order, configured for `s`.
 fn elements(s: &Settings) -> Result<Vec<gst::Element>, EncoderError> {
     let p = |k: &'static str, v: &str| (k, v.to_owned());
@@ -153,13 +188,7 @@ fn elements(s: &Settings) -> Result<Vec<gst::Element>, EncoderError> {
                 // framerate=0/1, x264 holds every frame back until the next
                 // arrives, to learn its duration: a frame of latency, and on
                 // a quiet screen a second.)
-                p(
-                    "caps",
-                    &format!(
-                        "video/x-raw,format=BGRx,width={},height={},framerate={}/1",
-                        s.width, s.height, s.fps
-                    ),
-                ),
+                p("caps", &raw_caps(s)),
                 p("format", "time"),
                 p("is-live", "true"),
                 p("do-timestamp", "true"),
@@ -168,8 +197,6 @@ fn elements(s: &Settings) -> Result<Vec<gst::Element>, EncoderError> {
                 p("leaky-type", "downstream"),
             ],
         )?,
-        make("videoconvert", &[p("n-threads", &threads)])?,
-        caps("video/x-raw,format=I420")?,
         make(
             "x264enc",
             &[
@@ -200,8 +227,8 @@ fn elements(s: &Settings) -> Result<Vec<gst::Element>, EncoderError> {
     ])
 }
 
-/// Threads for one frame's conversion and encoding: the cores there are, up
-/// to [`MAX_WORKERS`].
+/// Threads for one frame's encoding: the cores there are, up to
+/// [`MAX_WORKERS`].
 fn workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -235,6 +262,10 @@ pub struct Encoder {
     sink: gst_app::AppSink,
     bus: gst::Bus,
     settings: Settings,
+    /// Where each frame's I420 planes lie in a buffer.
+    layout: gst_video::VideoInfo,
+    /// Buffers for the converted frames, handed back by x264 when done.
+    pool: gst::BufferPool,
 }
 
 impl Encoder {
@@ -254,12 +285,24 @@ impl Encoder {
             .and_then(|e| e.clone().downcast::<gst_app::AppSink>().ok())
             .ok_or(missing("appsink", "gstreamer1.0-plugins-base"))?;
         let bus = pipeline.bus().ok_or(EncoderError::Ended)?;
+        let caps = raw_caps(settings)
+            .parse::<gst::Caps>()
+            .map_err(EncoderError::Assemble)?;
+        let layout = gst_video::VideoInfo::from_caps(&caps).map_err(EncoderError::Assemble)?;
+        let pool = gst::BufferPool::new();
+        let mut config = pool.config();
+        // Sizes are far below 4 GiB a frame.
+        config.set_params(Some(&caps), layout.size() as u32, POOLED, 0);
+        pool.set_config(config).map_err(EncoderError::Assemble)?;
+        pool.set_active(true).map_err(EncoderError::Assemble)?;
         let enc = Encoder {
             pipeline,
             src,
             sink,
             bus,
             settings: settings.clone(),
+            layout,
+            pool,
         };
         enc.pipeline
             .set_state(gst::State::Playing)
@@ -268,10 +311,22 @@ impl Encoder {
     }
 
     /// Sends one frame of BGRx pixels (`width * 4` bytes per row) to the
-    /// encoder, stamped with the moment of the call.
+    /// encoder, stamped with the moment of the call. The pixels are read
+    /// once, into I420, before it returns.
     pub fn push(&self, pixels: &[u8]) -> Result<(), EncoderError> {
+        let mut buffer = self
+            .pool
+            .acquire_buffer(None)
+            .map_err(EncoderError::NoBuffer)?;
+        {
+            let buffer = buffer
+                .get_mut()
+                .ok_or(EncoderError::NoBuffer(gst::FlowError::Error))?;
+            let mut planes = buffer.map_writable().map_err(EncoderError::Map)?;
+            to_i420(&self.layout, pixels, planes.as_mut_slice())?;
+        }
         self.src
-            .push_buffer(gst::Buffer::from_slice(pixels.to_vec()))
+            .push_buffer(buffer)
             .map(|_| ())
             .map_err(|_| EncoderError::Ended)
     }
@@ -339,7 +394,34 @@ impl Encoder {
 impl Drop for Encoder {
     fn drop(&mut self) {
         let _ = self.pipeline.set_state(gst::State::Null);
+        let _ = self.pool.set_active(false);
     }
+}
+
+/// Converts `bgrx` (`width * 4` bytes a row) into the I420 planes of `out`,
+/// laid out as `layout` says.
+fn to_i420(layout: &gst_video::VideoInfo, bgrx: &[u8], out: &mut [u8]) -> Result<(), EncoderError> {
+    let (width, height) = (layout.width(), layout.height());
+    let (offsets, strides) = (layout.offset(), layout.stride());
+    let [y_at, u_at, v_at] = [offsets[0], offsets[1], offsets[2]];
+    if out.len() < layout.size() || !(y_at <= u_at && u_at <= v_at) {
+        return Err(EncoderError::Convert(dcp::ErrorKind::NotEnoughData));
+    }
+    let (y, rest) = out.split_at_mut(u_at);
+    let (u, v) = rest.split_at_mut(v_at - u_at);
+    // Strides of a frame are positive (negative ones flip images upside down).
+    let stride = |i: usize| strides[i].unsigned_abs() as usize;
+    dcp::convert_image(
+        width,
+        height,
+        &SCREEN,
+        Some(&[width as usize * 4]),
+        &[bgrx],
+        &PLANES,
+        Some(&[stride(0), stride(1), stride(2)]),
+        &mut [&mut y[y_at..], u, v],
+    )
+    .map_err(EncoderError::Convert)
 }
 
 /// The H.264 NAL unit types in an Annex-B access unit, in order.
@@ -366,6 +448,51 @@ mod tests {
         assert_eq!(Settings::even(1280, 800), (1280, 800));
         assert_eq!(Settings::even(1281, 801), (1280, 800));
         assert_eq!(Settings::even(33, 32), (32, 32));
+    }
+
+    /// The plane layout of a 64×32 frame.
+    fn small_layout() -> gst_video::VideoInfo {
+        init().expect("GStreamer starts");
+        let caps = raw_caps(&Settings {
+            width: 64,
+            height: 32,
+            fps: 30,
+            bitrate_kbit: 1000,
+        })
+        .parse::<gst::Caps>()
+        .expect("the caps parse");
+        gst_video::VideoInfo::from_caps(&caps).expect("the caps describe a frame")
+    }
+
+    /// BT.709 in studio range, as in its tables: black, white and pure red.
+    #[test]
+    fn pixels_become_bt709_studio_range() {
+        let layout = small_layout();
+        let mut out = vec![0u8; layout.size()];
+        let (u_at, v_at) = (layout.offset()[1], layout.offset()[2]);
+        for (bgrx, yuv) in [
+            ([0, 0, 0, 0], [16, 128, 128]),
+            ([255, 255, 255, 0], [235, 128, 128]),
+            ([0, 0, 255, 0], [63, 102, 240]),
+        ] {
+            let pixels: Vec<u8> = bgrx.iter().copied().cycle().take(64 * 32 * 4).collect();
+            to_i420(&layout, &pixels, &mut out).expect("a whole frame converts");
+            let got = [out[0], out[u_at], out[v_at]];
+            let near = got.iter().zip(yuv).all(|(g, w)| g.abs_diff(w) <= 1);
+            assert!(near, "{bgrx:?} became {got:?}, BT.709 says {yuv:?}");
+            assert!(
+                out[..u_at].iter().all(|&v| v == out[0]),
+                "one colour, one luma"
+            );
+        }
+    }
+
+    #[test]
+    fn too_few_pixels_are_an_error_not_a_panic() {
+        let layout = small_layout();
+        let mut out = vec![0u8; layout.size()];
+        assert!(to_i420(&layout, &[0u8; 64 * 4], &mut out).is_err());
+        assert!(to_i420(&layout, &vec![0u8; 64 * 32 * 4], &mut out[..10]).is_err());
     }
 
     #[test]
