@@ -258,7 +258,9 @@ enum Step {
 /// When to grab: as soon as the screen changed, but not sooner than one
 /// frame interval after the last grab; then [`TRAIL`] more frames at the full
 /// rate; and once a [`REFRESH`] when nothing changes, so a viewer's picture and
-/// statistics never go stale.
+/// statistics never go stale. A refresh does not hold back the change that
+/// follows it: it is one frame a second, and waiting for it would delay a
+/// change by up to an interval about once in every `1 s / interval` changes.
 ///
 /// The trailing frames cost little (nothing changed: x264 sends a few bytes)
 /// and do two things: they sharpen what the first frame after a big change
@@ -273,6 +275,8 @@ struct Pacer {
     dirty: bool,
     /// Frames still to send at the full rate after the last change.
     trail: u32,
+    /// The last grab was a refresh (nothing had changed).
+    refreshed: bool,
 }
 
 impl Pacer {
@@ -282,6 +286,7 @@ impl Pacer {
             last: None,
             dirty: true,
             trail: 0,
+            refreshed: false,
         }
     }
 
@@ -293,12 +298,14 @@ impl Pacer {
     fn next(&mut self, now: Instant) -> Step {
         let due = match self.last {
             None => now,
+            Some(_) if self.dirty && self.refreshed => now,
             Some(last) if self.dirty || self.trail > 0 => last + self.interval,
             Some(last) => last + REFRESH,
         };
         if now < due {
             return Step::Wait(due - now);
         }
+        self.refreshed = !self.dirty && self.trail == 0;
         self.trail = if self.dirty {
             TRAIL
         } else {
@@ -462,6 +469,18 @@ mod tests {
             p.next(t + REFRESH),
             Step::Grab,
             "a refresh when nothing changes"
+        );
+        p.changed();
+        assert_eq!(
+            p.next(t + REFRESH + ms(1)),
+            Step::Grab,
+            "a refresh does not hold a change back"
+        );
+        p.changed();
+        assert_eq!(
+            p.next(t + REFRESH + ms(2)),
+            Step::Wait(ms(15)),
+            "but that change's grab does"
         );
     }
 
