@@ -12,6 +12,7 @@
 import RFB from '/novnc/core/rfb.js';
 import { ApiError, getSandbox, getToken, setToken, streamUrl, vncUrl } from '/api.js';
 import { WebRtcView } from '/webrtc.js';
+import { VncStats } from '/vncstats.js';
 
 // Close codes the relay uses. `final` ones stop the reconnect loop.
 const CLOSE_CODES = {
@@ -56,6 +57,7 @@ const WEBRTC_GRACE_MS = 3000;
 let path = FORCED_PATH === 'vnc' ? 'vnc' : 'webrtc';
 let fallbackWhy = '';
 let view = null; // the WebRtcView while the WebRTC path is in use
+let vncStats = null; // the VncStats while the noVNC path is in use
 
 let rfb = null;
 let rfbLive = false; // whether `rfb` still needs a disconnect()
@@ -99,6 +101,10 @@ window.airlockViewer = {
   get webrtc() {
     return view;
   },
+  /** the noVNC path's figures (stats, latency) while that path is in use */
+  get vnc() {
+    return vncStats;
+  },
   /** { code, reason } of the last WebSocket close, or null */
   get lastClose() {
     return lastClose;
@@ -129,15 +135,26 @@ function closeViews() {
   rfbLive = false;
   if (view) view.close();
   view = null;
+  if (vncStats) vncStats.close();
+  vncStats = null;
 }
 
-function webrtcBadge(s) {
-  const parts = ['WebRTC'];
+/** The badge of a connected path: its name, then the session's figures. */
+function connectedBadge(name, s) {
+  const parts = [name];
   if (s.fps) parts.push(`${s.fps} fps`);
   if (s.kbps) parts.push(s.kbps >= 1000 ? `${(s.kbps / 1000).toFixed(1)} Mbit/s` : `${s.kbps} kbit/s`);
   if (typeof s.rttMs === 'number') parts.push(`rtt ${s.rttMs} ms`);
   if (typeof s.inputMs === 'number') parts.push(`input ≈${Math.round(s.inputMs)} ms`);
   return `connected · ${parts.join(' · ')}`;
+}
+
+function webrtcBadge(s) {
+  return connectedBadge('WebRTC', s);
+}
+
+function vncBadge(s) {
+  return connectedBadge(fallbackWhy ? `noVNC (WebRTC: ${fallbackWhy})` : 'noVNC', s);
 }
 
 function connectWebRtc() {
@@ -245,6 +262,11 @@ function connectVnc() {
   }
   rfb = session;
   rfbLive = true;
+  const figures = new VncStats(session, socket, screen);
+  vncStats = figures;
+  figures.onstats = (s) => {
+    if (gen === generation && phase === 'connected') setPhase('connected', vncBadge(s));
+  };
   session.addEventListener('disconnect', () => {
     if (rfb === session) rfbLive = false;
   });
@@ -257,7 +279,7 @@ function connectVnc() {
   session.addEventListener('connect', () => {
     if (gen !== generation) return;
     connectedAt = Date.now();
-    setPhase('connected', fallbackWhy ? `connected · noVNC (WebRTC: ${fallbackWhy})` : 'connected · noVNC');
+    setPhase('connected', vncBadge(figures.stats));
     checkResizeLater();
   });
 

@@ -9,13 +9,12 @@
 //   onfailed(reason, code) the path is gone (the viewer falls back to noVNC)
 //   onstats(stats)         once a second: { fps, kbps, rttMs, inputMs, frames, width, height }
 //
-// Input-to-photon is estimated while in use: after a key press, the first
-// presented frame whose thumbnail differs from the picture at the press (only
-// for a press after a pause of 300 ms). Keys that change nothing on screen give
-// no sample. Samples go to the server's
-// metrics; the badge shows their median.
+// Input-to-photon is estimated while in use (latency.js), each picture taken as
+// shown when the decoded frame was handed to the compositor. Samples go to the
+// server's metrics; the badge shows their median.
 
 import { getKeysym } from '/novnc/core/input/util.js';
+import { InputLatency } from '/latency.js';
 
 const STATS_EVERY_MS = 1000;
 // Between an input's fast copy and its reliable one.
@@ -32,7 +31,13 @@ export class WebRtcView {
     this.playing = false;
     this.display = { width: 0, height: 0 };
     this.stats = { fps: 0, kbps: 0, rttMs: null, inputMs: null, frames: 0, width: 0, height: 0 };
-    this.latency = { pending: null, samples: [], presses: 0, unseen: 0, frames: 0 };
+    this.latency = new InputLatency(
+      () => (this.video.videoWidth ? this.video : null),
+      (ms, median) => {
+        this.stats.inputMs = median;
+        this.sample(ms);
+      },
+    );
     this.buttons = 0;
     this.lastBytes = 0;
     this.lastStatsAt = 0;
@@ -225,8 +230,10 @@ export class WebRtcView {
       const keysym = getKeysym(ev);
       if (!keysym) return;
       ev.preventDefault();
-      if (down) this.keyPressed();
+      const at = performance.now();
       this.send({ type: 'key', keysym, down });
+      // After the send: the estimate's thumbnail must not hold the key back.
+      if (down) this.latency.pressed(at);
     };
     on(v, 'keydown', key(true));
     on(v, 'keyup', key(false));
@@ -237,64 +244,15 @@ export class WebRtcView {
     });
   }
 
-  // A 160x100 thumbnail of the picture now: fine enough that one typed
-  // character changes a pixel of it clearly.
-  thumbnail() {
-    if (!this.thumb) {
-      this.thumb = document.createElement('canvas');
-      this.thumb.width = 160;
-      this.thumb.height = 100;
-      this.thumbCtx = this.thumb.getContext('2d', { willReadFrequently: true });
-      // Average whole areas when shrinking, so a small change still shows.
-      this.thumbCtx.imageSmoothingEnabled = true;
-      this.thumbCtx.imageSmoothingQuality = 'high';
-    }
-    this.thumbCtx.drawImage(this.video, 0, 0, 160, 100);
-    return this.thumbCtx.getImageData(0, 0, 160, 100).data;
-  }
-
-  keyPressed() {
-    // Only a press after a pause: in fast typing the previous key's echo would
-    // be taken for this one's.
-    const now = performance.now();
-    const quiet = now - (this.latency.lastKeyAt || 0) > 300;
-    this.latency.lastKeyAt = now;
-    if (!quiet || this.latency.pending || !this.video.videoWidth) return;
-    this.latency.presses++;
-    this.latency.pending = { at: performance.now(), before: this.thumbnail() };
-  }
-
   watchLatency() {
     const v = this.video;
     if (!('requestVideoFrameCallback' in v)) return;
     const onFrame = (_now, meta) => {
       if (this.closed) return;
-      const p = this.latency.pending;
       // When the decoded frame was handed to the compositor, as the latency
       // bench stamps its `ready` figure (docs/performance.md). The callback's
       // `now` is the frame's begin time, which can come before the frame did.
-      const shown = meta.presentationTime;
-      if (p) this.latency.frames++;
-      if (p && shown - p.at > 1000) {
-        this.latency.pending = null; // that key changed nothing we could see
-        this.latency.unseen++;
-      } else if (p && shown > p.at) {
-        const after = this.thumbnail();
-        let changed = false;
-        // One typed character moves a few thumbnail pixels by 10–40 levels;
-        // an unchanged picture decodes to the same pixels.
-        for (let i = 0; i < after.length && !changed; i++) changed = Math.abs(after[i] - p.before[i]) > 8;
-        if (changed) {
-          const ms = Math.round((shown - p.at) * 10) / 10;
-          this.latency.pending = null;
-          const s = this.latency.samples;
-          s.push(ms);
-          if (s.length > 50) s.shift();
-          const sorted = [...s].sort((a, b) => a - b);
-          this.stats.inputMs = sorted[Math.floor(sorted.length / 2)];
-          this.sample(ms);
-        }
-      }
+      this.latency.shown(meta.presentationTime);
       v.requestVideoFrameCallback(onFrame);
     };
     v.requestVideoFrameCallback(onFrame);

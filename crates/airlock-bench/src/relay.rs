@@ -120,7 +120,7 @@ fn start_relay(source: SocketAddr) -> Result<SocketAddr> {
                                     vnc: source,
                                     password: PASSWORD.into(),
                                 };
-                                relay(socket, target, rx).await;
+                                relay(socket, target, rx, Box::new(|_| {})).await;
                             })
                     }
                 }),

@@ -233,6 +233,21 @@ async fn with_the_media_ports_blocked_the_viewer_falls_back_to_novnc() {
         drive(&h, &id, &["--expect", "vnc", "--type", &typed], || async {}).await;
     }
     assert_eq!(file_in(&h, &id, "/tmp/novnc-mark").await, mark);
+    // The noVNC page's own estimates reach the metrics through the relay.
+    let metrics = h.metrics().await;
+    let vnc_samples = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("airlock_viewer_input_to_photon_seconds_count{path=\"vnc\"} ")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(0.0);
+    assert!(
+        vnc_samples > 0.0,
+        "the noVNC viewer reported no latency samples: {metrics}"
+    );
     h.delete(&format!("/api/v1/sandboxes/{id}")).await;
     h.wait_state(&id, "stopped", Duration::from_secs(30)).await;
     h.shutdown().await;

@@ -200,7 +200,13 @@ pub async fn vnc(
                     })
                 };
                 let stopping = app.stopping.subscribe();
-                let code = ws::relay(socket, target, stopping).await;
+                let metrics = app.stream_metrics.clone();
+                let reports: ws::Reports = Box::new(move |report| match report {
+                    ws::ViewerReport::Sample { input_to_photon_ms } => {
+                        metrics.input_to_photon("vnc", input_to_photon_ms)
+                    }
+                });
+                let code = ws::relay(socket, target, stopping, reports).await;
                 keepalive.abort();
                 code
             }

@@ -1,12 +1,15 @@
 //! Joins a browser's WebSocket to a guest's VNC server. Bounded both ways: the
 //! relay reads from one side only when the other side has taken the previous
 //! chunk, and a viewer that cannot keep up is closed on purpose (4408) instead
-//! of being buffered without end.
+//! of being buffered without end. RFB goes in binary messages; the viewer page
+//! may add text messages of its own ([`ViewerReport`]), which never reach the
+//! guest.
 
 use super::rfb::{self, Wire};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::{Buf, BytesMut};
 use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,6 +37,31 @@ const PONG_DEADLINE: Duration = Duration::from_secs(45);
 /// How long one frame may wait for the viewer before it counts as too slow.
 const SEND_DEADLINE: Duration = Duration::from_secs(10);
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What a viewer page may say besides RFB, as a text message.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ViewerReport {
+    /// One input-to-photon estimate of the page (web/latency.js).
+    Sample { input_to_photon_ms: f64 },
+}
+
+/// Where one viewer's reports go.
+pub type Reports = Box<dyn Fn(ViewerReport) + Send + Sync>;
+
+impl ViewerReport {
+    /// The report in a text message; `None` for anything else, which the
+    /// relay ignores (a page's text is not logged, only its length).
+    pub fn parse(text: &str) -> Option<ViewerReport> {
+        match serde_json::from_str(text) {
+            Ok(r) => Some(r),
+            Err(_) => {
+                tracing::debug!(bytes = text.len(), "ignoring a viewer's text message");
+                None
+            }
+        }
+    }
+}
 
 /// What the relay was given for one viewer.
 #[derive(Debug)]
@@ -86,6 +114,7 @@ pub async fn relay(
     mut socket: WebSocket,
     target: Target,
     mut stopping: broadcast::Receiver<String>,
+    reports: Reports,
 ) -> u16 {
     let connect = tokio::time::timeout(
         HANDSHAKE_DEADLINE,
@@ -158,7 +187,7 @@ pub async fn relay(
         .await;
         return close::GUEST_UNREACHABLE;
     }
-    pump(socket, tcp, &target.sandbox_id, &mut stopping).await
+    pump(socket, tcp, &target.sandbox_id, &mut stopping, reports).await
 }
 
 async fn pump(
@@ -166,6 +195,7 @@ async fn pump(
     tcp: tokio::net::TcpStream,
     id: &str,
     stopping: &mut broadcast::Receiver<String>,
+    reports: Reports,
 ) -> u16 {
     let (mut sink, mut stream) = socket.split();
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
@@ -188,8 +218,13 @@ async fn pump(
                         *t = Instant::now();
                     }
                 }
+                Message::Text(text) => {
+                    if let Some(report) = ViewerReport::parse(&text) {
+                        reports(report);
+                    }
+                }
                 Message::Close(_) => return,
-                Message::Text(_) | Message::Ping(_) => {}
+                Message::Ping(_) => {}
             }
         }
     });
@@ -245,4 +280,28 @@ async fn pump(
     )
     .await;
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_reports_samples_and_anything_else_is_ignored() {
+        assert_eq!(
+            ViewerReport::parse(r#"{"type":"sample","input_to_photon_ms":17.5}"#),
+            Some(ViewerReport::Sample {
+                input_to_photon_ms: 17.5
+            })
+        );
+        for other in [
+            "",
+            "RFB 003.008",
+            r#"{"type":"sample"}"#,
+            r#"{"type":"sample","input_to_photon_ms":"fast"}"#,
+            r#"{"type":"offer","sdp":"v=0"}"#,
+        ] {
+            assert_eq!(ViewerReport::parse(other), None, "{other:?}");
+        }
+    }
 }
