@@ -380,6 +380,8 @@ function scheduleRetry(why) {
 function stop(text, { token = false } = {}) {
   clearTimers();
   generation++;
+  if (vncStats) vncStats.close();
+  vncStats = null;
   setPhase('disconnected', `disconnected: ${text}`);
   overlayTitle.textContent = 'Disconnected';
   overlayText.textContent = text;

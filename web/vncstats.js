@@ -43,12 +43,14 @@ export class VncStats {
     on(socket, 'message', (ev) => {
       this.bytes += ev.data.byteLength || ev.data.length || 0;
     });
-    // Capture phase: noVNC's own key handler stops the event. The estimate's
-    // thumbnail waits until noVNC has sent the key.
-    on(screen, 'keydown', () => {
+    // Every key noVNC sends goes through its (public) sendKey: the estimate's
+    // thumbnail is taken once the key is out, so it never holds the key back.
+    const sendKey = rfb.sendKey.bind(rfb);
+    rfb.sendKey = (keysym, code, down) => {
       const at = performance.now();
-      queueMicrotask(() => this.latency.pressed(at));
-    }, { capture: true });
+      sendKey(keysym, code, down);
+      if (down) this.latency.pressed(at);
+    };
     const display = rfb._display;
     if (display && typeof display.flip === 'function') {
       const flip = display.flip.bind(display);

@@ -191,7 +191,9 @@ fn elements(s: &Settings) -> Result<Vec<gst::Element>, EncoderError> {
                 p("caps", &raw_caps(s)),
                 p("format", "time"),
                 p("is-live", "true"),
-                p("do-timestamp", "true"),
+                // `push` stamps each frame when it is called, before the
+                // conversion, not when the converted frame goes in.
+                p("do-timestamp", "false"),
                 p("block", "false"),
                 p("max-buffers", "1"),
                 p("leaky-type", "downstream"),
@@ -311,9 +313,10 @@ impl Encoder {
     }
 
     /// Sends one frame of BGRx pixels (`width * 4` bytes per row) to the
-    /// encoder, stamped with the moment of the call. The pixels are read
-    /// once, into I420, before it returns.
+    /// encoder, stamped with the moment of the call (the pipeline's running
+    /// time). The pixels are read once, into I420, before it returns.
     pub fn push(&self, pixels: &[u8]) -> Result<(), EncoderError> {
+        let at = self.pipeline.current_running_time();
         let mut buffer = self
             .pool
             .acquire_buffer(None)
@@ -322,6 +325,7 @@ impl Encoder {
             let buffer = buffer
                 .get_mut()
                 .ok_or(EncoderError::NoBuffer(gst::FlowError::Error))?;
+            buffer.set_pts(at);
             let mut planes = buffer.map_writable().map_err(EncoderError::Map)?;
             to_i420(&self.layout, pixels, planes.as_mut_slice())?;
         }

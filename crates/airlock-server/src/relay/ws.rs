@@ -46,13 +46,24 @@ pub enum ViewerReport {
     Sample { input_to_photon_ms: f64 },
 }
 
+/// The longest text message read as a report (one is about 50 bytes).
+const MAX_REPORT: usize = 1024;
+
 /// Where one viewer's reports go.
 pub type Reports = Box<dyn Fn(ViewerReport) + Send + Sync>;
 
 impl ViewerReport {
     /// The report in a text message; `None` for anything else, which the
-    /// relay ignores (a page's text is not logged, only its length).
+    /// relay ignores (a page's text is not logged, only its length), and for
+    /// anything longer than a report can be, unread.
     pub fn parse(text: &str) -> Option<ViewerReport> {
+        if text.len() > MAX_REPORT {
+            tracing::debug!(
+                bytes = text.len(),
+                "ignoring a long text message from a viewer"
+            );
+            return None;
+        }
         match serde_json::from_str(text) {
             Ok(r) => Some(r),
             Err(_) => {
@@ -92,7 +103,8 @@ impl Wire for WsWire<'_> {
         while self.pending.len() < buf.len() {
             match self.socket.recv().await {
                 Some(Ok(Message::Binary(data))) => self.pending.extend_from_slice(&data),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                // A page's reports are not RFB; none is due before the greeting ends.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Text(_))) => {}
                 Some(Ok(_)) | None => return Err(std::io::ErrorKind::UnexpectedEof.into()),
                 Some(Err(e)) => return Err(std::io::Error::other(e)),
             }
@@ -303,5 +315,14 @@ mod tests {
         ] {
             assert_eq!(ViewerReport::parse(other), None, "{other:?}");
         }
+        let padded = format!(
+            r#"{{"type":"sample","input_to_photon_ms":17.5,"pad":"{}"}}"#,
+            "x".repeat(MAX_REPORT)
+        );
+        assert_eq!(
+            ViewerReport::parse(&padded),
+            None,
+            "too long to be a report"
+        );
     }
 }
