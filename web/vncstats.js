@@ -19,7 +19,6 @@ export class VncStats {
   /** `rfb`: the noVNC session; `socket`: its WebSocket; `screen`: the element
    *  holding noVNC's canvas. */
   constructor(rfb, socket, screen) {
-    this.socket = socket;
     this.onstats = () => {};
     this.stats = { fps: 0, kbps: 0, inputMs: null };
     this.bytes = 0;
