@@ -41,6 +41,10 @@ const TAIL_BYTES: usize = 16 * 1024;
 /// After the credentials are captured the CLI may still finish its own work
 /// (fetching a profile, writing settings); then it is stopped.
 const AFTER_CAPTURE_GRACE: Duration = Duration::from_secs(20);
+/// How long a URL read off the screen waits for the browser hook's before it
+/// is opened. A CLI may show a shortened link (Claude Code does) and hand the
+/// browser the full one a moment later; the hook's is what the CLI itself opens.
+const SCREEN_URL_GRACE: Duration = Duration::from_millis(1500);
 /// Largest credential file taken or written.
 pub const MAX_FILE_BYTES: u64 = 256 * 1024;
 
@@ -374,6 +378,8 @@ impl Logins {
         let mut captured_at: Option<tokio::time::Instant> = None;
         let mut exited_at: Option<tokio::time::Instant> = None;
         let mut reader_state = ReaderShared::lookup(id);
+        let mut hooked_url = false;
+        let mut screen_url_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             if !self
@@ -408,13 +414,19 @@ impl Logins {
             {
                 let mut st = run.lock();
                 if let Some(u) = from_hook {
+                    hooked_url = true;
                     if st.url.as_deref() != Some(u.as_str()) && !opened {
                         st.url = Some(u);
                     }
                 }
             }
             let url = run.lock().url.clone();
-            if let (Some(url), false) = (url, opened) {
+            if url.is_some() {
+                screen_url_since.get_or_insert_with(tokio::time::Instant::now);
+            }
+            let settled =
+                hooked_url || screen_url_since.is_some_and(|at| at.elapsed() >= SCREEN_URL_GRACE);
+            if let (Some(url), false, true) = (url, opened, settled) {
                 opened = true;
                 self.open_in_browser(&url);
                 let mut st = run.lock();
@@ -1126,6 +1138,46 @@ mod tests {
         );
         logins.cancel("l1");
         assert!(logins.status("l1").is_err());
+    }
+
+    /// A CLI that shows a shortened link first and hands the browser its full
+    /// URL a moment later (as Claude Code does): the hook's URL is the one
+    /// reported and opened.
+    #[tokio::test]
+    async fn the_browser_hook_wins_over_a_link_shown_first() {
+        let home = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        write_browser_hook(home.path());
+        let logins = Arc::new(Logins::new(test_cfg(home.path(), run.path())));
+        let mut d = def();
+        d.prompts.clear();
+        d.command = vec![
+            "sh".into(),
+            "-c".into(),
+            "printf 'Visit https://auth.example/authorize?short\\n'; sleep 0.6; \
+             $BROWSER 'https://auth.example/authorize?code_challenge=full'; sleep 30"
+                .into(),
+        ];
+        logins
+            .start(LoginStart {
+                login_id: "l3".into(),
+                provider: d,
+            })
+            .expect("start");
+        let mut last = logins.status("l3").expect("status");
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            last = logins.status("l3").expect("status");
+            if last.phase == AgentLoginPhase::AwaitingUser {
+                break;
+            }
+        }
+        assert_eq!(last.phase, AgentLoginPhase::AwaitingUser, "{last:?}");
+        assert_eq!(
+            last.login_url.as_deref(),
+            Some("https://auth.example/authorize?code_challenge=full")
+        );
+        logins.cancel("l3");
     }
 
     #[tokio::test]
