@@ -1091,6 +1091,25 @@ mod tests {
             .expect("chmod");
     }
 
+    /// The login's status once `done` says so, or the last one after `polls`
+    /// looks 100 ms apart.
+    async fn poll(
+        logins: &Logins,
+        id: &str,
+        polls: u32,
+        done: impl Fn(&LoginStatus) -> bool,
+    ) -> LoginStatus {
+        let mut last = logins.status(id).expect("status");
+        for _ in 0..polls {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            last = logins.status(id).expect("status");
+            if done(&last) {
+                break;
+            }
+        }
+        last
+    }
+
     /// A fake CLI (a shell script) under a real PTY: a prompt answered, a URL
     /// taken from the browser hook, the credential file captured.
     #[tokio::test]
@@ -1117,14 +1136,10 @@ mod tests {
             })
             .expect("start");
         assert_eq!(st.phase, AgentLoginPhase::Running);
-        let mut last = st;
-        for _ in 0..100 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            last = logins.status("l1").expect("status");
-            if last.phase == AgentLoginPhase::Captured || last.phase == AgentLoginPhase::Failed {
-                break;
-            }
-        }
+        let last = poll(&logins, "l1", 100, |s| {
+            s.phase == AgentLoginPhase::Captured || s.phase == AgentLoginPhase::Failed
+        })
+        .await;
         assert_eq!(last.phase, AgentLoginPhase::Captured, "{last:?}");
         assert_eq!(
             last.login_url.as_deref(),
@@ -1164,14 +1179,10 @@ mod tests {
                 provider: d,
             })
             .expect("start");
-        let mut last = logins.status("l3").expect("status");
-        for _ in 0..50 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            last = logins.status("l3").expect("status");
-            if last.phase == AgentLoginPhase::AwaitingUser {
-                break;
-            }
-        }
+        let last = poll(&logins, "l3", 50, |s| {
+            s.phase == AgentLoginPhase::AwaitingUser
+        })
+        .await;
         assert_eq!(last.phase, AgentLoginPhase::AwaitingUser, "{last:?}");
         assert_eq!(
             last.login_url.as_deref(),
@@ -1197,14 +1208,7 @@ mod tests {
                 provider: d,
             })
             .expect("start");
-        let mut last = logins.status("l2").expect("status");
-        for _ in 0..60 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            last = logins.status("l2").expect("status");
-            if last.phase == AgentLoginPhase::Failed {
-                break;
-            }
-        }
+        let last = poll(&logins, "l2", 60, |s| s.phase == AgentLoginPhase::Failed).await;
         assert_eq!(last.phase, AgentLoginPhase::Failed);
         let err = last.error.unwrap_or_default();
         assert!(err.contains("status 3"), "{err}");
@@ -1265,24 +1269,11 @@ mod tests {
                 provider: d,
             })
             .expect("start");
-        let mut last = logins.status("l3").expect("status");
-        for _ in 0..50 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            last = logins.status("l3").expect("status");
-            if last.awaiting_code {
-                break;
-            }
-        }
+        let last = poll(&logins, "l3", 50, |s| s.awaiting_code).await;
         assert_eq!(last.phase, AgentLoginPhase::AwaitingUser, "{last:?}");
         assert!(last.awaiting_code, "{last:?}");
         logins.input("l3", "abc").expect("input");
-        for _ in 0..50 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            last = logins.status("l3").expect("status");
-            if last.phase == AgentLoginPhase::Captured {
-                break;
-            }
-        }
+        let last = poll(&logins, "l3", 50, |s| s.phase == AgentLoginPhase::Captured).await;
         assert_eq!(last.phase, AgentLoginPhase::Captured, "{last:?}");
         assert!(!last.awaiting_code, "{last:?}");
         logins.cancel("l3");
