@@ -106,6 +106,20 @@ impl ImageStore {
         &self.dir
     }
 
+    /// Whether the image directory has been made (by a build). A missing one
+    /// is an empty store, not an error: every read treats it so.
+    pub fn exists(&self) -> Result<bool, ImageError> {
+        match std::fs::metadata(&self.dir) {
+            Ok(m) if m.is_dir() => Ok(true),
+            Ok(_) => Err(ImageError::io(
+                format!("{} is not a directory", self.dir.display()),
+                std::io::Error::from(std::io::ErrorKind::NotADirectory),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(ImageError::io(format!("reading {}", self.dir.display()), e)),
+        }
+    }
+
     fn layers_dir(&self) -> PathBuf {
         self.dir.join("layers")
     }
@@ -423,6 +437,11 @@ impl ImageStore {
     /// kernel source would build, and its extracted source, stay: the next
     /// `build --vm` reuses them. Returns what was removed.
     pub fn prune(&self, keep: &[String]) -> Result<Vec<PathBuf>, ImageError> {
+        // A directory no build has made yet holds nothing to prune; taking the
+        // lock would create it (or fail on a missing parent).
+        if !self.exists()? {
+            return Ok(Vec::new());
+        }
         let _lock = DirLock::take(&self.dir.join(".lock"), &crate::NoProgress)?;
         // The lock is ours: whatever is in tmp/ is left from a build that died.
         self.clean_tmp()?;
@@ -703,6 +722,22 @@ mod tests {
             .layers
             .iter()
             .all(|l| l.dir.starts_with(&moved) && l.dir.is_dir()));
+    }
+
+    #[test]
+    fn a_directory_not_made_yet_is_an_empty_store() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let dir = d.path().join("never/made/images");
+        let store = ImageStore::new(dir.clone());
+        assert!(!store.exists().expect("exists"));
+        assert!(store.current().expect("current").is_none());
+        assert!(store.manifest("0123abcd").expect("manifest").is_none());
+        assert!(store.prune(&[]).expect("prune").is_empty());
+        assert!(!dir.exists(), "reading a store must not create its directory");
+        std::fs::create_dir_all(d.path().join("never/made")).expect("mkdir");
+        std::fs::write(&dir, b"not a directory").expect("write");
+        let err = store.prune(&[]).expect_err("a file where the directory should be");
+        assert!(err.to_string().contains("is not a directory"), "{err}");
     }
 
     #[test]

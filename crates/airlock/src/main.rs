@@ -257,10 +257,7 @@ fn image_command(cmd: ImageCommand) -> Result<()> {
             let cfg = load_config(&common)?;
             let store = ImageStore::new(cfg.image_dir());
             let Some(manifest) = store.current()? else {
-                bail!(
-                    "there is no golden image in {}; run `airlock image build`",
-                    cfg.image_dir().display()
-                );
+                bail!("{}", no_image_yet(&store));
             };
             manifest.check_fresh(&airlock_image::expected_inputs(&agent_bin()?)?)?;
             let report = store.verify(&manifest)?;
@@ -291,23 +288,34 @@ fn image_command(cmd: ImageCommand) -> Result<()> {
         }
         ImageCommand::Prune { common, mut keep } => {
             let cfg = load_config(&common)?;
+            let store = ImageStore::new(cfg.image_dir());
+            if !store.exists()? {
+                println!("nothing to prune: {}", no_image_yet(&store));
+                return Ok(());
+            }
             keep.extend(builds_in_use(&cfg.data_dir));
-            for path in ImageStore::new(cfg.image_dir()).prune(&keep)? {
+            for path in store.prune(&keep)? {
                 println!("removed {}", path.display());
             }
         }
         ImageCommand::Show(common) => {
             let cfg = load_config(&common)?;
-            let Some(manifest) = ImageStore::new(cfg.image_dir()).current()? else {
-                bail!(
-                    "there is no golden image in {}; run `airlock image build`",
-                    cfg.image_dir().display()
-                );
-            };
-            println!("{}", serde_json_pretty(&manifest)?);
+            let store = ImageStore::new(cfg.image_dir());
+            match store.current()? {
+                Some(manifest) => println!("{}", serde_json_pretty(&manifest)?),
+                None => println!("{}", no_image_yet(&store)),
+            }
         }
     }
     Ok(())
+}
+
+/// What to say where an image directory holds no build (or is not made yet).
+fn no_image_yet(store: &ImageStore) -> String {
+    format!(
+        "there is no golden image in {} yet; `airlock image build` makes one (and `airlock up` does on its first start)",
+        store.dir().display()
+    )
 }
 
 fn serde_json_pretty(manifest: &Manifest) -> Result<String> {
