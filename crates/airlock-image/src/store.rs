@@ -733,10 +733,15 @@ mod tests {
         assert!(store.current().expect("current").is_none());
         assert!(store.manifest("0123abcd").expect("manifest").is_none());
         assert!(store.prune(&[]).expect("prune").is_empty());
-        assert!(!dir.exists(), "reading a store must not create its directory");
+        assert!(
+            !dir.exists(),
+            "reading a store must not create its directory"
+        );
         std::fs::create_dir_all(d.path().join("never/made")).expect("mkdir");
         std::fs::write(&dir, b"not a directory").expect("write");
-        let err = store.prune(&[]).expect_err("a file where the directory should be");
+        let err = store
+            .prune(&[])
+            .expect_err("a file where the directory should be");
         assert!(err.to_string().contains("is not a directory"), "{err}");
     }
 
