@@ -5,6 +5,7 @@ pub mod app;
 pub mod config;
 pub mod egress;
 pub mod http;
+pub mod instance;
 pub mod metrics;
 pub mod relay;
 pub mod server;

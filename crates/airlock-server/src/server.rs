@@ -32,6 +32,8 @@ pub enum StartError {
     },
     #[error("could not open the vault")]
     Vault(#[from] VaultError),
+    #[error(transparent)]
+    Lock(#[from] crate::instance::LockError),
     #[error("could not open the store")]
     Store(#[from] StoreError),
     #[error("could not listen on {addr}")]
@@ -100,6 +102,8 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     reaper: tokio::task::JoinHandle<()>,
+    /// One server per data dir: held while this one runs.
+    _lock: Arc<crate::instance::DataDirLock>,
 }
 
 impl Running {
@@ -138,8 +142,10 @@ pub async fn start(
         path: cfg.data_dir.clone(),
         source,
     })?;
+    let lock = Arc::new(crate::instance::DataDirLock::acquire(&cfg.data_dir)?);
     let store = Store::open(&cfg.database_url()).await?;
     let vault = Vault::load(&cfg.data_dir)?;
+    lock.record(&vault)?;
     let app = App::new(cfg.app_config(), store, driver, image, cfg.pool()?, vault);
     app.ensure_local_user()
         .await
@@ -170,6 +176,7 @@ pub async fn start(
     }
     let (shutdown, rx) = watch::channel(false);
     let reaper = tokio::spawn(app.clone().run_reaper(rx.clone()));
+    reload_on_hangup(&app, &lock, rx.clone());
     let mut http_rx = rx;
     let http = tokio::spawn(crate::http::serve(listener, app.clone(), async move {
         let _ = http_rx.wait_for(|stop| *stop).await;
@@ -180,5 +187,45 @@ pub async fn start(
         shutdown,
         http,
         reaper,
+        _lock: lock,
     })
+}
+
+/// SIGHUP: load the keyring again (`airlock vault rotate` sends it) and say
+/// in the lock file which keys are now held, so the sender knows.
+fn reload_on_hangup(
+    app: &Arc<App>,
+    lock: &Arc<crate::instance::DataDirLock>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; `airlock vault rotate` needs a restart to take effect");
+            return;
+        }
+    };
+    // Weak: a stopped server must let go of the lock at once, not when this
+    // task next wakes.
+    let (app, lock) = (Arc::downgrade(app), Arc::downgrade(lock));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                got = hangups.recv() => if got.is_none() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let (Some(app), Some(lock)) = (app.upgrade(), lock.upgrade()) else {
+                return;
+            };
+            match app.reload_vault().await {
+                Ok(()) => {
+                    if let Err(e) = lock.record(&*app.vault.read().await) {
+                        tracing::error!(error = %chain(&e), "could not record the reloaded keyring");
+                    }
+                }
+                Err(e) => tracing::error!(error = %chain(&e), "could not reload the vault keyring"),
+            }
+        }
+    });
 }

@@ -364,12 +364,17 @@ async fn every_byte_leaves_through_the_users_upstream() {
     let app = h.running.as_ref().expect("running").app.clone();
     let mut seen = String::new();
 
-    // The admin (the local user on loopback) sets the provider account.
+    // The admin sets the provider account; the token-less local user may not.
+    let admin = h.admin_token().await;
+    let (status, _) = h
+        .call(reqwest::Method::GET, "/api/v1/egress/account", None, None)
+        .await;
+    assert_eq!(status, 403, "local is no admin");
     let (status, body) = h
         .call(
             reqwest::Method::PUT,
             "/api/v1/egress/account",
-            None,
+            Some(&admin),
             Some(
                 json!({ "host": "127.0.0.1", "username": ACCOUNT_USER, "password": ACCOUNT_PASS,
                      "port_min": p1, "port_max": p2 }),
@@ -385,7 +390,7 @@ async fn every_byte_leaves_through_the_users_upstream() {
         .call(
             reqwest::Method::PUT,
             "/api/v1/egress/settings",
-            None,
+            Some(&admin),
             Some(json!({ "echo_url": format!("http://{ORIGIN}/ip"), "upstream_timeout_s": 3 })),
         )
         .await;
@@ -610,7 +615,7 @@ async fn every_byte_leaves_through_the_users_upstream() {
         .call(
             reqwest::Method::PUT,
             "/api/v1/egress/users/bob",
-            None,
+            Some(&admin),
             Some(json!({ "url": format!("http://{ACCOUNT_USER}:wrong-password@127.0.0.1:{p2}") })),
         )
         .await;
@@ -674,7 +679,7 @@ async fn every_byte_leaves_through_the_users_upstream() {
         .call(
             reqwest::Method::PUT,
             "/api/v1/egress/users/local",
-            None,
+            Some(&admin),
             Some(json!({ "url": format!("http://canaryuser:{canary}@127.0.0.1:{p1}") })),
         )
         .await;
@@ -698,7 +703,7 @@ async fn every_byte_leaves_through_the_users_upstream() {
         .call(
             reqwest::Method::GET,
             "/api/v1/egress/users/local",
-            None,
+            Some(&admin),
             None,
         )
         .await;

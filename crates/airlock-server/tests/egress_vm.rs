@@ -53,11 +53,12 @@ async fn a_qemu_sandbox_leaves_only_through_the_users_upstream() {
     })
     .await;
     let _ = h.get("/api/v1/sandboxes").await; // makes the local user
+    let admin = h.admin_token().await;
     let (status, body) = h
         .call(
             reqwest::Method::PUT,
             "/api/v1/egress/users/local",
-            None,
+            Some(&admin),
             Some(json!({ "url": format!("http://vmuser:{password}@127.0.0.1:{port}") })),
         )
         .await;

@@ -123,6 +123,7 @@ async fn whole_flow_with_a_local_oauth_server() {
     let (status, body) = h
         .http
         .put(h.url("/api/v1/egress/users/local"))
+        .bearer_auth(h.admin_token().await)
         .json(&json!({ "url": format!("http://t:t@127.0.0.1:{port}") }))
         .send()
         .await

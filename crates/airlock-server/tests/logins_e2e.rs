@@ -35,6 +35,7 @@ async fn connect_from_the_ui_signs_in_through_the_viewer() {
     let resp = h
         .http
         .put(h.url("/api/v1/egress/users/local"))
+        .bearer_auth(h.admin_token().await)
         .json(&json!({ "url": format!("http://t:t@127.0.0.1:{port}") }))
         .send()
         .await

@@ -212,8 +212,9 @@ async fn five_users_sign_in_at_once() {
         cfg.boot_timeout_s = 600;
     })
     .await;
-    // The first request makes the local user, the admin.
+    // The first request makes the local user; an admin sets upstreams.
     let _ = get(&h, "/api/v1/logins", None).await;
+    let admin = h.admin_token().await;
     let app = h.running.as_ref().expect("running").app.clone();
     let upstream = json!({ "url": format!("http://t:t@127.0.0.1:{port}") });
     let mut users = Vec::new();
@@ -226,7 +227,7 @@ async fn five_users_sign_in_at_once() {
             .await;
         assert_eq!(status, 403, "{name} set its own upstream");
         let (status, body) = h
-            .call(Method::PUT, &path, None, Some(upstream.clone()))
+            .call(Method::PUT, &path, Some(&admin), Some(upstream.clone()))
             .await;
         assert_eq!(status, 200, "{body}");
         users.push((name.to_owned(), token));
@@ -326,11 +327,12 @@ async fn pasted_code_completes_the_login() {
         h,
     } = bed("10.234.61.0/24", |cfg| cfg.login_timeout_s = 900).await;
     let _ = get(&h, "/api/v1/logins", None).await;
+    let admin = h.admin_token().await;
     let (status, body) = h
         .call(
             Method::PUT,
             "/api/v1/egress/users/local",
-            None,
+            Some(&admin),
             Some(json!({ "url": format!("http://t:t@127.0.0.1:{port}") })),
         )
         .await;

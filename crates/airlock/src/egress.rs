@@ -5,19 +5,26 @@
 
 use crate::{load_config, Common};
 use airlock_server::app::egress as eg;
+#[cfg(test)]
+use airlock_server::egress::ExposeSecret;
 use airlock_server::egress::SecretString;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Set an explicit upstream proxy for one user: http://USER:PASS@HOST:PORT
-    /// (`-` reads the URL from stdin); without URL, show the user's upstream.
+    /// Set an explicit upstream proxy for one user, http://USER:PASS@HOST:PORT,
+    /// read from stdin (URL `-`) or from --url-file, never from the command
+    /// line (any local user sees argv); without either, show the user's upstream.
     User {
         name: String,
+        /// `-`: read the URL from the first line of stdin.
         url: Option<String>,
-        /// Remove the user's explicit upstream (the account applies again).
+        /// Read the URL from the first line of this file.
         #[arg(long, conflicts_with = "url")]
+        url_file: Option<std::path::PathBuf>,
+        /// Remove the user's explicit upstream (the account applies again).
+        #[arg(long, conflicts_with_all = ["url", "url_file"])]
         clear: bool,
         #[command(flatten)]
         common: Common,
@@ -82,6 +89,44 @@ fn stdin_line() -> Result<String> {
     Ok(line.trim_end_matches(['\r', '\n']).to_owned())
 }
 
+/// The upstream URL from stdin (`-`) or a file. A URL given on the command
+/// line is refused when it holds a password: argv is public on this host.
+fn upstream_url(
+    arg: Option<String>,
+    file: Option<&std::path::Path>,
+) -> Result<Option<SecretString>> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("could not read {}", path.display()))?;
+        let line = text.lines().next().unwrap_or("").trim().to_owned();
+        return Ok(Some(SecretString::from(line)));
+    }
+    match arg {
+        None => Ok(None),
+        Some(dash) if dash == "-" => Ok(Some(SecretString::from(stdin_line()?))),
+        Some(url) => {
+            if has_password(&url) {
+                bail!(
+                    "the upstream URL holds a password, and a command line is visible to every \
+                     process on this host: give it on stdin (`airlock egress user NAME - < file`, \
+                     or pipe it in) or with `--url-file FILE` — and change that password, since it \
+                     was just exposed"
+                );
+            }
+            Ok(Some(SecretString::from(url)))
+        }
+    }
+}
+
+/// Whether a URL carries `user:password@` (or looks as if it might: text
+/// that does not parse but has an `@` is treated as holding one).
+fn has_password(url: &str) -> bool {
+    match url::Url::parse(url) {
+        Ok(u) => u.password().is_some(),
+        Err(_) => url.contains('@'),
+    }
+}
+
 fn print_user(v: &eg::UserEgressView) {
     match &v.upstream {
         Some(up) => println!("{}: {} ({})", v.user, up, v.source),
@@ -97,9 +142,11 @@ pub async fn run(cmd: Command) -> Result<()> {
         Command::User {
             name,
             url,
+            url_file,
             clear,
             common,
         } => {
+            let url = upstream_url(url, url_file.as_deref())?;
             let (store, vault) = open(&common).await?;
             if clear {
                 let had = eg::clear_user_upstream(&store, &name).await?;
@@ -107,8 +154,7 @@ pub async fn run(cmd: Command) -> Result<()> {
                     eprintln!("{name} had no explicit upstream");
                 }
             } else if let Some(url) = url {
-                let url = if url == "-" { stdin_line()? } else { url };
-                eg::set_user_upstream(&store, &vault, &name, &SecretString::from(url)).await?;
+                eg::set_user_upstream(&store, &vault, &name, &url).await?;
             }
             print_user(&eg::user_egress(&store, &name).await?);
         }
@@ -184,4 +230,30 @@ pub async fn run(cmd: Command) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_on_the_command_line_is_refused() {
+        let err = upstream_url(Some("http://u:hunter2@h:1".into()), None).expect_err("refused");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("--url-file") && !msg.contains("hunter2"),
+            "{msg}"
+        );
+        assert!(has_password("http://u:p@h:1"));
+        assert!(!has_password("http://u@h:1"));
+        assert!(has_password("not a url but u:p@h"));
+        // A file works, and only its first line is read.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("url");
+        std::fs::write(&file, "http://u:p@h:1\nignored\n").expect("write");
+        let url = upstream_url(None, Some(&file))
+            .expect("file")
+            .expect("some");
+        assert_eq!(url.expose_secret(), "http://u:p@h:1");
+    }
 }

@@ -68,8 +68,10 @@ struct UpArgs {
     listen: Option<SocketAddr>,
     #[arg(long, env = "AIRLOCK_DRIVER")]
     driver: Option<DriverKind>,
-    /// `postgres://…` to use PostgreSQL instead of the embedded SQLite.
-    #[arg(long, env = "AIRLOCK_DATABASE_URL")]
+    /// `postgres://…` to use PostgreSQL instead of the embedded SQLite. It may
+    /// hold a password: prefer the environment variable (or the config file)
+    /// to the flag, which every local user sees in the process list.
+    #[arg(long, env = "AIRLOCK_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
 }
 
@@ -107,11 +109,49 @@ enum UserCommand {
     /// Add a user; prints its API token as the last line.
     Add {
         name: String,
+        /// May do admin actions over HTTP: the egress account, other users'
+        /// upstreams, egress settings.
+        #[arg(long)]
+        admin: bool,
         #[command(flatten)]
         common: Common,
     },
-    /// Remove a user that has no live sandboxes; its egress port is released.
+    /// List the users: name, admin, state.
+    Ls(Common),
+    /// A user's API token.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Refuse a user's token (401) until `enable`; its sandboxes and data stay.
+    Disable {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Accept a disabled user's token again.
+    Enable {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Remove a user: its token stops working, its logins are cancelled, its
+    /// credentials and egress rows are deleted, and its sandboxes are ended
+    /// (by the running server's reaper, or by the next `airlock up`); the
+    /// user itself goes once they have ended.
     Remove {
+        name: String,
+        /// How long to wait for a running server to end the user's sandboxes.
+        #[arg(long, default_value_t = 60)]
+        wait_s: u64,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Give the user a new token, printed as the last line; the old one gets
+    /// 401 at once, also on a running server.
+    Rotate {
         name: String,
         #[command(flatten)]
         common: Common,
@@ -322,25 +362,116 @@ fn serde_json_pretty(manifest: &Manifest) -> Result<String> {
     serde_json::to_string_pretty(manifest).context("could not print the manifest")
 }
 
+async fn open_store(common: &Common) -> Result<(Config, airlock_server::store::Store)> {
+    let cfg = load_config(common)?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create {}", cfg.data_dir.display()))?;
+    let store = airlock_server::store::Store::open(&cfg.database_url()).await?;
+    Ok((cfg, store))
+}
+
 async fn user_command(cmd: UserCommand) -> Result<()> {
+    use airlock_server::app::auth;
     match cmd {
-        UserCommand::Add { name, common } => {
-            let cfg = load_config(&common)?;
-            std::fs::create_dir_all(&cfg.data_dir)
-                .with_context(|| format!("create {}", cfg.data_dir.display()))?;
-            let store = airlock_server::store::Store::open(&cfg.database_url()).await?;
-            let (user, token) = airlock_server::app::auth::add_user(&store, &name).await?;
+        UserCommand::Add {
+            name,
+            admin,
+            common,
+        } => {
+            let (_, store) = open_store(&common).await?;
+            let (user, token) = auth::add_user(&store, &name, admin).await?;
             eprintln!(
-                "user {} added (id {}); its API token, shown only now:",
-                user.name, user.id
+                "{} {} added (id {}); its API token, shown only now:",
+                if admin { "admin" } else { "user" },
+                user.name,
+                user.id
             );
             println!("{token}");
         }
-        UserCommand::Remove { name, common } => {
-            let cfg = load_config(&common)?;
-            let store = airlock_server::store::Store::open(&cfg.database_url()).await?;
-            airlock_server::app::egress::remove_user(&store, &name).await?;
-            eprintln!("user {name} removed");
+        UserCommand::Ls(common) => {
+            let (_, store) = open_store(&common).await?;
+            println!("{:<24} {:<6} {:<9} CREATED", "NAME", "ADMIN", "STATE");
+            for u in auth::users(&store).await? {
+                let state = if u.removing {
+                    "removing"
+                } else if u.disabled {
+                    "disabled"
+                } else {
+                    "active"
+                };
+                let created = time::OffsetDateTime::from_unix_timestamp(u.created_at / 1000)
+                    .ok()
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_default();
+                let admin = if u.admin { "yes" } else { "no" };
+                println!("{:<24} {admin:<6} {state:<9} {created}", u.name);
+            }
+        }
+        UserCommand::Token(TokenCommand::Rotate { name, common }) => {
+            let (_, store) = open_store(&common).await?;
+            let token = auth::rotate_token(&store, &name).await?;
+            eprintln!("{name} has a new API token (the old one no longer works), shown only now:");
+            println!("{token}");
+        }
+        UserCommand::Disable { name, common } => {
+            let (_, store) = open_store(&common).await?;
+            auth::set_disabled(&store, &name, true).await?;
+            eprintln!(
+                "user {name} is disabled: its token gets 401 until `airlock user enable {name}`"
+            );
+        }
+        UserCommand::Enable { name, common } => {
+            let (_, store) = open_store(&common).await?;
+            auth::set_disabled(&store, &name, false).await?;
+            eprintln!("user {name} is enabled");
+        }
+        UserCommand::Remove {
+            name,
+            wait_s,
+            common,
+        } => {
+            let (cfg, store) = open_store(&common).await?;
+            let n = match auth::remove_user(&store, &name).await? {
+                auth::Removal::Done => {
+                    eprintln!(
+                        "user {name} removed, with its logins, credentials and egress settings"
+                    );
+                    return Ok(());
+                }
+                auth::Removal::Pending(n) => n,
+            };
+            let Some(server) = airlock_server::instance::holder(&cfg.data_dir)? else {
+                eprintln!(
+                    "user {name} is disabled, its logins cancelled and its credentials and egress \
+                     settings deleted; {n} of its sandboxes still hold resources and are marked to \
+                     stop: the next `airlock up` ends them, then removes the user"
+                );
+                return Ok(());
+            };
+            eprintln!(
+                "user {name} is disabled; the running server{} is ending its {n} sandbox(es)…",
+                server
+                    .pid
+                    .map(|p| format!(" (pid {p})"))
+                    .unwrap_or_default()
+            );
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_s);
+            while std::time::Instant::now() < deadline {
+                if store.user_by_name(&name).await?.is_none() {
+                    eprintln!(
+                        "user {name} removed, with its logins, credentials and egress settings"
+                    );
+                    return Ok(());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            bail!(
+                "user {name} is disabled and its sandboxes are stopping, but they did not end within \
+                 {wait_s} s; the server removes the user once they have (see `airlock user ls`)"
+            );
         }
     }
     Ok(())

@@ -24,8 +24,13 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-/// Create a user; returns the user and its API token (shown only now).
-pub async fn add_user(store: &Store, name: &str) -> Result<(UserRow, String), AppError> {
+/// Create a user; returns the user and its API token (shown only now). An
+/// admin may do the admin actions over HTTP (egress account, others' upstreams).
+pub async fn add_user(
+    store: &Store,
+    name: &str,
+    admin: bool,
+) -> Result<(UserRow, String), AppError> {
     if !valid_name(name) {
         return Err(AppError::BadInput(format!(
             "user name {name:?} must be 1–64 characters of letters, digits, '-', '_' or '.'"
@@ -34,7 +39,7 @@ pub async fn add_user(store: &Store, name: &str) -> Result<(UserRow, String), Ap
     let token = new_token();
     let id = hex::encode(rand::random::<[u8; 8]>());
     match store
-        .insert_user(&id, name, Some(&hash_token(&token)))
+        .insert_user_with(&id, name, Some(&hash_token(&token)), admin)
         .await
     {
         Ok(user) => Ok((user, token)),
@@ -45,9 +50,137 @@ pub async fn add_user(store: &Store, name: &str) -> Result<(UserRow, String), Ap
     }
 }
 
+async fn named(store: &Store, name: &str) -> Result<UserRow, AppError> {
+    store
+        .user_by_name(name)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("user {name:?}")))
+}
+
+fn not_local(name: &str, what: &str) -> Result<(), AppError> {
+    if name == LOCAL_USER {
+        return Err(AppError::BadInput(format!(
+            "the {LOCAL_USER:?} user cannot be {what}: it has no token, being the token-less \
+             user of a loopback-bound airlock"
+        )));
+    }
+    Ok(())
+}
+
+fn being_removed(name: &str) -> AppError {
+    AppError::Conflict(format!("user {name:?} is being removed"))
+}
+
+/// Give a user a new token; the old one gets 401 from now on (tokens are
+/// looked up in the store on every request). Returns the new token.
+pub async fn rotate_token(store: &Store, name: &str) -> Result<String, AppError> {
+    not_local(name, "given a token")?;
+    let user = named(store, name).await?;
+    let token = new_token();
+    if !store.set_token_hash(&user.id, &hash_token(&token)).await? {
+        return Err(being_removed(name));
+    }
+    Ok(token)
+}
+
+/// Disable (its token gets 401, its data stays) or enable a user.
+pub async fn set_disabled(store: &Store, name: &str, disabled: bool) -> Result<(), AppError> {
+    not_local(name, if disabled { "disabled" } else { "enabled" })?;
+    let user = named(store, name).await?;
+    if !store.set_user_disabled(&user.id, disabled).await? {
+        return Err(being_removed(name));
+    }
+    Ok(())
+}
+
+/// Every user.
+pub async fn users(store: &Store) -> Result<Vec<UserRow>, AppError> {
+    Ok(store.users().await?)
+}
+
+/// Where a removal stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// The user and every row naming it are gone.
+    Done,
+    /// The user is disabled and its secrets deleted; this many of its
+    /// sandboxes still hold host resources. The control plane's reaper ends
+    /// them and then deletes the user.
+    Pending(u64),
+}
+
+const REMOVED_REASON: &str = "its user was removed";
+
+/// `airlock user remove`: at once the user's token stops working, its logins
+/// are cancelled, its credentials and egress rows are deleted and its live
+/// sandboxes are told to stop; the user row goes as soon as no sandbox of it
+/// holds host resources (now, or when the reaper has ended them).
+pub async fn remove_user(store: &Store, name: &str) -> Result<Removal, AppError> {
+    if name == LOCAL_USER {
+        return Err(AppError::BadInput(format!(
+            "the {LOCAL_USER:?} user cannot be removed"
+        )));
+    }
+    let user = named(store, name).await?;
+    store.begin_user_removal(&user.id, REMOVED_REASON).await?;
+    finish_removal(store, &user.id).await
+}
+
+/// Try to complete a started removal.
+pub async fn finish_removal(store: &Store, user_id: &str) -> Result<Removal, AppError> {
+    if store.finish_user_removal(user_id).await? {
+        return Ok(Removal::Done);
+    }
+    Ok(Removal::Pending(
+        store.begin_user_removal(user_id, REMOVED_REASON).await?,
+    ))
+}
+
 impl App {
     pub async fn add_user(&self, name: &str) -> Result<(UserRow, String), AppError> {
-        add_user(&self.store, name).await
+        add_user(&self.store, name, false).await
+    }
+
+    /// A user that may do admin actions over HTTP.
+    pub async fn add_admin(&self, name: &str) -> Result<(UserRow, String), AppError> {
+        add_user(&self.store, name, true).await
+    }
+
+    /// Run by the reaper: for every user being removed, stop what still runs
+    /// of it (repeating the removal catches a sandbox created meanwhile), tear
+    /// its stopping sandboxes down, and delete it once nothing holds resources.
+    pub(crate) async fn finish_user_removals(self: &std::sync::Arc<Self>) {
+        let Ok(users) = self.store.users_being_removed().await else {
+            return;
+        };
+        for user in users {
+            if let Err(e) = self
+                .store
+                .begin_user_removal(&user.id, REMOVED_REASON)
+                .await
+            {
+                tracing::error!(user = %user.name, error = %e, "could not stop a removed user's sandboxes");
+                continue;
+            }
+            for id in self
+                .store
+                .stopping_sandboxes_of(&user.id)
+                .await
+                .unwrap_or_default()
+            {
+                self.teardown(&id, super::state::SandboxState::Stopped)
+                    .await;
+            }
+            match finish_removal(&self.store, &user.id).await {
+                Ok(Removal::Done) => tracing::info!(user = %user.name, "user removed"),
+                Ok(Removal::Pending(n)) => {
+                    tracing::info!(user = %user.name, sandboxes = n, "user removal waits for its sandboxes")
+                }
+                Err(e) => {
+                    tracing::error!(user = %user.name, error = %e, "could not finish removing a user")
+                }
+            }
+        }
     }
 
     /// Make sure the token-less local user exists.

@@ -12,10 +12,9 @@
 //! directly, like `airlock user add`). A running control plane picks up a
 //! change within [`CACHE_TTL`]; through the API at once.
 
-use super::auth::LOCAL_USER;
 use super::{App, AppError};
 use crate::egress::{self, ProxyConfig, Resolve, Stats, Upstream};
-use crate::store::{now_ms, AccountRow, SandboxRow, Store, StoreError, UpstreamRow, UserRow};
+use crate::store::{now_ms, AccountRow, SandboxRow, Store, UpstreamRow, UserRow};
 use crate::vault::{Aad, Vault};
 use airlock_drivers::host::RealHost;
 use airlock_drivers::net::{firewall, link::LinkNames};
@@ -39,6 +38,16 @@ const SETTING_TIMEOUT: &str = "upstream_timeout_s";
 const DEFAULT_TIMEOUT_S: u64 = 10;
 const ACCOUNT_PURPOSE: &str = "egress-account";
 const UPSTREAM_PURPOSE: &str = "egress-upstream";
+
+/// What the provider account's password is bound to.
+pub(crate) fn account_aad() -> Aad {
+    Aad::new("", ACCOUNT_PURPOSE, crate::store::EGRESS_ACCOUNT_ID)
+}
+
+/// What a user's explicit upstream password is bound to.
+pub(crate) fn upstream_aad(user_id: &str) -> Aad {
+    Aad::new(user_id, UPSTREAM_PURPOSE, "explicit")
+}
 
 // ---- views (API bodies and answers; the CLI prints them too) ----
 
@@ -201,10 +210,7 @@ pub async fn set_account(
     let row = AccountRow {
         host: input.host.clone(),
         username: input.username.clone(),
-        password_sealed: vault.seal(
-            input.password.expose_secret().as_bytes(),
-            &Aad::new("", ACCOUNT_PURPOSE, crate::store::EGRESS_ACCOUNT_ID),
-        ),
+        password_sealed: vault.seal(input.password.expose_secret().as_bytes(), &account_aad()),
         port_min: input.port_min,
         port_max: input.port_max,
         updated_at: now_ms(),
@@ -248,7 +254,7 @@ pub async fn set_user_upstream(
         username: up.username.clone(),
         password_sealed: vault.seal(
             up.password().expose_secret().as_bytes(),
-            &Aad::new(&user.id, UPSTREAM_PURPOSE, "explicit"),
+            &upstream_aad(&user.id),
         ),
         updated_at: now_ms(),
     };
@@ -329,33 +335,6 @@ pub async fn set_settings(store: &Store, s: &EgressSettings) -> Result<EgressSet
     settings(store).await
 }
 
-/// `airlock user remove`: the user, its finished sandboxes' rows, and its
-/// egress (its port goes back to the range). Refused while it has live sandboxes.
-pub async fn remove_user(store: &Store, name: &str) -> Result<(), AppError> {
-    if name == LOCAL_USER {
-        return Err(AppError::BadInput(format!(
-            "the {LOCAL_USER:?} user cannot be removed"
-        )));
-    }
-    let user = user_named(store, name).await?;
-    match store.remove_user_and_egress(&user.id).await {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(AppError::Conflict(format!(
-            "user {name:?} still has sandboxes that hold resources; delete them first"
-        ))),
-        Err(StoreError::Query { source, .. }) if is_fk(&source) => {
-            Err(AppError::Conflict(format!(
-                "user {name:?} still has records (e.g. logins or credentials) that refer to it"
-            )))
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn is_fk(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.is_foreign_key_violation())
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
     Explicit,
@@ -386,10 +365,7 @@ async fn resolve(
         Ok(SecretString::from(text))
     };
     if let Some(u) = store.egress_upstream(user_id).await? {
-        let password = open(
-            &u.password_sealed,
-            &Aad::new(user_id, UPSTREAM_PURPOSE, "explicit"),
-        )?;
+        let password = open(&u.password_sealed, &upstream_aad(user_id))?;
         let up = Upstream::new(u.host, u.port, u.username, password);
         return Ok(Some((Arc::new(up), Source::Explicit)));
     }
@@ -405,10 +381,7 @@ async fn resolve(
             a.port_min, a.port_max
         )));
     };
-    let password = open(
-        &a.password_sealed,
-        &Aad::new("", ACCOUNT_PURPOSE, crate::store::EGRESS_ACCOUNT_ID),
-    )?;
+    let password = open(&a.password_sealed, &account_aad())?;
     let up = Upstream::new(a.host, port, a.username, password);
     Ok(Some((Arc::new(up), Source::Account)))
 }
@@ -669,8 +642,10 @@ impl App {
 
     // ---- API ----
 
+    /// Admin actions need a user with the admin flag (`airlock user add NAME
+    /// --admin`); the token-less `local` user is not one by being local.
     pub fn is_egress_admin(&self, user: &UserRow) -> bool {
-        user.name == LOCAL_USER
+        user.admin && !user.disabled
     }
 
     pub async fn set_egress_account(&self, input: &AccountInput) -> Result<AccountView, AppError> {

@@ -81,7 +81,7 @@ fn new_id() -> String {
     hex::encode(rand::random::<[u8; 8]>())
 }
 
-fn aad(owner: &str, provider: &str, login_id: &str) -> Aad {
+pub(crate) fn aad(owner: &str, provider: &str, login_id: &str) -> Aad {
     Aad::new(owner, &format!("credentials:{provider}"), login_id)
 }
 
@@ -920,41 +920,4 @@ impl App {
         tracing::info!(login = %row.id, workspace = %ws.id, "credentials delivered");
         Ok(ws.id)
     }
-}
-
-/// Re-seal every stored credential under the vault's current key (after
-/// `Vault::rotate`); a record another writer changed meanwhile is left to it.
-/// Returns how many records were re-sealed. Any record that does not open
-/// stops the run, so old keys are never retired over it.
-pub async fn reseal_all(
-    store: &crate::store::Store,
-    vault: &crate::vault::Vault,
-) -> Result<usize, AppError> {
-    let mut n = 0;
-    for c in store.all_credentials().await? {
-        if c.key_id == vault.current_key_id() {
-            continue;
-        }
-        let a = aad(&c.owner_id, &c.provider, &c.login_id);
-        let plain = vault.open(&c.sealed, &a).map_err(|e| {
-            AppError::Internal(format!(
-                "credentials of {} for {}: {e}",
-                c.provider, c.owner_id
-            ))
-        })?;
-        let sealed = vault.seal(plain.expose_secret(), &a);
-        if store
-            .reseal_credential(
-                &c.owner_id,
-                &c.provider,
-                &c.sealed,
-                &sealed,
-                vault.current_key_id(),
-            )
-            .await?
-        {
-            n += 1;
-        }
-    }
-    Ok(n)
 }

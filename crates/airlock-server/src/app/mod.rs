@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod auth;
 pub mod egress;
+pub mod keyring;
 pub mod logins;
 pub mod reaper;
 pub mod sandboxes;

@@ -8,7 +8,7 @@ pub mod upstream;
 
 pub use proxy::{serve, ProxyConfig, Resolve, Stats};
 /// Re-exported so the CLI hands passwords over without a plain `String` API.
-pub use secrecy::SecretString;
+pub use secrecy::{ExposeSecret, SecretString};
 pub use upstream::{Upstream, UpstreamError};
 
 /// The port of every sandbox's forward proxy, on its own gateway address.

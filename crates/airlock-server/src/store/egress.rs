@@ -302,38 +302,6 @@ impl Store {
         };
         Ok(())
     }
-
-    /// Remove a user that has no live sandbox: its egress rows (its port goes
-    /// back to the range), its finished sandbox rows, and the user itself, in
-    /// one transaction. `Ok(false)` when the user has live sandboxes.
-    pub async fn remove_user_and_egress(&self, user_id: &str) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(q("begin"))?;
-        let live = sqlx::query(
-            "SELECT id FROM sandboxes WHERE owner_id = $1 \
-             AND (state NOT IN ('stopped', 'failed') OR lease_index IS NOT NULL)",
-        )
-        .bind(user_id)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(q("find a user's live sandboxes"))?;
-        if !live.is_empty() {
-            return Ok(false);
-        }
-        for stmt in [
-            "DELETE FROM egress_user_ports WHERE user_id = $1",
-            "DELETE FROM egress_user_upstreams WHERE user_id = $1",
-            "DELETE FROM sandboxes WHERE owner_id = $1",
-            "DELETE FROM users WHERE id = $1",
-        ] {
-            sqlx::query(stmt)
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(q("remove a user"))?;
-        }
-        tx.commit().await.map_err(q("commit"))?;
-        Ok(true)
-    }
 }
 
 #[cfg(test)]
@@ -392,7 +360,11 @@ mod tests {
             None
         );
         // Removing a user frees its port for the next one.
-        assert!(store.remove_user_and_egress("a").await.expect("remove"));
+        assert_eq!(
+            store.begin_user_removal("a", "gone").await.expect("begin"),
+            0
+        );
+        assert!(store.finish_user_removal("a").await.expect("remove"));
         assert!(store.user_by_name("a").await.expect("lookup").is_none());
         assert_eq!(
             store

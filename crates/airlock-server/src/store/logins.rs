@@ -100,20 +100,16 @@ pub struct LoginUpdate {
 
 impl Store {
     pub async fn user_by_id(&self, id: &str) -> Result<Option<UserRow>, StoreError> {
-        let row = sqlx::query("SELECT id, name, created_at FROM users WHERE id = $1")
+        let sql = format!(
+            "SELECT {} FROM users WHERE id = $1",
+            super::users::USER_COLUMNS
+        );
+        let row = sqlx::query(&sql)
             .bind(id)
             .fetch_optional(&self.pool)
             .await
             .map_err(q("find user by id"))?;
-        let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
-        row.map(|r| {
-            Ok(UserRow {
-                id: r.try_get("id").map_err(get)?,
-                name: r.try_get("name").map_err(get)?,
-                created_at: r.try_get("created_at").map_err(get)?,
-            })
-        })
-        .transpose()
+        row.map(|r| super::users::user_from_row(&r)).transpose()
     }
 
     pub async fn insert_login(&self, row: &LoginRow) -> Result<(), StoreError> {

@@ -9,11 +9,13 @@ use sqlx::AnyPool;
 mod egress;
 mod logins;
 mod sandboxes;
+mod sealed;
 mod users;
 
 pub use egress::{AccountRow, UpstreamRow, ACCOUNT_ID as EGRESS_ACCOUNT_ID};
 pub use logins::{CredentialRow, LoginRow, LoginUpdate};
 pub use sandboxes::SandboxRow;
+pub use sealed::{SealedRef, SealedValue};
 pub use users::UserRow;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

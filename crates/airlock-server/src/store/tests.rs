@@ -181,6 +181,329 @@ async fn store_on_postgres() {
     }
 }
 
+fn login(id: &str, owner: &str, state: crate::app::logins::state::LoginState) -> LoginRow {
+    let now = now_ms();
+    LoginRow {
+        id: id.into(),
+        owner_id: owner.into(),
+        provider: "claude".into(),
+        state,
+        reason: None,
+        login_url: None,
+        awaiting_code: false,
+        browser_sandbox_id: None,
+        workspace_sandbox_id: None,
+        created_at: now,
+        updated_at: now,
+        expires_at: now + 60_000,
+        finished_at: None,
+    }
+}
+
+async fn count(store: &Store, sql: &str, id: &str) -> i64 {
+    use sqlx::Row;
+    sqlx::query(sql)
+        .bind(id)
+        .fetch_one(&store.pool)
+        .await
+        .expect("count")
+        .try_get(0)
+        .expect("n")
+}
+
+/// Admin flag, token rotation, disabling, and removal of a user with logins,
+/// credentials, egress rows and a sandbox that still holds its address.
+async fn accounts(store: &Store) {
+    use crate::app::logins::state::LoginState;
+    let admin = store
+        .insert_user_with("a1", "root-ish", Some("ha"), true)
+        .await
+        .expect("admin");
+    assert!(admin.admin);
+    let got = store.user_by_token_hash("ha").await.expect("q").expect("a");
+    assert!(got.admin && !got.disabled);
+    // Rotation: the old digest is gone at once.
+    assert!(store.set_token_hash("a1", "hb").await.expect("rotate"));
+    assert!(store.user_by_token_hash("ha").await.expect("q").is_none());
+    assert!(store.user_by_token_hash("hb").await.expect("q").is_some());
+    // Disabled: no token works; enabled again: it does.
+    assert!(store.set_user_disabled("a1", true).await.expect("disable"));
+    assert!(store.user_by_token_hash("hb").await.expect("q").is_none());
+    assert!(
+        store
+            .user_by_name("root-ish")
+            .await
+            .expect("q")
+            .expect("u")
+            .disabled
+    );
+    assert!(store.set_user_disabled("a1", false).await.expect("enable"));
+    assert!(store.user_by_token_hash("hb").await.expect("q").is_some());
+
+    // A user with everything.
+    store
+        .insert_user("r1", "leaving", Some("hr"))
+        .await
+        .expect("user");
+    store
+        .insert_login(&login("l1", "r1", LoginState::Captured))
+        .await
+        .expect("login");
+    store
+        .insert_login(&login("l2", "r1", LoginState::AwaitingUser))
+        .await
+        .expect("login");
+    let cred = CredentialRow {
+        owner_id: "r1".into(),
+        provider: "claude".into(),
+        login_id: "l1".into(),
+        sealed: "v1:k1:x:y".into(),
+        key_id: "k1".into(),
+        created_at: now_ms(),
+        updated_at: now_ms(),
+        delivered_at: None,
+    };
+    assert!(store.store_credentials("l1", &cred).await.expect("creds"));
+    store
+        .set_egress_account(&AccountRow {
+            host: "h".into(),
+            username: "u".into(),
+            password_sealed: "v1:k1:x:y".into(),
+            port_min: 1000,
+            port_max: 1001,
+            updated_at: now_ms(),
+        })
+        .await
+        .expect("account");
+    store
+        .assign_egress_port("r1", 1000, 1001)
+        .await
+        .expect("port");
+    store
+        .set_egress_upstream(&UpstreamRow {
+            user_id: "r1".into(),
+            host: "h".into(),
+            port: 1,
+            username: "n".into(),
+            password_sealed: "v1:k1:x:y".into(),
+            updated_at: now_ms(),
+        })
+        .await
+        .expect("upstream");
+    store
+        .insert_sandbox(&sandbox("rs1", "r1", "workspace", Some(40)))
+        .await
+        .expect("sandbox");
+    store
+        .transition(
+            "rs1",
+            &[SandboxState::Provisioning],
+            SandboxState::Ready,
+            None,
+        )
+        .await
+        .expect("ready");
+
+    // Removal starts: token, logins, secrets go now; the sandbox is told to stop.
+    assert_eq!(
+        store.begin_user_removal("r1", "gone").await.expect("begin"),
+        1
+    );
+    assert!(store.user_by_token_hash("hr").await.expect("q").is_none());
+    let u = store
+        .user_by_name("leaving")
+        .await
+        .expect("q")
+        .expect("still there");
+    assert!(u.removing && u.disabled);
+    for l in store.logins_of("r1").await.expect("logins") {
+        assert_eq!(l.state, LoginState::Cancelled, "{}", l.id);
+    }
+    assert!(store.credentials_of("r1").await.expect("creds").is_empty());
+    assert!(store.egress_upstream("r1").await.expect("up").is_none());
+    assert_eq!(store.egress_user_port("r1").await.expect("port"), None);
+    assert_eq!(
+        store.sandbox("rs1").await.expect("q").expect("row").state,
+        SandboxState::Stopping
+    );
+    assert_eq!(store.stopping_sandboxes_of("r1").await.expect("q"), ["rs1"]);
+    assert_eq!(store.users_being_removed().await.expect("q").len(), 1);
+    // Not while the sandbox holds its address; a token cannot come back meanwhile.
+    assert!(!store.finish_user_removal("r1").await.expect("finish"));
+    assert!(!store.set_token_hash("r1", "hx").await.expect("rotate"));
+    assert!(!store.set_user_disabled("r1", false).await.expect("enable"));
+    store.release_lease("rs1").await.expect("release");
+    store
+        .transition(
+            "rs1",
+            &[SandboxState::Stopping],
+            SandboxState::Stopped,
+            None,
+        )
+        .await
+        .expect("stopped");
+    assert!(store.finish_user_removal("r1").await.expect("finish"));
+    assert!(store.user_by_name("leaving").await.expect("q").is_none());
+    for sql in [
+        "SELECT COUNT(*) FROM users WHERE id = $1",
+        "SELECT COUNT(*) FROM logins WHERE owner_id = $1",
+        "SELECT COUNT(*) FROM credentials WHERE owner_id = $1",
+        "SELECT COUNT(*) FROM sandboxes WHERE owner_id = $1",
+        "SELECT COUNT(*) FROM egress_user_ports WHERE user_id = $1",
+        "SELECT COUNT(*) FROM egress_user_upstreams WHERE user_id = $1",
+    ] {
+        assert_eq!(count(store, sql, "r1").await, 0, "{sql}");
+    }
+    assert!(store.users_being_removed().await.expect("q").is_empty());
+}
+
+/// Rotation over every sealed column: the egress account, a user's upstream
+/// and credentials all re-seal under the new key in one go, the old key
+/// leaves the keyring file, and everything opens with the keyring reloaded.
+async fn rotation(store: &Store) {
+    use crate::app::{egress as eg, keyring};
+    use crate::vault::Vault;
+    use secrecy::{ExposeSecret, SecretString};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut vault = Vault::load(dir.path()).expect("keyring");
+    store.insert_user("v1", "vera", None).await.expect("user");
+    eg::set_account(
+        store,
+        &vault,
+        &eg::AccountInput {
+            host: "127.0.0.1".into(),
+            username: "acct".into(),
+            password: SecretString::from("account-canary"),
+            port_min: 2000,
+            port_max: 2001,
+        },
+    )
+    .await
+    .expect("account");
+    eg::set_user_upstream(
+        store,
+        &vault,
+        "vera",
+        &SecretString::from("http://me:upstream-canary@127.0.0.1:3128"),
+    )
+    .await
+    .expect("upstream");
+    store
+        .insert_login(&login(
+            "vl",
+            "v1",
+            crate::app::logins::state::LoginState::Captured,
+        ))
+        .await
+        .expect("login");
+    let at = SealedRef::Credential {
+        owner_id: "v1".into(),
+        provider: "claude".into(),
+        login_id: "vl".into(),
+    };
+    let cred = CredentialRow {
+        owner_id: "v1".into(),
+        provider: "claude".into(),
+        login_id: "vl".into(),
+        sealed: vault.seal(b"credential-canary", &keyring::aad_of(&at)),
+        key_id: vault.current_key_id().into(),
+        created_at: now_ms(),
+        updated_at: now_ms(),
+        delivered_at: None,
+    };
+    assert!(store.store_credentials("vl", &cred).await.expect("creds"));
+    let before = store.sealed_values().await.expect("values");
+    assert_eq!(before.len(), 3, "{before:?}");
+
+    // A value that does not open stops the run: nothing changes, nothing retires.
+    let stranger = Vault::ephemeral();
+    store
+        .set_egress_upstream(&UpstreamRow {
+            user_id: "v1".into(),
+            host: "127.0.0.1".into(),
+            port: 3128,
+            username: "me".into(),
+            password_sealed: stranger.seal(
+                b"x",
+                &keyring::aad_of(&SealedRef::EgressUpstream {
+                    user_id: "v1".into(),
+                }),
+            ),
+            updated_at: now_ms(),
+        })
+        .await
+        .expect("foreign");
+    vault.rotate().expect("rotate");
+    let err = keyring::reseal_and_retire(store, &mut vault)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("upstream password"), "{err}");
+    assert_eq!(vault.key_ids(), ["k1", "k2"]);
+    for v in store.sealed_values().await.expect("values") {
+        assert_eq!(Vault::key_of(&v.sealed), Some("k1"), "{v:?} untouched");
+    }
+
+    // With the upstream set properly, the run goes through.
+    eg::set_user_upstream(
+        store,
+        &vault,
+        "vera",
+        &SecretString::from("http://me:upstream-canary@127.0.0.1:3128"),
+    )
+    .await
+    .expect("upstream again");
+    let done = keyring::reseal_and_retire(store, &mut vault)
+        .await
+        .expect("reseal");
+    assert_eq!(
+        done.resealed, 2,
+        "the account and the credentials; the upstream was already k2"
+    );
+    assert_eq!(done.retired, ["k1"]);
+    assert!(done.kept.is_empty());
+    let file = std::fs::read_to_string(dir.path().join(crate::vault::KEYRING_FILE)).expect("file");
+    assert!(!file.contains("\"k1\""), "k1 left the keyring file");
+    let reloaded = Vault::load(dir.path()).expect("reload");
+    assert_eq!(reloaded.key_ids(), ["k2"]);
+    let mut plains = Vec::new();
+    for v in store.sealed_values().await.expect("values") {
+        assert_eq!(Vault::key_of(&v.sealed), Some("k2"));
+        let plain = reloaded
+            .open(&v.sealed, &keyring::aad_of(&v.at))
+            .unwrap_or_else(|e| panic!("{v:?} opens with the new key: {e}"));
+        plains.push(String::from_utf8(plain.expose_secret().clone()).expect("utf8"));
+    }
+    plains.sort();
+    assert_eq!(
+        plains,
+        ["account-canary", "credential-canary", "upstream-canary"]
+    );
+    assert_eq!(
+        store.credentials_of("v1").await.expect("creds")[0].key_id,
+        "k2",
+        "the credentials' key column follows"
+    );
+    assert_eq!(
+        keyring::keys_in_use(store).await.expect("in use"),
+        ["k2".to_owned()].into()
+    );
+}
+
+#[tokio::test]
+async fn accounts_and_rotation_on_sqlite() {
+    let (store, _dir) = sqlite().await;
+    accounts(&store).await;
+    rotation(&store).await;
+}
+
+#[tokio::test]
+async fn accounts_and_rotation_on_postgres() {
+    if let Some(store) = postgres().await {
+        accounts(&store).await;
+        rotation(&store).await;
+    }
+}
+
 #[tokio::test]
 async fn data_survives_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");

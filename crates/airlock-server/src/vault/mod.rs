@@ -26,6 +26,24 @@ use std::path::{Path, PathBuf};
 const RECORD_VERSION: &str = "v1";
 const KEY_ENV: &str = "AIRLOCK_VAULT_KEY";
 const CREDENTIAL_NAME: &str = "airlock-vault-key";
+/// The keyring's file name in the data dir.
+pub const KEYRING_FILE: &str = "vault.keys";
+
+/// Narrow a keyring file that an older version (or a hand) left readable by
+/// others to 0600.
+fn owner_only(path: &Path) -> Result<(), VaultError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| VaultError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "the keyring was readable by others; making it 0600");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
@@ -141,9 +159,12 @@ impl Vault {
                 });
             }
         }
-        let path = data_dir.join("vault.keys");
+        let path = data_dir.join(KEYRING_FILE);
         match std::fs::read_to_string(&path) {
-            Ok(text) => Self::parse_file(&text, &path),
+            Ok(text) => {
+                owner_only(&path)?;
+                Self::parse_file(&text, &path)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let vault = Vault {
                     current: "k1".into(),
@@ -202,10 +223,15 @@ impl Vault {
             path: path.clone(),
             source,
         };
+        // A leftover temporary file may have any mode; start from none, so
+        // `mode(0o600)` applies (it only does to a file it creates).
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
         let mut out = std::fs::OpenOptions::new()
-            .create(true)
+            .create_new(true)
             .write(true)
-            .truncate(true)
             .mode(0o600)
             .open(&tmp)
             .map_err(io)?;
@@ -309,19 +335,31 @@ impl Vault {
         Ok(next)
     }
 
-    /// Drop every key but the current one (after everything was re-sealed).
-    pub fn retire_old_keys(&mut self) -> Result<Vec<String>, VaultError> {
+    /// Drop every key but the current one that `in_use` does not name (the
+    /// keys some stored record still names); returns the ones dropped.
+    pub fn retire_unused(
+        &mut self,
+        in_use: &std::collections::BTreeSet<String>,
+    ) -> Result<Vec<String>, VaultError> {
         let old: Vec<String> = self
             .keys
             .keys()
-            .filter(|k| **k != self.current)
+            .filter(|k| **k != self.current && !in_use.contains(*k))
             .cloned()
             .collect();
+        if old.is_empty() {
+            return Ok(old);
+        }
         for id in &old {
             self.keys.remove(id);
         }
         self.save()?;
         Ok(old)
+    }
+
+    /// Where the keyring is kept, when it is a file.
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
     }
 }
 

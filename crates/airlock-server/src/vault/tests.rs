@@ -86,7 +86,19 @@ fn keyring_file_is_private_and_survives_reload() {
     );
     // After re-sealing and retiring, the old record no longer opens.
     let resealed = v.seal(v.open(&old, &aad()).expect("open").expose_secret(), &aad());
-    v.retire_old_keys().expect("retire");
+    // A key some record still names is kept.
+    let named: std::collections::BTreeSet<String> = ["k1".to_owned()].into();
+    assert!(v.retire_unused(&named).expect("keep").is_empty());
+    assert_eq!(v.key_ids(), vec!["k1".to_owned(), new_id.clone()]);
+    assert_eq!(
+        v.retire_unused(&Default::default()).expect("retire"),
+        vec!["k1".to_owned()]
+    );
+    let text = std::fs::read_to_string(dir.path().join("vault.keys")).expect("file");
+    assert!(
+        !text.contains("\"k1\""),
+        "the retired key left the file: {text}"
+    );
     assert!(matches!(
         v.open(&old, &aad()),
         Err(VaultError::UnknownKey(_))
@@ -114,7 +126,7 @@ proptest! {
                 prop_assert_eq!(Vault::key_of(rec), Some(v.current_key_id()));
             }
         }
-        v.retire_old_keys().expect("retire");
+        v.retire_unused(&Default::default()).expect("retire");
         for (rec, plain) in &records {
             let opened = v.open(rec, &aad()).expect("readable after retire");
             prop_assert_eq!(opened.expose_secret(), plain);
@@ -125,4 +137,22 @@ proptest! {
     fn open_never_panics(s in ".{0,80}") {
         let _ = Vault::ephemeral().open(&s, &aad());
     }
+}
+
+#[test]
+fn a_keyring_readable_by_others_is_narrowed_and_a_stale_temp_file_does_not_widen_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(KEYRING_FILE);
+    Vault::load(dir.path()).expect("create");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut v = Vault::load(dir.path()).expect("load");
+    let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    // A temporary file left world-readable by a crash must not become the keyring's mode.
+    let tmp = path.with_extension("keys.tmp");
+    std::fs::write(&tmp, "x").expect("tmp");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    v.rotate().expect("rotate");
+    assert_eq!(mode(&path), 0o600);
 }

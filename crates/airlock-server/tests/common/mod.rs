@@ -175,11 +175,24 @@ impl Harness {
         self.running = Some(running);
     }
 
+    /// The token of a new admin user: admin actions (the egress account,
+    /// other users' upstreams, egress settings) need one; `local` is no admin.
+    pub async fn admin_token(&self) -> String {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let app = &self.running.as_ref().expect("running").app;
+        let (_, token) = app
+            .add_admin(&format!("test-admin-{n}"))
+            .await
+            .expect("admin user");
+        token
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
 
-    /// One API call as the user of `token` (the local user, the admin, when
+    /// One API call as the user of `token` (the token-less local user when
     /// `None`): the status and the JSON body (`null` when there is none).
     pub async fn call(
         &self,
