@@ -69,7 +69,7 @@ struct UpArgs {
     #[arg(long, env = "AIRLOCK_DRIVER")]
     driver: Option<DriverKind>,
     /// `postgres://…` to use PostgreSQL instead of the embedded SQLite.
-    #[arg(long, env = "AIRLOCK_DATABASE_URL")]
+    #[arg(long, env = "AIRLOCK_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
 }
 
@@ -236,6 +236,7 @@ async fn up(args: UpArgs) -> Result<()> {
         "airlock is up: http://{}/  (image {}, driver {driver_name})",
         running.addr, manifest.build_id
     );
+    println!("{}", cfg.local_access());
     running.wait().await?;
     Ok(())
 }
