@@ -94,22 +94,26 @@ export const deleteSandbox = (id) => api('DELETE', sandboxPath(id));
 export const execInSandbox = (id, argv, timeoutS = 10) =>
   api('POST', `${sandboxPath(id)}/exec`, { argv, timeout_s: timeoutS });
 
-// The WebSocket URL of a sandbox's display. Browsers cannot set headers on a
-// WebSocket, so the token (if any) travels as a query parameter instead.
-function socketUrl(id, what) {
+/** A single-use ticket for one viewer WebSocket of this sandbox (good for 60 s). */
+export const createTicket = (id) => api('POST', `${sandboxPath(id)}/tickets`);
+
+// The WebSocket URL of a sandbox's display, with a fresh ticket. Browsers
+// cannot set headers on a WebSocket, and the long-lived API token must never
+// sit in a URL (logs, history), so each connect and reconnect asks for a
+// short-lived, single-use ticket first. Throws the API's error (401: a token is
+// needed; 404: no such sandbox, or not yours).
+async function socketUrl(id, what) {
+  const { ticket } = await createTicket(id);
   const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
-  let url = `${scheme}//${location.host}/api/v1${sandboxPath(id)}/${what}`;
-  const token = getToken();
-  if (token) url += `?token=${encodeURIComponent(token)}`;
-  return url;
+  return `${scheme}//${location.host}/api/v1${sandboxPath(id)}/${what}?ticket=${encodeURIComponent(ticket)}`;
 }
 
-/** The noVNC path: RFB over the relay's WebSocket. */
+/** The noVNC path: RFB over the relay's WebSocket (a promise of its URL). */
 export function vncUrl(id) {
   return socketUrl(id, 'vnc');
 }
 
-/** The WebRTC path's signalling WebSocket. */
+/** The WebRTC path's signalling WebSocket (a promise of its URL). */
 export function streamUrl(id) {
   return socketUrl(id, 'stream');
 }

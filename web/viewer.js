@@ -5,6 +5,9 @@
 // `?path=webrtc` or `?path=vnc` (or the stored preference 'airlock.viewer-path')
 // forces one path.
 //
+// Each WebSocket URL carries a single-use ticket fetched just before it is
+// opened (POST /api/v1/sandboxes/{id}/tickets), never the API token.
+//
 // We open the WebSocket ourselves and hand it to noVNC, because noVNC reports
 // only "clean or not" when a connection ends, and the relay's close code is
 // what tells us whether trying again makes sense (see docs/ui.md).
@@ -167,7 +170,8 @@ function connectWebRtc() {
     return;
   }
   setPhase('connecting', attempt > 0 ? `connecting over WebRTC (attempt ${attempt + 1})` : 'connecting over WebRTC');
-  const v = new WebRtcView(screen, streamUrl(id));
+  // A fresh ticket for each start: tickets are single-use.
+  const v = new WebRtcView(screen, () => streamUrl(id));
   view = v;
   const grace = setTimeout(() => v.fail(`no picture within ${WEBRTC_GRACE_MS / 1000} s`), WEBRTC_GRACE_MS);
   v.onplaying = () => {
@@ -227,7 +231,7 @@ function clearTimers() {
   clearTimeout(resizeTimer);
 }
 
-function connectVnc() {
+async function connectVnc() {
   clearTimers();
   overlay.hidden = true;
   const gen = ++generation;
@@ -239,9 +243,25 @@ function connectVnc() {
 
   setPhase('connecting', attempt > 0 ? `connecting over noVNC (attempt ${attempt + 1})` : 'connecting over noVNC');
 
+  // Each connect and reconnect takes a fresh single-use ticket; a refused one
+  // counts like the relay's own refusal (4401: a token is needed, 4404: not
+  // yours), anything else like a dropped connection.
+  let url;
+  try {
+    url = await vncUrl(id);
+  } catch (err) {
+    if (gen !== generation) return;
+    const code = err instanceof ApiError && err.status === 401 ? 4401
+      : err instanceof ApiError && (err.status === 403 || err.status === 404) ? 4404
+      : 1006;
+    socketClosed(gen, code, `no viewer ticket: ${err.message}`);
+    return;
+  }
+  if (gen !== generation) return;
+
   let socket;
   try {
-    socket = new WebSocket(vncUrl(id));
+    socket = new WebSocket(url);
   } catch (err) {
     stop(`The browser refused to open the connection: ${err.message}`);
     return;

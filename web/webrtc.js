@@ -20,7 +20,17 @@ const STATS_EVERY_MS = 1000;
 // Between an input's fast copy and its reliable one.
 const COPY_GAP_MS = 4;
 
+// The close code a failed ticket request stands for: the viewer treats a
+// refused ticket like the relay's own refusal.
+function ticketCloseCode(err) {
+  if (err && err.status === 401) return 4401;
+  if (err && (err.status === 403 || err.status === 404)) return 4404;
+  return undefined;
+}
+
 export class WebRtcView {
+  // `url`: the signalling socket's URL, or a function giving a promise of
+  // it (a fresh single-use ticket for each start).
   constructor(container, url) {
     this.container = container;
     this.url = url;
@@ -54,10 +64,18 @@ export class WebRtcView {
     this.video = video;
   }
 
-  start() {
+  async start() {
+    let url;
+    try {
+      url = typeof this.url === 'function' ? await this.url() : this.url;
+    } catch (err) {
+      this.fail(`no viewer ticket: ${err.message}`, ticketCloseCode(err));
+      return;
+    }
+    if (this.closed) return;
     let socket;
     try {
-      socket = new WebSocket(this.url);
+      socket = new WebSocket(url);
     } catch (err) {
       this.fail(`the browser refused the signalling socket: ${err.message}`);
       return;

@@ -86,6 +86,17 @@ pub struct Config {
     pub jailer_uid: u32,
     pub jailer_gid: u32,
     pub jailer_chroot_base: PathBuf,
+    // ---- guard: who is calling, and from where (http/guard.rs) ----
+    /// Host names (and `name:port`) this server answers to besides loopback
+    /// and its own listen address; any other `Host` gets 421. No scheme.
+    pub public_hosts: Vec<String>,
+    /// Origins (`scheme://host[:port]`) besides the server's own whose pages
+    /// may open viewer sockets and change state.
+    pub allowed_origins: Vec<String>,
+    /// Let a loopback caller without a token in as the user `local` (only
+    /// while `listen` is a loopback address, and only for a request that
+    /// came through no proxy).
+    pub local_user: bool,
 }
 
 impl Default for Config {
@@ -119,6 +130,10 @@ impl Default for Config {
             jailer_uid: 64_000,
             jailer_gid: 64_000,
             jailer_chroot_base: PathBuf::from("/srv/jailer"),
+            // ---- guard ----
+            public_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            local_user: true,
         }
     }
 }
@@ -238,6 +253,23 @@ impl Config {
                 );
             }
         }
+        // ---- guard ----
+        for host in &self.public_hosts {
+            if let Err(why) = crate::http::guard::HostName::parse_setting(host) {
+                return Err(ConfigError::Invalid {
+                    field: "public_hosts",
+                    message: format!("{host:?}: {why}"),
+                });
+            }
+        }
+        for origin in &self.allowed_origins {
+            if let Err(why) = crate::http::guard::parse_origin_setting(origin) {
+                return Err(ConfigError::Invalid {
+                    field: "allowed_origins",
+                    message: format!("{origin:?}: {why}"),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -251,6 +283,26 @@ impl Config {
             advertise: self.webrtc_address.unwrap_or(self.listen.ip()),
             copies_kbps: self.webrtc_copies_kbps,
         })
+    }
+
+    /// Who gets in without a token, said when `airlock up` starts.
+    pub fn local_access(&self) -> String {
+        if !self.local_user {
+            "Every call needs an API token (local_user = false); `airlock user add NAME` prints one."
+                .into()
+        } else if !self.listen.ip().is_loopback() {
+            format!(
+                "Every call needs an API token: {} is not a loopback address, so the token-less \
+                 user `local` is off; `airlock user add NAME` prints a token.",
+                self.listen.ip()
+            )
+        } else {
+            "Without a token, a connection from this host's loopback that names no proxy \
+             (no Forwarded/X-Forwarded-For/X-Real-IP) acts as the user `local`: that is every \
+             local account and any ssh tunnel to this port. Set local_user = false to require \
+             tokens (`airlock user add NAME`)."
+                .into()
+        }
     }
 
     pub fn app_config(&self) -> AppConfig {
@@ -272,6 +324,11 @@ impl Config {
         app.login_timeout = Duration::from_secs(self.login_timeout_s);
         app.providers_dir = self.providers_dir.clone();
         app.webrtc_fps = self.webrtc_fps;
+        // ---- guard ----
+        app.listen = self.listen;
+        app.public_hosts = self.public_hosts.clone();
+        app.allowed_origins = self.allowed_origins.clone();
+        app.local_user = self.local_user;
         app
     }
 }
@@ -319,6 +376,43 @@ mod tests {
             .expect_err("a gigabit of copies")
             .to_string()
             .starts_with("webrtc_copies_kbps:"));
+    }
+
+    #[test]
+    fn guard_settings_are_checked_by_field() {
+        let ok = Config {
+            public_hosts: vec!["airlock.example.com".into(), "10.1.2.3:4000".into()],
+            allowed_origins: vec!["https://dash.example.com".into()],
+            ..Config::default()
+        };
+        ok.validate().expect("valid");
+        let url_as_host = Config {
+            public_hosts: vec!["https://airlock.example.com".into()],
+            ..Config::default()
+        };
+        let err = url_as_host.validate().expect_err("scheme");
+        assert!(err.to_string().starts_with("public_hosts:"), "{err}");
+        assert!(err.to_string().contains("without a scheme"), "{err}");
+        let host_as_origin = Config {
+            allowed_origins: vec!["dash.example.com".into()],
+            ..Config::default()
+        };
+        let err = host_as_origin.validate().expect_err("no scheme");
+        assert!(err.to_string().starts_with("allowed_origins:"), "{err}");
+        let with_path = Config {
+            allowed_origins: vec!["https://dash.example.com/app".into()],
+            ..Config::default()
+        };
+        assert!(with_path.validate().is_err());
+        assert!(Config::default().local_user);
+        assert!(Config::default().local_access().contains("`local`"));
+        let off = Config {
+            local_user: false,
+            ..Config::default()
+        };
+        assert!(off
+            .local_access()
+            .starts_with("Every call needs an API token"));
     }
 
     #[test]

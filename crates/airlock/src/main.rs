@@ -276,6 +276,7 @@ async fn up(args: UpArgs) -> Result<()> {
         "airlock is up: http://{}/  (image {}, driver {driver_name})",
         running.addr, manifest.build_id
     );
+    println!("{}", cfg.local_access());
     running.wait().await?;
     Ok(())
 }

@@ -5,7 +5,8 @@ use super::{App, AppError};
 use crate::store::{Store, StoreError, UserRow};
 use sha2::{Digest, Sha256};
 
-/// The user that needs no token while airlock listens on loopback only.
+/// The user that needs no token: for callers on this host's loopback, while
+/// airlock listens on loopback only (see `http::guard`).
 pub const LOCAL_USER: &str = "local";
 
 pub fn hash_token(token: &str) -> String {
@@ -200,15 +201,23 @@ impl App {
     }
 
     /// Who is calling: the token's owner, or the local user when no token was
-    /// given and airlock listens on loopback only.
-    pub async fn authenticate(&self, token: Option<&str>) -> Result<UserRow, AppError> {
+    /// given and the front door (`http::guard`) found the caller local: a
+    /// loopback peer with no proxy headers, on a loopback-bound listener,
+    /// with `local_user` on.
+    pub async fn authenticate(
+        &self,
+        token: Option<&str>,
+        local_caller: bool,
+    ) -> Result<UserRow, AppError> {
         match token {
             Some(token) => self
                 .store
                 .user_by_token_hash(&hash_token(token))
                 .await?
                 .ok_or(AppError::Unauthorized),
-            None if self.cfg.loopback_only => self.ensure_local_user().await,
+            None if local_caller && self.cfg.loopback_only && self.cfg.local_user => {
+                self.ensure_local_user().await
+            }
             None => Err(AppError::Unauthorized),
         }
     }

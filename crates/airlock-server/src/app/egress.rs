@@ -19,10 +19,10 @@ use crate::vault::{Aad, Vault};
 use airlock_drivers::host::RealHost;
 use airlock_drivers::net::{firewall, link::LinkNames};
 use airlock_drivers::Lease;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -388,18 +388,79 @@ async fn resolve(
 
 // ---- running state ----
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct SandboxLabel {
-    sandbox: String,
+type AttachedMap = Arc<Mutex<HashMap<String, Attached>>>;
+
+/// One egress counter over all sandboxes: what the running listeners have
+/// counted plus what the ended ones had, so it never goes down. `/metrics`
+/// names no sandbox (its id is a capability-like name; the owner sees its
+/// own figures in `GET /sandboxes/{id}/egress`).
+/// Clones share their state (the map and the counter are shared handles).
+#[derive(Debug, Clone)]
+struct Total {
+    attached: AttachedMap,
+    retired: Counter,
+    pick: fn(&Stats) -> &Counter,
 }
 
-#[derive(Debug, Default)]
+impl Total {
+    fn new(attached: &AttachedMap, pick: fn(&Stats) -> &Counter) -> Self {
+        Total {
+            attached: attached.clone(),
+            retired: Counter::default(),
+            pick,
+        }
+    }
+    fn retire(&self, stats: &Stats) {
+        self.retired.inc_by((self.pick)(stats).get());
+    }
+}
+
+impl EncodeMetric for Total {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let live: u64 = self
+            .attached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|a| (self.pick)(&a.stats).get())
+            .sum();
+        encoder.encode_counter::<NoLabelSet, _, u64>(&(self.retired.get() + live), None)
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+#[derive(Debug)]
 struct EgressMetrics {
-    bytes_out: Family<SandboxLabel, Counter>,
-    bytes_in: Family<SandboxLabel, Counter>,
-    connections: Family<SandboxLabel, Counter>,
-    failures: Family<SandboxLabel, Counter>,
+    bytes_out: Total,
+    bytes_in: Total,
+    connections: Total,
+    failures: Total,
     listeners: Gauge,
+}
+
+impl EgressMetrics {
+    fn new(attached: &AttachedMap) -> Self {
+        EgressMetrics {
+            bytes_out: Total::new(attached, |s| &s.bytes_out),
+            bytes_in: Total::new(attached, |s| &s.bytes_in),
+            connections: Total::new(attached, |s| &s.connections),
+            failures: Total::new(attached, |s| &s.upstream_failures),
+            listeners: Gauge::default(),
+        }
+    }
+    /// Keep what an ended listener counted (call while it leaves the map).
+    fn retire(&self, stats: &Stats) {
+        for t in [
+            &self.bytes_out,
+            &self.bytes_in,
+            &self.connections,
+            &self.failures,
+        ] {
+            t.retire(stats);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -413,7 +474,7 @@ type Cached = Result<Option<(Arc<Upstream>, Source)>, String>;
 /// Per-sandbox forward proxies and the upstream settings they use.
 #[derive(Debug, Default)]
 pub struct EgressState {
-    attached: Mutex<HashMap<String, Attached>>,
+    attached: AttachedMap,
     cache: Mutex<HashMap<String, (Instant, Cached)>>,
     metrics: OnceLock<EgressMetrics>,
 }
@@ -486,25 +547,25 @@ fn rfc3339(ms: i64) -> String {
 impl App {
     fn egress_metrics(&self) -> &EgressMetrics {
         self.egress.metrics.get_or_init(|| {
-            let m = EgressMetrics::default();
+            let m = EgressMetrics::new(&self.egress.attached);
             self.metrics.register(
                 "egress_bytes_out",
-                "Bytes from each sandbox through its forward proxy",
+                "Bytes from sandboxes through their forward proxies",
                 m.bytes_out.clone(),
             );
             self.metrics.register(
                 "egress_bytes_in",
-                "Bytes to each sandbox through its forward proxy",
+                "Bytes to sandboxes through their forward proxies",
                 m.bytes_in.clone(),
             );
             self.metrics.register(
                 "egress_connections",
-                "Client connections to each sandbox's forward proxy",
+                "Client connections to sandboxes' forward proxies",
                 m.connections.clone(),
             );
             self.metrics.register(
                 "egress_upstream_failures",
-                "Upstream failures seen by each sandbox's forward proxy",
+                "Upstream failures seen by sandboxes' forward proxies",
                 m.failures.clone(),
             );
             self.metrics.register(
@@ -587,27 +648,25 @@ impl App {
             AppError::Internal(format!("could not start the forward proxy on {addr}: {e}"))
         })?;
         let m = self.egress_metrics();
-        let label = SandboxLabel {
-            sandbox: row.id.clone(),
-        };
-        let stats = Arc::new(Stats::with_counters(
-            m.bytes_out.get_or_create(&label).clone(),
-            m.bytes_in.get_or_create(&label).clone(),
-            m.connections.get_or_create(&label).clone(),
-            m.failures.get_or_create(&label).clone(),
-        ));
+        let stats = Arc::new(Stats::default());
         let resolver = Arc::new(UserResolver {
             app: Arc::downgrade(self),
             user_id: row.owner_id.clone(),
         });
         let cfg = self.proxy_config(lease).await;
         let task = tokio::spawn(egress::serve(listener, cfg, resolver, stats.clone()));
-        let old = self
-            .egress
-            .attached
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(row.id.clone(), Attached { task, stats });
+        let old = {
+            let mut attached = self
+                .egress
+                .attached
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let old = attached.insert(row.id.clone(), Attached { task, stats });
+            if let Some(old) = &old {
+                m.retire(&old.stats);
+            }
+            old
+        };
         match old {
             Some(old) => old.task.abort(),
             None => {
@@ -620,23 +679,22 @@ impl App {
 
     /// On teardown: stop the sandbox's forward proxy and its connections.
     pub(crate) async fn egress_detach(&self, id: &str) {
-        let gone = self
-            .egress
-            .attached
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        let m = self.egress_metrics();
+        let gone = {
+            let mut attached = self
+                .egress
+                .attached
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let gone = attached.remove(id);
+            if let Some(a) = &gone {
+                m.retire(&a.stats);
+            }
+            gone
+        };
         if let Some(a) = gone {
             a.task.abort();
-            let m = self.egress_metrics();
             m.listeners.dec();
-            let label = SandboxLabel {
-                sandbox: id.to_owned(),
-            };
-            m.bytes_out.remove(&label);
-            m.bytes_in.remove(&label);
-            m.connections.remove(&label);
-            m.failures.remove(&label);
         }
     }
 

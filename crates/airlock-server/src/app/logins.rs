@@ -72,7 +72,8 @@ pub struct ProviderStats {
 pub struct LoginsState {
     providers: OnceLock<providers::Providers>,
     metrics: OnceLock<LoginMetrics>,
-    stats: Mutex<BTreeMap<String, ProviderStats>>,
+    /// By (owner id, provider): each user sees only their own totals.
+    stats: Mutex<BTreeMap<(String, String), ProviderStats>>,
     /// Logins with a driving task, so a restart's recovery never starts two.
     driving: Mutex<HashSet<String>>,
 }
@@ -159,7 +160,7 @@ impl App {
         })
     }
 
-    fn count_started(&self, provider: &str) {
+    fn count_started(&self, owner: &str, provider: &str) {
         self.login_metrics()
             .started
             .get_or_create(&ProviderLabel {
@@ -167,10 +168,12 @@ impl App {
             })
             .inc();
         let mut s = self.logins.stats.lock().unwrap_or_else(|p| p.into_inner());
-        s.entry(provider.to_owned()).or_default().started += 1;
+        s.entry((owner.to_owned(), provider.to_owned()))
+            .or_default()
+            .started += 1;
     }
 
-    fn count_failed(&self, provider: &str, reason: &str) {
+    fn count_failed(&self, owner: &str, provider: &str, reason: &str) {
         self.login_metrics()
             .failed
             .get_or_create(&FailLabel {
@@ -179,14 +182,14 @@ impl App {
             })
             .inc();
         let mut s = self.logins.stats.lock().unwrap_or_else(|p| p.into_inner());
-        *s.entry(provider.to_owned())
+        *s.entry((owner.to_owned(), provider.to_owned()))
             .or_default()
             .failed
             .entry(reason.to_owned())
             .or_default() += 1;
     }
 
-    fn count_completed(&self, provider: &str, seconds: f64) {
+    fn count_completed(&self, owner: &str, provider: &str, seconds: f64) {
         let label = ProviderLabel {
             provider: provider.to_owned(),
         };
@@ -194,19 +197,25 @@ impl App {
         m.completed.get_or_create(&label).inc();
         m.seconds.get_or_create(&label).observe(seconds);
         let mut s = self.logins.stats.lock().unwrap_or_else(|p| p.into_inner());
-        let e = s.entry(provider.to_owned()).or_default();
+        let e = s
+            .entry((owner.to_owned(), provider.to_owned()))
+            .or_default();
         e.completed += 1;
         e.total_seconds += seconds;
         e.mean_seconds_to_complete = Some(e.total_seconds / e.completed as f64);
     }
 
-    pub fn login_stats(&self) -> BTreeMap<String, ProviderStats> {
-        let mut out = self
+    /// The caller's own login totals, by provider (every provider listed).
+    pub fn login_stats(&self, user: &UserRow) -> BTreeMap<String, ProviderStats> {
+        let mut out: BTreeMap<String, ProviderStats> = self
             .logins
             .stats
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
+            .iter()
+            .filter(|((owner, _), _)| *owner == user.id)
+            .map(|((_, provider), s)| (provider.clone(), s.clone()))
+            .collect();
         for p in self.providers().list() {
             out.entry(p.name.clone()).or_default();
         }
@@ -273,7 +282,7 @@ impl App {
             .set_login_fields(&row.id, Some(&sandbox.id), None)
             .await?;
         row.browser_sandbox_id = Some(sandbox.id);
-        self.count_started(provider);
+        self.count_started(&user.id, provider);
         tracing::info!(login = %row.id, provider, user = %user.name, "login started");
         self.spawn_driver(&row.id);
         Ok(row)
@@ -319,7 +328,7 @@ impl App {
             )
             .await?
         {
-            self.count_failed(&row.provider, "cancelled");
+            self.count_failed(&row.owner_id, &row.provider, "cancelled");
             self.end_browser(&row).await;
         }
         self.login_of(user, id).await
@@ -455,7 +464,7 @@ impl App {
             .await
         {
             tracing::info!(login = %row.id, "login expired");
-            self.count_failed(&row.provider, "expired");
+            self.count_failed(&row.owner_id, &row.provider, "expired");
             self.end_browser(row).await;
         }
     }
@@ -542,7 +551,7 @@ impl App {
             .await
         {
             tracing::warn!(login = %row.id, reason, "login failed");
-            self.count_failed(&row.provider, why.label());
+            self.count_failed(&row.owner_id, &row.provider, why.label());
             self.end_browser(row).await;
         }
     }
@@ -779,7 +788,7 @@ impl App {
                     .map_err(|e| internal(&e))?
                 {
                     let secs = (now_ms() - row.created_at) as f64 / 1000.0;
-                    self.count_completed(&row.provider, secs);
+                    self.count_completed(&row.owner_id, &row.provider, secs);
                     tracing::info!(login = %row.id, seconds = secs, "login completed");
                 }
                 Ok(Step::Done)

@@ -9,6 +9,7 @@ pub mod logins;
 pub mod reaper;
 pub mod sandboxes;
 pub mod state;
+pub mod tickets;
 
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -48,6 +49,15 @@ pub struct AppConfig {
     pub providers_dir: Option<PathBuf>,
     /// Frames per second a guest encodes for WebRTC viewers.
     pub webrtc_fps: u32,
+    // ---- guard (http/guard.rs) ----
+    /// The configured listen address (its IP is one of the server's names).
+    pub listen: std::net::SocketAddr,
+    /// Validated `public_hosts` and `allowed_origins` of the config.
+    pub public_hosts: Vec<String>,
+    pub allowed_origins: Vec<String>,
+    /// The token-less `local` user is allowed at all (still only from a
+    /// loopback peer while `loopback_only`).
+    pub local_user: bool,
 }
 
 impl AppConfig {
@@ -67,6 +77,11 @@ impl AppConfig {
             login_timeout: Duration::from_secs(15 * 60),
             providers_dir: None,
             webrtc_fps: airlock_proto::stream::DEFAULT_FPS,
+            // ---- guard ----
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 4000)),
+            public_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            local_user: true,
         }
     }
 }
@@ -114,6 +129,8 @@ pub struct App {
     /// One video link per sandbox with WebRTC viewers.
     pub streams: Arc<crate::webrtc::hub::Hubs>,
     pub stream_metrics: Arc<crate::webrtc::StreamMetrics>,
+    /// Viewer tickets not yet used (guard).
+    pub tickets: tickets::Tickets,
     /// Serialises lease allocation.
     lease_lock: tokio::sync::Mutex<()>,
     /// Background work (boots, teardowns, logins), so a stop can end it all
@@ -150,6 +167,7 @@ impl App {
             webrtc: std::sync::OnceLock::new(),
             streams: Arc::default(),
             stream_metrics,
+            tickets: tickets::Tickets::default(),
             lease_lock: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
             locks: Mutex::new(HashMap::new()),

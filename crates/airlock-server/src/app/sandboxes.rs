@@ -129,17 +129,7 @@ impl App {
         id: &str,
         req: ExecRequest,
     ) -> Result<ExecResponse, AppError> {
-        if req.argv.is_empty() || req.argv[0].is_empty() {
-            return Err(AppError::BadInput("argv must name a program".into()));
-        }
-        if let Some(t) = req.timeout_s {
-            if t == 0 || t > airlock_proto::agent::MAX_EXEC_TIMEOUT_S {
-                return Err(AppError::BadInput(format!(
-                    "timeout_s must be between 1 and {}",
-                    airlock_proto::agent::MAX_EXEC_TIMEOUT_S
-                )));
-            }
-        }
+        check_exec(&req).map_err(AppError::BadInput)?;
         let row = self.sandbox_of(user, id).await?;
         let endpoints = self.ready_endpoints(&row)?;
         let _ = self.store.touch_activity(id).await;
@@ -587,4 +577,77 @@ pub fn chain(err: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// Exec input the agent would refuse, refused here first with the field
+/// named: the caller's mistake is a 400, not an outage (the agent's own 400
+/// would reach the caller as a 502).
+pub fn check_exec(req: &ExecRequest) -> Result<(), String> {
+    let max = airlock_proto::agent::MAX_EXEC_TIMEOUT_S;
+    match req.argv.first() {
+        None => return Err("argv must name a program (it is empty)".into()),
+        Some(program) if program.is_empty() => {
+            return Err("argv[0] must name a program (it is an empty string)".into())
+        }
+        _ => {}
+    }
+    if let Some(i) = req.argv.iter().position(|a| a.contains('\0')) {
+        return Err(format!("argv[{i}] must not contain a NUL character"));
+    }
+    for (key, value) in &req.env {
+        if key.is_empty() {
+            return Err("env: a variable name must not be empty".into());
+        }
+        if key.contains('=') || key.contains('\0') {
+            return Err(format!(
+                "env: the variable name {key:?} must not contain '=' or a NUL character"
+            ));
+        }
+        if value.contains('\0') {
+            return Err(format!(
+                "env: the value of {key:?} must not contain a NUL character"
+            ));
+        }
+    }
+    if let Some(t) = req.timeout_s {
+        if t == 0 || t > max {
+            return Err(format!("timeout_s must be between 1 and {max} (it is {t})"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod exec_checks {
+    use super::*;
+
+    fn req(argv: &[&str], env: &[(&str, &str)], timeout_s: Option<u64>) -> ExecRequest {
+        ExecRequest {
+            argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            timeout_s,
+        }
+    }
+
+    #[test]
+    fn bad_exec_input_names_its_field() {
+        assert!(check_exec(&req(&["true"], &[("A", "b")], Some(600))).is_ok());
+        for (bad, field) in [
+            (req(&[], &[], None), "argv"),
+            (req(&[""], &[], None), "argv[0]"),
+            (req(&["echo", "a\0b"], &[], None), "argv[1]"),
+            (req(&["true"], &[("A=B", "x")], None), "env"),
+            (req(&["true"], &[("", "x")], None), "env"),
+            (req(&["true"], &[("A\0", "x")], None), "env"),
+            (req(&["true"], &[("A", "x\0")], None), "env"),
+            (req(&["true"], &[], Some(0)), "timeout_s"),
+            (req(&["true"], &[], Some(601)), "timeout_s"),
+        ] {
+            let why = check_exec(&bad).expect_err(field);
+            assert!(why.starts_with(field), "{why}");
+        }
+    }
 }

@@ -13,8 +13,9 @@ pub struct ErrorBody {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
-    /// Stable, machine-readable: `bad_request`, `unauthorized`, `not_found`,
-    /// `conflict`, `too_large`, `no_capacity`, `unavailable`, `internal`.
+    /// Stable, machine-readable: `bad_request`, `unauthorized`, `forbidden`,
+    /// `not_found`, `method_not_allowed`, `conflict`, `misdirected` (a Host
+    /// that is not ours), `too_large`, `no_capacity`, `unavailable`, `internal`.
     pub code: String,
     pub message: String,
 }

@@ -217,10 +217,11 @@ pub async fn providers(State(app): State<Arc<App>>, Caller(_user): Caller) -> Js
     })
 }
 
+/// The caller's own logins only.
 #[utoipa::path(get, path = "/api/v1/login-stats", responses((status = 200, body = LoginStats)))]
-pub async fn stats(State(app): State<Arc<App>>, Caller(_user): Caller) -> Json<LoginStats> {
+pub async fn stats(State(app): State<Arc<App>>, Caller(user): Caller) -> Json<LoginStats> {
     Json(LoginStats {
-        providers: app.login_stats(),
+        providers: app.login_stats(&user),
     })
 }
 

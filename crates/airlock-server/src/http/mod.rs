@@ -3,8 +3,10 @@
 pub mod auth;
 pub mod egress;
 pub mod error;
+pub mod guard;
 pub mod logins;
 pub mod sandboxes;
+pub mod tickets;
 pub mod web;
 
 use crate::app::App;
@@ -52,13 +54,18 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.merge(logins::Doc::openapi());
     doc.merge(egress::Doc::openapi());
+    doc.merge(tickets::Doc::openapi());
     doc
 }
 
 /// Request bodies are small JSON documents.
 const BODY_LIMIT: usize = 64 * 1024;
 
+/// The whole HTTP surface, behind the front door (`guard`): it needs the
+/// connection's addresses, so serve it with
+/// `into_make_service_with_connect_info::<guard::Peer>()` as [`serve`] does.
 pub fn router(app: Arc<App>) -> Router {
+    let door = Arc::new(guard::Guard::new(&app.cfg));
     let api = Router::new()
         .route("/sandboxes", post(sandboxes::create).get(sandboxes::list))
         .route(
@@ -70,6 +77,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/sandboxes/{id}/stream", get(sandboxes::stream))
         .merge(logins::routes())
         .merge(egress::routes())
+        .merge(tickets::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|| async {
             error::ApiError::new(
@@ -87,7 +95,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/novnc/{*path}", get(web::novnc))
         .route("/{*path}", get(web::asset))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn_with_state(door, guard::guard))
+        // The path only: a query may hold a viewer ticket or a token.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                |req: &axum::http::Request<axum::body::Body>| {
+                    tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+                },
+            ),
+        )
         .with_state(app)
 }
 
@@ -109,7 +125,10 @@ pub async fn serve(
     app: Arc<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(app).into_make_service_with_connect_info::<guard::Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

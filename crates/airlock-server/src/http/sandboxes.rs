@@ -1,6 +1,6 @@
 //! Sandbox endpoints. Thin: parse, call the app, shape the answer.
 
-use super::auth::Caller;
+use super::auth::{Caller, ViewerCaller};
 use super::error::{ApiError, ErrorBody};
 use crate::app::state::SandboxState;
 use crate::app::App;
@@ -66,7 +66,7 @@ pub struct ExecResult {
     pub truncated: bool,
 }
 
-fn rfc3339(ms: i64) -> String {
+pub(super) fn rfc3339(ms: i64) -> String {
     let nanos = i128::from(ms) * 1_000_000;
     time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()
@@ -166,10 +166,12 @@ pub async fn exec(
 /// The viewer's WebSocket. Ownership is checked before the upgrade; a sandbox
 /// that is not ready is upgraded and closed at once with a reason.
 #[utoipa::path(get, path = "/api/v1/sandboxes/{id}/vnc",
+    params(("id" = String, Path, description = "the sandbox"),
+        ("ticket" = Option<String>, Query, description = "a viewer ticket (POST /api/v1/sandboxes/{id}/tickets); browsers cannot set headers on a WebSocket")),
     responses((status = 101, description = "WebSocket carrying binary RFB"), (status = 404, body = ErrorBody)))]
 pub async fn vnc(
     State(app): State<Arc<App>>,
-    Caller(user): Caller,
+    ViewerCaller(user): ViewerCaller,
     Path(id): Path<String>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
@@ -224,10 +226,12 @@ pub async fn vnc(
 /// The WebRTC viewer's signalling socket (see `webrtc::session` for its
 /// messages). Checked like the VNC socket; 4503 when WebRTC is off here.
 #[utoipa::path(get, path = "/api/v1/sandboxes/{id}/stream",
+    params(("id" = String, Path, description = "the sandbox"),
+        ("ticket" = Option<String>, Query, description = "a viewer ticket (POST /api/v1/sandboxes/{id}/tickets)")),
     responses((status = 101, description = "WebSocket carrying WebRTC signalling (JSON)"), (status = 404, body = ErrorBody)))]
 pub async fn stream(
     State(app): State<Arc<App>>,
-    Caller(user): Caller,
+    ViewerCaller(user): ViewerCaller,
     Path(id): Path<String>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
