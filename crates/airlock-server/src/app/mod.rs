@@ -1,6 +1,7 @@
 //! Application logic between the HTTP handlers and the store and driver:
 //! who may do what, and the sandbox lifecycle with its recovery and reaping.
 
+pub mod admission;
 pub mod agent;
 pub mod auth;
 pub mod egress;
@@ -47,6 +48,12 @@ pub struct AppConfig {
     pub providers_dir: Option<PathBuf>,
     /// Frames per second a guest encodes for WebRTC viewers.
     pub webrtc_fps: u32,
+
+    // ---- quotas and capacity reservation (quota) ----
+    /// Per-user caps.
+    pub quota: admission::Quotas,
+    /// Bytes of memory each sandbox holds from admission until ready.
+    pub reserve_memory: u64,
 }
 
 impl AppConfig {
@@ -66,6 +73,10 @@ impl AppConfig {
             login_timeout: Duration::from_secs(15 * 60),
             providers_dir: None,
             webrtc_fps: airlock_proto::stream::DEFAULT_FPS,
+
+            // ---- quotas and capacity reservation (quota) ----
+            quota: admission::Quotas::default(),
+            reserve_memory: 512 << 20,
         }
     }
 }
@@ -88,6 +99,14 @@ pub enum AppError {
     NoStorage(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A per-user quota or rate limit refused the request; nothing was made.
+    #[error("{message}")]
+    Quota {
+        kind: admission::Refusal,
+        message: String,
+        /// When trying again may succeed.
+        retry_after: Duration,
+    },
     #[error("storage failed")]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -113,6 +132,8 @@ pub struct App {
     /// One video link per sandbox with WebRTC viewers.
     pub streams: Arc<crate::webrtc::hub::Hubs>,
     pub stream_metrics: Arc<crate::webrtc::StreamMetrics>,
+    /// Per-user quotas and the host's room, checked before anything is made.
+    pub admission: admission::Admission,
     /// Serialises lease allocation.
     lease_lock: tokio::sync::Mutex<()>,
     /// Background work (boots, teardowns, logins), so a stop can end it all
@@ -134,6 +155,12 @@ impl App {
         let (stopping, _) = broadcast::channel(256);
         let metrics = Metrics::new();
         let stream_metrics = Arc::new(crate::webrtc::StreamMetrics::new(&metrics));
+        let admission = admission::Admission::new(
+            admission::Settings::of(&cfg),
+            store.clone(),
+            Arc::new(admission::ProcProbe),
+            Arc::new(admission::SystemClock),
+        );
         Arc::new(App {
             cfg,
             store,
@@ -149,6 +176,7 @@ impl App {
             webrtc: std::sync::OnceLock::new(),
             streams: Arc::default(),
             stream_metrics,
+            admission,
             lease_lock: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
             locks: Mutex::new(HashMap::new()),

@@ -5,6 +5,7 @@ pub mod egress;
 pub mod error;
 pub mod logins;
 pub mod sandboxes;
+pub mod usage;
 pub mod web;
 
 use crate::app::App;
@@ -52,6 +53,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.merge(logins::Doc::openapi());
     doc.merge(egress::Doc::openapi());
+    doc.merge(usage::Doc::openapi());
     doc
 }
 
@@ -70,6 +72,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/sandboxes/{id}/stream", get(sandboxes::stream))
         .merge(logins::routes())
         .merge(egress::routes())
+        .merge(usage::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|| async {
             error::ApiError::new(

@@ -9,6 +9,7 @@ use sqlx::AnyPool;
 mod egress;
 mod logins;
 mod sandboxes;
+mod usage;
 mod users;
 
 pub use egress::{AccountRow, UpstreamRow, ACCOUNT_ID as EGRESS_ACCOUNT_ID};
