@@ -13,6 +13,7 @@ const ui = {
   rows: $('sandbox-rows'),
   error: $('error'),
   notice: $('notice'),
+  usage: $('usage'),
   newButtons: [$('new-browser'), $('new-workspace')],
   tokenForm: $('token-form'),
   tokenInput: $('token-input'),
@@ -125,7 +126,44 @@ function handleError(source, prefix, err) {
     askForToken(getToken() ? 'The stored API token was refused. Enter a valid one.' : 'This server needs an API token.');
     return;
   }
+  // A quota or rate limit (429): the server's message names the limit.
+  if (err instanceof ApiError && err.status === 429) {
+    showError(source, `${prefix}: limit reached. ${describe(err)}`);
+    loadUsage();
+    return;
+  }
   showError(source, `${prefix}: ${describe(err)}`);
+}
+
+// ---------- usage (quotas) ----------
+
+let usageTick = 0;
+
+function plural(n, one, many) {
+  return `${n} ${n === 1 ? one : many}`;
+}
+
+/** "2 of 8 sandboxes · 0 of 3 logins", from GET /usage; quiet when it fails. */
+async function loadUsage() {
+  try {
+    const u = await api('GET', '/usage');
+    const { limits, used } = u || {};
+    if (!limits || !used) return;
+    const parts = [
+      [used.sandboxes, limits.max_sandboxes, 'sandbox', 'sandboxes'],
+      [used.logins, limits.max_logins, 'login', 'logins'],
+    ].map(([n, max, one, many]) => `${n} of ${plural(max, one, many)}`);
+    if (used.creates_last_minute > 0) {
+      parts.push(`${used.creates_last_minute} of ${limits.creates_per_minute} creates this minute`);
+    }
+    setText(ui.usage, parts.join(' · '));
+    const full = used.sandboxes >= limits.max_sandboxes
+      || used.logins >= limits.max_logins
+      || used.creates_last_minute >= limits.creates_per_minute;
+    ui.usage.classList.toggle('full', full);
+  } catch {
+    // The usage line is a convenience: the table and its errors say the rest.
+  }
 }
 
 // ---------- token form ----------
@@ -188,6 +226,8 @@ async function poll() {
     if (seq !== pollSeq) return; // a newer poll is under way
     pollFailures = 0;
     applyList(list, startedAt);
+    // Sandboxes change state on their own (a boot fails, the reaper ends one).
+    if (usageTick++ % 5 === 0) loadUsage();
     clearError('poll');
   } catch (err) {
     if (seq !== pollSeq) return;
@@ -233,6 +273,7 @@ for (const button of ui.newButtons) {
       clearError('action');
       setText(ui.notice, `Created ${kindLabel(kind)} ${sb.id}.`);
       select(sb.id);
+      loadUsage();
     } catch (err) {
       setText(ui.notice, '');
       handleError('action', `Could not create a ${kindLabel(kind)}`, err);
@@ -262,6 +303,7 @@ async function remove(id) {
     deleting.delete(id);
     render();
     poll();
+    loadUsage();
   }
 }
 
@@ -605,6 +647,7 @@ async function startLogin(provider) {
     const l = await api('POST', '/logins', { provider });
     clearError('login');
     showLogin(l);
+    loadUsage();
     connectPoll();
   } catch (err) {
     handleError('login', `Could not start the ${providerLabel(provider)} login`, err);

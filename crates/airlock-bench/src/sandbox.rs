@@ -61,6 +61,13 @@ impl ControlPlane {
             address_pool: POOL.to_owned(),
             webrtc_udp_port: 0,
             webrtc_tcp_port: 0,
+            // Benchmarks start more sandboxes, faster, than one user may.
+            quota: airlock_server::config::QuotaConfig {
+                max_sandboxes: 1000,
+                max_logins: 1000,
+                creates_per_minute: 10_000,
+                ..Default::default()
+            },
             ..Config::default()
         };
         let mut cfg = cfg;

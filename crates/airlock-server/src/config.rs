@@ -97,6 +97,41 @@ pub struct Config {
     /// while `listen` is a loopback address, and only for a request that
     /// came through no proxy).
     pub local_user: bool,
+
+    // ---- quotas and capacity reservation (issue 15, part 3: quota) ----
+    /// Per-user caps (`[quota]`).
+    pub quota: QuotaConfig,
+}
+
+/// Per-user caps and the memory a starting sandbox holds (`[quota]` in the
+/// config file). See `app::admission`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    /// Live sandboxes (not stopped, not failed) per user, a login's browser
+    /// sandbox included.
+    pub max_sandboxes: u32,
+    /// Logins under way (not finished) per user.
+    pub max_logins: u32,
+    /// Sandbox and login creates per user in any 60 seconds.
+    pub creates_per_minute: u32,
+    /// Memory held for each sandbox from its admission until it is ready, in
+    /// MiB (never more than `memory_mb`): the host's available memory less
+    /// what starting sandboxes hold must stay above `min_free_memory_mb`.
+    pub reserve_mb: u64,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            max_sandboxes: 8,
+            max_logins: 3,
+            creates_per_minute: 30,
+            // An idle desktop holds about 225 MiB, one with a second Chromium
+            // window about 400 MiB (docs/performance.md).
+            reserve_mb: 512,
+        }
+    }
 }
 
 impl Default for Config {
@@ -134,6 +169,9 @@ impl Default for Config {
             public_hosts: Vec::new(),
             allowed_origins: Vec::new(),
             local_user: true,
+
+            // ---- quotas and capacity reservation (quota) ----
+            quota: QuotaConfig::default(),
         }
     }
 }
@@ -270,6 +308,21 @@ impl Config {
                 });
             }
         }
+
+        // ---- quotas and capacity reservation (quota) ----
+        let q = &self.quota;
+        if !(1..=10_000).contains(&q.max_sandboxes) {
+            return invalid("quota.max_sandboxes", "must be between 1 and 10000");
+        }
+        if !(1..=10_000).contains(&q.max_logins) {
+            return invalid("quota.max_logins", "must be between 1 and 10000");
+        }
+        if !(1..=100_000).contains(&q.creates_per_minute) {
+            return invalid("quota.creates_per_minute", "must be between 1 and 100000");
+        }
+        if !(1..=1 << 20).contains(&q.reserve_mb) {
+            return invalid("quota.reserve_mb", "must be between 1 and 1048576 (1 TiB)");
+        }
         Ok(())
     }
 
@@ -329,6 +382,15 @@ impl Config {
         app.public_hosts = self.public_hosts.clone();
         app.allowed_origins = self.allowed_origins.clone();
         app.local_user = self.local_user;
+
+        // ---- quotas and capacity reservation (quota) ----
+        app.quota = crate::app::admission::Quotas {
+            max_sandboxes: self.quota.max_sandboxes,
+            max_logins: self.quota.max_logins,
+            creates_per_minute: self.quota.creates_per_minute,
+        };
+        let reserve = self.quota.reserve_mb << 20;
+        app.reserve_memory = app.limits.memory_bytes.map_or(reserve, |m| m.min(reserve));
         app
     }
 }
@@ -413,6 +475,30 @@ mod tests {
         assert!(off
             .local_access()
             .starts_with("Every call needs an API token"));
+    }
+
+    #[test]
+    fn quota_table_is_checked_and_its_fields_named() {
+        let cfg: Config =
+            toml::from_str("memory_mb = 256\n[quota]\nmax_sandboxes = 2\ncreates_per_minute = 5\n")
+                .expect("parses");
+        cfg.validate().expect("valid");
+        assert_eq!(cfg.quota.max_sandboxes, 2);
+        assert_eq!(cfg.quota.max_logins, 3, "unset fields keep their default");
+        let app = cfg.app_config();
+        assert_eq!(app.quota.creates_per_minute, 5);
+        assert_eq!(app.reserve_memory, 256 << 20, "never more than the limit");
+        let err = toml::from_str::<Config>("[quota]\nmax_sandbox = 2\n").expect_err("typo");
+        assert!(err.to_string().contains("max_sandbox"), "{err}");
+        let cfg = Config {
+            quota: QuotaConfig {
+                max_logins: 0,
+                ..QuotaConfig::default()
+            },
+            ..Config::default()
+        };
+        let err = cfg.validate().expect_err("zero logins");
+        assert!(err.to_string().starts_with("quota.max_logins:"), "{err}");
     }
 
     #[test]

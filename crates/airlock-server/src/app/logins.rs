@@ -241,6 +241,13 @@ impl App {
                 names.join(", ")
             )));
         }
+        // The login and its browser sandbox are admitted together, before
+        // either is written: a refusal leaves nothing behind.
+        let sandbox_id = super::sandboxes::new_id();
+        let permit = self
+            .admission
+            .admit(&user.id, super::admission::Ask::Login, &sandbox_id)
+            .await?;
         let now = now_ms();
         let timeout = i64::try_from(self.cfg.login_timeout.as_millis()).unwrap_or(i64::MAX);
         let mut row = LoginRow {
@@ -259,7 +266,10 @@ impl App {
             finished_at: None,
         };
         self.store.insert_login(&row).await?;
-        let sandbox = match self.create_sandbox(user, SandboxKind::Browser).await {
+        let sandbox = match self
+            .create_admitted(user, SandboxKind::Browser, sandbox_id, permit)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 // Nothing was made: the login ends here, with the reason.
@@ -583,7 +593,7 @@ impl App {
                         .map_err(|e| internal(&e))?
                         .ok_or_else(|| (Why::Internal, "owner is gone".to_owned()))?;
                     let sb = self
-                        .create_sandbox(&owner, SandboxKind::Browser)
+                        .create_sandbox_for(&owner, SandboxKind::Browser)
                         .await
                         .map_err(|e| (Why::Sandbox, format!("no browser sandbox: {e}")))?;
                     self.store
@@ -817,7 +827,7 @@ impl App {
                 Some(r) if r.state == super::state::SandboxState::Ready => return Ok(r),
                 Some(r) if r.state == super::state::SandboxState::Stopping => {}
                 Some(_) => {}
-                None => match self.create_sandbox(owner, SandboxKind::Workspace).await {
+                None => match self.create_sandbox_for(owner, SandboxKind::Workspace).await {
                     Ok(_) | Err(AppError::Conflict(_)) => {}
                     Err(e) => return Err((Why::Delivery, format!("no workspace sandbox: {e}"))),
                 },

@@ -1,6 +1,7 @@
 //! Application logic between the HTTP handlers and the store and driver:
 //! who may do what, and the sandbox lifecycle with its recovery and reaping.
 
+pub mod admission;
 pub mod agent;
 pub mod auth;
 pub mod egress;
@@ -58,6 +59,12 @@ pub struct AppConfig {
     /// The token-less `local` user is allowed at all (still only from a
     /// loopback peer while `loopback_only`).
     pub local_user: bool,
+
+    // ---- quotas and capacity reservation (quota) ----
+    /// Per-user caps.
+    pub quota: admission::Quotas,
+    /// Bytes of memory each sandbox holds from admission until ready.
+    pub reserve_memory: u64,
 }
 
 impl AppConfig {
@@ -82,6 +89,10 @@ impl AppConfig {
             public_hosts: Vec::new(),
             allowed_origins: Vec::new(),
             local_user: true,
+
+            // ---- quotas and capacity reservation (quota) ----
+            quota: admission::Quotas::default(),
+            reserve_memory: 512 << 20,
         }
     }
 }
@@ -104,6 +115,14 @@ pub enum AppError {
     NoStorage(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A per-user quota or rate limit refused the request; nothing was made.
+    #[error("{message}")]
+    Quota {
+        kind: admission::Refusal,
+        message: String,
+        /// When trying again may succeed.
+        retry_after: Duration,
+    },
     #[error("storage failed")]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -131,6 +150,8 @@ pub struct App {
     pub stream_metrics: Arc<crate::webrtc::StreamMetrics>,
     /// Viewer tickets not yet used (guard).
     pub tickets: tickets::Tickets,
+    /// Per-user quotas and the host's room, checked before anything is made.
+    pub admission: admission::Admission,
     /// Serialises lease allocation.
     lease_lock: tokio::sync::Mutex<()>,
     /// Background work (boots, teardowns, logins), so a stop can end it all
@@ -152,6 +173,12 @@ impl App {
         let (stopping, _) = broadcast::channel(256);
         let metrics = Metrics::new();
         let stream_metrics = Arc::new(crate::webrtc::StreamMetrics::new(&metrics));
+        let admission = admission::Admission::new(
+            admission::Settings::of(&cfg),
+            store.clone(),
+            Arc::new(admission::ProcProbe),
+            Arc::new(admission::SystemClock),
+        );
         Arc::new(App {
             cfg,
             store,
@@ -168,6 +195,7 @@ impl App {
             streams: Arc::default(),
             stream_metrics,
             tickets: tickets::Tickets::default(),
+            admission,
             lease_lock: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
             locks: Mutex::new(HashMap::new()),

@@ -2,6 +2,7 @@
 //! after a restart. Each state is written to the store before the side effect
 //! it names, so whatever a crash interrupts can be resumed or cleaned up.
 
+use super::admission::{Ask, Permit};
 use super::state::{self, Event, SandboxState};
 use super::{App, AppError};
 use crate::relay::rfb;
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     hex::encode(rand::random::<[u8; 6]>())
 }
 
@@ -33,12 +34,41 @@ fn failure_label(err: &DriverError) -> &'static str {
 }
 
 impl App {
+    /// `POST /sandboxes`: admitted against the caller's quotas and the host's
+    /// room, then recorded; the boot runs in the background.
     pub async fn create_sandbox(
         self: &Arc<Self>,
         user: &UserRow,
         kind: SandboxKind,
     ) -> Result<SandboxRow, AppError> {
-        self.check_host_room()?;
+        let id = new_id();
+        let permit = self.admission.admit(&user.id, Ask::Sandbox, &id).await?;
+        self.create_admitted(user, kind, id, permit).await
+    }
+
+    /// A sandbox airlock makes for a login it already admitted (the
+    /// workspace it delivers to, a browser sandbox made again after a
+    /// restart): the host's room is checked, the user's caps are not.
+    pub(crate) async fn create_sandbox_for(
+        self: &Arc<Self>,
+        user: &UserRow,
+        kind: SandboxKind,
+    ) -> Result<SandboxRow, AppError> {
+        let id = new_id();
+        let permit = self.admission.admit(&user.id, Ask::OnBehalf, &id).await?;
+        self.create_admitted(user, kind, id, permit).await
+    }
+
+    /// Record sandbox `id` under an admission and start its boot. The permit
+    /// is committed once the row is written; on any refusal it is dropped,
+    /// which returns what it held.
+    pub(crate) async fn create_admitted(
+        self: &Arc<Self>,
+        user: &UserRow,
+        kind: SandboxKind,
+        id: String,
+        permit: Permit<'_>,
+    ) -> Result<SandboxRow, AppError> {
         let row = {
             let _guard = self.lease_lock.lock().await;
             let used = self.store.used_leases().await?;
@@ -48,7 +78,7 @@ impl App {
                 .map_err(|e| AppError::NoCapacity(e.to_string()))?;
             let now = now_ms();
             let row = SandboxRow {
-                id: new_id(),
+                id,
                 owner_id: user.id.clone(),
                 kind: kind.as_str().to_owned(),
                 state: SandboxState::Provisioning,
@@ -75,10 +105,16 @@ impl App {
                 Err(e) => return Err(e.into()),
             }
         };
+        permit.commit();
         self.metrics.created();
         let app = self.clone();
         let id = row.id.clone();
-        self.spawn(async move { app.boot(&id).await });
+        self.spawn(async move {
+            app.boot(&id).await;
+            // Ready, failed or deleted: the guest's memory shows in the
+            // host's figures now, or is free again.
+            app.admission.release(&id);
+        });
         Ok(row)
     }
 
@@ -512,59 +548,6 @@ impl App {
         self.recover_logins().await;
         Ok(())
     }
-}
-
-impl App {
-    /// Refuses new work, before anything is made, while the host lacks the
-    /// memory (503) or the disk space (507) a sandbox needs.
-    fn check_host_room(&self) -> Result<(), AppError> {
-        if let Some(available) = memory_available() {
-            if available < self.cfg.min_free_memory {
-                return Err(AppError::NoCapacity(format!(
-                    "the host has {} MiB of memory available, less than the {} MiB a new sandbox needs; \
-                     delete a sandbox or try later",
-                    available >> 20,
-                    self.cfg.min_free_memory >> 20
-                )));
-            }
-        }
-        if let Some(free) = disk_available(&self.cfg.data_dir) {
-            if free < self.cfg.min_free_disk {
-                return Err(AppError::NoStorage(format!(
-                    "the disk holding the data directory has {} MiB free, less than the {} MiB a new \
-                     sandbox needs; delete sandboxes or old images (`airlock image prune`)",
-                    free >> 20,
-                    self.cfg.min_free_disk >> 20
-                )));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Bytes an unprivileged writer may still use on the file system of `path`.
-fn disk_available(path: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a valid C string and `st` is written by statvfs before
-    // it is read (only on success).
-    #[allow(unsafe_code)]
-    let st = unsafe {
-        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
-            return None;
-        }
-        st.assume_init()
-    };
-    Some(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
-/// The host's available memory in bytes (MemAvailable), if it can be read.
-fn memory_available() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib << 10)
 }
 
 /// An error with all its sources, on one line.

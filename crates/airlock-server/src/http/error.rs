@@ -15,7 +15,9 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Stable, machine-readable: `bad_request`, `unauthorized`, `forbidden`,
     /// `not_found`, `method_not_allowed`, `conflict`, `misdirected` (a Host
-    /// that is not ours), `too_large`, `no_capacity`, `unavailable`, `internal`.
+    /// that is not ours), `too_large`, `quota_exceeded`, `rate_limited` (429,
+    /// with `Retry-After`), `no_capacity`, `insufficient_storage`,
+    /// `unavailable`, `internal`.
     pub code: String,
     pub message: String,
 }
@@ -25,6 +27,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds, sent as `Retry-After`.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -33,6 +37,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -50,6 +55,7 @@ impl From<AppError> for ApiError {
             AppError::NoCapacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_capacity"),
             AppError::NoStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
             AppError::Unavailable(_) => (StatusCode::BAD_GATEWAY, "unavailable"),
+            AppError::Quota { kind, .. } => (StatusCode::TOO_MANY_REQUESTS, kind.code()),
             AppError::Store(_) | AppError::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -57,10 +63,17 @@ impl From<AppError> for ApiError {
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %crate::app::sandboxes::chain(&err), "request failed");
         }
+        let retry_after = match &err {
+            AppError::Quota { retry_after, .. } => {
+                Some(crate::app::admission::whole_seconds(*retry_after))
+            }
+            _ => None,
+        };
         ApiError {
             status,
             code,
             message: err.to_string(),
+            retry_after,
         }
     }
 }
@@ -80,6 +93,10 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("Bearer"),
             );
         }
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
         resp
     }
 }
@@ -98,5 +115,61 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
             }
             _ => ApiError::bad_request(format!("invalid JSON body: {}", rej.body_text())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::admission::Refusal;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_quota_refusal_is_429_with_retry_after_and_names_the_limit() {
+        let err = AppError::Quota {
+            kind: Refusal::RateLimited,
+            message:
+                "you made 30 creates in the last minute, the limit (quota.creates_per_minute) is 30"
+                    .into(),
+            retry_after: Duration::from_millis(12_300),
+        };
+        let resp = ApiError::from(err).into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            resp.headers()
+                .get(axum::http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+            Some("13"),
+            "rounded up, in whole seconds"
+        );
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(body["error"]["code"], "rate_limited");
+        assert!(body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("quota.creates_per_minute")));
+
+        let resp = ApiError::from(AppError::Quota {
+            kind: Refusal::QuotaExceeded,
+            message: "x".into(),
+            retry_after: Duration::ZERO,
+        })
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            resp.headers()
+                .get(axum::http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+            Some("1"),
+            "never 0"
+        );
+        let other = ApiError::from(AppError::NoCapacity("full".into())).into_response();
+        assert!(other
+            .headers()
+            .get(axum::http::header::RETRY_AFTER)
+            .is_none());
     }
 }

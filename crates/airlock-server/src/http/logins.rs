@@ -136,7 +136,7 @@ fn cred_view(row: CredentialRow) -> Credential {
 }
 
 #[utoipa::path(post, path = "/api/v1/logins", request_body = CreateLogin,
-    responses((status = 201, body = Login), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody), (status = 507, body = ErrorBody)))]
+    responses((status = 201, body = Login), (status = 400, body = ErrorBody), (status = 429, body = ErrorBody, description = "a quota or rate limit; see Retry-After"), (status = 503, body = ErrorBody), (status = 507, body = ErrorBody)))]
 pub async fn create(
     State(app): State<Arc<App>>,
     Caller(user): Caller,

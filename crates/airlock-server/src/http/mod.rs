@@ -7,6 +7,7 @@ pub mod guard;
 pub mod logins;
 pub mod sandboxes;
 pub mod tickets;
+pub mod usage;
 pub mod web;
 
 use crate::app::App;
@@ -55,6 +56,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(logins::Doc::openapi());
     doc.merge(egress::Doc::openapi());
     doc.merge(tickets::Doc::openapi());
+    doc.merge(usage::Doc::openapi());
     doc
 }
 
@@ -78,6 +80,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(logins::routes())
         .merge(egress::routes())
         .merge(tickets::routes())
+        .merge(usage::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|| async {
             error::ApiError::new(

@@ -94,7 +94,7 @@ fn view(row: SandboxRow, owner: &str) -> Sandbox {
 }
 
 #[utoipa::path(post, path = "/api/v1/sandboxes", request_body = CreateSandbox,
-    responses((status = 201, body = Sandbox), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody), (status = 507, body = ErrorBody)))]
+    responses((status = 201, body = Sandbox), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 429, body = ErrorBody, description = "a quota or rate limit; see Retry-After"), (status = 503, body = ErrorBody), (status = 507, body = ErrorBody)))]
 pub async fn create(
     State(app): State<Arc<App>>,
     Caller(user): Caller,

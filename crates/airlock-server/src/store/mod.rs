@@ -10,6 +10,7 @@ mod egress;
 mod logins;
 mod sandboxes;
 mod sealed;
+mod usage;
 mod users;
 
 pub use egress::{AccountRow, UpstreamRow, ACCOUNT_ID as EGRESS_ACCOUNT_ID};
