@@ -27,6 +27,8 @@ struct Door {
     http: reqwest::Client,
     alice: String,
     bob: String,
+    /// An admin's token: the egress routes check their bodies only for an admin.
+    admin: String,
     /// Alice's sandbox (failed: it never boots) and Bob's.
     mine: String,
     theirs: String,
@@ -58,6 +60,7 @@ async fn open_door() -> Door {
     let app = running.app.clone();
     let (alice, alice_token) = app.add_user("alice").await.expect("alice");
     let (bob, bob_token) = app.add_user("bob").await.expect("bob");
+    let (_, admin_token) = app.add_admin("operator").await.expect("admin");
     let sandbox = |id: &str, owner: &str| SandboxRow {
         id: id.to_owned(),
         owner_id: owner.to_owned(),
@@ -113,6 +116,7 @@ async fn open_door() -> Door {
             .expect("client"),
         alice: alice_token,
         bob: bob_token,
+        admin: admin_token,
         mine: "aaaaaaaaaaaaaaaa".into(),
         theirs: "bbbbbbbbbbbbbbbb".into(),
         their_login: "cccccccccccccccc".into(),
@@ -496,6 +500,7 @@ async fn hostile_input_gets_clean_4xx_and_never_5xx() {
     let started = Instant::now();
     let port = d.host.rsplit(':').next().unwrap_or("0").to_owned();
     let (a, b) = (d.alice.clone(), d.bob.clone());
+    let admin = d.admin.clone();
     let (mine, theirs, their_login) = (d.mine.clone(), d.theirs.clone(), d.their_login.clone());
     let mut asks: Vec<(Ask, Option<u16>)> = Vec::new();
     macro_rules! want {
@@ -682,11 +687,18 @@ async fn hostile_input_gets_clean_4xx_and_never_5xx() {
                 .json(body.clone()),
             400
         );
-        // The admin's own route (`local` is the admin here): any clean 4xx.
+        // The admin's own route: any clean 4xx.
         asks.push((
-            Ask::new(Method::PUT, "/api/v1/egress/account").json(body.clone()),
+            Ask::new(Method::PUT, "/api/v1/egress/account")
+                .token(&admin)
+                .json(body.clone()),
             None,
         ));
+        // `local` is not an admin: refused before its body is read.
+        want!(
+            Ask::new(Method::PUT, "/api/v1/egress/account").json(body.clone()),
+            403
+        );
     }
     want!(
         Ask::post("/api/v1/sandboxes").token(&a).json(big.clone()),
@@ -717,15 +729,21 @@ async fn hostile_input_gets_clean_4xx_and_never_5xx() {
         400
     );
     want!(
-        Ask::new(Method::PUT, "/api/v1/egress/users/alice").json(r#"{"url":"http://a b@c"}"#),
+        Ask::new(Method::PUT, "/api/v1/egress/users/alice")
+            .token(&admin)
+            .json(r#"{"url":"http://a b@c"}"#),
         400
     );
     want!(
-        Ask::new(Method::PUT, "/api/v1/egress/users/alice").json(r#"{"url":"ftp://x"}"#),
+        Ask::new(Method::PUT, "/api/v1/egress/users/alice")
+            .token(&admin)
+            .json(r#"{"url":"ftp://x"}"#),
         400
     );
     want!(
-        Ask::new(Method::PUT, "/api/v1/egress/settings").json(r#"{"upstream_timeout_s":"x"}"#),
+        Ask::new(Method::PUT, "/api/v1/egress/settings")
+            .token(&admin)
+            .json(r#"{"upstream_timeout_s":"x"}"#),
         400
     );
 
