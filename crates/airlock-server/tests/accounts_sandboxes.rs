@@ -138,3 +138,84 @@ async fn after_a_rotation_a_sandbox_boots_and_a_login_delivers() {
     assert_eq!(*oauth.tokens_issued.lock().expect("lock"), 2);
     h.shutdown().await;
 }
+
+/// `airlock user remove` while the server runs and the user has a ready
+/// sandbox: the token is refused at once, the running server's reaper ends
+/// the sandbox (its host resources are released), then the user goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_user_ends_its_sandboxes_through_the_running_server() {
+    if common::unmet().is_some() {
+        return;
+    }
+    let h = common::start("10.243.2.0/24").await;
+    let app = h.running.as_ref().expect("running").app.clone();
+    let (dora, token) = app.add_user("dora").await.expect("dora");
+    let (status, body) = h
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/sandboxes",
+            Some(&token),
+            Some(json!({"kind": "workspace"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, b) = h
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/v1/sandboxes/{id}"),
+                Some(&token),
+                None,
+            )
+            .await;
+        if b["state"] == "ready" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not ready: {b}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let outcome = airlock_server::app::auth::remove_user(&app.store, "dora")
+        .await
+        .expect("remove");
+    assert_eq!(outcome, airlock_server::app::auth::Removal::Pending(1));
+    let (status, _) = h
+        .call(
+            reqwest::Method::GET,
+            "/api/v1/sandboxes",
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 401, "the token is refused at once");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while app.store.user_by_name("dora").await.expect("q").is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reaper did not finish the removal"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(app.store.sandbox(&id).await.expect("q").is_none());
+    assert!(app
+        .store
+        .sandboxes_of(&dora.id)
+        .await
+        .expect("q")
+        .is_empty());
+    assert!(
+        !h.data_dir.join("sandboxes").join(&id).exists(),
+        "the sandbox's files are gone"
+    );
+    assert!(
+        !app.store
+            .used_leases()
+            .await
+            .expect("q")
+            .iter()
+            .any(|_| true),
+        "its address went back to the pool"
+    );
+    h.shutdown().await;
+}
