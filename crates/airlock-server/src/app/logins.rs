@@ -749,7 +749,9 @@ impl App {
                     &aad(&row.owner_id, &row.provider, &row.id),
                 );
                 let key_id = vault.current_key_id().to_owned();
-                drop(vault);
+                // The keyring stays read-locked until the record is stored: a
+                // reload (vault rotate) waits, so it never misses a record
+                // sealed under a key it is about to retire.
                 let now = now_ms();
                 let cred = CredentialRow {
                     owner_id: row.owner_id.clone(),
@@ -765,6 +767,7 @@ impl App {
                     .store_credentials(&row.id, &cred)
                     .await
                     .map_err(|e| internal(&e))?;
+                drop(vault);
                 tracing::info!(login = %row.id, "credentials sealed and stored");
                 Ok(Step::Again)
             }
