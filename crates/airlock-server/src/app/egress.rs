@@ -890,6 +890,48 @@ async fn exit_ip_via(up: &Upstream, echo: &str) -> Result<String, String> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn egress_totals_sum_every_sandbox_never_go_down_and_name_none() {
+        let attached: AttachedMap = Arc::default();
+        let m = EgressMetrics::new(&attached);
+        let metrics = crate::metrics::Metrics::new();
+        metrics.register("egress_bytes_out", "test", m.bytes_out.clone());
+        let listen = |n: u64| {
+            let stats = Arc::new(Stats::default());
+            stats.bytes_out.inc_by(n);
+            Attached {
+                task: tokio::spawn(async {}),
+                stats,
+            }
+        };
+        attached
+            .lock()
+            .expect("lock")
+            .insert("sandbox-a".into(), listen(5));
+        attached
+            .lock()
+            .expect("lock")
+            .insert("sandbox-b".into(), listen(7));
+        let text = metrics.render(&[]);
+        assert!(
+            text.contains("airlock_egress_bytes_out_total 12\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("sandbox-a") && !text.contains("sandbox=\""),
+            "{text}"
+        );
+        let gone = attached
+            .lock()
+            .expect("lock")
+            .remove("sandbox-a")
+            .expect("a");
+        m.retire(&gone.stats);
+        assert!(metrics
+            .render(&[])
+            .contains("airlock_egress_bytes_out_total 12\n"));
+    }
+
     fn input(min: u16, max: u16) -> AccountInput {
         AccountInput {
             host: "127.0.0.1".into(),
