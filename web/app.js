@@ -128,7 +128,7 @@ function handleError(source, prefix, err) {
   }
   // A quota or rate limit (429): the server's message names the limit.
   if (err instanceof ApiError && err.status === 429) {
-    showError(source, `${prefix}: limit reached. ${describe(err)}`);
+    showError(source, `${prefix} (limit reached): ${describe(err)}`);
     loadUsage();
     return;
   }

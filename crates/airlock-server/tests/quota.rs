@@ -9,6 +9,24 @@ use common::unmet;
 use serde_json::{json, Value};
 use std::time::Duration;
 
+/// Until a deleted sandbox no longer counts: stopped, or failed when the
+/// delete cut its boot short.
+async fn wait_ended(h: &common::Harness, id: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, sb) = h.get(&format!("/api/v1/sandboxes/{id}")).await;
+        if ["stopped", "failed"].contains(&sb["state"].as_str().unwrap_or("")) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} still {}",
+            sb["state"]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_third_create_past_a_cap_of_two_gets_429_and_makes_nothing() {
     if unmet().is_some() {
@@ -87,11 +105,41 @@ async fn the_third_create_past_a_cap_of_two_gets_429_and_makes_nothing() {
 
     // A deleted sandbox frees its place once it has stopped.
     h.delete(&format!("/api/v1/sandboxes/{}", ids[0])).await;
-    h.wait_state(&ids[0], "stopped", Duration::from_secs(60))
-        .await;
+    wait_ended(&h, &ids[0]).await;
     let (status, body) = h
         .post("/api/v1/sandboxes", json!({"kind": "browser"}))
         .await;
     assert_eq!(status, 201, "{body}");
+    h.shutdown().await;
+}
+
+/// The page's quota line and a refused create, in a real headless Chromium
+/// (tests/e2e/quota.mjs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_the_quota_line_and_the_refusal() {
+    if unmet().is_some() || common::browser_unmet().is_some() {
+        return;
+    }
+    let h = common::start_with("10.241.1.0/24", |cfg| cfg.quota.max_sandboxes = 1).await;
+    let root = common::repo_root();
+    let artifacts = root.join("target/e2e-quota");
+    let status = tokio::process::Command::new("node")
+        .arg(root.join("tests/e2e/quota.mjs"))
+        .args(["--url", &h.base, "--artifacts"])
+        .arg(&artifacts)
+        .status()
+        .await
+        .expect("node runs");
+    assert!(
+        status.success(),
+        "the browser check failed ({status}); screenshots are in {}",
+        artifacts.display()
+    );
+    let (_, list) = h.get("/api/v1/sandboxes").await;
+    let made = list["sandboxes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(made.len(), 1, "the refused click made nothing: {list}");
+    let id = made[0]["id"].as_str().expect("id");
+    h.delete(&format!("/api/v1/sandboxes/{id}")).await;
+    wait_ended(&h, id).await;
     h.shutdown().await;
 }

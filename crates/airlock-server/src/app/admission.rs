@@ -393,8 +393,8 @@ impl Admission {
             return Err(AppError::Quota {
                 kind: Refusal::QuotaExceeded,
                 message: format!(
-                    "{why}you have {sandboxes} live sandboxes, the limit (quota.max_sandboxes) is {}; \
-                     delete one first",
+                    "{why}you have {}, the limit (quota.max_sandboxes) is {}; delete one first",
+                    count(sandboxes, "live sandbox", "live sandboxes"),
                     q.max_sandboxes
                 ),
                 retry_after: CAP_RETRY,
@@ -411,8 +411,9 @@ impl Admission {
                 return Err(AppError::Quota {
                     kind: Refusal::QuotaExceeded,
                     message: format!(
-                        "you have {logins} logins under way, the limit (quota.max_logins) is {}; \
+                        "you have {} under way, the limit (quota.max_logins) is {}; \
                          finish or cancel one first",
+                        count(logins, "login", "logins"),
                         q.max_logins
                     ),
                     retry_after,
@@ -427,9 +428,9 @@ impl Admission {
             return Err(AppError::Quota {
                 kind: Refusal::RateLimited,
                 message: format!(
-                    "you made {} creates in the last minute, the limit (quota.creates_per_minute) is {}; \
+                    "you made {} in the last minute, the limit (quota.creates_per_minute) is {}; \
                      try again in {} s",
-                    window.len(),
+                    count(window.len() as u64, "create", "creates"),
                     q.creates_per_minute,
                     whole_seconds(retry_after)
                 ),
@@ -526,6 +527,11 @@ impl Admission {
             host: known.then_some(host),
         })
     }
+}
+
+/// "1 login", "2 logins".
+fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// Seconds for a `Retry-After`: rounded up, at least 1.

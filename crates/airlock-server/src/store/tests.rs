@@ -527,3 +527,83 @@ fn urls_are_redacted() {
         "sqlite:///var/lib/a.db"
     );
 }
+
+/// The counts behind the per-user quotas: live sandboxes, logins under way.
+async fn quota_counts(store: &Store) {
+    use crate::app::logins::state::LoginState;
+    for u in ["qa", "qb"] {
+        store.insert_user(u, u, None).await.expect("user");
+    }
+    for (id, owner) in [("q1", "qa"), ("q2", "qa"), ("q3", "qb")] {
+        store
+            .insert_sandbox(&sandbox(id, owner, "browser", None))
+            .await
+            .expect("insert");
+    }
+    assert_eq!(store.count_live_sandboxes("qa").await.expect("q"), 2);
+    store
+        .transition(
+            "q1",
+            &[SandboxState::Provisioning],
+            SandboxState::Failed,
+            None,
+        )
+        .await
+        .expect("t");
+    assert_eq!(store.count_live_sandboxes("qa").await.expect("q"), 1);
+    assert_eq!(store.count_live_sandboxes("nobody").await.expect("q"), 0);
+
+    assert_eq!(store.live_logins("qa").await.expect("q"), (0, None));
+    let now = now_ms();
+    for (id, expires) in [("l1", now + 5_000), ("l2", now + 9_000)] {
+        store
+            .insert_login(&LoginRow {
+                id: id.into(),
+                owner_id: "qa".into(),
+                provider: "claude".into(),
+                state: LoginState::Starting,
+                reason: None,
+                login_url: None,
+                awaiting_code: false,
+                browser_sandbox_id: None,
+                workspace_sandbox_id: None,
+                created_at: now,
+                updated_at: now,
+                expires_at: expires,
+                finished_at: None,
+            })
+            .await
+            .expect("login");
+    }
+    assert_eq!(
+        store.live_logins("qa").await.expect("q"),
+        (2, Some(now + 5_000))
+    );
+    store
+        .transition_login(
+            "l1",
+            LoginState::Starting,
+            LoginState::Expired,
+            &LoginUpdate::default(),
+        )
+        .await
+        .expect("t");
+    assert_eq!(
+        store.live_logins("qa").await.expect("q"),
+        (1, Some(now + 9_000))
+    );
+    assert_eq!(store.live_logins("qb").await.expect("q"), (0, None));
+}
+
+#[tokio::test]
+async fn quota_counts_on_sqlite() {
+    let (store, _dir) = sqlite().await;
+    quota_counts(&store).await;
+}
+
+#[tokio::test]
+async fn quota_counts_on_postgres() {
+    if let Some(store) = postgres().await {
+        quota_counts(&store).await;
+    }
+}

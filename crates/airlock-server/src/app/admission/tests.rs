@@ -256,7 +256,7 @@ async fn logins_under_way_are_capped_and_need_a_sandbox_place() {
     let (kind, message, retry_after) = refusal(&err).expect("quota");
     assert_eq!(kind, Refusal::QuotaExceeded);
     assert!(
-        message.contains("you have 1 logins under way, the limit (quota.max_logins) is 1"),
+        message.contains("you have 1 login under way, the limit (quota.max_logins) is 1"),
         "{message}"
     );
     // The first login expires in about 90 s.
