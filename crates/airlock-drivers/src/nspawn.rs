@@ -173,16 +173,23 @@ impl NspawnDriver {
             "--keep-unit".to_owned(),
             format!("--machine={}", Self::machine_name(id)),
             format!("--directory={}", dir.join("merged").display()),
-            format!("--network-namespace-path={}", names.netns_path()),
             format!("--bind-ro={}:/run/airlock/meta", dir.join("meta").display()),
             "--console=passive".to_owned(),
         ]);
+        if record.uid_base.is_none() {
+            cmd = cmd.arg(format!("--network-namespace-path={}", names.netns_path()));
+        }
         if let Some(base) = record.uid_base {
             // The ownership is already right: layers are idmapped, the
             // writable layer and home belong to the range.
             cmd = cmd.args([
                 format!("--private-users={base}:{}", userns::RANGE),
                 "--private-users-ownership=off".to_owned(),
+                // nspawn makes the metadata's mount point as the host's root,
+                // which the guest's root does not own: the agent could not
+                // write its session files beside it. A tmpfs of the guest's
+                // (nspawn maps its owner) takes /run/airlock instead.
+                "--tmpfs=/run/airlock:mode=0755".to_owned(),
             ]);
         }
         if self.cfg.no_new_privileges {
@@ -190,6 +197,18 @@ impl NspawnDriver {
         }
         if let Some(home) = &record.home_volume {
             cmd = cmd.arg(format!("--bind={}:/home/airlock", home.display()));
+        }
+        if record.uid_base.is_some() {
+            // nspawn (252) joins --network-namespace-path from inside the new
+            // user namespace, which may not enter a namespace the host's owns
+            // (EPERM). So nspawn starts in the sandbox's network namespace
+            // and the guest shares it. The guest's root has no say over it
+            // either way: it belongs to the host's user namespace, and the
+            // host configured its addresses and route.
+            cmd = Cmd::new("nsenter")
+                .arg(format!("--net={}", names.netns_path()))
+                .arg(cmd.program)
+                .args(cmd.args);
         }
         cmd
     }
@@ -240,9 +259,11 @@ impl NspawnDriver {
         at: &Path,
         bytes: u64,
         journal: bool,
+        root_owner: u32,
     ) -> Result<(), DriverError> {
         let img = image.display().to_string();
-        if !image.exists() {
+        let fresh = !image.exists();
+        if fresh {
             let made = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -253,7 +274,12 @@ impl NspawnDriver {
                 return Err(io_err(format!("create {img}"))(e));
             }
             let mut mkfs = Cmd::new("mkfs.ext4").args(["-q", "-F", "-m", "0"]);
-            mkfs = mkfs.args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]);
+            mkfs = mkfs.args([
+                "-E".to_owned(),
+                format!(
+                    "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner={root_owner}:{root_owner}"
+                ),
+            ]);
             if !journal {
                 mkfs = mkfs.args(["-O", "^has_journal"]);
             }
@@ -269,6 +295,10 @@ impl NspawnDriver {
                 .run(&Cmd::new("mount").args(["-o", "loop,discard,nodev,nosuid", &img, &at_s]))
                 .await
                 .map_err(host_err(format!("mount {img}")))?;
+            if fresh {
+                // Nothing of the host's in the guest's tree.
+                let _ = std::fs::remove_dir(at.join("lost+found"));
+            }
         }
         Ok(())
     }
@@ -293,7 +323,8 @@ impl NspawnDriver {
             let _ = std::fs::remove_dir_all(&staging);
             std::fs::create_dir_all(&staging)
                 .map_err(io_err(format!("create {}", staging.display())))?;
-            self.size_limited(&image, &staging, bytes, true).await?;
+            self.size_limited(&image, &staging, bytes, true, owner)
+                .await?;
             let staging_s = staging.display().to_string();
             let copied = self
                 .host
@@ -319,7 +350,12 @@ impl NspawnDriver {
         std::os::unix::fs::chown(home, Some(owner), Some(owner))
             .map_err(io_err(format!("chown {home_s}")))?;
         set_mode(home, 0o700)?;
-        self.size_limited(&image, home, bytes, true).await
+        let fresh = !image.exists();
+        self.size_limited(&image, home, bytes, true, owner).await?;
+        if fresh {
+            set_mode(home, 0o750)?;
+        }
+        Ok(())
     }
 
     /// The overlay first, then what lies under it.
@@ -359,7 +395,7 @@ impl NspawnDriver {
                 .map_err(io_err(format!("create {}", dir.join(sub).display())))?;
         }
         if let Some(bytes) = spec.limits.disk_bytes {
-            self.size_limited(&dir.join("rw.img"), &dir.join("rw"), bytes, false)
+            self.size_limited(&dir.join("rw.img"), &dir.join("rw"), bytes, false, 0)
                 .await
                 .map_err(|e| limit_error("disk_mb", &chain(&e)))?;
         }
@@ -1128,10 +1164,10 @@ mod tests {
         ))));
         let nspawn = cmds
             .iter()
-            .find(|c| c.starts_with("systemd-nspawn"))
+            .find(|c| c.contains("systemd-nspawn"))
             .expect("nspawn ran");
         assert!(nspawn.contains("--register=no") && nspawn.contains("--keep-unit"));
-        assert!(nspawn.contains("--network-namespace-path=/run/netns/airlock-s1"));
+        assert!(nspawn.starts_with("nsenter --net=/run/netns/airlock-s1 systemd-nspawn"));
         d.destroy("s1").await.expect("destroy");
         assert!(!tmp.path().join("s1").exists());
         assert!(d.list().await.expect("list").is_empty());
@@ -1179,7 +1215,7 @@ mod tests {
         let nspawn = host
             .commands()
             .into_iter()
-            .find(|c| c.starts_with("systemd-nspawn"))
+            .find(|c| c.contains("systemd-nspawn"))
             .expect("nspawn ran");
         assert!(nspawn.contains(&format!("--private-users={first}:65536")));
         assert!(nspawn.contains("--private-users-ownership=off"));
