@@ -90,6 +90,23 @@ pub trait Host: Send + Sync + std::fmt::Debug + 'static {
     fn cmdline(&self, pid: u32) -> Option<String>;
     /// Direct children of a process.
     fn children(&self, pid: u32) -> Vec<u32>;
+    /// Bind `src` onto `dst`, read-only, as an idmapped mount: through it, a file that
+    /// belongs to uid (and gid) `k` on disk shows as `base + k`, for `k` below
+    /// `count`. How a user namespace sees a shared read-only tree as its own
+    /// without one byte of it being copied or chowned.
+    fn idmapped_bind(
+        &self,
+        src: &Path,
+        dst: &Path,
+        base: u32,
+        count: u32,
+    ) -> Result<(), HostError> {
+        let _ = (base, count);
+        Err(HostError::Io {
+            what: format!("idmapped bind of {} on {}", src.display(), dst.display()),
+            source: std::io::Error::from(std::io::ErrorKind::Unsupported),
+        })
+    }
 }
 
 /// The real host.
@@ -216,6 +233,136 @@ impl Host for RealHost {
         }
         out
     }
+
+    fn idmapped_bind(
+        &self,
+        src: &Path,
+        dst: &Path,
+        base: u32,
+        count: u32,
+    ) -> Result<(), HostError> {
+        idmap::bind(src, dst, base, count).map_err(|source| HostError::Io {
+            what: format!(
+                "idmapped bind of {} on {} (ids from {base})",
+                src.display(),
+                dst.display()
+            ),
+            source,
+        })
+    }
+}
+
+/// Idmapped mounts (Linux 5.12+): the mapping comes from a user namespace,
+/// which needs a process to live in it for a moment.
+mod idmap {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    use std::path::Path;
+
+    // From <linux/mount.h>; not every libc release names them.
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+
+    /// `struct mount_attr` (version 0, 32 bytes).
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+
+    fn c_path(path: &Path) -> std::io::Result<CString> {
+        CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    }
+
+    /// A user namespace mapping ids `0..count` to `base..base+count`.
+    fn user_namespace(base: u32, count: u32) -> std::io::Result<OwnedFd> {
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("30")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: unshare(2) between fork and exec touches no memory of ours
+        // and allocates nothing.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::unshare(libc::CLONE_NEWUSER) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let mut child = cmd.spawn()?;
+        let map = format!("0 {base} {count}\n");
+        let result = (|| {
+            let proc = format!("/proc/{}", child.id());
+            std::fs::write(format!("{proc}/uid_map"), &map)?;
+            std::fs::write(format!("{proc}/gid_map"), &map)?;
+            let ns = std::fs::File::open(format!("{proc}/ns/user"))?;
+            Ok(OwnedFd::from(ns))
+        })();
+        let _ = child.kill();
+        let _ = child.wait();
+        result
+    }
+
+    pub(super) fn bind(src: &Path, dst: &Path, base: u32, count: u32) -> std::io::Result<()> {
+        let userns = user_namespace(base, count)?;
+        let (src, dst) = (c_path(src)?, c_path(dst)?);
+        // SAFETY: the three calls get valid NUL-terminated paths, a struct of
+        // the size passed, and descriptors we own; none keeps a pointer.
+        #[allow(unsafe_code)]
+        unsafe {
+            let fd = libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                src.as_ptr(),
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            );
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let tree = OwnedFd::from_raw_fd(fd as i32);
+            let attr = MountAttr {
+                attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY,
+                attr_clr: 0,
+                propagation: 0,
+                userns_fd: userns.as_raw_fd() as u64,
+            };
+            let empty = c"";
+            if libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                empty.as_ptr(),
+                libc::AT_EMPTY_PATH,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            ) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::syscall(
+                libc::SYS_move_mount,
+                tree.as_raw_fd(),
+                empty.as_ptr(),
+                libc::AT_FDCWD,
+                dst.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            ) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A recording fake: commands succeed (unless told to fail) and are kept in order.
@@ -296,6 +443,20 @@ impl Host for FakeHost {
     }
     fn children(&self, _pid: u32) -> Vec<u32> {
         Vec::new()
+    }
+    fn idmapped_bind(
+        &self,
+        src: &Path,
+        dst: &Path,
+        base: u32,
+        count: u32,
+    ) -> Result<(), HostError> {
+        let cmd = Cmd::new("idmapped-bind").args([
+            src.display().to_string(),
+            dst.display().to_string(),
+            format!("{base}:{count}"),
+        ]);
+        self.check(&cmd)
     }
 }
 

@@ -7,6 +7,7 @@ pub mod host;
 pub mod net;
 pub mod nspawn;
 pub mod qemu;
+pub mod userns;
 pub mod vm;
 
 use airlock_proto::metadata::{Metadata, SandboxKind};
@@ -43,10 +44,22 @@ pub struct Lease {
     pub prefix_len: u8,
 }
 
+/// What one sandbox may use. A limit that is set but cannot be applied fails
+/// the create, naming the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub memory_bytes: Option<u64>,
     pub max_pids: Option<u64>,
+    /// CPU time, in thousandths of one CPU (1000: one whole CPU).
+    pub cpu_millis: Option<u32>,
+    /// Bytes per second read and written, each, on the block device that
+    /// holds the sandbox's writable layer.
+    pub io_bps: Option<u64>,
+    /// Size of the sandbox's writable layer: a filesystem of its own, so a
+    /// guest that fills it gets ENOSPC and the host's disk is untouched.
+    pub disk_bytes: Option<u64>,
+    /// Size of a workspace's home volume, likewise.
+    pub home_disk_bytes: Option<u64>,
 }
 
 impl Default for Limits {
@@ -54,6 +67,10 @@ impl Default for Limits {
         Limits {
             memory_bytes: Some(2 << 30),
             max_pids: Some(4096),
+            cpu_millis: None,
+            io_bps: None,
+            disk_bytes: None,
+            home_disk_bytes: None,
         }
     }
 }

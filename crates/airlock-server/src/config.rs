@@ -98,6 +98,21 @@ pub struct Config {
     /// came through no proxy).
     pub local_user: bool,
 
+    // --- isolation and resource limits (nspawn driver) ---
+    /// CPU time per sandbox, in CPUs (1.0: one whole CPU); unset: no limit.
+    pub cpu_max: Option<f64>,
+    /// Bytes per second a sandbox may read, and as many write, on the disk
+    /// that holds data_dir; unset: no limit.
+    pub io_max: Option<u64>,
+    /// nspawn: every guest in a user namespace of its own (idmapped image
+    /// layers; Linux 5.12+). Off only for hosts without idmapped mounts.
+    pub user_namespaces: bool,
+    /// Size of a sandbox's writable layer in MiB (a filesystem of its own: a
+    /// guest that fills it gets ENOSPC); 0: no limit.
+    pub disk_mb: u64,
+    /// Size of a workspace's home volume in MiB, likewise; 0: no limit.
+    pub home_disk_mb: u64,
+
     // ---- quotas and capacity reservation (issue 15, part 3: quota) ----
     /// Per-user caps (`[quota]`).
     pub quota: QuotaConfig,
@@ -172,6 +187,11 @@ impl Default for Config {
 
             // ---- quotas and capacity reservation (quota) ----
             quota: QuotaConfig::default(),
+            cpu_max: None,
+            io_max: None,
+            user_namespaces: true,
+            disk_mb: 8192,
+            home_disk_mb: 16384,
         }
     }
 }
@@ -323,6 +343,26 @@ impl Config {
         if !(1..=1 << 20).contains(&q.reserve_mb) {
             return invalid("quota.reserve_mb", "must be between 1 and 1048576 (1 TiB)");
         }
+        // --- isolation and resource limits ---
+        if let Some(cpus) = self.cpu_max {
+            if !(0.01..=1024.0).contains(&cpus) {
+                return invalid("cpu_max", "must be between 0.01 and 1024 (CPUs)");
+            }
+        }
+        if self.io_max.is_some_and(|b| b < 1 << 20) {
+            return invalid("io_max", "must be at least 1048576 (1 MiB/s)");
+        }
+        for (field, mb) in [
+            ("disk_mb", self.disk_mb),
+            ("home_disk_mb", self.home_disk_mb),
+        ] {
+            if mb != 0 && !(64..=16 << 20).contains(&mb) {
+                return invalid(
+                    field,
+                    "must be 0 (no limit) or between 64 and 16777216 (MiB)",
+                );
+            }
+        }
         Ok(())
     }
 
@@ -368,6 +408,10 @@ impl Config {
         app.limits = Limits {
             memory_bytes: self.memory_mb.map(|m| m << 20),
             max_pids: self.max_pids,
+            cpu_millis: self.cpu_max.map(|c| (c * 1000.0).round() as u32),
+            io_bps: self.io_max,
+            disk_bytes: (self.disk_mb > 0).then_some(self.disk_mb << 20),
+            home_disk_bytes: (self.home_disk_mb > 0).then_some(self.home_disk_mb << 20),
         };
         app.boot_timeout = Duration::from_secs(self.boot_timeout_s);
         app.idle_ttl = Duration::from_secs(self.idle_ttl_s);

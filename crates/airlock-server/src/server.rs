@@ -63,10 +63,11 @@ pub fn driver_for(cfg: &Config, manifest: &Manifest) -> Result<Arc<dyn Driver>, 
             .ok_or_else(|| StartError::NoVmArtefacts(manifest.build_id.clone()))
     };
     Ok(match cfg.driver {
-        DriverKind::Nspawn => Arc::new(NspawnDriver::new(
-            NspawnConfig::new(cfg.data_dir.join("sandboxes")),
-            Arc::new(RealHost),
-        )),
+        DriverKind::Nspawn => {
+            let mut nspawn = NspawnConfig::new(cfg.data_dir.join("sandboxes"));
+            nspawn.private_users = cfg.user_namespaces;
+            Arc::new(NspawnDriver::new(nspawn, Arc::new(RealHost)))
+        }
         DriverKind::Qemu => Arc::new(QemuDriver::new(
             QemuConfig::new(cfg.data_dir.join("qemu"), vm_image()?),
             Arc::new(RealHost),
@@ -132,6 +133,38 @@ impl Running {
     }
 }
 
+/// The data dir is root's alone (0700), and an SQLite database in it is
+/// 0600 before the store first opens it: it holds agent tokens and VNC
+/// passwords. SQLite gives its `-wal` and `-shm` files the database's mode.
+fn private_data(cfg: &Config) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))?;
+    let url = cfg.database_url();
+    let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .map(|rest| rest.split('?').next().unwrap_or(rest))
+        .filter(|p| !p.is_empty() && *p != ":memory:")
+    else {
+        return Ok(());
+    };
+    let path = std::path::Path::new(path);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        match std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 pub async fn start(
     cfg: &Config,
     image: ImageRef,
@@ -143,6 +176,10 @@ pub async fn start(
         source,
     })?;
     let lock = Arc::new(crate::instance::DataDirLock::acquire(&cfg.data_dir)?);
+    private_data(cfg).map_err(|source| StartError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
     let store = Store::open(&cfg.database_url()).await?;
     let vault = Vault::load(&cfg.data_dir)?;
     lock.record(&vault)?;
@@ -228,4 +265,58 @@ fn reload_on_hangup(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod private_data_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &std::path::Path) -> u32 {
+        std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
+    /// The data dir and the database (agent tokens, VNC passwords) are
+    /// root's alone, even where they existed with looser modes.
+    #[test]
+    fn the_data_dir_and_database_are_private() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::write(data.join("airlock.db-wal"), "").expect("wal");
+        std::fs::set_permissions(
+            data.join("airlock.db-wal"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        let cfg = Config {
+            data_dir: data.clone(),
+            ..Config::default()
+        };
+        private_data(&cfg).expect("private");
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&data.join("airlock.db")), 0o600);
+        assert_eq!(mode(&data.join("airlock.db-wal")), 0o600);
+    }
+
+    /// The store keeps the mode once it has written the database.
+    #[tokio::test]
+    async fn the_store_keeps_the_database_private() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cfg = Config {
+            data_dir: tmp.path().to_path_buf(),
+            ..Config::default()
+        };
+        private_data(&cfg).expect("private");
+        let store = Store::open(&cfg.database_url()).await.expect("store");
+        drop(store);
+        for name in ["airlock.db", "airlock.db-wal", "airlock.db-shm"] {
+            let path = tmp.path().join(name);
+            if path.exists() {
+                assert_eq!(mode(&path), 0o600, "{name}");
+            }
+        }
+        assert_eq!(mode(&tmp.path().join("airlock.db")), 0o600);
+    }
 }

@@ -13,7 +13,18 @@
 //! ```text
 //! prerouting (priority -150, after conntrack) ── iifname vmap @from_guest ──▶ <if>_in
 //! forward    (priority 0)                      ── oifname vmap @to_guest   ──▶ <if>_to
+//! output     (priority 0)                      ── oifname @guest_links, socket not root ──▶ drop
 //! ```
+//!
+//! The output chain keeps host users away from guests: the guest's agent and
+//! VNC server trust whoever reaches them with the right secret, and only the
+//! control plane (root) holds those, so a packet towards a sandbox's link
+//! from a socket some other host user owns is dropped (and counted in
+//! `host_users`). Root is the owner to trust because airlock must run as root
+//! anyway (namespaces, mounts, nftables); matching a socket cgroup instead
+//! would need the control plane in a cgroup v2 path of its own, which hybrid
+//! hosts do not give it. Packets without a full socket (a listener's SYN-ACK,
+//! a kernel RST) carry no owner and are not matched.
 //!
 //! `<if>_in` sees every packet the guest sends, before routing, whether it is
 //! addressed to the host itself or meant to be forwarded, and whether or not
@@ -29,6 +40,9 @@ use crate::Lease;
 
 /// The shared table (family `inet`).
 pub const TABLE: &str = "airlock";
+
+/// The counter of packets host users (not root) sent towards a sandbox.
+pub const HOST_USERS: &str = "host_users";
 
 /// The kinds of dropped packets counted per sandbox, in report order.
 pub const KINDS: [&str; 5] = ["tcp", "udp", "icmp", "other", "link_local"];
@@ -57,6 +71,15 @@ pub fn install_script(names: &LinkNames, lease: &Lease, proxy_port: Option<u16>)
     ));
     line(format!(
         "add chain {t} forward {{ type filter hook forward priority 0; policy accept; }}"
+    ));
+    line(format!("add set {t} guest_links {{ type ifname; }}"));
+    line(format!("add counter {t} {HOST_USERS}"));
+    line(format!(
+        "add chain {t} output {{ type filter hook output priority 0; policy accept; }}"
+    ));
+    line(format!("flush chain {t} output"));
+    line(format!(
+        "add rule {t} output oifname @guest_links meta skuid != 0 counter name {HOST_USERS} drop"
     ));
     // The dispatch rules go in once: flushing the base chains and adding them
     // again keeps them single without a lookup (the maps keep their entries).
@@ -113,6 +136,7 @@ pub fn install_script(names: &LinkNames, lease: &Lease, proxy_port: Option<u16>)
     line(format!(
         "add element {t} to_guest {{ \"{ifname}\" : jump {chain_to} }}"
     ));
+    line(format!("add element {t} guest_links {{ \"{ifname}\" }}"));
     s
 }
 
@@ -127,6 +151,7 @@ fn remove_steps(names: &LinkNames) -> Vec<String> {
     let mut steps = vec![
         format!("delete element {t} from_guest {{ \"{ifname}\" }}"),
         format!("delete element {t} to_guest {{ \"{ifname}\" }}"),
+        format!("delete element {t} guest_links {{ \"{ifname}\" }}"),
         format!("delete chain {t} {ifname}_in"),
         format!("delete chain {t} {ifname}_to"),
     ];
@@ -280,6 +305,26 @@ mod tests {
     }
 
     #[test]
+    fn host_users_other_than_root_are_kept_off_the_guest_link() {
+        let names = LinkNames::for_sandbox("abc123");
+        let script = install_script(&names, &lease(), Some(3128));
+        assert!(script.contains(
+            "add chain inet airlock output { type filter hook output priority 0; policy accept; }"
+        ));
+        let output_rules: Vec<&str> = script
+            .lines()
+            .filter(|l| l.starts_with("add rule inet airlock output"))
+            .collect();
+        assert_eq!(
+            output_rules,
+            ["add rule inet airlock output oifname @guest_links meta skuid != 0 counter name host_users drop"]
+        );
+        assert!(script.contains("add element inet airlock guest_links { \"alabc123\" }"));
+        assert!(remove_script(&names)
+            .contains("delete element inet airlock guest_links { \"alabc123\" }"));
+    }
+
+    #[test]
     fn without_a_proxy_nothing_new_gets_out() {
         let names = LinkNames::for_sandbox("abc123");
         let script = install_script(&names, &lease(), None);
@@ -306,7 +351,7 @@ mod tests {
         host.fail_on("to_guest { \"alabc123\" }");
         remove(&host, &LinkNames::for_sandbox("abc123")).await;
         // The batch, then every piece on its own.
-        assert_eq!(host.commands().len(), 1 + 4 + KINDS.len() + 1);
+        assert_eq!(host.commands().len(), 1 + 5 + KINDS.len() + 1);
     }
 
     #[test]
