@@ -426,6 +426,7 @@ struct EgressMetrics {
     bytes_in: Family<SandboxLabel, Counter>,
     connections: Family<SandboxLabel, Counter>,
     failures: Family<SandboxLabel, Counter>,
+    refused: Family<egress::RefusedLabel, Counter>,
     listeners: Gauge,
 }
 
@@ -535,6 +536,11 @@ impl App {
                 m.failures.clone(),
             );
             self.metrics.register(
+                "egress_refused",
+                "Requests the forward proxies refused for their destination (this host, its sandbox network, loopback, link-local), by reason",
+                m.refused.clone(),
+            );
+            self.metrics.register(
                 "egress_listeners",
                 "Forward proxy listeners running",
                 m.listeners.clone(),
@@ -576,6 +582,10 @@ impl App {
             allowed_peer: Some(lease.guest.into()),
             connect_timeout: Duration::from_secs(timeout),
             response_timeout: Duration::from_secs(timeout),
+            guard: {
+                let (base, len) = self.pool.network();
+                egress::Guard::default().with_pool(base, len)
+            },
             ..ProxyConfig::default()
         }
     }
@@ -617,12 +627,15 @@ impl App {
         let label = SandboxLabel {
             sandbox: row.id.clone(),
         };
-        let stats = Arc::new(Stats::with_counters(
-            m.bytes_out.get_or_create(&label).clone(),
-            m.bytes_in.get_or_create(&label).clone(),
-            m.connections.get_or_create(&label).clone(),
-            m.failures.get_or_create(&label).clone(),
-        ));
+        let stats = Arc::new(
+            Stats::with_counters(
+                m.bytes_out.get_or_create(&label).clone(),
+                m.bytes_in.get_or_create(&label).clone(),
+                m.connections.get_or_create(&label).clone(),
+                m.failures.get_or_create(&label).clone(),
+            )
+            .with_refused(m.refused.clone()),
+        );
         let resolver = Arc::new(UserResolver {
             app: Arc::downgrade(self),
             user_id: row.owner_id.clone(),
