@@ -86,6 +86,16 @@ pub struct Config {
     pub jailer_uid: u32,
     pub jailer_gid: u32,
     pub jailer_chroot_base: PathBuf,
+    // ---- ICE-TCP limits (issue 15: the surfaces hostile bytes reach) ----
+    /// ICE-TCP connections open at once, from everyone; more are closed at accept.
+    pub webrtc_tcp_max_connections: usize,
+    /// ICE-TCP connections open at once from one address.
+    pub webrtc_tcp_max_per_ip: usize,
+    /// An ICE-TCP connection whose first frame (a check for one of our
+    /// peers) has not arrived within this is closed.
+    pub webrtc_tcp_first_frame_ms: u64,
+    /// An ICE-TCP connection without a frame for this long is closed.
+    pub webrtc_tcp_idle_s: u64,
 }
 
 impl Default for Config {
@@ -119,6 +129,11 @@ impl Default for Config {
             jailer_uid: 64_000,
             jailer_gid: 64_000,
             jailer_chroot_base: PathBuf::from("/srv/jailer"),
+            // ---- ICE-TCP limits ----
+            webrtc_tcp_max_connections: 1024,
+            webrtc_tcp_max_per_ip: 32,
+            webrtc_tcp_first_frame_ms: 5000,
+            webrtc_tcp_idle_s: 30,
         }
     }
 }
@@ -238,6 +253,22 @@ impl Config {
                 );
             }
         }
+        // ---- ICE-TCP limits ----
+        if self.webrtc_tcp_max_connections == 0 {
+            return invalid("webrtc_tcp_max_connections", "must be at least 1");
+        }
+        if !(1..=self.webrtc_tcp_max_connections).contains(&self.webrtc_tcp_max_per_ip) {
+            return invalid(
+                "webrtc_tcp_max_per_ip",
+                "must be between 1 and webrtc_tcp_max_connections",
+            );
+        }
+        if !(100..=60_000).contains(&self.webrtc_tcp_first_frame_ms) {
+            return invalid("webrtc_tcp_first_frame_ms", "must be between 100 and 60000");
+        }
+        if !(5..=3600).contains(&self.webrtc_tcp_idle_s) {
+            return invalid("webrtc_tcp_idle_s", "must be between 5 and 3600");
+        }
         Ok(())
     }
 
@@ -250,6 +281,12 @@ impl Config {
             tcp_port: self.webrtc_tcp_port,
             advertise: self.webrtc_address.unwrap_or(self.listen.ip()),
             copies_kbps: self.webrtc_copies_kbps,
+            tcp_limits: crate::webrtc::TcpLimits {
+                max_connections: self.webrtc_tcp_max_connections,
+                max_per_ip: self.webrtc_tcp_max_per_ip,
+                first_frame: Duration::from_millis(self.webrtc_tcp_first_frame_ms),
+                idle: Duration::from_secs(self.webrtc_tcp_idle_s),
+            },
         })
     }
 
