@@ -47,7 +47,8 @@ pub enum ExecError {
     Wait(#[source] std::io::Error),
 }
 
-fn check(req: &ExecRequest) -> Result<Duration, ExecError> {
+/// Whether a request can be run at all, and its timeout.
+pub fn check(req: &ExecRequest) -> Result<Duration, ExecError> {
     let bad = |m: &str| Err(ExecError::BadRequest(m.to_owned()));
     if req.argv.is_empty() || req.argv[0].is_empty() {
         return bad("argv must name a program");

@@ -23,10 +23,12 @@ use airlock_proto::login::{
 };
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -231,8 +233,7 @@ impl Logins {
         }
         let mut files = Vec::new();
         for c in &run.def.credentials {
-            let path = self.cfg.home.join(&c.path);
-            let bytes = read_limited(&path)?;
+            let bytes = read_limited(&self.cfg.home, &c.path)?;
             files.push(FileBlob {
                 path: c.path.clone(),
                 contents_b64: B64.encode(&bytes),
@@ -543,13 +544,12 @@ impl Logins {
     }
 
     fn all_valid(&self, def: &ProviderDef) -> bool {
-        def.credentials.iter().all(|c| {
-            let path = self.cfg.home.join(&c.path);
-            match read_limited(&path) {
+        def.credentials
+            .iter()
+            .all(|c| match read_limited(&self.cfg.home, &c.path) {
                 Ok(bytes) => valid(&bytes, &c.json_keys),
                 Err(_) => false,
-            }
-        })
+            })
     }
 
     /// Write delivered files under the home, each 0600 and owned by the
@@ -580,69 +580,111 @@ impl Logins {
         Ok(())
     }
 
+    /// Every step goes from a directory descriptor, never through a path
+    /// the user could change half-way: the home belongs to the user, the
+    /// agent is root, and a directory swapped for a symlink must not take a
+    /// `chown` or a file outside the home.
     fn write_home_file(&self, rel: &str, bytes: &[u8]) -> Result<(), LoginError> {
         let owner = match &self.cfg.run_as {
-            RunAs::User { uid, gid, .. } => Some((*uid, *gid)),
+            RunAs::User { uid, gid, .. } => Some((
+                rustix::fs::Uid::from_raw(*uid),
+                rustix::fs::Gid::from_raw(*gid),
+            )),
             RunAs::Current => None,
         };
-        // Directories are made one by one, never through a symlink: the home
-        // belongs to the user, the agent is root.
-        let mut dir = self.cfg.home.clone();
         let parts: Vec<&str> = rel.split('/').collect();
-        for part in &parts[..parts.len() - 1] {
-            dir.push(part);
-            match std::fs::symlink_metadata(&dir) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    return Err(LoginError::Conflict(format!(
-                        "{} is not a directory",
-                        dir.display()
-                    )))
-                }
-                Err(_) => {
-                    std::fs::DirBuilder::new()
-                        .mode(0o700)
-                        .create(&dir)
-                        .map_err(io(format!("creating {}", dir.display())))?;
+        let (name, dirs) = parts
+            .split_last()
+            .ok_or_else(|| LoginError::BadRequest(format!("path {rel:?} names no file")))?;
+        let mut dir = open_home(&self.cfg.home)?;
+        let mut walked = self.cfg.home.clone();
+        for part in dirs {
+            walked.push(part);
+            let at = walked.display().to_string();
+            dir = match open_beneath(&dir, part, OFlags::DIRECTORY | OFlags::RDONLY) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) => {
+                    rustix::fs::mkdirat(&dir, *part, Mode::from_raw_mode(0o700))
+                        .map_err(|e| errno(format!("creating {at}"), e))?;
+                    let fd = open_beneath(&dir, part, OFlags::DIRECTORY | OFlags::RDONLY)
+                        .map_err(|e| not_a_dir(&at, e))?;
                     if let Some((uid, gid)) = owner {
-                        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
-                            .map_err(io(format!("handing {} to the user", dir.display())))?;
+                        rustix::fs::fchown(&fd, Some(uid), Some(gid))
+                            .map_err(|e| errno(format!("handing {at} to the user"), e))?;
                     }
+                    fd
                 }
-            }
+                Err(e) => return Err(not_a_dir(&at, e)),
+            };
         }
-        let target = dir.join(parts[parts.len() - 1]);
-        if let Ok(m) = std::fs::symlink_metadata(&target) {
-            if m.file_type().is_symlink() || m.is_dir() {
+        let target = walked.join(name).display().to_string();
+        if let Ok(st) = rustix::fs::statat(&dir, *name, AtFlags::SYMLINK_NOFOLLOW) {
+            let kind = rustix::fs::FileType::from_raw_mode(st.st_mode);
+            if kind != rustix::fs::FileType::RegularFile {
                 return Err(LoginError::Conflict(format!(
-                    "{} is not a regular file",
-                    target.display()
+                    "{target} is not a regular file"
                 )));
             }
         }
-        let tmp = dir.join(format!(
-            ".{}.airlock-{}",
-            parts[parts.len() - 1],
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&tmp);
-        let mut out = std::fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io(format!("creating {}", tmp.display())))?;
+        let tmp = format!(".{name}.airlock-{}", std::process::id());
+        let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
+        let fd = rustix::fs::openat2(
+            &dir,
+            tmp.as_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+            ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH,
+        )
+        .map_err(|e| errno(format!("creating a file beside {target}"), e))?;
+        let mut out = std::fs::File::from(fd);
         out.write_all(bytes)
             .and_then(|()| out.sync_all())
-            .map_err(io(format!("writing {}", tmp.display())))?;
+            .map_err(io(format!("writing {target}")))?;
         if let Some((uid, gid)) = owner {
-            std::os::unix::fs::fchown(&out, Some(uid), Some(gid))
-                .map_err(io("handing the credential file to the user"))?;
+            rustix::fs::fchown(&out, Some(uid), Some(gid))
+                .map_err(|e| errno("handing the credential file to the user".into(), e))?;
         }
         drop(out);
-        std::fs::rename(&tmp, &target).map_err(io(format!("replacing {}", target.display())))?;
+        rustix::fs::renameat(&dir, tmp.as_str(), &dir, *name)
+            .map_err(|e| errno(format!("replacing {target}"), e))?;
         Ok(())
+    }
+}
+
+/// The home directory itself, refused if it is a symlink.
+fn open_home(home: &Path) -> Result<OwnedFd, LoginError> {
+    rustix::fs::open(
+        home,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| errno(format!("opening {}", home.display()), e))
+}
+
+/// `rel` under `dir`, through no symlink and never above `dir`.
+fn open_beneath(dir: &OwnedFd, rel: &str, flags: OFlags) -> Result<OwnedFd, Errno> {
+    rustix::fs::openat2(
+        dir,
+        rel,
+        flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    )
+}
+
+fn errno(what: String, e: Errno) -> LoginError {
+    LoginError::Io {
+        what,
+        source: e.into(),
+    }
+}
+
+fn not_a_dir(at: &str, e: Errno) -> LoginError {
+    match e {
+        Errno::LOOP | Errno::NOTDIR | Errno::XDEV => LoginError::Conflict(format!(
+            "{at} is not a directory (a symlink is not followed)"
+        )),
+        e => errno(format!("opening {at}"), e),
     }
 }
 
@@ -660,18 +702,32 @@ fn status_of(id: &str, run: &Run) -> LoginStatus {
     }
 }
 
-fn read_limited(path: &Path) -> Result<Vec<u8>, LoginError> {
-    let meta = std::fs::metadata(path).map_err(io(format!("reading {}", path.display())))?;
-    if !meta.is_file() || meta.len() > MAX_FILE_BYTES {
+/// A credential file the CLI wrote under the home: opened through no symlink
+/// (a link to `/etc/shadow` must not be captured by a root agent), not a
+/// FIFO or device (non-blocking open, then checked), at most [`MAX_FILE_BYTES`].
+fn read_limited(home: &Path, rel: &str) -> Result<Vec<u8>, LoginError> {
+    let path = home.join(rel);
+    let shown = path.display().to_string();
+    let dir = open_home(home)?;
+    let fd = open_beneath(
+        &dir,
+        rel,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
+    )
+    .map_err(|e| errno(format!("reading {shown}"), e))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| errno(format!("reading {shown}"), e))?;
+    let regular =
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
+    if !regular || st.st_size < 0 || st.st_size as u64 > MAX_FILE_BYTES {
         return Err(LoginError::Conflict(format!(
-            "{} is not a credential file",
-            path.display()
+            "{shown} is not a credential file"
         )));
     }
     let mut buf = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_FILE_BYTES).read_to_end(&mut buf))
-        .map_err(io(format!("reading {}", path.display())))?;
+    std::fs::File::from(fd)
+        .take(MAX_FILE_BYTES)
+        .read_to_end(&mut buf)
+        .map_err(io(format!("reading {shown}")))?;
     Ok(buf)
 }
 
@@ -1241,6 +1297,146 @@ mod tests {
         }
         std::os::unix::fs::symlink("/tmp", home.path().join("link")).expect("symlink");
         assert!(logins.deliver(set("link/x")).is_err());
+    }
+
+    fn one_file(path: &str) -> FileSet {
+        FileSet {
+            files: vec![FileBlob {
+                path: path.into(),
+                contents_b64: B64.encode(b"{\"token\":\"t\"}"),
+            }],
+        }
+    }
+
+    /// Everything under `dir` (itself included) with its owner.
+    fn owners(dir: &Path) -> Vec<(PathBuf, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = vec![(
+            dir.to_owned(),
+            std::fs::symlink_metadata(dir).expect("meta").uid(),
+        )];
+        for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(owners(&p));
+            } else {
+                out.push((
+                    p.clone(),
+                    std::fs::symlink_metadata(&p).expect("meta").uid(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// The workspace user when we are root (as the agent is), else ourselves.
+    fn workspace_user() -> RunAs {
+        if rustix::process::geteuid().is_root() {
+            RunAs::User {
+                uid: 1000,
+                gid: 1000,
+                groups: Vec::new(),
+            }
+        } else {
+            RunAs::Current
+        }
+    }
+
+    /// The user swaps a directory of its home for a symlink to a directory
+    /// outside (here a stand-in for `/etc`) while credentials are delivered:
+    /// nothing is created in it and nothing in it changes owner.
+    #[test]
+    fn delivery_never_follows_a_swapped_directory() {
+        let root = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        let home = root.path().join("home");
+        let outside = root.path().join("etc");
+        std::fs::create_dir_all(&home).expect("home");
+        std::fs::create_dir_all(outside.join("keep")).expect("outside");
+        let before = owners(&outside);
+        let mut cfg = test_cfg(&home, run.path());
+        cfg.run_as = workspace_user();
+        let logins = Arc::new(Logins::new(cfg));
+
+        // Standing still: a symlink where a directory should be is refused.
+        std::os::unix::fs::symlink(&outside, home.join(".claude")).expect("symlink");
+        let err = logins
+            .deliver(one_file(".claude/.credentials.json"))
+            .expect_err("through a symlink");
+        assert!(matches!(err, LoginError::Conflict(_)), "{err:?}");
+        assert!(
+            logins.deliver(one_file(".claude")).is_err(),
+            "onto a symlink"
+        );
+
+        // Racing: `.config` is a real directory one moment, a link the next
+        // (swapped atomically, as any program of the user's can).
+        std::fs::create_dir(home.join(".config")).expect("real");
+        std::os::unix::fs::symlink(&outside, home.join("link")).expect("link");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (home, stop) = (home.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let dir = open_home(&home).expect("home");
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = rustix::fs::renameat_with(
+                        &dir,
+                        ".config",
+                        &dir,
+                        "link",
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    );
+                }
+            })
+        };
+        let mut delivered = 0;
+        for _ in 0..2000 {
+            if logins
+                .deliver(one_file(".config/gcloud/sub/creds.json"))
+                .is_ok()
+            {
+                delivered += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().expect("swapper");
+        assert_eq!(
+            owners(&outside),
+            before,
+            "the directory outside the home changed ({delivered} deliveries went through)"
+        );
+    }
+
+    /// Capture reads what the CLI wrote, but no link out of its directory
+    /// (a root agent would hand over any file), and no FIFO (it would block).
+    #[test]
+    fn capture_follows_no_link() {
+        let root = tempfile::tempdir().expect("tmp");
+        let home = root.path().join("home");
+        std::fs::create_dir_all(home.join(".codex")).expect("dirs");
+        std::fs::create_dir_all(home.join(".gemini")).expect("dirs");
+        std::fs::write(root.path().join("shadow"), b"{\"secret\":1}").expect("secret");
+        std::fs::write(home.join(".codex/auth.json"), b"{}").expect("file");
+        assert_eq!(
+            read_limited(&home, ".codex/auth.json").expect("read"),
+            b"{}"
+        );
+        std::os::unix::fs::symlink(root.path().join("shadow"), home.join(".codex/link.json"))
+            .expect("symlink");
+        assert!(read_limited(&home, ".codex/link.json").is_err());
+        std::os::unix::fs::symlink(root.path(), home.join(".claude")).expect("symlink");
+        assert!(read_limited(&home, ".claude/shadow").is_err());
+        assert!(read_limited(&home, "../shadow").is_err());
+        let fifo = home.join(".gemini/oauth_creds.json");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("fifo");
+        assert!(read_limited(&home, ".gemini/oauth_creds.json").is_err());
     }
 
     /// A CLI on the paste-code route prints its URL, asks a browser to open

@@ -4,6 +4,7 @@
 //! (Markdown) on stdout and its progress on stderr. Figures and how they were
 //! taken: docs/performance.md.
 
+mod fuzz;
 mod image;
 mod keypress;
 mod relay;
@@ -82,6 +83,22 @@ enum Cmd {
     /// Input to photon through the viewer in headless Chromium: WebRTC vs noVNC
     /// (run from the repository root; needs `npm ci --prefix tests/e2e`).
     Viewer(viewer::Options),
+    /// The fuzz targets (airlock-fuzz), each for its share of the time:
+    /// executions per second and anything found.
+    Fuzz {
+        /// Minutes in all, shared between the targets.
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// Only this target (upstream_url, rfb, stream_messages, agent_json, login_screen).
+        #[arg(long)]
+        target: Option<String>,
+        /// PRNG seed (a run is repeatable from its seed).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where the inputs of findings are written.
+        #[arg(long, default_value = "fuzz-findings")]
+        out: PathBuf,
+    },
     /// The quick ones: relay, sandboxes, keypress, and image without the cold build.
     All {
         #[arg(long, env = "AIRLOCK_IMAGE_DIR")]
@@ -112,6 +129,12 @@ fn main() -> Result<()> {
             rt.block_on(keypress::run(presses, Duration::from_millis(gap_ms)))
         }
         Cmd::Viewer(opts) => rt.block_on(viewer::run(opts)),
+        Cmd::Fuzz {
+            minutes,
+            target,
+            seed,
+            out,
+        } => fuzz::run(minutes, target.as_deref(), seed, &out),
         Cmd::Soak { minutes } => rt.block_on(soak::run(minutes)),
         Cmd::All { image_dir, agent } => {
             rt.block_on(relay::run(2000, 256, 5))?;

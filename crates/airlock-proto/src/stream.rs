@@ -226,8 +226,14 @@ impl Control {
             Control::Pointer { buttons, .. } if buttons & !0b111 != 0 => {
                 Err(ControlError::Buttons(*buttons))
             }
-            Control::Wheel { dx, dy } if dx.abs() > 100 || dy.abs() > 100 => {
-                Err(ControlError::Wheel(if dx.abs() > 100 { *dx } else { *dy }))
+            // `unsigned_abs`: `i32::MIN.abs()` wraps to itself in a release
+            // build and would pass a signed comparison.
+            Control::Wheel { dx, dy } if dx.unsigned_abs() > 100 || dy.unsigned_abs() > 100 => {
+                Err(ControlError::Wheel(if dx.unsigned_abs() > 100 {
+                    *dx
+                } else {
+                    *dy
+                }))
             }
             _ => Ok(()),
         }
@@ -353,6 +359,17 @@ mod tests {
         assert!(matches!(
             Control::parse(r#"{"type":"wheel","dx":0,"dy":1000}"#),
             Err(ControlError::Wheel(1000))
+        ));
+        // i32::MIN has no positive twin: its abs() wrapped and passed.
+        let min = format!(r#"{{"type":"wheel","dx":{},"dy":0}}"#, i32::MIN);
+        assert!(matches!(
+            Control::parse(&min),
+            Err(ControlError::Wheel(i32::MIN))
+        ));
+        let min = format!(r#"{{"type":"wheel","dx":0,"dy":{}}}"#, i32::MIN);
+        assert!(matches!(
+            Control::parse(&min),
+            Err(ControlError::Wheel(i32::MIN))
         ));
     }
 }

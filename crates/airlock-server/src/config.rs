@@ -113,6 +113,17 @@ pub struct Config {
     /// Size of a workspace's home volume in MiB, likewise; 0: no limit.
     pub home_disk_mb: u64,
 
+    // ---- ICE-TCP limits (issue 15: the surfaces hostile bytes reach) ----
+    /// ICE-TCP connections open at once, from everyone; more are closed at accept.
+    pub webrtc_tcp_max_connections: usize,
+    /// ICE-TCP connections open at once from one address.
+    pub webrtc_tcp_max_per_ip: usize,
+    /// An ICE-TCP connection whose first frame (a check for one of our
+    /// peers) has not arrived within this is closed.
+    pub webrtc_tcp_first_frame_ms: u64,
+    /// An ICE-TCP connection without a frame for this long is closed.
+    pub webrtc_tcp_idle_s: u64,
+
     // ---- quotas and capacity reservation (issue 15, part 3: quota) ----
     /// Per-user caps (`[quota]`).
     pub quota: QuotaConfig,
@@ -192,6 +203,11 @@ impl Default for Config {
             user_namespaces: true,
             disk_mb: 8192,
             home_disk_mb: 16384,
+            // ---- ICE-TCP limits ----
+            webrtc_tcp_max_connections: 1024,
+            webrtc_tcp_max_per_ip: 32,
+            webrtc_tcp_first_frame_ms: 5000,
+            webrtc_tcp_idle_s: 30,
         }
     }
 }
@@ -363,6 +379,22 @@ impl Config {
                 );
             }
         }
+        // ---- ICE-TCP limits ----
+        if self.webrtc_tcp_max_connections == 0 {
+            return invalid("webrtc_tcp_max_connections", "must be at least 1");
+        }
+        if !(1..=self.webrtc_tcp_max_connections).contains(&self.webrtc_tcp_max_per_ip) {
+            return invalid(
+                "webrtc_tcp_max_per_ip",
+                "must be between 1 and webrtc_tcp_max_connections",
+            );
+        }
+        if !(100..=60_000).contains(&self.webrtc_tcp_first_frame_ms) {
+            return invalid("webrtc_tcp_first_frame_ms", "must be between 100 and 60000");
+        }
+        if !(5..=3600).contains(&self.webrtc_tcp_idle_s) {
+            return invalid("webrtc_tcp_idle_s", "must be between 5 and 3600");
+        }
         Ok(())
     }
 
@@ -375,6 +407,12 @@ impl Config {
             tcp_port: self.webrtc_tcp_port,
             advertise: self.webrtc_address.unwrap_or(self.listen.ip()),
             copies_kbps: self.webrtc_copies_kbps,
+            tcp_limits: crate::webrtc::TcpLimits {
+                max_connections: self.webrtc_tcp_max_connections,
+                max_per_ip: self.webrtc_tcp_max_per_ip,
+                first_frame: Duration::from_millis(self.webrtc_tcp_first_frame_ms),
+                idle: Duration::from_secs(self.webrtc_tcp_idle_s),
+            },
         })
     }
 

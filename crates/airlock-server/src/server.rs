@@ -165,12 +165,32 @@ fn private_data(cfg: &Config) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Open files up to the hard limit: every sandbox holds connections and
+/// files, and systemd's default soft limit (1024) is a few hundred viewers.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        let raised = Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                tracing::debug!(before = ?lim.current, now = ?lim.maximum, "raised the open-file limit")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+        }
+    }
+}
+
 pub async fn start(
     cfg: &Config,
     image: ImageRef,
     driver: Arc<dyn Driver>,
 ) -> Result<Running, StartError> {
     cfg.validate()?;
+    raise_open_file_limit();
     std::fs::create_dir_all(&cfg.data_dir).map_err(|source| StartError::DataDir {
         path: cfg.data_dir.clone(),
         source,

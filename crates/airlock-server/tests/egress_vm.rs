@@ -84,7 +84,7 @@ async fn a_qemu_sandbox_leaves_only_through_the_users_upstream() {
 
     // Through the proxy variables every login shell has: the upstream sees
     // the request with this user's credentials.
-    let out = sh("curl -sS -m 30 http://origin.test/from-the-vm").await;
+    let out = sh("curl -sS -m 30 http://198.51.100.7/from-the-vm").await;
     assert_eq!(out["stdout"], "hello via the upstream\n", "{out}");
     let expected_auth = format!(
         "Basic {}",
@@ -97,7 +97,7 @@ async fn a_qemu_sandbox_leaves_only_through_the_users_upstream() {
     assert!(
         requests
             .iter()
-            .any(|(uri, auth)| uri == "http://origin.test/from-the-vm" && *auth == expected_auth),
+            .any(|(uri, auth)| uri == "http://198.51.100.7/from-the-vm" && *auth == expected_auth),
         "{requests:?}"
     );
 

@@ -27,6 +27,9 @@ const TAB: Keysym = 0xff09;
 
 /// How long a spare keycode keeps its keysym after its last use.
 pub const SPARE_HOLD: Duration = Duration::from_secs(1);
+/// Most wheel notches one message scrolls; the control plane refuses more,
+/// and this holds even for a message that reached the guest some other way.
+pub const MAX_WHEEL_NOTCHES: u32 = 100;
 /// A spare taken over for another keysym waits this long after its last press,
 /// for the same reason.
 const SPARE_REUSE_GAP: Duration = Duration::from_millis(50);
@@ -61,6 +64,13 @@ pub fn keysym_of(c: char) -> Option<Keysym> {
         _ if cp < 0x100 => Some(cp),
         _ => Some(0x0100_0000 + cp),
     }
+}
+
+/// How many button clicks a wheel step of `notches` becomes: its size,
+/// saturated at [`MAX_WHEEL_NOTCHES`] (`i32::MIN` has no positive twin; its
+/// `abs()` wraps in a release build).
+pub fn wheel_clicks(notches: i32) -> u32 {
+    notches.unsigned_abs().min(MAX_WHEEL_NOTCHES)
 }
 
 /// The core keyboard mapping: `per` keysyms for each keycode from `min` up.
@@ -212,7 +222,7 @@ impl Injector {
         // X buttons 4/5 scroll up/down, 6/7 left/right.
         for (notches, back, forward) in [(dy, 4, 5), (dx, 6, 7)] {
             let button = if notches < 0 { back } else { forward };
-            for _ in 0..notches.unsigned_abs() {
+            for _ in 0..wheel_clicks(notches) {
                 self.fake(BUTTON_PRESS_EVENT, button, 0, 0)?;
                 self.fake(BUTTON_RELEASE_EVENT, button, 0, 0)?;
             }
@@ -405,6 +415,16 @@ mod tests {
         assert_eq!(keysym_of('\r'), None);
         assert_eq!(keysym_of('\u{7f}'), None);
         assert_eq!(keysym_of('\u{85}'), None);
+    }
+
+    #[test]
+    fn wheel_steps_are_saturated() {
+        assert_eq!(wheel_clicks(0), 0);
+        assert_eq!(wheel_clicks(-3), 3);
+        assert_eq!(wheel_clicks(7), 7);
+        assert_eq!(wheel_clicks(i32::MAX), MAX_WHEEL_NOTCHES);
+        // Once 2^31 clicks: the guest's input thread spun for hours.
+        assert_eq!(wheel_clicks(i32::MIN), MAX_WHEEL_NOTCHES);
     }
 
     #[test]

@@ -61,6 +61,13 @@ impl AddressPool {
         Ok(AddressPool { base, blocks })
     }
 
+    /// The whole pool as `(base, prefix length)`.
+    pub fn network(&self) -> (Ipv4Addr, u8) {
+        let size = u64::from(self.blocks) * u64::from(BLOCK);
+        let len = 32u32.saturating_sub(size.trailing_zeros());
+        (Ipv4Addr::from(self.base), len as u8)
+    }
+
     pub fn capacity(&self) -> u32 {
         self.blocks
     }

@@ -21,6 +21,7 @@ use airlock_drivers::net::{firewall, link::LinkNames};
 use airlock_drivers::Lease;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::MetricType;
 use secrecy::{ExposeSecret, SecretString};
@@ -437,6 +438,7 @@ struct EgressMetrics {
     bytes_in: Total,
     connections: Total,
     failures: Total,
+    refused: Family<egress::RefusedLabel, Counter>,
     listeners: Gauge,
 }
 
@@ -447,6 +449,7 @@ impl EgressMetrics {
             bytes_in: Total::new(attached, |s| &s.bytes_in),
             connections: Total::new(attached, |s| &s.connections),
             failures: Total::new(attached, |s| &s.upstream_failures),
+            refused: Family::default(),
             listeners: Gauge::default(),
         }
     }
@@ -569,6 +572,11 @@ impl App {
                 m.failures.clone(),
             );
             self.metrics.register(
+                "egress_refused",
+                "Requests the forward proxies refused for their destination (this host, its sandbox network, loopback, link-local), by reason",
+                m.refused.clone(),
+            );
+            self.metrics.register(
                 "egress_listeners",
                 "Forward proxy listeners running",
                 m.listeners.clone(),
@@ -610,6 +618,10 @@ impl App {
             allowed_peer: Some(lease.guest.into()),
             connect_timeout: Duration::from_secs(timeout),
             response_timeout: Duration::from_secs(timeout),
+            guard: {
+                let (base, len) = self.pool.network();
+                egress::Guard::default().with_pool(base, len)
+            },
             ..ProxyConfig::default()
         }
     }
@@ -648,7 +660,7 @@ impl App {
             AppError::Internal(format!("could not start the forward proxy on {addr}: {e}"))
         })?;
         let m = self.egress_metrics();
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats::default().with_refused(m.refused.clone()));
         let resolver = Arc::new(UserResolver {
             app: Arc::downgrade(self),
             user_id: row.owner_id.clone(),

@@ -3,10 +3,12 @@
 //! HTTP requests, adds the user's upstream credentials, and relays them to the
 //! user's upstream proxy; the credentials never enter the sandbox.
 
+pub mod guard;
 pub mod proxy;
 pub mod upstream;
 
-pub use proxy::{serve, ProxyConfig, Resolve, Stats};
+pub use guard::{Guard, Refusal};
+pub use proxy::{serve, ProxyConfig, RefusedLabel, Resolve, Stats};
 /// Re-exported so the CLI hands passwords over without a plain `String` API.
 pub use secrecy::{ExposeSecret, SecretString};
 pub use upstream::{Upstream, UpstreamError};

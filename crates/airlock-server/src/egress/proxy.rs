@@ -10,12 +10,17 @@
 //! guest ──GET http://h/x──▶ listener ──GET http://h/x + Proxy-Authorization──▶ upstream
 //! ```
 //!
+//! A target on this host or its sandbox network is refused with `403` before
+//! the upstream hears of it (guard.rs): the upstream may well be able to reach
+//! our loopback, our control plane or other guests.
+//!
 //! The upstream's failures (refused, wrong credentials, no answer in time)
 //! reach the client at once as `502`/`504` with a plain-text reason, and are
 //! kept as the sandbox's last upstream error. A `407` from the upstream is
 //! never passed on: the client holds no credentials to offer, and Chromium
 //! would show a login prompt for the upstream's realm.
 
+use super::guard::{Guard, Refused, Target};
 use super::Upstream;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -26,7 +31,9 @@ use hyper::client::conn::http1 as client;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
@@ -62,6 +69,8 @@ pub struct ProxyConfig {
     pub buffer_size: usize,
     /// Client connections open at once; more are closed at accept.
     pub max_connections: usize,
+    /// Destinations refused besides the fixed ones (the sandbox pool).
+    pub guard: Guard,
 }
 
 impl Default for ProxyConfig {
@@ -72,6 +81,7 @@ impl Default for ProxyConfig {
             response_timeout: Duration::from_secs(15),
             buffer_size: 16 * 1024,
             max_connections: 512,
+            guard: Guard::default(),
         }
     }
 }
@@ -85,7 +95,15 @@ pub struct Stats {
     pub bytes_in: Counter,
     pub connections: Counter,
     pub upstream_failures: Counter,
+    /// Requests refused for their destination, by reason (shared by every
+    /// listener: no sandbox label).
+    pub refused: Family<RefusedLabel, Counter>,
     health: Mutex<Health>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabel {
+    pub reason: String,
 }
 
 /// The upstream as this listener last found it (unix milliseconds).
@@ -119,8 +137,15 @@ impl Stats {
             bytes_in,
             connections,
             upstream_failures,
+            refused: Family::default(),
             health: Mutex::default(),
         }
+    }
+
+    /// Count refusals into `family` (the metrics registry's).
+    pub fn with_refused(mut self, family: Family<RefusedLabel, Counter>) -> Self {
+        self.refused = family;
+        self
     }
 
     pub fn health(&self) -> Health {
@@ -242,12 +267,16 @@ async fn connect(
     let Some(authority) = req.uri().authority().cloned() else {
         return reply(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
     };
-    if authority.port_u16().is_none() {
+    let Some(port) = authority.port_u16() else {
         return reply(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
-    }
+    };
     let up = match ctx.resolve.upstream().await {
         Ok(up) => up,
         Err(why) => return reply(StatusCode::BAD_GATEWAY, &why),
+    };
+    let target = match guard(ctx, &up, "CONNECT", authority.host(), port).await {
+        Ok(target) => target.authority(port),
+        Err(resp) => return resp,
     };
     let (mut sender, _conn) = match open(&up, ctx).await {
         Ok(pair) => pair,
@@ -255,8 +284,8 @@ async fn connect(
     };
     let upreq = Request::builder()
         .method(Method::CONNECT)
-        .uri(authority.as_str())
-        .header(header::HOST, authority.as_str())
+        .uri(target.as_str())
+        .header(header::HOST, target.as_str())
         .header(header::PROXY_AUTHORIZATION, up.authorization())
         .body(Empty::<Bytes>::new());
     let Ok(upreq) = upreq else {
@@ -311,7 +340,24 @@ async fn forward(
         Ok(up) => up,
         Err(why) => return reply(StatusCode::BAD_GATEWAY, &why),
     };
+    let port = authority.port_u16().unwrap_or(80);
+    let method = req.method().clone();
+    let target = match guard(ctx, &up, method.as_str(), authority.host(), port).await {
+        // The port as the client wrote it (none for the default).
+        Ok(target) => match authority.port_u16() {
+            Some(port) => target.authority(port),
+            None => target.host(),
+        },
+        Err(resp) => return resp,
+    };
     let (mut parts, body) = req.into_parts();
+    // The upstream goes where we checked; `Host` keeps the name.
+    let mut uri = hyper::http::uri::Parts::from(parts.uri.clone());
+    uri.authority = target.parse().ok();
+    match hyper::Uri::from_parts(uri) {
+        Ok(pinned) if pinned.authority().is_some() => parts.uri = pinned,
+        _ => return reply(StatusCode::BAD_REQUEST, "the URL's host is not valid"),
+    }
     strip_hop_by_hop(&mut parts.headers);
     parts
         .headers
@@ -401,6 +447,59 @@ where
         let _ = conn.with_upgrades().await;
     });
     Ok((sender, driver))
+}
+
+/// The checked destination, or the client's `403` (`400` for a host that is
+/// not one), counted.
+async fn guard(
+    ctx: &Ctx,
+    up: &Upstream,
+    what: &str,
+    host: &str,
+    port: u16,
+) -> Result<Target, Response<Body>> {
+    let checked = match ctx.cfg.guard.check(host, port).await {
+        Ok(Target::Name(_)) if ctx.cfg.guard.near(&up.host).await => Err(Some(Refused {
+            reason: super::Refusal::Unresolved,
+            addr: None,
+        })),
+        other => other,
+    };
+    match checked {
+        Ok(target) => Ok(target),
+        Err(None) => Err(reply(
+            StatusCode::BAD_REQUEST,
+            &format!("{host:?} is not a host name or address"),
+        )),
+        Err(Some(Refused { reason, addr })) => {
+            ctx.stats
+                .refused
+                .get_or_create(&RefusedLabel {
+                    reason: reason.label().to_owned(),
+                })
+                .inc();
+            let resolved = match addr {
+                Some(ip) if ip.to_string() != host.trim_matches(['[', ']']) => {
+                    format!(" ({host} is {ip})")
+                }
+                _ => String::new(),
+            };
+            tracing::info!(
+                host,
+                port,
+                reason = reason.label(),
+                "egress refused a destination"
+            );
+            Err(reply(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "{what} {host}:{port} refused: the destination{resolved} is {}; \
+                     a sandbox may not reach the airlock host or its network through this proxy",
+                    reason.describe()
+                ),
+            ))
+        }
+    }
 }
 
 fn refused(up: &Upstream, status: StatusCode, what: &str) -> String {
@@ -576,5 +675,189 @@ mod tests {
         assert!(h.failing());
         h.last_ok_ms = Some(11);
         assert!(!h.failing());
+    }
+
+    /// An upstream that accepts every request (CONNECT gets 200, anything
+    /// else 204) and remembers each request line.
+    async fn recording_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut rd = BufReader::new(tcp);
+                    loop {
+                        let mut line = String::new();
+                        if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let first = line.trim_end().to_owned();
+                        loop {
+                            let mut h = String::new();
+                            if rd.read_line(&mut h).await.unwrap_or(0) == 0 || h == "\r\n" {
+                                break;
+                            }
+                        }
+                        let answer: &[u8] = if first.starts_with("CONNECT") {
+                            b"HTTP/1.1 200 OK\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 204 No Content\r\n\r\n"
+                        };
+                        log.lock().expect("log").push(first);
+                        if rd.get_mut().write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[derive(Debug)]
+    struct Fixed(Arc<Upstream>);
+    #[async_trait]
+    impl Resolve for Fixed {
+        async fn upstream(&self) -> Result<Arc<Upstream>, String> {
+            Ok(self.0.clone())
+        }
+    }
+
+    /// One request on a fresh connection; the status code of the answer.
+    async fn ask(proxy: std::net::SocketAddr, head: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = TcpStream::connect(proxy).await.expect("connect");
+        tcp.write_all(head.as_bytes()).await.expect("write");
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = timeout(Duration::from_secs(10), tcp.read(&mut buf))
+                .await
+                .expect("answer in time")
+                .expect("read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        // The body (our own replies are short and sent at once).
+        if let Ok(Ok(n)) = timeout(Duration::from_millis(200), tcp.read(&mut buf)).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (code, text)
+    }
+
+    #[tokio::test]
+    async fn this_host_and_the_sandbox_network_are_refused_before_the_upstream() {
+        let (up_addr, seen) = recording_upstream().await;
+        let up = Upstream::parse(&format!("http://u:p@{up_addr}")).expect("upstream");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let proxy = listener.local_addr().expect("addr");
+        let cfg = ProxyConfig {
+            guard: Guard::default().with_pool(std::net::Ipv4Addr::new(10, 244, 0, 0), 16),
+            ..ProxyConfig::default()
+        };
+        let stats = Arc::new(Stats::default());
+        let server = tokio::spawn(serve(
+            listener,
+            cfg,
+            Arc::new(Fixed(Arc::new(up))),
+            stats.clone(),
+        ));
+        // The control plane (the proxy's own port stands in for it), the
+        // upstream itself, the gateway and other guests, and the cloud
+        // metadata address, however they are spelled.
+        let cp = proxy.port();
+        let refused = [
+            format!("CONNECT 127.0.0.1:{cp} HTTP/1.1\r\nHost: 127.0.0.1:{cp}\r\n\r\n"),
+            format!("CONNECT localhost:{cp} HTTP/1.1\r\n\r\n"),
+            format!("CONNECT 127.1:{cp} HTTP/1.1\r\n\r\n"),
+            format!("CONNECT 2130706433:{cp} HTTP/1.1\r\n\r\n"),
+            format!("CONNECT [::1]:{cp} HTTP/1.1\r\n\r\n"),
+            format!("CONNECT [::ffff:127.0.0.1]:{cp} HTTP/1.1\r\n\r\n"),
+            format!("CONNECT {up_addr} HTTP/1.1\r\n\r\n"),
+            "CONNECT 10.244.0.1:4000 HTTP/1.1\r\n\r\n".to_owned(),
+            "CONNECT 10.244.7.2:7000 HTTP/1.1\r\n\r\n".to_owned(),
+            "CONNECT 169.254.169.254:80 HTTP/1.1\r\n\r\n".to_owned(),
+            "CONNECT 0.0.0.0:80 HTTP/1.1\r\n\r\n".to_owned(),
+            format!("GET http://127.0.0.1:{cp}/api/v1/sandboxes HTTP/1.1\r\nHost: 127.0.0.1:{cp}\r\n\r\n"),
+            format!("GET http://localhost:{cp}/ HTTP/1.1\r\nHost: example.com\r\n\r\n"),
+            "GET http://10.244.0.1:4000/ HTTP/1.1\r\nHost: 10.244.0.1\r\n\r\n".to_owned(),
+            "GET http://[fe80::1]/ HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(),
+            // This upstream is on loopback: a name we cannot check could be ours.
+            "CONNECT no-such-name.invalid:443 HTTP/1.1\r\n\r\n".to_owned(),
+        ];
+        for head in &refused {
+            let (code, text) = ask(proxy, head).await;
+            assert_eq!(code, 403, "{head:?} → {text}");
+            assert!(text.contains("may not reach the airlock host"), "{text}");
+            assert!(!text.contains("upstream proxy http"), "{text}");
+        }
+        // A non-loopback address of this host (the control plane listens on
+        // them too when bound to 0.0.0.0), when it has one.
+        let own: Vec<IpAddr> = std::fs::read_to_string("/proc/net/fib_trie")
+            .map(|t| {
+                t.lines()
+                    .filter_map(|l| l.trim().strip_prefix("|-- "))
+                    .filter_map(|a| a.parse::<IpAddr>().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut host_checked = 0;
+        for ip in own.iter().filter(|ip| !ip.is_loopback()) {
+            if Guard::default().check_addr(*ip) == Some(super::super::Refusal::Host) {
+                let (code, text) = ask(proxy, &format!("CONNECT {ip}:{cp} HTTP/1.1\r\n\r\n")).await;
+                assert_eq!(code, 403, "{ip}: {text}");
+                host_checked += 1;
+            }
+        }
+        assert!(
+            seen.lock().expect("log").is_empty(),
+            "the upstream heard of a refused target: {:?}",
+            seen.lock().expect("log")
+        );
+        let count = |reason: &str| {
+            stats
+                .refused
+                .get_or_create(&RefusedLabel {
+                    reason: reason.into(),
+                })
+                .get()
+        };
+        assert_eq!(count("loopback"), 9);
+        assert_eq!(count("sandbox_pool"), 3);
+        assert_eq!(count("link_local"), 2);
+        assert_eq!(count("not_a_host"), 1);
+        assert_eq!(count("host_address"), host_checked);
+        assert_eq!(count("unresolved"), 1);
+
+        // Elsewhere is passed on, by address.
+        let (code, text) = ask(proxy, "CONNECT 192.0.2.200:443 HTTP/1.1\r\n\r\n").await;
+        assert_eq!(code, 200, "{text}");
+        let (code, text) = ask(
+            proxy,
+            "GET http://192.0.2.200/x?y HTTP/1.1\r\nHost: site.example\r\n\r\n",
+        )
+        .await;
+        assert_eq!(code, 204, "{text}");
+        let seen = seen.lock().expect("log").clone();
+        assert_eq!(
+            seen,
+            vec![
+                "CONNECT 192.0.2.200:443 HTTP/1.1".to_owned(),
+                "GET http://192.0.2.200/x?y HTTP/1.1".to_owned(),
+            ]
+        );
+        server.abort();
     }
 }

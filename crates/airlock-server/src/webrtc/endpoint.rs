@@ -4,11 +4,19 @@
 //! a STUN binding request from a new source names the peer in its USERNAME
 //! (`<our ufrag>:<their ufrag>`), and that source is remembered for the peer.
 //! ICE-TCP frames packets with a 16-bit length (RFC 4571).
+//!
+//! The ICE-TCP port is open to anyone who can reach the control plane, so a
+//! connection costs little until it proves to be a peer's: a cap on
+//! connections in all and per source address (more are closed at accept), a
+//! deadline for the first whole frame (it must be a check for one of our
+//! peers), an idle timeout after that, frames read into memory only as their
+//! bytes arrive, and accept errors (out of descriptors) waited out with a
+//! growing pause instead of retried in a spin.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use str0m::ice::StunMessage;
 use str0m::net::{Protocol, TcpType};
 use str0m::Candidate;
@@ -25,6 +33,32 @@ pub struct EndpointConfig {
     pub advertise: IpAddr,
     /// Budget of second copies of video packets per viewer (copies.rs).
     pub copies_kbps: u32,
+    pub tcp_limits: TcpLimits,
+}
+
+/// What one ICE-TCP connection may take before it is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpLimits {
+    /// Connections open at once, from everyone.
+    pub max_connections: usize,
+    /// Connections open at once from one address.
+    pub max_per_ip: usize,
+    /// The first whole frame (a check for one of our peers) must arrive within this.
+    pub first_frame: Duration,
+    /// A connection with no frame for this long is closed (ICE consent checks
+    /// come every few seconds on a live one).
+    pub idle: Duration,
+}
+
+impl Default for TcpLimits {
+    fn default() -> Self {
+        TcpLimits {
+            max_connections: 1024,
+            max_per_ip: 32,
+            first_frame: Duration::from_secs(5),
+            idle: Duration::from_secs(30),
+        }
+    }
 }
 
 /// One packet for one peer.
@@ -51,6 +85,35 @@ struct Routes {
     tcp: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
 }
 
+/// ICE-TCP connections open now, in all and by source address.
+#[derive(Debug, Default)]
+struct TcpCount {
+    total: usize,
+    by_ip: HashMap<IpAddr, usize>,
+}
+
+/// One counted connection; dropping it gives the place back.
+#[derive(Debug)]
+struct TcpSlot {
+    endpoint: std::sync::Weak<Endpoint>,
+    ip: IpAddr,
+}
+
+impl Drop for TcpSlot {
+    fn drop(&mut self) {
+        if let Some(e) = self.endpoint.upgrade() {
+            let mut c = e.tcp_count.lock().unwrap_or_else(|p| p.into_inner());
+            c.total = c.total.saturating_sub(1);
+            if let Some(n) = c.by_ip.get_mut(&self.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    c.by_ip.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Endpoint {
     udp: Arc<UdpSocket>,
@@ -58,6 +121,8 @@ pub struct Endpoint {
     tcp_local: SocketAddr,
     advertise: IpAddr,
     copies_kbps: u32,
+    tcp_limits: TcpLimits,
+    tcp_count: Mutex<TcpCount>,
     routes: Mutex<Routes>,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
@@ -88,6 +153,8 @@ impl Endpoint {
             udp: Arc::new(udp),
             advertise: cfg.advertise,
             copies_kbps: cfg.copies_kbps,
+            tcp_limits: cfg.tcp_limits,
+            tcp_count: Mutex::default(),
             routes: Mutex::default(),
             tasks: Mutex::default(),
         });
@@ -119,6 +186,29 @@ impl Endpoint {
 
     pub fn copies_kbps(&self) -> u32 {
         self.copies_kbps
+    }
+
+    /// ICE-TCP connections open now.
+    pub fn tcp_connections(&self) -> usize {
+        self.tcp_count
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .total
+    }
+
+    /// A place for a new connection from `ip`, unless a cap is reached.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<TcpSlot> {
+        let mut c = self.tcp_count.lock().unwrap_or_else(|p| p.into_inner());
+        let from_ip = c.by_ip.get(&ip).copied().unwrap_or(0);
+        if c.total >= self.tcp_limits.max_connections || from_ip >= self.tcp_limits.max_per_ip {
+            return None;
+        }
+        c.total += 1;
+        c.by_ip.insert(ip, from_ip + 1);
+        Some(TcpSlot {
+            endpoint: Arc::downgrade(self),
+            ip,
+        })
     }
 
     /// The host candidates every peer offers: UDP, and passive ICE-TCP.
@@ -246,18 +336,60 @@ async fn read_udp(socket: Arc<UdpSocket>, local: SocketAddr, endpoint: std::sync
     }
 }
 
+/// Longest pause after failed accepts in a row.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 async fn accept_tcp(listener: TcpListener, endpoint: std::sync::Weak<Endpoint>) {
+    let mut pause = Duration::ZERO;
     loop {
-        let Ok((stream, source)) = listener.accept().await else {
+        let (stream, source) = match listener.accept().await {
+            Ok(pair) => {
+                pause = Duration::ZERO;
+                pair
+            }
+            Err(e) => {
+                // Out of descriptors (EMFILE, ENFILE) or memory: accepting
+                // again at once fails again, in a loop that takes a core.
+                pause = (pause * 2).clamp(Duration::from_millis(10), ACCEPT_BACKOFF_MAX);
+                if pause == ACCEPT_BACKOFF_MAX {
+                    tracing::warn!(error = %e, "ICE-TCP accept keeps failing");
+                }
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        let Some(e) = endpoint.upgrade() else { return };
+        let Some(slot) = e.admit(source.ip()) else {
+            tracing::debug!(%source, "ICE-TCP connection over the cap, closed");
             continue;
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_tcp(stream, source, endpoint.clone()));
+        let limits = e.tcp_limits;
+        drop(e);
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            serve_tcp(stream, source, endpoint, limits).await;
+            drop(slot);
+        });
     }
 }
 
+/// One RFC 4571 frame, read into memory only as its bytes arrive (a length
+/// alone reserves nothing); `None` at the end of the stream or on an error.
+async fn read_frame(rd: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<Vec<u8>> {
+    let len = rd.read_u16().await.ok()?;
+    let mut frame = Vec::new();
+    let n = rd.take(u64::from(len)).read_to_end(&mut frame).await.ok()?;
+    (n == usize::from(len)).then_some(frame)
+}
+
 /// One ICE-TCP connection: frames in go to the peer, frames out come from it.
-async fn serve_tcp(stream: TcpStream, source: SocketAddr, endpoint: std::sync::Weak<Endpoint>) {
+async fn serve_tcp(
+    stream: TcpStream,
+    source: SocketAddr,
+    endpoint: std::sync::Weak<Endpoint>,
+    limits: TcpLimits,
+) {
     let Some(local) = endpoint
         .upgrade()
         .map(|e| SocketAddr::new(e.advertise, e.tcp_local.port()))
@@ -283,19 +415,19 @@ async fn serve_tcp(stream: TcpStream, source: SocketAddr, endpoint: std::sync::W
             }
         }
     });
-    let mut buf = vec![0u8; u16::MAX as usize];
-    while let Ok(len) = rd.read_u16().await {
-        let frame = &mut buf[..usize::from(len)];
-        if rd.read_exact(frame).await.is_err() {
+    let mut deadline = limits.first_frame;
+    loop {
+        let Ok(Some(frame)) = tokio::time::timeout(deadline, read_frame(&mut rd)).await else {
             break;
-        }
+        };
+        deadline = limits.idle;
         let Some(e) = endpoint.upgrade() else { break };
         let known = e.lock().by_source.contains_key(&(Protocol::Tcp, source));
         let delivered = e.deliver(Packet {
             proto: Protocol::Tcp,
             source,
             destination: local,
-            data: frame.to_vec(),
+            data: frame,
             at: Instant::now(),
         });
         // A connection that opens with anything but a check for one of our
@@ -354,6 +486,7 @@ mod tests {
             // As behind NAT or a relay: browsers are told another address.
             advertise: "192.0.2.7".parse().expect("ip"),
             copies_kbps: 0,
+            tcp_limits: TcpLimits::default(),
         };
         let e = Endpoint::start(&cfg).await.expect("bind");
         let (_a, mut a_rx) = e.register("aaaa");
@@ -401,5 +534,144 @@ mod tests {
         let candidates = e.candidates();
         assert_eq!(candidates.len(), 2);
         assert!(candidates.iter().all(|c| c.addr().ip() == cfg.advertise));
+    }
+
+    fn limited(limits: TcpLimits) -> EndpointConfig {
+        EndpointConfig {
+            bind: "127.0.0.1".parse().expect("ip"),
+            udp_port: 0,
+            tcp_port: 0,
+            advertise: "127.0.0.1".parse().expect("ip"),
+            copies_kbps: 0,
+            tcp_limits: limits,
+        }
+    }
+
+    /// A connection from `from` (any 127/8 address); open once accepted.
+    async fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(SocketAddr::new(from.parse().expect("ip"), 0))
+            .expect("bind");
+        sock.connect(to).await.expect("connect")
+    }
+
+    /// Whether the server closed `tcp` within `wait`.
+    async fn closed_within(tcp: &mut TcpStream, wait: Duration) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(wait, tcp.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    async fn settle(e: &Endpoint, want: usize) {
+        for _ in 0..100 {
+            if e.tcp_connections() == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(e.tcp_connections(), want);
+    }
+
+    #[tokio::test]
+    async fn ice_tcp_connections_are_capped_and_silent_ones_closed() {
+        let e = Endpoint::start(&limited(TcpLimits {
+            max_connections: 6,
+            max_per_ip: 4,
+            first_frame: Duration::from_millis(700),
+            idle: Duration::from_millis(1500),
+        }))
+        .await
+        .expect("bind");
+        let (_peer, mut rx) = e.register("peer");
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(connect_from("127.0.0.1", e.tcp_addr()).await);
+        }
+        settle(&e, 4).await;
+        // A fifth from the same address: closed at once.
+        let mut extra = connect_from("127.0.0.1", e.tcp_addr()).await;
+        assert!(closed_within(&mut extra, Duration::from_millis(300)).await);
+        // Others may come up to the total.
+        for _ in 0..2 {
+            held.push(connect_from("127.0.0.2", e.tcp_addr()).await);
+        }
+        settle(&e, 6).await;
+        let mut over = connect_from("127.0.0.3", e.tcp_addr()).await;
+        assert!(closed_within(&mut over, Duration::from_millis(300)).await);
+
+        // One of them checks in: it outlives the first-frame deadline.
+        let check = binding_request("peer:x");
+        let mut framed = (check.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&check);
+        held[0].write_all(&framed).await.expect("write");
+        within(rx.recv()).await.expect("check delivered");
+        let checked = Instant::now();
+        // A frame's length and half of it, then nothing: still closed at the deadline.
+        held[1].write_all(&[0x00, 0x40, 1, 2]).await.expect("write");
+        for tcp in held.iter_mut().skip(1) {
+            assert!(closed_within(tcp, Duration::from_millis(1500)).await);
+        }
+        settle(&e, 1).await;
+        // The peer's connection ends when it has been silent for the idle time.
+        assert!(closed_within(&mut held[0], Duration::from_secs(4)).await);
+        assert!(
+            checked.elapsed() >= Duration::from_millis(1400),
+            "{:?}",
+            checked.elapsed()
+        );
+        settle(&e, 0).await;
+        // Places are given back: new connections are taken again.
+        let _again = connect_from("127.0.0.1", e.tcp_addr()).await;
+        settle(&e, 1).await;
+    }
+
+    /// CPU time this process has used (user + system), from its
+    /// `/proc/self/stat`, opened beforehand (there may be no descriptor left).
+    fn cpu_time(stat: &mut std::fs::File) -> Duration {
+        use std::io::{Read, Seek};
+        let mut text = String::new();
+        stat.rewind().expect("rewind");
+        stat.read_to_string(&mut text).expect("stat");
+        let stat = text;
+        let after = stat.rsplit_once(')').expect("comm").1;
+        let f: Vec<u64> = after
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        // Fields 14 and 15 (utime, stime) in clock ticks of 1/100 s.
+        Duration::from_millis((f[11] + f[12]) * 10)
+    }
+
+    /// Out of descriptors, a pending connection cannot be accepted; the
+    /// accept loop must wait, not spin (it took a whole core before).
+    /// nextest runs each test in its own process, so the lowered limit stays here.
+    #[tokio::test]
+    async fn accept_errors_back_off() {
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        let e = Endpoint::start(&limited(TcpLimits::default()))
+            .await
+            .expect("bind");
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        let mut stat = std::fs::File::open("/proc/self/stat").expect("stat");
+        let before = getrlimit(Resource::Nofile);
+        let open = std::fs::read_dir("/proc/self/fd").expect("fds").count() as u64;
+        let low = Rlimit {
+            current: Some(open.saturating_sub(1)),
+            maximum: before.maximum,
+        };
+        setrlimit(Resource::Nofile, low).expect("lower");
+        let _client = sock.connect(e.tcp_addr()).await.expect("connect");
+        let cpu = cpu_time(&mut stat);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let used = cpu_time(&mut stat) - cpu;
+        setrlimit(Resource::Nofile, before).expect("restore");
+        assert!(
+            used < Duration::from_millis(300),
+            "accept spun: {used:?} of CPU in 2 s"
+        );
+        // With descriptors back, the connection is taken within the pause.
+        settle(&e, 1).await;
     }
 }

@@ -15,7 +15,7 @@ pub mod hub;
 mod input;
 pub mod session;
 
-pub use endpoint::{Endpoint, EndpointConfig};
+pub use endpoint::{Endpoint, EndpointConfig, TcpLimits};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

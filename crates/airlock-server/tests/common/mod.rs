@@ -153,6 +153,23 @@ pub async fn start_with(pool: &str, adjust: impl FnOnce(&mut Config)) -> Harness
     }
 }
 
+impl Harness {
+    /// A control plane started some other way (tests that need no image).
+    pub fn adopt(running: Running, base: String, cfg: Config, tmp: tempfile::TempDir) -> Harness {
+        Harness {
+            running: Some(running),
+            base,
+            data_dir: cfg.data_dir.clone(),
+            cfg,
+            _tmp: tmp,
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client"),
+        }
+    }
+}
+
 pub async fn launch(cfg: &Config) -> Running {
     let manifest = manifest().expect("image");
     let driver = server::driver_for(cfg, &manifest).expect("driver");
