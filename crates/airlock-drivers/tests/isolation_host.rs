@@ -253,20 +253,6 @@ async fn only_root_on_the_host_reaches_a_guest_port() {
         !connects(&outer.0, Some(1000), agent),
         "host uid 1000 reached the agent port"
     );
-    let counters = sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &outer.0,
-        "nft",
-        "list",
-        "counter",
-        "inet",
-        "airlock",
-        firewall::HOST_USERS,
-    ]);
-    assert!(!counters.contains("packets 0 "), "{counters}");
-
     // Removed with the sandbox: the next holder of the link name is not
     // blocked by a stale entry, and root still gets through meanwhile.
     firewall::remove(&host, &names).await;

@@ -19,8 +19,7 @@
 //! The output chain keeps host users away from guests: the guest's agent and
 //! VNC server trust whoever reaches them with the right secret, and only the
 //! control plane (root) holds those, so a packet towards a sandbox's link
-//! from a socket some other host user owns is dropped (and counted in
-//! `host_users`). Root is the owner to trust because airlock must run as root
+//! from a socket some other host user owns is dropped. Root is the owner to trust because airlock must run as root
 //! anyway (namespaces, mounts, nftables); matching a socket cgroup instead
 //! would need the control plane in a cgroup v2 path of its own, which hybrid
 //! hosts do not give it. Packets without a full socket (a listener's SYN-ACK,
@@ -40,9 +39,6 @@ use crate::Lease;
 
 /// The shared table (family `inet`).
 pub const TABLE: &str = "airlock";
-
-/// The counter of packets host users (not root) sent towards a sandbox.
-pub const HOST_USERS: &str = "host_users";
 
 /// The kinds of dropped packets counted per sandbox, in report order.
 pub const KINDS: [&str; 5] = ["tcp", "udp", "icmp", "other", "link_local"];
@@ -73,13 +69,12 @@ pub fn install_script(names: &LinkNames, lease: &Lease, proxy_port: Option<u16>)
         "add chain {t} forward {{ type filter hook forward priority 0; policy accept; }}"
     ));
     line(format!("add set {t} guest_links {{ type ifname; }}"));
-    line(format!("add counter {t} {HOST_USERS}"));
     line(format!(
         "add chain {t} output {{ type filter hook output priority 0; policy accept; }}"
     ));
     line(format!("flush chain {t} output"));
     line(format!(
-        "add rule {t} output oifname @guest_links meta skuid != 0 counter name {HOST_USERS} drop"
+        "add rule {t} output oifname @guest_links meta skuid != 0 drop"
     ));
     // The dispatch rules go in once: flushing the base chains and adding them
     // again keeps them single without a lookup (the maps keep their entries).
@@ -317,7 +312,7 @@ mod tests {
             .collect();
         assert_eq!(
             output_rules,
-            ["add rule inet airlock output oifname @guest_links meta skuid != 0 counter name host_users drop"]
+            ["add rule inet airlock output oifname @guest_links meta skuid != 0 drop"]
         );
         assert!(script.contains("add element inet airlock guest_links { \"alabc123\" }"));
         assert!(remove_script(&names)
