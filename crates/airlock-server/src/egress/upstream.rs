@@ -24,6 +24,8 @@ pub enum UpstreamError {
     Missing(&'static str),
     #[error("the upstream URL must not carry a {0}")]
     Extra(&'static str),
+    #[error("the upstream URL's host is not a host name or address")]
+    BadHost,
 }
 
 /// Whether `url`'s authority ends in `:DIGITS` (`[::1]:80` yes, `[::1]` no).
@@ -78,6 +80,14 @@ impl Upstream {
         }
         if parsed.query().is_some() || parsed.fragment().is_some() {
             return Err(UpstreamError::Extra("query or fragment"));
+        }
+        // The URL standard lets a host hold characters (`"`, `` ` ``, `{`, `}`)
+        // that no host name has and a request line cannot carry.
+        if format!("{host}:{port}")
+            .parse::<hyper::http::uri::Authority>()
+            .is_err()
+        {
+            return Err(UpstreamError::BadHost);
         }
         let decode = |s: &str| {
             percent_decode(s)
@@ -188,6 +198,25 @@ mod tests {
                 "{url}"
             );
         }
+    }
+
+    #[test]
+    fn a_host_no_request_line_can_carry_is_refused() {
+        // Found by the upstream_url fuzz target: accepted, then unusable.
+        for url in [
+            "http://a:b@g`te.example:10001",
+            "http://a:b@proxy.example.{com:8080",
+            "http://a:b@proxy.examp\"xle.com:8080",
+            "http://a:b@proxy.w{exam}:8080",
+        ] {
+            assert_eq!(
+                Upstream::parse(url).expect_err(url),
+                UpstreamError::BadHost,
+                "{url}"
+            );
+        }
+        assert!(Upstream::parse("http://a:b@[::1]:8080").is_ok());
+        assert!(Upstream::parse("http://a:b@gate-1.example:8080").is_ok());
     }
 
     proptest! {
