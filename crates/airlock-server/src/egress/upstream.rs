@@ -51,6 +51,11 @@ impl Upstream {
     /// Parse `http://USER:PASS@HOST:PORT` (user and password percent-encoded
     /// where needed). Errors never repeat the URL, since it holds a password.
     pub fn parse(url: &str) -> Result<Self, UpstreamError> {
+        // The URL standard drops tabs and line breaks anywhere in a URL; a
+        // setting that holds them was not meant as written.
+        if url.chars().any(char::is_control) {
+            return Err(UpstreamError::Malformed);
+        }
         let parsed = url::Url::parse(url).map_err(|_| UpstreamError::Malformed)?;
         if parsed.scheme() != "http" {
             return Err(UpstreamError::Scheme(parsed.scheme().to_owned()));
@@ -68,6 +73,7 @@ impl Upstream {
                     .then(|| parsed.port_or_known_default())
                     .flatten()
             })
+            .filter(|p| *p != 0)
             .ok_or(UpstreamError::Missing("port"))?;
         if parsed.username().is_empty() {
             return Err(UpstreamError::Missing("user name"));
@@ -214,6 +220,14 @@ mod tests {
                 UpstreamError::BadHost,
                 "{url}"
             );
+        }
+        // Also found by it: a line break the URL standard drops, and port 0.
+        for url in [
+            "http://a:b@127.0.0.1:\n0",
+            "http://a:b@h:0",
+            "http://a:b@h:1\t2",
+        ] {
+            assert!(Upstream::parse(url).is_err(), "{url:?}");
         }
         assert!(Upstream::parse("http://a:b@[::1]:8080").is_ok());
         assert!(Upstream::parse("http://a:b@gate-1.example:8080").is_ok());
