@@ -122,7 +122,13 @@ pub fn run(target: &Target, budget: Duration, seed: u64) -> Report {
                 let what = PANIC
                     .with(|p| p.borrow_mut().take())
                     .unwrap_or_else(|| "panic".into());
-                if !findings.iter().any(|f| f.what == what) {
+                // One finding per place: the message may quote the input.
+                let place = |w: &str| w.rsplit_once(" at ").map(|(_, at)| at.to_owned());
+                let key = place(&what);
+                if !findings
+                    .iter()
+                    .any(|f| f.what == what || (key.is_some() && place(&f.what) == key))
+                {
                     findings.push(Finding { what, input });
                 }
             }

@@ -124,7 +124,11 @@ fn upstream_url(input: &[u8]) -> u64 {
     match Upstream::parse(&text) {
         Ok(up) => {
             assert!(!up.host.is_empty(), "an upstream without a host");
-            assert!(up.port != 0 || text.contains(":0"), "port 0 from nowhere");
+            assert!(up.port != 0, "an upstream on port 0");
+            assert!(
+                !text.chars().any(char::is_control),
+                "control characters accepted"
+            );
             // What the proxy connects to and shows must be usable as such.
             let authority = up.authority();
             assert!(

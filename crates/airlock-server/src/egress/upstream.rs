@@ -24,6 +24,8 @@ pub enum UpstreamError {
     Missing(&'static str),
     #[error("the upstream URL must not carry a {0}")]
     Extra(&'static str),
+    #[error("the upstream URL's host is not a host name or address")]
+    BadHost,
 }
 
 /// Whether `url`'s authority ends in `:DIGITS` (`[::1]:80` yes, `[::1]` no).
@@ -49,6 +51,11 @@ impl Upstream {
     /// Parse `http://USER:PASS@HOST:PORT` (user and password percent-encoded
     /// where needed). Errors never repeat the URL, since it holds a password.
     pub fn parse(url: &str) -> Result<Self, UpstreamError> {
+        // The URL standard drops tabs and line breaks anywhere in a URL; a
+        // setting that holds them was not meant as written.
+        if url.chars().any(char::is_control) {
+            return Err(UpstreamError::Malformed);
+        }
         let parsed = url::Url::parse(url).map_err(|_| UpstreamError::Malformed)?;
         if parsed.scheme() != "http" {
             return Err(UpstreamError::Scheme(parsed.scheme().to_owned()));
@@ -66,6 +73,7 @@ impl Upstream {
                     .then(|| parsed.port_or_known_default())
                     .flatten()
             })
+            .filter(|p| *p != 0)
             .ok_or(UpstreamError::Missing("port"))?;
         if parsed.username().is_empty() {
             return Err(UpstreamError::Missing("user name"));
@@ -78,6 +86,14 @@ impl Upstream {
         }
         if parsed.query().is_some() || parsed.fragment().is_some() {
             return Err(UpstreamError::Extra("query or fragment"));
+        }
+        // The URL standard lets a host hold characters (`"`, `` ` ``, `{`, `}`)
+        // that no host name has and a request line cannot carry.
+        if format!("{host}:{port}")
+            .parse::<hyper::http::uri::Authority>()
+            .is_err()
+        {
+            return Err(UpstreamError::BadHost);
         }
         let decode = |s: &str| {
             percent_decode(s)
@@ -188,6 +204,33 @@ mod tests {
                 "{url}"
             );
         }
+    }
+
+    #[test]
+    fn a_host_no_request_line_can_carry_is_refused() {
+        // Found by the upstream_url fuzz target: accepted, then unusable.
+        for url in [
+            "http://a:b@g`te.example:10001",
+            "http://a:b@proxy.example.{com:8080",
+            "http://a:b@proxy.examp\"xle.com:8080",
+            "http://a:b@proxy.w{exam}:8080",
+        ] {
+            assert_eq!(
+                Upstream::parse(url).expect_err(url),
+                UpstreamError::BadHost,
+                "{url}"
+            );
+        }
+        // Also found by it: a line break the URL standard drops, and port 0.
+        for url in [
+            "http://a:b@127.0.0.1:\n0",
+            "http://a:b@h:0",
+            "http://a:b@h:1\t2",
+        ] {
+            assert!(Upstream::parse(url).is_err(), "{url:?}");
+        }
+        assert!(Upstream::parse("http://a:b@[::1]:8080").is_ok());
+        assert!(Upstream::parse("http://a:b@gate-1.example:8080").is_ok());
     }
 
     proptest! {
