@@ -36,14 +36,20 @@ struct Door {
 }
 
 async fn open_door() -> Door {
+    open_door_with(|_| {}).await
+}
+
+/// The door with some settings of the config file changed.
+async fn open_door_with(settings: impl FnOnce(&mut Config)) -> Door {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = Config {
+    let mut cfg = Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: tmp.path().to_path_buf(),
         address_pool: "10.240.0.0/24".into(),
         webrtc: false,
         ..Config::default()
     };
+    settings(&mut cfg);
     let driver = Arc::new(NspawnDriver::new(
         NspawnConfig::new(tmp.path().join("sandboxes")),
         Arc::new(RealHost),
@@ -324,6 +330,41 @@ async fn a_forwarded_request_without_a_token_is_not_local() {
         let ask = Ask::get("/api/v1/sandboxes").header(h, v).token(&d.alice);
         assert_eq!(d.status(ask).await, 200, "{h} with a token");
     }
+    d.close().await;
+}
+
+#[tokio::test]
+async fn behind_a_proxy_that_adds_no_forwarding_header_nobody_is_local() {
+    // nginx's plain `proxy_pass http://127.0.0.1:PORT` on this host: a
+    // loopback peer, `Host: 127.0.0.1:PORT`, no X-Forwarded-For.
+    let proxied = |local_user| {
+        move |cfg: &mut Config| {
+            cfg.public_hosts = vec!["airlock.example.com".into()];
+            cfg.local_user = local_user;
+        }
+    };
+    let d = open_door_with(proxied(None)).await;
+    for host in [d.host.clone(), "airlock.example.com".into()] {
+        let (status, headers, _) = d
+            .send(&Ask::get("/api/v1/sandboxes").header("host", &host))
+            .await;
+        assert_eq!(
+            status, 401,
+            "Host {host}: not local once public_hosts is set"
+        );
+        assert_eq!(headers["www-authenticate"], "Bearer");
+        let ask = Ask::get("/api/v1/sandboxes")
+            .header("host", &host)
+            .token(&d.alice);
+        assert_eq!(d.status(ask).await, 200, "Host {host} with a token");
+    }
+    d.close().await;
+    // Said explicitly, it stays on (and `airlock up` calls it unsafe).
+    let d = open_door_with(proxied(Some(true))).await;
+    assert_eq!(d.status(Ask::get("/api/v1/sandboxes")).await, 200);
+    d.close().await;
+    let d = open_door_with(|cfg| cfg.local_user = Some(false)).await;
+    assert_eq!(d.status(Ask::get("/api/v1/sandboxes")).await, 401);
     d.close().await;
 }
 

@@ -173,7 +173,8 @@ pub struct Guard {
     /// The listen address's IP, unless it is a wildcard.
     listen_ip: Option<IpAddr>,
     allowed_origins: Vec<String>,
-    /// `local_user` is on and the listener is loopback-bound.
+    /// [`AppConfig::local_user_on`]: the setting (or its automatic value)
+    /// allows `local` and the listener is loopback-bound.
     local_user: bool,
 }
 
@@ -199,7 +200,7 @@ impl Guard {
                 .iter()
                 .filter_map(|o| parse_origin_setting(o).ok())
                 .collect(),
-            local_user: cfg.local_user && cfg.loopback_only,
+            local_user: cfg.local_user_on(),
         }
     }
 
@@ -665,7 +666,9 @@ mod tests {
 
     #[test]
     fn local_only_from_a_loopback_peer_without_proxy_headers() {
-        let g = Guard::new(&cfg());
+        let mut on = cfg();
+        on.local_user = Some(true);
+        let g = Guard::new(&on);
         let host = ("host", "127.0.0.1:4000");
         assert!(get(&g, &[host]).expect("ok").local);
         for h in ["forwarded", "x-forwarded-for", "x-real-ip", "via"] {
@@ -691,11 +694,25 @@ mod tests {
         });
         assert!(g.check(&Method::GET, "/", None, &h, v6).expect("ok").local);
         let mut off = cfg();
-        off.local_user = false;
+        off.local_user = Some(false);
+        off.public_hosts.clear();
         assert!(!get(&Guard::new(&off), &[host]).expect("ok").local);
-        let mut wide = cfg();
+        let mut wide = on.clone();
         wide.loopback_only = false;
         assert!(!get(&Guard::new(&wide), &[host]).expect("ok").local);
+    }
+
+    #[test]
+    fn unset_local_user_is_off_once_public_hosts_are_configured() {
+        // nginx's default `proxy_pass http://127.0.0.1:4000` on this host:
+        // a loopback peer, `Host: 127.0.0.1:4000`, no forwarding header.
+        let host = ("host", "127.0.0.1:4000");
+        let behind_proxy = cfg();
+        assert_eq!(behind_proxy.local_user, None);
+        assert!(!get(&Guard::new(&behind_proxy), &[host]).expect("ok").local);
+        let mut alone = cfg();
+        alone.public_hosts.clear();
+        assert!(get(&Guard::new(&alone), &[host]).expect("ok").local);
     }
 
     #[test]
