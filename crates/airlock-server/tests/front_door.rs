@@ -435,6 +435,30 @@ async fn a_ticket_works_once_for_its_owner_and_sandbox() {
         .await,
         401
     );
+    // A ticket is no good once its user is gone, even unused.
+    let app = d.running.as_ref().expect("running").app.clone();
+    let (carol, carol_token) = app.add_user("carol").await.expect("carol");
+    let mut row = app
+        .store
+        .sandbox(&d.mine)
+        .await
+        .expect("store")
+        .expect("alice's row");
+    row.id = "dddddddddddddddd".into();
+    row.owner_id = carol.id.clone();
+    app.store
+        .insert_sandbox(&row)
+        .await
+        .expect("carol's sandbox");
+    let (status, t) = d.ticket(&carol_token, &row.id).await;
+    assert_eq!(status, 201, "{t}");
+    assert!(app
+        .store
+        .remove_user_and_egress(&carol.id)
+        .await
+        .expect("remove carol"));
+    let url = t["vnc_url"].as_str().expect("url").to_owned();
+    assert_eq!(d.ws(&url, &[]).await, 401, "a removed user's ticket");
     // Described in the OpenAPI document.
     let (_, _, doc) = d.send(&Ask::get("/api/v1/openapi.json")).await;
     let doc: Value = serde_json::from_slice(&doc).expect("json");
