@@ -263,6 +263,37 @@ async fn a_rebinding_host_gets_421_without_or_with_a_token() {
     d.close().await;
 }
 
+/// One HTTP/1.1 request written by hand; the status line's code.
+async fn raw_status(addr: &str, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"))
+}
+
+#[tokio::test]
+async fn the_request_targets_authority_counts_like_host() {
+    let d = open_door().await;
+    let port = d.host.rsplit(':').next().unwrap_or("0").to_owned();
+    let ask = |target: &str, host: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+    };
+    let ours = format!("http://{}/api/v1/sandboxes", d.host);
+    assert_eq!(raw_status(&d.host, &ask(&ours, &d.host)).await, 200);
+    // Absolute form: the target's authority is the name the request is
+    // for, whatever Host says; a rebinding one behind our Host is refused.
+    let theirs = format!("http://rebind.attacker.example:{port}/api/v1/sandboxes");
+    assert_eq!(raw_status(&d.host, &ask(&theirs, &d.host)).await, 421);
+    d.close().await;
+}
+
 #[tokio::test]
 async fn a_foreign_origin_websocket_gets_403_and_a_same_origin_one_passes() {
     let d = open_door().await;
