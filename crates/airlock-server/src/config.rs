@@ -95,8 +95,11 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Let a loopback caller without a token in as the user `local` (only
     /// while `listen` is a loopback address, and only for a request that
-    /// came through no proxy).
-    pub local_user: bool,
+    /// names no proxy). Unset: on only while `public_hosts` is empty, since
+    /// a proxy on this host that adds no `X-Forwarded-For` makes every
+    /// caller look local. `true` keeps it on even then (unsafe behind such a
+    /// proxy); `false` turns it off.
+    pub local_user: Option<bool>,
 
     // --- isolation and resource limits (nspawn driver) ---
     /// CPU time per sandbox, in CPUs (1.0: one whole CPU); unset: no limit.
@@ -194,7 +197,7 @@ impl Default for Config {
             // ---- guard ----
             public_hosts: Vec::new(),
             allowed_origins: Vec::new(),
-            local_user: true,
+            local_user: None,
 
             // ---- quotas and capacity reservation (quota) ----
             quota: QuotaConfig::default(),
@@ -416,23 +419,39 @@ impl Config {
         })
     }
 
-    /// Who gets in without a token, said when `airlock up` starts.
+    /// Who gets in without a token, and why, said when `airlock up` starts.
     pub fn local_access(&self) -> String {
-        if !self.local_user {
-            "Every call needs an API token (local_user = false); `airlock user add NAME` prints one."
-                .into()
-        } else if !self.listen.ip().is_loopback() {
-            format!(
-                "Every call needs an API token: {} is not a loopback address, so the token-less \
-                 user `local` is off; `airlock user add NAME` prints a token.",
+        let tokens = "`airlock user add NAME` prints a token";
+        if !self.listen.ip().is_loopback() {
+            return format!(
+                "Every call needs an API token: {} is not a loopback address, so the \
+                 token-less user `local` is off; {tokens}.",
                 self.listen.ip()
-            )
-        } else {
-            "Without a token, a connection from this host's loopback that names no proxy \
-             (no Forwarded/X-Forwarded-For/X-Real-IP) acts as the user `local`: that is every \
-             local account and any ssh tunnel to this port. Set local_user = false to require \
-             tokens (`airlock user add NAME`)."
-                .into()
+            );
+        }
+        let who = "a connection from this host's loopback that names no proxy \
+                   (no Forwarded/X-Forwarded-For/X-Real-IP/Via) acts as the user `local`: \
+                   that is every local account and any ssh tunnel to this port";
+        match self.local_user {
+            Some(false) => format!("Every call needs an API token (local_user = false); {tokens}."),
+            Some(true) if !self.public_hosts.is_empty() => format!(
+                "Without a token, {who} (local_user = true). UNSAFE behind a proxy on this \
+                 host that adds no X-Forwarded-For: every caller through it is `local`. \
+                 Remove local_user to require tokens while public_hosts is set."
+            ),
+            Some(true) => format!(
+                "Without a token, {who} (local_user = true). Set local_user = false to \
+                 require tokens ({tokens})."
+            ),
+            None if !self.public_hosts.is_empty() => format!(
+                "Every call needs an API token: public_hosts is set, so a proxy may stand in \
+                 front and the token-less user `local` is off (local_user = true turns it \
+                 back on); {tokens}."
+            ),
+            None => format!(
+                "Without a token, {who}. It turns off once public_hosts is set; \
+                 local_user = false turns it off now ({tokens})."
+            ),
         }
     }
 
@@ -548,15 +567,48 @@ mod tests {
             ..Config::default()
         };
         assert!(with_path.validate().is_err());
-        assert!(Config::default().local_user);
-        assert!(Config::default().local_access().contains("`local`"));
+        assert_eq!(Config::default().local_user, None);
+        assert!(Config::default()
+            .local_access()
+            .starts_with("Without a token"));
         let off = Config {
-            local_user: false,
+            local_user: Some(false),
             ..Config::default()
         };
         assert!(off
             .local_access()
             .starts_with("Every call needs an API token"));
+    }
+
+    #[test]
+    fn the_local_user_is_automatic_until_public_hosts_is_set() {
+        let public = |local_user| Config {
+            public_hosts: vec!["airlock.example.com".into()],
+            local_user,
+            ..Config::default()
+        };
+        let auto = public(None);
+        assert!(!auto.app_config().local_user_on());
+        let said = auto.local_access();
+        assert!(said.starts_with("Every call needs an API token"), "{said}");
+        assert!(said.contains("public_hosts is set"), "{said}");
+        let forced = public(Some(true));
+        assert!(forced.app_config().local_user_on());
+        assert!(
+            forced.local_access().contains("UNSAFE"),
+            "{}",
+            forced.local_access()
+        );
+        assert!(!public(Some(false)).app_config().local_user_on());
+        assert!(Config::default().app_config().local_user_on());
+        let wide = Config {
+            listen: "0.0.0.0:4000".parse().expect("addr"),
+            local_user: Some(true),
+            webrtc: false,
+            ..Config::default()
+        };
+        assert!(!wide.app_config().local_user_on());
+        assert!(wide.local_access().contains("not a loopback address"));
     }
 
     #[test]

@@ -38,14 +38,20 @@ struct Door {
 }
 
 async fn open_door() -> Door {
+    open_door_with(|_| {}).await
+}
+
+/// The door with some settings of the config file changed.
+async fn open_door_with(settings: impl FnOnce(&mut Config)) -> Door {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = Config {
+    let mut cfg = Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: tmp.path().to_path_buf(),
         address_pool: "10.240.0.0/24".into(),
         webrtc: false,
         ..Config::default()
     };
+    settings(&mut cfg);
     let driver = Arc::new(NspawnDriver::new(
         NspawnConfig::new(tmp.path().join("sandboxes")),
         Arc::new(RealHost),
@@ -261,6 +267,37 @@ async fn a_rebinding_host_gets_421_without_or_with_a_token() {
     d.close().await;
 }
 
+/// One HTTP/1.1 request written by hand; the status line's code.
+async fn raw_status(addr: &str, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"))
+}
+
+#[tokio::test]
+async fn the_request_targets_authority_counts_like_host() {
+    let d = open_door().await;
+    let port = d.host.rsplit(':').next().unwrap_or("0").to_owned();
+    let ask = |target: &str, host: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+    };
+    let ours = format!("http://{}/api/v1/sandboxes", d.host);
+    assert_eq!(raw_status(&d.host, &ask(&ours, &d.host)).await, 200);
+    // Absolute form: the target's authority is the name the request is
+    // for, whatever Host says; a rebinding one behind our Host is refused.
+    let theirs = format!("http://rebind.attacker.example:{port}/api/v1/sandboxes");
+    assert_eq!(raw_status(&d.host, &ask(&theirs, &d.host)).await, 421);
+    d.close().await;
+}
+
 #[tokio::test]
 async fn a_foreign_origin_websocket_gets_403_and_a_same_origin_one_passes() {
     let d = open_door().await;
@@ -332,6 +369,41 @@ async fn a_forwarded_request_without_a_token_is_not_local() {
 }
 
 #[tokio::test]
+async fn behind_a_proxy_that_adds_no_forwarding_header_nobody_is_local() {
+    // nginx's plain `proxy_pass http://127.0.0.1:PORT` on this host: a
+    // loopback peer, `Host: 127.0.0.1:PORT`, no X-Forwarded-For.
+    let proxied = |local_user| {
+        move |cfg: &mut Config| {
+            cfg.public_hosts = vec!["airlock.example.com".into()];
+            cfg.local_user = local_user;
+        }
+    };
+    let d = open_door_with(proxied(None)).await;
+    for host in [d.host.clone(), "airlock.example.com".into()] {
+        let (status, headers, _) = d
+            .send(&Ask::get("/api/v1/sandboxes").header("host", &host))
+            .await;
+        assert_eq!(
+            status, 401,
+            "Host {host}: not local once public_hosts is set"
+        );
+        assert_eq!(headers["www-authenticate"], "Bearer");
+        let ask = Ask::get("/api/v1/sandboxes")
+            .header("host", &host)
+            .token(&d.alice);
+        assert_eq!(d.status(ask).await, 200, "Host {host} with a token");
+    }
+    d.close().await;
+    // Said explicitly, it stays on (and `airlock up` calls it unsafe).
+    let d = open_door_with(proxied(Some(true))).await;
+    assert_eq!(d.status(Ask::get("/api/v1/sandboxes")).await, 200);
+    d.close().await;
+    let d = open_door_with(|cfg| cfg.local_user = Some(false)).await;
+    assert_eq!(d.status(Ask::get("/api/v1/sandboxes")).await, 401);
+    d.close().await;
+}
+
+#[tokio::test]
 async fn a_token_in_the_url_works_only_on_the_viewer_sockets() {
     let d = open_door().await;
     for path in [
@@ -398,6 +470,30 @@ async fn a_ticket_works_once_for_its_owner_and_sandbox() {
         .await,
         401
     );
+    // A ticket is no good once its user is disabled, even unused.
+    let app = d.running.as_ref().expect("running").app.clone();
+    let (carol, carol_token) = app.add_user("carol").await.expect("carol");
+    let mut row = app
+        .store
+        .sandbox(&d.mine)
+        .await
+        .expect("store")
+        .expect("alice's row");
+    row.id = "dddddddddddddddd".into();
+    row.owner_id = carol.id.clone();
+    app.store
+        .insert_sandbox(&row)
+        .await
+        .expect("carol's sandbox");
+    let (status, t) = d.ticket(&carol_token, &row.id).await;
+    assert_eq!(status, 201, "{t}");
+    assert!(app
+        .store
+        .set_user_disabled(&carol.id, true)
+        .await
+        .expect("disable carol"));
+    let url = t["vnc_url"].as_str().expect("url").to_owned();
+    assert_eq!(d.ws(&url, &[]).await, 401, "a disabled user's ticket");
     // Described in the OpenAPI document.
     let (_, _, doc) = d.send(&Ask::get("/api/v1/openapi.json")).await;
     let doc: Value = serde_json::from_slice(&doc).expect("json");

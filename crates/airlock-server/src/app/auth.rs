@@ -203,7 +203,7 @@ impl App {
     /// Who is calling: the token's owner, or the local user when no token was
     /// given and the front door (`http::guard`) found the caller local: a
     /// loopback peer with no proxy headers, on a loopback-bound listener,
-    /// with `local_user` on.
+    /// with `local_user` on ([`super::AppConfig::local_user_on`]).
     pub async fn authenticate(
         &self,
         token: Option<&str>,
@@ -215,9 +215,7 @@ impl App {
                 .user_by_token_hash(&hash_token(token))
                 .await?
                 .ok_or(AppError::Unauthorized),
-            None if local_caller && self.cfg.loopback_only && self.cfg.local_user => {
-                self.ensure_local_user().await
-            }
+            None if local_caller && self.cfg.local_user_on() => self.ensure_local_user().await,
             None => Err(AppError::Unauthorized),
         }
     }

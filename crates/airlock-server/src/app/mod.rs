@@ -56,9 +56,8 @@ pub struct AppConfig {
     /// Validated `public_hosts` and `allowed_origins` of the config.
     pub public_hosts: Vec<String>,
     pub allowed_origins: Vec<String>,
-    /// The token-less `local` user is allowed at all (still only from a
-    /// loopback peer while `loopback_only`).
-    pub local_user: bool,
+    /// The `local_user` setting: `None` is automatic (see [`Self::local_user_on`]).
+    pub local_user: Option<bool>,
 
     // ---- quotas and capacity reservation (quota) ----
     /// Per-user caps.
@@ -88,12 +87,20 @@ impl AppConfig {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 4000)),
             public_hosts: Vec::new(),
             allowed_origins: Vec::new(),
-            local_user: true,
+            local_user: None,
 
             // ---- quotas and capacity reservation (quota) ----
             quota: admission::Quotas::default(),
             reserve_memory: 512 << 20,
         }
+    }
+
+    /// Whether a direct loopback caller without a token may act as `local`:
+    /// never on a listener that is not loopback-bound; when `local_user` is
+    /// unset, only while no `public_hosts` are configured (a proxy on this
+    /// host that adds no `X-Forwarded-For` would make every caller local).
+    pub fn local_user_on(&self) -> bool {
+        self.loopback_only && self.local_user.unwrap_or(self.public_hosts.is_empty())
     }
 }
 

@@ -93,17 +93,26 @@ impl App {
     }
 
     /// The user a viewer ticket stands for, or `None` when it is unknown,
-    /// used, expired, or for another sandbox.
+    /// used, expired, or for another sandbox, or when its user is gone or
+    /// may no longer sign in ([`may_sign_in`]): a ticket is worth no more
+    /// than the token it was asked for with.
     pub async fn redeem_ticket(
         &self,
         ticket: &str,
         sandbox_id: &str,
     ) -> Result<Option<UserRow>, AppError> {
-        match self.tickets.redeem(ticket, sandbox_id, Instant::now()) {
-            Some(user_id) => Ok(self.store.user_by_id(&user_id).await?),
-            None => Ok(None),
-        }
+        let Some(user_id) = self.tickets.redeem(ticket, sandbox_id, Instant::now()) else {
+            return Ok(None);
+        };
+        Ok(self.store.user_by_id(&user_id).await?.filter(may_sign_in))
     }
+}
+
+/// Whether this user may still act: the same test the token path makes when
+/// it finds a token's owner. A disabled user, or one being removed, may not:
+/// a ticket issued before that stops working with the token.
+fn may_sign_in(user: &UserRow) -> bool {
+    !user.disabled && !user.removing
 }
 
 #[cfg(test)]

@@ -87,8 +87,9 @@ impl FromRequestParts<Arc<App>> for ViewerCaller {
                 .map(ViewerCaller)
                 .ok_or_else(|| {
                     unauthorized(
-                        "the viewer ticket is unknown, used, expired or for another sandbox; \
-                     get a new one with POST /api/v1/sandboxes/{id}/tickets",
+                        "the viewer ticket is unknown, used, expired, for another sandbox, \
+                     or its user may no longer sign in; get a new one with \
+                     POST /api/v1/sandboxes/{id}/tickets",
                     )
                 });
         }

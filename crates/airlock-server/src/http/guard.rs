@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  request ──▶ Host one of ours? ──no──▶ 421 misdirected     (DNS rebinding)
-//!                 │ yes
+//!                 │ yes      (HTTP/2's :authority when there is no Host;
+//!                 │           a target authority that differs from Host: 421)
 //!                 ▼
 //!     %00..%1F in the path or query? ──yes──▶ 400
 //!                 │ no
@@ -173,7 +174,8 @@ pub struct Guard {
     /// The listen address's IP, unless it is a wildcard.
     listen_ip: Option<IpAddr>,
     allowed_origins: Vec<String>,
-    /// `local_user` is on and the listener is loopback-bound.
+    /// [`AppConfig::local_user_on`]: the setting (or its automatic value)
+    /// allows `local` and the listener is loopback-bound.
     local_user: bool,
 }
 
@@ -199,7 +201,7 @@ impl Guard {
                 .iter()
                 .filter_map(|o| parse_origin_setting(o).ok())
                 .collect(),
-            local_user: cfg.local_user && cfg.loopback_only,
+            local_user: cfg.local_user_on(),
         }
     }
 
@@ -215,16 +217,19 @@ impl Guard {
             || self.public_hosts.iter().any(|e| host.covered_by(e))
     }
 
-    /// The whole decision for one request, without I/O.
+    /// The whole decision for one request, without I/O. `authority` is the
+    /// request target's own (HTTP/2's `:authority`, or an HTTP/1.1 request
+    /// in absolute form).
     pub fn check(
         &self,
         method: &Method,
         path: &str,
         query: Option<&str>,
+        authority: Option<&str>,
         headers: &HeaderMap,
         peer: Option<Peer>,
     ) -> Result<Admission, ApiError> {
-        let host = self.host(headers, peer)?;
+        let host = self.host(headers, authority, peer)?;
         if has_encoded_control(path) || query.is_some_and(has_encoded_control) {
             return Err(ApiError::bad_request(
                 "the address holds a control character (such as %00); no name or value here has one",
@@ -248,22 +253,52 @@ impl Guard {
         Ok(Admission { local })
     }
 
-    fn host(&self, headers: &HeaderMap, peer: Option<Peer>) -> Result<HostName, ApiError> {
+    /// The name the request is for: its `Host` header, or, without one, the
+    /// target's authority (HTTP/2 sends `:authority` instead of `Host`).
+    /// When both are there they must name the same host and port.
+    fn host(
+        &self,
+        headers: &HeaderMap,
+        authority: Option<&str>,
+        peer: Option<Peer>,
+    ) -> Result<HostName, ApiError> {
         let misdirected = |message: String| {
             ApiError::new(StatusCode::MISDIRECTED_REQUEST, "misdirected", message)
         };
-        let mut values = headers.get_all(header::HOST).iter();
-        let (Some(value), None) = (values.next(), values.next()) else {
-            return Err(misdirected(
-                "the request must carry exactly one Host header".into(),
-            ));
+        let parse = |text: &str| {
+            HostName::parse(text).map_err(|why| {
+                misdirected(format!("Host {:?} is not valid: it {why}", shorten(text)))
+            })
         };
-        let Ok(text) = value.to_str() else {
-            return Err(misdirected("the Host header is not valid".into()));
+        let mut values = headers.get_all(header::HOST).iter();
+        let (text, host) = match (values.next(), values.next(), authority) {
+            (Some(value), None, _) => {
+                let Ok(text) = value.to_str() else {
+                    return Err(misdirected("the Host header is not valid".into()));
+                };
+                let host = parse(text)?;
+                if let Some(authority) = authority {
+                    if parse(authority)? != host {
+                        return Err(misdirected(format!(
+                            "the Host header {:?} and the request's authority {:?} \
+                             name different servers",
+                            shorten(text),
+                            shorten(authority)
+                        )));
+                    }
+                }
+                (text, host)
+            }
+            (None, _, Some(authority)) => (authority, parse(authority)?),
+            _ => {
+                return Err(misdirected(
+                    "the request must carry exactly one Host header (or, over HTTP/2, \
+                     an :authority)"
+                        .into(),
+                ))
+            }
         };
         let shown = shorten(text);
-        let host = HostName::parse(text)
-            .map_err(|why| misdirected(format!("Host {shown:?} is not valid: it {why}")))?;
         if self.host_allowed(&host, peer.and_then(|p| p.local).map(|a| a.ip())) {
             Ok(host)
         } else {
@@ -392,7 +427,15 @@ pub async fn guard(State(guard): State<Arc<Guard>>, mut req: Request, next: Next
                     local: None,
                 })
         });
-    let verdict = guard.check(req.method(), &path, req.uri().query(), req.headers(), peer);
+    let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+    let verdict = guard.check(
+        req.method(),
+        &path,
+        req.uri().query(),
+        authority.as_deref(),
+        req.headers(),
+        peer,
+    );
     let resp = match verdict {
         Ok(admission) => {
             if admission.local {
@@ -523,6 +566,7 @@ mod tests {
             &Method::GET,
             "/api/v1/sandboxes",
             None,
+            None,
             &headers(pairs),
             loopback_peer(),
         )
@@ -532,6 +576,7 @@ mod tests {
         g.check(
             &Method::POST,
             "/api/v1/sandboxes",
+            None,
             None,
             &headers(pairs),
             loopback_peer(),
@@ -582,6 +627,57 @@ mod tests {
     }
 
     #[test]
+    fn without_a_host_header_the_authority_names_the_server() {
+        let g = Guard::new(&cfg());
+        let at = |authority: Option<&str>, pairs: &[(&str, &str)]| {
+            g.check(
+                &Method::GET,
+                "/api/v1/sandboxes",
+                None,
+                authority,
+                &headers(pairs),
+                loopback_peer(),
+            )
+        };
+        // HTTP/2: `:authority`, no Host.
+        assert!(at(Some("127.0.0.1:4000"), &[]).is_ok());
+        assert!(at(Some("airlock.example.com"), &[]).is_ok());
+        let err = at(Some("rebind.attacker.example:4000"), &[]).expect_err("rebind");
+        assert_eq!(err.status, StatusCode::MISDIRECTED_REQUEST);
+        assert!(
+            err.message.contains("rebind.attacker.example"),
+            "{}",
+            err.message
+        );
+        assert!(at(Some("user@127.0.0.1:4000"), &[]).is_err());
+        // Both: they must agree (case and a trailing dot aside).
+        assert!(at(Some("localhost:4000"), &[("host", "LOCALHOST:4000")]).is_ok());
+        for (authority, host) in [
+            ("rebind.attacker.example", "localhost"),
+            ("localhost", "rebind.attacker.example"),
+            ("localhost:4000", "localhost:4001"),
+            ("localhost:4000", "localhost"),
+            ("airlock.example.com", "127.0.0.1"),
+        ] {
+            let err = at(Some(authority), &[("host", host)]).expect_err(authority);
+            assert_eq!(
+                err.status,
+                StatusCode::MISDIRECTED_REQUEST,
+                "{authority} {host}"
+            );
+        }
+        let two = at(
+            Some("localhost"),
+            &[("host", "localhost"), ("host", "localhost")],
+        );
+        assert_eq!(
+            two.expect_err("two").status,
+            StatusCode::MISDIRECTED_REQUEST
+        );
+        assert!(at(None, &[]).is_err());
+    }
+
+    #[test]
     fn the_listen_address_and_the_reached_address_are_names_too() {
         let mut c = cfg();
         c.listen = "192.0.2.10:4000".parse().expect("addr");
@@ -595,9 +691,9 @@ mod tests {
             local: Some("192.0.2.11:4000".parse().expect("addr")),
         });
         let h = headers(&[("host", "192.0.2.11:4000")]);
-        assert!(g.check(&Method::GET, "/", None, &h, peer).is_ok());
+        assert!(g.check(&Method::GET, "/", None, None, &h, peer).is_ok());
         let h = headers(&[("host", "0.0.0.0:4000")]);
-        assert!(g.check(&Method::GET, "/", None, &h, peer).is_err());
+        assert!(g.check(&Method::GET, "/", None, None, &h, peer).is_err());
     }
 
     #[test]
@@ -657,7 +753,7 @@ mod tests {
         ] {
             let h = headers(&[host, ("origin", "http://attacker.example")]);
             let err = g
-                .check(&method, "/x", None, &h, loopback_peer())
+                .check(&method, "/x", None, None, &h, loopback_peer())
                 .expect_err("m");
             assert_eq!(err.status, StatusCode::FORBIDDEN, "{method}");
         }
@@ -665,7 +761,9 @@ mod tests {
 
     #[test]
     fn local_only_from_a_loopback_peer_without_proxy_headers() {
-        let g = Guard::new(&cfg());
+        let mut on = cfg();
+        on.local_user = Some(true);
+        let g = Guard::new(&on);
         let host = ("host", "127.0.0.1:4000");
         assert!(get(&g, &[host]).expect("ok").local);
         for h in ["forwarded", "x-forwarded-for", "x-real-ip", "via"] {
@@ -679,9 +777,13 @@ mod tests {
             local: Some("127.0.0.1:4000".parse().expect("addr")),
         });
         let h = headers(&[host]);
-        assert!(!g.check(&Method::GET, "/", None, &h, far).expect("ok").local);
         assert!(
-            !g.check(&Method::GET, "/", None, &h, None)
+            !g.check(&Method::GET, "/", None, None, &h, far)
+                .expect("ok")
+                .local
+        );
+        assert!(
+            !g.check(&Method::GET, "/", None, None, &h, None)
                 .expect("ok")
                 .local
         );
@@ -689,20 +791,39 @@ mod tests {
             remote: "[::ffff:127.0.0.1]:5000".parse().expect("addr"),
             local: None,
         });
-        assert!(g.check(&Method::GET, "/", None, &h, v6).expect("ok").local);
+        assert!(
+            g.check(&Method::GET, "/", None, None, &h, v6)
+                .expect("ok")
+                .local
+        );
         let mut off = cfg();
-        off.local_user = false;
+        off.local_user = Some(false);
+        off.public_hosts.clear();
         assert!(!get(&Guard::new(&off), &[host]).expect("ok").local);
-        let mut wide = cfg();
+        let mut wide = on.clone();
         wide.loopback_only = false;
         assert!(!get(&Guard::new(&wide), &[host]).expect("ok").local);
+    }
+
+    #[test]
+    fn unset_local_user_is_off_once_public_hosts_are_configured() {
+        // nginx's default `proxy_pass http://127.0.0.1:4000` on this host:
+        // a loopback peer, `Host: 127.0.0.1:4000`, no forwarding header.
+        let host = ("host", "127.0.0.1:4000");
+        let behind_proxy = cfg();
+        assert_eq!(behind_proxy.local_user, None);
+        assert!(!get(&Guard::new(&behind_proxy), &[host]).expect("ok").local);
+        let mut alone = cfg();
+        alone.public_hosts.clear();
+        assert!(get(&Guard::new(&alone), &[host]).expect("ok").local);
     }
 
     #[test]
     fn a_token_in_the_url_only_on_the_viewer_sockets() {
         let g = Guard::new(&cfg());
         let h = headers(&[("host", "localhost:4000")]);
-        let at = |path: &str, q: &str| g.check(&Method::GET, path, Some(q), &h, loopback_peer());
+        let at =
+            |path: &str, q: &str| g.check(&Method::GET, path, Some(q), None, &h, loopback_peer());
         assert!(at("/api/v1/sandboxes/abc/vnc", "token=x").is_ok());
         assert!(at("/api/v1/sandboxes/abc/stream", "a=1&token=x").is_ok());
         assert!(at("/api/v1/sandboxes/abc/vnc", "ticket=x").is_ok());
@@ -732,7 +853,7 @@ mod tests {
             ("/api/v1/sandboxes", Some("x=%00")),
         ] {
             let err = g
-                .check(&Method::GET, path, q, &h, loopback_peer())
+                .check(&Method::GET, path, q, None, &h, loopback_peer())
                 .expect_err(path);
             assert_eq!(err.status, StatusCode::BAD_REQUEST, "{path}");
         }
@@ -741,7 +862,8 @@ mod tests {
             ("/", Some("a=%41%7e")),
         ] {
             assert!(
-                g.check(&Method::GET, path, q, &h, loopback_peer()).is_ok(),
+                g.check(&Method::GET, path, q, None, &h, loopback_peer())
+                    .is_ok(),
                 "{path}"
             );
         }
