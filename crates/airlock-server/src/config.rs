@@ -127,6 +127,12 @@ pub struct Config {
     /// An ICE-TCP connection without a frame for this long is closed.
     pub webrtc_tcp_idle_s: u64,
 
+    /// Host names the egress forwarder passes on without its check, though
+    /// they may lead to this host or its network (an intranet service, a test
+    /// server the upstream proxy knows): `"name"`, or `".domain"` for every
+    /// name under it. Addresses cannot be listed.
+    pub egress_allow: Vec<String>,
+
     // ---- quotas and capacity reservation (issue 15, part 3: quota) ----
     /// Per-user caps (`[quota]`).
     pub quota: QuotaConfig,
@@ -201,6 +207,7 @@ impl Default for Config {
 
             // ---- quotas and capacity reservation (quota) ----
             quota: QuotaConfig::default(),
+            egress_allow: Vec::new(),
             cpu_max: None,
             io_max: None,
             user_namespaces: true,
@@ -382,6 +389,23 @@ impl Config {
                 );
             }
         }
+        for name in &self.egress_allow {
+            let bare = name.strip_prefix('.').unwrap_or(name);
+            let is_name = !bare.is_empty()
+                && bare.parse::<std::net::IpAddr>().is_err()
+                && !bare.starts_with('[')
+                && bare
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'));
+            if !is_name {
+                return Err(ConfigError::Invalid {
+                    field: "egress_allow",
+                    message: format!(
+                        "{name:?}: must be a host name (or .domain), without scheme, port or address"
+                    ),
+                });
+            }
+        }
         // ---- ICE-TCP limits ----
         if self.webrtc_tcp_max_connections == 0 {
             return invalid("webrtc_tcp_max_connections", "must be at least 1");
@@ -478,6 +502,7 @@ impl Config {
         app.login_timeout = Duration::from_secs(self.login_timeout_s);
         app.providers_dir = self.providers_dir.clone();
         app.webrtc_fps = self.webrtc_fps;
+        app.egress_allow = self.egress_allow.clone();
         // ---- guard ----
         app.listen = self.listen;
         app.public_hosts = self.public_hosts.clone();

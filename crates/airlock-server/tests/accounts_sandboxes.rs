@@ -53,6 +53,8 @@ async fn after_a_rotation_a_sandbox_boots_and_a_login_delivers() {
     let providers = h.data_dir.join("test-providers");
     write_test_providers(&providers);
     h.cfg.providers_dir = Some(providers);
+    // The test OAuth server is the upstream, on loopback: let its name through.
+    h.cfg.egress_allow = vec!["oauth.test".into()];
     h.cfg.login_timeout_s = 600;
     h.restart().await;
     let _ = h.get("/api/v1/logins").await; // makes the local user

@@ -86,6 +86,8 @@ fn test_harness_cfg(h: &mut common::Harness, timeout_s: u64) {
     let dir = h.data_dir.join("test-providers");
     write_test_providers(&dir);
     h.cfg.providers_dir = Some(dir);
+    // The test OAuth server is the upstream, on loopback: let its name through.
+    h.cfg.egress_allow = vec!["oauth.test".into()];
     h.cfg.login_timeout_s = timeout_s;
 }
 

@@ -27,6 +27,8 @@ async fn connect_from_the_ui_signs_in_through_the_viewer() {
     let dir = h.data_dir.join("test-providers");
     write_test_providers(&dir);
     h.cfg.providers_dir = Some(dir);
+    // The test OAuth server is the upstream, on loopback: let its name through.
+    h.cfg.egress_allow = vec!["oauth.test".into()];
     h.cfg.login_timeout_s = 600;
     h.restart().await;
     // The first authenticated request makes the default user; then the OAuth

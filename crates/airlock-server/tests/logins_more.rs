@@ -181,6 +181,8 @@ async fn bed(pool: &str, adjust: impl FnOnce(&mut airlock_server::config::Config
     write_test_providers(&dir);
     write_paste_provider(&dir);
     h.cfg.providers_dir = Some(dir);
+    // The test OAuth server is the upstream, on loopback: let its name through.
+    h.cfg.egress_allow = vec!["oauth.test".into()];
     adjust(&mut h.cfg);
     h.restart().await;
     Bed {

@@ -620,7 +620,9 @@ impl App {
             response_timeout: Duration::from_secs(timeout),
             guard: {
                 let (base, len) = self.pool.network();
-                egress::Guard::default().with_pool(base, len)
+                egress::Guard::default()
+                    .with_pool(base, len)
+                    .allowing(&self.cfg.egress_allow)
             },
             ..ProxyConfig::default()
         }

@@ -50,6 +50,8 @@ pub struct AppConfig {
     pub providers_dir: Option<PathBuf>,
     /// Frames per second a guest encodes for WebRTC viewers.
     pub webrtc_fps: u32,
+    /// Names the egress forwarder passes on unchecked (`egress_allow`).
+    pub egress_allow: Vec<String>,
     // ---- guard (http/guard.rs) ----
     /// The configured listen address (its IP is one of the server's names).
     pub listen: std::net::SocketAddr,
@@ -83,6 +85,7 @@ impl AppConfig {
             login_timeout: Duration::from_secs(15 * 60),
             providers_dir: None,
             webrtc_fps: airlock_proto::stream::DEFAULT_FPS,
+            egress_allow: Vec::new(),
             // ---- guard ----
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 4000)),
             public_hosts: Vec::new(),

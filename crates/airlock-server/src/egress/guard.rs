@@ -71,6 +71,9 @@ impl Refusal {
 pub struct Guard {
     /// IPv4 networks as (base, prefix length): the sandbox address pool.
     pools: Vec<(Ipv4Addr, u8)>,
+    /// Names the operator lets sandboxes reach though they may lead here
+    /// (`egress_allow`): passed on to the upstream as names, unchecked.
+    allowed: Vec<String>,
 }
 
 /// Where a request goes once checked.
@@ -80,6 +83,8 @@ pub enum Target {
     Addr(IpAddr),
     /// A name this host could not resolve: passed on as it is.
     Name(String),
+    /// A name in `egress_allow`: passed on as it is, never refused.
+    Allowed(String),
 }
 
 impl Target {
@@ -88,7 +93,7 @@ impl Target {
         match self {
             Target::Addr(IpAddr::V6(ip)) => format!("[{ip}]"),
             Target::Addr(ip) => ip.to_string(),
-            Target::Name(name) => name.clone(),
+            Target::Name(name) | Target::Allowed(name) => name.clone(),
         }
     }
 
@@ -110,6 +115,23 @@ impl Guard {
     pub fn with_pool(mut self, base: Ipv4Addr, len: u8) -> Self {
         self.pools.push((base, len.min(32)));
         self
+    }
+
+    /// Pass these host names on unchecked (lower case, no trailing dot; a
+    /// leading `.` covers every name under it).
+    pub fn allowing(mut self, names: &[String]) -> Self {
+        self.allowed = names
+            .iter()
+            .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+            .collect();
+        self
+    }
+
+    fn allows(&self, name: &str) -> bool {
+        self.allowed.iter().any(|a| match a.strip_prefix('.') {
+            Some(parent) => name.len() > parent.len() && name.ends_with(a.as_str()),
+            None => a == name,
+        })
     }
 
     /// Why `ip` may not be reached, if it may not.
@@ -151,6 +173,9 @@ impl Guard {
                 reason: Refusal::Loopback,
                 addr: None,
             }));
+        }
+        if self.allows(&bare.to_ascii_lowercase()) {
+            return Ok(Target::Allowed(name));
         }
         let found = tokio::time::timeout(
             RESOLVE_TIMEOUT,
@@ -433,5 +458,30 @@ mod tests {
             matches!(&got, Err(Some(r)) if matches!(r.reason, Refusal::Loopback | Refusal::Host)),
             "{me}: {got:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod allow_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn allowed_names_pass_unchecked_and_nothing_else_does() {
+        let guard = Guard::default().allowing(&["oauth.test".into(), ".corp.example".into()]);
+        for name in ["oauth.test", "OAuth.Test.", "sso.corp.example"] {
+            assert!(
+                matches!(guard.check(name, 80).await, Ok(Target::Allowed(_))),
+                "{name}"
+            );
+        }
+        // Not the parent itself, not a look-alike, and no address: an
+        // allowed name never opens loopback written as a literal.
+        for name in ["corp.example", "evil-oauth.test", "localhost", "127.0.0.1"] {
+            assert!(
+                !matches!(guard.check(name, 80).await, Ok(Target::Allowed(_))),
+                "{name}"
+            );
+        }
+        assert!(Guard::default().check("localhost", 80).await.is_err());
     }
 }
