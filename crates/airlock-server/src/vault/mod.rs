@@ -45,6 +45,16 @@ fn owner_only(path: &Path) -> Result<(), VaultError> {
     Ok(())
 }
 
+/// Flush a directory entry change (a create or rename in `path`'s directory)
+/// to disk.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
     #[error("the vault record is malformed ({0})")]
@@ -238,7 +248,11 @@ impl Vault {
         out.write_all(text.as_bytes()).map_err(io)?;
         out.sync_all().map_err(io)?;
         zeroize::Zeroize::zeroize(&mut text);
-        std::fs::rename(&tmp, path).map_err(io)
+        std::fs::rename(&tmp, path).map_err(io)?;
+        // The rename is only durable once the directory is: without this a
+        // crash can bring back the old keyring after `rotate` has committed
+        // records sealed under the new key.
+        sync_parent(path).map_err(io)
     }
 
     pub fn current_key_id(&self) -> &str {

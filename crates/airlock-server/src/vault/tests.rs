@@ -156,3 +156,16 @@ fn a_keyring_readable_by_others_is_narrowed_and_a_stale_temp_file_does_not_widen
     v.rotate().expect("rotate");
     assert_eq!(mode(&path), 0o600);
 }
+
+#[test]
+fn the_keyrings_directory_is_synced_after_the_rename() {
+    // The data dir is opened and flushed; a vanished one is an error, not a
+    // silent success (a rotate then stops before re-sealing anything).
+    let dir = tempfile::tempdir().expect("tempdir");
+    super::sync_parent(&dir.path().join(super::KEYRING_FILE)).expect("sync");
+    let gone = dir.path().join("gone").join(super::KEYRING_FILE);
+    assert!(super::sync_parent(&gone).is_err());
+    let mut vault = Vault::load(dir.path()).expect("load");
+    vault.rotate().expect("rotate");
+    assert!(!dir.path().join("vault.keys.tmp").exists());
+}
