@@ -29,6 +29,56 @@ const CREDENTIAL_NAME: &str = "airlock-vault-key";
 /// The keyring's file name in the data dir.
 pub const KEYRING_FILE: &str = "vault.keys";
 
+/// The lock file beside the keyring (see [`KeyringLock`]).
+pub const KEYRING_LOCK_FILE: &str = "vault.lock";
+
+/// A `flock` on `<data_dir>/vault.lock` that keeps a key from being retired
+/// while a command outside the server seals with it. Commands that load the
+/// keyring and then write a sealed row (`airlock egress …`) hold it shared
+/// from loading to writing; `airlock vault rotate` holds it exclusively from
+/// adding a key to retiring the old ones, so such a row is either written
+/// before the rotation (and re-sealed by it) or sealed with the new keyring.
+/// Released when dropped, or when the process ends however it does.
+#[derive(Debug)]
+pub struct KeyringLock {
+    _file: std::fs::File,
+}
+
+impl KeyringLock {
+    /// Wait for, then take, a shared hold.
+    pub fn shared(data_dir: &Path) -> Result<Self, VaultError> {
+        Self::take(data_dir, false)
+    }
+
+    /// Wait for, then take, the exclusive hold.
+    pub fn exclusive(data_dir: &Path) -> Result<Self, VaultError> {
+        Self::take(data_dir, true)
+    }
+
+    fn take(data_dir: &Path, exclusive: bool) -> Result<Self, VaultError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = data_dir.join(KEYRING_LOCK_FILE);
+        let io = |source| VaultError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        if exclusive {
+            file.lock().map_err(io)?;
+        } else {
+            file.lock_shared().map_err(io)?;
+        }
+        Ok(KeyringLock { _file: file })
+    }
+}
+
 /// Narrow a keyring file that an older version (or a hand) left readable by
 /// others to 0600.
 fn owner_only(path: &Path) -> Result<(), VaultError> {
