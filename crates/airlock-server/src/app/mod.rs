@@ -9,6 +9,7 @@ pub mod logins;
 pub mod reaper;
 pub mod sandboxes;
 pub mod state;
+pub mod volumes;
 
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
