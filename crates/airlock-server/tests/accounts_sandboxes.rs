@@ -176,6 +176,14 @@ async fn removing_a_user_ends_its_sandboxes_through_the_running_server() {
         assert!(std::time::Instant::now() < deadline, "not ready: {b}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    assert!(
+        h.data_dir
+            .join("volumes")
+            .join(&dora.id)
+            .join("home")
+            .is_dir(),
+        "the ready workspace has its home volume"
+    );
     let outcome = airlock_server::app::auth::remove_user(&app.store, &h.data_dir, "dora")
         .await
         .expect("remove");
