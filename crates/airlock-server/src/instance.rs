@@ -100,7 +100,16 @@ fn read_holder(mut file: &File) -> Holder {
 pub fn probe(dir: &Path) -> Result<Probe, LockError> {
     let (file, path) = open(dir)?;
     match file.try_lock() {
-        Ok(()) => Ok(Probe::Free(DataDirLock { file, path })),
+        Ok(()) => {
+            // What is there was written by a process that has ended (its lock
+            // went with it); its pid may be another process's by now, and
+            // `vault rotate` must not signal that one.
+            file.set_len(0).map_err(|source| LockError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Probe::Free(DataDirLock { file, path }))
+        }
         Err(TryLockError::WouldBlock) => Ok(Probe::Held(read_holder(&file))),
         Err(TryLockError::Error(source)) => Err(LockError::Io { path, source }),
     }
@@ -185,6 +194,20 @@ pub async fn wait_for_keys(dir: &Path, current: &str, keys: &[String], within: D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_holder_does_not_show_the_last_runs_pid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join(LOCK_FILE),
+            "pid=4242\nvault_current=k1\nvault_keys=k1\n",
+        )
+        .expect("stale");
+        let _lock = DataDirLock::acquire(dir.path()).expect("acquire");
+        // Between taking the lock and `record`, a rotate sees no pid to signal.
+        let h = holder(dir.path()).expect("probe").expect("held");
+        assert_eq!(h, Holder::default());
+    }
 
     #[test]
     fn a_second_holder_is_refused_and_named() {

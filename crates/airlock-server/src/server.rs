@@ -202,6 +202,10 @@ pub async fn start(
     })?;
     let store = Store::open(&cfg.database_url()).await?;
     let vault = Vault::load(&cfg.data_dir)?;
+    // Listen for SIGHUP before the pid is written: from then on `vault
+    // rotate` may send it, and its default action would end this process.
+    // tokio keeps a signal that arrives before the listener task runs.
+    let hangups = listen_for_hangups();
     lock.record(&vault)?;
     let app = App::new(cfg.app_config(), store, driver, image, cfg.pool()?, vault);
     app.ensure_local_user()
@@ -233,7 +237,7 @@ pub async fn start(
     }
     let (shutdown, rx) = watch::channel(false);
     let reaper = tokio::spawn(app.clone().run_reaper(rx.clone()));
-    reload_on_hangup(&app, &lock, rx.clone());
+    reload_on_hangup(hangups, &app, &lock, rx.clone());
     let mut http_rx = rx;
     let http = tokio::spawn(crate::http::serve(listener, app.clone(), async move {
         let _ = http_rx.wait_for(|stop| *stop).await;
@@ -248,20 +252,28 @@ pub async fn start(
     })
 }
 
+/// Take over SIGHUP (its default action ends the process).
+fn listen_for_hangups() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; `airlock vault rotate` needs a restart to take effect");
+            None
+        }
+    }
+}
+
 /// SIGHUP: load the keyring again (`airlock vault rotate` sends it) and say
 /// in the lock file which keys are now held, so the sender knows.
 fn reload_on_hangup(
+    hangups: Option<tokio::signal::unix::Signal>,
     app: &Arc<App>,
     lock: &Arc<crate::instance::DataDirLock>,
     mut stop: watch::Receiver<bool>,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangups = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; `airlock vault rotate` needs a restart to take effect");
-            return;
-        }
+    let Some(mut hangups) = hangups else {
+        return;
     };
     // Weak: a stopped server must let go of the lock at once, not when this
     // task next wakes.

@@ -162,7 +162,9 @@ async fn admin_routes_need_an_admin_and_a_rotated_token_dies_at_once() {
     for err in [
         auth::rotate_token(&app.store, "local").await.map(|_| ()),
         auth::set_disabled(&app.store, "local", true).await,
-        auth::remove_user(&app.store, "local").await.map(|_| ()),
+        auth::remove_user(&app.store, tmp.path(), "local")
+            .await
+            .map(|_| ()),
     ] {
         assert!(err.expect_err("refused").to_string().contains("local"));
     }
@@ -338,7 +340,7 @@ async fn removing_a_user_with_logins_and_credentials_leaves_no_row() {
         .store_credentials("l1", &cred)
         .await
         .expect("creds"));
-    let (_, boss) = app.add_admin("boss").await.expect("boss");
+    let (boss_user, boss) = app.add_admin("boss").await.expect("boss");
     let (status, _) = api
         .call(
             reqwest::Method::PUT,
@@ -348,9 +350,20 @@ async fn removing_a_user_with_logins_and_credentials_leaves_no_row() {
         )
         .await;
     assert_eq!(status, 200);
+    // Its home volume, with a link out of it; and a volume whose user is
+    // gone already (a removal that found it mounted leaves one behind).
+    let volumes = tmp.path().join("volumes");
+    let home = volumes.join(&carol.id).join("home");
+    std::fs::create_dir_all(home.join(".claude")).expect("home");
+    std::fs::write(home.join(".claude/.credentials.json"), "signed in").expect("creds");
+    let outside = tmp.path().join("not-carols");
+    std::fs::write(&outside, "keep").expect("outside");
+    std::os::unix::fs::symlink(&outside, home.join("link")).expect("link");
+    std::fs::create_dir_all(volumes.join("gone-user").join("home")).expect("orphan");
+    std::fs::create_dir_all(volumes.join(&boss_user.id).join("home")).expect("boss");
     // It failed with a foreign-key error before; now it removes everything,
     // and the user's token is refused.
-    let outcome = auth::remove_user(&app.store, "carol")
+    let outcome = auth::remove_user(&app.store, tmp.path(), "carol")
         .await
         .expect("remove");
     assert_eq!(outcome, auth::Removal::Done);
@@ -377,5 +390,11 @@ async fn removing_a_user_with_logins_and_credentials_leaves_no_row() {
         .await
         .expect("q")
         .is_none());
+    assert!(!volumes.join(&carol.id).exists(), "carol's home is gone");
+    assert_eq!(std::fs::read_to_string(&outside).expect("kept"), "keep");
+    // The reaper's sweep takes the orphan and leaves a live user's volume.
+    app.remove_orphan_volumes().await.expect("sweep");
+    assert!(!volumes.join("gone-user").exists());
+    assert!(volumes.join(&boss_user.id).join("home").exists());
     running.stop().await;
 }

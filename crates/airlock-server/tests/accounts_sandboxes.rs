@@ -178,7 +178,15 @@ async fn removing_a_user_ends_its_sandboxes_through_the_running_server() {
         assert!(std::time::Instant::now() < deadline, "not ready: {b}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let outcome = airlock_server::app::auth::remove_user(&app.store, "dora")
+    assert!(
+        h.data_dir
+            .join("volumes")
+            .join(&dora.id)
+            .join("home")
+            .is_dir(),
+        "the ready workspace has its home volume"
+    );
+    let outcome = airlock_server::app::auth::remove_user(&app.store, &h.data_dir, "dora")
         .await
         .expect("remove");
     assert_eq!(outcome, airlock_server::app::auth::Removal::Pending(1));
@@ -209,6 +217,10 @@ async fn removing_a_user_ends_its_sandboxes_through_the_running_server() {
     assert!(
         !h.data_dir.join("sandboxes").join(&id).exists(),
         "the sandbox's files are gone"
+    );
+    assert!(
+        !h.data_dir.join("volumes").join(&dora.id).exists(),
+        "the user's home volume (its signed-in CLIs) is gone"
     );
     assert!(
         !app.store

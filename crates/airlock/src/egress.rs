@@ -8,6 +8,7 @@ use airlock_server::app::egress as eg;
 #[cfg(test)]
 use airlock_server::egress::ExposeSecret;
 use airlock_server::egress::SecretString;
+use airlock_server::vault::KeyringLock;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
@@ -70,15 +71,23 @@ pub struct AccountArgs {
     common: Common,
 }
 
+/// The store, and the keyring with a shared hold on it: a `vault rotate`
+/// cannot retire the key this command seals with until the hold is dropped,
+/// after the sealed row is written (keep it for as long as the vault is used).
 async fn open(
     common: &Common,
-) -> Result<(airlock_server::store::Store, airlock_server::vault::Vault)> {
+) -> Result<(
+    airlock_server::store::Store,
+    airlock_server::vault::Vault,
+    KeyringLock,
+)> {
     let cfg = load_config(common)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("create {}", cfg.data_dir.display()))?;
     let store = airlock_server::store::Store::open(&cfg.database_url()).await?;
+    let hold = KeyringLock::shared(&cfg.data_dir)?;
     let vault = airlock_server::vault::Vault::load(&cfg.data_dir)?;
-    Ok((store, vault))
+    Ok((store, vault, hold))
 }
 
 fn stdin_line() -> Result<String> {
@@ -147,7 +156,7 @@ pub async fn run(cmd: Command) -> Result<()> {
             common,
         } => {
             let url = upstream_url(url, url_file.as_deref())?;
-            let (store, vault) = open(&common).await?;
+            let (store, vault, _hold) = open(&common).await?;
             if clear {
                 let had = eg::clear_user_upstream(&store, &name).await?;
                 if !had {
@@ -159,7 +168,7 @@ pub async fn run(cmd: Command) -> Result<()> {
             print_user(&eg::user_egress(&store, &name).await?);
         }
         Command::Account(AccountCommand::Set(a)) => {
-            let (store, vault) = open(&a.common).await?;
+            let (store, vault, _hold) = open(&a.common).await?;
             let (min, max) = a
                 .ports
                 .split_once('-')
@@ -189,7 +198,7 @@ pub async fn run(cmd: Command) -> Result<()> {
             );
         }
         Command::Account(AccountCommand::Show(common)) => {
-            let (store, _) = open(&common).await?;
+            let (store, _, _) = open(&common).await?;
             match eg::account(&store).await? {
                 Some(view) => println!(
                     "provider account: {} ({} ports assigned)",
@@ -199,7 +208,7 @@ pub async fn run(cmd: Command) -> Result<()> {
             }
         }
         Command::Account(AccountCommand::Clear(common)) => {
-            let (store, _) = open(&common).await?;
+            let (store, _, _) = open(&common).await?;
             if eg::clear_account(&store).await? {
                 println!("provider account removed; users' ports released");
             } else {
@@ -211,7 +220,7 @@ pub async fn run(cmd: Command) -> Result<()> {
             upstream_timeout_s,
             common,
         } => {
-            let (store, _) = open(&common).await?;
+            let (store, _, _) = open(&common).await?;
             let mut s = eg::settings(&store).await?;
             if echo_url.is_some() || upstream_timeout_s.is_some() {
                 if let Some(url) = echo_url {

@@ -435,10 +435,10 @@ async fn user_command(cmd: UserCommand) -> Result<()> {
             common,
         } => {
             let (cfg, store) = open_store(&common).await?;
-            let n = match auth::remove_user(&store, &name).await? {
+            let n = match auth::remove_user(&store, &cfg.data_dir, &name).await? {
                 auth::Removal::Done => {
                     eprintln!(
-                        "user {name} removed, with its logins, credentials and egress settings"
+                        "user {name} removed, with its logins, credentials, egress settings and volumes"
                     );
                     return Ok(());
                 }
@@ -463,7 +463,7 @@ async fn user_command(cmd: UserCommand) -> Result<()> {
             while std::time::Instant::now() < deadline {
                 if store.user_by_name(&name).await?.is_none() {
                     eprintln!(
-                        "user {name} removed, with its logins, credentials and egress settings"
+                        "user {name} removed, with its logins, credentials, egress settings and volumes"
                     );
                     return Ok(());
                 }

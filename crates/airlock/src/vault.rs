@@ -11,12 +11,14 @@
 //! 4. SIGHUP again so the server drops the retired keys too.
 //!
 //! Without a server, the command holds the data dir's lock throughout, so
-//! none starts half-way.
+//! none starts half-way. It holds `<data_dir>/vault.lock` exclusively from
+//! loading the keyring to retiring keys, so an `airlock egress` command (which
+//! holds it shared while it seals) cannot write a row under a retired key.
 
 use crate::{load_config, Common};
 use airlock_server::app::keyring;
 use airlock_server::instance::{self, Probe};
-use airlock_server::vault::Vault;
+use airlock_server::vault::{KeyringLock, Vault};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use std::path::Path;
@@ -85,6 +87,9 @@ pub async fn run(cmd: Command) -> Result<()> {
                     (None, Some(pid))
                 }
             };
+            // No `egress` command seals with a key between our loading the
+            // keyring and retiring its old keys (they hold this shared).
+            let _keyring = KeyringLock::exclusive(&dir)?;
             let mut vault = Vault::load(&dir)?;
             let new = vault.rotate().context("adding a key")?;
             println!("new key: {new}");

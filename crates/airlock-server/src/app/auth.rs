@@ -4,6 +4,7 @@
 use super::{App, AppError};
 use crate::store::{Store, StoreError, UserRow};
 use sha2::{Digest, Sha256};
+use std::path::Path;
 
 /// The user that needs no token: for callers on this host's loopback, while
 /// airlock listens on loopback only (see `http::guard`).
@@ -115,8 +116,9 @@ const REMOVED_REASON: &str = "its user was removed";
 /// `airlock user remove`: at once the user's token stops working, its logins
 /// are cancelled, its credentials and egress rows are deleted and its live
 /// sandboxes are told to stop; the user row goes as soon as no sandbox of it
-/// holds host resources (now, or when the reaper has ended them).
-pub async fn remove_user(store: &Store, name: &str) -> Result<Removal, AppError> {
+/// holds host resources (now, or when the reaper has ended them), and with it
+/// its volumes in `data_dir` (the home its CLIs were signed in in).
+pub async fn remove_user(store: &Store, data_dir: &Path, name: &str) -> Result<Removal, AppError> {
     if name == LOCAL_USER {
         return Err(AppError::BadInput(format!(
             "the {LOCAL_USER:?} user cannot be removed"
@@ -124,12 +126,22 @@ pub async fn remove_user(store: &Store, name: &str) -> Result<Removal, AppError>
     }
     let user = named(store, name).await?;
     store.begin_user_removal(&user.id, REMOVED_REASON).await?;
-    finish_removal(store, &user.id).await
+    finish_removal(store, data_dir, &user.id).await
 }
 
-/// Try to complete a started removal.
-pub async fn finish_removal(store: &Store, user_id: &str) -> Result<Removal, AppError> {
+/// Try to complete a started removal. Once the user's sandboxes are gone,
+/// so is its volume directory (when something is still mounted there, a
+/// running server's reaper deletes it later: see [`super::volumes`]).
+pub async fn finish_removal(
+    store: &Store,
+    data_dir: &Path,
+    user_id: &str,
+) -> Result<Removal, AppError> {
     if store.finish_user_removal(user_id).await? {
+        super::volumes::log_outcome(
+            user_id,
+            super::volumes::remove_user_volumes(data_dir, user_id),
+        );
         return Ok(Removal::Done);
     }
     Ok(Removal::Pending(
@@ -172,7 +184,7 @@ impl App {
                 self.teardown(&id, super::state::SandboxState::Stopped)
                     .await;
             }
-            match finish_removal(&self.store, &user.id).await {
+            match finish_removal(&self.store, &self.cfg.data_dir, &user.id).await {
                 Ok(Removal::Done) => tracing::info!(user = %user.name, "user removed"),
                 Ok(Removal::Pending(n)) => {
                     tracing::info!(user = %user.name, sandboxes = n, "user removal waits for its sandboxes")

@@ -11,6 +11,7 @@ pub mod reaper;
 pub mod sandboxes;
 pub mod state;
 pub mod tickets;
+pub mod volumes;
 
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};

@@ -89,6 +89,9 @@ impl App {
         }
         self.reap_logins().await;
         self.finish_user_removals().await;
+        if let Err(e) = self.remove_orphan_volumes().await {
+            tracing::error!(error = %e, "could not look for removed users' volumes");
+        }
         let forget_before =
             now_ms() - i64::try_from(self.cfg.history_ttl.as_millis()).unwrap_or(i64::MAX);
         let _ = self.store.purge_finished(forget_before).await;

@@ -1,6 +1,7 @@
 //! The `/api/v1` endpoints of egress. The account, per-user upstreams and
-//! settings are for the admin (the `local` user, that is the operator on a
-//! loopback-bound airlock); a sandbox's egress status is for its owner.
+//! settings are for admins (users added with `airlock user add NAME --admin`,
+//! and not disabled; the token-less `local` user is not one by being local);
+//! a sandbox's egress status is for its owner.
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};

@@ -29,6 +29,56 @@ const CREDENTIAL_NAME: &str = "airlock-vault-key";
 /// The keyring's file name in the data dir.
 pub const KEYRING_FILE: &str = "vault.keys";
 
+/// The lock file beside the keyring (see [`KeyringLock`]).
+pub const KEYRING_LOCK_FILE: &str = "vault.lock";
+
+/// A `flock` on `<data_dir>/vault.lock` that keeps a key from being retired
+/// while a command outside the server seals with it. Commands that load the
+/// keyring and then write a sealed row (`airlock egress …`) hold it shared
+/// from loading to writing; `airlock vault rotate` holds it exclusively from
+/// adding a key to retiring the old ones, so such a row is either written
+/// before the rotation (and re-sealed by it) or sealed with the new keyring.
+/// Released when dropped, or when the process ends however it does.
+#[derive(Debug)]
+pub struct KeyringLock {
+    _file: std::fs::File,
+}
+
+impl KeyringLock {
+    /// Wait for, then take, a shared hold.
+    pub fn shared(data_dir: &Path) -> Result<Self, VaultError> {
+        Self::take(data_dir, false)
+    }
+
+    /// Wait for, then take, the exclusive hold.
+    pub fn exclusive(data_dir: &Path) -> Result<Self, VaultError> {
+        Self::take(data_dir, true)
+    }
+
+    fn take(data_dir: &Path, exclusive: bool) -> Result<Self, VaultError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = data_dir.join(KEYRING_LOCK_FILE);
+        let io = |source| VaultError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        if exclusive {
+            file.lock().map_err(io)?;
+        } else {
+            file.lock_shared().map_err(io)?;
+        }
+        Ok(KeyringLock { _file: file })
+    }
+}
+
 /// Narrow a keyring file that an older version (or a hand) left readable by
 /// others to 0600.
 fn owner_only(path: &Path) -> Result<(), VaultError> {
@@ -43,6 +93,16 @@ fn owner_only(path: &Path) -> Result<(), VaultError> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     }
     Ok(())
+}
+
+/// Flush a directory entry change (a create or rename in `path`'s directory)
+/// to disk.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -238,7 +298,11 @@ impl Vault {
         out.write_all(text.as_bytes()).map_err(io)?;
         out.sync_all().map_err(io)?;
         zeroize::Zeroize::zeroize(&mut text);
-        std::fs::rename(&tmp, path).map_err(io)
+        std::fs::rename(&tmp, path).map_err(io)?;
+        // The rename is only durable once the directory is: without this a
+        // crash can bring back the old keyring after `rotate` has committed
+        // records sealed under the new key.
+        sync_parent(path).map_err(io)
     }
 
     pub fn current_key_id(&self) -> &str {

@@ -156,3 +156,49 @@ fn a_keyring_readable_by_others_is_narrowed_and_a_stale_temp_file_does_not_widen
     v.rotate().expect("rotate");
     assert_eq!(mode(&path), 0o600);
 }
+
+#[test]
+fn the_keyrings_directory_is_synced_after_the_rename() {
+    // The data dir is opened and flushed; a vanished one is an error, not a
+    // silent success (a rotate then stops before re-sealing anything).
+    let dir = tempfile::tempdir().expect("tempdir");
+    super::sync_parent(&dir.path().join(super::KEYRING_FILE)).expect("sync");
+    let gone = dir.path().join("gone").join(super::KEYRING_FILE);
+    assert!(super::sync_parent(&gone).is_err());
+    let mut vault = Vault::load(dir.path()).expect("load");
+    vault.rotate().expect("rotate");
+    assert!(!dir.path().join("vault.keys.tmp").exists());
+}
+
+#[test]
+fn the_keyring_lock_lets_sealers_share_and_makes_a_rotation_wait_for_them() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_path_buf();
+    let first = KeyringLock::shared(&path).expect("shared");
+    let second = KeyringLock::shared(&path).expect("a second sealer is not held up");
+    let (tx, rx) = mpsc::channel();
+    let rotator = std::thread::spawn({
+        let path = path.clone();
+        move || {
+            let held = KeyringLock::exclusive(&path).expect("exclusive");
+            tx.send(()).expect("send");
+            // While the rotation holds it, a sealer cannot start.
+            let probe = std::fs::File::open(path.join(KEYRING_LOCK_FILE)).expect("open");
+            assert!(probe.try_lock_shared().is_err());
+            drop(held);
+        }
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "the rotation took the lock while sealers held it"
+    );
+    drop(first);
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+    drop(second);
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("the rotation goes on once the sealers are done");
+    rotator.join().expect("rotator");
+    KeyringLock::shared(&path).expect("free again");
+}
