@@ -165,14 +165,17 @@ async fn cpu_and_io_limits_are_on_the_sandbox_cgroups() {
             ],
         )
         .await;
-    // Children's user+system time in clock ticks (100 per second).
+    // Children's user+system time in clock ticks (100 per second). Under
+    // the limit the loop gets at most half a CPU, 150 ticks; unlimited it
+    // would take a whole one, 300. How much less it gets depends on what
+    // else the host runs, so only the ceiling is checked (and that it ran).
     let ticks: f64 = out["stdout"]
         .as_str()
         .and_then(|s| s.trim().parse().ok())
         .expect("ticks");
     assert!(
-        (50.0..200.0).contains(&ticks),
-        "3 s of busy loop used {ticks} ticks: not about half a CPU"
+        ticks > 0.0 && ticks < 200.0,
+        "3 s of busy loop used {ticks} ticks: more than half a CPU"
     );
     h.delete(&format!("/api/v1/sandboxes/{id}")).await;
     h.wait_state(&id, "stopped", Duration::from_secs(30)).await;
