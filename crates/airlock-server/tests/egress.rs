@@ -315,6 +315,53 @@ fn all_process_text() -> Vec<u8> {
 }
 
 /// Files under `dir` whose bytes contain `needle`, skipping overlay mounts.
+/// Whether `path` holds `needle`, reading only the parts of the file that
+/// hold data: a sandbox's writable layer and home are sparse filesystem
+/// images of gigabytes, nearly all holes.
+fn file_contains(path: &Path, needle: &str) -> bool {
+    use rustix::fs::{seek, SeekFrom};
+    use std::io::Read;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let needle = needle.as_bytes();
+    if needle.is_empty() {
+        return true;
+    }
+    let mut pos = 0u64;
+    // The data extent starting at or after `pos`, until the next hole.
+    while let Ok(start) = seek(&file, SeekFrom::Data(pos)) {
+        let Ok(end) = seek(&file, SeekFrom::Hole(start)) else {
+            return false;
+        };
+        if seek(&file, SeekFrom::Start(start)).is_err() {
+            return false;
+        }
+        let mut left = end - start;
+        let mut window: Vec<u8> = Vec::new();
+        let mut chunk = vec![0u8; 1 << 20];
+        while left > 0 {
+            let want = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let Ok(n) = file.read(&mut chunk[..want]) else {
+                return false;
+            };
+            if n == 0 {
+                break;
+            }
+            left -= n as u64;
+            // Keep the tail of the last chunk so a needle across two is found.
+            let keep = window.len().min(needle.len().saturating_sub(1));
+            window.drain(..window.len() - keep);
+            window.extend_from_slice(&chunk[..n]);
+            if window.windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+        }
+        pos = end;
+    }
+    false
+}
+
 fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
     let mut hits = Vec::new();
     let mut stack = vec![dir.to_owned()];
@@ -329,12 +376,8 @@ fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
                 if e.file_name() != "merged" && e.file_name() != "work" {
                     stack.push(path);
                 }
-            } else if ft.is_file() {
-                if let Ok(bytes) = std::fs::read(&path) {
-                    if common::contains(&bytes, needle) {
-                        hits.push(path);
-                    }
-                }
+            } else if ft.is_file() && file_contains(&path, needle) {
+                hits.push(path);
             }
         }
     }
@@ -610,6 +653,29 @@ async fn every_byte_leaves_through_the_users_upstream() {
         "{before} → {after}"
     );
     assert!(!origin.log().contains("/direct"), "{}", origin.log());
+
+    // Through the forwarder itself, this host and the sandbox network are
+    // refused before the upstream hears of them: the control plane on
+    // 127.0.0.1, and on the sandbox's gateway.
+    let proxy = ea["proxy"].as_str().unwrap_or("").to_owned();
+    let out = exec_as(
+        &h,
+        None,
+        &a,
+        &format!(
+            "curl -sS -m 10 --noproxy '' -x {proxy} -w ' status=%{{http_code}}\\n' http://127.0.0.1:{api_port}/healthz; \
+             curl -sS -m 10 --noproxy '' -x {proxy} -w ' status=%{{http_code}}\\n' http://{gateway}:{api_port}/healthz"
+        ),
+        json!({}),
+    )
+    .await;
+    let text = out["stdout"].as_str().unwrap_or("");
+    assert_eq!(text.matches("status=403").count(), 2, "{out}");
+    assert!(text.contains("is a loopback address"), "{out}");
+    assert!(
+        text.contains("is an address in the sandbox network"),
+        "{out}"
+    );
     assert_eq!(origin.udp_log(), "", "UDP reached the origin");
 
     // Wrong upstream password: clear status, quick error, nothing out.
