@@ -2,14 +2,16 @@
 //! needed): image layers idmapped into a uid range without a byte chowned,
 //! and the firewall's output rule that keeps host users off a guest's link.
 
-use airlock_drivers::host::{Cmd, Host, HostError, RealHost};
+mod common;
+
+use common::{in_netns, Namespace, NetOnly};
+
+use airlock_drivers::host::{Host, RealHost};
 use airlock_drivers::net::firewall;
 use airlock_drivers::net::link::{self, LinkNames};
 use airlock_drivers::net::pool::AddressPool;
-use async_trait::async_trait;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -134,63 +136,6 @@ async fn an_idmapped_layer_is_the_guest_roots_and_stays_untouched() {
     drop(guard);
 }
 
-/// The real host, with every command run in the test's network namespace
-/// through `nsenter --net` (so `ip netns add` from inside is seen by all).
-#[derive(Debug)]
-struct NetOnly {
-    ns: String,
-}
-
-#[async_trait]
-impl Host for NetOnly {
-    async fn run(&self, cmd: &Cmd) -> Result<String, HostError> {
-        let wrapped = Cmd::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.ns))
-            .arg(&cmd.program)
-            .args(cmd.args.clone());
-        RealHost.run(&wrapped).await
-    }
-    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<u32, HostError> {
-        RealHost.spawn_detached(cmd, log).await
-    }
-    fn signal(&self, pid: u32, signal: i32) -> Result<(), HostError> {
-        RealHost.signal(pid, signal)
-    }
-    fn cmdline(&self, pid: u32) -> Option<String> {
-        RealHost.cmdline(pid)
-    }
-    fn children(&self, pid: u32) -> Vec<u32> {
-        RealHost.children(pid)
-    }
-}
-
-struct Namespace(String);
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
-}
-
-/// A listener bound on a thread that joined network namespace `ns`.
-fn listen_in(ns: &str, addr: SocketAddr) -> TcpListener {
-    use std::os::fd::AsRawFd;
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        // SAFETY: setns(2) takes a descriptor we own for the call's duration
-        // and a flag; it changes only this thread's network namespace.
-        #[allow(unsafe_code)]
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        TcpListener::bind(addr).expect("bind")
-    })
-    .join()
-    .expect("listener thread")
-}
-
 /// A TCP connect from the test's "host" namespace, as root or as `uid`.
 fn connects(ns: &str, uid: Option<u32>, addr: SocketAddr) -> bool {
     let mut argv: Vec<String> = vec!["nsenter".into(), format!("--net=/run/netns/{ns}")];
@@ -238,7 +183,9 @@ async fn only_root_on_the_host_reaches_a_guest_port() {
         .await
         .expect("firewall");
     let agent = SocketAddr::from((lease.guest, airlock_proto::AGENT_PORT));
-    let listener = listen_in(&names.netns, agent);
+    let listener = in_netns(&names.netns, move || {
+        TcpListener::bind(agent).expect("bind")
+    });
     listener.set_nonblocking(true).expect("nonblocking");
 
     assert!(

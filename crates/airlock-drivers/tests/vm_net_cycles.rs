@@ -9,6 +9,10 @@
 //! the test's stand-in "host" namespace and a stand-in guest per VM, then
 //! removed without a trace.
 
+mod common;
+
+use common::{in_netns, Namespace, NetOnly};
+
 use airlock_drivers::host::{Cmd, Host, HostError, RealHost};
 use airlock_drivers::net::link::{self, LinkNames};
 use airlock_drivers::net::pool::AddressPool;
@@ -67,16 +71,6 @@ fn can_run() -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-struct Namespace(String);
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
 }
 
 #[tokio::test]
@@ -150,56 +144,6 @@ async fn two_hundred_create_destroy_cycles_leave_nothing() {
         assert!(hits.is_empty(), "{leftover}: rules left: {hits:?}\n{rules}");
     }
     assert!(!rules.contains("\"al"), "map entries left:\n{rules}");
-}
-
-/// The real host, with every command run in the test's network namespace
-/// through `nsenter --net`: unlike `ip netns exec` it makes no mount namespace
-/// of its own, so a namespace that `ip netns add` mounts under `/run/netns`
-/// from inside it is seen by everyone (as it is when the driver runs).
-#[derive(Debug)]
-struct NetOnly {
-    ns: String,
-}
-
-#[async_trait]
-impl Host for NetOnly {
-    async fn run(&self, cmd: &Cmd) -> Result<String, HostError> {
-        let wrapped = Cmd::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.ns))
-            .arg(&cmd.program)
-            .args(cmd.args.clone());
-        RealHost.run(&wrapped).await
-    }
-    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<u32, HostError> {
-        RealHost.spawn_detached(cmd, log).await
-    }
-    fn signal(&self, pid: u32, signal: i32) -> Result<(), HostError> {
-        RealHost.signal(pid, signal)
-    }
-    fn cmdline(&self, pid: u32) -> Option<String> {
-        RealHost.cmdline(pid)
-    }
-    fn children(&self, pid: u32) -> Vec<u32> {
-        RealHost.children(pid)
-    }
-}
-
-/// Run `f` on a thread of its own that has joined network namespace `ns`:
-/// sockets it makes stay in that namespace wherever they are used later.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    use std::os::fd::AsRawFd;
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        // SAFETY: setns(2) takes a descriptor we own for the call's duration
-        // and a flag; it changes only this thread's network namespace.
-        #[allow(unsafe_code)]
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("the namespace thread")
 }
 
 /// TCP listeners in namespaces; each answers every connection with its tag.

@@ -4,10 +4,12 @@
 
 #![allow(dead_code)]
 
+use airlock_drivers::host::{Cmd, Host, HostError, RealHost};
 use airlock_drivers::net::pool::AddressPool;
 use airlock_drivers::vm::VmImage;
 use airlock_drivers::{ImageRef, Limits, SandboxSpec};
 use airlock_proto::metadata::{Display, Metadata, Network, SandboxKind};
+use async_trait::async_trait;
 use std::path::Path;
 use std::time::Duration;
 
@@ -108,4 +110,67 @@ pub async fn get(
     tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
         .map_err(|_| "timed out".to_owned())?
+}
+
+// ---- network namespaces of the tests' own ----
+
+/// The real host, with every command run in the test's network namespace
+/// through `nsenter --net`: unlike `ip netns exec` it makes no mount namespace
+/// of its own, so a namespace that `ip netns add` mounts under `/run/netns`
+/// from inside it is seen by everyone (as it is when the driver runs).
+#[derive(Debug)]
+pub struct NetOnly {
+    pub ns: String,
+}
+
+#[async_trait]
+impl Host for NetOnly {
+    async fn run(&self, cmd: &Cmd) -> Result<String, HostError> {
+        let wrapped = Cmd::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .arg(&cmd.program)
+            .args(cmd.args.clone());
+        RealHost.run(&wrapped).await
+    }
+    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<u32, HostError> {
+        RealHost.spawn_detached(cmd, log).await
+    }
+    fn signal(&self, pid: u32, signal: i32) -> Result<(), HostError> {
+        RealHost.signal(pid, signal)
+    }
+    fn cmdline(&self, pid: u32) -> Option<String> {
+        RealHost.cmdline(pid)
+    }
+    fn children(&self, pid: u32) -> Vec<u32> {
+        RealHost.children(pid)
+    }
+}
+
+/// A network namespace the test made; deleted when dropped.
+pub struct Namespace(pub String);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// Run `f` on a thread of its own that has joined network namespace `ns`:
+/// sockets it makes stay in that namespace wherever they are used later.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: setns(2) takes a descriptor we own for the call's duration
+        // and a flag; it changes only this thread's network namespace.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("the namespace thread")
 }
