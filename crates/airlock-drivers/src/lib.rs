@@ -114,6 +114,16 @@ pub struct InstanceInfo {
     pub pid: Option<u32>,
 }
 
+/// Whether a sandbox's processes are all still there. A sandbox is alive
+/// only while its supervisor (systemd-nspawn, QEMU, Firecracker) and its
+/// payload both are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    /// Something died; the text names what (e.g. "systemd-nspawn (pid 4242) exited").
+    Dead(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     #[error("sandbox {0} is not known to the driver")]
@@ -160,4 +170,13 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     async fn inspect(&self, id: &str) -> Result<InstanceInfo, DriverError>;
     /// Every sandbox this driver holds resources for, running or not.
     async fn list(&self) -> Result<Vec<InstanceInfo>, DriverError>;
+    /// Whether the supervisor and the payload of a started sandbox are alive.
+    async fn liveness(&self, id: &str) -> Result<Liveness, DriverError> {
+        let info = self.inspect(id).await?;
+        Ok(if info.running {
+            Liveness::Alive
+        } else {
+            Liveness::Dead(format!("the {} guest is not running", self.name()))
+        })
+    }
 }
