@@ -21,7 +21,19 @@ pub enum RfbError {
     Unexpected(u8),
     #[error("the VNC server's framebuffer is {0}x{1}, too large to read")]
     TooLarge(u16, u16),
+    /// The guest sent something no honest VNC server sends; reading stops.
+    #[error("the VNC server sent a malformed frame: {0}")]
+    Malformed(String),
 }
+
+/// Bounds on what one frame read accepts from a guest, which may be hostile:
+/// a text (desktop name, clipboard) longer than this is refused...
+const MAX_TEXT: u32 = 1 << 20;
+/// ...as are more than this many messages (bells, clipboard) before the frame...
+const MAX_MESSAGES_BEFORE_FRAME: u32 = 16;
+/// ...and colours past this many are not told apart (the desktop test needs
+/// a hundred), so the count's memory stays small whatever the pixels are.
+const MAX_COLOURS: usize = 4096;
 
 const VERSION_38: &[u8; 12] = b"RFB 003.008\n";
 const SECURITY_NONE: u8 = 1;
@@ -164,12 +176,30 @@ async fn wire_u16<W: Wire>(w: &mut W) -> std::io::Result<u16> {
     Ok(u16::from_be_bytes(b))
 }
 
-async fn wire_string<W: Wire>(w: &mut W) -> std::io::Result<String> {
+/// A length-prefixed text, read whole (so the stream stays in step) but
+/// kept only up to 4 KiB; longer than [`MAX_TEXT`] is refused.
+async fn wire_string<W: Wire>(w: &mut W, what: &str) -> Result<String, RfbError> {
     let mut len = [0u8; 4];
     w.read_exact(&mut len).await?;
-    let mut buf = vec![0u8; (u32::from_be_bytes(len) as usize).min(4096)];
-    w.read_exact(&mut buf).await?;
-    Ok(String::from_utf8_lossy(&buf).into_owned())
+    let len = u32::from_be_bytes(len);
+    if len > MAX_TEXT {
+        return Err(RfbError::Malformed(format!(
+            "a {what} of {len} bytes (at most {MAX_TEXT})"
+        )));
+    }
+    let mut kept = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut left = len as usize;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        w.read_exact(&mut chunk[..n]).await?;
+        if kept.len() < chunk.len() {
+            let room = chunk.len() - kept.len();
+            kept.extend_from_slice(&chunk[..n.min(room)]);
+        }
+        left -= n;
+    }
+    Ok(String::from_utf8_lossy(&kept).into_owned())
 }
 
 /// After the security handshake: ClientInit, then one full, raw-encoded frame.
@@ -179,7 +209,7 @@ pub async fn read_frame<W: Wire>(s: &mut W) -> Result<FrameStats, RfbError> {
     let height = wire_u16(s).await?;
     let mut server_format = [0u8; 16];
     s.read_exact(&mut server_format).await?;
-    let _name = wire_string(s).await?;
+    let _name = wire_string(s, "desktop name").await?;
     if u32::from(width) * u32::from(height) > 8192 * 8192 {
         return Err(RfbError::TooLarge(width, height));
     }
@@ -196,7 +226,15 @@ pub async fn read_frame<W: Wire>(s: &mut W) -> Result<FrameStats, RfbError> {
 
     let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
     let mut pixels: u64 = 0;
+    let screen = u64::from(width) * u64::from(height);
+    let mut messages = 0;
     loop {
+        messages += 1;
+        if messages > MAX_MESSAGES_BEFORE_FRAME {
+            return Err(RfbError::Malformed(format!(
+                "more than {MAX_MESSAGES_BEFORE_FRAME} messages before the first frame"
+            )));
+        }
         match wire_u8(s).await? {
             0 => {
                 wire_u8(s).await?;
@@ -204,6 +242,8 @@ pub async fn read_frame<W: Wire>(s: &mut W) -> Result<FrameStats, RfbError> {
                 for _ in 0..rects {
                     let mut header = [0u8; 12];
                     s.read_exact(&mut header).await?;
+                    let x = u16::from_be_bytes([header[0], header[1]]);
+                    let y = u16::from_be_bytes([header[2], header[3]]);
                     let w = u16::from_be_bytes([header[4], header[5]]);
                     let h = u16::from_be_bytes([header[6], header[7]]);
                     let encoding =
@@ -212,15 +252,31 @@ pub async fn read_frame<W: Wire>(s: &mut W) -> Result<FrameStats, RfbError> {
                         // Pseudo-encodings carry no pixels we asked for.
                         continue;
                     }
+                    if u32::from(x) + u32::from(w) > u32::from(width)
+                        || u32::from(y) + u32::from(h) > u32::from(height)
+                    {
+                        return Err(RfbError::Malformed(format!(
+                            "a {w}x{h} rectangle at {x},{y} outside the {width}x{height} screen"
+                        )));
+                    }
+                    pixels += u64::from(w) * u64::from(h);
+                    if pixels > screen {
+                        return Err(RfbError::Malformed(format!(
+                            "more pixels than the {width}x{height} screen holds"
+                        )));
+                    }
                     let mut row = vec![0u8; usize::from(w) * 4];
                     for _ in 0..h {
                         s.read_exact(&mut row).await?;
                         for px in row.chunks_exact(4) {
                             let colour = u32::from_le_bytes([px[0], px[1], px[2], 0]);
-                            *counts.entry(colour).or_default() += 1;
+                            if let Some(n) = counts.get_mut(&colour) {
+                                *n += 1;
+                            } else if counts.len() < MAX_COLOURS {
+                                counts.insert(colour, 1);
+                            }
                         }
                     }
-                    pixels += u64::from(w) * u64::from(h);
                 }
                 break;
             }
@@ -228,7 +284,7 @@ pub async fn read_frame<W: Wire>(s: &mut W) -> Result<FrameStats, RfbError> {
             3 => {
                 let mut pad = [0u8; 3];
                 s.read_exact(&mut pad).await?;
-                let _ = wire_string(s).await?;
+                let _ = wire_string(s, "clipboard text").await?;
             }
             other => return Err(RfbError::Unexpected(other)),
         }
@@ -307,6 +363,120 @@ mod tests {
         browser.write_u8(SECURITY_NONE).await.expect("choose");
         assert_eq!(browser.read_u32().await.expect("result"), 0);
         srv.await.expect("join").expect("ok");
+    }
+
+    /// Plays a guest's VNC server after the handshake: ServerInit for a
+    /// `w`x`h` screen, then whatever `then` writes.
+    async fn frame_from(w: u16, h: u16, then: Vec<u8>) -> Result<FrameStats, RfbError> {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let guest = tokio::spawn(async move {
+            let mut init = Vec::new();
+            init.extend_from_slice(&w.to_be_bytes());
+            init.extend_from_slice(&h.to_be_bytes());
+            init.extend_from_slice(&[32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0]);
+            init.extend_from_slice(&4u32.to_be_bytes());
+            init.extend_from_slice(b"test");
+            let _ = server.write_all(&init).await;
+            let _ = server.write_all(&then).await;
+            // Drain what the client sends, until it hangs up.
+            let mut sink = [0u8; 256];
+            while matches!(server.read(&mut sink).await, Ok(n) if n > 0) {}
+        });
+        let got = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            read_frame(&mut IoWire(client)),
+        )
+        .await
+        .expect("read_frame must end (with a frame or an error), not wait");
+        guest.abort();
+        got
+    }
+
+    fn rect(x: u16, y: u16, w: u16, h: u16) -> Vec<u8> {
+        let mut r = Vec::new();
+        for v in [x, y, w, h] {
+            r.extend_from_slice(&v.to_be_bytes());
+        }
+        r.extend_from_slice(&0i32.to_be_bytes());
+        r
+    }
+
+    fn update(rects: &[(u16, u16, u16, u16)], pixel: impl Fn(usize) -> [u8; 4]) -> Vec<u8> {
+        let mut m = vec![0, 0];
+        m.extend_from_slice(&(rects.len() as u16).to_be_bytes());
+        let mut i = 0;
+        for &(x, y, w, h) in rects {
+            m.extend(rect(x, y, w, h));
+            for _ in 0..usize::from(w) * usize::from(h) {
+                m.extend_from_slice(&pixel(i));
+                i += 1;
+            }
+        }
+        m
+    }
+
+    #[tokio::test]
+    async fn a_frame_is_read_and_its_colours_counted() {
+        let frame = update(&[(0, 0, 16, 16)], |i| [(i % 200) as u8, 0, 0, 0]);
+        let stats = frame_from(16, 16, frame).await.expect("frame");
+        assert_eq!(stats.distinct_colours, 200);
+        assert!(stats.looks_like_desktop());
+    }
+
+    #[tokio::test]
+    async fn a_hostile_guest_cannot_make_the_frame_read_unbounded() {
+        // A rectangle reaching past the screen it declared.
+        let err = frame_from(16, 16, update(&[(8, 0, 16, 16)], |_| [0; 4]))
+            .await
+            .expect_err("outside the screen");
+        assert!(
+            err.to_string().contains("outside the 16x16 screen"),
+            "{err}"
+        );
+        // The same pixels sent again and again: more than one screen's worth.
+        let err = frame_from(
+            16,
+            16,
+            update(&[(0, 0, 16, 16), (0, 0, 16, 16)], |_| [0; 4]),
+        )
+        .await
+        .expect_err("two screens' worth");
+        assert!(err.to_string().contains("more pixels"), "{err}");
+        // A clipboard text announced as 4 GiB.
+        let mut cut = vec![3, 0, 0, 0];
+        cut.extend_from_slice(&u32::MAX.to_be_bytes());
+        let err = frame_from(16, 16, cut).await.expect_err("huge text");
+        assert!(err.to_string().contains("clipboard text"), "{err}");
+        // Bells forever instead of a frame.
+        let err = frame_from(16, 16, vec![2; 10_000])
+            .await
+            .expect_err("bell flood");
+        assert!(err.to_string().contains("messages before"), "{err}");
+        // Every pixel a new colour: counted up to the cap, still a desktop.
+        let (w, h) = (1024u16, 64u16);
+        let stats = frame_from(
+            w,
+            h,
+            update(&[(0, 0, w, h)], |i| {
+                let b = (i as u32).to_le_bytes();
+                [b[0], b[1], b[2], 0]
+            }),
+        )
+        .await
+        .expect("many colours");
+        assert_eq!(stats.distinct_colours, MAX_COLOURS);
+    }
+
+    #[tokio::test]
+    async fn a_long_clipboard_text_is_skipped_whole() {
+        // 10 KiB of clipboard before the frame: skipped, and the frame after
+        // it still parses (the stream stays in step).
+        let mut m = vec![3, 0, 0, 0];
+        m.extend_from_slice(&10_240u32.to_be_bytes());
+        m.extend(std::iter::repeat(b'x').take(10_240));
+        m.extend(update(&[(0, 0, 16, 16)], |i| [(i % 150) as u8, 1, 0, 0]));
+        let stats = frame_from(16, 16, m).await.expect("frame after the text");
+        assert_eq!(stats.distinct_colours, 150);
     }
 
     #[test]
