@@ -473,7 +473,7 @@ mod tests {
         // it still parses (the stream stays in step).
         let mut m = vec![3, 0, 0, 0];
         m.extend_from_slice(&10_240u32.to_be_bytes());
-        m.extend(std::iter::repeat(b'x').take(10_240));
+        m.extend(std::iter::repeat_n(b'x', 10_240));
         m.extend(update(&[(0, 0, 16, 16)], |i| [(i % 150) as u8, 1, 0, 0]));
         let stats = frame_from(16, 16, m).await.expect("frame after the text");
         assert_eq!(stats.distinct_colours, 150);
