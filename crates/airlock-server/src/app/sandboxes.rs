@@ -459,9 +459,10 @@ impl App {
     /// Destroy the sandbox's host resources and give its address back; then
     /// `Released` (stopping → stopped; a failed sandbox stays failed).
     pub(crate) async fn teardown(&self, id: &str) {
-        self.forwarders.detach(self, id).await;
         let lock = self.lock_for(id);
         let guard = lock.lock().await;
+        // Under the lock: a create under way may attach it until then.
+        self.forwarders.detach(self, id).await;
         if let Err(e) = self.with_retries("destroy", || self.node.destroy(id)).await {
             // Keep the lease: the reaper tries again, so nothing is handed out twice.
             tracing::error!(sandbox = id, error = %e, "destroy failed; the reaper will retry");
