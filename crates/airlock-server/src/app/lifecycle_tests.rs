@@ -813,3 +813,24 @@ async fn removing_a_user_stops_its_sandboxes_then_removes_it() {
     assert!(w.store.user_by_name("bob").await.expect("q").is_none());
     assert!(w.store.sandbox(&id).await.expect("q").is_none());
 }
+
+/// The egress view reads the firewall's counters through the node, not
+/// from the host directly.
+#[tokio::test]
+async fn egress_counters_come_from_the_node() {
+    let w = World::new().await;
+    let id = w.ready(SandboxKind::Browser).await;
+    w.node.set_blocked(
+        &id,
+        crate::node::BlockedPackets {
+            tcp: 3,
+            udp: 2,
+            link_local: 7,
+            ..Default::default()
+        },
+    );
+    let view = w.app.sandbox_egress(&w.user, &id).await.expect("egress");
+    let blocked = view.blocked.expect("counters");
+    assert_eq!((blocked.total, blocked.tcp, blocked.udp), (5, 3, 2));
+    assert_eq!(blocked.link_local, 7);
+}
