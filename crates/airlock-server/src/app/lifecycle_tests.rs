@@ -18,14 +18,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// One control plane over a store and a node that outlive it.
-struct World {
-    tmp: tempfile::TempDir,
-    store: Store,
-    node: Arc<FakeNode>,
-    app: Arc<App>,
-    forwarders: Arc<FakeForwarders>,
-    guest: Arc<FakeGuest>,
-    user: UserRow,
+pub(crate) struct World {
+    pub tmp: tempfile::TempDir,
+    pub store: Store,
+    pub node: Arc<FakeNode>,
+    pub app: Arc<App>,
+    pub forwarders: Arc<FakeForwarders>,
+    pub guest: Arc<FakeGuest>,
+    pub user: UserRow,
 }
 
 fn config(dir: &std::path::Path) -> AppConfig {
@@ -65,7 +65,7 @@ fn app_over(
 }
 
 impl World {
-    async fn new() -> World {
+    pub async fn new() -> World {
         Self::with(|_| {}).await
     }
 

@@ -11,7 +11,7 @@ pub mod auth;
 pub mod egress;
 pub mod keyring;
 #[cfg(test)]
-mod lifecycle_tests;
+pub(crate) mod lifecycle_tests;
 pub mod logins;
 pub mod reaper;
 pub mod sandboxes;
