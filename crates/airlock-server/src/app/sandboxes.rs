@@ -162,6 +162,13 @@ impl App {
             .map_err(|e| AppError::Unavailable(e.to_string()))
     }
 
+    /// Someone uses the sandbox (an open viewer): keeps the idle reaper away.
+    pub async fn note_activity(&self, id: &str) {
+        if let Err(e) = self.store.touch_activity(id).await {
+            tracing::debug!(sandbox = id, error = %e, "could not record activity");
+        }
+    }
+
     /// Where a ready sandbox is reached; a conflict for any other state.
     pub fn ready_endpoints(&self, row: &SandboxRow) -> Result<GuestEndpoints, AppError> {
         if row.state != SandboxState::Ready {

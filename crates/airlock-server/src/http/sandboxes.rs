@@ -185,7 +185,7 @@ pub async fn vnc(
                     let (app, id) = (app.clone(), target.sandbox_id.clone());
                     tokio::spawn(async move {
                         loop {
-                            let _ = app.store.touch_activity(&id).await;
+                            app.note_activity(&id).await;
                             tokio::time::sleep(std::time::Duration::from_secs(60)).await;
                         }
                     })
@@ -207,7 +207,7 @@ pub async fn vnc(
                 code
             }
         };
-        let _ = app.store.touch_activity(&id).await;
+        app.note_activity(&id).await;
         app.metrics.viewer_closed(code);
     }))
 }
