@@ -14,13 +14,15 @@ use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 /// The guest's first process: overlays the VM's writable disk on the shared
 /// read-only root, then execs systemd.
 pub const VM_INIT: &str = "/usr/local/sbin/airlock-vm-init";
 /// File-system label of the per-VM writable disk (the guest finds it by label).
 pub const WRITABLE_LABEL: &str = "airlock-rw";
+/// The VMM's pid file in a sandbox's directory (see [`crate::supervise`]).
+pub const PIDFILE: &str = "vmm.pid";
 /// Size of the sparse writable disk: what a guest may write before it is full.
 pub const WRITABLE_DISK_BYTES: u64 = 8 << 30;
 
@@ -303,26 +305,6 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DriverError> {
         .map_err(io_err(format!("write {}", path.display())))
 }
 
-/// The VMM process recorded in `pidfile`, if it is still running and its
-/// command line carries `marker` (a recycled pid is not ours).
-pub fn running_pid(host: &dyn Host, pidfile: &Path, marker: &str) -> Option<u32> {
-    let text = std::fs::read_to_string(pidfile).ok()?;
-    let pid: u32 = text.trim().parse().ok()?;
-    let cmdline = host.cmdline(pid)?;
-    cmdline.contains(marker).then_some(pid)
-}
-
-pub async fn wait_exit(host: &dyn Host, pid: u32, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if host.cmdline(pid).is_none() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    host.cmdline(pid).is_none()
-}
-
 /// The last `lines` non-empty lines of a log, joined with ` | `.
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read(path)
@@ -379,7 +361,7 @@ impl VmDir {
         self.0.join("metadata.json")
     }
     pub fn pidfile(&self) -> PathBuf {
-        self.0.join("vmm.pid")
+        self.0.join(PIDFILE)
     }
     pub fn vmm_log(&self) -> PathBuf {
         self.0.join("vmm.log")

@@ -36,12 +36,13 @@
 pub mod api;
 pub mod pool;
 
-use crate::host::{Cmd, Host};
+use crate::host::{Cmd, Host, Process};
 use crate::net::firewall;
 use crate::net::link::{self, LinkNames};
 use crate::net::tap;
+use crate::supervise::{self, Supervisor};
 use crate::vm::{self, CheckedRootfs, VmDir, VmImage, VmRecord};
-use crate::{Driver, DriverError, Endpoints, InstanceInfo, SandboxSpec};
+use crate::{Driver, DriverError, Endpoints, InstanceInfo, Liveness, SandboxSpec};
 use api::{
     ActionType, ApiClient, ApiError, ApiRequest, BootSource, Drive, MachineConfiguration,
     MemoryBackend, MemoryBackendType, MmdsConfig, MmdsVersion, NetworkInterface, NetworkOverride,
@@ -103,6 +104,10 @@ pub struct FirecrackerDriver {
     cfg: FirecrackerConfig,
     host: Arc<dyn Host>,
     api: Arc<dyn ApiClient>,
+    /// The Firecracker process of each sandbox (the jailer execs it, so the
+    /// pid is the same). The guest lives in it: Firecracker running is the
+    /// guest's supervisor and its payload both alive.
+    vmm: Supervisor,
     checked: CheckedRootfs,
 }
 
@@ -114,6 +119,13 @@ fn api_err(e: ApiError) -> DriverError {
 impl FirecrackerDriver {
     pub fn new(cfg: FirecrackerConfig, host: Arc<dyn Host>, api: Arc<dyn ApiClient>) -> Self {
         FirecrackerDriver {
+            vmm: Supervisor::new(
+                "firecracker",
+                cfg.root.clone(),
+                vm::PIDFILE,
+                Self::marker,
+                host.clone(),
+            ),
             cfg,
             host,
             api,
@@ -148,14 +160,6 @@ impl FirecrackerDriver {
             Some(root) => root.join(JAILED_SOCKET),
             None => self.dir(id).path().join("api.sock"),
         }
-    }
-
-    fn running_pid(&self, id: &str) -> Option<u32> {
-        vm::running_pid(
-            self.host.as_ref(),
-            &self.dir(id).pidfile(),
-            &Self::marker(id),
-        )
     }
 
     fn image(&self) -> Result<&VmImage, DriverError> {
@@ -298,14 +302,14 @@ impl FirecrackerDriver {
         ]
     }
 
-    async fn wait_socket(&self, id: &str, pid: u32) -> Result<(), DriverError> {
+    async fn wait_socket(&self, id: &str, vmm: &Process) -> Result<(), DriverError> {
         let socket = self.socket(id);
         let deadline = Instant::now() + self.cfg.socket_timeout;
         loop {
             if socket.exists() {
                 return Ok(());
             }
-            if self.host.cmdline(pid).is_none() {
+            if self.host.has_exited(vmm) {
                 return Err(DriverError::GuestExited(format!(
                     "firecracker exited before opening its API socket: {}",
                     vm::log_tail(&self.dir(id).vmm_log(), 5)
@@ -318,29 +322,17 @@ impl FirecrackerDriver {
         }
     }
 
-    async fn kill(&self, pid: u32) {
-        let _ = self.host.signal(pid, libc::SIGKILL);
-        vm::wait_exit(self.host.as_ref(), pid, Duration::from_secs(5)).await;
-    }
-
-    async fn spawn(&self, id: &str, record: &VmRecord) -> Result<u32, DriverError> {
-        let dir = self.dir(id);
+    async fn spawn(&self, id: &str, record: &VmRecord) -> Result<Arc<Process>, DriverError> {
         let _ = std::fs::remove_file(self.socket(id));
-        let pid = self
-            .host
-            .spawn_detached(&self.spawn_cmd(id, record), &dir.vmm_log())
-            .await
-            .map_err(|source| DriverError::Host {
-                context: "start firecracker".into(),
-                source,
-            })?;
-        std::fs::write(dir.pidfile(), pid.to_string())
-            .map_err(vm::io_err("write the VMM's pid file"))?;
-        if let Err(e) = self.wait_socket(id, pid).await {
-            self.kill(pid).await;
+        let vmm = self
+            .vmm
+            .spawn(id, &self.spawn_cmd(id, record), &self.dir(id).vmm_log())
+            .await?;
+        if let Err(e) = self.wait_socket(id, &vmm).await {
+            let _ = self.vmm.kill(id, &vmm).await;
             return Err(e);
         }
-        Ok(pid)
+        Ok(vmm)
     }
 
     /// Pause the running VM and write a full snapshot of it: the pool's
@@ -377,7 +369,7 @@ impl FirecrackerDriver {
     ) -> Result<(), DriverError> {
         let record = VmRecord::read(self.dir(id).path(), id)?;
         let metadata = self.read_metadata(id)?;
-        let pid = self.spawn(id, &record).await?;
+        let vmm = self.spawn(id, &record).await?;
         let socket = self.socket(id);
         let mut requests = vec![
             ApiRequest::snapshot_load(&SnapshotLoadParams {
@@ -400,7 +392,7 @@ impl FirecrackerDriver {
         }
         for request in requests {
             if let Err(e) = self.api.call(&socket, &request).await {
-                self.kill(pid).await;
+                let _ = self.vmm.kill(id, &vmm).await;
                 return Err(api_err(e));
             }
         }
@@ -513,25 +505,26 @@ impl Driver for FirecrackerDriver {
             mem_mib: vm::mem_mib(spec.limits.memory_bytes),
             vcpus: self.cfg.vcpus,
         };
-        if let Err(e) = self.create_steps(spec, &record).await {
-            let _ = self.destroy(&spec.id).await;
-            return Err(e);
-        }
-        Ok(())
+        supervise::or_roll_back(
+            &spec.id,
+            self.create_steps(spec, &record),
+            self.destroy(&spec.id),
+        )
+        .await
     }
 
     async fn start(&self, id: &str) -> Result<(), DriverError> {
         let record = VmRecord::read(self.dir(id).path(), id)?;
-        if self.running_pid(id).is_some() {
+        if self.vmm.find(id).is_some() {
             return Ok(());
         }
         let paths = self.guest_paths(id)?;
         let metadata = self.read_metadata(id)?;
-        let pid = self.spawn(id, &record).await?;
+        let vmm = self.spawn(id, &record).await?;
         let socket = self.socket(id);
         for request in Self::boot_requests(&record, &paths, &metadata) {
             if let Err(e) = self.api.call(&socket, &request).await {
-                self.kill(pid).await;
+                let _ = self.vmm.kill(id, &vmm).await;
                 return Err(api_err(e));
             }
         }
@@ -540,54 +533,25 @@ impl Driver for FirecrackerDriver {
 
     async fn wait_ready(&self, id: &str, timeout: Duration) -> Result<Endpoints, DriverError> {
         let record = VmRecord::read(self.dir(id).path(), id)?;
-        let endpoints = Endpoints::for_guest(record.guest_addr);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.running_pid(id).is_none() {
-                return Err(DriverError::GuestExited(vm::log_tail(
-                    &self.dir(id).vmm_log(),
-                    5,
-                )));
-            }
-            let attempt = tokio::time::timeout(
-                Duration::from_millis(500),
-                tokio::net::TcpStream::connect(endpoints.agent),
-            )
-            .await;
-            if let Ok(Ok(_)) = attempt {
-                return Ok(endpoints);
-            }
-            if Instant::now() >= deadline {
-                return Err(DriverError::Timeout(timeout));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.vmm
+            .wait_ready(id, Endpoints::for_guest(record.guest_addr), timeout, || {
+                vm::log_tail(&self.dir(id).vmm_log(), 5)
+            })
+            .await
     }
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), DriverError> {
-        let Some(pid) = self.running_pid(id) else {
-            return Ok(());
-        };
         // Ctrl-Alt-Del makes the guest's systemd reboot, and `reboot=k` on a
         // VMM that cannot reboot ends the process: a clean poweroff.
-        let asked = self
-            .api
-            .call(
-                &self.socket(id),
-                &ApiRequest::action(ActionType::SendCtrlAltDel),
-            )
-            .await;
-        if asked.is_ok() && vm::wait_exit(self.host.as_ref(), pid, grace).await {
-            return Ok(());
-        }
-        let _ = self.host.signal(pid, libc::SIGKILL);
-        if vm::wait_exit(self.host.as_ref(), pid, Duration::from_secs(5)).await {
-            Ok(())
-        } else {
-            Err(DriverError::Transient(format!(
-                "firecracker (pid {pid}) did not exit after SIGKILL"
-            )))
-        }
+        let socket = self.socket(id);
+        self.vmm
+            .stop(id, grace, |_| async move {
+                self.api
+                    .call(&socket, &ApiRequest::action(ActionType::SendCtrlAltDel))
+                    .await
+                    .is_ok()
+            })
+            .await
     }
 
     async fn destroy(&self, id: &str) -> Result<(), DriverError> {
@@ -614,26 +578,16 @@ impl Driver for FirecrackerDriver {
 
     async fn inspect(&self, id: &str) -> Result<InstanceInfo, DriverError> {
         VmRecord::read(self.dir(id).path(), id)?;
-        let pid = self.running_pid(id);
-        Ok(InstanceInfo {
-            id: id.to_owned(),
-            running: pid.is_some(),
-            pid,
-        })
+        Ok(self.vmm.info(id))
     }
 
     async fn list(&self) -> Result<Vec<InstanceInfo>, DriverError> {
-        Ok(vm::sandbox_ids(&self.cfg.root)?
-            .into_iter()
-            .map(|id| {
-                let pid = self.running_pid(&id);
-                InstanceInfo {
-                    id,
-                    running: pid.is_some(),
-                    pid,
-                }
-            })
-            .collect())
+        self.vmm.list()
+    }
+
+    async fn liveness(&self, id: &str) -> Result<Liveness, DriverError> {
+        VmRecord::read(self.dir(id).path(), id)?;
+        Ok(self.vmm.liveness(id))
     }
 }
 

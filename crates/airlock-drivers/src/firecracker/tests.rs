@@ -23,7 +23,7 @@ impl Host for Host2 {
     async fn run(&self, cmd: &Cmd) -> Result<String, HostError> {
         self.inner.run(cmd).await
     }
-    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<u32, HostError> {
+    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<Process, HostError> {
         let pid = self.inner.spawn_detached(cmd, log).await?;
         if let Some(i) = cmd.args.iter().position(|a| a == "--api-sock") {
             std::fs::write(&cmd.args[i + 1], b"").map_err(|source| HostError::Io {
@@ -53,6 +53,18 @@ impl Host for Host2 {
     }
     fn children(&self, pid: u32) -> Vec<u32> {
         self.inner.children(pid)
+    }
+    fn hold(&self, pid: u32, started: Option<u64>) -> Option<Process> {
+        self.inner.hold(pid, started)
+    }
+    fn has_exited(&self, process: &Process) -> bool {
+        self.inner.has_exited(process)
+    }
+    fn signal_process(&self, process: &Process, signal: i32) -> Result<(), HostError> {
+        self.inner.signal_process(process, signal)
+    }
+    fn pid_namespace(&self, pid: u32) -> Option<u64> {
+        self.inner.pid_namespace(pid)
     }
 }
 
@@ -208,7 +220,7 @@ async fn stop_asks_the_guest_then_kills_and_destroy_leaves_nothing() {
     let s = setup(false);
     s.driver.create(&sandbox("vm2")).await.expect("create");
     s.driver.start("vm2").await.expect("start");
-    let pid = s.driver.running_pid("vm2").expect("running");
+    let pid = s.driver.vmm.pid("vm2").expect("running");
     s.driver.destroy("vm2").await.expect("destroy");
     let last = s.api.sent().pop().expect("sent");
     assert_eq!(last.body.expect("body")["action_type"], "SendCtrlAltDel");
@@ -238,7 +250,7 @@ async fn a_firecracker_fault_reaches_the_error_verbatim_and_the_vmm_is_killed() 
     let err = s.driver.start("vm3").await.expect_err("refused");
     assert!(err.to_string().contains(fault), "{err}");
     assert!(err.to_string().contains("PUT /drives/root (400)"), "{err}");
-    assert!(s.driver.running_pid("vm3").is_none(), "killed");
+    assert!(s.driver.vmm.pid("vm3").is_none(), "killed");
     assert_eq!(s.api.sent().len(), 3, "nothing sent after the fault");
 }
 
