@@ -2,6 +2,8 @@
 //! SIGKILLed (its guest runs on, unsupervised) is dead within a second or
 //! two, named by what died, and `destroy` ends the orphaned guest and leaves
 //! no process, cgroup, mount, loop device, link, namespace or rule behind.
+//! The same for a QEMU sandbox (under TCG: no working KVM is needed) whose
+//! QEMU is killed.
 
 mod common;
 
@@ -35,9 +37,11 @@ fn image() -> Result<ImageRef, String> {
 /// A sandbox in this test's own range (10.246.0.0/16), its block picked by
 /// pid so parallel runs do not collide; with a disk limit, so its writable
 /// layer is a loop-mounted filesystem that destroy must give back.
-fn spec(id: &str, image: ImageRef) -> SandboxSpec {
+fn spec(id: &str, image: ImageRef, half: u32) -> SandboxSpec {
     let pool = AddressPool::parse("10.246.0.0/16").expect("pool");
-    let lease = pool.lease(std::process::id() % 16000).expect("lease");
+    let lease = pool
+        .lease(half * 8000 + std::process::id() % 8000)
+        .expect("lease");
     SandboxSpec {
         id: id.to_owned(),
         kind: SandboxKind::Browser,
@@ -203,7 +207,7 @@ async fn a_killed_nspawn_is_dead_at_once_and_destroy_leaves_nothing() {
     let id = format!("sv{}", std::process::id() % 1_000_000);
 
     driver
-        .create(&spec(&id, image))
+        .create(&spec(&id, image, 0))
         .await
         .expect("create the sandbox");
     let mut failures = Vec::new();
@@ -277,6 +281,92 @@ async fn a_killed_nspawn_is_dead_at_once_and_destroy_leaves_nothing() {
     }
     eprintln!("destroy took {:?}", destroyed.elapsed());
     let left = leftovers(&id, root.path());
+    eprintln!("left behind after destroy: {left:?}");
+    failures.extend(left.into_iter().map(|l| format!("left behind: {l}")));
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_qemu_is_dead_at_once_and_destroy_leaves_nothing() {
+    use airlock_drivers::qemu::{Accel, QemuConfig, QemuDriver};
+    if !common::is_root() {
+        return cannot_run("it needs root (TAP devices, nftables)");
+    }
+    if common::on_path("qemu-system-x86_64").is_none() {
+        return cannot_run("qemu-system-x86_64 is not installed");
+    }
+    let (image, vm_image) = match common::vm_image() {
+        Ok(v) => v,
+        Err(why) => return cannot_run(&why),
+    };
+    let root = tempfile::Builder::new()
+        .prefix("airlock-sup-test.")
+        .tempdir_in("/var/tmp")
+        .expect("state dir");
+    let mut cfg = QemuConfig::new(root.path().join("sandboxes"), Some(vm_image));
+    // Whether KVM runs guests does not matter here: the guest need not boot.
+    cfg.accel = Some(Accel::Tcg);
+    let driver = QemuDriver::new(cfg, Arc::new(RealHost));
+    let id = format!("sq{}", std::process::id() % 1_000_000);
+    driver
+        .create(&spec(&id, image, 1))
+        .await
+        .expect("create the sandbox");
+    let checked = async {
+        driver.start(&id).await.map_err(|e| format!("start: {e}"))?;
+        let alive = driver.liveness(&id).await.map_err(|e| e.to_string())?;
+        if alive != Liveness::Alive {
+            return Err(format!("a started VM is {alive:?}"));
+        }
+        let qemu = driver
+            .inspect(&id)
+            .await
+            .map_err(|e| e.to_string())?
+            .pid
+            .ok_or("no qemu pid")?;
+        // SAFETY: kill(2) of a pid this test's driver started.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::kill(qemu as i32, libc::SIGKILL) };
+        if rc != 0 {
+            return Err(format!("kill qemu: {}", std::io::Error::last_os_error()));
+        }
+        let killed = Instant::now();
+        let why = loop {
+            if let Liveness::Dead(why) = driver.liveness(&id).await.map_err(|e| e.to_string())? {
+                break why;
+            }
+            if killed.elapsed() > Duration::from_secs(2) {
+                return Err("still alive 2 s after qemu was killed".into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        eprintln!(
+            "liveness noticed the SIGKILLed qemu after {:?}: {why}",
+            killed.elapsed()
+        );
+        if why != format!("qemu (pid {qemu}) exited") {
+            return Err(format!("the reason does not name qemu: {why}"));
+        }
+        Ok(())
+    }
+    .await;
+    let mut failures: Vec<String> = checked.err().into_iter().collect();
+    if let Err(e) = driver.destroy(&id).await {
+        failures.push(format!("destroy: {e}"));
+    }
+    let mut left = leftovers(&id, root.path());
+    let named = format!("\0-name\0airlock-{id}\0");
+    let qemus: Vec<String> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).into_owned())
+        .filter(|c| c.contains(&named))
+        .collect();
+    if !qemus.is_empty() {
+        left.push(format!("qemu processes: {qemus:?}"));
+    }
     eprintln!("left behind after destroy: {left:?}");
     failures.extend(left.into_iter().map(|l| format!("left behind: {l}")));
     assert!(failures.is_empty(), "{failures:#?}");
