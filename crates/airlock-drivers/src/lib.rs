@@ -2,6 +2,7 @@
 //! knows which one it talks to. Host operations (processes, mounts, links) sit
 //! behind [`host::Host`] so the logic can be tested against a fake.
 
+pub mod files;
 pub mod firecracker;
 pub mod host;
 pub mod net;

@@ -24,6 +24,7 @@
 //! console.log    what the guest printed
 //! ```
 
+use crate::files::{chain, io_err, write_private};
 use crate::host::{Cmd, Host, HostError, Process};
 use crate::net::firewall;
 use crate::net::link::{self, LinkNames};
@@ -129,14 +130,6 @@ pub struct NspawnDriver {
 fn host_err(context: impl Into<String>) -> impl FnOnce(HostError) -> DriverError {
     let context = context.into();
     move |source| DriverError::Host { context, source }
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
-    let what = what.into();
-    move |source| DriverError::Host {
-        context: what.clone(),
-        source: HostError::Io { what, source },
-    }
 }
 
 impl NspawnDriver {
@@ -724,20 +717,6 @@ impl NspawnDriver {
     }
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DriverError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(format!("write {}", path.display())))?;
-    file.write_all(bytes)
-        .map_err(io_err(format!("write {}", path.display())))
-}
-
 fn set_mode(path: &Path, mode: u32) -> Result<(), DriverError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
@@ -1056,18 +1035,6 @@ fn raise_sysctl(name: &str, floor: u64) {
         Ok(()) => tracing::info!(sysctl = name, from = ?now, to = floor, "raised a host limit"),
         Err(e) => tracing::warn!(sysctl = name, error = %e, "could not raise a host limit"),
     }
-}
-
-/// An error and its sources, one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn limit_error(setting: &str, why: &str) -> DriverError {

@@ -12,7 +12,7 @@
 //! process's command line instead.
 
 use crate::host::{Cmd, Host, Process};
-use crate::{vm, DriverError, Endpoints, InstanceInfo, Liveness};
+use crate::{files, DriverError, Endpoints, InstanceInfo, Liveness};
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -92,7 +92,7 @@ impl Supervisor {
         let path = self.pidfile(id);
         if let Err(e) = std::fs::write(&path, format!("{} {}\n", process.pid, process.started)) {
             let _ = self.host.signal_process(&process, libc::SIGKILL);
-            return Err(vm::io_err(format!("write {}", path.display()))(e));
+            return Err(files::io_err(format!("write {}", path.display()))(e));
         }
         self.held().insert(id.to_owned(), process.clone());
         Ok(process)
@@ -231,7 +231,7 @@ impl Supervisor {
 
     /// Every sandbox with a directory under the root, running or not.
     pub fn list(&self) -> Result<Vec<InstanceInfo>, DriverError> {
-        Ok(vm::sandbox_ids(&self.root)?
+        Ok(files::sandbox_ids(&self.root)?
             .iter()
             .map(|id| self.info(id))
             .collect())

@@ -186,7 +186,7 @@ impl FirecrackerDriver {
             return Ok(host);
         };
         std::fs::create_dir_all(jail.join("run"))
-            .map_err(vm::io_err(format!("create {}", jail.display())))?;
+            .map_err(crate::files::io_err(format!("create {}", jail.display())))?;
         for (src, name) in [
             (&host.kernel, "vmlinux"),
             (&host.rootfs, "rootfs.ext4"),
@@ -196,7 +196,7 @@ impl FirecrackerDriver {
             if !dest.exists() {
                 // A hard link, never a copy: the image and the data dir must
                 // share a file system when the jailer is used.
-                std::fs::hard_link(src, &dest).map_err(vm::io_err(format!(
+                std::fs::hard_link(src, &dest).map_err(crate::files::io_err(format!(
                     "link {src} into the jail at {}",
                     dest.display()
                 )))?;
@@ -402,19 +402,21 @@ impl FirecrackerDriver {
     fn read_metadata(&self, id: &str) -> Result<serde_json::Value, DriverError> {
         let path = self.dir(id).metadata();
         let text = std::fs::read_to_string(&path)
-            .map_err(vm::io_err(format!("read {}", path.display())))?;
+            .map_err(crate::files::io_err(format!("read {}", path.display())))?;
         serde_json::from_str(&text)
             .map_err(|e| DriverError::Other(format!("{}: {e}", path.display())))
     }
 
     async fn create_steps(&self, spec: &SandboxSpec, record: &VmRecord) -> Result<(), DriverError> {
         let dir = self.dir(&spec.id);
-        std::fs::create_dir_all(dir.path())
-            .map_err(vm::io_err(format!("create {}", dir.path().display())))?;
+        std::fs::create_dir_all(dir.path()).map_err(crate::files::io_err(format!(
+            "create {}",
+            dir.path().display()
+        )))?;
         record.write(dir.path())?;
         let metadata =
             serde_json::to_vec(&spec.metadata).map_err(|e| DriverError::Other(e.to_string()))?;
-        vm::write_private(&dir.metadata(), &metadata)?;
+        crate::files::write_private(&dir.metadata(), &metadata)?;
         vm::create_writable_disk(
             self.host.as_ref(),
             &dir.writable_disk(),
@@ -570,10 +572,10 @@ impl Driver for FirecrackerDriver {
         }
         if let Some(jail) = self.jail_root(id) {
             if let Some(parent) = jail.parent() {
-                vm::remove_dir(parent)?;
+                crate::files::remove_dir(parent)?;
             }
         }
-        vm::remove_dir(self.dir(id).path())
+        crate::files::remove_dir(self.dir(id).path())
     }
 
     async fn inspect(&self, id: &str) -> Result<InstanceInfo, DriverError> {

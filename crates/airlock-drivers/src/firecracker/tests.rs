@@ -85,9 +85,9 @@ fn artefacts(dir: &Path) -> VmImage {
     std::fs::write(&r, b"ext4 bytes").expect("w");
     VmImage {
         build_id: "b1".into(),
-        vmlinux_sha256: vm::sha256_file(&k).expect("h"),
-        bzimage_sha256: vm::sha256_file(&b).expect("h"),
-        rootfs_sha256: vm::sha256_file(&r).expect("h"),
+        vmlinux_sha256: airlock_image::inputs::sha256_file(&k).expect("h"),
+        bzimage_sha256: airlock_image::inputs::sha256_file(&b).expect("h"),
+        rootfs_sha256: airlock_image::inputs::sha256_file(&r).expect("h"),
         rootfs_size: 10,
         vmlinux: k,
         bzimage: b,

@@ -355,12 +355,14 @@ impl QemuDriver {
 
     async fn create_steps(&self, spec: &SandboxSpec, record: &VmRecord) -> Result<(), DriverError> {
         let dir = self.dir(&spec.id);
-        std::fs::create_dir_all(dir.path())
-            .map_err(vm::io_err(format!("create {}", dir.path().display())))?;
+        std::fs::create_dir_all(dir.path()).map_err(crate::files::io_err(format!(
+            "create {}",
+            dir.path().display()
+        )))?;
         record.write(dir.path())?;
         let metadata =
             serde_json::to_vec(&spec.metadata).map_err(|e| DriverError::Other(e.to_string()))?;
-        vm::write_private(&dir.metadata(), &metadata)?;
+        crate::files::write_private(&dir.metadata(), &metadata)?;
         vm::create_writable_disk(
             self.host.as_ref(),
             &dir.writable_disk(),
@@ -453,7 +455,7 @@ impl Driver for QemuDriver {
         self.stop(id, self.cfg.stop_grace).await?;
         firewall::remove(self.host.as_ref(), &LinkNames::for_sandbox(id)).await;
         tap::destroy(self.host.as_ref(), &tap::name(id)).await;
-        vm::remove_dir(self.dir(id).path())
+        crate::files::remove_dir(self.dir(id).path())
     }
 
     async fn inspect(&self, id: &str) -> Result<InstanceInfo, DriverError> {
@@ -486,10 +488,10 @@ mod tests {
             build_id: "b1".into(),
             vmlinux: k.clone(),
             bzimage: k.clone(),
-            vmlinux_sha256: vm::sha256_file(&k).expect("h"),
-            bzimage_sha256: vm::sha256_file(&k).expect("h"),
+            vmlinux_sha256: airlock_image::inputs::sha256_file(&k).expect("h"),
+            bzimage_sha256: airlock_image::inputs::sha256_file(&k).expect("h"),
             rootfs: r.clone(),
-            rootfs_sha256: vm::sha256_file(&r).expect("h"),
+            rootfs_sha256: airlock_image::inputs::sha256_file(&r).expect("h"),
             rootfs_size: 6,
         };
         let mut cfg = QemuConfig::new(tmp.join("qemu"), Some(image));
