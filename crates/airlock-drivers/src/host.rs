@@ -118,6 +118,8 @@ pub trait Host: Send + Sync + std::fmt::Debug + 'static {
     fn signal_process(&self, process: &Process, signal: i32) -> Result<(), HostError>;
     /// The pid namespace a process is in (the inode of `/proc/<pid>/ns/pid`).
     fn pid_namespace(&self, pid: u32) -> Option<u64>;
+    /// Give a file to another owner.
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<(), HostError>;
     /// The process's command line (NUL-separated arguments joined by spaces;
     /// empty while it is in the middle of exec), or `None` if there is no such
     /// process (or it is a zombie).
@@ -276,6 +278,13 @@ impl Host for RealHost {
             _ if self.has_exited(process) => Ok(()),
             _ => self.signal(process.pid, signal),
         }
+    }
+
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<(), HostError> {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| HostError::Io {
+            what: format!("chown {uid}:{gid} {}", path.display()),
+            source,
+        })
     }
 
     fn pid_namespace(&self, pid: u32) -> Option<u64> {
@@ -618,6 +627,9 @@ impl Host for FakeHost {
             return Ok(());
         }
         self.signal(process.pid, signal)
+    }
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<(), HostError> {
+        self.check(&Cmd::new("chown").args([format!("{uid}:{gid}"), path.display().to_string()]))
     }
     fn pid_namespace(&self, pid: u32) -> Option<u64> {
         self.cmdline(pid)?;

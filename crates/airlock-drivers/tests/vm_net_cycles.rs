@@ -64,6 +64,9 @@ impl Host for InNamespace {
     fn pid_namespace(&self, pid: u32) -> Option<u64> {
         RealHost.pid_namespace(pid)
     }
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<(), HostError> {
+        RealHost.chown(path, uid, gid)
+    }
 }
 
 fn can_run() -> Result<(), String> {

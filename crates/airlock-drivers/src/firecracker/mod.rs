@@ -55,6 +55,8 @@ use std::time::{Duration, Instant};
 
 /// The guest's network interface as Firecracker and MMDS name it.
 pub const IFACE_ID: &str = "eth0";
+/// The longest path a Unix socket address holds (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
 /// Where inside a jail Firecracker's API socket is (the jailer's default).
 const JAILED_SOCKET: &str = "run/firecracker.socket";
 
@@ -201,6 +203,16 @@ impl FirecrackerDriver {
                     dest.display()
                 )))?;
             }
+        }
+        // The jailed Firecracker opens the VM's own disk for writing as the
+        // jail's uid (the image's files it only reads).
+        if let Some(j) = &self.cfg.jailer {
+            self.host
+                .chown(Path::new(&host.writable), j.uid, j.gid)
+                .map_err(|source| DriverError::Host {
+                    context: "give the VM's writable disk to the jail's uid".into(),
+                    source,
+                })?;
         }
         Ok(GuestPaths {
             kernel: "/vmlinux".into(),
@@ -489,6 +501,17 @@ impl Driver for FirecrackerDriver {
     async fn create(&self, spec: &SandboxSpec) -> Result<(), DriverError> {
         // Refused before anything is made: artefacts that do not match the manifest.
         self.image()?.check(&spec.image.build_id, &self.checked)?;
+        // A Unix socket's address holds 107 bytes of path: a longer one
+        // (a deep chroot base or data dir) could never be connected to.
+        let socket = self.socket(&spec.id);
+        let len = socket.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(DriverError::Other(format!(
+                "Firecracker's API socket would be {} ({len} bytes, a Unix socket path \
+                 holds at most {MAX_SOCKET_PATH}): use a shorter jailer chroot base or data dir",
+                socket.display()
+            )));
+        }
         let jailed = self.cfg.jailer.is_some();
         let record = VmRecord {
             id: spec.id.clone(),

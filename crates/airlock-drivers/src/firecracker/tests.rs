@@ -66,6 +66,9 @@ impl Host for Host2 {
     fn pid_namespace(&self, pid: u32) -> Option<u64> {
         self.inner.pid_namespace(pid)
     }
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<(), HostError> {
+        self.inner.chown(path, uid, gid)
+    }
 }
 
 struct Setup {
@@ -319,6 +322,14 @@ async fn jailed_vms_see_their_files_inside_the_jail() {
         .inner
         .commands()
         .contains(&"ip -n airlock-vm6 tuntap add dev tap0 mode tap user 123 group 456".to_owned()));
+    let writable = s.root.join("vm6/rw.ext4");
+    assert!(
+        s.host
+            .inner
+            .commands()
+            .contains(&format!("chown 123:456 {}", writable.display())),
+        "the jail's uid may write the VM's own disk"
+    );
     assert_all_valid(&s.api);
     s.driver.destroy("vm6").await.expect("destroy");
     assert!(!jail.exists());
@@ -640,4 +651,14 @@ fn the_validator_itself_rejects_what_firecracker_would() {
             r.body
         );
     }
+}
+
+#[tokio::test]
+async fn a_socket_path_too_long_for_a_unix_socket_is_refused_before_anything_is_made() {
+    let s = setup(true);
+    let id = format!("v{}", "x".repeat(110));
+    let err = s.driver.create(&sandbox(&id)).await.expect_err("too long");
+    assert!(err.to_string().contains("at most 107"), "{err}");
+    assert!(s.host.inner.commands().is_empty());
+    assert!(!s.root.join(&id).exists());
 }
