@@ -5,7 +5,9 @@
 //! against Firecracker's API description; the metadata read back from MMDS;
 //! under the jailer, the process's chroot, uid and network namespace; then
 //! a clean destroy that leaves no process, jail, link, namespace, rule or
-//! state behind. Where KVM runs guests, the guest's agent must then answer
+//! state behind. The jailed run first SIGKILLs its Firecracker: liveness must
+//! name it dead within 2 s, and destroy clean up without it. Where KVM runs
+//! guests, the unjailed run's guest agent must then answer
 //! `/health` with the injected sandbox id; where it does not (a `/dev/kvm`
 //! whose guests never make progress) that part is skipped, saying why.
 //! Skips entirely, saying why, where there is no binary, no root or no VM
@@ -235,6 +237,31 @@ async fn run(s: Setup, jailer: Option<PathBuf>, half: u32) {
             sent.len(),
             info.body
         );
+        if jailer.is_some() {
+            // The jailed run also loses its VMM: dead at once, named, and
+            // destroyed without it.
+            // SAFETY: kill(2) of a pid this test's driver started.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            if rc != 0 {
+                return Err(format!("kill firecracker: {}", std::io::Error::last_os_error()));
+            }
+            let killed = Instant::now();
+            let why = loop {
+                if let Liveness::Dead(why) = driver.liveness(&id).await.map_err(|e| e.to_string())? {
+                    break why;
+                }
+                if killed.elapsed() > Duration::from_secs(2) {
+                    return Err("still alive 2 s after firecracker was killed".into());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            eprintln!("liveness noticed the SIGKILLed firecracker after {:?}: {why}", killed.elapsed());
+            if why != format!("firecracker (pid {pid}) exited") {
+                return Err(format!("the reason does not name firecracker: {why}"));
+            }
+            return Ok(());
+        }
         if let Err(why) = &kvm {
             eprintln!("SKIPPED (the wait for the guest's agent): KVM does not run guests here: {why}");
             return Ok(());

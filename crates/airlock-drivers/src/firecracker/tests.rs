@@ -224,6 +224,10 @@ async fn stop_asks_the_guest_then_kills_and_destroy_leaves_nothing() {
     s.driver.create(&sandbox("vm2")).await.expect("create");
     s.driver.start("vm2").await.expect("start");
     let pid = s.driver.vmm.pid("vm2").expect("running");
+    assert_eq!(
+        s.driver.liveness("vm2").await.expect("liveness"),
+        crate::Liveness::Alive
+    );
     s.driver.destroy("vm2").await.expect("destroy");
     let last = s.api.sent().pop().expect("sent");
     assert_eq!(last.body.expect("body")["action_type"], "SendCtrlAltDel");
@@ -661,4 +665,22 @@ async fn a_socket_path_too_long_for_a_unix_socket_is_refused_before_anything_is_
     assert!(err.to_string().contains("at most 107"), "{err}");
     assert!(s.host.inner.commands().is_empty());
     assert!(!s.root.join(&id).exists());
+}
+
+#[tokio::test]
+async fn a_killed_firecracker_is_dead_by_name() {
+    let s = setup(true);
+    s.driver.create(&sandbox("vm9")).await.expect("create");
+    s.driver.start("vm9").await.expect("start");
+    let pid = s.driver.vmm.pid("vm9").expect("running");
+    s.host.signal(pid, libc::SIGKILL).expect("kill");
+    assert_eq!(
+        s.driver.liveness("vm9").await.expect("liveness"),
+        crate::Liveness::Dead(format!("firecracker (pid {pid}) exited"))
+    );
+    s.driver.destroy("vm9").await.expect("destroy");
+    assert!(matches!(
+        s.driver.liveness("vm9").await,
+        Err(DriverError::NotFound(_))
+    ));
 }
