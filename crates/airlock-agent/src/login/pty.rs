@@ -1,0 +1,192 @@
+//! The login command's terminal: a PTY whose slave side is the command's
+//! stdin, stdout, stderr and controlling terminal, and a thread that reads
+//! the master side until the command's side closes, then reaps the command.
+
+use super::screen::Stripper;
+use crate::exec::RunAs;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+/// A command running under a PTY.
+#[derive(Debug)]
+pub(super) struct Pty {
+    /// The master side, for typing.
+    master: Mutex<std::fs::File>,
+    /// The command's process id, which is also its session and group id.
+    pub(super) pgid: i32,
+    /// What the reader thread saw.
+    pub(super) output: Arc<Output>,
+}
+
+impl Pty {
+    /// Starts `cmd` in a new session on a new `cols`×`rows` PTY, as `run_as`.
+    pub(super) fn spawn(
+        mut cmd: std::process::Command,
+        cols: u16,
+        rows: u16,
+        run_as: RunAs,
+    ) -> std::io::Result<Pty> {
+        let (master, slave) = open_pty(cols, rows)?;
+        cmd.stdin(std::process::Stdio::from(slave.try_clone()?))
+            .stdout(std::process::Stdio::from(slave.try_clone()?))
+            .stderr(std::process::Stdio::from(slave));
+        become_session_leader(&mut cmd, run_as);
+        let child = cmd.spawn()?;
+        // `cmd` holds the slave's copies until it is dropped: drop it, so the
+        // reader sees EIO once the command's side is closed.
+        drop(cmd);
+        let pgid = child.id() as i32;
+        let master = std::fs::File::from(master);
+        let reader = master.try_clone()?;
+        let output = Arc::new(Output::default());
+        spawn_reader(reader, child, output.clone());
+        Ok(Pty {
+            master: Mutex::new(master),
+            pgid,
+            output,
+        })
+    }
+
+    /// Types `bytes` into the command's terminal.
+    pub(super) fn send(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut m = self.master.lock().unwrap_or_else(|p| p.into_inner());
+        m.write_all(bytes)?;
+        m.flush()
+    }
+
+    /// Kills the command's whole process group.
+    #[allow(unsafe_code)]
+    pub(super) fn kill(&self) {
+        // SAFETY: kill(2) on a process group id; no memory is involved.
+        unsafe {
+            libc::kill(-self.pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Output of a running login, handed from its blocking reader thread to the
+/// watcher: text not taken yet, and how the command ended once it has.
+#[derive(Debug, Default)]
+pub(super) struct Output {
+    chunk: Mutex<(String, Option<String>)>,
+}
+
+impl Output {
+    pub(super) fn take(&self) -> (String, Option<String>) {
+        let mut c = self.chunk.lock().unwrap_or_else(|p| p.into_inner());
+        (std::mem::take(&mut c.0), c.1.clone())
+    }
+}
+
+/// Reads the PTY until the command's side closes, then reaps the command.
+fn spawn_reader(mut master: std::fs::File, mut child: std::process::Child, shared: Arc<Output>) {
+    std::thread::spawn(move || {
+        let mut strip = Stripper::default();
+        let mut buf = [0u8; 8192];
+        loop {
+            match master.read(&mut buf) {
+                Ok(0) | Err(_) => break, // EIO once every holder of the slave closed it
+                Ok(n) => {
+                    let text = strip.feed(&buf[..n]);
+                    let mut c = shared.chunk.lock().unwrap_or_else(|p| p.into_inner());
+                    c.0.push_str(&text);
+                }
+            }
+        }
+        let status = match child.wait() {
+            Ok(s) => match s.code() {
+                Some(code) => format!("exited with status {code}"),
+                None => "was killed".to_owned(),
+            },
+            Err(_) => "ended".to_owned(),
+        };
+        shared.chunk.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(status);
+    });
+}
+
+#[allow(unsafe_code)]
+fn open_pty(cols: u16, rows: u16) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut master: libc::c_int = -1;
+    let mut slave: libc::c_int = -1;
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two descriptors into the ints we pass; the name
+    // buffer is null (allowed) and the termios pointer is null (defaults).
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just opened and are owned by nobody else.
+    let (m, s) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    // The master must not leak into the command.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        libc::fcntl(m.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    Ok((m, s))
+}
+
+/// New session with the PTY (its stdin) as controlling terminal, then the
+/// sandbox user's identity, in that order.
+#[allow(unsafe_code)]
+pub(super) fn become_session_leader(cmd: &mut std::process::Command, run_as: RunAs) {
+    use std::os::unix::process::CommandExt;
+    let ids = match run_as {
+        RunAs::User { uid, gid, groups } => Some((uid, gid, groups)),
+        RunAs::Current => None,
+    };
+    // SAFETY: only async-signal-safe calls on data moved in before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some((uid, gid, groups)) = &ids {
+                if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+#[allow(unsafe_code)]
+pub(super) fn become_session_leader_no_tty(cmd: &mut std::process::Command, run_as: RunAs) {
+    use std::os::unix::process::CommandExt;
+    let ids = match run_as {
+        RunAs::User { uid, gid, groups } => Some((uid, gid, groups)),
+        RunAs::Current => None,
+    };
+    // SAFETY: only async-signal-safe calls on data moved in before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            if let Some((uid, gid, groups)) = &ids {
+                if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
