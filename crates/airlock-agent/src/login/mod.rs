@@ -14,8 +14,15 @@
 //! URLs come first from what the CLI asks a browser to open: `BROWSER` and an
 //! `xdg-open` early in `PATH` point at a hook that appends the URL to a file
 //! the agent reads. That URL is exactly what a browser would get (claude-code,
-//! for one, shows a shortened link on screen but opens the full one). The PTY
-//! output, with terminal escapes stripped, is the fallback.
+//! for one, shows a shortened link on screen but opens the full one). The
+//! screen the CLI draws (read by a terminal emulator, `login/screen.rs`) is
+//! the fallback: a URL found there is reported and opened only if no hook URL
+//! came within [`SCREEN_URL_GRACE`], and a hook URL that comes later still
+//! replaces it. Prompts and the code prompt are read off that screen too.
+//!
+//! The parts: `pty` (the command's terminal), `screen` (what it shows),
+//! `urls` (which URL counts), `credentials` (capture and delivery) and
+//! `routes` (the HTTP endpoints); this file follows each run.
 
 mod credentials;
 mod pty;
@@ -24,8 +31,8 @@ pub mod screen;
 pub mod urls;
 
 pub use credentials::{valid, MAX_FILE_BYTES};
-pub use screen::Stripper;
-pub use urls::find_url;
+pub use screen::{Drawn, Screen};
+pub use urls::{find_url, from_screen};
 
 use crate::exec::RunAs;
 use airlock_proto::login::{AgentLoginPhase, FileSet, LoginStart, LoginStatus, ProviderDef};
@@ -41,8 +48,6 @@ pub const HOOK_DIR: &str = "/usr/local/libexec/airlock/login-bin";
 /// Per-login scratch directories (the URL file).
 const RUN_DIR: &str = "/run/airlock/login";
 const PTY_ROWS: u16 = 50;
-/// How much stripped output is kept for prompts and failure reasons.
-const TAIL_BYTES: usize = 16 * 1024;
 /// After the credentials are captured the CLI may still finish its own work
 /// (fetching a profile, writing settings); then it is stopped.
 const AFTER_CAPTURE_GRACE: Duration = Duration::from_secs(20);
@@ -110,12 +115,16 @@ struct RunState {
     url: Option<String>,
     awaiting_code: bool,
     error: Option<String>,
-    /// Escape-stripped output, whitespace collapsed, the last [`TAIL_BYTES`].
-    tail: String,
-    /// Index in `tail` up to which prompts were already answered.
-    answered_upto: usize,
     /// Which prompts were answered (each once).
     answered: Vec<bool>,
+    /// The screen (collapsed) when a prompt was last answered: another is
+    /// answered only on a screen drawn since.
+    answered_on: Option<String>,
+    /// A code was typed at the code prompt now shown: not awaited again
+    /// until the prompt has gone and come back.
+    code_typed: bool,
+    /// The end of what the command showed, for a failure's reason.
+    last_words: String,
 }
 
 struct Run {
@@ -238,7 +247,9 @@ impl Logins {
             .map_err(io("typing into the PTY"))?;
         std::thread::sleep(Duration::from_millis(150));
         run.pty.send(b"\r").map_err(io("typing into the PTY"))?;
-        run.lock().awaiting_code = false;
+        let mut st = run.lock();
+        st.awaiting_code = false;
+        st.code_typed = true;
         Ok(())
     }
 
@@ -325,9 +336,10 @@ impl Logins {
                 url: None,
                 awaiting_code: false,
                 error: None,
-                tail: String::new(),
-                answered_upto: 0,
                 answered: vec![false; def.prompts.len()],
+                answered_on: None,
+                code_typed: false,
+                last_words: String::new(),
             }),
             pty,
             dir,
@@ -338,11 +350,13 @@ impl Logins {
 
     /// Follows one login until it is captured or failed.
     async fn watch(self: Arc<Self>, id: &str, run: Arc<Run>) {
-        let mut opened = false;
+        // The URL opened, and whether it came from the hook.
+        let mut opened: Option<(String, bool)> = None;
         let mut captured_at: Option<tokio::time::Instant> = None;
         let mut exited_at: Option<tokio::time::Instant> = None;
-        let mut hooked_url = false;
-        let mut screen_url_since: Option<tokio::time::Instant> = None;
+        // A URL read off the screen, and since when.
+        let mut on_screen: Option<(String, tokio::time::Instant)> = None;
+        let mut seen = 0;
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             if !self
@@ -353,45 +367,47 @@ impl Logins {
             {
                 return; // cancelled
             }
-            // New output: prompts, URLs in the text, the code prompt.
-            let (chunk, exited) = run.pty.output.take();
-            if !chunk.is_empty() {
-                self.on_output(&run, &chunk);
+            // A new screen: prompts, the code prompt, a URL drawn.
+            let (drawn, exited) = run.pty.output.take(&mut seen);
+            if let Some(drawn) = drawn {
+                self.on_screen(&run, &drawn).await;
+                if on_screen.is_none() {
+                    on_screen = urls::from_screen(&run.def, &drawn)
+                        .map(|u| (u, tokio::time::Instant::now()));
+                }
             }
             if let Some(status) = exited {
                 exited_at.get_or_insert_with(tokio::time::Instant::now);
                 run.lock().error.get_or_insert(status);
             }
-            // The hook's URLs win over whatever the screen showed.
+            // The hook's URL wins over whatever the screen showed, even one
+            // opened already; a URL from the screen waits for it a moment.
             let hooked = std::fs::read_to_string(run.dir.join("urls")).unwrap_or_default();
             let from_hook = hooked
                 .lines()
                 .map(str::trim)
                 .find(|u| urls::matches_prefix(&run.def, u))
                 .map(str::to_owned);
-            {
-                let mut st = run.lock();
-                if let Some(u) = from_hook {
-                    hooked_url = true;
-                    if st.url.as_deref() != Some(u.as_str()) && !opened {
-                        st.url = Some(u);
-                    }
+            let to_open = match (&opened, from_hook, &on_screen) {
+                (Some((_, true)), _, _) => None,
+                (Some((done, false)), Some(u), _) if *done != u => Some((u, true)),
+                (Some(_), _, _) => None,
+                (None, Some(u), _) => Some((u, true)),
+                (None, None, Some((u, since))) if since.elapsed() >= SCREEN_URL_GRACE => {
+                    Some((u.clone(), false))
                 }
-            }
-            let url = run.lock().url.clone();
-            if url.is_some() {
-                screen_url_since.get_or_insert_with(tokio::time::Instant::now);
-            }
-            let settled =
-                hooked_url || screen_url_since.is_some_and(|at| at.elapsed() >= SCREEN_URL_GRACE);
-            if let (Some(url), false, true) = (url, opened, settled) {
-                opened = true;
+                (None, None, _) => None,
+            };
+            if let Some((url, hooked)) = to_open {
                 self.open_in_browser(&url);
                 let mut st = run.lock();
+                st.url = Some(url.clone());
                 if st.phase == AgentLoginPhase::Running {
                     st.phase = AgentLoginPhase::AwaitingUser;
                 }
-                tracing::info!(login = %id, "login URL captured and opened");
+                let from = if hooked { "browser hook" } else { "screen" };
+                tracing::info!(login = %id, from, "login URL captured and opened");
+                opened = Some((url, hooked));
             }
             // Credentials.
             if captured_at.is_none() && self.all_valid(&run.def) {
@@ -414,10 +430,10 @@ impl Logins {
             if let Some(at) = exited_at {
                 if at.elapsed() > Duration::from_secs(2) {
                     let mut st = run.lock();
-                    let last = last_words(&st.tail);
                     let status = st.error.take().unwrap_or_else(|| "exited".into());
                     st.error = Some(format!(
-                        "the login command {status} before signing in; its last output: {last}"
+                        "the login command {status} before signing in; its last output: {}",
+                        st.last_words
                     ));
                     st.phase = AgentLoginPhase::Failed;
                     tracing::warn!(login = %id, "login command ended without credentials");
@@ -427,51 +443,44 @@ impl Logins {
         }
     }
 
-    fn on_output(&self, run: &Run, chunk: &str) {
+    /// Answers the prompts the screen shows (each once, and only on a screen
+    /// drawn after the last answer), and notes whether the code prompt is up.
+    async fn on_screen(&self, run: &Run, drawn: &Drawn) {
+        let visible = screen::collapse(drawn.visible());
         let mut to_send = Vec::new();
         {
             let mut st = run.lock();
-            st.tail.push_str(chunk);
-            if st.tail.len() > TAIL_BYTES {
-                let cut = st.tail.len() - TAIL_BYTES;
-                let cut = (cut..st.tail.len())
-                    .find(|i| st.tail.is_char_boundary(*i))
-                    .unwrap_or(0);
-                st.tail.drain(..cut);
-                st.answered_upto = st.answered_upto.saturating_sub(cut);
-            }
-            let fresh_from = st.answered_upto.min(st.tail.len());
-            let fresh = collapse(&st.tail[fresh_from..]);
-            for (i, p) in run.def.prompts.iter().enumerate() {
-                if !st.answered[i] && fresh.contains(&collapse(&p.expect)) {
-                    st.answered[i] = true;
-                    to_send.push(p.send.clone());
+            st.last_words = screen::last_words(&drawn.text);
+            if st.answered_on.as_deref() != Some(visible.as_str()) {
+                for (i, p) in run.def.prompts.iter().enumerate() {
+                    if !st.answered[i] && visible.contains(&screen::collapse(&p.expect)) {
+                        st.answered[i] = true;
+                        to_send.push(p.send.clone());
+                    }
+                }
+                if !to_send.is_empty() {
+                    st.answered_on = Some(visible.clone());
                 }
             }
-            if !to_send.is_empty() {
-                st.answered_upto = st.tail.len();
-            }
-            if st.url.is_none() {
-                if let Some(u) = urls::find_url(&run.def, &st.tail) {
-                    st.url = Some(u);
-                }
-            }
-            // A CLI shows its code prompt right after the URL, often in the
-            // same chunk, before the URL is opened and the phase moves on:
-            // remember it, and report it once the login awaits the user.
+            // A CLI shows its code prompt right after the URL, often before
+            // the URL is opened and the phase moves on: remember it, and
+            // report it once the login awaits the user.
             if let Some(cp) = &run.def.code_prompt {
-                if matches!(
-                    st.phase,
-                    AgentLoginPhase::Running | AgentLoginPhase::AwaitingUser
-                ) && collapse(chunk).contains(&collapse(cp))
-                {
-                    st.awaiting_code = true;
+                let shown = visible.contains(&screen::collapse(cp));
+                if !shown {
+                    st.code_typed = false;
                 }
+                st.awaiting_code = shown
+                    && !st.code_typed
+                    && matches!(
+                        st.phase,
+                        AgentLoginPhase::Running | AgentLoginPhase::AwaitingUser
+                    );
             }
         }
         for s in to_send {
             // A TUI redraws before it reads keys: let it settle first.
-            std::thread::sleep(Duration::from_millis(400));
+            tokio::time::sleep(Duration::from_millis(400)).await;
             let _ = run.pty.send(unescape(&s).as_bytes());
         }
     }
@@ -520,21 +529,6 @@ fn status_of(id: &str, run: &Run) -> LoginStatus {
             .error
             .clone()
             .filter(|_| st.phase == AgentLoginPhase::Failed),
-    }
-}
-
-fn collapse(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-fn last_words(tail: &str) -> String {
-    let text = collapse(tail);
-    let n = text.chars().count();
-    let s: String = text.chars().skip(n.saturating_sub(300)).collect();
-    if s.is_empty() {
-        "(none)".into()
-    } else {
-        s
     }
 }
 
@@ -778,5 +772,228 @@ mod tests {
         assert_eq!(last.phase, AgentLoginPhase::Captured, "{last:?}");
         assert!(!last.awaiting_code, "{last:?}");
         logins.cancel("l3");
+    }
+
+    /// Every status of login `id` for `secs` seconds, 50 ms apart.
+    async fn watch_statuses(logins: &Logins, id: &str, secs: u64) -> Vec<LoginStatus> {
+        let mut all = Vec::new();
+        let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while tokio::time::Instant::now() < until {
+            all.push(logins.status(id).expect("status"));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        all
+    }
+
+    /// A browser that notes each URL it is asked to open in `opened`.
+    fn recording_browser(cfg: &mut LoginConfig, opened: &Path) {
+        cfg.browser = vec![
+            "sh".into(),
+            "-c".into(),
+            format!("printf '%s\\n' \"$1\" >> '{}'", opened.display()),
+            "browser".into(),
+        ];
+    }
+
+    /// What the browser was asked to open, once it holds `n` URLs (the
+    /// browser runs apart from the agent) or after 2 s.
+    async fn opened_urls(opened: &Path, n: usize) -> Vec<String> {
+        let read = || -> Vec<String> {
+            std::fs::read_to_string(opened)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        };
+        for _ in 0..40 {
+            if read().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        read()
+    }
+
+    /// claude-code's race, as recorded: it draws a shortened sign-in link
+    /// (no client id, no redirect, cut with an ellipsis) and its code prompt,
+    /// in colour and with cursor moves, and hands the browser the full URL
+    /// only later, after the screen's grace. The short link is never
+    /// reported nor opened; the hook's URL is.
+    #[tokio::test]
+    async fn claude_short_link_is_never_the_url() {
+        let home = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        write_browser_hook(home.path());
+        let opened = home.path().join("opened");
+        let mut cfg = test_cfg(home.path(), run.path());
+        recording_browser(&mut cfg, &opened);
+        let logins = Arc::new(Logins::new(cfg));
+        let mut d = def();
+        d.prompts.clear();
+        d.code_prompt = Some("Paste code here".into());
+        d.command = vec![
+            "sh".into(),
+            "-c".into(),
+            "printf '\\033[2K\\033[1G\\033[38;5;174m\\342\\225\\255\\342\\224\\200\\033[39m\\r\\n'; \
+             printf '\\033[2K\\033[1GBrowser didn'\"'\"'t open? Use the url below to sign in:\\r\\n\\r\\n'; \
+             printf '\\033[2K\\033[1G\\033[38;5;246mhttps://auth.example/authorize?z-\\342\\200\\246\\033[39m\\r\\n\\r\\n'; \
+             printf '\\033[2K\\033[1GPaste code here if prompted > '; sleep 2.5; \
+             $BROWSER 'https://auth.example/authorize?code=true&client_id=c&redirect_uri=r&state=s'; sleep 30"
+                .into(),
+        ];
+        logins
+            .start(LoginStart {
+                login_id: "c1".into(),
+                provider: d,
+            })
+            .expect("start");
+        let all = watch_statuses(&logins, "c1", 4).await;
+        let full = "https://auth.example/authorize?code=true&client_id=c&redirect_uri=r&state=s";
+        for s in &all {
+            assert!(
+                s.login_url.is_none() || s.login_url.as_deref() == Some(full),
+                "{s:?}"
+            );
+        }
+        let last = all.last().expect("statuses");
+        assert_eq!(last.phase, AgentLoginPhase::AwaitingUser, "{last:?}");
+        assert_eq!(last.login_url.as_deref(), Some(full));
+        assert!(last.awaiting_code, "{last:?}");
+        assert_eq!(opened_urls(&opened, 1).await, vec![full.to_owned()]);
+        logins.cancel("c1");
+    }
+
+    /// A CLI that shows a whole URL and hands the browser another one only
+    /// after the screen's grace: the screen's is opened first, then the
+    /// hook's replaces it.
+    #[tokio::test]
+    async fn a_late_hook_url_replaces_one_read_off_the_screen() {
+        let home = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        write_browser_hook(home.path());
+        let opened = home.path().join("opened");
+        let mut cfg = test_cfg(home.path(), run.path());
+        recording_browser(&mut cfg, &opened);
+        let logins = Arc::new(Logins::new(cfg));
+        let mut d = def();
+        d.prompts.clear();
+        d.command = vec![
+            "sh".into(),
+            "-c".into(),
+            "printf 'Open https://auth.example/authorize?from=screen\\n'; sleep 2.5; \
+             $BROWSER 'https://auth.example/authorize?from=hook'; sleep 30"
+                .into(),
+        ];
+        logins
+            .start(LoginStart {
+                login_id: "c2".into(),
+                provider: d,
+            })
+            .expect("start");
+        let early = poll(&logins, "c2", 25, |s| s.login_url.is_some()).await;
+        assert_eq!(
+            early.login_url.as_deref(),
+            Some("https://auth.example/authorize?from=screen"),
+            "{early:?}"
+        );
+        let last = poll(&logins, "c2", 40, |s| {
+            s.login_url.as_deref() == Some("https://auth.example/authorize?from=hook")
+        })
+        .await;
+        assert_eq!(
+            last.login_url.as_deref(),
+            Some("https://auth.example/authorize?from=hook"),
+            "{last:?}"
+        );
+        assert_eq!(
+            opened_urls(&opened, 2).await,
+            vec![
+                "https://auth.example/authorize?from=screen".to_owned(),
+                "https://auth.example/authorize?from=hook".to_owned()
+            ]
+        );
+        logins.cancel("c2");
+    }
+
+    /// No browser hook at all: a URL the TUI draws in pieces (colour, cursor
+    /// moves, wrapped over three rows of a narrow terminal) is read off the
+    /// screen whole and opened after the grace.
+    #[tokio::test]
+    async fn a_wrapped_url_on_screen_is_the_fallback() {
+        let home = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        let opened = home.path().join("opened");
+        let mut cfg = test_cfg(home.path(), run.path());
+        recording_browser(&mut cfg, &opened);
+        let logins = Arc::new(Logins::new(cfg));
+        let mut d = def();
+        d.prompts.clear();
+        d.cols = 80;
+        let url = format!(
+            "https://auth.example/authorize?state={}",
+            "0123456789".repeat(15)
+        );
+        d.command = vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "printf 'Loading...\\r\\033[2K\\033[1mSign in:\\033[0m\\033[2C\\033[4m'; \
+                 printf '%s' '{}'; sleep 0.3; printf '%s\\033[24m\\r\\n' '{}'; sleep 30",
+                &url[..100],
+                &url[100..]
+            ),
+        ];
+        logins
+            .start(LoginStart {
+                login_id: "c3".into(),
+                provider: d,
+            })
+            .expect("start");
+        let last = poll(&logins, "c3", 40, |s| s.login_url.is_some()).await;
+        assert_eq!(last.login_url.as_deref(), Some(url.as_str()), "{last:?}");
+        assert_eq!(last.phase, AgentLoginPhase::AwaitingUser);
+        assert_eq!(opened_urls(&opened, 1).await, vec![url]);
+        logins.cancel("c3");
+    }
+
+    /// Once a code is typed, the prompt still on screen (with the code the
+    /// terminal echoed) is not awaited again; when the CLI draws it anew
+    /// after an error, it is.
+    #[tokio::test]
+    async fn a_typed_code_is_not_asked_for_again_until_the_prompt_returns() {
+        let home = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        write_browser_hook(home.path());
+        let logins = Arc::new(Logins::new(test_cfg(home.path(), run.path())));
+        let mut d = def();
+        d.prompts.clear();
+        d.code_prompt = Some("Paste code here".into());
+        d.command = vec![
+            "sh".into(),
+            "-c".into(),
+            "$BROWSER 'https://auth.example/authorize?x=1'; \
+             printf 'Paste code here > '; read c; sleep 1; \
+             printf '\\033[2J\\033[HInvalid code. Press Enter to retry'; read c; \
+             printf '\\033[2J\\033[HPaste code here > '; sleep 30"
+                .into(),
+        ];
+        logins
+            .start(LoginStart {
+                login_id: "c4".into(),
+                provider: d,
+            })
+            .expect("start");
+        let last = poll(&logins, "c4", 50, |s| s.awaiting_code).await;
+        assert!(last.awaiting_code, "{last:?}");
+        logins.input("c4", "wrong").expect("input");
+        for s in watch_statuses(&logins, "c4", 1).await {
+            assert!(!s.awaiting_code, "{s:?}");
+        }
+        let last = poll(&logins, "c4", 20, |s| !s.awaiting_code).await;
+        assert!(!last.awaiting_code, "{last:?}");
+        logins.input("c4", "retry").expect("input");
+        let last = poll(&logins, "c4", 30, |s| s.awaiting_code).await;
+        assert!(last.awaiting_code, "the prompt came back: {last:?}");
+        logins.cancel("c4");
     }
 }

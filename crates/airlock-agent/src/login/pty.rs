@@ -2,7 +2,7 @@
 //! stdin, stdout, stderr and controlling terminal, and a thread that reads
 //! the master side until the command's side closes, then reaps the command.
 
-use super::screen::Stripper;
+use super::screen::{Drawn, Screen};
 use crate::exec::RunAs;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -39,7 +39,7 @@ impl Pty {
         let pgid = child.id() as i32;
         let master = std::fs::File::from(master);
         let reader = master.try_clone()?;
-        let output = Arc::new(Output::default());
+        let output = Arc::new(Output::new(rows, cols));
         spawn_reader(reader, child, output.clone());
         Ok(Pty {
             master: Mutex::new(master),
@@ -66,31 +66,57 @@ impl Pty {
 }
 
 /// Output of a running login, handed from its blocking reader thread to the
-/// watcher: text not taken yet, and how the command ended once it has.
-#[derive(Debug, Default)]
+/// watcher: the screen the output draws, and how the command ended once it has.
+#[derive(Debug)]
 pub(super) struct Output {
-    chunk: Mutex<(String, Option<String>)>,
+    inner: Mutex<OutputInner>,
+}
+
+#[derive(Debug)]
+struct OutputInner {
+    screen: Screen,
+    /// Bumped by every read that fed the screen.
+    fed: u64,
+    exited: Option<String>,
 }
 
 impl Output {
-    pub(super) fn take(&self) -> (String, Option<String>) {
-        let mut c = self.chunk.lock().unwrap_or_else(|p| p.into_inner());
-        (std::mem::take(&mut c.0), c.1.clone())
+    fn new(rows: u16, cols: u16) -> Output {
+        Output {
+            inner: Mutex::new(OutputInner {
+                screen: Screen::new(rows, cols),
+                fed: 0,
+                exited: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutputInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The screen if output came since `seen` (which is moved on), and how
+    /// the command ended if it has: both read at one moment, so the screen
+    /// returned with the exit holds the command's last words.
+    pub(super) fn take(&self, seen: &mut u64) -> (Option<Drawn>, Option<String>) {
+        let inner = self.lock();
+        let drawn = (inner.fed != *seen).then(|| inner.screen.drawn());
+        *seen = inner.fed;
+        (drawn, inner.exited.clone())
     }
 }
 
 /// Reads the PTY until the command's side closes, then reaps the command.
 fn spawn_reader(mut master: std::fs::File, mut child: std::process::Child, shared: Arc<Output>) {
     std::thread::spawn(move || {
-        let mut strip = Stripper::default();
         let mut buf = [0u8; 8192];
         loop {
             match master.read(&mut buf) {
                 Ok(0) | Err(_) => break, // EIO once every holder of the slave closed it
                 Ok(n) => {
-                    let text = strip.feed(&buf[..n]);
-                    let mut c = shared.chunk.lock().unwrap_or_else(|p| p.into_inner());
-                    c.0.push_str(&text);
+                    let mut inner = shared.lock();
+                    inner.screen.feed(&buf[..n]);
+                    inner.fed += 1;
                 }
             }
         }
@@ -101,7 +127,7 @@ fn spawn_reader(mut master: std::fs::File, mut child: std::process::Child, share
             },
             Err(_) => "ended".to_owned(),
         };
-        shared.chunk.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(status);
+        shared.lock().exited = Some(status);
     });
 }
 
