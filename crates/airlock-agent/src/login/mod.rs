@@ -497,7 +497,7 @@ impl Logins {
         if self.cfg.home.is_dir() {
             cmd.current_dir(&self.cfg.home);
         }
-        pty::become_session_leader_no_tty(&mut cmd, self.cfg.run_as.clone());
+        crate::privdrop::drop_to(&mut cmd, &self.cfg.run_as, crate::privdrop::Session::New);
         match cmd.spawn() {
             // Reaped by a thread so it leaves no zombie.
             Ok(mut child) => {

@@ -4,6 +4,7 @@
 
 use super::screen::{Drawn, Screen};
 use crate::exec::RunAs;
+use crate::privdrop::{drop_to, Session};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -31,7 +32,7 @@ impl Pty {
         cmd.stdin(std::process::Stdio::from(slave.try_clone()?))
             .stdout(std::process::Stdio::from(slave.try_clone()?))
             .stderr(std::process::Stdio::from(slave));
-        become_session_leader(&mut cmd, run_as);
+        drop_to(&mut cmd, &run_as, Session::NewWithTerminal);
         let child = cmd.spawn()?;
         // `cmd` holds the slave's copies until it is dropped: drop it, so the
         // reader sees EIO once the command's side is closed.
@@ -163,56 +164,4 @@ fn open_pty(cols: u16, rows: u16) -> std::io::Result<(OwnedFd, OwnedFd)> {
         libc::fcntl(m.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
     }
     Ok((m, s))
-}
-
-/// New session with the PTY (its stdin) as controlling terminal, then the
-/// sandbox user's identity, in that order.
-#[allow(unsafe_code)]
-pub(super) fn become_session_leader(cmd: &mut std::process::Command, run_as: RunAs) {
-    use std::os::unix::process::CommandExt;
-    let ids = match run_as {
-        RunAs::User { uid, gid, groups } => Some((uid, gid, groups)),
-        RunAs::Current => None,
-    };
-    // SAFETY: only async-signal-safe calls on data moved in before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some((uid, gid, groups)) = &ids {
-                if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
-                    || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-}
-
-#[allow(unsafe_code)]
-pub(super) fn become_session_leader_no_tty(cmd: &mut std::process::Command, run_as: RunAs) {
-    use std::os::unix::process::CommandExt;
-    let ids = match run_as {
-        RunAs::User { uid, gid, groups } => Some((uid, gid, groups)),
-        RunAs::Current => None,
-    };
-    // SAFETY: only async-signal-safe calls on data moved in before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::setsid();
-            if let Some((uid, gid, groups)) = &ids {
-                if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
-                    || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
 }
