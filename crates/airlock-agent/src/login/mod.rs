@@ -55,6 +55,11 @@ const AFTER_CAPTURE_GRACE: Duration = Duration::from_secs(20);
 /// is opened. A CLI may show a shortened link (Claude Code does) and hand the
 /// browser the full one a moment later; the hook's is what the CLI itself opens.
 const SCREEN_URL_GRACE: Duration = Duration::from_millis(1500);
+/// A prompt's answer the command showed no reaction to (no output at all)
+/// within this is typed again, at most [`MAX_TYPED`] times in all: a TUI may
+/// draw its prompt before it reads keys, and drop keys typed in between.
+const RETYPE_AFTER: Duration = Duration::from_secs(3);
+const MAX_TYPED: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {
@@ -125,6 +130,20 @@ struct RunState {
     code_typed: bool,
     /// The end of what the command showed, for a failure's reason.
     last_words: String,
+    /// The screen last seen, collapsed.
+    visible: String,
+    /// The last prompt answered, until the command shows a reaction.
+    typed: Option<Typed>,
+}
+
+/// An answer typed at a prompt.
+#[derive(Debug, Clone, Copy)]
+struct Typed {
+    prompt: usize,
+    at: tokio::time::Instant,
+    /// The output counter when it was typed.
+    fed: u64,
+    times: u8,
 }
 
 struct Run {
@@ -340,6 +359,8 @@ impl Logins {
                 answered_on: None,
                 code_typed: false,
                 last_words: String::new(),
+                visible: String::new(),
+                typed: None,
             }),
             pty,
             dir,
@@ -376,6 +397,7 @@ impl Logins {
                         .map(|u| (u, tokio::time::Instant::now()));
                 }
             }
+            self.retype(&run);
             if let Some(status) = exited {
                 exited_at.get_or_insert_with(tokio::time::Instant::now);
                 run.lock().error.get_or_insert(status);
@@ -451,11 +473,12 @@ impl Logins {
         {
             let mut st = run.lock();
             st.last_words = screen::last_words(&drawn.text);
+            st.visible.clone_from(&visible);
             if st.answered_on.as_deref() != Some(visible.as_str()) {
                 for (i, p) in run.def.prompts.iter().enumerate() {
                     if !st.answered[i] && visible.contains(&screen::collapse(&p.expect)) {
                         st.answered[i] = true;
-                        to_send.push(p.send.clone());
+                        to_send.push((i, p.send.clone()));
                     }
                 }
                 if !to_send.is_empty() {
@@ -478,11 +501,48 @@ impl Logins {
                     );
             }
         }
-        for s in to_send {
+        for (i, s) in to_send {
             // A TUI redraws before it reads keys: let it settle first.
             tokio::time::sleep(Duration::from_millis(400)).await;
             let _ = run.pty.send(unescape(&s).as_bytes());
+            run.lock().typed = Some(Typed {
+                prompt: i,
+                at: tokio::time::Instant::now(),
+                fed: run.pty.output.fed(),
+                times: 1,
+            });
         }
+    }
+
+    /// Types the last answer again if the command has shown nothing since
+    /// for [`RETYPE_AFTER`] and its prompt is still on the screen.
+    fn retype(&self, run: &Run) {
+        let mut st = run.lock();
+        let Some(t) = st.typed else {
+            return;
+        };
+        let prompt = &run.def.prompts[t.prompt];
+        if run.pty.output.fed() != t.fed
+            || t.times >= MAX_TYPED
+            || !st.visible.contains(&screen::collapse(&prompt.expect))
+        {
+            st.typed = None;
+            return;
+        }
+        if t.at.elapsed() < RETYPE_AFTER {
+            return;
+        }
+        let _ = run.pty.send(unescape(&prompt.send).as_bytes());
+        tracing::info!(
+            prompt = t.prompt,
+            "a prompt's answer drew no reaction: typed again"
+        );
+        st.typed = Some(Typed {
+            at: tokio::time::Instant::now(),
+            fed: run.pty.output.fed(),
+            times: t.times + 1,
+            ..t
+        });
     }
 
     fn open_in_browser(&self, url: &str) {
@@ -995,5 +1055,33 @@ mod tests {
         let last = poll(&logins, "c4", 30, |s| s.awaiting_code).await;
         assert!(last.awaiting_code, "the prompt came back: {last:?}");
         logins.cancel("c4");
+    }
+
+    /// A TUI that drops the key typed at its prompt (it drew the prompt
+    /// before it read keys, as gemini does while it restarts): the answer
+    /// is typed again once the screen shows no reaction.
+    #[tokio::test]
+    async fn an_answer_dropped_by_the_cli_is_typed_again() {
+        let home = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        let logins = Arc::new(Logins::new(test_cfg(home.path(), run.path())));
+        let mut d = def();
+        d.command = vec![
+            "bash".into(),
+            "-c".into(),
+            "stty -echo; printf 'Do you trust  this folder?'; sleep 1.5; \
+             while read -r -t 0.2 x; do :; done; read -r a; printf '\\ntrusted\\n'; mkdir -p .t; \
+             printf '{\"tokens\":{\"access\":\"x\"}}' > .t/tmp && mv .t/tmp .t/creds.json; sleep 30"
+                .into(),
+        ];
+        logins
+            .start(LoginStart {
+                login_id: "r1".into(),
+                provider: d,
+            })
+            .expect("start");
+        let last = poll(&logins, "r1", 120, |s| s.phase == AgentLoginPhase::Captured).await;
+        assert_eq!(last.phase, AgentLoginPhase::Captured, "{last:?}");
+        logins.cancel("r1");
     }
 }

@@ -96,6 +96,11 @@ impl Output {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How many reads fed the screen so far.
+    pub(super) fn fed(&self) -> u64 {
+        self.lock().fed
+    }
+
     /// The screen if output came since `seen` (which is moved on), and how
     /// the command ended if it has: both read at one moment, so the screen
     /// returned with the exit holds the command's last words.
