@@ -2,6 +2,7 @@
 //! environment, a deadline enforced on its whole process group, and output
 //! capped per stream.
 
+use crate::privdrop::Session;
 use airlock_proto::agent::{
     ExecRequest, ExecResponse, DEFAULT_EXEC_TIMEOUT_S, MAX_EXEC_OUTPUT, MAX_EXEC_TIMEOUT_S,
 };
@@ -122,25 +123,6 @@ impl Drop for GroupKiller {
     }
 }
 
-#[allow(unsafe_code)]
-pub(crate) fn switch_user(cmd: &mut Command, uid: u32, gid: u32, groups: Vec<u32>) {
-    // std applies its own uid/gid *before* pre_exec hooks and then drops all
-    // supplementary groups, so the switch is done here in one place, in order.
-    // SAFETY: the closure only makes async-signal-safe system calls on data moved
-    // into it before fork; it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 /// Runs `req` and reports its outcome. Failures of the command itself (not
 /// found, non-zero exit, timeout) are answers, not errors.
 pub async fn run(cfg: &ExecConfig, req: ExecRequest) -> Result<ExecResponse, ExecError> {
@@ -161,9 +143,7 @@ pub async fn run(cfg: &ExecConfig, req: ExecRequest) -> Result<ExecResponse, Exe
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    if let RunAs::User { uid, gid, groups } = &cfg.run_as {
-        switch_user(&mut cmd, *uid, *gid, groups.clone());
-    }
+    crate::privdrop::drop_to(cmd.as_std_mut(), &cfg.run_as, Session::Inherit);
 
     let mut child = match cmd.spawn() {
         Ok(c) => c,

@@ -8,6 +8,7 @@ pub mod layout;
 pub mod login;
 pub mod metadata;
 pub mod prepare;
+pub mod privdrop;
 pub mod server;
 pub mod stream;
 pub mod users;

@@ -122,7 +122,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/exec", post(exec_handler))
-        .merge(crate::login::http::routes())
+        .merge(crate::login::routes::routes())
         .merge(crate::stream::route::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(

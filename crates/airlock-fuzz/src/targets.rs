@@ -72,7 +72,7 @@ pub fn all() -> Vec<Target> {
         },
         Target {
             name: "login_screen",
-            about: "the terminal-escape stripper and URL scanner of the login capture (agent login.rs)",
+            about: "the terminal emulator screen and URL scanner of the login capture (agent login/screen.rs, login/urls.rs)",
             seeds: screen_seeds,
             dict: &[
                 b"\x1b[",
@@ -385,23 +385,27 @@ fn screen_seeds() -> Vec<Vec<u8>> {
 }
 
 fn login_screen(input: &[u8]) -> u64 {
-    use airlock_agent::login::{find_url, Stripper};
+    use airlock_agent::login::{from_screen, Screen};
     let Some((&cut, bytes)) = input.split_first() else {
         return 0;
     };
     let prefix = "https://auth.example/authorize?";
     let def = provider(prefix);
     let cut = usize::from(cut).min(bytes.len());
-    let mut s = Stripper::default();
-    let mut text = s.feed(&bytes[..cut]);
-    text.push_str(&s.feed(&bytes[cut..]));
+    let mut s = Screen::new(10, 40);
+    s.feed(&bytes[..cut]);
+    s.feed(&bytes[cut..]);
+    let drawn = s.drawn();
+    let text = &drawn.text;
     assert!(
-        !text
-            .chars()
-            .any(|c| c == '\x1b' || (c.is_ascii_control() && !matches!(c, '\n' | '\r' | '\t'))),
+        !text.chars().any(|c| c.is_control() && c != '\n'),
         "an escape or control character got through: {text:?}"
     );
-    let url = find_url(&def, &text);
+    assert!(drawn.visible_from <= text.len() && text.is_char_boundary(drawn.visible_from));
+    if let Some(at) = drawn.cursor {
+        assert!(at <= text.len() && text.is_char_boundary(at), "{drawn:?}");
+    }
+    let url = from_screen(&def, &drawn);
     if let Some(url) = &url {
         assert!(url.starts_with(prefix), "{url:?}");
         assert!(

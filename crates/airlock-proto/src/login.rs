@@ -24,12 +24,13 @@ pub struct ProviderDef {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// A login URL starts with one of these (scheme, host and path). URLs are
-    /// taken from what the CLI asks a browser to open, else from its output.
+    /// taken from what the CLI asks a browser to open, else from its screen.
     pub url_prefixes: Vec<String>,
     /// Prompts the CLI shows and what to type at each.
     #[serde(default)]
     pub prompts: Vec<Prompt>,
-    /// Text after which the CLI waits for a code pasted by the user.
+    /// Text after which the CLI waits for a code pasted by the user, seen on
+    /// its screen.
     #[serde(default)]
     pub code_prompt: Option<String>,
     /// What the CLI writes when signed in, relative to the user's home.
@@ -49,7 +50,8 @@ fn default_cols() -> u16 {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Prompt {
-    /// Seen in the output (escapes stripped, runs of whitespace as one space).
+    /// Seen on the screen as the terminal draws it (wrapped rows joined, runs
+    /// of whitespace as one space).
     pub expect: String,
     /// Typed into the PTY; `\r` is Enter.
     pub send: String,

@@ -194,9 +194,11 @@ fn spawn(cmd: &CaptureCommand, fps: u32) -> std::io::Result<Child> {
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    if let RunAs::User { uid, gid, groups } = &cmd.run_as {
-        crate::exec::switch_user(&mut c, *uid, *gid, groups.clone());
-    }
+    crate::privdrop::drop_to(
+        c.as_std_mut(),
+        &cmd.run_as,
+        crate::privdrop::Session::Inherit,
+    );
     c.spawn()
 }
 
