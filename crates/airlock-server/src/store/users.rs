@@ -21,9 +21,6 @@ pub struct UserRow {
 
 pub(super) const USER_COLUMNS: &str = "id, name, created_at, admin, disabled_at, removing_at";
 
-/// Login states that still run (the ones a removal cancels).
-const LIVE_LOGINS: &str = "('starting', 'awaiting_user', 'captured', 'stored', 'delivered')";
-
 /// A sandbox that still holds host resources (or may soon).
 const HOLDS_RESOURCES: &str = "(state NOT IN ('stopped', 'failed') OR lease_index IS NOT NULL)";
 
@@ -129,9 +126,11 @@ impl Store {
     }
 
     /// Start removing a user, in one transaction: its token stops working,
-    /// its live logins are cancelled, its live sandboxes go to `stopping` (a
+    /// its live sandboxes go to `stopping` (a
     /// running control plane's reaper, or the next start, ends them), and its
-    /// credentials and egress rows are deleted. Repeating it is harmless.
+    /// credentials and egress rows are deleted. Repeating it is harmless. Its
+    /// live logins are ended by the caller, through the login machine
+    /// (`app::logins::end_logins_of`), once the token no longer works.
     /// Returns how many of its sandboxes still hold host resources.
     pub async fn begin_user_removal(&self, user_id: &str, reason: &str) -> Result<u64, StoreError> {
         let now = now_ms();
@@ -145,16 +144,6 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(q("mark a user removed"))?;
-        sqlx::query(&format!(
-            "UPDATE logins SET state = 'cancelled', reason = $1, updated_at = $2, finished_at = $2 \
-             WHERE owner_id = $3 AND state IN {LIVE_LOGINS}"
-        ))
-        .bind(reason)
-        .bind(now)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(q("cancel a user's logins"))?;
         sqlx::query(
             "UPDATE sandboxes SET state = 'stopping', failure_reason = $1, updated_at = $2 \
              WHERE owner_id = $3 AND state IN ('provisioning', 'booting', 'ready')",
