@@ -10,7 +10,6 @@
 //!    │                                                                   Delivered
 //!    │                                                                        ▼
 //!    │                                           completed ◀──Finished── delivered
-//!    │
 //!    ├─ Expire (starting, awaiting_user) ──────────────────────────▶ expired
 //!    ├─ Cancel (starting, awaiting_user, captured) ────────────────▶ cancelled
 //!    ├─ OwnerRemoved (any live state) ─────────────────────────────▶ cancelled
@@ -447,6 +446,45 @@ mod tests {
         let mut doc = documented(include_str!("state.rs"));
         doc.sort();
         assert_eq!(doc, allowed(), "the table in state.rs's module doc");
+    }
+
+    /// The first fenced diagram after `marker` in `text`, lines trimmed of
+    /// the doc-comment prefix.
+    fn diagram(text: &str, marker: &str) -> Vec<String> {
+        let from = text.find(marker).expect("the diagram's heading");
+        text[from..]
+            .lines()
+            .map(|l| match l.strip_prefix("//!") {
+                Some(doc) => doc.strip_prefix(' ').unwrap_or(doc),
+                None => l,
+            })
+            .map(|l| l.trim_end().to_owned())
+            .skip_while(|l| !l.starts_with("```"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("```"))
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    }
+
+    /// docs/architecture.md shows the same machine: its transition table is
+    /// the machine's, its diagram is this module's, and the diagram names
+    /// every state and every event.
+    #[test]
+    fn the_docs_are_the_machine() {
+        let docs = include_str!("../../../../../docs/architecture.md");
+        let section = &docs[docs.find("## A login's life").expect("the login section")..];
+        let mut table = documented(section);
+        table.sort();
+        assert_eq!(table, allowed(), "the table in docs/architecture.md");
+        let ours = diagram(include_str!("state.rs"), "//! The login lifecycle");
+        assert_eq!(diagram(section, "## A login's life"), ours);
+        let drawn = ours.join("\n");
+        for s in LoginState::ALL {
+            assert!(drawn.contains(s.as_str()), "{s} is not drawn");
+        }
+        for e in every_event() {
+            assert!(drawn.contains(e.name()), "{} is not drawn", e.name());
+        }
     }
 
     #[test]
