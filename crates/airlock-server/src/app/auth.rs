@@ -150,7 +150,7 @@ pub async fn finish_removal(
 /// The store's part of a removal (token, secrets, sandboxes told to stop),
 /// then each live login of the user ended through the login machine.
 async fn begin_removal(store: &Store, user_id: &str) -> Result<u64, AppError> {
-    let holding = store.begin_user_removal(user_id, REMOVED_REASON).await?;
+    let holding = store.begin_user_removal(user_id).await?;
     super::logins::end_logins_of(store, user_id, REMOVED_REASON).await?;
     Ok(holding)
 }
@@ -179,12 +179,11 @@ impl App {
             }
             for id in self
                 .store
-                .stopping_sandboxes_of(&user.id)
+                .live_sandboxes_of(&user.id)
                 .await
                 .unwrap_or_default()
             {
-                self.teardown(&id, super::state::SandboxState::Stopped)
-                    .await;
+                self.stop_and_wait(&id, REMOVED_REASON).await;
             }
             match finish_removal(&self.store, &self.cfg.data_dir, &user.id).await {
                 Ok(Removal::Done) => tracing::info!(user = %user.name, "user removed"),

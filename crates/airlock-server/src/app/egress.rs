@@ -537,15 +537,7 @@ impl Resolve for UserResolver {
     }
 }
 
-fn rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
+use crate::app::rfc3339;
 
 impl App {
     fn egress_metrics(&self) -> &EgressMetrics {

@@ -21,13 +21,15 @@ use std::sync::Arc;
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
     /// `browser` (disposable) or `workspace` (the user's long-lived machine).
-    pub kind: String,
+    #[schema(value_type = String, example = "browser")]
+    pub kind: SandboxKind,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Sandbox {
     pub id: String,
-    pub kind: String,
+    #[schema(value_type = String, example = "browser")]
+    pub kind: SandboxKind,
     pub state: SandboxState,
     pub owner: String,
     pub image_build_id: String,
@@ -66,16 +68,7 @@ pub struct ExecResult {
     pub truncated: bool,
 }
 
-pub(super) fn rfc3339(ms: i64) -> String {
-    let nanos = i128::from(ms) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
+pub(super) use crate::app::rfc3339;
 
 fn view(row: SandboxRow, owner: &str) -> Sandbox {
     Sandbox {
@@ -101,11 +94,7 @@ pub async fn create(
     body: Result<Json<CreateSandbox>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
-    let kind: SandboxKind = body
-        .kind
-        .parse()
-        .map_err(|e: airlock_proto::metadata::UnknownKind| ApiError::bad_request(e.to_string()))?;
-    let row = app.create_sandbox(&user, kind).await?;
+    let row = app.create_sandbox(&user, body.kind).await?;
     Ok((StatusCode::CREATED, Json(view(row, &user.name))).into_response())
 }
 
@@ -183,7 +172,7 @@ pub async fn vnc(
         .max_write_buffer_size(1 << 20);
     let target = app.ready_endpoints(&row).map(|e| ws::Target {
         sandbox_id: row.id.clone(),
-        vnc: e.vnc,
+        vnc: e.display,
         password: row.vnc_password.clone(),
     });
     let state = row.state;
@@ -240,7 +229,7 @@ pub async fn stream(
         .ready_endpoints(&row)
         .map(|e| crate::webrtc::hub::GuestStream {
             sandbox_id: row.id.clone(),
-            agent: e.agent,
+            agent: e.stream,
             token: row.agent_token.clone(),
             fps: app.cfg.webrtc_fps,
         });

@@ -475,7 +475,7 @@ impl App {
             let rows = self.store.sandboxes_of(&owner.id).await.map_err(internal)?;
             let live = rows
                 .into_iter()
-                .find(|r| r.kind == SandboxKind::Workspace.as_str() && r.state.is_live());
+                .find(|r| r.kind == SandboxKind::Workspace && r.state.is_live());
             match live {
                 Some(r) if r.state == SandboxState::Ready => return Ok(r),
                 Some(_) => {}
