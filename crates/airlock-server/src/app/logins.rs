@@ -11,10 +11,11 @@
 //! the same files; destroying a sandbox twice is harmless).
 
 pub mod advance;
-pub mod ports;
 pub mod providers;
 pub mod state;
 mod steps;
+#[cfg(test)]
+mod tests;
 
 pub use advance::{advance, AdvanceError, Advanced};
 
@@ -23,7 +24,6 @@ use crate::store::{now_ms, CredentialRow, LoginRow, Store, UserRow};
 use crate::vault::Aad;
 use airlock_proto::login::LoginInput;
 use airlock_proto::metadata::SandboxKind;
-use ports::{AgentAt, LoginAgent};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -113,8 +113,6 @@ pub struct LoginsState {
     driving: Mutex<HashSet<String>>,
     /// Unset: [`Timing::of`] the app's config.
     timing: RwLock<Option<Timing>>,
-    /// Unset: the app's HTTP agent client.
-    agent: RwLock<Option<Arc<dyn LoginAgent>>>,
 }
 
 impl LoginsState {
@@ -122,11 +120,12 @@ impl LoginsState {
     pub fn set_timing(&self, timing: Timing) {
         *self.timing.write().unwrap_or_else(|p| p.into_inner()) = Some(timing);
     }
+}
 
-    /// Talk to guests through `agent` (tests: a fake agent).
-    pub fn set_agent(&self, agent: Arc<dyn LoginAgent>) {
-        *self.agent.write().unwrap_or_else(|p| p.into_inner()) = Some(agent);
-    }
+/// Where a guest's agent listens, and the token it takes.
+struct AgentAt {
+    addr: std::net::SocketAddr,
+    token: String,
 }
 
 fn new_id() -> String {
@@ -273,15 +272,6 @@ impl App {
             .unwrap_or_else(|| Timing::of(&self.cfg))
     }
 
-    fn login_agent(&self) -> Arc<dyn LoginAgent> {
-        self.logins
-            .agent
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or_else(|| Arc::new(self.agent.clone()))
-    }
-
     /// `POST /logins`: a login row, then its browser sandbox; the rest runs
     /// in the background.
     pub async fn start_login(
@@ -421,9 +411,10 @@ impl App {
         }
         let sb = self.browser_of(&row).await?;
         let at = self.agent_at(&sb)?;
-        self.login_agent()
+        self.guest
             .login_input(
-                &at,
+                at.addr,
+                &at.token,
                 id,
                 &LoginInput {
                     text: code.to_owned(),

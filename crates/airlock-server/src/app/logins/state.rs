@@ -359,14 +359,15 @@ pub fn transition(from: LoginState, event: &Event) -> Result<(LoginState, Vec<Ef
             })
         }
     };
-    let mut effects = resume(next);
-    match (next, event) {
-        (Completed, _) => effects.push(Effect::CountCompleted),
-        (Failed, Event::Fail(f)) => effects.push(Effect::CountEnded(f.stage.label())),
-        (Expired, _) => effects.push(Effect::CountEnded("expired")),
-        (Cancelled, _) => effects.push(Effect::CountEnded("cancelled")),
-        _ => {}
-    }
+    // Counted first: the count is instant, the teardown after it is not.
+    let mut effects = match (next, event) {
+        (Completed, _) => vec![Effect::CountCompleted],
+        (Failed, Event::Fail(f)) => vec![Effect::CountEnded(f.stage.label())],
+        (Expired, _) => vec![Effect::CountEnded("expired")],
+        (Cancelled, _) => vec![Effect::CountEnded("cancelled")],
+        _ => vec![],
+    };
+    effects.extend(resume(next));
     Ok((next, effects))
 }
 
@@ -562,7 +563,7 @@ mod tests {
         )
         .expect("fails");
         assert_eq!(to, LoginState::Failed);
-        assert_eq!(fx, [Effect::DestroyBrowser, Effect::CountEnded("url")]);
+        assert_eq!(fx, [Effect::CountEnded("url"), Effect::DestroyBrowser]);
         assert_eq!(
             Failure::new(Stage::Url, "none within 60 s").reason(),
             "sign-in URL: none within 60 s"

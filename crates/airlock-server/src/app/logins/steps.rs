@@ -3,9 +3,8 @@
 //! the step). They read the store and call the agent and the vault; the only
 //! state they write goes through `advance`.
 
-use super::ports::AgentAt;
 use super::state::{Event, Failure, LoginState, SealedRecord, Stage};
-use super::{aad, advance, expiry, AdvanceError, Advanced, Timing};
+use super::{aad, advance, expiry, AdvanceError, Advanced, AgentAt, Timing};
 use crate::app::agent::AgentError;
 use crate::app::state::SandboxState;
 use crate::app::{App, AppError};
@@ -61,8 +60,8 @@ impl Patience {
             return Err(Failure::new(
                 Stage::Agent,
                 format!(
-                    "no answer for {} s: {}",
-                    self.limit.as_secs(),
+                    "no answer for {:?}: {}",
+                    self.limit,
                     crate::app::sandboxes::chain(e)
                 ),
             ));
@@ -72,7 +71,10 @@ impl Patience {
 }
 
 fn unreachable(e: &AgentError) -> bool {
-    matches!(e, AgentError::Unreachable(_) | AgentError::Decode(_))
+    matches!(
+        e,
+        AgentError::Unreachable(_) | AgentError::Decode(_) | AgentError::Down(_)
+    )
 }
 
 /// Where a status leads, for a login in `starting` or `awaiting_user`.
@@ -136,7 +138,6 @@ impl App {
             Err(next) => return Ok(next),
         };
         let at = self.at(&sb, Stage::Sandbox)?;
-        let agent = self.login_agent();
         let start = LoginStart {
             login_id: row.id.clone(),
             provider: def,
@@ -144,17 +145,14 @@ impl App {
         let mut patience = Patience::new(&t);
         let started = Instant::now();
         let mut status = loop {
-            match agent.login_start(&at, &start).await {
+            match self.guest.login_start(at.addr, &at.token, &start).await {
                 Ok(s) => break s,
                 Err(e) if unreachable(&e) => patience.missed(&e)?,
                 Err(AgentError::Status { status, message }) if status >= 500 => {
                     if started.elapsed() >= t.cli_start {
                         return Err(Failure::new(
                             Stage::CliStart,
-                            format!(
-                                "refused for {} s: {status} {message}",
-                                t.cli_start.as_secs()
-                            ),
+                            format!("refused for {:?}: {status} {message}", t.cli_start),
                         ));
                     }
                 }
@@ -179,14 +177,14 @@ impl App {
                 return Err(Failure::new(
                     Stage::Url,
                     format!(
-                        "the login command showed none within {} s (a prompt left unanswered, or no URL with the provider's prefixes)",
-                        t.url.as_secs()
+                        "the login command showed none within {:?} (a prompt left unanswered, or no URL with the provider's prefixes)",
+                        t.url
                     ),
                 ));
             }
             tokio::time::sleep(t.poll).await;
             status = loop {
-                match agent.login_status(&at, &row.id).await {
+                match self.guest.login_status(at.addr, &at.token, &row.id).await {
                     Ok(s) => {
                         patience.answered();
                         break s;
@@ -241,7 +239,7 @@ impl App {
             if Instant::now() >= by {
                 return Err(Failure::new(
                     Stage::Sandbox,
-                    format!("not ready within {} s", t.sandbox.as_secs()),
+                    format!("not ready within {:?}", t.sandbox),
                 ));
             }
             tokio::time::sleep(t.poll).await;
@@ -264,7 +262,6 @@ impl App {
     /// command ends, or the login expires.
     pub(super) async fn watch_step(self: &Arc<Self>, row: &LoginRow) -> Step {
         let t = self.timing();
-        let agent = self.login_agent();
         let mut patience = Patience::new(&t);
         loop {
             let Some(row) = self.still(&row.id, LoginState::AwaitingUser).await? else {
@@ -281,7 +278,7 @@ impl App {
                 return Err(sandbox_ended(&sb, sb.state));
             }
             let at = self.at(&sb, Stage::Sandbox)?;
-            match agent.login_status(&at, &row.id).await {
+            match self.guest.login_status(at.addr, &at.token, &row.id).await {
                 Ok(status) => {
                     patience.answered();
                     if let Some(event) = from_status(row.state, &status) {
@@ -306,7 +303,6 @@ impl App {
     /// state `stored` in one transaction.
     pub(super) async fn capture_step(self: &Arc<Self>, row: &LoginRow) -> Step {
         let t = self.timing();
-        let agent = self.login_agent();
         let sb = self.browser_of(row).await.map_err(|e| match e {
             AppError::NotFound(_) => Failure::new(Stage::Sandbox, "it is gone"),
             e => internal(e),
@@ -314,7 +310,11 @@ impl App {
         let at = self.at(&sb, Stage::Capture)?;
         let by = Instant::now() + t.capture;
         let files: FileSet = loop {
-            match agent.login_credentials(&at, &row.id).await {
+            match self
+                .guest
+                .login_credentials(at.addr, &at.token, &row.id)
+                .await
+            {
                 Ok(files) => break files,
                 Err(e) if unreachable(&e) && Instant::now() < by => {}
                 Err(e) => {
@@ -386,7 +386,6 @@ impl App {
     /// to say it is signed in.
     pub(super) async fn deliver_step(self: &Arc<Self>, row: &LoginRow) -> Step {
         let t = self.timing();
-        let agent = self.login_agent();
         let by = Instant::now() + t.delivery;
         let owner = self.owner(row).await?;
         let cred = self
@@ -411,7 +410,11 @@ impl App {
             let files: FileSet = serde_json::from_slice(plain.expose_secret())
                 .map_err(|_| internal("the stored credentials are unreadable"))?;
             loop {
-                match agent.deliver_credentials(&at, &files).await {
+                match self
+                    .guest
+                    .deliver_credentials(at.addr, &at.token, &files)
+                    .await
+                {
                     Ok(()) => break,
                     Err(e) if unreachable(&e) && Instant::now() < by => {}
                     Err(e) => {
@@ -429,9 +432,11 @@ impl App {
             .get(&row.provider)
             .and_then(|p| p.check.clone())
         {
-            let out = agent
+            let out = self
+                .guest
                 .exec(
-                    &at,
+                    at.addr,
+                    &at.token,
                     &ExecRequest {
                         argv: check.clone(),
                         env: Default::default(),
