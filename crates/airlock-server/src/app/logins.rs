@@ -95,7 +95,8 @@ fn seconds_histogram() -> Histogram {
 pub struct ProviderStats {
     pub started: u64,
     pub completed: u64,
-    /// By reason: `expired`, `cancelled`, `cli_exited`, `sandbox`, `agent`, `delivery`, `internal`.
+    /// By reason: `expired`, `cancelled`, or the step that failed (`sandbox`,
+    /// `agent`, `cli_start`, `cli_exited`, `url`, `capture`, `delivery`, `internal`).
     pub failed: BTreeMap<String, u64>,
     /// Mean seconds from start to completed, over completed logins.
     pub mean_seconds_to_complete: Option<f64>,
