@@ -10,6 +10,8 @@ pub mod agent;
 pub mod auth;
 pub mod egress;
 pub mod keyring;
+#[cfg(test)]
+pub(crate) mod lifecycle_tests;
 pub mod logins;
 pub mod reaper;
 pub mod sandboxes;
@@ -45,6 +47,8 @@ pub struct AppConfig {
     pub reaper_every: Duration,
     /// How often ready sandboxes are checked (node liveness, agent, display).
     pub supervise_every: Duration,
+    /// A sandbox `stopping` this long gets its teardown again from the reaper.
+    pub stuck_stopping: Duration,
     /// Bounded retries of transient driver failures.
     pub driver_retries: u32,
     /// Bytes of host memory that must stay available for a new sandbox.
@@ -88,6 +92,7 @@ impl AppConfig {
             history_ttl: Duration::from_secs(24 * 3600),
             reaper_every: Duration::from_secs(10),
             supervise_every: Duration::from_secs(5),
+            stuck_stopping: Duration::from_secs(60),
             driver_retries: 3,
             min_free_memory: 768 << 20,
             min_free_disk: 2048 << 20,

@@ -16,10 +16,6 @@ use std::time::Duration;
 /// Consecutive missed heartbeats before a ready sandbox is declared failed.
 const MISSED_HEARTBEATS: u32 = 3;
 
-/// A sandbox left `stopping` this long without finishing its teardown (a
-/// destroy that failed) gets another one.
-const STUCK_STOPPING: Duration = Duration::from_secs(60);
-
 pub(crate) const IDLE_REASON: &str = "idle for longer than the idle TTL";
 
 fn ms(d: Duration) -> i64 {
@@ -127,7 +123,8 @@ impl App {
     /// One round of reaping.
     pub(crate) async fn reap_once(self: &Arc<Self>) {
         let idle_before = now_ms() - ms(self.cfg.idle_ttl);
-        let stuck_before = now_ms() - ms(STUCK_STOPPING);
+        // Left `stopping` that long: its teardown failed (a destroy); again.
+        let stuck_before = now_ms() - ms(self.cfg.stuck_stopping);
         match self.store.reapable(idle_before, stuck_before).await {
             Ok(rows) => {
                 for row in rows {
@@ -165,6 +162,10 @@ impl App {
             .await
         {
             Ok(moved) => self.perform(id, moved.effects, true).await,
+            // Already on its way out: finish what an earlier run began.
+            Err(AdvanceError::Refused(r)) if r.from == SandboxState::Stopping => {
+                self.teardown(id).await
+            }
             Err(AdvanceError::Store(e)) => {
                 tracing::error!(sandbox = id, error = %e, "could not stop a sandbox")
             }

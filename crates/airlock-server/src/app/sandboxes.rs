@@ -162,6 +162,13 @@ impl App {
             .map_err(|e| AppError::Unavailable(e.to_string()))
     }
 
+    /// Someone uses the sandbox (an open viewer): keeps the idle reaper away.
+    pub async fn note_activity(&self, id: &str) {
+        if let Err(e) = self.store.touch_activity(id).await {
+            tracing::debug!(sandbox = id, error = %e, "could not record activity");
+        }
+    }
+
     /// Where a ready sandbox is reached; a conflict for any other state.
     pub fn ready_endpoints(&self, row: &SandboxRow) -> Result<GuestEndpoints, AppError> {
         if row.state != SandboxState::Ready {
@@ -459,9 +466,10 @@ impl App {
     /// Destroy the sandbox's host resources and give its address back; then
     /// `Released` (stopping → stopped; a failed sandbox stays failed).
     pub(crate) async fn teardown(&self, id: &str) {
-        self.forwarders.detach(self, id).await;
         let lock = self.lock_for(id);
         let guard = lock.lock().await;
+        // Under the lock: a create under way may attach it until then.
+        self.forwarders.detach(self, id).await;
         if let Err(e) = self.with_retries("destroy", || self.node.destroy(id)).await {
             // Keep the lease: the reaper tries again, so nothing is handed out twice.
             tracing::error!(sandbox = id, error = %e, "destroy failed; the reaper will retry");

@@ -4,7 +4,7 @@
 //! [`crate::app::agent::fake::FakeGuest`], which reads the same map, so a
 //! guest that was never started (or was killed) does not answer either.
 
-use super::{CreateSandbox, GuestEndpoints, Instance, Liveness, Node, NodeError};
+use super::{BlockedPackets, CreateSandbox, GuestEndpoints, Instance, Liveness, Node, NodeError};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
@@ -45,6 +45,8 @@ pub struct FakeInstance {
     pub dead: Option<String>,
     pub agent_up: bool,
     pub display: DisplayState,
+    /// What its firewall dropped (see [`FakeNode::set_blocked`]).
+    pub blocked: BlockedPackets,
 }
 
 #[derive(Debug, Default)]
@@ -147,6 +149,12 @@ impl FakeNode {
         }
     }
 
+    pub fn set_blocked(&self, id: &str, blocked: BlockedPackets) {
+        if let Some(i) = self.world().instances.get_mut(id) {
+            i.blocked = blocked;
+        }
+    }
+
     pub fn set_display(&self, id: &str, display: DisplayState) {
         if let Some(i) = self.world().instances.get_mut(id) {
             i.display = display;
@@ -168,6 +176,7 @@ impl FakeNode {
                 } else {
                     DisplayState::Down
                 },
+                blocked: BlockedPackets::default(),
             },
         );
     }
@@ -264,6 +273,7 @@ impl Node for FakeNode {
                 dead: None,
                 agent_up: false,
                 display: DisplayState::Down,
+                blocked: BlockedPackets::default(),
             });
         Ok(())
     }
@@ -348,6 +358,10 @@ impl Node for FakeNode {
             (None, false) => Liveness::Dead("the fake guest is not running".into()),
             (None, true) => Liveness::Alive,
         })
+    }
+
+    async fn blocked_packets(&self, id: &str) -> Result<Option<BlockedPackets>, NodeError> {
+        Ok(self.world().instances.get(id).map(|i| i.blocked))
     }
 }
 

@@ -10,6 +10,8 @@
 
 pub mod fake;
 
+use airlock_drivers::host::{Host, RealHost};
+use airlock_drivers::net::{firewall, link::LinkNames};
 use airlock_drivers::{Driver, DriverError, ImageRef, Lease, Limits, SandboxSpec};
 use airlock_proto::metadata::{Metadata, SandboxKind};
 use async_trait::async_trait;
@@ -100,6 +102,27 @@ pub enum Liveness {
     Dead(String),
 }
 
+/// Packets a sandbox's host-side firewall dropped, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockedPackets {
+    /// Outbound TCP to anything but the proxy port.
+    pub tcp: u64,
+    pub udp: u64,
+    pub icmp: u64,
+    pub other: u64,
+    /// IPv6 link-local multicast (neighbour discovery); never leaves the link.
+    pub link_local: u64,
+    /// Packets from elsewhere the host would have forwarded to the guest.
+    pub inbound: u64,
+}
+
+impl BlockedPackets {
+    /// Outbound attempts to get out another way (link-local noise excluded).
+    pub fn outbound(&self) -> u64 {
+        self.tcp + self.udp + self.icmp + self.other
+    }
+}
+
 /// A node call that failed, as data (a remote node sends it back as is).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum NodeError {
@@ -168,17 +191,24 @@ pub trait Node: Send + Sync + std::fmt::Debug + 'static {
     async fn list(&self) -> Result<Vec<Instance>, NodeError>;
     /// Whether the supervisor and the payload of a started sandbox are alive.
     async fn liveness(&self, id: &str) -> Result<Liveness, NodeError>;
+    /// The sandbox's firewall drop counters; `None` when its rules are not installed.
+    async fn blocked_packets(&self, id: &str) -> Result<Option<BlockedPackets>, NodeError>;
 }
 
-/// The node in this process: a driver, called directly.
+/// The node in this process: a driver, called directly, and the host's
+/// firewall read through the drivers' host seam.
 #[derive(Debug, Clone)]
 pub struct LocalNode {
     driver: Arc<dyn Driver>,
+    host: Arc<dyn Host>,
 }
 
 impl LocalNode {
     pub fn new(driver: Arc<dyn Driver>) -> Self {
-        LocalNode { driver }
+        LocalNode {
+            driver,
+            host: Arc::new(RealHost),
+        }
     }
 }
 
@@ -299,6 +329,20 @@ impl Node for LocalNode {
             airlock_drivers::Liveness::Alive => Liveness::Alive,
             airlock_drivers::Liveness::Dead(what) => Liveness::Dead(what),
         })
+    }
+
+    async fn blocked_packets(&self, id: &str) -> Result<Option<BlockedPackets>, NodeError> {
+        let counters = firewall::blocked(&*self.host, &LinkNames::for_sandbox(id))
+            .await
+            .map_err(|e| NodeError::Failed(crate::app::sandboxes::chain(&e)))?;
+        Ok(counters.map(|b| BlockedPackets {
+            tcp: b.tcp,
+            udp: b.udp,
+            icmp: b.icmp,
+            other: b.other,
+            link_local: b.link_local,
+            inbound: b.inbound,
+        }))
     }
 }
 
