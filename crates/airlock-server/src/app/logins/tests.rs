@@ -44,6 +44,8 @@ struct Plan {
     fail_deliver: Option<u16>,
     /// Login calls get no answer (the agent hangs or is gone).
     down: bool,
+    /// The command shows its code prompt; the code typed signs it in.
+    code: bool,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +59,8 @@ struct World {
     fetches: Vec<String>,
     /// (workspace sandbox id, files) per delivery.
     deliveries: Vec<(String, FileSet)>,
+    /// Codes typed, per login.
+    typed: Vec<(String, String)>,
 }
 
 /// The fake node's guests, whose agent also runs logins.
@@ -134,6 +138,7 @@ impl LoginGuest {
             s.phase = AgentLoginPhase::Captured;
         } else if s.login_url.is_some() {
             s.phase = AgentLoginPhase::AwaitingUser;
+            s.awaiting_code = w.plan.code;
         }
         s
     }
@@ -233,10 +238,16 @@ impl Guest for LoginGuest {
         &self,
         agent: SocketAddr,
         token: &str,
-        _login_id: &str,
-        _input: &LoginInput,
+        login_id: &str,
+        input: &LoginInput,
     ) -> Result<(), AgentError> {
-        self.reach(agent, token).await.map(drop)
+        self.reach(agent, token).await?;
+        let mut w = self.w();
+        w.typed.push((login_id.to_owned(), input.text.clone()));
+        if w.plan.code && input.text == "good-code" {
+            w.signed_in.push(login_id.to_owned());
+        }
+        Ok(())
     }
 
     async fn deliver_credentials(
@@ -308,6 +319,13 @@ impl Bed {
                  url_prefixes = [\"https://fake.test/\"]\ncredentials = [{{ path = \".fake/credentials.json\" }}]\n\
                  check = [\"fake-cli\", \"whoami\"]\n"
             ),
+        )
+        .expect("provider");
+        std::fs::write(
+            providers.join("fakecode.toml"),
+            "name = \"fakecode\"\ndisplay_name = \"Fake with a code\"\ncommand = [\"fake-cli\", \"login\"]\n\
+             url_prefixes = [\"https://fake.test/\"]\ncredentials = [{ path = \".fake/credentials.json\" }]\n\
+             code_prompt = \"Paste code here\"\n",
         )
         .expect("provider");
         let mut cfg = AppConfig::new(dir.path().to_owned());
@@ -1091,4 +1109,84 @@ async fn restart_after_an_end_destroys_the_browser_sandbox() {
         .is_some());
     bed.restart().await;
     bed.browser_gone(&row).await;
+}
+
+/// Two cancels at once: both answer `cancelled`, one wrote it, it is
+/// counted once, and the browser sandbox goes.
+#[tokio::test]
+async fn two_cancels_at_once() {
+    let bed = Bed::new().await;
+    let login = bed.start().await;
+    bed.until(&login.id, LoginState::AwaitingUser).await;
+    let (a, b) = tokio::join!(
+        bed.app.cancel_login(&bed.user, &login.id),
+        bed.app.cancel_login(&bed.user, &login.id),
+    );
+    assert_eq!(a.expect("a").state, LoginState::Cancelled);
+    assert_eq!(b.expect("b").state, LoginState::Cancelled);
+    let row = bed.row(&login.id).await;
+    bed.browser_gone(&row).await;
+    assert_eq!(bed.failed_count("cancelled"), 1);
+}
+
+/// A code goes only to a login that waits for one, of a provider that reads
+/// one; the refusals change nothing.
+#[tokio::test]
+async fn a_code_is_refused_where_no_code_is_read() {
+    let bed = Bed::new().await;
+    let login = bed.start().await;
+    match bed.app.submit_code(&bed.user, &login.id, "abc").await {
+        Err(AppError::Conflict(m)) => assert!(m.contains("not awaiting_user"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    bed.until(&login.id, LoginState::AwaitingUser).await;
+    match bed.app.submit_code(&bed.user, &login.id, "abc").await {
+        Err(AppError::Conflict(m)) => assert!(m.contains("takes no code"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let other = bed
+        .store
+        .insert_user("u2", "bob", None)
+        .await
+        .expect("user");
+    assert!(matches!(
+        bed.app.submit_code(&other, &login.id, "abc").await,
+        Err(AppError::NotFound(_))
+    ));
+    assert_eq!(bed.row(&login.id).await.state, LoginState::AwaitingUser);
+}
+
+/// The paste-code route: the prompt shows as `awaiting_code`, the code typed
+/// reaches the command, and the login completes.
+#[tokio::test]
+async fn a_pasted_code_completes_the_login() {
+    let bed = Bed::new().await;
+    bed.guest.plan(|p| p.code = true);
+    let login = bed
+        .app
+        .start_login(&bed.user, "fakecode")
+        .await
+        .expect("start");
+    bed.until(&login.id, LoginState::AwaitingUser).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !bed.row(&login.id).await.awaiting_code {
+        assert!(tokio::time::Instant::now() < deadline, "no code prompt");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(matches!(
+        bed.app.submit_code(&bed.user, &login.id, "bad\ncode").await,
+        Err(AppError::BadInput(_))
+    ));
+    bed.app
+        .submit_code(&bed.user, &login.id, "  good-code ")
+        .await
+        .expect("typed");
+    assert_eq!(
+        bed.guest.w().typed,
+        vec![(login.id.clone(), "good-code".to_owned())]
+    );
+    let done = bed.until(&login.id, LoginState::Completed).await;
+    assert!(!done.awaiting_code);
+    bed.browser_gone(&done).await;
+    assert_eq!(bed.guest.deliveries().len(), 1);
 }
