@@ -562,26 +562,48 @@ fn bare_login(id: &str, owner: &str, state: LoginState) -> LoginRow {
     }
 }
 
+/// A fresh database on the PostgreSQL test server, or `None` (said why)
+/// when none is configured (CI sets `AIRLOCK_TEST_POSTGRES_URL`).
+async fn postgres() -> Option<Store> {
+    let Ok(base) = std::env::var("AIRLOCK_TEST_POSTGRES_URL") else {
+        eprintln!("skipping the PostgreSQL half: AIRLOCK_TEST_POSTGRES_URL is not set");
+        return None;
+    };
+    sqlx::any::install_default_drivers();
+    let name = format!("airlock_test_{}", hex::encode(rand::random::<[u8; 6]>()));
+    let admin = sqlx::AnyPool::connect(&base)
+        .await
+        .expect("connect to the PostgreSQL test server");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("create test database");
+    let (prefix, _) = base.rsplit_once('/').expect("URL has a database path");
+    let store = Store::open(&format!("{prefix}/{name}"))
+        .await
+        .expect("open postgres");
+    store.insert_user("u1", "alice", None).await.expect("user");
+    Some(store)
+}
+
 /// Every (state, event) through `advance` on a real store: an allowed one
 /// writes the machine's next state and its columns; a refused one writes
 /// nothing at all.
-#[tokio::test]
-async fn advance_writes_what_the_machine_decides_and_nothing_it_refuses() {
-    let bed = Bed::new().await;
+async fn advance_matrix(store: &Store, owner: &str) {
     let mut n = 0;
     let (mut allowed, mut refused) = (0, 0);
     for from in LoginState::ALL {
         for event in every_event() {
             n += 1;
             let id = format!("l{n}");
-            bed.store
-                .insert_login(&bare_login(&id, &bed.user.id, from))
+            store
+                .insert_login(&bare_login(&id, owner, from))
                 .await
                 .expect("insert");
-            let before = bed.row(&id).await;
+            let before = store.login(&id).await.expect("q").expect("row");
             match (
                 super::state::transition(from, &event),
-                advance(&bed.store, &id, &event).await,
+                advance(store, &id, &event).await,
             ) {
                 (Ok((to, effects)), Ok(done)) => {
                     allowed += 1;
@@ -599,14 +621,14 @@ async fn advance_writes_what_the_machine_decides_and_nothing_it_refuses() {
                             assert_eq!(done.row.login_url.as_ref(), Some(url))
                         }
                         Event::Stored(_) => {
-                            let cred = bed
-                                .store
-                                .credential(&bed.user.id, PROVIDER)
+                            let cred = store
+                                .credential(owner, PROVIDER)
                                 .await
                                 .expect("q")
                                 .expect("written with the state");
                             assert_eq!(cred.login_id, id);
                             assert_eq!(cred.sealed, "v1:k:x:y");
+                            assert!(cred.delivered_at.is_none());
                         }
                         Event::Delivered { workspace } => {
                             assert_eq!(done.row.workspace_sandbox_id.as_ref(), Some(workspace))
@@ -617,7 +639,8 @@ async fn advance_writes_what_the_machine_decides_and_nothing_it_refuses() {
                 (Err(want), Err(AdvanceError::Refused(got))) => {
                     refused += 1;
                     assert_eq!(got, want);
-                    assert_eq!(bed.row(&id).await, before, "a refusal writes nothing");
+                    let after = store.login(&id).await.expect("q").expect("row");
+                    assert_eq!(after, before, "a refusal writes nothing");
                 }
                 (want, got) => panic!(
                     "{from} + {}: machine {want:?}, advance {got:?}",
@@ -628,9 +651,45 @@ async fn advance_writes_what_the_machine_decides_and_nothing_it_refuses() {
     }
     assert_eq!((allowed, refused), (21, 60));
     assert!(matches!(
-        advance(&bed.store, "nope", &Event::Finished).await,
+        advance(store, "nope", &Event::Finished).await,
         Err(AdvanceError::NotFound(_))
     ));
+    // `Delivered` marks the record of that very login, with the state.
+    store
+        .insert_login(&bare_login("d1", owner, LoginState::Captured))
+        .await
+        .expect("insert");
+    for e in [
+        Event::Stored(SealedRecord {
+            sealed: "v1:k:d:y".into(),
+            key_id: "k".into(),
+        }),
+        Event::Delivered {
+            workspace: "w".into(),
+        },
+    ] {
+        advance(store, "d1", &e).await.expect("advance");
+    }
+    let cred = store
+        .credential(owner, PROVIDER)
+        .await
+        .expect("q")
+        .expect("record");
+    assert_eq!(cred.login_id, "d1");
+    assert!(cred.delivered_at.is_some());
+}
+
+#[tokio::test]
+async fn advance_writes_what_the_machine_decides_on_sqlite() {
+    let bed = Bed::new().await;
+    advance_matrix(&bed.store, &bed.user.id).await;
+}
+
+#[tokio::test]
+async fn advance_writes_what_the_machine_decides_on_postgres() {
+    if let Some(store) = postgres().await {
+        advance_matrix(&store, "u1").await;
+    }
 }
 
 /// Two writers race from the same state: one wins, and the other's event
