@@ -335,11 +335,7 @@ async fn removing_a_user_with_logins_and_credentials_leaves_no_row() {
         updated_at: now,
         delivered_at: None,
     };
-    assert!(app
-        .store
-        .store_credentials("l1", &cred)
-        .await
-        .expect("creds"));
+    app.store.replace_credential(&cred).await.expect("creds");
     let (boss_user, boss) = app.add_admin("boss").await.expect("boss");
     let (status, _) = api
         .call(

@@ -8,6 +8,7 @@ pub mod fake;
 
 use crate::relay::rfb;
 use airlock_proto::agent::{ExecRequest, ExecResponse, Health};
+use airlock_proto::login::{FileSet, LoginInput, LoginStart, LoginStatus};
 use async_trait::async_trait;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -29,6 +30,68 @@ pub trait Guest: Send + Sync + std::fmt::Debug + 'static {
     async fn desktop_shown(&self, display: SocketAddr, password: &str) -> Result<(), String>;
     /// Heartbeat: the VNC server still takes our secret (a killed Xvnc does not).
     async fn display_answers(&self, display: SocketAddr, password: &str) -> Result<(), String>;
+
+    // ---- logins (app/logins): a guest that runs none says so ----
+
+    /// Start a provider's login command; a repeated start with the same
+    /// login id answers the running login.
+    async fn login_start(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        start: &LoginStart,
+    ) -> Result<LoginStatus, AgentError> {
+        let _ = (agent, token, start);
+        Err(no_logins())
+    }
+    /// Where a login stands (no secrets in the answer).
+    async fn login_status(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        login_id: &str,
+    ) -> Result<LoginStatus, AgentError> {
+        let _ = (agent, token, login_id);
+        Err(no_logins())
+    }
+    /// The credential files the login command wrote (secret).
+    async fn login_credentials(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        login_id: &str,
+    ) -> Result<FileSet, AgentError> {
+        let _ = (agent, token, login_id);
+        Err(no_logins())
+    }
+    /// Type a code the user pasted into the login command.
+    async fn login_input(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        login_id: &str,
+        input: &LoginInput,
+    ) -> Result<(), AgentError> {
+        let _ = (agent, token, login_id, input);
+        Err(no_logins())
+    }
+    /// Write credential files into this (workspace) guest's home.
+    async fn deliver_credentials(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        files: &FileSet,
+    ) -> Result<(), AgentError> {
+        let _ = (agent, token, files);
+        Err(no_logins())
+    }
+}
+
+fn no_logins() -> AgentError {
+    AgentError::Status {
+        status: 501,
+        message: "this guest runs no logins".into(),
+    }
 }
 
 /// The real guest: HTTP to the agent, RFB to the display.
@@ -72,6 +135,76 @@ impl Guest for HttpGuest {
         Ok(())
     }
 
+    async fn login_start(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        start: &LoginStart,
+    ) -> Result<LoginStatus, AgentError> {
+        self.client
+            .call(reqwest::Method::POST, agent, token, "/login", Some(start))
+            .await?
+            .ok_or_else(|| empty("login status"))
+    }
+
+    async fn login_status(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        login_id: &str,
+    ) -> Result<LoginStatus, AgentError> {
+        let path = format!("/login/{login_id}");
+        self.client
+            .call::<(), _>(reqwest::Method::GET, agent, token, &path, None)
+            .await?
+            .ok_or_else(|| empty("login status"))
+    }
+
+    async fn login_credentials(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        login_id: &str,
+    ) -> Result<FileSet, AgentError> {
+        let path = format!("/login/{login_id}/credentials");
+        self.client
+            .call::<(), _>(reqwest::Method::GET, agent, token, &path, None)
+            .await?
+            .ok_or_else(|| empty("credentials"))
+    }
+
+    async fn login_input(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        login_id: &str,
+        input: &LoginInput,
+    ) -> Result<(), AgentError> {
+        let path = format!("/login/{login_id}/input");
+        self.client
+            .call::<_, serde_json::Value>(reqwest::Method::POST, agent, token, &path, Some(input))
+            .await
+            .map(drop)
+    }
+
+    async fn deliver_credentials(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        files: &FileSet,
+    ) -> Result<(), AgentError> {
+        self.client
+            .call::<_, serde_json::Value>(
+                reqwest::Method::POST,
+                agent,
+                token,
+                "/credentials/deliver",
+                Some(files),
+            )
+            .await
+            .map(drop)
+    }
+
     async fn display_answers(&self, display: SocketAddr, password: &str) -> Result<(), String> {
         tokio::time::timeout(DISPLAY_TIMEOUT, async {
             let mut tcp = tokio::net::TcpStream::connect(display).await?;
@@ -80,6 +213,14 @@ impl Guest for HttpGuest {
         .await
         .map_err(|_| "the VNC server did not answer in time".to_owned())?
         .map_err(|e| format!("VNC: {e}"))
+    }
+}
+
+/// An answer without the body it should have had.
+fn empty(what: &str) -> AgentError {
+    AgentError::Status {
+        status: 204,
+        message: format!("no {what} in the answer"),
     }
 }
 

@@ -125,7 +125,7 @@ pub async fn remove_user(store: &Store, data_dir: &Path, name: &str) -> Result<R
         )));
     }
     let user = named(store, name).await?;
-    store.begin_user_removal(&user.id, REMOVED_REASON).await?;
+    begin_removal(store, &user.id).await?;
     finish_removal(store, data_dir, &user.id).await
 }
 
@@ -144,9 +144,15 @@ pub async fn finish_removal(
         );
         return Ok(Removal::Done);
     }
-    Ok(Removal::Pending(
-        store.begin_user_removal(user_id, REMOVED_REASON).await?,
-    ))
+    Ok(Removal::Pending(begin_removal(store, user_id).await?))
+}
+
+/// The store's part of a removal (token, secrets, sandboxes told to stop),
+/// then each live login of the user ended through the login machine.
+async fn begin_removal(store: &Store, user_id: &str) -> Result<u64, AppError> {
+    let holding = store.begin_user_removal(user_id).await?;
+    super::logins::end_logins_of(store, user_id, REMOVED_REASON).await?;
+    Ok(holding)
 }
 
 impl App {
@@ -167,11 +173,7 @@ impl App {
             return;
         };
         for user in users {
-            if let Err(e) = self
-                .store
-                .begin_user_removal(&user.id, REMOVED_REASON)
-                .await
-            {
+            if let Err(e) = begin_removal(&self.store, &user.id).await {
                 tracing::error!(user = %user.name, error = %e, "could not stop a removed user's sandboxes");
                 continue;
             }

@@ -1,36 +1,71 @@
 //! Login sessions: a CLI signed in inside a browser sandbox, its credentials
 //! captured, sealed in the vault and delivered to the user's workspace.
 //!
-//! One task drives each login from the state in its row (`state.rs` lists
-//! what follows each state). Every state is written before its side effect;
-//! after a restart `recover_logins` starts the task again from the row, and
-//! every side effect is safe to repeat (the agent answers a repeated start
-//! with the running login; delivery rewrites the same files; destroying a
-//! sandbox twice is harmless).
+//! The state machine (`state.rs`) decides every transition and names the
+//! effect that follows; `advance.rs` is the only writer of the state; the
+//! effect handlers (`steps.rs`) do the I/O, each step under its own deadline,
+//! and end in the next event. One task drives each login. Every state is
+//! written before its side effect, so after a restart `recover_logins` starts
+//! the task again from the row, and every side effect is safe to repeat (the
+//! agent answers a repeated start with the running login; delivery rewrites
+//! the same files; destroying a sandbox twice is harmless).
 
+pub mod advance;
 pub mod providers;
 pub mod state;
+mod steps;
+#[cfg(test)]
+mod tests;
 
-use super::{App, AppError};
-use crate::store::{now_ms, CredentialRow, LoginRow, LoginUpdate, UserRow};
+pub use advance::{advance, AdvanceError, Advanced};
+
+use super::{App, AppConfig, AppError};
+use crate::store::{now_ms, CredentialRow, LoginRow, Store, UserRow};
 use crate::vault::Aad;
-use airlock_proto::agent::ExecRequest;
-use airlock_proto::login::{AgentLoginPhase, FileSet, LoginInput, LoginStart, LoginStatus};
+use airlock_proto::login::LoginInput;
 use airlock_proto::metadata::SandboxKind;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
-use reqwest::Method;
-use secrecy::{ExposeSecret, SecretBox};
-use state::{transition, Event, LoginState};
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex, OnceLock};
+use state::{resume, Effect, Event, LoginState};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
+use steps::Next;
 
-const POLL: Duration = Duration::from_millis(500);
-/// Agent calls that fail this many times in a row fail the login.
-const AGENT_PATIENCE: u32 = 20;
+/// How long each step of a login may take, and how often it looks.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// Between two looks at the agent or a sandbox.
+    pub poll: Duration,
+    /// The browser sandbox made and ready.
+    pub sandbox: Duration,
+    /// The agent unreachable this long in a row fails the login.
+    pub agent: Duration,
+    /// The agent accepting the login command.
+    pub cli_start: Duration,
+    /// From the command's start to its sign-in URL (its prompts answered).
+    pub url: Duration,
+    /// Fetching the credentials once the agent saw them.
+    pub capture: Duration,
+    /// The workspace ready, the files written and checked.
+    pub delivery: Duration,
+}
+
+impl Timing {
+    pub fn of(cfg: &AppConfig) -> Self {
+        Timing {
+            poll: Duration::from_millis(500),
+            sandbox: cfg.boot_timeout + Duration::from_secs(30),
+            agent: Duration::from_secs(15),
+            cli_start: Duration::from_secs(30),
+            url: Duration::from_secs(180),
+            capture: Duration::from_secs(60),
+            delivery: cfg.boot_timeout + Duration::from_secs(90),
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProviderLabel {
@@ -60,7 +95,8 @@ fn seconds_histogram() -> Histogram {
 pub struct ProviderStats {
     pub started: u64,
     pub completed: u64,
-    /// By reason: `expired`, `cancelled`, `cli_exited`, `sandbox`, `agent`, `delivery`, `internal`.
+    /// By reason: `expired`, `cancelled`, or the step that failed (`sandbox`,
+    /// `agent`, `cli_start`, `cli_exited`, `url`, `capture`, `delivery`, `internal`).
     pub failed: BTreeMap<String, u64>,
     /// Mean seconds from start to completed, over completed logins.
     pub mean_seconds_to_complete: Option<f64>,
@@ -76,6 +112,21 @@ pub struct LoginsState {
     stats: Mutex<BTreeMap<(String, String), ProviderStats>>,
     /// Logins with a driving task, so a restart's recovery never starts two.
     driving: Mutex<HashSet<String>>,
+    /// Unset: [`Timing::of`] the app's config.
+    timing: RwLock<Option<Timing>>,
+}
+
+impl LoginsState {
+    /// Use other step deadlines (tests: short ones).
+    pub fn set_timing(&self, timing: Timing) {
+        *self.timing.write().unwrap_or_else(|p| p.into_inner()) = Some(timing);
+    }
+}
+
+/// Where a guest's agent listens, and the token it takes.
+struct AgentAt {
+    addr: std::net::SocketAddr,
+    token: String,
 }
 
 fn new_id() -> String {
@@ -86,33 +137,24 @@ pub(crate) fn aad(owner: &str, provider: &str, login_id: &str) -> Aad {
     Aad::new(owner, &format!("credentials:{provider}"), login_id)
 }
 
-/// Why a login failed, as a metrics label.
-#[derive(Debug, Clone, Copy)]
-enum Why {
-    CliExited,
-    Sandbox,
-    Agent,
-    Delivery,
-    Internal,
-}
-
-impl Why {
-    fn label(self) -> &'static str {
-        match self {
-            Why::CliExited => "cli_exited",
-            Why::Sandbox => "sandbox",
-            Why::Agent => "agent",
-            Why::Delivery => "delivery",
-            Why::Internal => "internal",
+/// End every live login of a user being removed, each through the machine
+/// (`OwnerRemoved`). Their browser sandboxes are stopped with the user's
+/// other sandboxes.
+pub async fn end_logins_of(store: &Store, user_id: &str, reason: &str) -> Result<(), AppError> {
+    for row in store.logins_in(&LoginState::LIVE).await? {
+        if row.owner_id != user_id {
+            continue;
+        }
+        let event = Event::OwnerRemoved {
+            reason: reason.to_owned(),
+        };
+        match advance(store, &row.id, &event).await {
+            Ok(_) | Err(AdvanceError::Refused(_) | AdvanceError::NotFound(_)) => {}
+            Err(AdvanceError::Store(e)) => return Err(e.into()),
+            Err(e) => return Err(AppError::Internal(e.to_string())),
         }
     }
-}
-
-/// What one step of the driver decided.
-enum Step {
-    Again,
-    Wait,
-    Done,
+    Ok(())
 }
 
 impl App {
@@ -222,6 +264,15 @@ impl App {
         out
     }
 
+    fn timing(&self) -> Timing {
+        self.logins
+            .timing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| Timing::of(&self.cfg))
+    }
+
     /// `POST /logins`: a login row, then its browser sandbox; the rest runs
     /// in the background.
     pub async fn start_login(
@@ -266,6 +317,7 @@ impl App {
             finished_at: None,
         };
         self.store.insert_login(&row).await?;
+        self.count_started(&user.id, provider);
         let sandbox = match self
             .create_admitted(user, SandboxKind::Browser, sandbox_id, permit)
             .await
@@ -273,18 +325,9 @@ impl App {
             Ok(s) => s,
             Err(e) => {
                 // Nothing was made: the login ends here, with the reason.
-                let _ = self
-                    .store
-                    .transition_login(
-                        &row.id,
-                        LoginState::Starting,
-                        LoginState::Failed,
-                        &LoginUpdate {
-                            reason: Some(format!("no browser sandbox: {e}")),
-                            ..Default::default()
-                        },
-                    )
-                    .await;
+                let failure =
+                    state::Failure::new(state::Stage::Sandbox, format!("none was made: {e}"));
+                self.apply(&row.id, &Event::Fail(failure)).await;
                 return Err(e);
             }
         };
@@ -292,7 +335,6 @@ impl App {
             .set_login_fields(&row.id, Some(&sandbox.id), None)
             .await?;
         row.browser_sandbox_id = Some(sandbox.id);
-        self.count_started(&user.id, provider);
         tracing::info!(login = %row.id, provider, user = %user.name, "login started");
         self.spawn_driver(&row.id);
         Ok(row)
@@ -313,7 +355,7 @@ impl App {
         Ok(self.store.credentials_of(&user.id).await?)
     }
 
-    /// `DELETE /logins/{id}`: cancel one still waiting on the user.
+    /// `DELETE /logins/{id}`: cancel one whose credentials are not stored yet.
     pub async fn cancel_login(
         self: &Arc<Self>,
         user: &UserRow,
@@ -323,25 +365,22 @@ impl App {
         if row.state.is_final() {
             return Ok(row);
         }
-        let to = transition(row.state, &Event::Cancel)
-            .map_err(|e| AppError::Conflict(format!("{e}: its credentials are already stored")))?;
-        if self
-            .store
-            .transition_login(
-                id,
-                row.state,
-                to,
-                &LoginUpdate {
-                    reason: Some("cancelled by the user".into()),
-                    ..Default::default()
-                },
-            )
-            .await?
-        {
-            self.count_failed(&row.owner_id, &row.provider, "cancelled");
-            self.end_browser(&row).await;
+        let event = Event::Cancel {
+            reason: "cancelled by the user".into(),
+        };
+        match advance(&self.store, id, &event).await {
+            Ok(done) => {
+                tracing::info!(login = %id, from = %done.from, "login cancelled");
+                self.run_side_effects(&done).await;
+                Ok(done.row)
+            }
+            Err(AdvanceError::Refused(r)) if r.from.is_final() => self.login_of(user, id).await,
+            Err(AdvanceError::Refused(r)) => Err(AppError::Conflict(format!(
+                "{r}: its credentials are already stored"
+            ))),
+            Err(AdvanceError::Store(e)) => Err(e.into()),
+            Err(e) => Err(AppError::Internal(e.to_string())),
         }
-        self.login_of(user, id).await
     }
 
     /// A code the user pasted, typed into the CLI.
@@ -372,16 +411,15 @@ impl App {
             ));
         }
         let sb = self.browser_of(&row).await?;
-        let endpoints = self.ready_endpoints(&sb)?;
-        self.agent
-            .call::<_, serde_json::Value>(
-                Method::POST,
-                endpoints.agent,
-                &sb.agent_token,
-                &format!("/login/{id}/input"),
-                Some(&LoginInput {
+        let at = self.agent_at(&sb)?;
+        self.guest
+            .login_input(
+                at.addr,
+                &at.token,
+                id,
+                &LoginInput {
                     text: code.to_owned(),
-                }),
+                },
             )
             .await
             .map_err(|e| AppError::Unavailable(format!("typing the code: {e}")))?;
@@ -400,19 +438,19 @@ impl App {
             .ok_or_else(|| AppError::NotFound(format!("sandbox {sid:?}")))
     }
 
+    fn agent_at(&self, sb: &crate::store::SandboxRow) -> Result<AgentAt, AppError> {
+        Ok(AgentAt {
+            addr: self.ready_endpoints(sb)?.agent,
+            token: sb.agent_token.clone(),
+        })
+    }
+
     /// After a restart: carry on with logins that were under way, and finish
     /// tearing down after those that ended.
     pub(crate) async fn recover_logins(self: &Arc<Self>) {
         let _ = self.login_metrics();
         let _ = self.providers();
-        let live = [
-            LoginState::Starting,
-            LoginState::AwaitingUser,
-            LoginState::Captured,
-            LoginState::Stored,
-            LoginState::Delivered,
-        ];
-        match self.store.logins_in(&live).await {
+        match self.store.logins_in(&LoginState::LIVE).await {
             Ok(rows) => {
                 for row in rows {
                     tracing::info!(login = %row.id, state = %row.state, "resuming login");
@@ -433,7 +471,9 @@ impl App {
             for row in rows {
                 if let Ok(sb) = self.browser_of(&row).await {
                     if sb.state.is_live() {
-                        self.end_browser(&row).await;
+                        for effect in resume(row.state) {
+                            let _ = self.run_effect(&row.id, effect).await;
+                        }
                     }
                 }
             }
@@ -451,45 +491,44 @@ impl App {
         };
         let now = now_ms();
         for row in rows.into_iter().filter(|r| r.expires_at <= now) {
-            self.expire(&row).await;
+            self.apply(&row.id, &expiry(&row)).await;
         }
     }
 
-    async fn expire(self: &Arc<Self>, row: &LoginRow) {
-        let Ok(to) = transition(row.state, &Event::Expire) else {
-            return;
-        };
-        let secs = (row.expires_at - row.created_at) / 1000;
-        if let Ok(true) = self
-            .store
-            .transition_login(
-                &row.id,
-                row.state,
-                to,
-                &LoginUpdate {
-                    reason: Some(format!("not signed in within {secs} s")),
-                    ..Default::default()
-                },
-            )
-            .await
+    /// Advance a login and run what follows: the side effects here, the
+    /// work (a step of the login) in its driving task. Nothing when the
+    /// machine refuses (another writer moved the login first).
+    async fn apply(self: &Arc<Self>, id: &str, event: &Event) -> Option<Advanced> {
+        match advance(&self.store, id, event).await {
+            Ok(done) => {
+                self.run_side_effects(&done).await;
+                if done.effects.iter().any(is_work) {
+                    self.spawn_driver(id);
+                }
+                Some(done)
+            }
+            Err(AdvanceError::Refused(r)) => {
+                tracing::debug!(login = %id, error = %r, "event refused");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(login = %id, error = %e, event = event.name(), "could not advance the login");
+                None
+            }
+        }
+    }
+
+    async fn run_side_effects(self: &Arc<Self>, done: &Advanced) {
+        for effect in done.effects.iter().filter(|e| !is_work(e)) {
+            let _ = self.run_effect(&done.row.id, effect.clone()).await;
+        }
+        if let Some(reason) = done
+            .row
+            .reason
+            .as_deref()
+            .filter(|_| done.row.state == LoginState::Failed)
         {
-            tracing::info!(login = %row.id, "login expired");
-            self.count_failed(&row.owner_id, &row.provider, "expired");
-            self.end_browser(row).await;
-        }
-    }
-
-    /// Destroy a login's browser sandbox (and the login command with it).
-    async fn end_browser(self: &Arc<Self>, row: &LoginRow) {
-        let Some(sid) = &row.browser_sandbox_id else {
-            return;
-        };
-        let owner = match self.store.user_by_id(&row.owner_id).await {
-            Ok(Some(u)) => u,
-            _ => return,
-        };
-        if let Err(e) = self.delete_sandbox(&owner, sid).await {
-            tracing::warn!(login = %row.id, sandbox = %sid, error = %e, "could not destroy the browser sandbox");
+            tracing::warn!(login = %done.row.id, reason, "login failed");
         }
     }
 
@@ -516,430 +555,104 @@ impl App {
         });
     }
 
+    /// The login's task: run the effect its state names, feed the event it
+    /// ends in to the machine, run what the machine says next; stop when
+    /// nothing follows or another writer moved the login.
     async fn drive(self: &Arc<Self>, id: &str) {
-        let mut agent_misses = 0u32;
-        loop {
-            let row = match self.store.login(id).await {
-                Ok(Some(r)) => r,
+        let poll = self.timing().poll;
+        let row = loop {
+            match self.store.login(id).await {
+                Ok(Some(r)) => break r,
                 Ok(None) => return,
                 Err(e) => {
                     tracing::warn!(login = %id, error = %e, "reading the login failed");
-                    tokio::time::sleep(POLL).await;
-                    continue;
+                    tokio::time::sleep(poll).await;
                 }
-            };
-            let step = match self.step(&row, &mut agent_misses).await {
-                Ok(s) => s,
-                Err((why, reason)) => {
-                    self.fail_login(&row, why, &reason).await;
-                    Step::Done
-                }
-            };
-            match step {
-                Step::Again => {}
-                Step::Wait => tokio::time::sleep(POLL).await,
-                Step::Done => return,
             }
-        }
-    }
-
-    async fn fail_login(self: &Arc<Self>, row: &LoginRow, why: Why, reason: &str) {
-        if transition(row.state, &Event::Fail(reason.to_owned())).is_err() {
+        };
+        if row.state.is_final() {
             return;
         }
-        if let Ok(true) = self
-            .store
-            .transition_login(
-                &row.id,
-                row.state,
-                LoginState::Failed,
-                &LoginUpdate {
-                    reason: Some(reason.to_owned()),
-                    ..Default::default()
+        let mut queue: VecDeque<Effect> = resume(row.state).into();
+        while let Some(effect) = queue.pop_front() {
+            let done = match self.run_effect(id, effect).await {
+                Next::Nothing => continue,
+                Next::Stop => return,
+                Next::Advanced(done) => done,
+                Next::Event(event) => match self.advance_retrying(id, &event).await {
+                    Some(done) => done,
+                    None => return,
                 },
-            )
-            .await
-        {
-            tracing::warn!(login = %row.id, reason, "login failed");
-            self.count_failed(&row.owner_id, &row.provider, why.label());
-            self.end_browser(row).await;
+            };
+            self.run_side_effects(&done).await;
+            queue.extend(done.effects.into_iter().filter(is_work));
         }
     }
 
-    async fn step(
-        self: &Arc<Self>,
-        row: &LoginRow,
-        agent_misses: &mut u32,
-    ) -> Result<Step, (Why, String)> {
-        let internal = |e: &dyn std::fmt::Display| (Why::Internal, e.to_string());
-        match row.state {
-            LoginState::Starting | LoginState::AwaitingUser => {
-                if row.expires_at <= now_ms() {
-                    self.expire(row).await;
-                    return Ok(Step::Done);
-                }
-                let Some(def) = self.providers().get(&row.provider).cloned() else {
-                    return Err((
-                        Why::Internal,
-                        format!("provider {:?} is no longer defined", row.provider),
-                    ));
-                };
-                let Some(sid) = row.browser_sandbox_id.clone() else {
-                    // Interrupted between the row and its sandbox.
-                    let owner = self
-                        .store
-                        .user_by_id(&row.owner_id)
-                        .await
-                        .map_err(|e| internal(&e))?
-                        .ok_or_else(|| (Why::Internal, "owner is gone".to_owned()))?;
-                    let sb = self
-                        .create_sandbox_for(&owner, SandboxKind::Browser)
-                        .await
-                        .map_err(|e| (Why::Sandbox, format!("no browser sandbox: {e}")))?;
-                    self.store
-                        .set_login_fields(&row.id, Some(&sb.id), None)
-                        .await
-                        .map_err(|e| internal(&e))?;
-                    return Ok(Step::Again);
-                };
-                let sb = self
-                    .store
-                    .sandbox(&sid)
-                    .await
-                    .map_err(|e| internal(&e))?
-                    .ok_or_else(|| (Why::Sandbox, "the browser sandbox is gone".to_owned()))?;
-                match sb.state {
-                    super::state::SandboxState::Ready => {}
-                    super::state::SandboxState::Provisioning
-                    | super::state::SandboxState::Booting => return Ok(Step::Wait),
-                    other => {
-                        return Err((
-                            Why::Sandbox,
-                            format!(
-                                "the browser sandbox is {other}{}",
-                                sb.failure_reason
-                                    .map(|r| format!(": {r}"))
-                                    .unwrap_or_default()
-                            ),
-                        ))
-                    }
-                }
-                let endpoints = self.ready_endpoints(&sb).map_err(|e| internal(&e))?;
-                // Start is idempotent: after a restart it answers the running login.
-                let status: Result<Option<LoginStatus>, _> = if row.state == LoginState::Starting {
-                    self.agent
-                        .call(
-                            Method::POST,
-                            endpoints.agent,
-                            &sb.agent_token,
-                            "/login",
-                            Some(&LoginStart {
-                                login_id: row.id.clone(),
-                                provider: def,
-                            }),
-                        )
-                        .await
-                } else {
-                    self.agent
-                        .call::<(), _>(
-                            Method::GET,
-                            endpoints.agent,
-                            &sb.agent_token,
-                            &format!("/login/{}", row.id),
-                            None,
-                        )
-                        .await
-                };
-                let status = match status {
-                    Ok(Some(s)) => {
-                        *agent_misses = 0;
-                        s
-                    }
-                    Err(crate::app::agent::AgentError::Status { status: 404, .. })
-                        if row.state == LoginState::AwaitingUser =>
-                    {
-                        return Err((
-                            Why::Agent,
-                            "the sandbox's agent no longer runs this login (it restarted)".into(),
-                        ))
-                    }
-                    other => {
-                        *agent_misses += 1;
-                        if *agent_misses >= AGENT_PATIENCE {
-                            let why = match other {
-                                Err(e) => e.to_string(),
-                                Ok(_) => "empty answer".into(),
-                            };
-                            return Err((Why::Agent, format!("the agent did not answer: {why}")));
-                        }
-                        return Ok(Step::Wait);
-                    }
-                };
-                match status.phase {
-                    AgentLoginPhase::Failed => Err((
-                        Why::CliExited,
-                        status
-                            .error
-                            .unwrap_or_else(|| "the login command failed".into()),
-                    )),
-                    AgentLoginPhase::Captured => {
-                        let ok = self
-                            .store
-                            .transition_login(
-                                &row.id,
-                                row.state,
-                                LoginState::Captured,
-                                &LoginUpdate {
-                                    login_url: status.login_url,
-                                    ..Default::default()
-                                },
-                            )
-                            .await
-                            .map_err(|e| internal(&e))?;
-                        Ok(if ok { Step::Again } else { Step::Wait })
-                    }
-                    AgentLoginPhase::AwaitingUser | AgentLoginPhase::Running => {
-                        if row.state == LoginState::Starting && status.login_url.is_some() {
-                            self.store
-                                .transition_login(
-                                    &row.id,
-                                    LoginState::Starting,
-                                    LoginState::AwaitingUser,
-                                    &LoginUpdate {
-                                        login_url: status.login_url,
-                                        ..Default::default()
-                                    },
-                                )
-                                .await
-                                .map_err(|e| internal(&e))?;
-                        } else if status.awaiting_code != row.awaiting_code {
-                            self.store
-                                .set_login_fields(&row.id, None, Some(status.awaiting_code))
-                                .await
-                                .map_err(|e| internal(&e))?;
-                        }
-                        Ok(Step::Wait)
-                    }
-                }
+    /// Run one effect: its handler's outcome (a failure becomes `Fail`).
+    async fn run_effect(self: &Arc<Self>, id: &str, effect: Effect) -> Next {
+        let row = match self.store.login(id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Next::Stop,
+            Err(e) => {
+                let failure = state::Failure::new(state::Stage::Internal, e.to_string());
+                return Next::Event(Event::Fail(failure));
             }
-            LoginState::Captured => {
-                let sb = self.browser_of(row).await.map_err(|e| internal(&e))?;
-                let endpoints = self
-                    .ready_endpoints(&sb)
-                    .map_err(|e| (Why::Sandbox, e.to_string()))?;
-                let files: FileSet = self
-                    .agent
-                    .call::<(), FileSet>(
-                        Method::GET,
-                        endpoints.agent,
-                        &sb.agent_token,
-                        &format!("/login/{}/credentials", row.id),
-                        None,
-                    )
-                    .await
-                    .map_err(|e| (Why::Agent, format!("fetching the credentials: {e}")))?
-                    .ok_or_else(|| (Why::Agent, "the agent sent no credentials".to_owned()))?;
-                let plain = SecretBox::new(Box::new(
-                    serde_json::to_vec(&files).map_err(|e| internal(&e))?,
-                ));
-                drop(files);
-                let vault = self.vault.read().await;
-                let sealed = vault.seal(
-                    plain.expose_secret(),
-                    &aad(&row.owner_id, &row.provider, &row.id),
-                );
-                let key_id = vault.current_key_id().to_owned();
-                // The keyring stays read-locked until the record is stored: a
-                // reload (vault rotate) waits, so it never misses a record
-                // sealed under a key it is about to retire.
-                let now = now_ms();
-                let cred = CredentialRow {
-                    owner_id: row.owner_id.clone(),
-                    provider: row.provider.clone(),
-                    login_id: row.id.clone(),
-                    sealed,
-                    key_id,
-                    created_at: now,
-                    updated_at: now,
-                    delivered_at: None,
-                };
-                self.store
-                    .store_credentials(&row.id, &cred)
-                    .await
-                    .map_err(|e| internal(&e))?;
-                drop(vault);
-                tracing::info!(login = %row.id, "credentials sealed and stored");
-                Ok(Step::Again)
+        };
+        let outcome = match effect {
+            Effect::Start => self.start_step(&row).await,
+            Effect::Watch => self.watch_step(&row).await,
+            Effect::Capture => self.capture_step(&row).await,
+            Effect::Deliver => self.deliver_step(&row).await,
+            Effect::Finish => {
+                self.end_browser(&row).await;
+                Ok(Next::Event(Event::Finished))
             }
-            LoginState::Stored => {
-                let workspace = self.deliver(row).await?;
-                self.store
-                    .transition_login(
-                        &row.id,
-                        LoginState::Stored,
-                        LoginState::Delivered,
-                        &LoginUpdate {
-                            workspace_sandbox_id: Some(workspace),
-                            ..Default::default()
-                        },
-                    )
-                    .await
-                    .map_err(|e| internal(&e))?;
-                Ok(Step::Again)
+            Effect::DestroyBrowser => {
+                self.end_browser(&row).await;
+                Ok(Next::Nothing)
             }
-            LoginState::Delivered => {
-                self.end_browser(row).await;
-                if self
-                    .store
-                    .transition_login(
-                        &row.id,
-                        LoginState::Delivered,
-                        LoginState::Completed,
-                        &LoginUpdate::default(),
-                    )
-                    .await
-                    .map_err(|e| internal(&e))?
-                {
-                    let secs = (now_ms() - row.created_at) as f64 / 1000.0;
-                    self.count_completed(&row.owner_id, &row.provider, secs);
-                    tracing::info!(login = %row.id, seconds = secs, "login completed");
-                }
-                Ok(Step::Done)
+            Effect::CountCompleted => {
+                let end = row.finished_at.unwrap_or_else(now_ms);
+                let secs = (end - row.created_at) as f64 / 1000.0;
+                self.count_completed(&row.owner_id, &row.provider, secs);
+                tracing::info!(login = %row.id, seconds = secs, "login completed");
+                Ok(Next::Nothing)
             }
-            _ => Ok(Step::Done),
-        }
+            Effect::CountEnded(label) => {
+                self.count_failed(&row.owner_id, &row.provider, label);
+                Ok(Next::Nothing)
+            }
+        };
+        outcome.unwrap_or_else(|failure| Next::Event(Event::Fail(failure)))
     }
 
-    /// The user's live workspace, created if there is none, once ready.
-    async fn ready_workspace(
-        self: &Arc<Self>,
-        owner: &UserRow,
-    ) -> Result<crate::store::SandboxRow, (Why, String)> {
-        let deadline =
-            tokio::time::Instant::now() + self.cfg.boot_timeout + Duration::from_secs(30);
-        loop {
-            let rows = self
-                .store
-                .sandboxes_of(&owner.id)
-                .await
-                .map_err(|e| (Why::Internal, e.to_string()))?;
-            let live = rows
-                .into_iter()
-                .find(|r| r.kind == SandboxKind::Workspace && r.state.is_live());
-            match live {
-                Some(r) if r.state == super::state::SandboxState::Ready => return Ok(r),
-                Some(r) if r.state == super::state::SandboxState::Stopping => {}
-                Some(_) => {}
-                None => match self.create_sandbox_for(owner, SandboxKind::Workspace).await {
-                    Ok(_) | Err(AppError::Conflict(_)) => {}
-                    Err(e) => return Err((Why::Delivery, format!("no workspace sandbox: {e}"))),
-                },
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err((
-                    Why::Delivery,
-                    "the workspace sandbox did not become ready".into(),
-                ));
-            }
-            tokio::time::sleep(POLL).await;
+    /// Destroy a login's browser sandbox (and the login command with it).
+    async fn end_browser(self: &Arc<Self>, row: &LoginRow) {
+        let Some(sid) = &row.browser_sandbox_id else {
+            return;
+        };
+        let owner = match self.store.user_by_id(&row.owner_id).await {
+            Ok(Some(u)) => u,
+            _ => return,
+        };
+        if let Err(e) = self.delete_sandbox(&owner, sid).await {
+            tracing::warn!(login = %row.id, sandbox = %sid, error = %e, "could not destroy the browser sandbox");
         }
     }
+}
 
-    /// Open the stored record and write its files into the workspace; check
-    /// the CLI there where it has a way to say it is signed in.
-    async fn deliver(self: &Arc<Self>, row: &LoginRow) -> Result<String, (Why, String)> {
-        let internal = |e: &dyn std::fmt::Display| (Why::Internal, e.to_string());
-        let owner = self
-            .store
-            .user_by_id(&row.owner_id)
-            .await
-            .map_err(|e| internal(&e))?
-            .ok_or_else(|| (Why::Internal, "owner is gone".to_owned()))?;
-        let cred = self
-            .store
-            .credential(&row.owner_id, &row.provider)
-            .await
-            .map_err(|e| internal(&e))?
-            .ok_or_else(|| {
-                (
-                    Why::Internal,
-                    "the stored credentials are missing".to_owned(),
-                )
-            })?;
-        let ws = self.ready_workspace(&owner).await?;
-        let endpoints = self.ready_endpoints(&ws).map_err(|e| internal(&e))?;
-        {
-            let vault = self.vault.read().await;
-            let plain = vault
-                .open(
-                    &cred.sealed,
-                    &aad(&cred.owner_id, &cred.provider, &cred.login_id),
-                )
-                .map_err(|e| {
-                    (
-                        Why::Internal,
-                        format!("opening the stored credentials: {e}"),
-                    )
-                })?;
-            drop(vault);
-            let files: FileSet = serde_json::from_slice(plain.expose_secret()).map_err(|_| {
-                (
-                    Why::Internal,
-                    "the stored credentials are unreadable".into(),
-                )
-            })?;
-            self.agent
-                .call::<_, serde_json::Value>(
-                    Method::POST,
-                    endpoints.agent,
-                    &ws.agent_token,
-                    "/credentials/deliver",
-                    Some(&files),
-                )
-                .await
-                .map_err(|e| (Why::Delivery, format!("writing into the workspace: {e}")))?;
-        }
-        if let Some(check) = self
-            .providers()
-            .get(&row.provider)
-            .and_then(|p| p.check.clone())
-        {
-            let out = self
-                .agent
-                .exec(
-                    endpoints.agent,
-                    &ws.agent_token,
-                    &ExecRequest {
-                        argv: check.clone(),
-                        env: Default::default(),
-                        timeout_s: Some(60),
-                    },
-                )
-                .await
-                .map_err(|e| (Why::Delivery, format!("checking in the workspace: {e}")))?;
-            if out.exit_code != Some(0) {
-                let said: String = format!("{} {}", out.stdout, out.stderr)
-                    .split_whitespace()
-                    .collect::<Vec<_>>()
-                    .join(" ")
-                    .chars()
-                    .take(300)
-                    .collect();
-                return Err((
-                    Why::Delivery,
-                    format!(
-                        "`{}` in the workspace does not report itself signed in (exit {:?}): {said}",
-                        check.join(" "),
-                        out.exit_code
-                    ),
-                ));
-            }
-        }
-        self.store
-            .mark_delivered(&row.owner_id, &row.provider)
-            .await
-            .map_err(|e| internal(&e))?;
-        tracing::info!(login = %row.id, workspace = %ws.id, "credentials delivered");
-        Ok(ws.id)
+/// A step of the login (run by its task), not a side effect of a transition.
+fn is_work(e: &Effect) -> bool {
+    matches!(
+        e,
+        Effect::Start | Effect::Watch | Effect::Capture | Effect::Deliver | Effect::Finish
+    )
+}
+
+fn expiry(row: &LoginRow) -> Event {
+    let secs = (row.expires_at - row.created_at) / 1000;
+    Event::Expire {
+        reason: format!("not signed in within {secs} s"),
     }
 }

@@ -360,10 +360,7 @@ mod tests {
             None
         );
         // Removing a user frees its port for the next one.
-        assert_eq!(
-            store.begin_user_removal("a", "gone").await.expect("begin"),
-            0
-        );
+        assert_eq!(store.begin_user_removal("a").await.expect("begin"), 0);
         assert!(store.finish_user_removal("a").await.expect("remove"));
         assert!(store.user_by_name("a").await.expect("lookup").is_none());
         assert_eq!(

@@ -1,7 +1,10 @@
-//! Rows of logins and of the sealed credentials they produced. Updates of a
-//! login's state are compare-and-set on the state it is expected to be in.
+//! Rows of logins and of the sealed credentials they produced. A login's
+//! state is written only by [`Store::write_login`], a compare-and-set that
+//! takes a [`LoginWrite`], which only the login machine's `advance` makes;
+//! everything else here reads, or writes columns that are not the state.
 
 use super::{now_ms, q, Store, StoreError, UserRow};
+use crate::app::logins::advance::LoginWrite;
 use crate::app::logins::state::LoginState;
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -89,15 +92,6 @@ fn cred_from_row(row: &AnyRow) -> Result<CredentialRow, StoreError> {
     })
 }
 
-/// Fields a transition may set besides the state.
-#[derive(Debug, Default, Clone)]
-pub struct LoginUpdate {
-    pub reason: Option<String>,
-    pub login_url: Option<String>,
-    pub browser_sandbox_id: Option<String>,
-    pub workspace_sandbox_id: Option<String>,
-}
-
 impl Store {
     pub async fn user_by_id(&self, id: &str) -> Result<Option<UserRow>, StoreError> {
         let sql = format!(
@@ -173,40 +167,59 @@ impl Store {
         rows.iter().map(login_from_row).collect()
     }
 
-    /// Move a login from `from` to `to`, setting the given fields; false when
-    /// it was not in `from` (someone else moved it first).
-    pub async fn transition_login(
-        &self,
-        id: &str,
-        from: LoginState,
-        to: LoginState,
-        update: &LoginUpdate,
-    ) -> Result<bool, StoreError> {
+    /// The compare-and-set under [`crate::app::logins::advance`]: move the
+    /// login from `w.from` to `w.to` with the columns the machine chose, and
+    /// (in the same transaction) write or mark its credential record. False
+    /// when the login was not in `w.from` (another writer moved it first).
+    pub(crate) async fn write_login(&self, w: &LoginWrite) -> Result<bool, StoreError> {
         let now = now_ms();
-        let finished = to.is_final().then_some(now);
+        let finished = w.to.is_final().then_some(now);
+        let mut tx = self.pool.begin().await.map_err(q("begin"))?;
         let res = sqlx::query(
             "UPDATE logins SET state = $1, updated_at = $2, \
                reason = COALESCE($3, reason), login_url = COALESCE($4, login_url), \
-               browser_sandbox_id = COALESCE($5, browser_sandbox_id), \
-               workspace_sandbox_id = COALESCE($6, workspace_sandbox_id), \
-               finished_at = COALESCE($7, finished_at), \
-               awaiting_code = CASE WHEN $8 = 1 THEN 0 ELSE awaiting_code END \
-             WHERE id = $9 AND state = $10",
+               workspace_sandbox_id = COALESCE($5, workspace_sandbox_id), \
+               finished_at = COALESCE($6, finished_at), awaiting_code = 0 \
+             WHERE id = $7 AND state = $8",
         )
-        .bind(to.as_str())
+        .bind(w.to.as_str())
         .bind(now)
-        .bind(&update.reason)
-        .bind(&update.login_url)
-        .bind(&update.browser_sandbox_id)
-        .bind(&update.workspace_sandbox_id)
+        .bind(&w.reason)
+        .bind(&w.login_url)
+        .bind(&w.workspace_sandbox_id)
         .bind(finished)
-        .bind(i64::from(from != to))
-        .bind(id)
-        .bind(from.as_str())
-        .execute(&self.pool)
+        .bind(&w.id)
+        .bind(w.from.as_str())
+        .execute(&mut *tx)
         .await
         .map_err(q("update login"))?;
-        Ok(res.rows_affected() == 1)
+        if res.rows_affected() != 1 {
+            return Ok(false);
+        }
+        if let Some(cred) = &w.credential {
+            sqlx::query("DELETE FROM credentials WHERE owner_id = $1 AND provider = $2")
+                .bind(&cred.owner_id)
+                .bind(&cred.provider)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("replace credentials"))?;
+            insert_credential(&mut tx, cred).await?;
+        }
+        if let Some((owner, provider)) = &w.delivered {
+            sqlx::query(
+                "UPDATE credentials SET delivered_at = $1 \
+                 WHERE owner_id = $2 AND provider = $3 AND login_id = $4",
+            )
+            .bind(now)
+            .bind(owner)
+            .bind(provider)
+            .bind(&w.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("mark credentials delivered"))?;
+        }
+        tx.commit().await.map_err(q("commit login"))?;
+        Ok(true)
     }
 
     pub async fn set_login_fields(
@@ -229,50 +242,20 @@ impl Store {
         Ok(())
     }
 
-    /// Store (or replace) a user's credentials for a provider and mark the
-    /// login `stored`, in one transaction: either both happen or neither.
-    pub async fn store_credentials(
-        &self,
-        login_id: &str,
-        cred: &CredentialRow,
-    ) -> Result<bool, StoreError> {
+    /// Put a credential record in place of the user's one for its provider,
+    /// without touching any login (tests, imports): a login stores its own
+    /// record through `advance`.
+    pub async fn replace_credential(&self, cred: &CredentialRow) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(q("begin"))?;
-        let res = sqlx::query(
-            "UPDATE logins SET state = $1, updated_at = $2 WHERE id = $3 AND state = $4",
-        )
-        .bind(LoginState::Stored.as_str())
-        .bind(now_ms())
-        .bind(login_id)
-        .bind(LoginState::Captured.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(q("mark login stored"))?;
-        if res.rows_affected() != 1 {
-            return Ok(false);
-        }
         sqlx::query("DELETE FROM credentials WHERE owner_id = $1 AND provider = $2")
             .bind(&cred.owner_id)
             .bind(&cred.provider)
             .execute(&mut *tx)
             .await
             .map_err(q("replace credentials"))?;
-        let sql = format!(
-            "INSERT INTO credentials ({CRED_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-        );
-        sqlx::query(&sql)
-            .bind(&cred.owner_id)
-            .bind(&cred.provider)
-            .bind(&cred.login_id)
-            .bind(&cred.sealed)
-            .bind(&cred.key_id)
-            .bind(cred.created_at)
-            .bind(cred.updated_at)
-            .bind(cred.delivered_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(q("insert credentials"))?;
+        insert_credential(&mut tx, cred).await?;
         tx.commit().await.map_err(q("commit credentials"))?;
-        Ok(true)
+        Ok(())
     }
 
     pub async fn credential(
@@ -334,17 +317,25 @@ impl Store {
         .map_err(q("reseal credentials"))?;
         Ok(res.rows_affected() == 1)
     }
+}
 
-    pub async fn mark_delivered(&self, owner_id: &str, provider: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE credentials SET delivered_at = $1 WHERE owner_id = $2 AND provider = $3",
-        )
-        .bind(now_ms())
-        .bind(owner_id)
-        .bind(provider)
-        .execute(&self.pool)
+async fn insert_credential(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    cred: &CredentialRow,
+) -> Result<(), StoreError> {
+    let sql =
+        format!("INSERT INTO credentials ({CRED_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
+    sqlx::query(&sql)
+        .bind(&cred.owner_id)
+        .bind(&cred.provider)
+        .bind(&cred.login_id)
+        .bind(&cred.sealed)
+        .bind(&cred.key_id)
+        .bind(cred.created_at)
+        .bind(cred.updated_at)
+        .bind(cred.delivered_at)
+        .execute(&mut **tx)
         .await
-        .map_err(q("mark credentials delivered"))?;
-        Ok(())
-    }
+        .map_err(q("insert credentials"))?;
+    Ok(())
 }

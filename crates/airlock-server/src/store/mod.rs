@@ -14,7 +14,7 @@ mod usage;
 mod users;
 
 pub use egress::{AccountRow, UpstreamRow, ACCOUNT_ID as EGRESS_ACCOUNT_ID};
-pub use logins::{CredentialRow, LoginRow, LoginUpdate};
+pub use logins::{CredentialRow, LoginRow};
 pub use sandboxes::SandboxRow;
 pub use sealed::{SealedRef, SealedValue};
 pub use users::UserRow;

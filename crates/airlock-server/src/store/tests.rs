@@ -248,7 +248,7 @@ async fn accounts(store: &Store) {
         updated_at: now_ms(),
         delivered_at: None,
     };
-    assert!(store.store_credentials("l1", &cred).await.expect("creds"));
+    store.replace_credential(&cred).await.expect("creds");
     store
         .set_egress_account(&AccountRow {
             host: "h".into(),
@@ -283,10 +283,7 @@ async fn accounts(store: &Store) {
 
     // Removal starts: token, logins, secrets go now; the sandbox is left to
     // the app, which stops it through the state machine.
-    assert_eq!(
-        store.begin_user_removal("r1", "gone").await.expect("begin"),
-        1
-    );
+    assert_eq!(store.begin_user_removal("r1").await.expect("begin"), 1);
     assert!(store.user_by_token_hash("hr").await.expect("q").is_none());
     let u = store
         .user_by_name("leaving")
@@ -294,8 +291,16 @@ async fn accounts(store: &Store) {
         .expect("q")
         .expect("still there");
     assert!(u.removing && u.disabled);
+    // The store leaves the logins' states to the login machine.
+    for l in store.logins_of("r1").await.expect("logins") {
+        assert!(!l.state.is_final(), "{}", l.id);
+    }
+    crate::app::logins::end_logins_of(store, "r1", "gone")
+        .await
+        .expect("end logins");
     for l in store.logins_of("r1").await.expect("logins") {
         assert_eq!(l.state, LoginState::Cancelled, "{}", l.id);
+        assert_eq!(l.reason.as_deref(), Some("gone"));
     }
     assert!(store.credentials_of("r1").await.expect("creds").is_empty());
     assert!(store.egress_upstream("r1").await.expect("up").is_none());
@@ -382,7 +387,7 @@ async fn rotation(store: &Store) {
         updated_at: now_ms(),
         delivered_at: None,
     };
-    assert!(store.store_credentials("vl", &cred).await.expect("creds"));
+    store.replace_credential(&cred).await.expect("creds");
     let before = store.sealed_values().await.expect("values");
     assert_eq!(before.len(), 3, "{before:?}");
 
@@ -542,15 +547,15 @@ async fn quota_counts(store: &Store) {
         store.live_logins("qa").await.expect("q"),
         (2, Some(now + 5_000))
     );
-    store
-        .transition_login(
-            "l1",
-            LoginState::Starting,
-            LoginState::Expired,
-            &LoginUpdate::default(),
-        )
-        .await
-        .expect("t");
+    crate::app::logins::advance(
+        store,
+        "l1",
+        &crate::app::logins::state::Event::Expire {
+            reason: "late".into(),
+        },
+    )
+    .await
+    .expect("t");
     assert_eq!(
         store.live_logins("qa").await.expect("q"),
         (1, Some(now + 9_000))

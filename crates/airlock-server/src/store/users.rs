@@ -21,9 +21,6 @@ pub struct UserRow {
 
 pub(super) const USER_COLUMNS: &str = "id, name, created_at, admin, disabled_at, removing_at";
 
-/// Login states that still run (the ones a removal cancels).
-const LIVE_LOGINS: &str = "('starting', 'awaiting_user', 'captured', 'stored', 'delivered')";
-
 /// A sandbox that still holds host resources (or may soon).
 const HOLDS_RESOURCES: &str = "(state NOT IN ('stopped', 'failed') OR lease_index IS NOT NULL)";
 
@@ -129,12 +126,13 @@ impl Store {
     }
 
     /// Start removing a user, in one transaction: its token stops working,
-    /// its live logins are cancelled, and its credentials and egress rows are
-    /// deleted. Its sandboxes are not touched here: a running control plane's
-    /// reaper (or the next start) stops each through the state machine.
-    /// Repeating it is harmless.
+    /// and its credentials and egress rows are deleted. Its sandboxes and
+    /// logins are not touched here: a running control plane's reaper (or the
+    /// next start) stops each sandbox through the sandbox machine, and the
+    /// caller ends each live login through the login machine
+    /// (`app::logins::end_logins_of`). Repeating it is harmless.
     /// Returns how many of its sandboxes still hold host resources.
-    pub async fn begin_user_removal(&self, user_id: &str, reason: &str) -> Result<u64, StoreError> {
+    pub async fn begin_user_removal(&self, user_id: &str) -> Result<u64, StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await.map_err(q("begin"))?;
         sqlx::query(
@@ -146,16 +144,6 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(q("mark a user removed"))?;
-        sqlx::query(&format!(
-            "UPDATE logins SET state = 'cancelled', reason = $1, updated_at = $2, finished_at = $2 \
-             WHERE owner_id = $3 AND state IN {LIVE_LOGINS}"
-        ))
-        .bind(reason)
-        .bind(now)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(q("cancel a user's logins"))?;
         for stmt in [
             "DELETE FROM credentials WHERE owner_id = $1",
             "DELETE FROM egress_user_upstreams WHERE user_id = $1",

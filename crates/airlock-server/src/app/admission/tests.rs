@@ -265,15 +265,13 @@ async fn logins_under_way_are_capped_and_need_a_sandbox_place() {
     );
     assert_eq!(r.admission.held_bytes(), 0, "a refusal holds nothing");
 
-    r.store
-        .transition_login(
-            "l1",
-            LoginState::Starting,
-            LoginState::Cancelled,
-            &Default::default(),
-        )
-        .await
-        .expect("cancel");
+    crate::app::logins::advance(
+        &r.store,
+        "l1",
+        &crate::app::logins::state::Event::Cancel { reason: "x".into() },
+    )
+    .await
+    .expect("cancel");
     // Two live sandboxes: no place for the login's browser sandbox.
     create(&r.admission, &r.store, "u").await.expect("1");
     create(&r.admission, &r.store, "u").await.expect("2");
