@@ -271,8 +271,6 @@ pub struct App {
     pub image: ImageRef,
     pub pool: AddressPool,
     pub metrics: Metrics,
-    /// Raw agent calls not yet behind [`agent::Guest`] (logins).
-    pub agent: agent::AgentClient,
     /// Ids of sandboxes going away, so their viewers close with a reason.
     pub stopping: broadcast::Sender<String>,
     pub vault: tokio::sync::RwLock<crate::vault::Vault>,
@@ -337,7 +335,6 @@ impl App {
             image,
             pool,
             metrics,
-            agent: agent::AgentClient::new(),
             stopping,
             vault: tokio::sync::RwLock::new(vault),
             egress: egress::EgressState::default(),
