@@ -1,0 +1,353 @@
+//! Chaos and churn with the real nspawn driver: many sandboxes created,
+//! used and deleted leave nothing behind; a sandbox whose supervisor or
+//! payload is killed becomes `failed` by name and is cleaned up; a control
+//! plane killed with SIGKILL in the middle of creates and deletes comes back
+//! telling the truth and leaking nothing.
+//!
+//! The churn loop and the leak checker are `airlock-bench churn`'s own
+//! (crates/airlock-bench/src), included here so CI runs the very code the
+//! figures in docs/performance.md come from.
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "../../airlock-bench/src/stats.rs"]
+mod stats;
+
+#[allow(dead_code)]
+#[path = "../../airlock-bench/src/churn.rs"]
+mod churn;
+
+#[allow(dead_code)]
+#[path = "../../airlock-bench/src/leaks.rs"]
+mod leaks;
+
+#[allow(dead_code)]
+#[path = "common/child.rs"]
+mod child;
+
+use churn::Api;
+use common::unmet;
+use leaks::Scope;
+use serde_json::{json, Value};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The settled states: nothing is under way any more.
+const SETTLED: [&str; 3] = ["ready", "failed", "stopped"];
+
+/// Churn as CI runs it: 100 cycles, 4 at a time, through the bench's loop;
+/// every cycle completes and the leak checker finds nothing afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_leaves_nothing_behind() {
+    if unmet().is_some() {
+        return;
+    }
+    let pool = "10.245.1.0/24";
+    let h = common::start_with(pool, |cfg| {
+        cfg.quota.creates_per_minute = 10_000;
+        cfg.quota.max_sandboxes = 100;
+    })
+    .await;
+    let cycles = std::env::var("AIRLOCK_CHURN_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let opts = churn::Options {
+        cycles,
+        parallel: 4,
+        kind: "browser".into(),
+        boot_timeout: Duration::from_secs(120),
+        stop_timeout: Duration::from_secs(60),
+    };
+    let api = Api::new(&h.base, None);
+    let scope = Mutex::new(Scope::new(&h.data_dir, pool));
+    let out = churn::run(&api, &opts, &|id| scope.lock().expect("scope").remember(id)).await;
+    let mut scope = scope.into_inner().expect("scope");
+    scope.ids.extend(out.ids.iter().cloned());
+    let left = leaks::settle(&scope, Duration::from_secs(30)).await;
+    churn::print(&out, &opts, &left);
+    let failures: Vec<String> = out
+        .failures
+        .iter()
+        .map(|f| format!("cycle {} at {}: {}", f.cycle, f.step, f.reason))
+        .collect();
+    assert_eq!(failures, Vec::<String>::new());
+    assert_eq!(out.completed, cycles);
+    assert_eq!(left, Vec::new());
+    h.shutdown().await;
+}
+
+/// Kill one process of a ready sandbox with SIGKILL from the host; within
+/// 15 s the API says `failed`, naming it, and once torn down the sandbox
+/// holds nothing on the host, its pool address included.
+async fn killed_process_fails_the_sandbox(pool: &str, comm: &str, named: &str) {
+    if unmet().is_some() {
+        return;
+    }
+    let h = common::start(pool).await;
+    let id = h.ready_sandbox("browser").await;
+    let mut scope = Scope::new(&h.data_dir, pool);
+    scope.remember(&id);
+    let procs = leaks::sandbox_processes(&id);
+    let victims: Vec<u32> = procs
+        .iter()
+        .filter(|(_, c)| c == comm)
+        .map(|(pid, _)| *pid)
+        .collect();
+    assert!(
+        !victims.is_empty(),
+        "no {comm} in the sandbox's cgroups: {procs:?}"
+    );
+    for pid in &victims {
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -9 {pid}");
+    }
+    let killed = Instant::now();
+    let api = Api::new(&h.base, None);
+    let body = api
+        .wait_state(&id, &["failed"], Duration::from_secs(15))
+        .await;
+    let body = match body {
+        Err(e) if !e.starts_with("failed") => panic!(
+            "15 s after {comm} (pid {victims:?}) was killed the sandbox is {e}: {}",
+            api.sandbox(&id).await
+        ),
+        Err(e) => panic!("{e}"),
+        Ok(b) => b,
+    };
+    let reason = churn::reason(&body).to_lowercase();
+    eprintln!(
+        "{comm} killed: failed after {:?}: {reason}",
+        killed.elapsed()
+    );
+    assert!(
+        reason.contains(named),
+        "the reason does not name {named}: {reason}"
+    );
+    let left = leaks::settle(&scope, Duration::from_secs(30)).await;
+    assert_eq!(left, Vec::new(), "left after {comm} was killed");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nspawn_fails_the_sandbox_and_leaks_nothing() {
+    killed_process_fails_the_sandbox("10.245.2.0/24", "systemd-nspawn", "nspawn").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_fails_the_sandbox_and_leaks_nothing() {
+    killed_process_fails_the_sandbox("10.245.3.0/24", "airlock-agent", "agent").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_vnc_server_fails_the_sandbox_and_leaks_nothing() {
+    killed_process_fails_the_sandbox("10.245.4.0/24", "Xvnc", "xvnc").await;
+}
+
+/// Create a sandbox; its id.
+async fn create(api: &Api) -> String {
+    let a = api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/sandboxes",
+            Some(json!({"kind": "browser"})),
+        )
+        .await
+        .expect("create");
+    assert_eq!(a.status, 201, "{}", a.body);
+    a.body["id"].as_str().expect("id").to_owned()
+}
+
+async fn delete(api: &Api, id: &str) -> u16 {
+    api.call(
+        reqwest::Method::DELETE,
+        &format!("/api/v1/sandboxes/{id}"),
+        None,
+    )
+    .await
+    .expect("delete")
+    .status
+}
+
+/// After a restart: within 30 s every sandbox has settled, and what each
+/// says is true — a ready one runs and answers exec, a stopped or failed one
+/// holds nothing on the host. `expect` pins a state where the test knows it.
+async fn truthful_within_30s(
+    plane: &child::ChildPlane,
+    since: Instant,
+    ids: &[(&str, Option<&str>)],
+) -> Vec<(String, String)> {
+    let api = Api::new(&plane.base, None);
+    let scope = Scope::new(&plane.data_dir, &plane.pool);
+    let deadline = since + Duration::from_secs(30);
+    let mut states = Vec::new();
+    for (id, expect) in ids {
+        let body = loop {
+            let body = api.sandbox(id).await;
+            let state = body["state"].as_str().unwrap_or("");
+            if SETTLED.contains(&state) {
+                break body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "30 s after the restart sandbox {id} is still {state:?}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let state = body["state"].as_str().unwrap_or("").to_owned();
+        eprintln!(
+            "after the restart {id} is {state} ({:?} after it): {}",
+            since.elapsed(),
+            churn::reason(&body)
+        );
+        if let Some(want) = expect {
+            assert_eq!(state, *want, "sandbox {id}: {body}");
+        }
+        if state == "ready" {
+            let a = api
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/sandboxes/{id}/exec"),
+                    Some(json!({"argv": ["echo", "alive"], "timeout_s": 10})),
+                )
+                .await
+                .expect("exec");
+            assert_eq!(
+                (a.status, a.body["stdout"].clone()),
+                (200, Value::from("alive\n")),
+                "sandbox {id} says ready: {}",
+                a.body
+            );
+        } else {
+            // Its teardown may still be finishing: give it until the deadline.
+            let left = loop {
+                let left = leaks::of_sandbox(&scope, id);
+                if left.is_empty() || Instant::now() >= deadline {
+                    break left;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            };
+            assert_eq!(left, Vec::new(), "sandbox {id} says {state}");
+        }
+        states.push((id.to_string(), state));
+    }
+    states
+}
+
+/// Delete what is still live, wait until it has stopped, then nothing of
+/// the data dir, the pool or the store may be left.
+async fn delete_all_and_check(plane: &child::ChildPlane, ids: &[String]) {
+    let api = Api::new(&plane.base, None);
+    for id in ids {
+        let state = api.sandbox(id).await["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        if state != "stopped" {
+            delete(&api, id).await;
+        }
+    }
+    for id in ids {
+        let end = api
+            .wait_state(id, &["stopped"], Duration::from_secs(60))
+            .await;
+        assert!(end.is_ok(), "sandbox {id} did not stop: {end:?}");
+    }
+    let mut scope = Scope::new(&plane.data_dir, &plane.pool);
+    scope.ids.extend(ids.iter().cloned());
+    scope.ignore_pids.extend(plane.pid());
+    let left = leaks::settle(&scope, Duration::from_secs(30)).await;
+    assert_eq!(left, Vec::new());
+}
+
+/// SIGKILL the control plane with work in flight — a ready sandbox, one
+/// just created, one booting, one being deleted — and start it again over
+/// the same data dir: within 30 s the ready one is re-adopted and answers,
+/// the deleted one is stopped, the interrupted ones have settled truthfully,
+/// and after deleting everything nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_control_plane_with_work_in_flight_comes_back_truthful() {
+    if unmet().is_some() || child::unmet().is_some() {
+        return;
+    }
+    let mut plane = child::ChildPlane::start("10.245.10.0/24");
+    let api = Api::new(&plane.base, None);
+    let ready = create(&api).await;
+    let deleting = create(&api).await;
+    for id in [&ready, &deleting] {
+        api.wait_state(id, &["ready"], Duration::from_secs(120))
+            .await
+            .expect("ready");
+    }
+    let booting = create(&api).await;
+    api.wait_state(&booting, &["booting", "ready"], Duration::from_secs(60))
+        .await
+        .expect("booting");
+    assert_eq!(delete(&api, &deleting).await, 202);
+    let fresh = create(&api).await;
+    let since = plane.crash_and_restart();
+    let states = truthful_within_30s(
+        &plane,
+        since,
+        &[
+            (ready.as_str(), Some("ready")),
+            (deleting.as_str(), Some("stopped")),
+            (booting.as_str(), None),
+            (fresh.as_str(), None),
+        ],
+    )
+    .await;
+    eprintln!("settled: {states:?}");
+    delete_all_and_check(&plane, &[ready, deleting, booting, fresh]).await;
+}
+
+/// SIGKILL the control plane at several moments of one create (just after
+/// the `POST` answered, then later and later into the boot) and restart it
+/// each time: the sandbox settles truthfully within 30 s and nothing leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_killed_at_each_point_of_a_create_leaks_nothing() {
+    if unmet().is_some() || child::unmet().is_some() {
+        return;
+    }
+    let mut plane = child::ChildPlane::start("10.245.11.0/24");
+    let mut ids = Vec::new();
+    for delay_ms in [0u64, 50, 150, 400, 1000, 2500] {
+        let api = Api::new(&plane.base, None);
+        let id = create(&api).await;
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let seen = api.sandbox(&id).await["state"].clone();
+        let since = plane.crash_and_restart();
+        eprintln!("killed {delay_ms} ms after the create answered ({seen})");
+        truthful_within_30s(&plane, since, &[(&id, None)]).await;
+        ids.push(id);
+    }
+    delete_all_and_check(&plane, &ids).await;
+}
+
+/// SIGKILL the control plane at several moments of a delete: after the
+/// restart the sandbox ends `stopped` within 30 s and nothing leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_killed_during_a_delete_still_stops_the_sandbox() {
+    if unmet().is_some() || child::unmet().is_some() {
+        return;
+    }
+    let mut plane = child::ChildPlane::start("10.245.12.0/24");
+    let mut ids = Vec::new();
+    for delay_ms in [0u64, 200, 800] {
+        let api = Api::new(&plane.base, None);
+        let id = create(&api).await;
+        api.wait_state(&id, &["ready"], Duration::from_secs(120))
+            .await
+            .expect("ready");
+        assert_eq!(delete(&api, &id).await, 202);
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let since = plane.crash_and_restart();
+        truthful_within_30s(&plane, since, &[(&id, Some("stopped"))]).await;
+        ids.push(id);
+    }
+    delete_all_and_check(&plane, &ids).await;
+}
