@@ -36,6 +36,61 @@ use std::time::{Duration, Instant};
 /// The settled states: nothing is under way any more.
 const SETTLED: [&str; 3] = ["ready", "failed", "stopped"];
 
+/// The checker is only worth its "nothing left" if it sees a sandbox's
+/// footprint: while one runs, every kind of resource it holds is found; once
+/// deleted, none is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leak_checker_sees_a_running_sandbox() {
+    if unmet().is_some() {
+        return;
+    }
+    let pool = "10.245.5.0/24";
+    let h = common::start(pool).await;
+    let id = h.ready_sandbox("browser").await;
+    let mut scope = Scope::new(&h.data_dir, pool);
+    scope.remember(&id);
+    assert_eq!(scope.uid_bases.len(), 1, "the sandbox's uid range");
+    let found = leaks::check(&scope).await;
+    let kinds: std::collections::BTreeSet<&str> = found.iter().map(|l| l.kind).collect();
+    for kind in [
+        "link",
+        "netns",
+        "nftables",
+        "address",
+        "cgroup",
+        "process",
+        "mount",
+        "loop",
+        "uid range",
+        "directory",
+        "store row",
+        "lease",
+    ] {
+        assert!(
+            kinds.contains(kind),
+            "no {kind} found for a running sandbox: {found:#?}"
+        );
+    }
+    assert!(
+        found
+            .iter()
+            .any(|l| l.kind == "process" && l.what.contains("systemd-nspawn")),
+        "{found:#?}"
+    );
+    assert!(
+        !leaks::of_sandbox(&scope, &id).is_empty(),
+        "the sandbox's own footprint"
+    );
+    let (status, _) = h.delete(&format!("/api/v1/sandboxes/{id}")).await;
+    assert_eq!(status, 202);
+    h.wait_state(&id, "stopped", Duration::from_secs(60)).await;
+    assert_eq!(
+        leaks::settle(&scope, Duration::from_secs(30)).await,
+        Vec::new()
+    );
+    h.shutdown().await;
+}
+
 /// Churn as CI runs it: 100 cycles, 4 at a time, through the bench's loop;
 /// every cycle completes and the leak checker finds nothing afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
