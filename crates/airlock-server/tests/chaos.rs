@@ -370,16 +370,32 @@ async fn a_control_plane_killed_at_each_point_of_a_create_leaks_nothing() {
     }
     let mut plane = child::ChildPlane::start("10.245.11.0/24");
     let mut ids = Vec::new();
-    for delay_ms in [0u64, 50, 150, 400, 1000, 2500] {
+    let mut reached = Vec::new();
+    for delay_ms in [
+        0u64, 20, 40, 60, 80, 100, 130, 160, 200, 250, 300, 400, 700, 1000, 2500,
+    ] {
         let api = Api::new(&plane.base, None);
         let id = create(&api).await;
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         let seen = api.sandbox(&id).await["state"].clone();
+        // How far the create had come on the host when the kill fell.
+        let scope = Scope::new(&plane.data_dir, &plane.pool);
+        let had: std::collections::BTreeSet<&str> = leaks::of_sandbox(&scope, &id)
+            .iter()
+            .map(|l| l.kind)
+            .collect();
         let since = plane.crash_and_restart();
-        eprintln!("killed {delay_ms} ms after the create answered ({seen})");
-        truthful_within_30s(&plane, since, &[(&id, None)]).await;
+        let end = truthful_within_30s(&plane, since, &[(&id, None)]).await;
+        reached.push(format!(
+            "{delay_ms:>5} ms: {seen} with {had:?} → {}",
+            end[0].1
+        ));
         ids.push(id);
     }
+    eprintln!(
+        "killed during a create, and how each ended:\n{}",
+        reached.join("\n")
+    );
     delete_all_and_check(&plane, &ids).await;
 }
 
