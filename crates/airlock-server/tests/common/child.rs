@@ -46,6 +46,11 @@ pub struct ChildPlane {
 impl ChildPlane {
     /// Write a config (port 0, the pool, quotas raised) and start.
     pub fn start(pool: &str) -> ChildPlane {
+        Self::start_with(pool, "")
+    }
+
+    /// Like [`ChildPlane::start`], with more top-level config lines.
+    pub fn start_with(pool: &str, extra: &str) -> ChildPlane {
         let tmp = tempfile::Builder::new()
             .prefix("airlock-chaos-")
             .tempdir_in("/var/tmp")
@@ -60,6 +65,7 @@ impl ChildPlane {
                  address_pool = \"{pool}\"\n\
                  webrtc_udp_port = 0\n\
                  webrtc_tcp_port = 0\n\
+                 {extra}\n\
                  [quota]\n\
                  max_sandboxes = 100\n\
                  creates_per_minute = 10000\n",
@@ -116,6 +122,26 @@ impl ChildPlane {
         };
         self.base = base;
         self.child = Some(child);
+    }
+
+    /// The token of a new admin user, made with `airlock user add --admin`.
+    pub fn admin_token(&self, name: &str) -> String {
+        let out = Command::new(binary())
+            .args(["user", "add", name, "--admin", "--config"])
+            .arg(&self.config)
+            .output()
+            .expect("airlock user add");
+        assert!(
+            out.status.success(),
+            "airlock user add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("a token")
+            .trim()
+            .to_owned()
     }
 
     /// The control plane's pid, while it runs.
