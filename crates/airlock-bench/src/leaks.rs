@@ -16,7 +16,7 @@
 //! | host link `al<id12>` (veth or TAP) | `/sys/class/net` |
 //! | network namespace `airlock-<id12>` | `/run/netns` |
 //! | nftables chains, counters, map entries of `al<id12>` | `nft list table inet airlock` |
-//! | a host address or an nftables rule inside the pool | `ip -o -4 addr`, the same table |
+//! | a host address, an nftables rule or a listening socket inside the pool | `ip -o -4 addr`, the same table, `/proc/net/tcp` |
 //! | cgroups `airlock/<id>` (every hierarchy) and the processes in them | `/sys/fs/cgroup` |
 //! | processes: `airlock-<id>` (nspawn's machine, the VMM's name) or the data dir in argv, or a uid of a sandbox's range | `/proc` |
 //! | mounts under the data dir | `/proc/self/mounts` |
@@ -62,7 +62,7 @@ pub struct Scope {
 /// One thing left behind.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Leak {
-    /// `link`, `netns`, `nftables`, `address`, `cgroup`, `process`, `mount`,
+    /// `link`, `netns`, `nftables`, `address`, `listener`, `cgroup`, `process`, `mount`,
     /// `loop`, `uid range`, `directory`, `store row`, `lease`.
     pub kind: &'static str,
     pub what: String,
@@ -391,6 +391,14 @@ pub fn check_host(scope: &Scope, ids: &BTreeSet<String>) -> Vec<Leak> {
             }
         }
     }
+    for (addr, port) in tcp_listeners() {
+        if in_pool(addr) {
+            leak(
+                "listener",
+                format!("TCP {addr}:{port} (a forwarder on a pool address)"),
+            );
+        }
+    }
     for line in host.nft.lines().map(str::trim) {
         let pooled = line
             .split(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -401,6 +409,30 @@ pub fn check_host(scope: &Scope, ids: &BTreeSet<String>) -> Vec<Leak> {
         }
     }
     out
+}
+
+/// The host's listening TCP sockets (IPv4), from `/proc/net/tcp`: the
+/// control plane's per-sandbox forwarders listen on the gateway address.
+fn tcp_listeners() -> Vec<(Ipv4Addr, u16)> {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    text.lines().skip(1).filter_map(parse_listener).collect()
+}
+
+/// One line of `/proc/net/tcp` if it is a listener: `sl local rem st …`,
+/// the address as the kernel's 32-bit word in hex, the port in hex.
+fn parse_listener(line: &str) -> Option<(Ipv4Addr, u16)> {
+    let mut fields = line.split_whitespace();
+    let local = fields.nth(1)?;
+    let state = fields.nth(1)?;
+    if state != "0A" {
+        return None;
+    }
+    let (ip, port) = local.split_once(':')?;
+    let word = u32::from_str_radix(ip, 16).ok()?;
+    Some((
+        Ipv4Addr::from(word.to_le_bytes()),
+        u16::from_str_radix(port, 16).ok()?,
+    ))
 }
 
 /// A process, as reported.
@@ -570,6 +602,17 @@ mod tests {
         assert!(under("/var/tmp/x", "/var/tmp/x/"));
         assert!(!under("/var/tmp/xy/sandboxes", "/var/tmp/x"));
         assert!(!under("/anything", ""));
+    }
+
+    #[test]
+    fn listeners_are_read_from_proc_net_tcp() {
+        let line = "   3: 0DC8F50A:0C38 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0";
+        assert_eq!(
+            parse_listener(line),
+            Some((Ipv4Addr::new(10, 245, 200, 13), 3128))
+        );
+        let established = line.replace(" 0A ", " 01 ");
+        assert_eq!(parse_listener(&established), None);
     }
 
     #[test]

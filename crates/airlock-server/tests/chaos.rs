@@ -59,6 +59,7 @@ async fn the_leak_checker_sees_a_running_sandbox() {
         "netns",
         "nftables",
         "address",
+        "listener",
         "cgroup",
         "process",
         "mount",
@@ -132,6 +133,41 @@ async fn churn_leaves_nothing_behind() {
     assert_eq!(failures, Vec::<String>::new());
     assert_eq!(out.completed, cycles);
     assert_eq!(left, Vec::new());
+    h.shutdown().await;
+}
+
+/// Deleted at several moments of its create and boot: each sandbox ends
+/// `stopped` (not `failed`), and nothing is left, its forwarder included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_deleted_while_booting_ends_stopped_and_leaks_nothing() {
+    if unmet().is_some() {
+        return;
+    }
+    let pool = "10.245.6.0/24";
+    let h = common::start(pool).await;
+    let api = Api::new(&h.base, None);
+    let mut scope = Scope::new(&h.data_dir, pool);
+    let mut ends = Vec::new();
+    for delay_ms in [0u64, 100, 300, 600, 1000, 2000] {
+        let id = create(&api).await;
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let seen = api.sandbox(&id).await["state"].clone();
+        assert_eq!(delete(&api, &id).await, 202);
+        let end = api
+            .wait_state(&id, &["stopped"], Duration::from_secs(30))
+            .await;
+        ends.push(format!(
+            "{delay_ms} ms ({seen}): {end:?}",
+            end = end.map(|b| b["state"].clone())
+        ));
+        scope.ids.insert(id);
+    }
+    eprintln!("deleted during create and boot:\n{}", ends.join("\n"));
+    let left = leaks::settle(&scope, Duration::from_secs(30)).await;
+    assert!(
+        ends.iter().all(|e| e.ends_with("Ok(String(\"stopped\"))")) && left.is_empty(),
+        "ends: {ends:#?}\nleft behind: {left:#?}"
+    );
     h.shutdown().await;
 }
 
