@@ -3,8 +3,32 @@
 //! [`FakeHost`] in unit tests and against the real host in integration tests.
 
 use async_trait::async_trait;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+/// A process held by identity rather than by a bare pid, which the kernel
+/// reuses: on the real host a pidfd, opened before the pid could be freed
+/// (at spawn) or checked against the process's start time (after a restart).
+#[derive(Debug)]
+pub struct Process {
+    pub pid: u32,
+    /// When it started, in clock ticks after boot (`/proc/<pid>/stat`, field
+    /// 22): with the pid, what names the process across control-plane restarts.
+    pub started: u64,
+    fd: Option<OwnedFd>,
+}
+
+impl Process {
+    /// A process of a fake host, known by its pid and start time alone.
+    pub fn fake(pid: u32, started: u64) -> Self {
+        Process {
+            pid,
+            started,
+            fd: None,
+        }
+    }
+}
 
 /// A command line, kept as data so it can be logged, compared and faked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,9 +105,21 @@ pub trait Host: Send + Sync + std::fmt::Debug + 'static {
     /// Run to completion; non-zero exit is an error carrying stderr.
     async fn run(&self, cmd: &Cmd) -> Result<String, HostError>;
     /// Start a process in its own process group that outlives the caller, with
-    /// stdout and stderr appended to `log`. Returns its pid.
-    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<u32, HostError>;
+    /// stdout and stderr appended to `log`. Returns it held (see [`Process`]).
+    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<Process, HostError>;
     fn signal(&self, pid: u32, signal: i32) -> Result<(), HostError>;
+    /// Hold the process `pid`, if it is alive and, when `started` is given,
+    /// it is the one that started then (not a later owner of a reused pid).
+    fn hold(&self, pid: u32, started: Option<u64>) -> Option<Process>;
+    /// Whether a held process has exited. Never blocks.
+    fn has_exited(&self, process: &Process) -> bool;
+    /// Signal a held process; one that has exited is not signalled (its pid
+    /// may be someone else's by now).
+    fn signal_process(&self, process: &Process, signal: i32) -> Result<(), HostError>;
+    /// The pid namespace a process is in (the inode of `/proc/<pid>/ns/pid`).
+    fn pid_namespace(&self, pid: u32) -> Option<u64>;
+    /// Give a file to another owner.
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<(), HostError>;
     /// The process's command line (NUL-separated arguments joined by spaces;
     /// empty while it is in the middle of exec), or `None` if there is no such
     /// process (or it is a zombie).
@@ -136,7 +172,7 @@ impl Host for RealHost {
         }
     }
 
-    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<u32, HostError> {
+    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<Process, HostError> {
         use std::os::unix::process::CommandExt;
         let open_log = || {
             std::fs::OpenOptions::new()
@@ -163,6 +199,13 @@ impl Host for RealHost {
                 source,
             })?;
         let pid = child.id();
+        // Held before the reaper below can free the pid: until it is reaped,
+        // the pid is this child's, even if it has exited already.
+        let process = pidfd(pid).map(|fd| Process {
+            pid,
+            started: start_time(pid).unwrap_or(0),
+            fd: Some(fd),
+        });
         // Reap it when it exits so it never lingers as a zombie while we live.
         std::thread::spawn(move || {
             let mut child = child;
@@ -178,7 +221,77 @@ impl Host for RealHost {
         {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        Ok(pid)
+        process.map_err(|source| HostError::Io {
+            what: format!("open a pidfd for {} (pid {pid})", cmd.program),
+            source,
+        })
+    }
+
+    fn hold(&self, pid: u32, started: Option<u64>) -> Option<Process> {
+        // The pidfd first, then the start time: if the process at `pid` at
+        // the second step started when expected, it was there all along,
+        // so the pidfd is of it.
+        let fd = pidfd(pid).ok()?;
+        let now = start_time(pid)?;
+        if started.is_some_and(|s| s != now) {
+            return None;
+        }
+        let process = Process {
+            pid,
+            started: now,
+            fd: Some(fd),
+        };
+        (!self.has_exited(&process)).then_some(process)
+    }
+
+    fn has_exited(&self, process: &Process) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags};
+        match &process.fd {
+            // A pidfd polls readable once its process has exited.
+            Some(fd) => {
+                let mut fds = [PollFd::new(fd, PollFlags::IN)];
+                let zero = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                match poll(&mut fds, Some(&zero)) {
+                    Ok(n) => n > 0,
+                    Err(_) => start_time(process.pid) != Some(process.started),
+                }
+            }
+            None => start_time(process.pid) != Some(process.started),
+        }
+    }
+
+    fn signal_process(&self, process: &Process, signal: i32) -> Result<(), HostError> {
+        let io = |source| HostError::Io {
+            what: format!("signal {signal} to pid {}", process.pid),
+            source,
+        };
+        match (&process.fd, rustix::process::Signal::from_named_raw(signal)) {
+            (Some(fd), Some(sig)) => match rustix::process::pidfd_send_signal(fd, sig) {
+                Ok(()) => Ok(()),
+                // Gone already: nothing to signal.
+                Err(rustix::io::Errno::SRCH) => Ok(()),
+                Err(e) => Err(io(e.into())),
+            },
+            _ if self.has_exited(process) => Ok(()),
+            _ => self.signal(process.pid, signal),
+        }
+    }
+
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<(), HostError> {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| HostError::Io {
+            what: format!("chown {uid}:{gid} {}", path.display()),
+            source,
+        })
+    }
+
+    fn pid_namespace(&self, pid: u32) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/{pid}/ns/pid"))
+            .ok()
+            .map(|m| m.ino())
     }
 
     fn signal(&self, pid: u32, signal: i32) -> Result<(), HostError> {
@@ -250,6 +363,31 @@ impl Host for RealHost {
             source,
         })
     }
+}
+
+fn pidfd(pid: u32) -> std::io::Result<OwnedFd> {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
+}
+
+/// When process `pid` started (clock ticks after boot), or `None` if there
+/// is no such process or it is a zombie.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the parenthesised comm (which may hold spaces): field 3 is the
+    // state, field 22 the start time.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// Idmapped mounts (Linux 5.12+): the mapping comes from a user namespace,
@@ -373,6 +511,10 @@ pub struct FakeHost {
     pub fail_when: Mutex<Vec<String>>,
     pub signals: Mutex<Vec<(u32, i32)>>,
     pub alive: Mutex<std::collections::BTreeMap<u32, String>>,
+    /// Start times of the processes in `alive` (0 when not set).
+    pub started: Mutex<std::collections::BTreeMap<u32, u64>>,
+    /// Children of a process, each in a pid namespace of its own.
+    pub kids: Mutex<std::collections::BTreeMap<u32, Vec<u32>>>,
     next_pid: Mutex<u32>,
 }
 
@@ -387,6 +529,28 @@ impl FakeHost {
         if let Ok(mut f) = self.fail_when.lock() {
             f.push(needle.to_owned());
         }
+    }
+    /// Pretend process `pid` ended and another started with the same pid:
+    /// same command line, a later start time.
+    pub fn reuse_pid(&self, pid: u32) {
+        if let Ok(mut started) = self.started.lock() {
+            *started.entry(pid).or_default() += 1_000;
+        }
+    }
+    /// A child of `parent`, alive, in a pid namespace of its own.
+    pub fn add_child(&self, parent: u32, pid: u32, cmdline: &str) {
+        if let Ok(mut alive) = self.alive.lock() {
+            alive.insert(pid, cmdline.to_owned());
+        }
+        if let Ok(mut kids) = self.kids.lock() {
+            kids.entry(parent).or_default().push(pid);
+        }
+    }
+    fn start_of(&self, pid: u32) -> u64 {
+        self.started
+            .lock()
+            .map(|s| s.get(&pid).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
     fn check(&self, cmd: &Cmd) -> Result<(), HostError> {
         if let Ok(mut ran) = self.ran.lock() {
@@ -414,7 +578,7 @@ impl Host for FakeHost {
     async fn run(&self, cmd: &Cmd) -> Result<String, HostError> {
         self.check(cmd).map(|()| String::new())
     }
-    async fn spawn_detached(&self, cmd: &Cmd, _log: &Path) -> Result<u32, HostError> {
+    async fn spawn_detached(&self, cmd: &Cmd, _log: &Path) -> Result<Process, HostError> {
         self.check(cmd)?;
         let mut next = self.next_pid.lock().map_err(|_| HostError::Io {
             what: "fake pid lock".into(),
@@ -425,7 +589,7 @@ impl Host for FakeHost {
         if let Ok(mut alive) = self.alive.lock() {
             alive.insert(pid, cmd.to_string());
         }
-        Ok(pid)
+        Ok(Process::fake(pid, self.start_of(pid)))
     }
     fn signal(&self, pid: u32, signal: i32) -> Result<(), HostError> {
         if let Ok(mut s) = self.signals.lock() {
@@ -441,8 +605,40 @@ impl Host for FakeHost {
     fn cmdline(&self, pid: u32) -> Option<String> {
         self.alive.lock().ok()?.get(&pid).cloned()
     }
-    fn children(&self, _pid: u32) -> Vec<u32> {
-        Vec::new()
+    fn children(&self, pid: u32) -> Vec<u32> {
+        self.kids
+            .lock()
+            .map(|k| k.get(&pid).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+    fn hold(&self, pid: u32, started: Option<u64>) -> Option<Process> {
+        self.cmdline(pid)?;
+        let now = self.start_of(pid);
+        if started.is_some_and(|s| s != now) {
+            return None;
+        }
+        Some(Process::fake(pid, now))
+    }
+    fn has_exited(&self, process: &Process) -> bool {
+        self.cmdline(process.pid).is_none() || self.start_of(process.pid) != process.started
+    }
+    fn signal_process(&self, process: &Process, signal: i32) -> Result<(), HostError> {
+        if self.has_exited(process) {
+            return Ok(());
+        }
+        self.signal(process.pid, signal)
+    }
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<(), HostError> {
+        self.check(&Cmd::new("chown").args([format!("{uid}:{gid}"), path.display().to_string()]))
+    }
+    fn pid_namespace(&self, pid: u32) -> Option<u64> {
+        self.cmdline(pid)?;
+        let is_child = self
+            .kids
+            .lock()
+            .map(|k| k.values().any(|v| v.contains(&pid)))
+            .unwrap_or(false);
+        Some(if is_child { u64::from(pid) } else { 1 })
     }
     fn idmapped_bind(
         &self,
@@ -479,7 +675,8 @@ mod tests {
                     &dir.path().join("log"),
                 )
                 .await
-                .expect("spawn");
+                .expect("spawn")
+                .pid;
             pids.push(pid);
             let cmdline = host.cmdline(pid).expect("alive");
             assert!(cmdline.contains(&marker), "pid {pid}: {cmdline:?}");
@@ -487,5 +684,33 @@ mod tests {
         for pid in pids {
             let _ = host.signal(pid, libc::SIGKILL);
         }
+    }
+
+    /// A process is held by pidfd: its exit shows at once, its pid held
+    /// again with the right start time is it, with another is not.
+    #[tokio::test]
+    async fn a_held_process_is_known_by_its_start_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = RealHost;
+        let p = host
+            .spawn_detached(&Cmd::new("sleep").arg("300"), &dir.path().join("log"))
+            .await
+            .expect("spawn");
+        assert!(p.started > 0);
+        assert!(!host.has_exited(&p));
+        let again = host.hold(p.pid, Some(p.started)).expect("same process");
+        assert!(
+            host.hold(p.pid, Some(p.started + 1)).is_none(),
+            "not a reused pid"
+        );
+        host.signal_process(&p, libc::SIGKILL).expect("kill");
+        let started = std::time::Instant::now();
+        while !host.has_exited(&again) {
+            assert!(started.elapsed() < std::time::Duration::from_secs(2));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(host.hold(p.pid, Some(p.started)).is_none());
+        host.signal_process(&p, libc::SIGKILL)
+            .expect("an exited one is not signalled");
     }
 }

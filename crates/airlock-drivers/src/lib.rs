@@ -2,11 +2,13 @@
 //! knows which one it talks to. Host operations (processes, mounts, links) sit
 //! behind [`host::Host`] so the logic can be tested against a fake.
 
+pub mod files;
 pub mod firecracker;
 pub mod host;
 pub mod net;
 pub mod nspawn;
 pub mod qemu;
+pub mod supervise;
 pub mod userns;
 pub mod vm;
 
@@ -170,13 +172,8 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     async fn inspect(&self, id: &str) -> Result<InstanceInfo, DriverError>;
     /// Every sandbox this driver holds resources for, running or not.
     async fn list(&self) -> Result<Vec<InstanceInfo>, DriverError>;
-    /// Whether the supervisor and the payload of a started sandbox are alive.
-    async fn liveness(&self, id: &str) -> Result<Liveness, DriverError> {
-        let info = self.inspect(id).await?;
-        Ok(if info.running {
-            Liveness::Alive
-        } else {
-            Liveness::Dead(format!("the {} guest is not running", self.name()))
-        })
-    }
+    /// Whether the supervisor and the payload of a started sandbox are
+    /// alive. Cheap (a few non-blocking checks of the host, never a call
+    /// into the guest): it is asked every few seconds per sandbox.
+    async fn liveness(&self, id: &str) -> Result<Liveness, DriverError>;
 }

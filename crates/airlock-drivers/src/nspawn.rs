@@ -24,16 +24,21 @@
 //! console.log    what the guest printed
 //! ```
 
-use crate::host::{Cmd, Host, HostError};
+use crate::files::{chain, io_err, write_private};
+use crate::host::{Cmd, Host, HostError, Process};
 use crate::net::firewall;
 use crate::net::link::{self, LinkNames};
+use crate::supervise::{self, Supervisor};
 use crate::userns::{self, UidRanges};
-use crate::{Driver, DriverError, Endpoints, ImageRef, InstanceInfo, Lease, Limits, SandboxSpec};
+use crate::{
+    Driver, DriverError, Endpoints, ImageRef, InstanceInfo, Lease, Limits, Liveness, SandboxSpec,
+};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What the driver records about a sandbox it created.
@@ -115,6 +120,11 @@ impl NspawnConfig {
 pub struct NspawnDriver {
     cfg: NspawnConfig,
     host: Arc<dyn Host>,
+    /// Each sandbox's systemd-nspawn.
+    nspawn: Supervisor,
+    /// Each sandbox's payload leader: the guest's init, nspawn's child in
+    /// the guest's pid namespace (killing it ends every process there).
+    leaders: Mutex<HashMap<String, Arc<Process>>>,
 }
 
 fn host_err(context: impl Into<String>) -> impl FnOnce(HostError) -> DriverError {
@@ -122,17 +132,45 @@ fn host_err(context: impl Into<String>) -> impl FnOnce(HostError) -> DriverError
     move |source| DriverError::Host { context, source }
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
-    let what = what.into();
-    move |source| DriverError::Host {
-        context: what.clone(),
-        source: HostError::Io { what, source },
-    }
-}
-
 impl NspawnDriver {
     pub fn new(cfg: NspawnConfig, host: Arc<dyn Host>) -> Self {
-        NspawnDriver { cfg, host }
+        NspawnDriver {
+            nspawn: Supervisor::new(
+                "systemd-nspawn",
+                cfg.root.clone(),
+                "nspawn.pid",
+                |id| format!("--machine={}", Self::machine_name(id)),
+                host.clone(),
+            ),
+            leaders: Mutex::new(HashMap::new()),
+            cfg,
+            host,
+        }
+    }
+
+    fn leaders(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Process>>> {
+        // The map holds no invariant a panic elsewhere could break.
+        self.leaders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The guest's init, held once seen: the child of nspawn that is in
+    /// another pid namespace (nspawn's short-lived helper children are not).
+    /// `None` before the guest has started, or once nspawn is gone.
+    fn leader(&self, id: &str) -> Option<Arc<Process>> {
+        let held = self.leaders().get(id).cloned();
+        if held.is_some() {
+            return held;
+        }
+        let nspawn = self.nspawn.find(id)?;
+        let own = self.host.pid_namespace(nspawn.pid)?;
+        let leader = self.host.children(nspawn.pid).into_iter().find_map(|pid| {
+            let held = self.host.hold(pid, None)?;
+            let ns = self.host.pid_namespace(pid)?;
+            (ns != own).then_some(held)
+        })?;
+        let leader = Arc::new(leader);
+        self.leaders().insert(id.to_owned(), leader.clone());
+        Some(leader)
     }
 
     fn dir(&self, id: &str) -> PathBuf {
@@ -149,18 +187,6 @@ impl NspawnDriver {
             std::fs::read_to_string(&path).map_err(|_| DriverError::NotFound(id.to_owned()))?;
         serde_json::from_str(&text)
             .map_err(|e| DriverError::Other(format!("{}: {e}", path.display())))
-    }
-
-    /// The nspawn process, if it is still running for this sandbox.
-    fn running_pid(&self, id: &str) -> Option<u32> {
-        let text = std::fs::read_to_string(self.dir(id).join("nspawn.pid")).ok()?;
-        let pid: u32 = text.trim().parse().ok()?;
-        let cmdline = self.host.cmdline(pid)?;
-        let marker = format!("--machine={}", Self::machine_name(id));
-        // An empty command line is a process in the middle of exec (our
-        // wrapper shell becoming nspawn): still ours. The marker guards
-        // against a reused pid after a restart.
-        (cmdline.is_empty() || cmdline.contains(&marker)).then_some(pid)
     }
 
     fn nspawn_cmd(&self, id: &str, record: &Record) -> Cmd {
@@ -474,21 +500,14 @@ impl NspawnDriver {
         Ok(())
     }
 
-    async fn wait_exit(&self, pid: u32, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if self.host.cmdline(pid).is_none() {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self.host.cmdline(pid).is_none()
-    }
-
+    /// End every process in the sandbox's cgroups: at once through
+    /// `cgroup.kill` where the host has cgroup v2 (the whole subtree,
+    /// forks included), and SIGKILL to each process listed, until none is.
     async fn kill_cgroups(&self, id: &str) -> Result<(), DriverError> {
         let Some(root) = &self.cfg.cgroup_root else {
             return Ok(());
         };
+        Cgroups::kill(root, id);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let pids = Cgroups::pids(root, id);
@@ -559,16 +578,17 @@ impl Driver for NspawnDriver {
             max_pids: spec.limits.max_pids,
             uid_base,
         };
-        if let Err(e) = self.create_steps(spec, &record).await {
-            let _ = self.destroy(&spec.id).await;
-            return Err(e);
-        }
-        Ok(())
+        supervise::or_roll_back(
+            &spec.id,
+            self.create_steps(spec, &record),
+            self.destroy(&spec.id),
+        )
+        .await
     }
 
     async fn start(&self, id: &str) -> Result<(), DriverError> {
         let record = self.read_record(id)?;
-        if self.running_pid(id).is_some() {
+        if self.nspawn.find(id).is_some() {
             return Ok(());
         }
         let dir = self.dir(id);
@@ -580,57 +600,40 @@ impl Driver for NspawnDriver {
         if let Some(root) = &self.cfg.cgroup_root {
             cmd = Cgroups::wrap(cmd, &Cgroups::procs_files(root, id));
         }
-        let pid = self
-            .host
-            .spawn_detached(&cmd, &dir.join("console.log"))
-            .await
-            .map_err(host_err("start systemd-nspawn"))?;
-        std::fs::write(dir.join("nspawn.pid"), pid.to_string())
-            .map_err(io_err("write nspawn.pid"))?;
+        self.leaders().remove(id);
+        self.nspawn
+            .spawn(id, &cmd, &dir.join("console.log"))
+            .await?;
         Ok(())
     }
 
     async fn wait_ready(&self, id: &str, timeout: Duration) -> Result<Endpoints, DriverError> {
         let record = self.read_record(id)?;
-        let endpoints = Endpoints::for_guest(record.guest_addr);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.running_pid(id).is_none() {
-                return Err(DriverError::GuestExited(self.console_tail(id)));
-            }
-            let attempt = tokio::time::timeout(
-                Duration::from_millis(500),
-                tokio::net::TcpStream::connect(endpoints.agent),
-            )
-            .await;
-            if let Ok(Ok(_)) = attempt {
-                return Ok(endpoints);
-            }
-            if Instant::now() >= deadline {
-                return Err(DriverError::Timeout(timeout));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.nspawn
+            .wait_ready(id, Endpoints::for_guest(record.guest_addr), timeout, || {
+                self.console_tail(id)
+            })
+            .await
     }
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), DriverError> {
-        if let Some(pid) = self.running_pid(id) {
-            // nspawn turns SIGTERM into a clean poweroff request to the guest's systemd.
-            let _ = self.host.signal(pid, libc::SIGTERM);
-            if !self.wait_exit(pid, grace).await {
-                // The guest ignored it (a unit holding its stop timeout): killing
-                // the guest's init ends its whole PID namespace at once.
-                for child in self.host.children(pid) {
-                    let _ = self.host.signal(child, libc::SIGKILL);
-                }
-                let _ = self.host.signal(pid, libc::SIGKILL);
-                if !self.wait_exit(pid, Duration::from_secs(5)).await {
-                    return Err(DriverError::Transient(format!(
-                        "systemd-nspawn (pid {pid}) did not exit after SIGKILL"
-                    )));
-                }
-            }
+        let leader = self.leader(id);
+        // nspawn turns SIGTERM into a clean poweroff request to the guest's
+        // systemd. A guest that ignores it (a unit holding its stop timeout)
+        // loses nspawn, then its init: killing that ends its whole pid
+        // namespace at once.
+        let stopped = self
+            .nspawn
+            .stop(id, grace, |nspawn| async move {
+                self.host.signal_process(&nspawn, libc::SIGTERM).is_ok()
+            })
+            .await;
+        let held = self.leaders().remove(id);
+        if let Some(leader) = held {
+            let _ = self.host.signal_process(&leader, libc::SIGKILL);
         }
+        drop(leader);
+        stopped?;
         // Whatever is left in the sandbox's cgroups (a guest whose nspawn died
         // first, a process that escaped) goes too.
         self.kill_cgroups(id).await
@@ -674,32 +677,27 @@ impl Driver for NspawnDriver {
 
     async fn inspect(&self, id: &str) -> Result<InstanceInfo, DriverError> {
         self.read_record(id)?;
-        let pid = self.running_pid(id);
-        Ok(InstanceInfo {
-            id: id.to_owned(),
-            running: pid.is_some(),
-            pid,
-        })
+        Ok(self.nspawn.info(id))
     }
 
     async fn list(&self) -> Result<Vec<InstanceInfo>, DriverError> {
-        let entries = match std::fs::read_dir(&self.cfg.root) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io_err(format!("list {}", self.cfg.root.display()))(e)),
-        };
-        let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let id = entry.file_name().to_string_lossy().into_owned();
-            let pid = self.running_pid(&id);
-            out.push(InstanceInfo {
-                id,
-                running: pid.is_some(),
-                pid,
-            });
+        self.nspawn.list()
+    }
+
+    /// Alive while systemd-nspawn and the guest's init both are. When nspawn
+    /// dies, the guest runs on unsupervised: that is dead too, and
+    /// `destroy` ends it through its cgroups.
+    async fn liveness(&self, id: &str) -> Result<Liveness, DriverError> {
+        self.read_record(id)?;
+        if let dead @ Liveness::Dead(_) = self.nspawn.liveness(id) {
+            return Ok(dead);
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
+        Ok(match self.leader(id) {
+            Some(leader) if self.host.has_exited(&leader) => {
+                Liveness::Dead(format!("the guest's init (pid {}) exited", leader.pid))
+            }
+            _ => Liveness::Alive,
+        })
     }
 }
 
@@ -717,20 +715,6 @@ impl NspawnDriver {
     pub fn lease_of(&self, id: &str) -> Result<Lease, DriverError> {
         Ok(self.read_record(id)?.lease())
     }
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DriverError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(format!("write {}", path.display())))?;
-    file.write_all(bytes)
-        .map_err(io_err(format!("write {}", path.display())))
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), DriverError> {
@@ -988,6 +972,20 @@ impl Cgroups {
             .args(cmd.args)
     }
 
+    /// Kill every process of the sandbox's cgroups through `cgroup.kill`
+    /// (cgroup v2, Linux 5.14+; a hybrid host has it in its unified
+    /// hierarchy). A v1-only host has none: the caller's SIGKILL loop does it.
+    fn kill(root: &Path, id: &str) {
+        for (dir, _) in Self::dirs(root, id) {
+            let file = dir.join("cgroup.kill");
+            if file.exists() {
+                if let Err(e) = std::fs::write(&file, "1") {
+                    tracing::warn!(cgroup = %dir.display(), error = %e, "cgroup.kill failed");
+                }
+            }
+        }
+    }
+
     /// Every process in the sandbox's cgroups, at any depth.
     fn pids(root: &Path, id: &str) -> Vec<u32> {
         fn walk(dir: &Path, out: &mut Vec<u32>) {
@@ -1037,18 +1035,6 @@ fn raise_sysctl(name: &str, floor: u64) {
         Ok(()) => tracing::info!(sysctl = name, from = ?now, to = floor, "raised a host limit"),
         Err(e) => tracing::warn!(sysctl = name, error = %e, "could not raise a host limit"),
     }
-}
-
-/// An error and its sources, one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn limit_error(setting: &str, why: &str) -> DriverError {
@@ -1354,6 +1340,98 @@ mod tests {
         assert!(err.to_string().contains("overlay"), "{err}");
         assert!(!tmp.path().join("s2").exists());
         assert!(host.commands().iter().any(|c| c == "ip link del als2"));
+    }
+
+    /// nspawn killed: the guest may run on, but the sandbox is dead, named
+    /// by what died; destroy ends the orphaned guest by its init.
+    #[tokio::test]
+    async fn a_dead_nspawn_is_a_dead_sandbox_and_destroy_ends_its_guest() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let host = Arc::new(FakeHost::default());
+        let d = driver(tmp.path(), host.clone());
+        d.create(&spec("s1")).await.expect("create");
+        assert!(
+            matches!(d.liveness("s1").await.expect("liveness"), Liveness::Dead(why) if why.contains("never started"))
+        );
+        d.start("s1").await.expect("start");
+        let nspawn = d.nspawn.pid("s1").expect("nspawn");
+        assert_eq!(d.liveness("s1").await.expect("liveness"), Liveness::Alive);
+        host.add_child(nspawn, 4242, "/usr/lib/systemd/systemd");
+        assert_eq!(d.liveness("s1").await.expect("liveness"), Liveness::Alive);
+        host.signal(nspawn, libc::SIGKILL).expect("kill");
+        assert_eq!(
+            d.liveness("s1").await.expect("liveness"),
+            Liveness::Dead(format!("systemd-nspawn (pid {nspawn}) exited"))
+        );
+        assert!(!d.inspect("s1").await.expect("inspect").running);
+        d.destroy("s1").await.expect("destroy");
+        assert!(
+            host.cmdline(4242).is_none(),
+            "the orphaned guest's init is killed"
+        );
+        assert!(matches!(
+            d.liveness("s1").await,
+            Err(DriverError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_dead_guest_init_is_a_dead_sandbox() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let host = Arc::new(FakeHost::default());
+        let d = driver(tmp.path(), host.clone());
+        d.create(&spec("s1")).await.expect("create");
+        d.start("s1").await.expect("start");
+        let nspawn = d.nspawn.pid("s1").expect("nspawn");
+        host.add_child(nspawn, 4243, "/usr/lib/systemd/systemd");
+        assert_eq!(d.liveness("s1").await.expect("liveness"), Liveness::Alive);
+        host.signal(4243, libc::SIGKILL).expect("kill");
+        assert_eq!(
+            d.liveness("s1").await.expect("liveness"),
+            Liveness::Dead("the guest's init (pid 4243) exited".into())
+        );
+        d.destroy("s1").await.expect("destroy");
+    }
+
+    /// A restarted control plane finds nspawn again from its pid file; a
+    /// reused pid is not taken for it.
+    #[tokio::test]
+    async fn after_a_restart_nspawn_is_refound_but_not_a_reused_pid() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let host = Arc::new(FakeHost::default());
+        driver(tmp.path(), host.clone())
+            .create(&spec("s1"))
+            .await
+            .expect("create");
+        let first = driver(tmp.path(), host.clone());
+        first.start("s1").await.expect("start");
+        let pid = first.nspawn.pid("s1").expect("pid");
+        let restarted = driver(tmp.path(), host.clone());
+        assert_eq!(
+            restarted.inspect("s1").await.expect("inspect").pid,
+            Some(pid)
+        );
+        assert_eq!(restarted.liveness("s1").await.expect("l"), Liveness::Alive);
+        host.reuse_pid(pid);
+        let again = driver(tmp.path(), host.clone());
+        assert!(matches!(
+            again.liveness("s1").await.expect("l"),
+            Liveness::Dead(_)
+        ));
+        assert!(matches!(
+            restarted.liveness("s1").await.expect("l"),
+            Liveness::Dead(_)
+        ));
+        again.destroy("s1").await.expect("destroy");
+        assert!(
+            !host
+                .signals
+                .lock()
+                .expect("lock")
+                .iter()
+                .any(|(p, _)| *p == pid),
+            "the pid's new owner is never signalled"
+        );
     }
 
     #[tokio::test]

@@ -8,19 +8,22 @@
 //! puts an overlay of the second over the first and hands over to systemd, so
 //! the image is never copied and never written.
 
+use crate::files::{chain, write_private};
 use crate::host::{Cmd, Host, HostError};
 use crate::{DriverError, Lease};
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 /// The guest's first process: overlays the VM's writable disk on the shared
 /// read-only root, then execs systemd.
 pub const VM_INIT: &str = "/usr/local/sbin/airlock-vm-init";
 /// File-system label of the per-VM writable disk (the guest finds it by label).
 pub const WRITABLE_LABEL: &str = "airlock-rw";
+/// The VMM's pid file in a sandbox's directory (see [`crate::supervise`]).
+pub const PIDFILE: &str = "vmm.pid";
 /// Size of the sparse writable disk: what a guest may write before it is full.
 pub const WRITABLE_DISK_BYTES: u64 = 8 << 30;
 
@@ -79,7 +82,7 @@ impl VmImage {
             ("kernel", &self.vmlinux, &self.vmlinux_sha256),
             ("kernel", &self.bzimage, &self.bzimage_sha256),
         ] {
-            let got = sha256_file(path)?;
+            let got = sha256(path)?;
             if &got != want {
                 return Err(mismatch(what, path, want, &got));
             }
@@ -109,7 +112,7 @@ impl VmImage {
             .lock()
             .map_err(|_| DriverError::Other("rootfs check lock poisoned".into()))?;
         if last.as_ref() != Some(&key) {
-            let got = sha256_file(&self.rootfs)?;
+            let got = sha256(&self.rootfs)?;
             if got != self.rootfs_sha256 {
                 return Err(mismatch(
                     "root file system",
@@ -133,27 +136,9 @@ fn mismatch(what: &str, path: &Path, want: &str, got: &str) -> DriverError {
     ))
 }
 
-pub fn sha256_file(path: &Path) -> Result<String, DriverError> {
-    use sha2::Digest as _;
-    use std::io::Read;
-    let io = |e| DriverError::Host {
-        context: format!("hash {}", path.display()),
-        source: HostError::Io {
-            what: format!("read {}", path.display()),
-            source: e,
-        },
-    };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
+fn sha256(path: &Path) -> Result<String, DriverError> {
+    airlock_image::inputs::sha256_file(path)
+        .map_err(|e| DriverError::Other(format!("hash {}: {}", path.display(), chain(&e))))
 }
 
 /// The dotted netmask of a prefix length (the kernel's `ip=` wants it so).
@@ -281,48 +266,6 @@ pub fn mem_mib(limit: Option<u64>) -> u64 {
     limit.map(|b| (b >> 20).max(256)).unwrap_or(2048)
 }
 
-pub fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
-    let what = what.into();
-    move |source| DriverError::Host {
-        context: what.clone(),
-        source: HostError::Io { what, source },
-    }
-}
-
-pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DriverError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(format!("write {}", path.display())))?;
-    file.write_all(bytes)
-        .map_err(io_err(format!("write {}", path.display())))
-}
-
-/// The VMM process recorded in `pidfile`, if it is still running and its
-/// command line carries `marker` (a recycled pid is not ours).
-pub fn running_pid(host: &dyn Host, pidfile: &Path, marker: &str) -> Option<u32> {
-    let text = std::fs::read_to_string(pidfile).ok()?;
-    let pid: u32 = text.trim().parse().ok()?;
-    let cmdline = host.cmdline(pid)?;
-    cmdline.contains(marker).then_some(pid)
-}
-
-pub async fn wait_exit(host: &dyn Host, pid: u32, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if host.cmdline(pid).is_none() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    host.cmdline(pid).is_none()
-}
-
 /// The last `lines` non-empty lines of a log, joined with ` | `.
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read(path)
@@ -336,32 +279,6 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
         .take(lines)
         .collect();
     tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-}
-
-/// Remove a sandbox directory; a missing one is fine.
-pub fn remove_dir(dir: &Path) -> Result<(), DriverError> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(format!("remove {}", dir.display()))(e)),
-    }
-}
-
-/// Every sandbox directory under `root` (what `list` reports).
-pub fn sandbox_ids(root: &Path) -> Result<Vec<String>, DriverError> {
-    let entries = match std::fs::read_dir(root) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err(format!("list {}", root.display()))(e)),
-    };
-    let mut ids: Vec<String> = entries
-        .flatten()
-        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| !name.starts_with('.'))
-        .collect();
-    ids.sort();
-    Ok(ids)
 }
 
 /// Paths of one VM sandbox's state directory.
@@ -379,7 +296,7 @@ impl VmDir {
         self.0.join("metadata.json")
     }
     pub fn pidfile(&self) -> PathBuf {
-        self.0.join("vmm.pid")
+        self.0.join(PIDFILE)
     }
     pub fn vmm_log(&self) -> PathBuf {
         self.0.join("vmm.log")
@@ -442,10 +359,10 @@ mod tests {
             build_id: "b1".into(),
             vmlinux: k.clone(),
             bzimage: k.clone(),
-            vmlinux_sha256: sha256_file(&k).expect("h"),
-            bzimage_sha256: sha256_file(&k).expect("h"),
+            vmlinux_sha256: airlock_image::inputs::sha256_file(&k).expect("h"),
+            bzimage_sha256: airlock_image::inputs::sha256_file(&k).expect("h"),
             rootfs: r.clone(),
-            rootfs_sha256: sha256_file(&r).expect("h"),
+            rootfs_sha256: airlock_image::inputs::sha256_file(&r).expect("h"),
             rootfs_size: 6,
         };
         let checked = CheckedRootfs::default();

@@ -13,7 +13,7 @@ mod common;
 
 use common::{in_netns, Namespace, NetOnly};
 
-use airlock_drivers::host::{Cmd, Host, HostError, RealHost};
+use airlock_drivers::host::{Cmd, Host, HostError, Process, RealHost};
 use airlock_drivers::net::link::{self, LinkNames};
 use airlock_drivers::net::pool::AddressPool;
 use airlock_drivers::net::{firewall, tap};
@@ -40,7 +40,7 @@ impl Host for InNamespace {
             .args(cmd.args.clone());
         RealHost.run(&wrapped).await
     }
-    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<u32, HostError> {
+    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<Process, HostError> {
         RealHost.spawn_detached(cmd, log).await
     }
     fn signal(&self, pid: u32, signal: i32) -> Result<(), HostError> {
@@ -51,6 +51,21 @@ impl Host for InNamespace {
     }
     fn children(&self, pid: u32) -> Vec<u32> {
         RealHost.children(pid)
+    }
+    fn hold(&self, pid: u32, started: Option<u64>) -> Option<Process> {
+        RealHost.hold(pid, started)
+    }
+    fn has_exited(&self, process: &Process) -> bool {
+        RealHost.has_exited(process)
+    }
+    fn signal_process(&self, process: &Process, signal: i32) -> Result<(), HostError> {
+        RealHost.signal_process(process, signal)
+    }
+    fn pid_namespace(&self, pid: u32) -> Option<u64> {
+        RealHost.pid_namespace(pid)
+    }
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<(), HostError> {
+        RealHost.chown(path, uid, gid)
     }
 }
 

@@ -7,6 +7,7 @@ pub mod egress;
 pub mod http;
 pub mod instance;
 pub mod metrics;
+pub mod node;
 pub mod relay;
 pub mod server;
 pub mod store;

@@ -70,7 +70,7 @@ async fn open_door_with(settings: impl FnOnce(&mut Config)) -> Door {
     let sandbox = |id: &str, owner: &str| SandboxRow {
         id: id.to_owned(),
         owner_id: owner.to_owned(),
-        kind: "browser".into(),
+        kind: airlock_proto::metadata::SandboxKind::Browser,
         state: SandboxState::Failed,
         failure_reason: Some("a test row; it never booted".into()),
         image_build_id: "front-door".into(),

@@ -229,3 +229,48 @@ async fn create_destroy_cycles_leak_nothing() {
     assert_eq!(sandboxes_dir, 0, "no per-sandbox state left on disk");
     h.shutdown().await;
 }
+
+/// The measured bug: a SIGKILLed systemd-nspawn left its payload
+/// running and the API said `ready` 75 s later. The supervisor asks the node
+/// every 5 s: the sandbox is `failed` within 15 s with a reason naming what
+/// died, and its teardown leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nspawn_fails_the_sandbox_within_15_s() {
+    if unmet().is_some() {
+        return;
+    }
+    let h = common::start("10.247.1.0/24").await;
+    let id = h.ready_sandbox("browser").await;
+    let pid_file = h.data_dir.join("sandboxes").join(&id).join("nspawn.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("nspawn.pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    // Only the pid this test's sandbox recorded.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).expect("pid"),
+        rustix::process::Signal::KILL,
+    )
+    .expect("kill nspawn");
+    let killed = Instant::now();
+    let body = h.wait_state(&id, "failed", Duration::from_secs(15)).await;
+    let took = killed.elapsed();
+    let reason = body["failure_reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("died") && reason.contains("nspawn"),
+        "{body}"
+    );
+    eprintln!("failed {took:?} after the kill: {reason}");
+    // The teardown follows: the address is released, nothing is left.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !leftovers(&h.data_dir, &id).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            leftovers(&h.data_dir, &id)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    h.shutdown().await;
+}

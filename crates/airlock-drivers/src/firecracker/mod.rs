@@ -36,12 +36,13 @@
 pub mod api;
 pub mod pool;
 
-use crate::host::{Cmd, Host};
+use crate::host::{Cmd, Host, Process};
 use crate::net::firewall;
 use crate::net::link::{self, LinkNames};
 use crate::net::tap;
+use crate::supervise::{self, Supervisor};
 use crate::vm::{self, CheckedRootfs, VmDir, VmImage, VmRecord};
-use crate::{Driver, DriverError, Endpoints, InstanceInfo, SandboxSpec};
+use crate::{Driver, DriverError, Endpoints, InstanceInfo, Liveness, SandboxSpec};
 use api::{
     ActionType, ApiClient, ApiError, ApiRequest, BootSource, Drive, MachineConfiguration,
     MemoryBackend, MemoryBackendType, MmdsConfig, MmdsVersion, NetworkInterface, NetworkOverride,
@@ -54,6 +55,8 @@ use std::time::{Duration, Instant};
 
 /// The guest's network interface as Firecracker and MMDS name it.
 pub const IFACE_ID: &str = "eth0";
+/// The longest path a Unix socket address holds (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
 /// Where inside a jail Firecracker's API socket is (the jailer's default).
 const JAILED_SOCKET: &str = "run/firecracker.socket";
 
@@ -103,6 +106,10 @@ pub struct FirecrackerDriver {
     cfg: FirecrackerConfig,
     host: Arc<dyn Host>,
     api: Arc<dyn ApiClient>,
+    /// The Firecracker process of each sandbox (the jailer execs it, so the
+    /// pid is the same). The guest lives in it: Firecracker running is the
+    /// guest's supervisor and its payload both alive.
+    vmm: Supervisor,
     checked: CheckedRootfs,
 }
 
@@ -114,6 +121,13 @@ fn api_err(e: ApiError) -> DriverError {
 impl FirecrackerDriver {
     pub fn new(cfg: FirecrackerConfig, host: Arc<dyn Host>, api: Arc<dyn ApiClient>) -> Self {
         FirecrackerDriver {
+            vmm: Supervisor::new(
+                "firecracker",
+                cfg.root.clone(),
+                vm::PIDFILE,
+                Self::marker,
+                host.clone(),
+            ),
             cfg,
             host,
             api,
@@ -150,14 +164,6 @@ impl FirecrackerDriver {
         }
     }
 
-    fn running_pid(&self, id: &str) -> Option<u32> {
-        vm::running_pid(
-            self.host.as_ref(),
-            &self.dir(id).pidfile(),
-            &Self::marker(id),
-        )
-    }
-
     fn image(&self) -> Result<&VmImage, DriverError> {
         self.cfg.image.as_ref().ok_or_else(|| {
             DriverError::Other(
@@ -182,7 +188,7 @@ impl FirecrackerDriver {
             return Ok(host);
         };
         std::fs::create_dir_all(jail.join("run"))
-            .map_err(vm::io_err(format!("create {}", jail.display())))?;
+            .map_err(crate::files::io_err(format!("create {}", jail.display())))?;
         for (src, name) in [
             (&host.kernel, "vmlinux"),
             (&host.rootfs, "rootfs.ext4"),
@@ -192,11 +198,21 @@ impl FirecrackerDriver {
             if !dest.exists() {
                 // A hard link, never a copy: the image and the data dir must
                 // share a file system when the jailer is used.
-                std::fs::hard_link(src, &dest).map_err(vm::io_err(format!(
+                std::fs::hard_link(src, &dest).map_err(crate::files::io_err(format!(
                     "link {src} into the jail at {}",
                     dest.display()
                 )))?;
             }
+        }
+        // The jailed Firecracker opens the VM's own disk for writing as the
+        // jail's uid (the image's files it only reads).
+        if let Some(j) = &self.cfg.jailer {
+            self.host
+                .chown(Path::new(&host.writable), j.uid, j.gid)
+                .map_err(|source| DriverError::Host {
+                    context: "give the VM's writable disk to the jail's uid".into(),
+                    source,
+                })?;
         }
         Ok(GuestPaths {
             kernel: "/vmlinux".into(),
@@ -298,14 +314,14 @@ impl FirecrackerDriver {
         ]
     }
 
-    async fn wait_socket(&self, id: &str, pid: u32) -> Result<(), DriverError> {
+    async fn wait_socket(&self, id: &str, vmm: &Process) -> Result<(), DriverError> {
         let socket = self.socket(id);
         let deadline = Instant::now() + self.cfg.socket_timeout;
         loop {
             if socket.exists() {
                 return Ok(());
             }
-            if self.host.cmdline(pid).is_none() {
+            if self.host.has_exited(vmm) {
                 return Err(DriverError::GuestExited(format!(
                     "firecracker exited before opening its API socket: {}",
                     vm::log_tail(&self.dir(id).vmm_log(), 5)
@@ -318,29 +334,17 @@ impl FirecrackerDriver {
         }
     }
 
-    async fn kill(&self, pid: u32) {
-        let _ = self.host.signal(pid, libc::SIGKILL);
-        vm::wait_exit(self.host.as_ref(), pid, Duration::from_secs(5)).await;
-    }
-
-    async fn spawn(&self, id: &str, record: &VmRecord) -> Result<u32, DriverError> {
-        let dir = self.dir(id);
+    async fn spawn(&self, id: &str, record: &VmRecord) -> Result<Arc<Process>, DriverError> {
         let _ = std::fs::remove_file(self.socket(id));
-        let pid = self
-            .host
-            .spawn_detached(&self.spawn_cmd(id, record), &dir.vmm_log())
-            .await
-            .map_err(|source| DriverError::Host {
-                context: "start firecracker".into(),
-                source,
-            })?;
-        std::fs::write(dir.pidfile(), pid.to_string())
-            .map_err(vm::io_err("write the VMM's pid file"))?;
-        if let Err(e) = self.wait_socket(id, pid).await {
-            self.kill(pid).await;
+        let vmm = self
+            .vmm
+            .spawn(id, &self.spawn_cmd(id, record), &self.dir(id).vmm_log())
+            .await?;
+        if let Err(e) = self.wait_socket(id, &vmm).await {
+            let _ = self.vmm.kill(id, &vmm).await;
             return Err(e);
         }
-        Ok(pid)
+        Ok(vmm)
     }
 
     /// Pause the running VM and write a full snapshot of it: the pool's
@@ -377,7 +381,7 @@ impl FirecrackerDriver {
     ) -> Result<(), DriverError> {
         let record = VmRecord::read(self.dir(id).path(), id)?;
         let metadata = self.read_metadata(id)?;
-        let pid = self.spawn(id, &record).await?;
+        let vmm = self.spawn(id, &record).await?;
         let socket = self.socket(id);
         let mut requests = vec![
             ApiRequest::snapshot_load(&SnapshotLoadParams {
@@ -400,7 +404,7 @@ impl FirecrackerDriver {
         }
         for request in requests {
             if let Err(e) = self.api.call(&socket, &request).await {
-                self.kill(pid).await;
+                let _ = self.vmm.kill(id, &vmm).await;
                 return Err(api_err(e));
             }
         }
@@ -410,19 +414,21 @@ impl FirecrackerDriver {
     fn read_metadata(&self, id: &str) -> Result<serde_json::Value, DriverError> {
         let path = self.dir(id).metadata();
         let text = std::fs::read_to_string(&path)
-            .map_err(vm::io_err(format!("read {}", path.display())))?;
+            .map_err(crate::files::io_err(format!("read {}", path.display())))?;
         serde_json::from_str(&text)
             .map_err(|e| DriverError::Other(format!("{}: {e}", path.display())))
     }
 
     async fn create_steps(&self, spec: &SandboxSpec, record: &VmRecord) -> Result<(), DriverError> {
         let dir = self.dir(&spec.id);
-        std::fs::create_dir_all(dir.path())
-            .map_err(vm::io_err(format!("create {}", dir.path().display())))?;
+        std::fs::create_dir_all(dir.path()).map_err(crate::files::io_err(format!(
+            "create {}",
+            dir.path().display()
+        )))?;
         record.write(dir.path())?;
         let metadata =
             serde_json::to_vec(&spec.metadata).map_err(|e| DriverError::Other(e.to_string()))?;
-        vm::write_private(&dir.metadata(), &metadata)?;
+        crate::files::write_private(&dir.metadata(), &metadata)?;
         vm::create_writable_disk(
             self.host.as_ref(),
             &dir.writable_disk(),
@@ -495,6 +501,17 @@ impl Driver for FirecrackerDriver {
     async fn create(&self, spec: &SandboxSpec) -> Result<(), DriverError> {
         // Refused before anything is made: artefacts that do not match the manifest.
         self.image()?.check(&spec.image.build_id, &self.checked)?;
+        // A Unix socket's address holds 107 bytes of path: a longer one
+        // (a deep chroot base or data dir) could never be connected to.
+        let socket = self.socket(&spec.id);
+        let len = socket.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(DriverError::Other(format!(
+                "Firecracker's API socket would be {} ({len} bytes, a Unix socket path \
+                 holds at most {MAX_SOCKET_PATH}): use a shorter jailer chroot base or data dir",
+                socket.display()
+            )));
+        }
         let jailed = self.cfg.jailer.is_some();
         let record = VmRecord {
             id: spec.id.clone(),
@@ -513,25 +530,26 @@ impl Driver for FirecrackerDriver {
             mem_mib: vm::mem_mib(spec.limits.memory_bytes),
             vcpus: self.cfg.vcpus,
         };
-        if let Err(e) = self.create_steps(spec, &record).await {
-            let _ = self.destroy(&spec.id).await;
-            return Err(e);
-        }
-        Ok(())
+        supervise::or_roll_back(
+            &spec.id,
+            self.create_steps(spec, &record),
+            self.destroy(&spec.id),
+        )
+        .await
     }
 
     async fn start(&self, id: &str) -> Result<(), DriverError> {
         let record = VmRecord::read(self.dir(id).path(), id)?;
-        if self.running_pid(id).is_some() {
+        if self.vmm.find(id).is_some() {
             return Ok(());
         }
         let paths = self.guest_paths(id)?;
         let metadata = self.read_metadata(id)?;
-        let pid = self.spawn(id, &record).await?;
+        let vmm = self.spawn(id, &record).await?;
         let socket = self.socket(id);
         for request in Self::boot_requests(&record, &paths, &metadata) {
             if let Err(e) = self.api.call(&socket, &request).await {
-                self.kill(pid).await;
+                let _ = self.vmm.kill(id, &vmm).await;
                 return Err(api_err(e));
             }
         }
@@ -540,54 +558,25 @@ impl Driver for FirecrackerDriver {
 
     async fn wait_ready(&self, id: &str, timeout: Duration) -> Result<Endpoints, DriverError> {
         let record = VmRecord::read(self.dir(id).path(), id)?;
-        let endpoints = Endpoints::for_guest(record.guest_addr);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.running_pid(id).is_none() {
-                return Err(DriverError::GuestExited(vm::log_tail(
-                    &self.dir(id).vmm_log(),
-                    5,
-                )));
-            }
-            let attempt = tokio::time::timeout(
-                Duration::from_millis(500),
-                tokio::net::TcpStream::connect(endpoints.agent),
-            )
-            .await;
-            if let Ok(Ok(_)) = attempt {
-                return Ok(endpoints);
-            }
-            if Instant::now() >= deadline {
-                return Err(DriverError::Timeout(timeout));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.vmm
+            .wait_ready(id, Endpoints::for_guest(record.guest_addr), timeout, || {
+                vm::log_tail(&self.dir(id).vmm_log(), 5)
+            })
+            .await
     }
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), DriverError> {
-        let Some(pid) = self.running_pid(id) else {
-            return Ok(());
-        };
         // Ctrl-Alt-Del makes the guest's systemd reboot, and `reboot=k` on a
         // VMM that cannot reboot ends the process: a clean poweroff.
-        let asked = self
-            .api
-            .call(
-                &self.socket(id),
-                &ApiRequest::action(ActionType::SendCtrlAltDel),
-            )
-            .await;
-        if asked.is_ok() && vm::wait_exit(self.host.as_ref(), pid, grace).await {
-            return Ok(());
-        }
-        let _ = self.host.signal(pid, libc::SIGKILL);
-        if vm::wait_exit(self.host.as_ref(), pid, Duration::from_secs(5)).await {
-            Ok(())
-        } else {
-            Err(DriverError::Transient(format!(
-                "firecracker (pid {pid}) did not exit after SIGKILL"
-            )))
-        }
+        let socket = self.socket(id);
+        self.vmm
+            .stop(id, grace, |_| async move {
+                self.api
+                    .call(&socket, &ApiRequest::action(ActionType::SendCtrlAltDel))
+                    .await
+                    .is_ok()
+            })
+            .await
     }
 
     async fn destroy(&self, id: &str) -> Result<(), DriverError> {
@@ -606,34 +595,24 @@ impl Driver for FirecrackerDriver {
         }
         if let Some(jail) = self.jail_root(id) {
             if let Some(parent) = jail.parent() {
-                vm::remove_dir(parent)?;
+                crate::files::remove_dir(parent)?;
             }
         }
-        vm::remove_dir(self.dir(id).path())
+        crate::files::remove_dir(self.dir(id).path())
     }
 
     async fn inspect(&self, id: &str) -> Result<InstanceInfo, DriverError> {
         VmRecord::read(self.dir(id).path(), id)?;
-        let pid = self.running_pid(id);
-        Ok(InstanceInfo {
-            id: id.to_owned(),
-            running: pid.is_some(),
-            pid,
-        })
+        Ok(self.vmm.info(id))
     }
 
     async fn list(&self) -> Result<Vec<InstanceInfo>, DriverError> {
-        Ok(vm::sandbox_ids(&self.cfg.root)?
-            .into_iter()
-            .map(|id| {
-                let pid = self.running_pid(&id);
-                InstanceInfo {
-                    id,
-                    running: pid.is_some(),
-                    pid,
-                }
-            })
-            .collect())
+        self.vmm.list()
+    }
+
+    async fn liveness(&self, id: &str) -> Result<Liveness, DriverError> {
+        VmRecord::read(self.dir(id).path(), id)?;
+        Ok(self.vmm.liveness(id))
     }
 }
 

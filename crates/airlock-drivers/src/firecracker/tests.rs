@@ -23,7 +23,7 @@ impl Host for Host2 {
     async fn run(&self, cmd: &Cmd) -> Result<String, HostError> {
         self.inner.run(cmd).await
     }
-    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<u32, HostError> {
+    async fn spawn_detached(&self, cmd: &Cmd, log: &Path) -> Result<Process, HostError> {
         let pid = self.inner.spawn_detached(cmd, log).await?;
         if let Some(i) = cmd.args.iter().position(|a| a == "--api-sock") {
             std::fs::write(&cmd.args[i + 1], b"").map_err(|source| HostError::Io {
@@ -54,6 +54,21 @@ impl Host for Host2 {
     fn children(&self, pid: u32) -> Vec<u32> {
         self.inner.children(pid)
     }
+    fn hold(&self, pid: u32, started: Option<u64>) -> Option<Process> {
+        self.inner.hold(pid, started)
+    }
+    fn has_exited(&self, process: &Process) -> bool {
+        self.inner.has_exited(process)
+    }
+    fn signal_process(&self, process: &Process, signal: i32) -> Result<(), HostError> {
+        self.inner.signal_process(process, signal)
+    }
+    fn pid_namespace(&self, pid: u32) -> Option<u64> {
+        self.inner.pid_namespace(pid)
+    }
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<(), HostError> {
+        self.inner.chown(path, uid, gid)
+    }
 }
 
 struct Setup {
@@ -73,9 +88,9 @@ fn artefacts(dir: &Path) -> VmImage {
     std::fs::write(&r, b"ext4 bytes").expect("w");
     VmImage {
         build_id: "b1".into(),
-        vmlinux_sha256: vm::sha256_file(&k).expect("h"),
-        bzimage_sha256: vm::sha256_file(&b).expect("h"),
-        rootfs_sha256: vm::sha256_file(&r).expect("h"),
+        vmlinux_sha256: airlock_image::inputs::sha256_file(&k).expect("h"),
+        bzimage_sha256: airlock_image::inputs::sha256_file(&b).expect("h"),
+        rootfs_sha256: airlock_image::inputs::sha256_file(&r).expect("h"),
         rootfs_size: 10,
         vmlinux: k,
         bzimage: b,
@@ -208,7 +223,11 @@ async fn stop_asks_the_guest_then_kills_and_destroy_leaves_nothing() {
     let s = setup(false);
     s.driver.create(&sandbox("vm2")).await.expect("create");
     s.driver.start("vm2").await.expect("start");
-    let pid = s.driver.running_pid("vm2").expect("running");
+    let pid = s.driver.vmm.pid("vm2").expect("running");
+    assert_eq!(
+        s.driver.liveness("vm2").await.expect("liveness"),
+        crate::Liveness::Alive
+    );
     s.driver.destroy("vm2").await.expect("destroy");
     let last = s.api.sent().pop().expect("sent");
     assert_eq!(last.body.expect("body")["action_type"], "SendCtrlAltDel");
@@ -238,7 +257,7 @@ async fn a_firecracker_fault_reaches_the_error_verbatim_and_the_vmm_is_killed() 
     let err = s.driver.start("vm3").await.expect_err("refused");
     assert!(err.to_string().contains(fault), "{err}");
     assert!(err.to_string().contains("PUT /drives/root (400)"), "{err}");
-    assert!(s.driver.running_pid("vm3").is_none(), "killed");
+    assert!(s.driver.vmm.pid("vm3").is_none(), "killed");
     assert_eq!(s.api.sent().len(), 3, "nothing sent after the fault");
 }
 
@@ -307,6 +326,14 @@ async fn jailed_vms_see_their_files_inside_the_jail() {
         .inner
         .commands()
         .contains(&"ip -n airlock-vm6 tuntap add dev tap0 mode tap user 123 group 456".to_owned()));
+    let writable = s.root.join("vm6/rw.ext4");
+    assert!(
+        s.host
+            .inner
+            .commands()
+            .contains(&format!("chown 123:456 {}", writable.display())),
+        "the jail's uid may write the VM's own disk"
+    );
     assert_all_valid(&s.api);
     s.driver.destroy("vm6").await.expect("destroy");
     assert!(!jail.exists());
@@ -628,4 +655,32 @@ fn the_validator_itself_rejects_what_firecracker_would() {
             r.body
         );
     }
+}
+
+#[tokio::test]
+async fn a_socket_path_too_long_for_a_unix_socket_is_refused_before_anything_is_made() {
+    let s = setup(true);
+    let id = format!("v{}", "x".repeat(110));
+    let err = s.driver.create(&sandbox(&id)).await.expect_err("too long");
+    assert!(err.to_string().contains("at most 107"), "{err}");
+    assert!(s.host.inner.commands().is_empty());
+    assert!(!s.root.join(&id).exists());
+}
+
+#[tokio::test]
+async fn a_killed_firecracker_is_dead_by_name() {
+    let s = setup(true);
+    s.driver.create(&sandbox("vm9")).await.expect("create");
+    s.driver.start("vm9").await.expect("start");
+    let pid = s.driver.vmm.pid("vm9").expect("running");
+    s.host.signal(pid, libc::SIGKILL).expect("kill");
+    assert_eq!(
+        s.driver.liveness("vm9").await.expect("liveness"),
+        crate::Liveness::Dead(format!("firecracker (pid {pid}) exited"))
+    );
+    s.driver.destroy("vm9").await.expect("destroy");
+    assert!(matches!(
+        s.driver.liveness("vm9").await,
+        Err(DriverError::NotFound(_))
+    ));
 }

@@ -26,8 +26,9 @@ use crate::host::{Cmd, Host};
 use crate::net::firewall;
 use crate::net::link::LinkNames;
 use crate::net::tap;
+use crate::supervise::{self, Supervisor};
 use crate::vm::{self, CheckedRootfs, VmDir, VmImage, VmRecord};
-use crate::{Driver, DriverError, Endpoints, InstanceInfo, SandboxSpec};
+use crate::{Driver, DriverError, Endpoints, InstanceInfo, Liveness, SandboxSpec};
 use airlock_proto::metadata::{FW_CFG_CMDLINE_FLAG, FW_CFG_METADATA_NAME};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
@@ -182,6 +183,9 @@ impl QemuConfig {
 pub struct QemuDriver {
     cfg: QemuConfig,
     host: Arc<dyn Host>,
+    /// The QEMU process of each sandbox. The guest lives in it: QEMU running
+    /// is the guest's supervisor and its payload both alive.
+    vmm: Supervisor,
     checked: CheckedRootfs,
     accel: tokio::sync::OnceCell<Accel>,
 }
@@ -189,6 +193,13 @@ pub struct QemuDriver {
 impl QemuDriver {
     pub fn new(cfg: QemuConfig, host: Arc<dyn Host>) -> Self {
         QemuDriver {
+            vmm: Supervisor::new(
+                "qemu",
+                cfg.root.clone(),
+                vm::PIDFILE,
+                Self::marker,
+                host.clone(),
+            ),
             cfg,
             host,
             checked: CheckedRootfs::default(),
@@ -206,14 +217,6 @@ impl QemuDriver {
 
     fn qmp_socket(&self, id: &str) -> PathBuf {
         self.dir(id).path().join("qmp.sock")
-    }
-
-    fn running_pid(&self, id: &str) -> Option<u32> {
-        vm::running_pid(
-            self.host.as_ref(),
-            &self.dir(id).pidfile(),
-            &Self::marker(id),
-        )
     }
 
     fn image(&self) -> Result<&VmImage, DriverError> {
@@ -352,12 +355,14 @@ impl QemuDriver {
 
     async fn create_steps(&self, spec: &SandboxSpec, record: &VmRecord) -> Result<(), DriverError> {
         let dir = self.dir(&spec.id);
-        std::fs::create_dir_all(dir.path())
-            .map_err(vm::io_err(format!("create {}", dir.path().display())))?;
+        std::fs::create_dir_all(dir.path()).map_err(crate::files::io_err(format!(
+            "create {}",
+            dir.path().display()
+        )))?;
         record.write(dir.path())?;
         let metadata =
             serde_json::to_vec(&spec.metadata).map_err(|e| DriverError::Other(e.to_string()))?;
-        vm::write_private(&dir.metadata(), &metadata)?;
+        crate::files::write_private(&dir.metadata(), &metadata)?;
         vm::create_writable_disk(
             self.host.as_ref(),
             &dir.writable_disk(),
@@ -406,110 +411,65 @@ impl Driver for QemuDriver {
             mem_mib: vm::mem_mib(spec.limits.memory_bytes),
             vcpus: self.cfg.vcpus,
         };
-        if let Err(e) = self.create_steps(spec, &record).await {
-            let _ = self.destroy(&spec.id).await;
-            return Err(e);
-        }
-        Ok(())
+        supervise::or_roll_back(
+            &spec.id,
+            self.create_steps(spec, &record),
+            self.destroy(&spec.id),
+        )
+        .await
     }
 
     async fn start(&self, id: &str) -> Result<(), DriverError> {
         let record = VmRecord::read(self.dir(id).path(), id)?;
-        if self.running_pid(id).is_some() {
+        if self.vmm.find(id).is_some() {
             return Ok(());
         }
         let accel = self.accel().await?;
         let cmd = self.command(id, &record, accel)?;
-        let dir = self.dir(id);
         let _ = std::fs::remove_file(self.qmp_socket(id));
-        let pid = self
-            .host
-            .spawn_detached(&cmd, &dir.vmm_log())
-            .await
-            .map_err(|source| DriverError::Host {
-                context: "start qemu".into(),
-                source,
-            })?;
-        std::fs::write(dir.pidfile(), pid.to_string())
-            .map_err(vm::io_err("write the VMM's pid file"))?;
+        self.vmm.spawn(id, &cmd, &self.dir(id).vmm_log()).await?;
         Ok(())
     }
 
     async fn wait_ready(&self, id: &str, timeout: Duration) -> Result<Endpoints, DriverError> {
         let record = VmRecord::read(self.dir(id).path(), id)?;
-        let endpoints = Endpoints::for_guest(record.guest_addr);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.running_pid(id).is_none() {
-                return Err(DriverError::GuestExited(self.failure_tail(id)));
-            }
-            let attempt = tokio::time::timeout(
-                Duration::from_millis(500),
-                tokio::net::TcpStream::connect(endpoints.agent),
-            )
-            .await;
-            if let Ok(Ok(_)) = attempt {
-                return Ok(endpoints);
-            }
-            if Instant::now() >= deadline {
-                return Err(DriverError::Timeout(timeout));
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        self.vmm
+            .wait_ready(id, Endpoints::for_guest(record.guest_addr), timeout, || {
+                self.failure_tail(id)
+            })
+            .await
     }
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), DriverError> {
-        let Some(pid) = self.running_pid(id) else {
-            return Ok(());
-        };
-        let asked = qmp::execute(
-            &self.qmp_socket(id),
-            &qmp::ctrl_alt_del(),
-            Duration::from_secs(2),
-        )
-        .await;
-        if asked.is_ok() && vm::wait_exit(self.host.as_ref(), pid, grace).await {
-            return Ok(());
-        }
-        let _ = self.host.signal(pid, libc::SIGKILL);
-        if vm::wait_exit(self.host.as_ref(), pid, Duration::from_secs(5)).await {
-            Ok(())
-        } else {
-            Err(DriverError::Transient(format!(
-                "qemu (pid {pid}) did not exit after SIGKILL"
-            )))
-        }
+        let qmp = self.qmp_socket(id);
+        self.vmm
+            .stop(id, grace, |_| async move {
+                qmp::execute(&qmp, &qmp::ctrl_alt_del(), Duration::from_secs(2))
+                    .await
+                    .is_ok()
+            })
+            .await
     }
 
     async fn destroy(&self, id: &str) -> Result<(), DriverError> {
         self.stop(id, self.cfg.stop_grace).await?;
         firewall::remove(self.host.as_ref(), &LinkNames::for_sandbox(id)).await;
         tap::destroy(self.host.as_ref(), &tap::name(id)).await;
-        vm::remove_dir(self.dir(id).path())
+        crate::files::remove_dir(self.dir(id).path())
     }
 
     async fn inspect(&self, id: &str) -> Result<InstanceInfo, DriverError> {
         VmRecord::read(self.dir(id).path(), id)?;
-        let pid = self.running_pid(id);
-        Ok(InstanceInfo {
-            id: id.to_owned(),
-            running: pid.is_some(),
-            pid,
-        })
+        Ok(self.vmm.info(id))
     }
 
     async fn list(&self) -> Result<Vec<InstanceInfo>, DriverError> {
-        Ok(vm::sandbox_ids(&self.cfg.root)?
-            .into_iter()
-            .map(|id| {
-                let pid = self.running_pid(&id);
-                InstanceInfo {
-                    id,
-                    running: pid.is_some(),
-                    pid,
-                }
-            })
-            .collect())
+        self.vmm.list()
+    }
+
+    async fn liveness(&self, id: &str) -> Result<Liveness, DriverError> {
+        VmRecord::read(self.dir(id).path(), id)?;
+        Ok(self.vmm.liveness(id))
     }
 }
 
@@ -528,10 +488,10 @@ mod tests {
             build_id: "b1".into(),
             vmlinux: k.clone(),
             bzimage: k.clone(),
-            vmlinux_sha256: vm::sha256_file(&k).expect("h"),
-            bzimage_sha256: vm::sha256_file(&k).expect("h"),
+            vmlinux_sha256: airlock_image::inputs::sha256_file(&k).expect("h"),
+            bzimage_sha256: airlock_image::inputs::sha256_file(&k).expect("h"),
             rootfs: r.clone(),
-            rootfs_sha256: vm::sha256_file(&r).expect("h"),
+            rootfs_sha256: airlock_image::inputs::sha256_file(&r).expect("h"),
             rootfs_size: 6,
         };
         let mut cfg = QemuConfig::new(tmp.join("qemu"), Some(image));
@@ -584,8 +544,13 @@ mod tests {
             "Kernel panic - not syncing: VFS: Unable to mount root fs\n",
         )
         .expect("w");
-        let pid = d.running_pid("q2").expect("pid");
+        let pid = d.vmm.pid("q2").expect("pid");
+        assert_eq!(d.liveness("q2").await.expect("liveness"), Liveness::Alive);
         host.signal(pid, libc::SIGKILL).expect("kill");
+        assert_eq!(
+            d.liveness("q2").await.expect("liveness"),
+            Liveness::Dead(format!("qemu (pid {pid}) exited"))
+        );
         let started = Instant::now();
         let err = d
             .wait_ready("q2", Duration::from_secs(30))

@@ -1,8 +1,87 @@
-//! The control plane's client for a guest's `airlock-agent`.
+//! What the control plane asks of a guest: its agent's health and exec, and
+//! whether its display is up. [`Guest`] is the seam (the real [`HttpGuest`]
+//! speaks HTTP to the agent and RFB to the VNC server; [`fake::FakeGuest`]
+//! answers from a [`crate::node::fake::FakeNode`]). The login calls join
+//! the trait as methods of their own.
 
+pub mod fake;
+
+use crate::relay::rfb;
 use airlock_proto::agent::{ExecRequest, ExecResponse, Health};
+use async_trait::async_trait;
 use std::net::SocketAddr;
 use std::time::Duration;
+
+/// The guest side of the control plane's work, one method per question.
+#[async_trait]
+pub trait Guest: Send + Sync + std::fmt::Debug + 'static {
+    /// The agent's `/health`.
+    async fn health(&self, agent: SocketAddr, token: &str) -> Result<Health, AgentError>;
+    /// Run a command through the agent.
+    async fn exec(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        req: &ExecRequest,
+    ) -> Result<ExecResponse, AgentError>;
+    /// Readiness: the VNC server takes our secret and its first frame shows
+    /// a desktop (not a blank screen). The error says what is missing.
+    async fn desktop_shown(&self, display: SocketAddr, password: &str) -> Result<(), String>;
+    /// Heartbeat: the VNC server still takes our secret (a killed Xvnc does not).
+    async fn display_answers(&self, display: SocketAddr, password: &str) -> Result<(), String>;
+}
+
+/// The real guest: HTTP to the agent, RFB to the display.
+#[derive(Debug, Clone, Default)]
+pub struct HttpGuest {
+    pub client: AgentClient,
+}
+
+const DISPLAY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[async_trait]
+impl Guest for HttpGuest {
+    async fn health(&self, agent: SocketAddr, token: &str) -> Result<Health, AgentError> {
+        self.client.health(agent, token).await
+    }
+
+    async fn exec(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        req: &ExecRequest,
+    ) -> Result<ExecResponse, AgentError> {
+        self.client.exec(agent, token, req).await
+    }
+
+    async fn desktop_shown(&self, display: SocketAddr, password: &str) -> Result<(), String> {
+        let frame = tokio::time::timeout(DISPLAY_TIMEOUT, async {
+            let mut tcp = tokio::net::TcpStream::connect(display).await?;
+            rfb::client_handshake(&mut tcp, password).await?;
+            rfb::read_frame(&mut rfb::IoWire(tcp)).await
+        })
+        .await
+        .map_err(|_| "the VNC server did not send a frame in time".to_owned())?
+        .map_err(|e| format!("VNC: {e}"))?;
+        if !frame.looks_like_desktop() {
+            return Err(format!(
+                "the display is still blank ({} colours)",
+                frame.distinct_colours
+            ));
+        }
+        Ok(())
+    }
+
+    async fn display_answers(&self, display: SocketAddr, password: &str) -> Result<(), String> {
+        tokio::time::timeout(DISPLAY_TIMEOUT, async {
+            let mut tcp = tokio::net::TcpStream::connect(display).await?;
+            rfb::client_handshake(&mut tcp, password).await
+        })
+        .await
+        .map_err(|_| "the VNC server did not answer in time".to_owned())?
+        .map_err(|e| format!("VNC: {e}"))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -12,6 +91,9 @@ pub enum AgentError {
     Status { status: u16, message: String },
     #[error("the sandbox's agent sent an answer that could not be read")]
     Decode(#[source] reqwest::Error),
+    /// Nothing answered (a fake guest that is down, a closed port).
+    #[error("the sandbox's agent is unreachable: {0}")]
+    Down(String),
 }
 
 #[derive(Debug, Clone)]

@@ -177,12 +177,11 @@ impl App {
             }
             for id in self
                 .store
-                .stopping_sandboxes_of(&user.id)
+                .live_sandboxes_of(&user.id)
                 .await
                 .unwrap_or_default()
             {
-                self.teardown(&id, super::state::SandboxState::Stopped)
-                    .await;
+                self.stop_and_wait(&id, REMOVED_REASON).await;
             }
             match finish_removal(&self.store, &self.cfg.data_dir, &user.id).await {
                 Ok(Removal::Done) => tracing::info!(user = %user.name, "user removed"),

@@ -16,8 +16,6 @@ use super::{App, AppError};
 use crate::egress::{self, ProxyConfig, Resolve, Stats, Upstream};
 use crate::store::{now_ms, AccountRow, SandboxRow, Store, UpstreamRow, UserRow};
 use crate::vault::{Aad, Vault};
-use airlock_drivers::host::RealHost;
-use airlock_drivers::net::{firewall, link::LinkNames};
 use airlock_drivers::Lease;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -537,15 +535,7 @@ impl Resolve for UserResolver {
     }
 }
 
-fn rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
+use crate::app::rfc3339;
 
 impl App {
     fn egress_metrics(&self) -> &EgressMetrics {
@@ -777,7 +767,7 @@ impl App {
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
             .map(|a| a.stats.clone());
-        let blocked = match firewall::blocked(&RealHost, &LinkNames::for_sandbox(id)).await {
+        let blocked = match self.node.blocked_packets(id).await {
             Ok(b) => b.map(|b| BlockedView {
                 total: b.outbound(),
                 tcp: b.tcp,

@@ -825,7 +825,7 @@ impl App {
                 .map_err(|e| (Why::Internal, e.to_string()))?;
             let live = rows
                 .into_iter()
-                .find(|r| r.kind == SandboxKind::Workspace.as_str() && r.state.is_live());
+                .find(|r| r.kind == SandboxKind::Workspace && r.state.is_live());
             match live {
                 Some(r) if r.state == super::state::SandboxState::Ready => return Ok(r),
                 Some(r) if r.state == super::state::SandboxState::Stopping => {}

@@ -1,11 +1,17 @@
-//! Application logic between the HTTP handlers and the store and driver:
+//! Application logic between the HTTP handlers and the store and the node:
 //! who may do what, and the sandbox lifecycle with its recovery and reaping.
+//! What it asks of the world outside the process goes through seams with
+//! real and fake implementations ([`Seams`]): the host ([`Node`]), the guest
+//! ([`agent::Guest`]), the egress forwarders ([`Forwarders`]) and the host's
+//! room ([`admission::HostProbe`]).
 
 pub mod admission;
 pub mod agent;
 pub mod auth;
 pub mod egress;
 pub mod keyring;
+#[cfg(test)]
+pub(crate) mod lifecycle_tests;
 pub mod logins;
 pub mod reaper;
 pub mod sandboxes;
@@ -14,9 +20,10 @@ pub mod tickets;
 pub mod volumes;
 
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
+use crate::node::{LocalNode, Node};
+use crate::store::{SandboxRow, Store, StoreError};
 use airlock_drivers::net::pool::AddressPool;
-use airlock_drivers::{Driver, ImageRef, Limits};
+use airlock_drivers::{Driver, ImageRef, Lease, Limits};
 use airlock_proto::metadata::Display;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -38,6 +45,10 @@ pub struct AppConfig {
     /// Finished sandboxes stay listed this long.
     pub history_ttl: Duration,
     pub reaper_every: Duration,
+    /// How often ready sandboxes are checked (node liveness, agent, display).
+    pub supervise_every: Duration,
+    /// A sandbox `stopping` this long gets its teardown again from the reaper.
+    pub stuck_stopping: Duration,
     /// Bounded retries of transient driver failures.
     pub driver_retries: u32,
     /// Bytes of host memory that must stay available for a new sandbox.
@@ -80,6 +91,8 @@ impl AppConfig {
             idle_ttl: Duration::from_secs(2 * 3600),
             history_ttl: Duration::from_secs(24 * 3600),
             reaper_every: Duration::from_secs(10),
+            supervise_every: Duration::from_secs(5),
+            stuck_stopping: Duration::from_secs(60),
             driver_retries: 3,
             min_free_memory: 768 << 20,
             min_free_disk: 2048 << 20,
@@ -106,6 +119,18 @@ impl AppConfig {
     pub fn local_user_on(&self) -> bool {
         self.loopback_only && self.local_user.unwrap_or(self.public_hosts.is_empty())
     }
+}
+
+/// A store timestamp (ms since the epoch) in RFC 3339, as every API answer
+/// writes times; empty for one out of range.
+pub fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 /// Errors as the app states them; `http::error` maps each to one status.
@@ -140,14 +165,113 @@ pub enum AppError {
     Internal(String),
 }
 
+/// A sandbox's egress forward proxy, started and stopped with the sandbox.
+#[async_trait::async_trait]
+pub trait Forwarders: Send + Sync + std::fmt::Debug + 'static {
+    /// Start (or restart) the forward proxy of a sandbox whose link exists.
+    async fn attach(&self, app: &Arc<App>, row: &SandboxRow, lease: &Lease)
+        -> Result<(), AppError>;
+    /// Stop it; harmless when there is none.
+    async fn detach(&self, app: &App, id: &str);
+}
+
+/// The real forwarders: a proxy listening on the sandbox's gateway address.
+#[derive(Debug, Default)]
+pub struct RealForwarders;
+
+#[async_trait::async_trait]
+impl Forwarders for RealForwarders {
+    async fn attach(
+        &self,
+        app: &Arc<App>,
+        row: &SandboxRow,
+        lease: &Lease,
+    ) -> Result<(), AppError> {
+        app.egress_attach(row, lease).await
+    }
+
+    async fn detach(&self, app: &App, id: &str) {
+        app.egress_detach(id).await
+    }
+}
+
+/// Forwarders for unit tests: a set of attached sandbox ids, and a failure
+/// to inject.
+#[derive(Debug, Default)]
+pub struct FakeForwarders {
+    attached: Mutex<std::collections::BTreeSet<String>>,
+    fail: Mutex<Option<String>>,
+}
+
+impl FakeForwarders {
+    pub fn attached(&self) -> Vec<String> {
+        let attached = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        attached.iter().cloned().collect()
+    }
+
+    /// Attaching fails with `why` (None: works again).
+    pub fn fail_with(&self, why: Option<&str>) {
+        *self.fail.lock().unwrap_or_else(|p| p.into_inner()) = why.map(str::to_owned);
+    }
+}
+
+#[async_trait::async_trait]
+impl Forwarders for FakeForwarders {
+    async fn attach(
+        &self,
+        _app: &Arc<App>,
+        row: &SandboxRow,
+        _lease: &Lease,
+    ) -> Result<(), AppError> {
+        if let Some(why) = self.fail.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(AppError::Internal(why));
+        }
+        let mut attached = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        attached.insert(row.id.clone());
+        Ok(())
+    }
+
+    async fn detach(&self, _app: &App, id: &str) {
+        let mut attached = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        attached.remove(id);
+    }
+}
+
+/// What the app reaches outside the process through, each a trait with a
+/// real and a fake implementation.
+#[derive(Debug, Clone)]
+pub struct Seams {
+    pub node: Arc<dyn Node>,
+    pub guest: Arc<dyn agent::Guest>,
+    pub forwarders: Arc<dyn Forwarders>,
+    pub probe: Arc<dyn admission::HostProbe>,
+}
+
+impl Seams {
+    /// The real thing: a driver in this process, HTTP and RFB to the guests.
+    pub fn real(driver: Arc<dyn Driver>) -> Self {
+        Seams {
+            node: Arc::new(LocalNode::new(driver)),
+            guest: Arc::new(agent::HttpGuest::default()),
+            forwarders: Arc::new(RealForwarders),
+            probe: Arc::new(admission::ProcProbe),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct App {
     pub cfg: AppConfig,
     pub store: Store,
-    pub driver: Arc<dyn Driver>,
+    /// The host that runs the sandboxes.
+    pub node: Arc<dyn Node>,
+    /// The guests' agents and displays.
+    pub guest: Arc<dyn agent::Guest>,
+    pub forwarders: Arc<dyn Forwarders>,
     pub image: ImageRef,
     pub pool: AddressPool,
     pub metrics: Metrics,
+    /// Raw agent calls not yet behind [`agent::Guest`] (logins).
     pub agent: agent::AgentClient,
     /// Ids of sandboxes going away, so their viewers close with a reason.
     pub stopping: broadcast::Sender<String>,
@@ -170,13 +294,27 @@ pub struct App {
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// One lock per sandbox: driver work on a sandbox never overlaps.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Consecutive missed heartbeats per ready sandbox.
+    missed: Mutex<HashMap<String, u32>>,
 }
 
 impl App {
+    /// An app over a driver in this process.
     pub fn new(
         cfg: AppConfig,
         store: Store,
         driver: Arc<dyn Driver>,
+        image: ImageRef,
+        pool: AddressPool,
+        vault: crate::vault::Vault,
+    ) -> Arc<Self> {
+        Self::with_seams(cfg, store, Seams::real(driver), image, pool, vault)
+    }
+
+    pub fn with_seams(
+        cfg: AppConfig,
+        store: Store,
+        seams: Seams,
         image: ImageRef,
         pool: AddressPool,
         vault: crate::vault::Vault,
@@ -187,13 +325,15 @@ impl App {
         let admission = admission::Admission::new(
             admission::Settings::of(&cfg),
             store.clone(),
-            Arc::new(admission::ProcProbe),
+            seams.probe,
             Arc::new(admission::SystemClock),
         );
         Arc::new(App {
             cfg,
             store,
-            driver,
+            node: seams.node,
+            guest: seams.guest,
+            forwarders: seams.forwarders,
             image,
             pool,
             metrics,
@@ -210,6 +350,7 @@ impl App {
             lease_lock: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
             locks: Mutex::new(HashMap::new()),
+            missed: Mutex::new(HashMap::new()),
         })
     }
 

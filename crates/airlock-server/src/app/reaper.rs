@@ -1,8 +1,14 @@
-//! The reaper: heartbeats for ready sandboxes, destruction of failed and idle
-//! ones, and forgetting old history. Runs until the shutdown signal.
+//! The reaper and the supervisor. The supervisor (every `supervise_every`)
+//! asks the node whether each ready sandbox's supervisor and payload are
+//! alive, and heartbeats its agent and its display: a death fails the
+//! sandbox at once with a reason naming what died; three missed heartbeats
+//! fail it too. The reaper (every `reaper_every`) stops idle sandboxes,
+//! finishes teardowns that did not complete, and forgets old history.
+//! Both run until the shutdown signal.
 
-use super::state::SandboxState;
+use super::state::{AdvanceError, Event, SandboxState};
 use super::App;
+use crate::node::{Liveness, NodeError};
 use crate::store::now_ms;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,91 +16,161 @@ use std::time::Duration;
 /// Consecutive missed heartbeats before a ready sandbox is declared failed.
 const MISSED_HEARTBEATS: u32 = 3;
 
+pub(crate) const IDLE_REASON: &str = "idle for longer than the idle TTL";
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 impl App {
     pub async fn run_reaper(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let mut missed: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+        let mut reap = tokio::time::interval(self.cfg.reaper_every);
+        let mut watch = tokio::time::interval(self.cfg.supervise_every);
+        reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            self.reap_once(&mut missed).await;
             tokio::select! {
-                _ = tokio::time::sleep(self.cfg.reaper_every) => {}
+                _ = watch.tick() => self.supervise_once().await,
+                _ = reap.tick() => self.reap_once().await,
                 _ = shutdown.changed() => return,
             }
         }
     }
 
-    async fn reap_once(self: &Arc<Self>, missed: &mut std::collections::HashMap<String, u32>) {
-        let idle_before =
-            now_ms() - i64::try_from(self.cfg.idle_ttl.as_millis()).unwrap_or(i64::MAX);
-        match self.store.reapable(idle_before).await {
+    /// One round of supervision over the ready sandboxes.
+    pub(crate) async fn supervise_once(self: &Arc<Self>) {
+        let Ok(rows) = self.store.live_sandboxes().await else {
+            return;
+        };
+        let ready: Vec<_> = rows
+            .into_iter()
+            .filter(|r| r.state == SandboxState::Ready)
+            .collect();
+        {
+            let mut missed = self.missed.lock().unwrap_or_else(|p| p.into_inner());
+            missed.retain(|id, _| ready.iter().any(|r| &r.id == id));
+        }
+        for row in ready {
+            match self.node.liveness(&row.id).await {
+                Ok(Liveness::Alive) => {}
+                Ok(Liveness::Dead(what)) => {
+                    self.fail(&row.id, "died", &format!("the sandbox died: {what}"))
+                        .await;
+                    continue;
+                }
+                Err(NodeError::NotFound(_)) => {
+                    self.fail(&row.id, "lost", "the node no longer holds the sandbox")
+                        .await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %row.id, error = %e, "could not ask the node whether the sandbox lives");
+                }
+            }
+            let Ok(endpoints) = self.ready_endpoints(&row) else {
+                continue;
+            };
+            let agent = tokio::time::timeout(
+                Duration::from_secs(5),
+                self.guest.health(endpoints.agent, &row.agent_token),
+            )
+            .await;
+            let miss = match agent {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) if our_side(&e) => {
+                    // Out of descriptors or memory here says nothing
+                    // about the guest: neither a miss nor a heartbeat.
+                    tracing::warn!(sandbox = %row.id, error = %super::sandboxes::chain(&e), "health check failed on our side; not counted against the sandbox");
+                    continue;
+                }
+                _ => Some("the sandbox's agent stopped answering".to_owned()),
+            };
+            let miss = match miss {
+                Some(m) => Some(m),
+                None => self
+                    .guest
+                    .display_answers(endpoints.display, &row.vnc_password)
+                    .await
+                    .err()
+                    .map(|why| format!("the sandbox's display stopped answering ({why})")),
+            };
+            let failed = {
+                let mut missed = self.missed.lock().unwrap_or_else(|p| p.into_inner());
+                match &miss {
+                    None => {
+                        missed.remove(&row.id);
+                        None
+                    }
+                    Some(why) => {
+                        let n = missed.entry(row.id.clone()).or_default();
+                        *n += 1;
+                        (*n >= MISSED_HEARTBEATS).then(|| {
+                            missed.remove(&row.id);
+                            why.clone()
+                        })
+                    }
+                }
+            };
+            if miss.is_none() {
+                let _ = self.store.touch_heartbeat(&row.id).await;
+            }
+            if let Some(why) = failed {
+                self.fail(&row.id, "heartbeat", &why).await;
+            }
+        }
+    }
+
+    /// One round of reaping.
+    pub(crate) async fn reap_once(self: &Arc<Self>) {
+        let idle_before = now_ms() - ms(self.cfg.idle_ttl);
+        // Left `stopping` that long: its teardown failed (a destroy); again.
+        let stuck_before = now_ms() - ms(self.cfg.stuck_stopping);
+        match self.store.reapable(idle_before, stuck_before).await {
             Ok(rows) => {
                 for row in rows {
                     if row.state == SandboxState::Ready {
                         tracing::info!(sandbox = %row.id, "reaping an idle sandbox");
-                        if let Ok(true) = self
-                            .store
-                            .transition(
-                                &row.id,
-                                &[SandboxState::Ready],
-                                SandboxState::Stopping,
-                                Some("idle for longer than the idle TTL"),
-                            )
-                            .await
-                        {
-                            self.teardown(&row.id, SandboxState::Stopped).await;
+                        let stop = Event::StopRequested(Some(IDLE_REASON.into()));
+                        match self.advance(&row.id, stop).await {
+                            Ok(moved) => self.perform(&row.id, moved.effects, true).await,
+                            Err(AdvanceError::Store(e)) => {
+                                tracing::error!(sandbox = %row.id, error = %e, "could not stop an idle sandbox")
+                            }
+                            Err(_) => {}
                         }
                     } else {
-                        self.teardown(&row.id, row.state).await;
+                        self.teardown(&row.id).await;
                     }
                 }
             }
             Err(e) => tracing::error!(error = %e, "reaper could not list sandboxes"),
-        }
-        if let Ok(rows) = self.store.live_sandboxes().await {
-            for row in rows.into_iter().filter(|r| r.state == SandboxState::Ready) {
-                let Ok(endpoints) = self.ready_endpoints(&row) else {
-                    continue;
-                };
-                let answer = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    self.agent.health(endpoints.agent, &row.agent_token),
-                )
-                .await;
-                let ok = match answer {
-                    Ok(Ok(_)) => true,
-                    Ok(Err(e)) if our_side(&e) => {
-                        // Out of descriptors or memory here says nothing
-                        // about the guest: neither a miss nor a heartbeat.
-                        tracing::warn!(sandbox = %row.id, error = %super::sandboxes::chain(&e), "health check failed on our side; not counted against the sandbox");
-                        continue;
-                    }
-                    _ => false,
-                };
-                if ok {
-                    missed.remove(&row.id);
-                    let _ = self.store.touch_heartbeat(&row.id).await;
-                } else {
-                    let n = missed.entry(row.id.clone()).or_default();
-                    *n += 1;
-                    if *n >= MISSED_HEARTBEATS {
-                        missed.remove(&row.id);
-                        self.fail(
-                            &row.id,
-                            "heartbeat",
-                            "the sandbox's agent stopped answering",
-                        )
-                        .await;
-                    }
-                }
-            }
         }
         self.reap_logins().await;
         self.finish_user_removals().await;
         if let Err(e) = self.remove_orphan_volumes().await {
             tracing::error!(error = %e, "could not look for removed users' volumes");
         }
-        let forget_before =
-            now_ms() - i64::try_from(self.cfg.history_ttl.as_millis()).unwrap_or(i64::MAX);
+        let forget_before = now_ms() - ms(self.cfg.history_ttl);
         let _ = self.store.purge_finished(forget_before).await;
+    }
+
+    /// Stop a sandbox for a reason of the control plane's own (a user's
+    /// removal) and wait for its teardown.
+    pub(crate) async fn stop_and_wait(self: &Arc<Self>, id: &str, reason: &str) {
+        match self
+            .advance(id, Event::StopRequested(Some(reason.to_owned())))
+            .await
+        {
+            Ok(moved) => self.perform(id, moved.effects, true).await,
+            // Already on its way out: finish what an earlier run began.
+            Err(AdvanceError::Refused(r)) if r.from == SandboxState::Stopping => {
+                self.teardown(id).await
+            }
+            Err(AdvanceError::Store(e)) => {
+                tracing::error!(sandbox = id, error = %e, "could not stop a sandbox")
+            }
+            Err(_) => {}
+        }
     }
 }
 

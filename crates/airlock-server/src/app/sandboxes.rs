@@ -1,13 +1,16 @@
 //! The sandbox lifecycle: create, boot until ready, exec, delete, and recovery
-//! after a restart. Each state is written to the store before the side effect
-//! it names, so whatever a crash interrupts can be resumed or cleaned up.
+//! after a restart. Every state change goes through [`App::advance`] (the
+//! state machine's compare-and-set), which persists the state before the
+//! effects it names run, so whatever a crash interrupts can be resumed or
+//! cleaned up. Host work goes through the [`Node`](crate::node::Node), guest
+//! questions through the [`Guest`](super::agent::Guest).
 
 use super::admission::{Ask, Permit};
-use super::state::{self, Event, SandboxState};
+use super::state::{self, AdvanceError, Effect, Event, Moved, SandboxState};
 use super::{App, AppError};
-use crate::relay::rfb;
+use crate::node::{CreateSandbox, GuestEndpoints, NodeError};
 use crate::store::{now_ms, SandboxRow, StoreError, UserRow};
-use airlock_drivers::{DriverError, Endpoints, Lease, SandboxSpec};
+use airlock_drivers::Lease;
 use airlock_proto::agent::{ExecRequest, ExecResponse};
 use airlock_proto::metadata::{Display, Metadata, Network, SandboxKind};
 use std::path::PathBuf;
@@ -23,15 +26,8 @@ fn secret(bytes: usize) -> String {
     hex::encode(raw)
 }
 
-/// Why a sandbox failed, as a metrics label (the full reason is in the row).
-fn failure_label(err: &DriverError) -> &'static str {
-    match err {
-        DriverError::Timeout(_) => "boot_timeout",
-        DriverError::GuestExited(_) => "guest_exited",
-        DriverError::NotFound(_) => "lost",
-        _ => "driver",
-    }
-}
+/// Why a restart found a sandbox gone.
+pub(crate) const LOST_IN_RESTART: &str = "the sandbox was interrupted by a control plane restart";
 
 impl App {
     /// `POST /sandboxes`: admitted against the caller's quotas and the host's
@@ -61,7 +57,8 @@ impl App {
 
     /// Record sandbox `id` under an admission and start its boot. The permit
     /// is committed once the row is written; on any refusal it is dropped,
-    /// which returns what it held.
+    /// which returns what it held. The row's first state, `provisioning`,
+    /// is the one state not written by [`App::advance`].
     pub(crate) async fn create_admitted(
         self: &Arc<Self>,
         user: &UserRow,
@@ -80,7 +77,7 @@ impl App {
             let row = SandboxRow {
                 id,
                 owner_id: user.id.clone(),
-                kind: kind.as_str().to_owned(),
+                kind,
                 state: SandboxState::Provisioning,
                 failure_reason: None,
                 image_build_id: self.image.build_id.clone(),
@@ -110,7 +107,7 @@ impl App {
         let app = self.clone();
         let id = row.id.clone();
         self.spawn(async move {
-            app.boot(&id).await;
+            app.provision(&id).await;
             // Ready, failed or deleted: the guest's memory shows in the
             // host's figures now, or is free again.
             app.admission.release(&id);
@@ -130,31 +127,21 @@ impl App {
         Ok(self.store.sandboxes_of(&user.id).await?)
     }
 
-    /// Start tearing a sandbox down; repeated calls are harmless.
+    /// Start tearing a sandbox down; repeated calls are harmless (a sandbox
+    /// already stopping or ended is answered as it is).
     pub async fn delete_sandbox(
         self: &Arc<Self>,
         user: &UserRow,
         id: &str,
     ) -> Result<SandboxRow, AppError> {
-        let row = self.sandbox_of(user, id).await?;
-        let from = [
-            SandboxState::Provisioning,
-            SandboxState::Booting,
-            SandboxState::Ready,
-            SandboxState::Failed,
-        ];
-        if from.contains(&row.state) {
-            state::transition(row.state, &Event::StopRequested)
-                .map_err(|e| AppError::Conflict(e.to_string()))?;
-            if self
-                .store
-                .transition(id, &from, SandboxState::Stopping, None)
-                .await?
-            {
-                let app = self.clone();
-                let id = id.to_owned();
-                self.spawn(async move { app.teardown(&id, SandboxState::Stopped).await });
+        self.sandbox_of(user, id).await?;
+        match self.advance(id, Event::StopRequested(None)).await {
+            Ok(moved) => self.perform(id, moved.effects, false).await,
+            Err(AdvanceError::Refused(_)) => {}
+            Err(AdvanceError::NotFound(_)) => {
+                return Err(AppError::NotFound(format!("sandbox {id:?}")))
             }
+            Err(AdvanceError::Store(e)) => return Err(e.into()),
         }
         self.sandbox_of(user, id).await
     }
@@ -169,14 +156,21 @@ impl App {
         let row = self.sandbox_of(user, id).await?;
         let endpoints = self.ready_endpoints(&row)?;
         let _ = self.store.touch_activity(id).await;
-        self.agent
+        self.guest
             .exec(endpoints.agent, &row.agent_token, &req)
             .await
             .map_err(|e| AppError::Unavailable(e.to_string()))
     }
 
+    /// Someone uses the sandbox (an open viewer): keeps the idle reaper away.
+    pub async fn note_activity(&self, id: &str) {
+        if let Err(e) = self.store.touch_activity(id).await {
+            tracing::debug!(sandbox = id, error = %e, "could not record activity");
+        }
+    }
+
     /// Where a ready sandbox is reached; a conflict for any other state.
-    pub fn ready_endpoints(&self, row: &SandboxRow) -> Result<Endpoints, AppError> {
+    pub fn ready_endpoints(&self, row: &SandboxRow) -> Result<GuestEndpoints, AppError> {
         if row.state != SandboxState::Ready {
             return Err(AppError::Conflict(format!(
                 "sandbox {} is {}, not ready",
@@ -184,17 +178,17 @@ impl App {
             )));
         }
         let lease = self.lease(row)?;
-        Ok(Endpoints::for_guest(lease.guest))
+        Ok(GuestEndpoints::at(lease.guest))
     }
 
-    fn lease(&self, row: &SandboxRow) -> Result<Lease, AppError> {
+    pub(crate) fn lease(&self, row: &SandboxRow) -> Result<Lease, AppError> {
         row.lease_index
             .and_then(|i| self.pool.lease(i))
             .ok_or_else(|| AppError::Internal(format!("sandbox {} holds no address", row.id)))
     }
 
     fn home_volume(&self, row: &SandboxRow) -> Option<PathBuf> {
-        (row.kind == "workspace").then(|| {
+        (row.kind == SandboxKind::Workspace).then(|| {
             self.cfg
                 .data_dir
                 .join("volumes")
@@ -203,21 +197,18 @@ impl App {
         })
     }
 
-    async fn spec(&self, row: &SandboxRow) -> Result<SandboxSpec, AppError> {
+    /// What the node is asked to make for this row.
+    async fn create_request(&self, row: &SandboxRow) -> Result<CreateSandbox, AppError> {
         let lease = self.lease(row)?;
         let egress = self.egress_for(row, &lease).await?;
-        let kind: SandboxKind = row
-            .kind
-            .parse()
-            .map_err(|e: airlock_proto::metadata::UnknownKind| AppError::Internal(e.to_string()))?;
-        Ok(SandboxSpec {
+        Ok(CreateSandbox {
             id: row.id.clone(),
-            kind,
-            image: self.image.clone(),
-            lease,
+            kind: row.kind,
+            image: (&self.image).into(),
+            lease: lease.into(),
             metadata: Metadata {
                 sandbox_id: row.id.clone(),
-                kind,
+                kind: row.kind,
                 agent_token: row.agent_token.clone(),
                 vnc_password: row.vnc_password.clone(),
                 display: Display {
@@ -232,16 +223,16 @@ impl App {
                 egress: egress.as_ref().map(|(e, _)| e.clone()),
             },
             proxy_port: egress.map(|(_, port)| port),
-            limits: self.cfg.limits,
+            limits: self.cfg.limits.into(),
             home_volume: self.home_volume(row),
         })
     }
 
-    /// Retry transient driver failures a bounded number of times with backoff.
-    async fn with_retries<F, Fut>(&self, what: &str, mut op: F) -> Result<(), DriverError>
+    /// Retry transient node failures a bounded number of times with backoff.
+    async fn with_retries<F, Fut>(&self, what: &str, mut op: F) -> Result<(), NodeError>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<(), DriverError>>,
+        Fut: std::future::Future<Output = Result<(), NodeError>>,
     {
         let mut delay = Duration::from_millis(200);
         let mut attempt = 0;
@@ -258,80 +249,151 @@ impl App {
         }
     }
 
-    /// provisioning → booting → ready, or failed with the reason.
-    pub(crate) async fn boot(self: &Arc<Self>, id: &str) {
-        let started = Instant::now();
-        let Ok(Some(row)) = self.store.sandbox(id).await else {
-            return;
-        };
-        let spec = match self.spec(&row).await {
-            Ok(spec) => spec,
-            Err(e) => return self.fail(id, "create", &e.to_string()).await,
-        };
-        {
-            let lock = self.lock_for(id);
-            let _guard = lock.lock().await;
-            if let Err(e) = self
-                .with_retries("create", || self.driver.create(&spec))
-                .await
-            {
-                return self
-                    .fail(
-                        id,
-                        "create",
-                        &format!("could not create the sandbox: {}", chain(&e)),
-                    )
-                    .await;
-            }
-            if let Err(e) = self.egress_attach(&row, &spec.lease).await {
-                return self.fail(id, "egress", &e.to_string()).await;
-            }
-            match self
-                .store
-                .transition(
-                    id,
-                    &[SandboxState::Provisioning],
-                    SandboxState::Booting,
-                    None,
-                )
-                .await
-            {
-                Ok(true) => {}
-                // Deleted meanwhile: its teardown owns it now.
-                _ => return,
-            }
-            if let Err(e) = self.with_retries("start", || self.driver.start(id)).await {
-                return self
-                    .fail(
-                        id,
-                        "start",
-                        &format!("could not start the sandbox: {}", chain(&e)),
-                    )
-                    .await;
+    // ---- the machine ----
+
+    /// Move sandbox `id` by `event` (the only way a state is written); the
+    /// caller runs the returned effects with [`App::perform`].
+    pub(crate) async fn advance(&self, id: &str, event: Event) -> Result<Moved, AdvanceError> {
+        let moved = state::advance(&self.store, id, &event).await;
+        match &moved {
+            Ok(m) => tracing::debug!(sandbox = id, from = %m.from, to = %m.to, "sandbox state"),
+            Err(AdvanceError::Refused(r)) => tracing::debug!(sandbox = id, "{r}"),
+            Err(_) => {}
+        }
+        moved
+    }
+
+    /// Run the effects of a persisted transition. Boots run in the
+    /// background; a teardown too, unless `wait` (the reaper waits for its own).
+    pub(crate) async fn perform(self: &Arc<Self>, id: &str, effects: Vec<Effect>, wait: bool) {
+        for effect in effects {
+            match effect {
+                Effect::Boot => self.spawn(self.clone().boot_task(id.to_owned())),
+                Effect::CountReady => {
+                    if let Ok(Some(row)) = self.store.sandbox(id).await {
+                        let took = Duration::from_millis(
+                            u64::try_from(now_ms() - row.created_at).unwrap_or(0),
+                        );
+                        self.metrics.ready(took);
+                        tracing::info!(
+                            sandbox = id,
+                            took_ms = took.as_millis() as u64,
+                            "sandbox ready"
+                        );
+                    }
+                }
+                Effect::CountFailed(label) => self.metrics.failed(label),
+                Effect::CloseViewers => {
+                    let _ = self.stopping.send(id.to_owned());
+                }
+                Effect::Teardown if wait => self.teardown(id).await,
+                Effect::Teardown => {
+                    let (app, id) = (self.clone(), id.to_owned());
+                    self.spawn(async move { app.teardown(&id).await });
+                }
             }
         }
-        if let Err((label, reason)) = self.wait_until_ready(&row, started).await {
+    }
+
+    /// Mark failed (from a state that may fail) and release the host
+    /// resources. A sandbox already stopping stays on its way to `stopped`.
+    pub(crate) async fn fail(self: &Arc<Self>, id: &str, label: &'static str, reason: &str) {
+        let event = Event::Fail {
+            label,
+            reason: reason.to_owned(),
+        };
+        match self.advance(id, event).await {
+            Ok(moved) => {
+                tracing::warn!(sandbox = id, reason, "sandbox failed");
+                self.perform(id, moved.effects, false).await
+            }
+            Err(AdvanceError::Store(e)) => {
+                tracing::error!(sandbox = id, error = %e, "could not record the failure")
+            }
+            Err(_) => {}
+        }
+    }
+
+    // ---- create ----
+
+    /// provisioning: the node makes the sandbox's resources and its egress
+    /// is attached; then `Provisioned` (whose effect boots it), or failed.
+    pub(crate) async fn provision(self: &Arc<Self>, id: &str) {
+        let lock = self.lock_for(id);
+        let guard = lock.lock().await;
+        // A delete may have come first: its teardown owns the sandbox then.
+        let row = match self.store.sandbox(id).await {
+            Ok(Some(row)) if row.state == SandboxState::Provisioning => row,
+            _ => return,
+        };
+        let outcome = async {
+            let req = self
+                .create_request(&row)
+                .await
+                .map_err(|e| ("create", e.to_string()))?;
+            self.with_retries("create", || self.node.create(&req))
+                .await
+                .map_err(|e| ("create", format!("could not create the sandbox: {e}")))?;
+            let lease = self.lease(&row).map_err(|e| ("egress", e.to_string()))?;
+            self.forwarders
+                .attach(self, &row, &lease)
+                .await
+                .map_err(|e| ("egress", e.to_string()))
+        }
+        .await;
+        drop(guard);
+        if let Err((label, reason)) = outcome {
             return self.fail(id, label, &reason).await;
         }
-        match self
-            .store
-            .transition(id, &[SandboxState::Booting], SandboxState::Ready, None)
-            .await
-        {
-            Ok(true) => {
-                self.metrics.ready(started.elapsed());
-                tracing::info!(
-                    sandbox = id,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "sandbox ready"
-                );
+        // Refused: deleted meanwhile, and its teardown owns it now.
+        if let Ok(moved) = self.advance(id, Event::Provisioned).await {
+            self.perform(id, moved.effects, false).await;
+        }
+    }
+
+    /// The boot as a task. Boxed with its `Send` spelled out: boot and
+    /// perform call each other, and the compiler cannot see through the cycle.
+    fn boot_task(self: Arc<Self>, id: String) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async move { self.boot(&id).await })
+    }
+
+    /// booting: the node starts the guest; once it is ready, `Ready`.
+    pub(crate) async fn boot(self: &Arc<Self>, id: &str) {
+        let started = Instant::now();
+        let row = {
+            let lock = self.lock_for(id);
+            let _guard = lock.lock().await;
+            let row = match self.store.sandbox(id).await {
+                Ok(Some(row)) if row.state == SandboxState::Booting => row,
+                _ => return,
+            };
+            if let Err(e) = self.with_retries("start", || self.node.start(id)).await {
+                drop(_guard);
+                return self
+                    .fail(id, "start", &format!("could not start the sandbox: {e}"))
+                    .await;
             }
-            _ => tracing::info!(sandbox = id, "sandbox left booting before it was ready"),
+            row
+        };
+        self.await_ready(&row, started).await;
+    }
+
+    /// Wait for a booting guest and record the outcome (also for one a
+    /// restart found booting).
+    async fn await_ready(self: &Arc<Self>, row: &SandboxRow, started: Instant) {
+        match self.wait_until_ready(row, started).await {
+            Ok(()) => {
+                if let Ok(moved) = self.advance(&row.id, Event::Ready).await {
+                    self.perform(&row.id, moved.effects, false).await;
+                }
+            }
+            Err((label, reason)) => self.fail(&row.id, label, &reason).await,
         }
     }
 
     /// Ready means: the agent answers with the right build, the VNC server
-    /// takes our secret, and its first frame is not blank.
+    /// takes our secret, and its first frame is not blank. Ends early (Ok)
+    /// when the sandbox left `booting` meanwhile.
     async fn wait_until_ready(
         &self,
         row: &SandboxRow,
@@ -340,15 +402,10 @@ impl App {
         let deadline = started + self.cfg.boot_timeout;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let endpoints = self
-            .driver
+            .node
             .wait_ready(&row.id, remaining)
             .await
-            .map_err(|e| {
-                (
-                    failure_label(&e),
-                    format!("the guest did not come up: {}", chain(&e)),
-                )
-            })?;
+            .map_err(|e| (e.label(), format!("the guest did not come up: {e}")))?;
         let mut last = String::from("not probed yet");
         while Instant::now() < deadline {
             if !self.still_booting(&row.id).await {
@@ -358,13 +415,11 @@ impl App {
                 Ok(()) => return Ok(()),
                 Err(why) => last = why,
             }
-            if let Ok(info) = self.driver.inspect(&row.id).await {
-                if !info.running {
-                    return Err((
-                        "guest_exited",
-                        format!("the guest exited while booting ({last})"),
-                    ));
-                }
+            if let Ok(crate::node::Liveness::Dead(what)) = self.node.liveness(&row.id).await {
+                return Err((
+                    "guest_exited",
+                    format!("the guest died while booting: {what} ({last})"),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -381,9 +436,9 @@ impl App {
         matches!(self.store.sandbox(id).await, Ok(Some(row)) if row.state == SandboxState::Booting)
     }
 
-    async fn probe(&self, row: &SandboxRow, endpoints: Endpoints) -> Result<(), String> {
+    async fn probe(&self, row: &SandboxRow, endpoints: GuestEndpoints) -> Result<(), String> {
         let health = self
-            .agent
+            .guest
             .health(endpoints.agent, &row.agent_token)
             .await
             .map_err(|e| e.to_string())?;
@@ -399,73 +454,42 @@ impl App {
                 health.image_build_id, row.image_build_id
             ));
         }
-        let frame = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut tcp = tokio::net::TcpStream::connect(endpoints.vnc).await?;
-            rfb::client_handshake(&mut tcp, &row.vnc_password).await?;
-            rfb::read_frame(&mut rfb::IoWire(tcp)).await
-        })
-        .await
-        .map_err(|_| "the VNC server did not send a frame in time".to_owned())?
-        .map_err(|e| format!("VNC: {e}"))?;
-        if !frame.looks_like_desktop() {
-            return Err(format!(
-                "the display is still blank ({} colours)",
-                frame.distinct_colours
-            ));
-        }
+        self.guest
+            .desktop_shown(endpoints.display, &row.vnc_password)
+            .await?;
         let _ = self.store.touch_heartbeat(&row.id).await;
         Ok(())
     }
 
-    /// Mark failed (from any live state) and release the host resources.
-    pub(crate) async fn fail(self: &Arc<Self>, id: &str, label: &'static str, reason: &str) {
-        tracing::warn!(sandbox = id, reason, "sandbox failed");
-        let live = [
-            SandboxState::Provisioning,
-            SandboxState::Booting,
-            SandboxState::Ready,
-            SandboxState::Stopping,
-        ];
-        match self
-            .store
-            .transition(id, &live, SandboxState::Failed, Some(reason))
-            .await
-        {
-            Ok(true) => self.metrics.failed(label),
-            Ok(false) => return,
-            Err(e) => tracing::error!(sandbox = id, error = %e, "could not record the failure"),
-        }
-        self.teardown(id, SandboxState::Failed).await;
-    }
+    // ---- delete ----
 
-    /// Destroy the sandbox's host resources and give its address back. Leaves
-    /// the row in `end` (stopped after a delete, failed after a failure).
-    pub(crate) async fn teardown(&self, id: &str, end: SandboxState) {
-        let _ = self.stopping.send(id.to_owned());
-        self.egress_detach(id).await;
+    /// Destroy the sandbox's host resources and give its address back; then
+    /// `Released` (stopping → stopped; a failed sandbox stays failed).
+    pub(crate) async fn teardown(&self, id: &str) {
         let lock = self.lock_for(id);
-        let _guard = lock.lock().await;
-        if let Err(e) = self
-            .with_retries("destroy", || self.driver.destroy(id))
-            .await
-        {
+        let guard = lock.lock().await;
+        // Under the lock: a create under way may attach it until then.
+        self.forwarders.detach(self, id).await;
+        if let Err(e) = self.with_retries("destroy", || self.node.destroy(id)).await {
             // Keep the lease: the reaper tries again, so nothing is handed out twice.
-            tracing::error!(sandbox = id, error = %chain(&e), "destroy failed; the reaper will retry");
+            tracing::error!(sandbox = id, error = %e, "destroy failed; the reaper will retry");
             return;
         }
         if let Err(e) = self.store.release_lease(id).await {
             tracing::error!(sandbox = id, error = %e, "could not release the lease");
             return;
         }
-        if end == SandboxState::Stopped {
-            let _ = self
-                .store
-                .transition(id, &[SandboxState::Stopping], SandboxState::Stopped, None)
-                .await;
+        match self.advance(id, Event::Released).await {
+            Ok(_) | Err(AdvanceError::Refused(_)) | Err(AdvanceError::NotFound(_)) => {}
+            Err(AdvanceError::Store(e)) => {
+                tracing::error!(sandbox = id, error = %e, "could not record the stop")
+            }
         }
-        drop(_guard);
+        drop(guard);
         self.forget_lock(id);
     }
+
+    // ---- restart ----
 
     /// After a start: adopt what still runs, finish what was interrupted,
     /// remove what nobody owns.
@@ -473,75 +497,44 @@ impl App {
         let rows = self.store.live_sandboxes().await?;
         let known: std::collections::HashSet<String> = rows.iter().map(|r| r.id.clone()).collect();
         let instances = self
-            .driver
+            .node
             .list()
             .await
-            .map_err(|e| AppError::Internal(chain(&e)))?;
+            .map_err(|e| AppError::Internal(e.to_string()))?;
         for inst in &instances {
             if !known.contains(&inst.id) {
                 tracing::warn!(sandbox = %inst.id, "removing an orphaned sandbox nobody owns");
-                if let Err(e) = self.driver.destroy(&inst.id).await {
-                    tracing::error!(sandbox = %inst.id, error = %chain(&e), "could not remove the orphan");
+                if let Err(e) = self.node.destroy(&inst.id).await {
+                    tracing::error!(sandbox = %inst.id, error = %e, "could not remove the orphan");
                 }
             }
         }
         let running = |id: &str| instances.iter().any(|i| i.id == id && i.running);
         for row in rows {
             let app = self.clone();
-            let adopted = matches!(row.state, SandboxState::Ready | SandboxState::Booting)
-                && running(&row.id);
-            if adopted {
-                // Its forward proxy lived in the previous process.
-                let reattached = match self.lease(&row) {
-                    Ok(lease) => self.egress_attach(&row, &lease).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = reattached {
-                    self.spawn(async move {
-                        app.fail(&row.id, "egress", &format!("could not restore egress: {e}"))
-                            .await
-                    });
-                    continue;
-                }
-            }
             match row.state {
-                SandboxState::Ready if running(&row.id) => {
-                    tracing::info!(sandbox = %row.id, "re-adopted a running sandbox");
-                }
-                SandboxState::Booting if running(&row.id) => {
-                    self.spawn(async move {
-                        let started = Instant::now();
-                        match app.wait_until_ready(&row, started).await {
-                            Ok(()) => {
-                                let _ = app
-                                    .store
-                                    .transition(
-                                        &row.id,
-                                        &[SandboxState::Booting],
-                                        SandboxState::Ready,
-                                        None,
-                                    )
-                                    .await;
-                            }
-                            Err((label, reason)) => app.fail(&row.id, label, &reason).await,
-                        }
-                    });
+                SandboxState::Ready | SandboxState::Booting if running(&row.id) => {
+                    // Its forward proxy lived in the previous process.
+                    let reattached = match self.lease(&row) {
+                        Ok(lease) => self.forwarders.attach(self, &row, &lease).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = reattached {
+                        self.spawn(async move {
+                            app.fail(&row.id, "egress", &format!("could not restore egress: {e}"))
+                                .await
+                        });
+                    } else if row.state == SandboxState::Booting {
+                        self.spawn(async move { app.await_ready(&row, Instant::now()).await });
+                    } else {
+                        tracing::info!(sandbox = %row.id, "re-adopted a running sandbox");
+                    }
                 }
                 SandboxState::Provisioning | SandboxState::Booting | SandboxState::Ready => {
-                    self.spawn(async move {
-                        app.fail(
-                            &row.id,
-                            "lost",
-                            "the sandbox was interrupted by a control plane restart",
-                        )
-                        .await
-                    });
+                    self.spawn(async move { app.fail(&row.id, "lost", LOST_IN_RESTART).await });
                 }
-                SandboxState::Stopping => {
-                    self.spawn(async move { app.teardown(&row.id, SandboxState::Stopped).await });
-                }
-                SandboxState::Failed | SandboxState::Stopped => {
-                    self.spawn(async move { app.teardown(&row.id, row.state).await });
+                SandboxState::Stopping | SandboxState::Failed | SandboxState::Stopped => {
+                    self.spawn(async move { app.teardown(&row.id).await });
                 }
             }
         }

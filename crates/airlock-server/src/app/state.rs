@@ -1,15 +1,24 @@
-//! The sandbox lifecycle as a pure state machine. No I/O here: the app persists
-//! each new state before it performs the side effect that the state names.
+//! The sandbox lifecycle as a pure state machine, and [`advance`], the one
+//! place that writes a sandbox's state. [`transition`] does no I/O: it says
+//! the next state and the effects the app must run once that state is
+//! persisted. `advance` reads the row, asks the machine, and writes the new
+//! state with a compare-and-set (retried when another writer won a race), so
+//! a restart finds every state that an effect had begun under.
 //!
 //! ```text
 //!  provisioning ──Provisioned──▶ booting ──Ready──▶ ready
-//!       │                          │                  │
-//!       └───────────┬──────────────┴──────────────────┘
-//!                   │ StopRequested                    any live state
-//!                   ▼                                   ──Fail(reason)──▶ failed
-//!               stopping ──Released──▶ stopped          failed ──StopRequested──▶ stopping
+//!  provisioning ──StopRequested──▶ stopping
+//!  booting ──StopRequested──▶ stopping
+//!  ready ──StopRequested──▶ stopping
+//!  failed ──StopRequested──▶ stopping
+//!  stopping ──Released──▶ stopped
+//!  provisioning ──Fail──▶ failed
+//!  booting ──Fail──▶ failed
+//!  ready ──Fail──▶ failed
 //! ```
-
+//!
+//! A failure while `stopping` is refused: a sandbox deleted while booting
+//! ends `stopped`, even though its guest halts before it was ready.
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -60,35 +69,79 @@ impl SandboxState {
     }
 }
 
+/// What happens to a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// Private resources exist; the guest is being booted.
+    /// Private resources exist on the node; the guest is being booted.
     Provisioned,
     /// Agent healthy, VNC accepting, first frame not blank.
     Ready,
-    StopRequested,
+    /// A delete, an idle reap or a user removal; the reason, if any, is kept.
+    StopRequested(Option<String>),
     /// Every host resource is released.
     Released,
-    Fail(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("a sandbox that is {from} cannot take {event}")]
-pub struct InvalidTransition {
-    pub from: &'static str,
-    pub event: &'static str,
+    /// Something went wrong; `label` for metrics, `reason` for the user.
+    Fail { label: &'static str, reason: String },
 }
 
 impl Event {
-    fn name(&self) -> &'static str {
+    /// The event's name as the diagram spells it.
+    pub fn name(&self) -> &'static str {
         match self {
-            Event::Provisioned => "provisioned",
-            Event::Ready => "ready",
-            Event::StopRequested => "a stop request",
-            Event::Released => "released",
-            Event::Fail(_) => "a failure",
+            Event::Provisioned => "Provisioned",
+            Event::Ready => "Ready",
+            Event::StopRequested(_) => "StopRequested",
+            Event::Released => "Released",
+            Event::Fail { .. } => "Fail",
         }
     }
+
+    /// One of each kind, for tests that go over all of them.
+    pub fn samples() -> [Event; 5] {
+        [
+            Event::Provisioned,
+            Event::Ready,
+            Event::StopRequested(None),
+            Event::Released,
+            Event::Fail {
+                label: "test",
+                reason: "x".into(),
+            },
+        ]
+    }
+
+    /// The reason recorded with the new state, if any.
+    fn reason(&self) -> Option<&str> {
+        match self {
+            Event::StopRequested(why) => why.as_deref(),
+            Event::Fail { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+/// What the app does once a new state is persisted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Start the guest on its node and wait until it is ready.
+    Boot,
+    /// Count a sandbox that became ready.
+    CountReady,
+    /// Count a failure, by label.
+    CountFailed(&'static str),
+    /// Tell the sandbox's viewers it is going away.
+    CloseViewers,
+    /// Detach egress, destroy on the node, release the address; then
+    /// `Released` if the sandbox is `stopping`.
+    Teardown,
+}
+
+/// The machine's answer to an event that does not apply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a sandbox that is {from} cannot take {event}")]
+pub struct Refused {
+    pub from: SandboxState,
+    pub event: &'static str,
 }
 
 impl std::fmt::Display for SandboxState {
@@ -97,52 +150,125 @@ impl std::fmt::Display for SandboxState {
     }
 }
 
-/// The next state, or why the event does not apply.
-pub fn transition(from: SandboxState, event: &Event) -> Result<SandboxState, InvalidTransition> {
+/// The next state and the effects to run, or why the event does not apply.
+pub fn transition(
+    from: SandboxState,
+    event: &Event,
+) -> Result<(SandboxState, Vec<Effect>), Refused> {
     use SandboxState::*;
-    let next = match (from, event) {
-        (Provisioning, Event::Provisioned) => Booting,
-        (Booting, Event::Ready) => Ready,
-        (Provisioning | Booting | Ready | Failed, Event::StopRequested) => Stopping,
-        (Stopping, Event::Released) => Stopped,
-        (Provisioning | Booting | Ready | Stopping, Event::Fail(_)) => Failed,
+    let to_end = || vec![Effect::CloseViewers, Effect::Teardown];
+    Ok(match (from, event) {
+        (Provisioning, Event::Provisioned) => (Booting, vec![Effect::Boot]),
+        (Booting, Event::Ready) => (Ready, vec![Effect::CountReady]),
+        (Provisioning | Booting | Ready | Failed, Event::StopRequested(_)) => (Stopping, to_end()),
+        (Stopping, Event::Released) => (Stopped, vec![]),
+        (Provisioning | Booting | Ready, Event::Fail { label, .. }) => {
+            let mut effects = vec![Effect::CountFailed(label)];
+            effects.extend(to_end());
+            (Failed, effects)
+        }
         _ => {
-            return Err(InvalidTransition {
-                from: from.as_str(),
+            return Err(Refused {
+                from,
                 event: event.name(),
             })
         }
-    };
-    Ok(next)
+    })
+}
+
+/// Proof that a state write comes from [`advance`]: only this module can
+/// make one, and the store's state writes take it.
+#[derive(Debug)]
+pub struct StateWrite(());
+
+/// Why [`advance`] did not move a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum AdvanceError {
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error("sandbox {0} not found")]
+    NotFound(String),
+    #[error("storage failed")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// A persisted transition and the effects the caller must now run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub from: SandboxState,
+    pub to: SandboxState,
+    pub effects: Vec<Effect>,
+}
+
+/// The one writer of sandbox states: read the row, ask the machine, and
+/// compare-and-set in the store; when another writer moved the row in
+/// between, ask again from the state it left.
+pub async fn advance(
+    store: &crate::store::Store,
+    id: &str,
+    event: &Event,
+) -> Result<Moved, AdvanceError> {
+    loop {
+        let row = store
+            .sandbox(id)
+            .await?
+            .ok_or_else(|| AdvanceError::NotFound(id.to_owned()))?;
+        let (to, effects) = transition(row.state, event)?;
+        if store
+            .set_sandbox_state(&StateWrite(()), id, row.state, to, event.reason())
+            .await?
+        {
+            return Ok(Moved {
+                from: row.state,
+                to,
+                effects,
+            });
+        }
+        // Each lost race means the row moved on; the machine has no cycles
+        // without an event of ours, so this ends.
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::BTreeSet;
 
     fn event() -> impl Strategy<Value = Event> {
         prop_oneof![
             Just(Event::Provisioned),
             Just(Event::Ready),
-            Just(Event::StopRequested),
+            proptest::option::of(".{0,8}").prop_map(Event::StopRequested),
             Just(Event::Released),
-            ".{0,8}".prop_map(Event::Fail),
+            ".{0,8}".prop_map(|reason| Event::Fail { label: "x", reason }),
         ]
     }
 
     #[test]
     fn happy_path() {
         let mut s = SandboxState::Provisioning;
+        let mut effects = Vec::new();
         for e in [
             Event::Provisioned,
             Event::Ready,
-            Event::StopRequested,
+            Event::StopRequested(None),
             Event::Released,
         ] {
-            s = transition(s, &e).expect("valid");
+            let (next, mut eff) = transition(s, &e).expect("valid");
+            effects.append(&mut eff);
+            s = next;
         }
         assert_eq!(s, SandboxState::Stopped);
+        assert_eq!(
+            effects,
+            [
+                Effect::Boot,
+                Effect::CountReady,
+                Effect::CloseViewers,
+                Effect::Teardown
+            ]
+        );
     }
 
     #[test]
@@ -150,6 +276,88 @@ mod tests {
         for s in SandboxState::ALL {
             assert_eq!(SandboxState::parse(s.as_str()), Some(s));
         }
+    }
+
+    /// Every state against every event: the allowed edges, exactly, and the
+    /// effects each one names. Anything else is refused with the state and
+    /// event named.
+    #[test]
+    fn every_pair_is_decided() {
+        use SandboxState::*;
+        for s in SandboxState::ALL {
+            for e in Event::samples() {
+                let got = transition(s, &e);
+                let want = match (s, e.name()) {
+                    (Provisioning, "Provisioned") => Some(Booting),
+                    (Booting, "Ready") => Some(Ready),
+                    (Provisioning | Booting | Ready | Failed, "StopRequested") => Some(Stopping),
+                    (Stopping, "Released") => Some(Stopped),
+                    (Provisioning | Booting | Ready, "Fail") => Some(Failed),
+                    _ => None,
+                };
+                match (got, want) {
+                    (Ok((next, effects)), Some(w)) => {
+                        assert_eq!(next, w, "{s} + {}", e.name());
+                        // Every way into an end tears down.
+                        if matches!(next, Stopping | Failed) {
+                            assert!(effects.contains(&Effect::Teardown), "{s} + {}", e.name());
+                        }
+                    }
+                    (Err(refused), None) => {
+                        assert_eq!(refused.from, s);
+                        assert!(refused.to_string().contains(s.as_str()));
+                        assert!(refused.to_string().contains(e.name()));
+                    }
+                    (got, want) => panic!("{s} + {}: got {got:?}, want {want:?}", e.name()),
+                }
+            }
+        }
+    }
+
+    /// The edges a diagram draws: `a ──Event──▶ b` (chains allowed).
+    fn drawn_edges(text: &str) -> BTreeSet<(String, String, String)> {
+        let mut edges = BTreeSet::new();
+        for line in text.lines() {
+            let line = line.trim_start_matches("//!");
+            let words: Vec<&str> = line.split_whitespace().collect();
+            for w in words.windows(3) {
+                if let Some(event) = w[1].strip_prefix("──").and_then(|r| r.strip_suffix("──▶"))
+                {
+                    if SandboxState::parse(w[0]).is_some() && SandboxState::parse(w[2]).is_some() {
+                        edges.insert((w[0].to_owned(), event.to_owned(), w[2].to_owned()));
+                    }
+                }
+            }
+        }
+        edges
+    }
+
+    fn machine_edges() -> BTreeSet<(String, String, String)> {
+        let mut edges = BTreeSet::new();
+        for s in SandboxState::ALL {
+            for e in Event::samples() {
+                if let Ok((next, _)) = transition(s, &e) {
+                    edges.insert((s.to_string(), e.name().to_owned(), next.to_string()));
+                }
+            }
+        }
+        edges
+    }
+
+    /// The module's diagram and the one in docs/architecture.md draw the
+    /// machine as it is, no edge more or less.
+    #[test]
+    fn the_diagrams_match_the_machine() {
+        let machine = machine_edges();
+        assert_eq!(machine.len(), 10);
+        let module = drawn_edges(include_str!("state.rs"));
+        assert_eq!(module, machine, "the diagram at the top of app/state.rs");
+        let doc = include_str!("../../../../docs/architecture.md");
+        let section = doc
+            .split("<!-- sandbox machine -->")
+            .nth(1)
+            .expect("docs/architecture.md marks the sandbox machine's diagram");
+        assert_eq!(drawn_edges(section), machine, "docs/architecture.md");
     }
 
     proptest! {
@@ -161,7 +369,7 @@ mod tests {
             for e in &events {
                 let before = s;
                 match transition(s, e) {
-                    Ok(next) => {
+                    Ok((next, _)) => {
                         prop_assert_ne!(before, SandboxState::Stopped);
                         if next == SandboxState::Ready { prop_assert_eq!(before, SandboxState::Booting); }
                         if next == SandboxState::Stopped { prop_assert_eq!(before, SandboxState::Stopping); }
@@ -172,13 +380,15 @@ mod tests {
             }
         }
 
-        /// Any state that is not final can always be stopped or failed, so a
-        /// sandbox can never get stuck holding resources.
+        /// Any state that holds resources can always reach an end, so a
+        /// sandbox can never get stuck holding them.
         #[test]
         fn live_states_can_always_be_ended(idx in 0usize..6) {
             let s = SandboxState::ALL[idx];
             if s.is_live() {
-                prop_assert!(transition(s, &Event::Fail("x".into())).is_ok());
+                let ended = transition(s, &Event::Fail { label: "x", reason: "x".into() }).is_ok()
+                    || transition(s, &Event::Released).is_ok();
+                prop_assert!(ended);
             }
         }
     }

@@ -92,16 +92,7 @@ pub struct LoginStats {
     pub providers: BTreeMap<String, ProviderStats>,
 }
 
-fn rfc3339(ms: i64) -> String {
-    let nanos = i128::from(ms) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
+use crate::app::rfc3339;
 
 fn view(row: LoginRow) -> Login {
     Login {

@@ -21,13 +21,15 @@ use std::sync::Arc;
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
     /// `browser` (disposable) or `workspace` (the user's long-lived machine).
-    pub kind: String,
+    #[schema(value_type = String, example = "browser")]
+    pub kind: SandboxKind,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Sandbox {
     pub id: String,
-    pub kind: String,
+    #[schema(value_type = String, example = "browser")]
+    pub kind: SandboxKind,
     pub state: SandboxState,
     pub owner: String,
     pub image_build_id: String,
@@ -66,16 +68,7 @@ pub struct ExecResult {
     pub truncated: bool,
 }
 
-pub(super) fn rfc3339(ms: i64) -> String {
-    let nanos = i128::from(ms) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
+pub(super) use crate::app::rfc3339;
 
 fn view(row: SandboxRow, owner: &str) -> Sandbox {
     Sandbox {
@@ -101,11 +94,7 @@ pub async fn create(
     body: Result<Json<CreateSandbox>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
-    let kind: SandboxKind = body
-        .kind
-        .parse()
-        .map_err(|e: airlock_proto::metadata::UnknownKind| ApiError::bad_request(e.to_string()))?;
-    let row = app.create_sandbox(&user, kind).await?;
+    let row = app.create_sandbox(&user, body.kind).await?;
     Ok((StatusCode::CREATED, Json(view(row, &user.name))).into_response())
 }
 
@@ -183,7 +172,7 @@ pub async fn vnc(
         .max_write_buffer_size(1 << 20);
     let target = app.ready_endpoints(&row).map(|e| ws::Target {
         sandbox_id: row.id.clone(),
-        vnc: e.vnc,
+        vnc: e.display,
         password: row.vnc_password.clone(),
     });
     let state = row.state;
@@ -196,7 +185,7 @@ pub async fn vnc(
                     let (app, id) = (app.clone(), target.sandbox_id.clone());
                     tokio::spawn(async move {
                         loop {
-                            let _ = app.store.touch_activity(&id).await;
+                            app.note_activity(&id).await;
                             tokio::time::sleep(std::time::Duration::from_secs(60)).await;
                         }
                     })
@@ -218,7 +207,7 @@ pub async fn vnc(
                 code
             }
         };
-        let _ = app.store.touch_activity(&id).await;
+        app.note_activity(&id).await;
         app.metrics.viewer_closed(code);
     }))
 }
@@ -240,7 +229,7 @@ pub async fn stream(
         .ready_endpoints(&row)
         .map(|e| crate::webrtc::hub::GuestStream {
             sandbox_id: row.id.clone(),
-            agent: e.agent,
+            agent: e.stream,
             token: row.agent_token.clone(),
             fps: app.cfg.webrtc_fps,
         });
@@ -277,5 +266,85 @@ fn not_ready(state: SandboxState) -> (u16, String) {
             format!("the sandbox is {state}; try again when it is ready"),
         ),
         _ => (close::GONE, format!("the sandbox is {state}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::app::lifecycle_tests::World;
+    use serde_json::{json, Value};
+    use std::time::Duration;
+
+    /// The sandbox API over the real app and the fakes (no root, no image):
+    /// the kind is an enum on the way in and out, an unknown one is a 400
+    /// that names the known ones, and times are RFC 3339.
+    #[tokio::test]
+    async fn the_sandbox_api_over_fakes() {
+        let w = World::new().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}/api/v1", listener.local_addr().expect("addr"));
+        let server = tokio::spawn(crate::http::serve(
+            listener,
+            w.app.clone(),
+            std::future::pending(),
+        ));
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let send = |req: reqwest::RequestBuilder| async move {
+            let resp = req.send().await.expect("send");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        };
+
+        let (status, body) = send(
+            http.post(format!("{base}/sandboxes"))
+                .json(&json!({"kind": "spaceship"})),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains("kind"), "{body}");
+        assert!(
+            message.contains("browser") && message.contains("workspace"),
+            "{body}"
+        );
+        assert!(w
+            .store
+            .sandboxes_of(&w.user.id)
+            .await
+            .expect("q")
+            .is_empty());
+
+        let (status, body) = send(
+            http.post(format!("{base}/sandboxes"))
+                .json(&json!({"kind": "browser"})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["kind"], "browser");
+        let id = body["id"].as_str().expect("id").to_owned();
+        let created = body["created_at"].as_str().expect("created_at");
+        time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc3339)
+            .expect("RFC 3339");
+
+        let mut state = String::new();
+        for _ in 0..500 {
+            let (_, body) = send(http.get(format!("{base}/sandboxes/{id}"))).await;
+            state = body["state"].as_str().unwrap_or("").to_owned();
+            if state == "ready" {
+                assert!(body["ready_at"].as_str().is_some(), "{body}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(state, "ready");
+
+        let (status, body) = send(http.delete(format!("{base}/sandboxes/{id}"))).await;
+        assert_eq!(status, 202, "{body}");
+        server.abort();
     }
 }

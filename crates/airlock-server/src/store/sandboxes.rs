@@ -2,7 +2,8 @@
 //! reach the guest, timestamps.
 
 use super::{now_ms, q, Store, StoreError};
-use crate::app::state::SandboxState;
+use crate::app::state::{SandboxState, StateWrite};
+use airlock_proto::metadata::SandboxKind;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use std::collections::BTreeSet;
@@ -11,7 +12,7 @@ use std::collections::BTreeSet;
 pub struct SandboxRow {
     pub id: String,
     pub owner_id: String,
-    pub kind: String,
+    pub kind: SandboxKind,
     pub state: SandboxState,
     pub failure_reason: Option<String>,
     pub image_build_id: String,
@@ -46,13 +47,18 @@ const SANDBOX_COLUMNS: &str = "id, owner_id, kind, state, failure_reason, image_
 fn sandbox_from_row(row: &AnyRow) -> Result<SandboxRow, StoreError> {
     let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
     let state: String = row.try_get("state").map_err(get)?;
+    let kind: String = row.try_get("kind").map_err(get)?;
     let lease: Option<i64> = row.try_get("lease_index").map_err(get)?;
     let width: i64 = row.try_get("display_width").map_err(get)?;
     let height: i64 = row.try_get("display_height").map_err(get)?;
     Ok(SandboxRow {
         id: row.try_get("id").map_err(get)?,
         owner_id: row.try_get("owner_id").map_err(get)?,
-        kind: row.try_get("kind").map_err(get)?,
+        kind: kind
+            .parse()
+            .map_err(|e: airlock_proto::metadata::UnknownKind| {
+                StoreError::Corrupt(e.to_string())
+            })?,
         state: SandboxState::parse(&state)
             .ok_or_else(|| StoreError::Corrupt(format!("unknown state {state:?}")))?,
         failure_reason: row.try_get("failure_reason").map_err(get)?,
@@ -80,7 +86,7 @@ impl Store {
         sqlx::query(&sql)
             .bind(&row.id)
             .bind(&row.owner_id)
-            .bind(&row.kind)
+            .bind(row.kind.as_str())
             .bind(row.state.as_str())
             .bind(&row.failure_reason)
             .bind(&row.image_build_id)
@@ -133,14 +139,22 @@ impl Store {
         rows.iter().map(sandbox_from_row).collect()
     }
 
-    /// Failed sandboxes and those idle since before `idle_before` (ms).
-    pub async fn reapable(&self, idle_before: i64) -> Result<Vec<SandboxRow>, StoreError> {
+    /// Failed sandboxes still holding resources, browser sandboxes idle
+    /// since before `idle_before`, and sandboxes `stopping` since before
+    /// `stuck_before` (ms).
+    pub async fn reapable(
+        &self,
+        idle_before: i64,
+        stuck_before: i64,
+    ) -> Result<Vec<SandboxRow>, StoreError> {
         let sql = format!(
             "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE (state = 'failed' AND lease_index IS NOT NULL) \
-             OR (state = 'ready' AND kind = 'browser' AND last_activity_at < $1)"
+             OR (state = 'ready' AND kind = 'browser' AND last_activity_at < $1) \
+             OR (state = 'stopping' AND updated_at < $2)"
         );
         let rows = sqlx::query(&sql)
             .bind(idle_before)
+            .bind(stuck_before)
             .fetch_all(&self.pool)
             .await
             .map_err(q("find reapable"))?;
@@ -162,15 +176,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Move `id` to `to` only if it is currently in one of `from`. Returns whether it moved.
-    pub async fn transition(
+    /// Move `id` from `from` to `to` if it is still in `from` (compare and
+    /// set); whether it moved. Only [`crate::app::state::advance`] can call
+    /// it: it takes the proof that module alone makes.
+    pub async fn set_sandbox_state(
         &self,
+        _from_the_machine: &StateWrite,
         id: &str,
-        from: &[SandboxState],
+        from: SandboxState,
         to: SandboxState,
         reason: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let placeholders: Vec<String> = (0..from.len()).map(|i| format!("${}", i + 5)).collect();
         let ready_clause = if to == SandboxState::Ready {
             ", ready_at = $2, last_activity_at = $2"
         } else {
@@ -178,18 +194,14 @@ impl Store {
         };
         let sql = format!(
             "UPDATE sandboxes SET state = $1, updated_at = $2, failure_reason = COALESCE($3, failure_reason){ready_clause} \
-             WHERE id = $4 AND state IN ({})",
-            placeholders.join(", ")
+             WHERE id = $4 AND state = $5"
         );
-        let mut query = sqlx::query(&sql)
+        let done = sqlx::query(&sql)
             .bind(to.as_str())
             .bind(now_ms())
             .bind(reason)
-            .bind(id);
-        for s in from {
-            query = query.bind(s.as_str());
-        }
-        let done = query
+            .bind(id)
+            .bind(from.as_str())
             .execute(&self.pool)
             .await
             .map_err(q("update sandbox state"))?;

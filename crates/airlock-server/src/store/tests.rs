@@ -2,7 +2,7 @@
 //! server (CI starts one), against PostgreSQL.
 
 use super::*;
-use crate::app::state::SandboxState;
+use crate::app::state::{advance, Event, SandboxState};
 
 async fn sqlite() -> (Store, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -36,12 +36,30 @@ async fn postgres() -> Option<Store> {
     )
 }
 
+/// Move a sandbox through the state machine (the store's state writes are
+/// reachable only from there).
+async fn go(store: &Store, id: &str, events: &[Event]) -> bool {
+    for e in events {
+        if advance(store, id, e).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+fn fail(reason: &str) -> Event {
+    Event::Fail {
+        label: "test",
+        reason: reason.into(),
+    }
+}
+
 fn sandbox(id: &str, owner: &str, kind: &str, lease: Option<u32>) -> SandboxRow {
     let now = now_ms();
     SandboxRow {
         id: id.into(),
         owner_id: owner.into(),
-        kind: kind.into(),
+        kind: kind.parse().expect("a kind"),
         state: SandboxState::Provisioning,
         failure_reason: None,
         image_build_id: "b".into(),
@@ -81,28 +99,9 @@ async fn exercise(store: &Store) {
     let got = store.sandbox("s1").await.expect("q").expect("exists");
     assert_eq!(got.state, SandboxState::Provisioning);
     assert_eq!(got.lease_index, Some(0));
-    assert!(store
-        .transition(
-            "s1",
-            &[SandboxState::Provisioning],
-            SandboxState::Booting,
-            None
-        )
-        .await
-        .expect("t"));
-    assert!(!store
-        .transition(
-            "s1",
-            &[SandboxState::Provisioning],
-            SandboxState::Booting,
-            None
-        )
-        .await
-        .expect("t"));
-    assert!(store
-        .transition("s1", &[SandboxState::Booting], SandboxState::Ready, None)
-        .await
-        .expect("t"));
+    assert!(go(store, "s1", &[Event::Provisioned]).await);
+    assert!(!go(store, "s1", &[Event::Provisioned]).await);
+    assert!(go(store, "s1", &[Event::Ready]).await);
     assert!(store
         .sandbox("s1")
         .await
@@ -136,33 +135,19 @@ async fn exercise(store: &Store) {
     assert_eq!(store.live_sandboxes().await.expect("q").len(), 2);
 
     // Finish s1: stopping, released, stopped; the lease goes back.
-    store
-        .transition("s1", &[SandboxState::Ready], SandboxState::Stopping, None)
-        .await
-        .expect("t");
+    assert!(go(store, "s1", &[Event::StopRequested(None)]).await);
     store.release_lease("s1").await.expect("release");
-    store
-        .transition("s1", &[SandboxState::Stopping], SandboxState::Stopped, None)
-        .await
-        .expect("t");
+    assert!(go(store, "s1", &[Event::Released]).await);
     assert_eq!(store.used_leases().await.expect("q"), [1].into());
     assert_eq!(store.purge_finished(now_ms() + 1).await.expect("purge"), 1);
     assert!(store.sandbox("s1").await.expect("q").is_none());
 
     // A failure reason sticks.
-    store
-        .transition(
-            "w1",
-            &[SandboxState::Provisioning],
-            SandboxState::Failed,
-            Some("boom"),
-        )
-        .await
-        .expect("t");
+    assert!(go(store, "w1", &[fail("boom")]).await);
     let w1 = store.sandbox("w1").await.expect("q").expect("row");
     assert_eq!(w1.failure_reason.as_deref(), Some("boom"));
     assert_eq!(
-        store.reapable(0).await.expect("q").len(),
+        store.reapable(0, 0).await.expect("q").len(),
         1,
         "failed with a lease is reapable"
     );
@@ -294,17 +279,10 @@ async fn accounts(store: &Store) {
         .insert_sandbox(&sandbox("rs1", "r1", "workspace", Some(40)))
         .await
         .expect("sandbox");
-    store
-        .transition(
-            "rs1",
-            &[SandboxState::Provisioning],
-            SandboxState::Ready,
-            None,
-        )
-        .await
-        .expect("ready");
+    assert!(go(store, "rs1", &[Event::Provisioned, Event::Ready]).await);
 
-    // Removal starts: token, logins, secrets go now; the sandbox is told to stop.
+    // Removal starts: token, logins, secrets go now; the sandbox is left to
+    // the app, which stops it through the state machine.
     assert_eq!(
         store.begin_user_removal("r1", "gone").await.expect("begin"),
         1
@@ -324,24 +302,17 @@ async fn accounts(store: &Store) {
     assert_eq!(store.egress_user_port("r1").await.expect("port"), None);
     assert_eq!(
         store.sandbox("rs1").await.expect("q").expect("row").state,
-        SandboxState::Stopping
+        SandboxState::Ready
     );
-    assert_eq!(store.stopping_sandboxes_of("r1").await.expect("q"), ["rs1"]);
+    assert_eq!(store.live_sandboxes_of("r1").await.expect("q"), ["rs1"]);
+    assert!(go(store, "rs1", &[Event::StopRequested(Some("gone".into()))]).await);
     assert_eq!(store.users_being_removed().await.expect("q").len(), 1);
     // Not while the sandbox holds its address; a token cannot come back meanwhile.
     assert!(!store.finish_user_removal("r1").await.expect("finish"));
     assert!(!store.set_token_hash("r1", "hx").await.expect("rotate"));
     assert!(!store.set_user_disabled("r1", false).await.expect("enable"));
     store.release_lease("rs1").await.expect("release");
-    store
-        .transition(
-            "rs1",
-            &[SandboxState::Stopping],
-            SandboxState::Stopped,
-            None,
-        )
-        .await
-        .expect("stopped");
+    assert!(go(store, "rs1", &[Event::Released]).await);
     assert!(store.finish_user_removal("r1").await.expect("finish"));
     assert!(store.user_by_name("leaving").await.expect("q").is_none());
     for sql in [
@@ -541,15 +512,7 @@ async fn quota_counts(store: &Store) {
             .expect("insert");
     }
     assert_eq!(store.count_live_sandboxes("qa").await.expect("q"), 2);
-    store
-        .transition(
-            "q1",
-            &[SandboxState::Provisioning],
-            SandboxState::Failed,
-            None,
-        )
-        .await
-        .expect("t");
+    assert!(go(store, "q1", &[fail("x")]).await);
     assert_eq!(store.count_live_sandboxes("qa").await.expect("q"), 1);
     assert_eq!(store.count_live_sandboxes("nobody").await.expect("q"), 0);
 

@@ -129,9 +129,10 @@ impl Store {
     }
 
     /// Start removing a user, in one transaction: its token stops working,
-    /// its live logins are cancelled, its live sandboxes go to `stopping` (a
-    /// running control plane's reaper, or the next start, ends them), and its
-    /// credentials and egress rows are deleted. Repeating it is harmless.
+    /// its live logins are cancelled, and its credentials and egress rows are
+    /// deleted. Its sandboxes are not touched here: a running control plane's
+    /// reaper (or the next start) stops each through the state machine.
+    /// Repeating it is harmless.
     /// Returns how many of its sandboxes still hold host resources.
     pub async fn begin_user_removal(&self, user_id: &str, reason: &str) -> Result<u64, StoreError> {
         let now = now_ms();
@@ -155,16 +156,6 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(q("cancel a user's logins"))?;
-        sqlx::query(
-            "UPDATE sandboxes SET state = 'stopping', failure_reason = $1, updated_at = $2 \
-             WHERE owner_id = $3 AND state IN ('provisioning', 'booting', 'ready')",
-        )
-        .bind(reason)
-        .bind(now)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(q("stop a user's sandboxes"))?;
         for stmt in [
             "DELETE FROM credentials WHERE owner_id = $1",
             "DELETE FROM egress_user_upstreams WHERE user_id = $1",
@@ -217,14 +208,16 @@ impl Store {
         rows.iter().map(user_from_row).collect()
     }
 
-    /// Ids of a user's sandboxes that are `stopping` (to be torn down).
-    pub async fn stopping_sandboxes_of(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
-        let rows =
-            sqlx::query("SELECT id FROM sandboxes WHERE owner_id = $1 AND state = 'stopping'")
-                .bind(user_id)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(q("list a user's stopping sandboxes"))?;
+    /// Ids of a user's sandboxes that still hold (or may hold) host
+    /// resources: the ones a removal must stop.
+    pub async fn live_sandboxes_of(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT id FROM sandboxes WHERE owner_id = $1 AND {HOLDS_RESOURCES}"
+        ))
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("list a user's live sandboxes"))?;
         rows.iter()
             .map(|r| {
                 r.try_get("id")

@@ -10,7 +10,7 @@
 //! say so), and a `format` that is a regular expression (MMDS's address) is
 //! checked as a `pattern`.
 
-use super::super::api::{ApiRequest, Method};
+use crate::firecracker::api::{ApiRequest, Method};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 

@@ -58,7 +58,7 @@ fn sandbox_row(id: &str, owner: &str) -> SandboxRow {
     SandboxRow {
         id: id.to_owned(),
         owner_id: owner.to_owned(),
-        kind: "browser".into(),
+        kind: airlock_proto::metadata::SandboxKind::Browser,
         state: SandboxState::Provisioning,
         failure_reason: None,
         image_build_id: "b".into(),
@@ -143,15 +143,14 @@ async fn the_third_create_past_a_cap_of_two_is_refused_and_makes_nothing() {
     assert_eq!(usage.used.creates_last_minute, 2);
 
     // A stopped sandbox no longer counts.
-    r.store
-        .transition(
-            &first,
-            &[SandboxState::Provisioning],
-            SandboxState::Stopped,
-            None,
-        )
-        .await
-        .expect("stop");
+    for e in [
+        crate::app::state::Event::StopRequested(None),
+        crate::app::state::Event::Released,
+    ] {
+        crate::app::state::advance(&r.store, &first, &e)
+            .await
+            .expect("stop");
+    }
     create(&r.admission, &r.store, "u")
         .await
         .expect("room again after a stop");

@@ -1,0 +1,124 @@
+//! A fake guest for unit tests: answers as the guests of a
+//! [`FakeNode`](crate::node::fake::FakeNode) would, from the node's own
+//! record of them (found by address), so a guest that is not running, or
+//! whose agent or display was taken down by the test, does not answer.
+//! Exec answers are scripted per program name.
+
+use super::{AgentError, Guest};
+use crate::node::fake::{DisplayState, FakeInstance, FakeNode};
+use airlock_proto::agent::{ExecRequest, ExecResponse, Health};
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug)]
+pub struct FakeGuest {
+    node: Arc<FakeNode>,
+    /// Program name → its answer; a program not listed exits 0 with its argv
+    /// echoed on stdout.
+    scripts: Mutex<HashMap<String, ExecResponse>>,
+    /// Every exec, as (sandbox id, argv).
+    execs: Mutex<Vec<(String, Vec<String>)>>,
+}
+
+impl FakeGuest {
+    pub fn new(node: Arc<FakeNode>) -> Self {
+        FakeGuest {
+            node,
+            scripts: Mutex::default(),
+            execs: Mutex::default(),
+        }
+    }
+
+    /// `program` answers `answer` from now on.
+    pub fn script(&self, program: &str, answer: ExecResponse) {
+        self.scripts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(program.to_owned(), answer);
+    }
+
+    pub fn execs(&self) -> Vec<(String, Vec<String>)> {
+        self.execs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The running guest at `addr` whose agent is up and takes `token`.
+    fn agent_at(&self, addr: SocketAddr, token: &str) -> Result<FakeInstance, AgentError> {
+        let guest = self
+            .node
+            .guest_at(addr.ip())
+            .filter(|g| g.running && g.agent_up)
+            .ok_or_else(|| AgentError::Down(format!("connection to {addr} refused")))?;
+        if guest.req.metadata.agent_token != token {
+            return Err(AgentError::Status {
+                status: 401,
+                message: "wrong token".into(),
+            });
+        }
+        Ok(guest)
+    }
+
+    fn display_at(&self, addr: SocketAddr, password: &str) -> Result<FakeInstance, String> {
+        let guest = self
+            .node
+            .guest_at(addr.ip())
+            .filter(|g| g.running && g.display != DisplayState::Down)
+            .ok_or_else(|| "VNC: VNC connection failed: connection refused".to_owned())?;
+        if guest.req.metadata.vnc_password != password {
+            return Err("VNC authentication failed: wrong password".into());
+        }
+        Ok(guest)
+    }
+}
+
+#[async_trait]
+impl Guest for FakeGuest {
+    async fn health(&self, agent: SocketAddr, token: &str) -> Result<Health, AgentError> {
+        let guest = self.agent_at(agent, token)?;
+        Ok(Health {
+            status: "ok".into(),
+            sandbox_id: guest.req.metadata.sandbox_id.clone(),
+            image_build_id: guest.req.image.build_id.clone(),
+            uptime_s: 1,
+        })
+    }
+
+    async fn exec(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        req: &ExecRequest,
+    ) -> Result<ExecResponse, AgentError> {
+        let guest = self.agent_at(agent, token)?;
+        self.execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((guest.req.id.clone(), req.argv.clone()));
+        let program = req.argv.first().cloned().unwrap_or_default();
+        let scripted = self
+            .scripts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&program)
+            .cloned();
+        Ok(scripted.unwrap_or_else(|| ExecResponse {
+            exit_code: Some(0),
+            stdout: req.argv.join(" "),
+            stderr: String::new(),
+            timed_out: false,
+            truncated: false,
+        }))
+    }
+
+    async fn desktop_shown(&self, display: SocketAddr, password: &str) -> Result<(), String> {
+        match self.display_at(display, password)?.display {
+            DisplayState::Up => Ok(()),
+            _ => Err("the display is still blank (1 colours)".into()),
+        }
+    }
+
+    async fn display_answers(&self, display: SocketAddr, password: &str) -> Result<(), String> {
+        self.display_at(display, password).map(|_| ())
+    }
+}
