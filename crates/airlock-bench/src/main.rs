@@ -1,12 +1,15 @@
 //! `airlock-bench`: measures the parts of airlock that set how it feels and
 //! what it costs — golden image builds, sandbox start and memory, the viewer
-//! relay, key press to pixel — and a soak run. Every subcommand prints tables
+//! relay, key press to pixel — a soak run, and churn (create, exec, delete
+//! over and over, then a leak check). Every subcommand prints tables
 //! (Markdown) on stdout and its progress on stderr. Figures and how they were
 //! taken: docs/performance.md.
 
+mod churn;
 mod fuzz;
 mod image;
 mod keypress;
+mod leaks;
 mod relay;
 mod rfbc;
 mod sandbox;
@@ -99,6 +102,10 @@ enum Cmd {
         #[arg(long, default_value = "fuzz-findings")]
         out: PathBuf,
     },
+    /// Create → ready → exec → delete → stopped, over and over, against a
+    /// running control plane; then what was left on the host (must be nothing).
+    /// The API token comes from AIRLOCK_TOKEN (none: the loopback user `local`).
+    Churn(ChurnArgs),
     /// The quick ones: relay, sandboxes, keypress, and image without the cold build.
     All {
         #[arg(long, env = "AIRLOCK_IMAGE_DIR")]
@@ -106,6 +113,90 @@ enum Cmd {
         #[arg(long, env = "AIRLOCK_AGENT_BIN")]
         agent: PathBuf,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct ChurnArgs {
+    #[arg(long, default_value_t = 100)]
+    cycles: usize,
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Sandbox kind: browser or workspace.
+    #[arg(long, default_value = "browser")]
+    kind: String,
+    /// The control plane's config file: its data dir, address pool and store
+    /// are where the leak check looks, its listen address is the API.
+    #[arg(long, env = "AIRLOCK_CONFIG")]
+    config: Option<PathBuf>,
+    /// The API (default: the config's listen address).
+    #[arg(long)]
+    url: Option<String>,
+    #[arg(long, env = "AIRLOCK_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Seconds a sandbox may take to become ready.
+    #[arg(long, default_value_t = 120)]
+    boot_timeout: u64,
+}
+
+async fn churn_command(args: ChurnArgs) -> Result<()> {
+    let mut cfg = match &args.config {
+        Some(path) => airlock_server::config::Config::from_file(path)?,
+        None => airlock_server::config::Config::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        cfg.data_dir = dir;
+    }
+    let url = args.url.unwrap_or_else(|| format!("http://{}", cfg.listen));
+    let needed = u32::try_from(args.parallel).unwrap_or(u32::MAX);
+    if cfg.quota.max_sandboxes < needed || cfg.quota.creates_per_minute < 60 {
+        eprintln!(
+            "churn: [quota] allows {} live sandboxes and {} creates a minute per user; \
+             refused creates are retried after Retry-After, which slows the run. Raise \
+             max_sandboxes and creates_per_minute under [quota] in the server's config.",
+            cfg.quota.max_sandboxes, cfg.quota.creates_per_minute
+        );
+    }
+    let mut scope = leaks::Scope::new(&cfg.data_dir, &cfg.address_pool);
+    scope.database_url = cfg.database_url.clone();
+    let before = leaks::check(&scope).await;
+    if !before.is_empty() {
+        eprintln!(
+            "churn: {} things were left before the run (not counted):",
+            before.len()
+        );
+        for l in &before {
+            eprintln!("  {l}");
+        }
+    }
+    let api = churn::Api::new(&url, std::env::var("AIRLOCK_TOKEN").ok());
+    let opts = churn::Options {
+        cycles: args.cycles,
+        parallel: args.parallel,
+        kind: args.kind,
+        boot_timeout: Duration::from_secs(args.boot_timeout),
+        stop_timeout: Duration::from_secs(60),
+    };
+    let seen = std::sync::Mutex::new(scope);
+    let out = churn::run(&api, &opts, &|id| {
+        seen.lock().expect("scope").remember(id);
+    })
+    .await;
+    let mut scope = seen.into_inner().expect("scope");
+    scope.ids.extend(out.ids.iter().cloned());
+    let found: Vec<_> = leaks::settle(&scope, Duration::from_secs(30))
+        .await
+        .into_iter()
+        .filter(|l| !before.contains(l))
+        .collect();
+    churn::print(&out, &opts, &found);
+    if !out.failures.is_empty() || !found.is_empty() {
+        anyhow::bail!(
+            "{} cycles failed, {} things left behind",
+            out.failures.len(),
+            found.len()
+        );
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -135,6 +226,7 @@ fn main() -> Result<()> {
             seed,
             out,
         } => fuzz::run(minutes, target.as_deref(), seed, &out),
+        Cmd::Churn(args) => rt.block_on(churn_command(args)),
         Cmd::Soak { minutes } => rt.block_on(soak::run(minutes)),
         Cmd::All { image_dir, agent } => {
             rt.block_on(relay::run(2000, 256, 5))?;

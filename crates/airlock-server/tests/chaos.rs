@@ -1,0 +1,703 @@
+//! Chaos and churn with the real nspawn driver: many sandboxes created,
+//! used and deleted leave nothing behind; a sandbox whose supervisor or
+//! payload is killed becomes `failed` by name and is cleaned up; a control
+//! plane killed with SIGKILL in the middle of creates and deletes comes back
+//! telling the truth and leaking nothing.
+//!
+//! The churn loop and the leak checker are `airlock-bench churn`'s own
+//! (crates/airlock-bench/src), included here so CI runs the very code the
+//! figures in docs/performance.md come from.
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "../../airlock-bench/src/stats.rs"]
+mod stats;
+
+#[allow(dead_code)]
+#[path = "../../airlock-bench/src/churn.rs"]
+mod churn;
+
+#[allow(dead_code)]
+#[path = "../../airlock-bench/src/leaks.rs"]
+mod leaks;
+
+#[allow(dead_code)]
+#[path = "common/child.rs"]
+mod child;
+
+mod logins_support;
+
+use churn::Api;
+use common::unmet;
+use leaks::Scope;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The settled states: nothing is under way any more.
+const SETTLED: [&str; 3] = ["ready", "failed", "stopped"];
+
+/// The checker is only worth its "nothing left" if it sees a sandbox's
+/// footprint: while one runs, every kind of resource it holds is found; once
+/// deleted, none is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leak_checker_sees_a_running_sandbox() {
+    if unmet().is_some() {
+        return;
+    }
+    let pool = "10.245.5.0/24";
+    let h = common::start(pool).await;
+    let id = h.ready_sandbox("browser").await;
+    let mut scope = Scope::new(&h.data_dir, pool);
+    scope.remember(&id);
+    assert_eq!(scope.uid_bases.len(), 1, "the sandbox's uid range");
+    let found = leaks::check(&scope).await;
+    let kinds: std::collections::BTreeSet<&str> = found.iter().map(|l| l.kind).collect();
+    for kind in [
+        "link",
+        "netns",
+        "nftables",
+        "address",
+        "listener",
+        "cgroup",
+        "process",
+        "mount",
+        "loop",
+        "uid range",
+        "directory",
+        "store row",
+        "lease",
+    ] {
+        assert!(
+            kinds.contains(kind),
+            "no {kind} found for a running sandbox: {found:#?}"
+        );
+    }
+    assert!(
+        found
+            .iter()
+            .any(|l| l.kind == "process" && l.what.contains("systemd-nspawn")),
+        "{found:#?}"
+    );
+    assert!(
+        !leaks::of_sandbox(&scope, &id).is_empty(),
+        "the sandbox's own footprint"
+    );
+    let (status, _) = h.delete(&format!("/api/v1/sandboxes/{id}")).await;
+    assert_eq!(status, 202);
+    h.wait_state(&id, "stopped", Duration::from_secs(60)).await;
+    assert_eq!(
+        leaks::settle(&scope, Duration::from_secs(30)).await,
+        Vec::new()
+    );
+    h.shutdown().await;
+}
+
+/// Churn as CI runs it: 100 cycles, 4 at a time, through the bench's loop;
+/// every cycle completes and the leak checker finds nothing afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_leaves_nothing_behind() {
+    if unmet().is_some() {
+        return;
+    }
+    let pool = "10.245.1.0/24";
+    let h = common::start_with(pool, |cfg| {
+        cfg.quota.creates_per_minute = 10_000;
+        cfg.quota.max_sandboxes = 100;
+    })
+    .await;
+    let cycles = std::env::var("AIRLOCK_CHURN_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let opts = churn::Options {
+        cycles,
+        parallel: 4,
+        kind: "browser".into(),
+        boot_timeout: Duration::from_secs(120),
+        stop_timeout: Duration::from_secs(60),
+    };
+    let api = Api::new(&h.base, None);
+    let scope = Mutex::new(Scope::new(&h.data_dir, pool));
+    let out = churn::run(&api, &opts, &|id| scope.lock().expect("scope").remember(id)).await;
+    let mut scope = scope.into_inner().expect("scope");
+    scope.ids.extend(out.ids.iter().cloned());
+    let left = leaks::settle(&scope, Duration::from_secs(30)).await;
+    churn::print(&out, &opts, &left);
+    let failures: Vec<String> = out
+        .failures
+        .iter()
+        .map(|f| format!("cycle {} at {}: {}", f.cycle, f.step, f.reason))
+        .collect();
+    assert_eq!(failures, Vec::<String>::new());
+    assert_eq!(out.completed, cycles);
+    assert_eq!(left, Vec::new());
+    h.shutdown().await;
+}
+
+/// Deleted at several moments of its create and boot: each sandbox ends
+/// `stopped` (not `failed`), and nothing is left, its forwarder included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_deleted_while_booting_ends_stopped_and_leaks_nothing() {
+    if unmet().is_some() {
+        return;
+    }
+    let pool = "10.245.6.0/24";
+    let h = common::start(pool).await;
+    let api = Api::new(&h.base, None);
+    let mut scope = Scope::new(&h.data_dir, pool);
+    let mut ends = Vec::new();
+    for delay_ms in [0u64, 100, 300, 600, 1000, 2000] {
+        let id = create(&api).await;
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let seen = api.sandbox(&id).await["state"].clone();
+        assert_eq!(delete(&api, &id).await, 202);
+        let end = api
+            .wait_state(&id, &["stopped"], Duration::from_secs(30))
+            .await;
+        ends.push(format!(
+            "{delay_ms} ms ({seen}): {end:?}",
+            end = end.map(|b| b["state"].clone())
+        ));
+        scope.ids.insert(id);
+    }
+    eprintln!("deleted during create and boot:\n{}", ends.join("\n"));
+    let left = leaks::settle(&scope, Duration::from_secs(30)).await;
+    assert!(
+        ends.iter().all(|e| e.ends_with("Ok(String(\"stopped\"))")) && left.is_empty(),
+        "ends: {ends:#?}\nleft behind: {left:#?}"
+    );
+    h.shutdown().await;
+}
+
+/// Kill one process of a ready sandbox with SIGKILL from the host; within
+/// 15 s the API says `failed`, naming it, and once torn down the sandbox
+/// holds nothing on the host, its pool address included.
+async fn killed_process_fails_the_sandbox(pool: &str, comm: &str, named: &[&str]) {
+    if unmet().is_some() {
+        return;
+    }
+    let h = common::start(pool).await;
+    let id = h.ready_sandbox("browser").await;
+    let mut scope = Scope::new(&h.data_dir, pool);
+    scope.remember(&id);
+    let procs = leaks::sandbox_processes(&id);
+    let victims: Vec<u32> = procs
+        .iter()
+        .filter(|(_, c)| c == comm)
+        .map(|(pid, _)| *pid)
+        .collect();
+    assert!(
+        !victims.is_empty(),
+        "no {comm} in the sandbox's cgroups: {procs:?}"
+    );
+    for pid in &victims {
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -9 {pid}");
+    }
+    let killed = Instant::now();
+    let api = Api::new(&h.base, None);
+    let body = api
+        .wait_state(&id, &["failed"], Duration::from_secs(15))
+        .await;
+    let body = match body {
+        Err(e) if !e.starts_with("failed") => panic!(
+            "15 s after {comm} (pid {victims:?}) was killed the sandbox is {e}: {}",
+            api.sandbox(&id).await
+        ),
+        Err(e) => panic!("{e}"),
+        Ok(b) => b,
+    };
+    let reason = churn::reason(&body).to_lowercase();
+    eprintln!(
+        "{comm} killed: failed after {:?}: {reason}",
+        killed.elapsed()
+    );
+    assert!(
+        named.iter().any(|n| reason.contains(n)),
+        "the reason names none of {named:?}: {reason}"
+    );
+    let left = leaks::settle(&scope, Duration::from_secs(30)).await;
+    assert_eq!(left, Vec::new(), "left after {comm} was killed");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nspawn_fails_the_sandbox_and_leaks_nothing() {
+    killed_process_fails_the_sandbox("10.245.2.0/24", "systemd-nspawn", &["nspawn"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_fails_the_sandbox_and_leaks_nothing() {
+    killed_process_fails_the_sandbox("10.245.3.0/24", "airlock-agent", &["agent"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_vnc_server_fails_the_sandbox_and_leaks_nothing() {
+    killed_process_fails_the_sandbox("10.245.4.0/24", "Xvnc", &["xvnc", "display"]).await;
+}
+
+/// Create a sandbox; its id.
+async fn create(api: &Api) -> String {
+    let a = api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/sandboxes",
+            Some(json!({"kind": "browser"})),
+        )
+        .await
+        .expect("create");
+    assert_eq!(a.status, 201, "{}", a.body);
+    a.body["id"].as_str().expect("id").to_owned()
+}
+
+async fn delete(api: &Api, id: &str) -> u16 {
+    api.call(
+        reqwest::Method::DELETE,
+        &format!("/api/v1/sandboxes/{id}"),
+        None,
+    )
+    .await
+    .expect("delete")
+    .status
+}
+
+/// After a restart: within 30 s every sandbox has settled, and what each
+/// says is true — a ready one runs and answers exec, a stopped or failed one
+/// holds nothing on the host. `expect` pins a state where the test knows it.
+async fn truthful_within_30s(
+    plane: &child::ChildPlane,
+    since: Instant,
+    ids: &[(&str, Option<&str>)],
+) -> Vec<(String, String)> {
+    let api = Api::new(&plane.base, None);
+    let scope = Scope::new(&plane.data_dir, &plane.pool);
+    let deadline = since + Duration::from_secs(30);
+    let mut states = Vec::new();
+    for (id, expect) in ids {
+        let body = loop {
+            let body = api.sandbox(id).await;
+            let state = body["state"].as_str().unwrap_or("");
+            if SETTLED.contains(&state) {
+                break body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "30 s after the restart sandbox {id} is still {state:?}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let state = body["state"].as_str().unwrap_or("").to_owned();
+        eprintln!(
+            "after the restart {id} is {state} ({:?} after it): {}",
+            since.elapsed(),
+            churn::reason(&body)
+        );
+        if let Some(want) = expect {
+            assert_eq!(state, *want, "sandbox {id}: {body}");
+        }
+        if state == "ready" {
+            let a = api
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/sandboxes/{id}/exec"),
+                    Some(json!({"argv": ["echo", "alive"], "timeout_s": 10})),
+                )
+                .await
+                .expect("exec");
+            assert_eq!(
+                (a.status, a.body["stdout"].clone()),
+                (200, Value::from("alive\n")),
+                "sandbox {id} says ready: {}",
+                a.body
+            );
+        } else {
+            // Its teardown may still be finishing: give it until the deadline.
+            let left = loop {
+                let left = leaks::of_sandbox(&scope, id);
+                if left.is_empty() || Instant::now() >= deadline {
+                    break left;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            };
+            assert_eq!(left, Vec::new(), "sandbox {id} says {state}");
+        }
+        states.push((id.to_string(), state));
+    }
+    states
+}
+
+/// Delete what is still live, wait until it has stopped, then nothing of
+/// the data dir, the pool or the store may be left.
+async fn delete_all_and_check(plane: &child::ChildPlane, ids: &[String]) {
+    let api = Api::new(&plane.base, None);
+    for id in ids {
+        let state = api.sandbox(id).await["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        if state != "stopped" {
+            delete(&api, id).await;
+        }
+    }
+    for id in ids {
+        let end = api
+            .wait_state(id, &["stopped"], Duration::from_secs(60))
+            .await;
+        assert!(end.is_ok(), "sandbox {id} did not stop: {end:?}");
+    }
+    let mut scope = Scope::new(&plane.data_dir, &plane.pool);
+    scope.ids.extend(ids.iter().cloned());
+    scope.ignore_pids.extend(plane.pid());
+    let left = leaks::settle(&scope, Duration::from_secs(30)).await;
+    assert_eq!(left, Vec::new());
+}
+
+/// SIGKILL the control plane with work in flight — a ready sandbox, one
+/// just created, one booting, one being deleted — and start it again over
+/// the same data dir: within 30 s the ready one is re-adopted and answers,
+/// the deleted one is stopped, the interrupted ones have settled truthfully,
+/// and after deleting everything nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_control_plane_with_work_in_flight_comes_back_truthful() {
+    if unmet().is_some() || child::unmet().is_some() {
+        return;
+    }
+    let mut plane = child::ChildPlane::start("10.245.10.0/24");
+    let api = Api::new(&plane.base, None);
+    let ready = create(&api).await;
+    let deleting = create(&api).await;
+    for id in [&ready, &deleting] {
+        api.wait_state(id, &["ready"], Duration::from_secs(120))
+            .await
+            .expect("ready");
+    }
+    let booting = create(&api).await;
+    api.wait_state(&booting, &["booting", "ready"], Duration::from_secs(60))
+        .await
+        .expect("booting");
+    assert_eq!(delete(&api, &deleting).await, 202);
+    let fresh = create(&api).await;
+    let since = plane.crash_and_restart();
+    let states = truthful_within_30s(
+        &plane,
+        since,
+        &[
+            (ready.as_str(), Some("ready")),
+            (deleting.as_str(), Some("stopped")),
+            (booting.as_str(), None),
+            (fresh.as_str(), None),
+        ],
+    )
+    .await;
+    eprintln!("settled: {states:?}");
+    delete_all_and_check(&plane, &[ready, deleting, booting, fresh]).await;
+}
+
+/// SIGKILL the control plane at several moments of one create (just after
+/// the `POST` answered, then later and later into the boot) and restart it
+/// each time: the sandbox settles truthfully within 30 s and nothing leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_killed_at_each_point_of_a_create_leaks_nothing() {
+    if unmet().is_some() || child::unmet().is_some() {
+        return;
+    }
+    let mut plane = child::ChildPlane::start("10.245.11.0/24");
+    let mut ids = Vec::new();
+    let mut reached = Vec::new();
+    for delay_ms in [
+        0u64, 20, 40, 60, 80, 100, 130, 160, 200, 250, 300, 400, 700, 1000, 2500,
+    ] {
+        let api = Api::new(&plane.base, None);
+        let id = create(&api).await;
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let seen = api.sandbox(&id).await["state"].clone();
+        // How far the create had come on the host when the kill fell.
+        let scope = Scope::new(&plane.data_dir, &plane.pool);
+        let had: std::collections::BTreeSet<&str> = leaks::of_sandbox(&scope, &id)
+            .iter()
+            .map(|l| l.kind)
+            .collect();
+        let since = plane.crash_and_restart();
+        let end = truthful_within_30s(&plane, since, &[(&id, None)]).await;
+        reached.push(format!(
+            "{delay_ms:>5} ms: {seen} with {had:?} → {}",
+            end[0].1
+        ));
+        ids.push(id);
+    }
+    eprintln!(
+        "killed during a create, and how each ended:\n{}",
+        reached.join("\n")
+    );
+    delete_all_and_check(&plane, &ids).await;
+}
+
+/// SIGKILL the control plane at several moments of a delete: after the
+/// restart the sandbox ends `stopped` within 30 s and nothing leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_killed_during_a_delete_still_stops_the_sandbox() {
+    if unmet().is_some() || child::unmet().is_some() {
+        return;
+    }
+    let mut plane = child::ChildPlane::start("10.245.12.0/24");
+    let mut ids = Vec::new();
+    for delay_ms in [0u64, 200, 800] {
+        let api = Api::new(&plane.base, None);
+        let id = create(&api).await;
+        api.wait_state(&id, &["ready"], Duration::from_secs(120))
+            .await
+            .expect("ready");
+        assert_eq!(delete(&api, &id).await, 202);
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let since = plane.crash_and_restart();
+        truthful_within_30s(&plane, since, &[(&id, Some("stopped"))]).await;
+        ids.push(id);
+    }
+    delete_all_and_check(&plane, &ids).await;
+}
+
+/// Poll a login until it is in one of `want`; `Err` when it ends otherwise
+/// or takes longer than `within`.
+async fn wait_login(api: &Api, id: &str, want: &[&str], within: Duration) -> Result<Value, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let a = api
+            .call(reqwest::Method::GET, &format!("/api/v1/logins/{id}"), None)
+            .await?;
+        let state = a.body["state"].as_str().unwrap_or("").to_owned();
+        if want.contains(&state.as_str()) {
+            return Ok(a.body);
+        }
+        if ["failed", "expired", "cancelled"].contains(&state.as_str())
+            || Instant::now() >= deadline
+        {
+            return Err(format!("login is {state}: {}", a.body));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// SIGKILL the control plane twice during a login: while the user is
+/// signing in, and right after the OAuth callback (while the credentials are
+/// captured, sealed, stored and delivered). The login still completes, the
+/// user signed in once, one credential is stored and delivered, the
+/// workspace holds the issued token, and nothing leaks once all is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_killed_during_a_login_loses_and_repeats_nothing() {
+    if unmet().is_some() || child::unmet().is_some() {
+        return;
+    }
+    let marker = format!("CANARY{}", hex::encode(rand::random::<[u8; 8]>()));
+    let oauth = Arc::new(logins_support::OAuth {
+        marker: marker.clone(),
+        ..Default::default()
+    });
+    let port = logins_support::start_oauth(oauth.clone()).await;
+    let providers = tempfile::tempdir().expect("tempdir");
+    logins_support::write_test_providers(providers.path());
+    let mut plane = child::ChildPlane::start_with(
+        "10.245.13.0/24",
+        &format!(
+            "providers_dir = \"{}\"\negress_allow = [\"oauth.test\"]\nlogin_timeout_s = 600",
+            providers.path().display()
+        ),
+    );
+    let api = Api::new(&plane.base, None);
+    // The first authenticated request makes the user `local`.
+    let _ = api.call(reqwest::Method::GET, "/api/v1/logins", None).await;
+    let admin = Api::new(&plane.base, Some(plane.admin_token("chaos-admin")));
+    let a = admin
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/egress/users/local",
+            Some(json!({ "url": format!("http://t:t@127.0.0.1:{port}") })),
+        )
+        .await
+        .expect("put upstream");
+    assert_eq!(a.status, 200, "{}", a.body);
+    let start_login = |api: Api| async move {
+        let a = api
+            .call(
+                reqwest::Method::POST,
+                "/api/v1/logins",
+                Some(json!({ "provider": "testoauth" })),
+            )
+            .await
+            .expect("login");
+        assert_eq!(a.status, 201, "{}", a.body);
+        a.body
+    };
+
+    // Killed as a login starts: after the restart it has moved on (or ended,
+    // saying why) within 30 s; it is cancelled and its browser goes.
+    let first = start_login(api.clone()).await;
+    let first_id = first["id"].as_str().expect("id").to_owned();
+    let first_browser = first["browser_sandbox_id"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    plane.crash_and_restart();
+    let api = Api::new(&plane.base, None);
+    let settled = wait_login(
+        &api,
+        &first_id,
+        &["awaiting_user", "failed", "cancelled", "expired"],
+        Duration::from_secs(30),
+    )
+    .await;
+    eprintln!("a login killed while starting: {settled:?}");
+    let settled = settled.expect("the login settles within 30 s");
+    if settled["state"] == "failed" {
+        assert!(
+            settled["error"].is_string(),
+            "failed, saying why: {settled}"
+        );
+    }
+    let a = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/logins/{first_id}"),
+            None,
+        )
+        .await
+        .expect("cancel");
+    assert!(
+        a.status < 300 || a.status == 409,
+        "{}: {}",
+        a.status,
+        a.body
+    );
+    if !first_browser.is_empty() {
+        let gone = api
+            .wait_state(
+                &first_browser,
+                &["stopped", "failed"],
+                Duration::from_secs(60),
+            )
+            .await;
+        assert!(gone.is_ok(), "the first login's browser: {gone:?}");
+    }
+    let asked_before = oauth.authorize_requests.lock().expect("lock").len();
+
+    let second = start_login(api.clone()).await;
+    let id = second["id"].as_str().expect("id").to_owned();
+    let browser = second["browser_sandbox_id"]
+        .as_str()
+        .expect("sb")
+        .to_owned();
+    let login = wait_login(&api, &id, &["awaiting_user"], Duration::from_secs(150))
+        .await
+        .expect("awaiting_user");
+    let url = login["login_url"].as_str().expect("url").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while oauth.authorize_requests.lock().expect("lock").len() <= asked_before {
+        assert!(
+            Instant::now() < deadline,
+            "Chromium never asked for the sign-in page"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Killed while the user signs in: the login and its browser are still there.
+    let since = plane.crash_and_restart();
+    let api = Api::new(&plane.base, None);
+    truthful_within_30s(&plane, since, &[(browser.as_str(), Some("ready"))]).await;
+    let login = wait_login(&api, &id, &["awaiting_user"], Duration::from_secs(5))
+        .await
+        .expect("still awaiting the user after the restart");
+    assert_eq!(login["login_url"], Value::from(url.clone()));
+
+    // The user signs in; the control plane dies as the callback lands.
+    let location = logins_support::approve_at(port, &url).await;
+    let script = format!(
+        "require('http').get({location:?},r=>{{r.resume();r.on('end',()=>process.exit(r.statusCode===200?0:1))}})"
+    );
+    let a = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/v1/sandboxes/{browser}/exec"),
+            Some(json!({ "argv": ["node", "-e", script], "timeout_s": 30 })),
+        )
+        .await
+        .expect("exec");
+    assert_eq!(
+        (a.status, a.body["exit_code"].clone()),
+        (200, Value::from(0)),
+        "{}",
+        a.body
+    );
+    // Then once more at each state the login shows on its way to completed
+    // (captured, stored, delivered, as fast as they pass).
+    let mut api = api;
+    let mut seen = String::from("awaiting_user");
+    let mut killed_at = Vec::new();
+    let done = loop {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let state = loop {
+            let a = api
+                .call(reqwest::Method::GET, &format!("/api/v1/logins/{id}"), None)
+                .await
+                .expect("login");
+            let state = a.body["state"].as_str().unwrap_or("").to_owned();
+            if state != seen {
+                break state;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "login stuck at {state}: {}",
+                a.body
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if ["completed", "failed", "expired", "cancelled"].contains(&state.as_str()) {
+            break wait_login(&api, &id, &["completed"], Duration::from_secs(1)).await;
+        }
+        plane.crash_and_restart();
+        api = Api::new(&plane.base, None);
+        killed_at.push(state.clone());
+        seen = state;
+    };
+    eprintln!("the control plane was killed with the login at {killed_at:?}");
+    let seen = format!("{killed_at:?}");
+    let done = done.unwrap_or_else(|e| panic!("killed while {seen}: {e}"));
+    assert_eq!(
+        *oauth.tokens_issued.lock().expect("lock"),
+        1,
+        "signed in once"
+    );
+    let creds = api
+        .call(reqwest::Method::GET, "/api/v1/credentials", None)
+        .await
+        .expect("credentials")
+        .body;
+    let list = creds["credentials"].as_array().expect("list");
+    assert_eq!(list.len(), 1, "{creds}");
+    assert!(!list[0]["delivered_at"].is_null(), "{creds}");
+    let workspace = done["workspace_sandbox_id"]
+        .as_str()
+        .expect("ws")
+        .to_owned();
+    let a = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/v1/sandboxes/{workspace}/exec"),
+            Some(json!({ "argv": ["cat", ".testcli/credentials.json"], "timeout_s": 10 })),
+        )
+        .await
+        .expect("exec");
+    assert!(
+        a.body["stdout"].as_str().unwrap_or("").contains(&marker),
+        "the workspace holds the issued token: {}",
+        a.body
+    );
+    let mut all = vec![browser, workspace];
+    if !first_browser.is_empty() {
+        all.push(first_browser);
+    }
+    delete_all_and_check(&plane, &all).await;
+}
