@@ -1,6 +1,7 @@
 //! Chaos and churn with the real nspawn driver: many sandboxes created,
-//! used and deleted leave nothing behind; a sandbox whose supervisor or
-//! payload is killed becomes `failed` by name and is cleaned up; a control
+//! used and deleted leave nothing behind; a sandbox whose supervisor is
+//! killed becomes `failed` by name and is cleaned up, one whose agent or
+//! display is killed works again (the guest restarts them) or fails by name; a control
 //! plane killed with SIGKILL in the middle of creates and deletes comes back
 //! telling the truth and leaking nothing.
 //!
@@ -231,14 +232,121 @@ async fn a_killed_nspawn_fails_the_sandbox_and_leaks_nothing() {
     killed_process_fails_the_sandbox("10.245.2.0/24", "systemd-nspawn", &["nspawn"]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_agent_fails_the_sandbox_and_leaks_nothing() {
-    killed_process_fails_the_sandbox("10.245.3.0/24", "airlock-agent", &["agent"]).await;
+/// Kill one service inside a ready guest from the host with SIGKILL. The
+/// guest's own systemd restarts the agent and Xvnc (`Restart=always`, 1 s),
+/// so the truthful outcome is a sandbox that works again: within 30 s it is
+/// `ready` and `works` passes. A sandbox that does not heal is `failed` by
+/// the heartbeat (three missed checks, 15 s) with a reason naming `named`;
+/// either way it is then deleted and leaves nothing.
+async fn killed_service_heals_or_fails_truthfully(
+    pool: &str,
+    comm: &str,
+    named: &[&str],
+    works: impl Fn(String, String) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>,
+) {
+    if unmet().is_some() {
+        return;
+    }
+    let h = common::start(pool).await;
+    let id = h.ready_sandbox("browser").await;
+    let mut scope = Scope::new(&h.data_dir, pool);
+    scope.remember(&id);
+    let procs = leaks::sandbox_processes(&id);
+    let victims: Vec<u32> = procs
+        .iter()
+        .filter(|(_, c)| c == comm)
+        .map(|(pid, _)| *pid)
+        .collect();
+    assert!(
+        !victims.is_empty(),
+        "no {comm} in the sandbox's cgroups: {procs:?}"
+    );
+    for pid in &victims {
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -9 {pid}");
+    }
+    let killed = Instant::now();
+    let api = Api::new(&h.base, None);
+    let outcome = loop {
+        let body = api.sandbox(&id).await;
+        let state = body["state"].as_str().unwrap_or_default().to_owned();
+        if state == "failed" {
+            let reason = churn::reason(&body).to_lowercase();
+            assert!(
+                named.iter().any(|n| reason.contains(n)),
+                "failed, but the reason names none of {named:?}: {reason}"
+            );
+            break format!("failed after {:?}: {reason}", killed.elapsed());
+        }
+        assert_eq!(state, "ready", "{comm} killed: the sandbox is {body}");
+        if works(h.base.clone(), id.clone()).await {
+            // Working again, and the control plane still says so a
+            // heartbeat round later (it did not fail a healthy sandbox).
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            let body = api.sandbox(&id).await;
+            assert_eq!(body["state"], "ready", "healed, then {body}");
+            break format!("working again after {:?}", killed.elapsed());
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "30 s after {comm} was killed the sandbox is still `ready` but does not work"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("{comm} (pids {victims:?}) killed: {outcome}");
+    let code = delete(&api, &id).await;
+    assert!(
+        code == 202 || code == 204 || code == 200,
+        "delete answered {code}"
+    );
+    api.wait_state(&id, &["stopped", "failed"], Duration::from_secs(60))
+        .await
+        .expect("deleted");
+    let left = leaks::settle(&scope, Duration::from_secs(30)).await;
+    assert_eq!(left, Vec::new(), "left after {comm} was killed");
+    h.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_vnc_server_fails_the_sandbox_and_leaks_nothing() {
-    killed_process_fails_the_sandbox("10.245.4.0/24", "Xvnc", &["xvnc", "display"]).await;
+async fn a_killed_agent_heals_or_fails_truthfully_and_leaks_nothing() {
+    killed_service_heals_or_fails_truthfully(
+        "10.245.3.0/24",
+        "airlock-agent",
+        &["agent"],
+        |base, id| {
+            Box::pin(async move {
+                // Exec reaches the agent: a new one answers.
+                let reply = Api::new(&base, None)
+                    .call(
+                        reqwest::Method::POST,
+                        &format!("/api/v1/sandboxes/{id}/exec"),
+                        Some(json!({"argv": ["true"]})),
+                    )
+                    .await;
+                matches!(reply, Ok(r) if r.status == 200 && r.body["exit_code"] == 0)
+            })
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_vnc_server_heals_or_fails_truthfully_and_leaks_nothing() {
+    killed_service_heals_or_fails_truthfully(
+        "10.245.4.0/24",
+        "Xvnc",
+        &["xvnc", "display"],
+        |base, id| {
+            Box::pin(async move {
+                // The relay reaches a display that paints a desktop again.
+                matches!(common::viewer::frame(&base, &id).await, Ok(f) if f.looks_like_desktop())
+            })
+        },
+    )
+    .await;
 }
 
 /// Create a sandbox; its id.
