@@ -283,12 +283,13 @@ async fn killed_service_heals_or_fails_truthfully(
         }
         assert_eq!(state, "ready", "{comm} killed: the sandbox is {body}");
         if works(h.base.clone(), id.clone()).await {
+            let back = killed.elapsed();
             // Working again, and the control plane still says so a
             // heartbeat round later (it did not fail a healthy sandbox).
             tokio::time::sleep(Duration::from_secs(6)).await;
             let body = api.sandbox(&id).await;
             assert_eq!(body["state"], "ready", "healed, then {body}");
-            break format!("working again after {:?}", killed.elapsed());
+            break format!("working again after {back:?}");
         }
         assert!(
             killed.elapsed() < Duration::from_secs(30),
