@@ -242,11 +242,13 @@ async fn a_killed_nspawn_fails_the_sandbox_within_15_s() {
     let h = common::start("10.247.1.0/24").await;
     let id = h.ready_sandbox("browser").await;
     let pid_file = h.data_dir.join("sandboxes").join(&id).join("nspawn.pid");
+    // "<pid> <start time>" (the driver's record guarding against pid reuse).
     let pid: i32 = std::fs::read_to_string(&pid_file)
         .expect("nspawn.pid")
-        .trim()
-        .parse()
-        .expect("a pid");
+        .split_whitespace()
+        .next()
+        .and_then(|word| word.parse().ok())
+        .expect("a pid first in nspawn.pid");
     // Only the pid this test's sandbox recorded.
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(pid).expect("pid"),
