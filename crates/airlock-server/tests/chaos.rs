@@ -172,18 +172,10 @@ async fn a_sandbox_deleted_while_booting_ends_stopped_and_leaks_nothing() {
     h.shutdown().await;
 }
 
-/// Kill one process of a ready sandbox with SIGKILL from the host; within
-/// 15 s the API says `failed`, naming it, and once torn down the sandbox
-/// holds nothing on the host, its pool address included.
-async fn killed_process_fails_the_sandbox(pool: &str, comm: &str, named: &[&str]) {
-    if unmet().is_some() {
-        return;
-    }
-    let h = common::start(pool).await;
-    let id = h.ready_sandbox("browser").await;
-    let mut scope = Scope::new(&h.data_dir, pool);
-    scope.remember(&id);
-    let procs = leaks::sandbox_processes(&id);
+/// SIGKILL, from the host, every process of sandbox `id` named `comm`;
+/// their pids (at least one, or the test fails).
+fn kill_in_sandbox(id: &str, comm: &str) -> Vec<u32> {
+    let procs = leaks::sandbox_processes(id);
     let victims: Vec<u32> = procs
         .iter()
         .filter(|(_, c)| c == comm)
@@ -200,6 +192,21 @@ async fn killed_process_fails_the_sandbox(pool: &str, comm: &str, named: &[&str]
             .expect("kill");
         assert!(status.success(), "kill -9 {pid}");
     }
+    victims
+}
+
+/// Kill one process of a ready sandbox with SIGKILL from the host; within
+/// 15 s the API says `failed`, naming it, and once torn down the sandbox
+/// holds nothing on the host, its pool address included.
+async fn killed_process_fails_the_sandbox(pool: &str, comm: &str, named: &[&str]) {
+    if unmet().is_some() {
+        return;
+    }
+    let h = common::start(pool).await;
+    let id = h.ready_sandbox("browser").await;
+    let mut scope = Scope::new(&h.data_dir, pool);
+    scope.remember(&id);
+    let victims = kill_in_sandbox(&id, comm);
     let killed = Instant::now();
     let api = Api::new(&h.base, None);
     let body = api
@@ -251,23 +258,7 @@ async fn killed_service_heals_or_fails_truthfully(
     let id = h.ready_sandbox("browser").await;
     let mut scope = Scope::new(&h.data_dir, pool);
     scope.remember(&id);
-    let procs = leaks::sandbox_processes(&id);
-    let victims: Vec<u32> = procs
-        .iter()
-        .filter(|(_, c)| c == comm)
-        .map(|(pid, _)| *pid)
-        .collect();
-    assert!(
-        !victims.is_empty(),
-        "no {comm} in the sandbox's cgroups: {procs:?}"
-    );
-    for pid in &victims {
-        let status = std::process::Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -9 {pid}");
-    }
+    let victims = kill_in_sandbox(&id, comm);
     let killed = Instant::now();
     let api = Api::new(&h.base, None);
     let outcome = loop {
