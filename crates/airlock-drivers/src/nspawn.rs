@@ -668,8 +668,10 @@ impl Driver for NspawnDriver {
             Err(e) => Err(io_err(format!("remove {}", dir.display()))(e)),
         };
         if removed.is_ok() {
-            if let Some(base) = uid_base {
-                self.uid_ranges().release(base, &dir);
+            match uid_base {
+                Some(base) => self.uid_ranges().release(base, &dir),
+                // No record: a create interrupted after its range was taken.
+                None => self.uid_ranges().release_all(&dir),
             }
         }
         removed

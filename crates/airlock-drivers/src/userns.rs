@@ -94,6 +94,21 @@ impl UidRanges {
             let _ = std::fs::remove_file(path);
         }
     }
+
+    /// Give back every range `owner` holds, for a sandbox whose record does
+    /// not say which (its creator died between allocating and writing it).
+    pub fn release_all(&self, owner: &Path) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for base in entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|base| Self::is_ours(*base))
+        {
+            self.release(base, owner);
+        }
+    }
 }
 
 /// Move every file of a tree whose owner (or group) is in the range at `from`
@@ -150,6 +165,28 @@ mod tests {
         assert!(tmp.path().join("reg").join(ra.to_string()).exists());
         ranges.release(ra, &a);
         assert_eq!(ranges.allocate(&b, Some(ra)).expect("b3"), ra);
+    }
+
+    #[test]
+    fn every_range_of_an_owner_is_given_back_without_knowing_which() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let ranges = UidRanges::new(tmp.path().join("reg"));
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir_all(&a).expect("a");
+        std::fs::create_dir_all(&b).expect("b");
+        let of_a = ranges.allocate(&a, None).expect("a");
+        let of_b = ranges.allocate(&b, None).expect("b");
+        ranges.release_all(&a);
+        assert!(!tmp.path().join("reg").join(of_a.to_string()).exists());
+        assert!(
+            tmp.path().join("reg").join(of_b.to_string()).exists(),
+            "another owner's range stays"
+        );
+        assert_ne!(of_a, of_b);
+        assert_eq!(
+            ranges.allocate(&tmp.path().join("c"), None).expect("c"),
+            of_a
+        );
     }
 
     #[test]
