@@ -65,6 +65,7 @@ impl ChildPlane {
                  address_pool = \"{pool}\"\n\
                  webrtc_udp_port = 0\n\
                  webrtc_tcp_port = 0\n\
+                 min_free_disk_mb = 256\n\
                  {extra}\n\
                  [quota]\n\
                  max_sandboxes = 100\n\

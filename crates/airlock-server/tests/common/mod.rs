@@ -134,6 +134,10 @@ pub async fn start_with(pool: &str, adjust: impl FnOnce(&mut Config)) -> Harness
         // Tests run side by side: any free ports.
         webrtc_udp_port: 0,
         webrtc_tcp_port: 0,
+        // A test sandbox writes a few MiB; the 2 GiB production floor would
+        // refuse creates on a CI machine whose disk the build has mostly filled.
+        // (The floor itself is checked by api.rs with an impossible value.)
+        min_free_disk_mb: 256,
         ..Config::default()
     };
     let mut cfg = cfg;
