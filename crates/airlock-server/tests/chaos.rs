@@ -801,3 +801,174 @@ async fn a_control_plane_killed_during_a_login_loses_and_repeats_nothing() {
     }
     delete_all_and_check(&plane, &all).await;
 }
+
+/// A PostgreSQL server of this test's own (the shared one of the store
+/// tests must not be stopped under them), on a port that stays the same
+/// across restarts so the control plane's URL keeps working.
+struct OwnPostgres {
+    dir: tempfile::TempDir,
+    port: String,
+}
+
+impl OwnPostgres {
+    fn script() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/pg-test-server")
+    }
+
+    fn start() -> (OwnPostgres, String) {
+        let dir = tempfile::Builder::new()
+            .prefix("airlock-chaos-pg-")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
+        let out = std::process::Command::new(Self::script())
+            .arg(dir.path())
+            .output()
+            .expect("pg-test-server");
+        assert!(
+            out.status.success(),
+            "PostgreSQL did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let port = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.split('/').next())
+            .expect("a port")
+            .to_owned();
+        (OwnPostgres { dir, port }, url)
+    }
+
+    fn stop(&self) {
+        let status = std::process::Command::new(Self::script())
+            .arg("--stop")
+            .arg(self.dir.path())
+            .status()
+            .expect("pg-test-server --stop");
+        assert!(status.success());
+    }
+
+    fn restart(&self) {
+        let out = std::process::Command::new(Self::script())
+            .arg(self.dir.path())
+            .env("PGPORT_TEST", &self.port)
+            .output()
+            .expect("pg-test-server");
+        assert!(
+            out.status.success(),
+            "PostgreSQL did not start again: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// PostgreSQL stops under a running control plane with ready sandboxes, and
+/// starts again 20 s later. Meanwhile the API answers at once with 503
+/// `store_unavailable` (not a hang, not a 500, not a 401 for a good token),
+/// a create makes nothing, and the supervisor fails no sandbox because it
+/// cannot write. Afterwards the sandboxes are still ready and answer, a
+/// create works, and deleting everything leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_under_a_running_control_plane_loses_nothing() {
+    if unmet().is_some() || child::unmet().is_some() {
+        return;
+    }
+    let (pg, url) = OwnPostgres::start();
+    let plane =
+        child::ChildPlane::start_with("10.245.20.0/24", &format!("database_url = \"{url}\""));
+    let token = plane.admin_token("chaos-admin");
+    let api = Api::new(&plane.base, None);
+    let with_token = Api::new(&plane.base, Some(token));
+    let mut ids = vec![create(&api).await, create(&api).await];
+    for id in &ids {
+        api.wait_state(id, &["ready"], Duration::from_secs(120))
+            .await
+            .expect("ready");
+    }
+
+    pg.stop();
+    let down = Instant::now();
+    for (who, api) in [("local", &api), ("token", &with_token)] {
+        let started = Instant::now();
+        let a = api
+            .call(reqwest::Method::GET, "/api/v1/sandboxes", None)
+            .await
+            .expect("an answer while the database is down");
+        assert_eq!(
+            (a.status, a.body["error"]["code"].as_str()),
+            (503, Some("store_unavailable")),
+            "{who}: {}",
+            a.body
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{who}: the answer took {:?}",
+            started.elapsed()
+        );
+        assert!(a.retry_after.is_some(), "{who}: no Retry-After");
+    }
+    let a = api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/sandboxes",
+            Some(json!({"kind": "browser"})),
+        )
+        .await
+        .expect("an answer to a create");
+    assert_eq!(a.status, 503, "{}", a.body);
+    // Four supervisor rounds without a database.
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(down.elapsed())).await;
+    pg.restart();
+
+    let back = Instant::now();
+    let listed = loop {
+        let a = api
+            .call(reqwest::Method::GET, "/api/v1/sandboxes", None)
+            .await
+            .expect("list");
+        if a.status == 200 {
+            break a.body;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "30 s after PostgreSQL came back the API still answers {}: {}",
+            a.status,
+            a.body
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!(
+        "the API answered again {:?} after PostgreSQL came back",
+        back.elapsed()
+    );
+    let count = listed
+        .as_array()
+        .or_else(|| listed["sandboxes"].as_array())
+        .map_or(0, Vec::len);
+    assert_eq!(
+        count, 2,
+        "the create during the outage made a row: {listed}"
+    );
+    let states = truthful_within_30s(
+        &plane,
+        back,
+        &[
+            (ids[0].as_str(), Some("ready")),
+            (ids[1].as_str(), Some("ready")),
+        ],
+    )
+    .await;
+    eprintln!("after the outage: {states:?}");
+    let fresh = create(&api).await;
+    api.wait_state(&fresh, &["ready"], Duration::from_secs(120))
+        .await
+        .expect("a create after the outage");
+    ids.push(fresh);
+    delete_all_and_check(&plane, &ids).await;
+}

@@ -45,6 +45,9 @@ impl ApiError {
     }
 }
 
+/// What a 503 `store_unavailable` asks the caller to wait.
+const STORE_RETRY_AFTER_S: u64 = 5;
+
 impl From<AppError> for ApiError {
     fn from(err: AppError) -> Self {
         let (status, code) = match &err {
@@ -56,6 +59,9 @@ impl From<AppError> for ApiError {
             AppError::NoStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
             AppError::Unavailable(_) => (StatusCode::BAD_GATEWAY, "unavailable"),
             AppError::Quota { kind, .. } => (StatusCode::TOO_MANY_REQUESTS, kind.code()),
+            AppError::Store(e) if e.is_unavailable() => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+            }
             AppError::Store(_) | AppError::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -67,12 +73,22 @@ impl From<AppError> for ApiError {
             AppError::Quota { retry_after, .. } => {
                 Some(crate::app::admission::whole_seconds(*retry_after))
             }
+            AppError::Store(e) if e.is_unavailable() => Some(STORE_RETRY_AFTER_S),
             _ => None,
         };
+        let message = match &err {
+            AppError::Store(e) if code == "store_unavailable" => {
+                format!("{e}: the database is not reachable right now; try again in a few seconds")
+            }
+            _ => err.to_string(),
+        };
+        if code == "store_unavailable" {
+            tracing::warn!(error = %crate::app::sandboxes::chain(&err), "the database is unavailable");
+        }
         ApiError {
             status,
             code,
-            message: err.to_string(),
+            message,
             retry_after,
         }
     }
@@ -171,5 +187,38 @@ mod tests {
             .headers()
             .get(axum::http::header::RETRY_AFTER)
             .is_none());
+    }
+
+    #[test]
+    fn an_unreachable_database_is_503_with_retry_after_and_a_refused_query_is_500() {
+        use crate::store::StoreError;
+        for source in [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        ] {
+            let err = AppError::Store(StoreError::Query {
+                what: "list sandboxes",
+                source,
+            });
+            let api = ApiError::from(err);
+            assert_eq!(
+                (api.status, api.code, api.retry_after),
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    Some(5)
+                )
+            );
+            assert!(api.message.contains("list sandboxes"), "{}", api.message);
+        }
+        let refused = AppError::Store(StoreError::Query {
+            what: "list sandboxes",
+            source: sqlx::Error::RowNotFound,
+        });
+        let api = ApiError::from(refused);
+        assert_eq!(
+            (api.status, api.retry_after),
+            (StatusCode::INTERNAL_SERVER_ERROR, None)
+        );
     }
 }

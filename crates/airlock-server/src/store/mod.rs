@@ -43,6 +43,30 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// The database could not be reached (stopped, restarting, its
+    /// connections cut, none free in time), as opposed to a query it
+    /// refused: a caller may try again shortly.
+    pub fn is_unavailable(&self) -> bool {
+        let (StoreError::Open { source, .. } | StoreError::Query { source, .. }) = self else {
+            return false;
+        };
+        match source {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_) => true,
+            // PostgreSQL's classes 08 (connection exception) and 57P
+            // (operator intervention: the server shutting down).
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            _ => false,
+        }
+    }
+}
+
 pub(crate) fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| {
         if let sqlx::Error::Database(db) = &source {
@@ -77,7 +101,11 @@ impl Store {
         } else {
             url.to_owned()
         };
-        let mut options = AnyPoolOptions::new().max_connections(if is_sqlite { 1 } else { 8 });
+        // While the database is away, a request waits at most 5 s for a
+        // connection and then gets 503 `store_unavailable`, not a hang.
+        let mut options = AnyPoolOptions::new()
+            .max_connections(if is_sqlite { 1 } else { 8 })
+            .acquire_timeout(std::time::Duration::from_secs(5));
         if is_sqlite {
             options = options.after_connect(|conn, _| {
                 Box::pin(async move {
