@@ -398,7 +398,7 @@ async fn every_byte_leaves_through_the_users_upstream() {
     let canary = format!("canary{}", hex_id());
     let origin = Origin::start(tmp.path());
     let (p1, p2) = port_pair();
-    let squid = Squid::start(
+    let mut squid = Squid::start(
         tmp.path(),
         (p1, p2),
         &[(ACCOUNT_USER, ACCOUNT_PASS), ("canaryuser", &canary)],
@@ -802,6 +802,56 @@ async fn every_byte_leaves_through_the_users_upstream() {
         !common::contains(&procs, &canary),
         "canary in a process's command line or environment"
     );
+
+    // The upstream goes away and comes back. While it is down a request
+    // fails at once with 502 and the check says `failing`; once it is back
+    // the same sandbox goes out again and the check says `ok`, with nothing
+    // restarted or reconfigured.
+    drop(squid);
+    let started = Instant::now();
+    let out = exec_as(
+        &h,
+        None,
+        &a,
+        &format!("curl -sS -m 20 -w ' status=%{{http_code}}' http://{ORIGIN}/down"),
+        json!({}),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "with the upstream down a request took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        out["stdout"].as_str().unwrap_or("").ends_with("status=502"),
+        "{out}"
+    );
+    let down = egress_of(&h, None, &a).await;
+    seen.push_str(&down.to_string());
+    assert_eq!(down["status"], "failing", "{down}");
+    assert!(
+        !down["last_error"].as_str().unwrap_or("").is_empty(),
+        "{down}"
+    );
+    squid = Squid::start(
+        tmp.path(),
+        (p1, p2),
+        &[(ACCOUNT_USER, ACCOUNT_PASS), ("canaryuser", &canary)],
+    );
+    let out = exec_as(
+        &h,
+        None,
+        &a,
+        &format!("curl -sS -m 20 http://{ORIGIN}/back"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(out["stdout"], "hello from origin\n", "{out}");
+    let back = egress_of(&h, None, &a).await;
+    seen.push_str(&back.to_string());
+    assert_eq!(back["status"], "ok", "{back}");
+    assert!(!seen.contains(&canary), "canary in an API response");
+    drop(squid);
 
     // Teardown removes the rules with the sandboxes.
     for (id, token) in [(&a, None), (&b, bob)] {
