@@ -972,3 +972,145 @@ async fn a_postgres_restart_under_a_running_control_plane_loses_nothing() {
     ids.push(fresh);
     delete_all_and_check(&plane, &ids).await;
 }
+
+/// A small ext4 file system of the test's own, mounted from a file, to be
+/// filled up without touching the machine's disk.
+struct SmallDisk {
+    _dir: tempfile::TempDir,
+    mount: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn new(mib: u64) -> SmallDisk {
+        let dir = tempfile::Builder::new()
+            .prefix("airlock-chaos-disk-")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
+        let file = dir.path().join("disk.img");
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).expect("mount point");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(mib << 20))
+            .expect("disk file");
+        for (cmd, args) in [
+            ("mkfs.ext4", vec!["-q", "-F", file.to_str().expect("utf-8")]),
+            (
+                "mount",
+                vec![
+                    "-o",
+                    "loop",
+                    file.to_str().expect("utf-8"),
+                    mount.to_str().expect("utf-8"),
+                ],
+            ),
+        ] {
+            let out = std::process::Command::new(cmd)
+                .args(&args)
+                .output()
+                .expect(cmd);
+            assert!(
+                out.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        SmallDisk { _dir: dir, mount }
+    }
+
+    /// Take every free block (as root, the reserved ones too).
+    fn fill(&self) {
+        let ballast = self.mount.join("ballast");
+        let mut f = std::fs::File::create(&ballast).expect("ballast");
+        let chunk = vec![0u8; 1 << 20];
+        while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+        for size in [65536, 4096, 512, 1] {
+            while std::io::Write::write_all(&mut f, &chunk[..size]).is_ok() {}
+        }
+        let _ = f.sync_all();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.mount.join("ballast")).expect("ballast");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mount)
+            .status();
+    }
+}
+
+/// The disk holding the data directory fills up completely under a running
+/// control plane with a ready sandbox. Meanwhile a create is refused with
+/// 507, reads answer, no sandbox is failed for a write the disk refused, and
+/// a delete goes through (the control plane gives back its disk reserve).
+/// Once space is freed a create works, the database reads back after a
+/// restart, and nothing leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_data_disk_refuses_new_work_clearly_and_recovers() {
+    if unmet().is_some() || child::unmet().is_some() {
+        return;
+    }
+    let disk = SmallDisk::new(512);
+    let mut plane =
+        child::ChildPlane::start_in("10.245.21.0/24", "", Some(disk.mount.join("data")));
+    let api = Api::new(&plane.base, None);
+    let mut ids = vec![create(&api).await];
+    api.wait_state(&ids[0], &["ready"], Duration::from_secs(120))
+        .await
+        .expect("ready");
+
+    disk.fill();
+    let a = api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/sandboxes",
+            Some(json!({"kind": "browser"})),
+        )
+        .await
+        .expect("an answer to a create");
+    assert_eq!(
+        (a.status, a.body["error"]["code"].as_str()),
+        (507, Some("insufficient_storage")),
+        "{}",
+        a.body
+    );
+    // Three supervisor rounds with nothing writable.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let list = api
+        .call(reqwest::Method::GET, "/api/v1/sandboxes", None)
+        .await
+        .expect("list");
+    assert_eq!(list.status, 200, "{}", list.body);
+    assert_eq!(
+        list.body["sandboxes"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        list.body
+    );
+    let still = api.sandbox(&ids[0]).await;
+    assert_eq!(
+        still["state"], "ready",
+        "a full disk failed the sandbox: {still}"
+    );
+    // The control plane gave back its disk reserve: a delete, which frees
+    // space, goes through.
+    assert_eq!(delete(&api, &ids[0]).await, 202, "a delete on a full disk");
+    api.wait_state(&ids[0], &["stopped"], Duration::from_secs(60))
+        .await
+        .expect("stopped on a full disk");
+
+    disk.free();
+    let fresh = create(&api).await;
+    api.wait_state(&fresh, &["ready"], Duration::from_secs(120))
+        .await
+        .expect("a create once there is room");
+    ids.push(fresh);
+    // The database survived: a restarted control plane reads it.
+    plane.crash_and_restart();
+    delete_all_and_check(&plane, &ids).await;
+    drop(plane);
+}

@@ -322,6 +322,11 @@ pub struct HostRoom {
 }
 
 impl Admission {
+    /// Bytes still free on the disk holding the data directory, if known.
+    pub fn data_disk_available(&self) -> Option<u64> {
+        self.probe.disk_available(&self.settings.data_dir)
+    }
+
     pub fn new(
         settings: Settings,
         store: Store,

@@ -14,6 +14,7 @@ pub mod keyring;
 pub(crate) mod lifecycle_tests;
 pub mod logins;
 pub mod reaper;
+pub mod reserve;
 pub mod sandboxes;
 pub mod state;
 pub mod tickets;

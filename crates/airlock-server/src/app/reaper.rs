@@ -39,6 +39,9 @@ impl App {
 
     /// One round of supervision over the ready sandboxes.
     pub(crate) async fn supervise_once(self: &Arc<Self>) {
+        if let Some(free) = self.admission.data_disk_available() {
+            super::reserve::adjust(&self.cfg.data_dir, free);
+        }
         let Ok(rows) = self.store.live_sandboxes().await else {
             return;
         };

@@ -62,6 +62,9 @@ impl From<AppError> for ApiError {
             AppError::Store(e) if e.is_unavailable() => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
             }
+            AppError::Store(e) if e.is_disk_full() => {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
             AppError::Store(_) | AppError::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -79,6 +82,9 @@ impl From<AppError> for ApiError {
         let message = match &err {
             AppError::Store(e) if code == "store_unavailable" => {
                 format!("{e}: the database is not reachable right now; try again in a few seconds")
+            }
+            AppError::Store(e) if code == "insufficient_storage" => {
+                format!("{e}: the disk holding the database is full; delete sandboxes or old images (`airlock image prune`)")
             }
             _ => err.to_string(),
         };

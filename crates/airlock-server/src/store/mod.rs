@@ -67,6 +67,21 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// The database refused a write because its disk is full (SQLite's
+    /// SQLITE_FULL, PostgreSQL's 53100): freeing space fixes it.
+    pub fn is_disk_full(&self) -> bool {
+        let StoreError::Query {
+            source: sqlx::Error::Database(db),
+            ..
+        } = self
+        else {
+            return false;
+        };
+        matches!(db.code().as_deref(), Some("13" | "53100"))
+    }
+}
+
 pub(crate) fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| {
         if let sqlx::Error::Database(db) = &source {

@@ -51,11 +51,17 @@ impl ChildPlane {
 
     /// Like [`ChildPlane::start`], with more top-level config lines.
     pub fn start_with(pool: &str, extra: &str) -> ChildPlane {
+        Self::start_in(pool, extra, None)
+    }
+
+    /// Like [`ChildPlane::start_with`], with the data directory somewhere of
+    /// the caller's choosing (a small file system of its own, say).
+    pub fn start_in(pool: &str, extra: &str, data_dir: Option<PathBuf>) -> ChildPlane {
         let tmp = tempfile::Builder::new()
             .prefix("airlock-chaos-")
             .tempdir_in("/var/tmp")
             .expect("tempdir");
-        let data_dir = tmp.path().join("data");
+        let data_dir = data_dir.unwrap_or_else(|| tmp.path().join("data"));
         let config = tmp.path().join("airlock.toml");
         std::fs::write(
             &config,
