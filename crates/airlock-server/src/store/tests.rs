@@ -693,6 +693,34 @@ async fn credential_tables(store: &Store) {
         .await
         .expect("clear");
     assert!(store.revocations_of(&user.id).await.expect("q").is_empty());
+    // A removed user's rows go with it; the other's stay.
+    assert!(store
+        .revoke_credential(&other.id, "claude")
+        .await
+        .expect("revoke"));
+    store.replace_credential(&cred).await.expect("record again");
+    assert!(store
+        .revoke_credential(&user.id, "claude")
+        .await
+        .expect("revoke"));
+    let mut others = health.clone();
+    others.owner_id = other.id.clone();
+    for h in [&health, &others] {
+        store.put_health(h).await.expect("health");
+    }
+    assert!(store.finish_user_removal(&user.id).await.expect("remove"));
+    for table in [
+        "credential_events",
+        "credential_health",
+        "credential_revocations",
+    ] {
+        let sql = format!("SELECT COUNT(*) FROM {table} WHERE owner_id = $1");
+        assert_eq!(count(store, &sql, &user.id).await, 0, "{table}");
+        assert!(
+            count(store, &sql, &other.id).await > 0,
+            "{table} of the other user"
+        );
+    }
 }
 
 #[tokio::test]
