@@ -787,10 +787,8 @@ impl App {
         };
         let mut version = before.map_or(1, |b| b.version);
         let current = if there.files.is_empty() {
-            if cred.delivered_at.is_none() {
-                // Its login is still delivering.
-                return None;
-            }
+            // Not delivered yet: its login is still delivering.
+            cred.delivered_at?;
             if let Err(e) = self
                 .guest
                 .deliver_credentials(at, &ws.agent_token, &vault_files)
@@ -811,13 +809,13 @@ impl App {
             vault_files
         } else if !same_files(def, &there, &vault_files) {
             let (expiry, refresh) = read_set(def, &there);
-            if complete(def, &there) && refresh != Some(false) {
-                if self
+            if complete(def, &there)
+                && refresh != Some(false)
+                && self
                     .recapture(cred, &there, version + 1, expiry, &ws.id)
                     .await
-                {
-                    version += 1;
-                }
+            {
+                version += 1;
             }
             there
         } else {
