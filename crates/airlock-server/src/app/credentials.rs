@@ -363,6 +363,13 @@ struct Seen {
     workspace: Option<String>,
 }
 
+/// What a user's record for `provider`, captured by `login_id`, is sealed
+/// with (see docs/logins.md); for importing a record as a login would have
+/// stored it.
+pub fn record_aad(owner_id: &str, provider: &str, login_id: &str) -> crate::vault::Aad {
+    super::logins::aad(owner_id, provider, login_id)
+}
+
 fn new_id() -> String {
     hex::encode(rand::random::<[u8; 8]>())
 }
