@@ -253,6 +253,55 @@ mod tests {
     }
 
     #[test]
+    fn expiry_and_refresh_keys_are_checked() {
+        let def = |c: CredentialFile| ProviderDef {
+            name: "x".into(),
+            display_name: "X".into(),
+            command: vec!["x".into()],
+            env: BTreeMap::new(),
+            url_prefixes: vec!["https://x/".into()],
+            prompts: vec![],
+            code_prompt: None,
+            credentials: vec![c],
+            check: None,
+            cols: 200,
+        };
+        let good = CredentialFile {
+            path: ".x/c.json".into(),
+            expiry_key: Some("a.b".into()),
+            expiry_format: Some(ExpiryFormat::UnixMs),
+            refresh_key: Some("r".into()),
+            ..Default::default()
+        };
+        assert_eq!(def(good.clone()).validate(), Ok(()));
+        for bad in [
+            CredentialFile {
+                expiry_format: None,
+                ..good.clone()
+            },
+            CredentialFile {
+                expiry_key: None,
+                ..good.clone()
+            },
+            CredentialFile {
+                expiry_key: Some("a..b".into()),
+                ..good.clone()
+            },
+            CredentialFile {
+                refresh_key: Some(String::new()),
+                ..good.clone()
+            },
+        ] {
+            let err = def(bad.clone()).validate().expect_err("refused");
+            assert!(err.starts_with("credentials:"), "{bad:?}: {err}");
+        }
+        let parsed: CredentialFile =
+            serde_json::from_str(r#"{"path":"a","expiry_key":"e","expiry_format":"jwt_exp"}"#)
+                .expect("json");
+        assert_eq!(parsed.expiry_format, Some(ExpiryFormat::JwtExp));
+    }
+
+    #[test]
     fn blobs_never_print_contents() {
         let b = FileBlob {
             path: "p".into(),
