@@ -604,20 +604,100 @@ async function loadProviders() {
   providersLoaded = true;
 }
 
+// Each record with its health: "Claude ✓", "Codex — expires in 2 h", a
+// "Sign in again" button when the status calls for a new login, and Revoke.
+const HEALTH_WORDS = {
+  expired: 'expired',
+  refresh_failed: 'could not refresh',
+  revoked: 'no longer signed in',
+};
+
+function untilWords(when) {
+  const t = parseTime(when);
+  if (t === null) return '';
+  const mins = Math.round((t - Date.now()) / 60000);
+  if (mins <= 0) return 'expired';
+  if (mins < 90) return `expires in ${mins} min`;
+  const hours = Math.round(mins / 60);
+  if (hours < 48) return `expires in ${hours} h`;
+  return `expires in ${Math.round(hours / 24)} days`;
+}
+
+function credentialItem(c) {
+  const li = node('li', { 'data-provider': c.provider, 'data-status': c.status || '' });
+  const name = node('strong', { text: providerLabel(c.provider) });
+  let words;
+  if (c.status === 'healthy' || (c.status === null && !c.expires_at)) words = ' ✓';
+  else if (c.status === 'expiring') words = ` — ${untilWords(c.expires_at)}`;
+  else words = ` — ${HEALTH_WORDS[c.status] || c.status || 'not checked yet'}`;
+  const state = node('span', { class: 'credential-state', text: words });
+  const tips = [];
+  if (c.expires_at) tips.push(`expires ${fullTime.format(new Date(parseTime(c.expires_at)))}`);
+  if (c.checked_at) tips.push(`checked ${fullTime.format(new Date(parseTime(c.checked_at)))}`);
+  if (c.detail) tips.push(c.detail);
+  tips.push(`version ${c.version}`);
+  state.title = tips.join('; ');
+  li.append(name, state);
+  if (c.sign_in_again) {
+    const again = node('button', { type: 'button', class: 'small primary', 'data-action': 'sign-in-again' }, 'Sign in again');
+    again.addEventListener('click', () => startLogin(c.provider));
+    li.append(' ', again);
+  }
+  const revoke = node('button', { type: 'button', class: 'small', 'data-action': 'revoke' }, 'Revoke');
+  revoke.addEventListener('click', () => revokeCredentials(c.provider));
+  li.append(' ', revoke);
+  return li;
+}
+
 async function loadCredentials() {
   const data = await api('GET', '/credentials');
   const list = Array.isArray(data && data.credentials) ? data.credentials : [];
   if (list.length === 0) {
     cx.credentials.replaceChildren(node('li', { class: 'hint', text: 'none yet' }));
+  } else {
+    cx.credentials.replaceChildren(...list.map(credentialItem));
+  }
+  await loadAudit();
+}
+
+async function revokeCredentials(provider) {
+  if (!window.confirm(`Remove the ${providerLabel(provider)} credentials from the vault and your workspace?`)) return;
+  try {
+    await api('DELETE', `/credentials/${encodeURIComponent(provider)}`);
+    clearError('login');
+    setText(ui.notice, `${providerLabel(provider)} credentials revoked.`);
+  } catch (err) {
+    handleError('login', `Could not revoke the ${providerLabel(provider)} credentials`, err);
+  }
+  refreshSide();
+}
+
+// The caller's credential events (GET /audit), newest first.
+const AUDIT_WORDS = {
+  captured: 'captured by a login',
+  delivered: 'delivered to the workspace',
+  recaptured: 'refreshed by the CLI and captured back',
+  expired: 'expired',
+  refresh_failed: 'refresh failed',
+  revoked: 'revoked',
+};
+
+async function loadAudit() {
+  const box = $('audit');
+  if (!box) return;
+  const data = await api('GET', '/audit?limit=20');
+  const events = Array.isArray(data && data.events) ? data.events : [];
+  if (events.length === 0) {
+    box.replaceChildren(node('li', { class: 'hint', text: 'none yet' }));
     return;
   }
-  cx.credentials.replaceChildren(
-    ...list.map((c) => {
-      const when = c.updated_at || c.created_at;
-      const t = node('time', { datetime: when || '', text: formatCreated(when) });
-      const tt = parseTime(when);
+  box.replaceChildren(
+    ...events.map((e) => {
+      const t = node('time', { datetime: e.at || '', text: formatCreated(e.at) });
+      const tt = parseTime(e.at);
       if (tt !== null) t.title = fullTime.format(new Date(tt));
-      return node('li', { 'data-provider': c.provider }, node('strong', { text: providerLabel(c.provider) }), ' since ', t);
+      const bits = [e.workspace_sandbox_id && `workspace ${e.workspace_sandbox_id}`, e.login_id && `login ${e.login_id}`, e.detail].filter(Boolean);
+      return node('li', { 'data-kind': e.kind }, t, ' ', node('strong', { text: providerLabel(e.provider) }), ` ${AUDIT_WORDS[e.kind] || e.kind}`, bits.length ? ` (${bits.join(', ')})` : '');
     }),
   );
 }

@@ -57,7 +57,7 @@ pub struct Prompt {
     pub send: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialFile {
     /// Relative to the home directory, without `..`.
@@ -66,6 +66,33 @@ pub struct CredentialFile {
     /// then); empty: any non-empty file counts.
     #[serde(default)]
     pub json_keys: Vec<String>,
+    /// Dotted JSON key whose value says when the credentials expire (the
+    /// control plane's health check reads it); unset: the file states none.
+    #[serde(default)]
+    pub expiry_key: Option<String>,
+    /// How the value at `expiry_key` reads; required with it.
+    #[serde(default)]
+    pub expiry_format: Option<ExpiryFormat>,
+    /// Dotted JSON key of the refresh token: while it holds a non-empty
+    /// string the CLI can renew its access by itself; empty or gone means
+    /// the CLI gave up on it (a refused refresh).
+    #[serde(default)]
+    pub refresh_key: Option<String>,
+}
+
+/// How a credential file writes its expiry.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpiryFormat {
+    /// A number: milliseconds since the Unix epoch.
+    UnixMs,
+    /// A number: seconds since the Unix epoch.
+    UnixS,
+    /// A string: an RFC 3339 time.
+    Rfc3339,
+    /// A string: a JSON Web Token whose `exp` claim (seconds since the
+    /// epoch) is the expiry. Its signature is not checked: only the time is read.
+    JwtExp,
 }
 
 impl ProviderDef {
@@ -95,9 +122,26 @@ impl ProviderDef {
             return Err("credentials: at least one file".into());
         }
         for c in &self.credentials {
-            if !safe_relative(&c.path) {
+            if !safe_relative(&c.path) || c.path.contains('\n') {
                 return Err(format!(
                     "credentials: {:?} must be relative to home, without '..'",
+                    c.path
+                ));
+            }
+            if c.expiry_key.is_some() != c.expiry_format.is_some() {
+                return Err(format!(
+                    "credentials: {:?}: expiry_key and expiry_format go together",
+                    c.path
+                ));
+            }
+            let dotted = [c.expiry_key.as_deref(), c.refresh_key.as_deref()];
+            if dotted
+                .iter()
+                .flatten()
+                .any(|k| k.is_empty() || k.split('.').any(str::is_empty))
+            {
+                return Err(format!(
+                    "credentials: {:?}: expiry_key and refresh_key are dotted keys without empty parts",
                     c.path
                 ));
             }
@@ -206,6 +250,55 @@ mod tests {
         for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a", "a/"] {
             assert!(!safe_relative(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn expiry_and_refresh_keys_are_checked() {
+        let def = |c: CredentialFile| ProviderDef {
+            name: "x".into(),
+            display_name: "X".into(),
+            command: vec!["x".into()],
+            env: BTreeMap::new(),
+            url_prefixes: vec!["https://x/".into()],
+            prompts: vec![],
+            code_prompt: None,
+            credentials: vec![c],
+            check: None,
+            cols: 200,
+        };
+        let good = CredentialFile {
+            path: ".x/c.json".into(),
+            expiry_key: Some("a.b".into()),
+            expiry_format: Some(ExpiryFormat::UnixMs),
+            refresh_key: Some("r".into()),
+            ..Default::default()
+        };
+        assert_eq!(def(good.clone()).validate(), Ok(()));
+        for bad in [
+            CredentialFile {
+                expiry_format: None,
+                ..good.clone()
+            },
+            CredentialFile {
+                expiry_key: None,
+                ..good.clone()
+            },
+            CredentialFile {
+                expiry_key: Some("a..b".into()),
+                ..good.clone()
+            },
+            CredentialFile {
+                refresh_key: Some(String::new()),
+                ..good.clone()
+            },
+        ] {
+            let err = def(bad.clone()).validate().expect_err("refused");
+            assert!(err.starts_with("credentials:"), "{bad:?}: {err}");
+        }
+        let parsed: CredentialFile =
+            serde_json::from_str(r#"{"path":"a","expiry_key":"e","expiry_format":"jwt_exp"}"#)
+                .expect("json");
+        assert_eq!(parsed.expiry_format, Some(ExpiryFormat::JwtExp));
     }
 
     #[test]

@@ -635,6 +635,7 @@ mod tests {
             credentials: vec![CredentialFile {
                 path: ".t/creds.json".into(),
                 json_keys: vec!["tokens.access".into()],
+                ..Default::default()
             }],
             check: None,
             cols: 200,

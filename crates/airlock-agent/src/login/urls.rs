@@ -74,6 +74,7 @@ mod tests {
             credentials: vec![CredentialFile {
                 path: ".t/creds.json".into(),
                 json_keys: vec![],
+                ..Default::default()
             }],
             check: None,
             cols: 200,

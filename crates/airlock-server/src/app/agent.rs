@@ -85,6 +85,91 @@ pub trait Guest: Send + Sync + std::fmt::Debug + 'static {
         let _ = (agent, token, files);
         Err(no_logins())
     }
+
+    // ---- credentials in a workspace (app/credentials) ----
+
+    /// Read files of the sandbox user's home (relative paths, checked by
+    /// the provider definition); a file that is absent, not a regular file,
+    /// or larger than [`MAX_HOME_FILE`] is left out of the answer.
+    async fn read_home_files(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        paths: &[String],
+    ) -> Result<FileSet, AgentError> {
+        let _ = (agent, token, paths);
+        Err(no_logins())
+    }
+    /// Remove files of the sandbox user's home; an absent one is no error.
+    async fn remove_home_files(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        paths: &[String],
+    ) -> Result<(), AgentError> {
+        let _ = (agent, token, paths);
+        Err(no_logins())
+    }
+}
+
+/// The largest credential file read back from a workspace.
+pub const MAX_HOME_FILE: u64 = 256 * 1024;
+
+/// Prints `<path>\t<base64>` for each argument that is a regular file (not
+/// a link) of at most [`MAX_HOME_FILE`] bytes; run by the agent as the
+/// sandbox user in its home, the paths given as arguments (never as text
+/// of the script).
+const READ_SCRIPT: &str = r#"for f in "$@"; do
+  if [ -f "$f" ] && [ ! -L "$f" ] && [ "$(stat -c %s -- "$f")" -le "$AIRLOCK_MAX" ]; then
+    printf '%s\t' "$f"; base64 -w0 -- "$f" || exit 3; printf '\n'
+  fi
+done"#;
+
+/// The exec request that reads `paths` (see [`READ_SCRIPT`]).
+pub fn read_files_request(paths: &[String]) -> ExecRequest {
+    let mut argv = vec![
+        "sh".to_owned(),
+        "-c".to_owned(),
+        READ_SCRIPT.to_owned(),
+        "sh".to_owned(),
+    ];
+    argv.extend(
+        paths
+            .iter()
+            .filter(|p| airlock_proto::login::safe_relative(p) && !p.contains(['\t', '\n']))
+            .cloned(),
+    );
+    ExecRequest {
+        argv,
+        env: [("AIRLOCK_MAX".to_owned(), MAX_HOME_FILE.to_string())].into(),
+        timeout_s: Some(30),
+    }
+}
+
+/// The files in what [`READ_SCRIPT`] printed.
+pub fn parse_read_files(out: &ExecResponse) -> Result<FileSet, AgentError> {
+    let bad = |why: &str| AgentError::Status {
+        status: 502,
+        message: format!("reading the files: {why}"),
+    };
+    if out.exit_code != Some(0) || out.truncated || out.timed_out {
+        return Err(bad(&format!(
+            "the reader exited {:?}{}",
+            out.exit_code,
+            if out.timed_out { " (timed out)" } else { "" }
+        )));
+    }
+    let mut files = Vec::new();
+    for line in out.stdout.lines().filter(|l| !l.is_empty()) {
+        let (path, b64) = line
+            .split_once('\t')
+            .ok_or_else(|| bad("a line without a tab"))?;
+        files.push(airlock_proto::login::FileBlob {
+            path: path.to_owned(),
+            contents_b64: b64.to_owned(),
+        });
+    }
+    Ok(FileSet { files })
 }
 
 fn no_logins() -> AgentError {
@@ -203,6 +288,51 @@ impl Guest for HttpGuest {
             )
             .await
             .map(drop)
+    }
+
+    async fn read_home_files(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        paths: &[String],
+    ) -> Result<FileSet, AgentError> {
+        let out = self
+            .client
+            .exec(agent, token, &read_files_request(paths))
+            .await?;
+        parse_read_files(&out)
+    }
+
+    async fn remove_home_files(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        paths: &[String],
+    ) -> Result<(), AgentError> {
+        let mut argv = vec!["rm".to_owned(), "-f".to_owned(), "--".to_owned()];
+        argv.extend(
+            paths
+                .iter()
+                .filter(|p| airlock_proto::login::safe_relative(p))
+                .cloned(),
+        );
+        let req = ExecRequest {
+            argv,
+            env: Default::default(),
+            timeout_s: Some(30),
+        };
+        let out = self.client.exec(agent, token, &req).await?;
+        if out.exit_code != Some(0) {
+            return Err(AgentError::Status {
+                status: 502,
+                message: format!(
+                    "removing the files: rm exited {:?}: {}",
+                    out.exit_code,
+                    out.stderr.chars().take(300).collect::<String>()
+                ),
+            });
+        }
+        Ok(())
     }
 
     async fn display_answers(&self, display: SocketAddr, password: &str) -> Result<(), String> {

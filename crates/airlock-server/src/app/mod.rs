@@ -8,6 +8,7 @@
 pub mod admission;
 pub mod agent;
 pub mod auth;
+pub mod credentials;
 pub mod egress;
 pub mod keyring;
 #[cfg(test)]
@@ -277,6 +278,8 @@ pub struct App {
     pub vault: tokio::sync::RwLock<crate::vault::Vault>,
     pub egress: egress::EgressState,
     pub logins: logins::LoginsState,
+    /// Health checks, re-capture, revocation and audit of stored credentials.
+    pub credentials: credentials::CredentialsState,
     /// The WebRTC sockets, once bound (unset when WebRTC is off).
     pub webrtc: std::sync::OnceLock<Arc<crate::webrtc::Endpoint>>,
     /// One video link per sandbox with WebRTC viewers.
@@ -340,6 +343,7 @@ impl App {
             vault: tokio::sync::RwLock::new(vault),
             egress: egress::EgressState::default(),
             logins: logins::LoginsState::default(),
+            credentials: credentials::CredentialsState::default(),
             webrtc: std::sync::OnceLock::new(),
             streams: Arc::default(),
             stream_metrics,

@@ -1,4 +1,4 @@
-//! The `/api/v1` endpoints of logins and stored credentials. Thin: parse,
+//! The `/api/v1` endpoints of logins (stored credentials: `credentials.rs`). Thin: parse,
 //! call the app, shape the answer. No secret is ever part of an answer.
 
 use super::auth::Caller;
@@ -6,7 +6,7 @@ use super::error::{ApiError, ErrorBody};
 use crate::app::logins::state::LoginState;
 use crate::app::logins::ProviderStats;
 use crate::app::App;
-use crate::store::{CredentialRow, LoginRow};
+use crate::store::LoginRow;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -56,24 +56,6 @@ pub struct LoginCode {
     pub code: String,
 }
 
-/// Metadata of stored credentials; never the credentials.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Credential {
-    pub provider: String,
-    pub login_id: String,
-    pub created_at: String,
-    pub updated_at: String,
-    pub delivered_at: Option<String>,
-    /// Credentials are replaced by the next login; they carry no expiry we
-    /// can read without opening them, so this is not set today.
-    pub expires_at: Option<String>,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct CredentialList {
-    pub credentials: Vec<Credential>,
-}
-
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Provider {
     pub name: String,
@@ -112,17 +94,6 @@ fn view(row: LoginRow) -> Login {
         updated_at: rfc3339(row.updated_at),
         expires_at: rfc3339(row.expires_at),
         finished_at: row.finished_at.map(rfc3339),
-    }
-}
-
-fn cred_view(row: CredentialRow) -> Credential {
-    Credential {
-        provider: row.provider,
-        login_id: row.login_id,
-        created_at: rfc3339(row.created_at),
-        updated_at: rfc3339(row.updated_at),
-        delivered_at: row.delivered_at.map(rfc3339),
-        expires_at: None,
     }
 }
 
@@ -181,17 +152,6 @@ pub async fn code(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/api/v1/credentials", responses((status = 200, body = CredentialList)))]
-pub async fn credentials(
-    State(app): State<Arc<App>>,
-    Caller(user): Caller,
-) -> Result<Json<CredentialList>, ApiError> {
-    let rows = app.credentials_list(&user).await?;
-    Ok(Json(CredentialList {
-        credentials: rows.into_iter().map(cred_view).collect(),
-    }))
-}
-
 #[utoipa::path(get, path = "/api/v1/providers", responses((status = 200, body = ProviderList)))]
 pub async fn providers(State(app): State<Arc<App>>, Caller(_user): Caller) -> Json<ProviderList> {
     Json(ProviderList {
@@ -222,7 +182,6 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/logins", post(create).get(list))
         .route("/logins/{id}", get(get_one).delete(cancel))
         .route("/logins/{id}/code", post(code))
-        .route("/credentials", get(credentials))
         .route("/providers", get(providers))
         .route("/login-stats", get(stats))
 }
@@ -230,14 +189,12 @@ pub fn routes() -> Router<Arc<App>> {
 /// This module's part of the OpenAPI document.
 #[derive(Debug, utoipa::OpenApi)]
 #[openapi(
-    paths(create, list, get_one, cancel, code, credentials, providers, stats),
+    paths(create, list, get_one, cancel, code, providers, stats),
     components(schemas(
         CreateLogin,
         Login,
         LoginList,
         LoginCode,
-        Credential,
-        CredentialList,
         Provider,
         ProviderList,
         LoginStats,

@@ -1,6 +1,7 @@
 //! HTTP: the `/api/v1` routes, the OpenAPI document, health, metrics, and the UI.
 
 pub mod auth;
+pub mod credentials;
 pub mod egress;
 pub mod error;
 pub mod guard;
@@ -54,6 +55,7 @@ impl utoipa::Modify for BearerAuth {
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.merge(logins::Doc::openapi());
+    doc.merge(credentials::Doc::openapi());
     doc.merge(egress::Doc::openapi());
     doc.merge(tickets::Doc::openapi());
     doc.merge(usage::Doc::openapi());
@@ -78,6 +80,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/sandboxes/{id}/vnc", get(sandboxes::vnc))
         .route("/sandboxes/{id}/stream", get(sandboxes::stream))
         .merge(logins::routes())
+        .merge(credentials::routes())
         .merge(egress::routes())
         .merge(tickets::routes())
         .merge(usage::routes())

@@ -6,6 +6,8 @@
 use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 
+mod audit;
+mod credhealth;
 mod egress;
 mod logins;
 mod sandboxes;
@@ -13,6 +15,8 @@ mod sealed;
 mod usage;
 mod users;
 
+pub use audit::AuditRow;
+pub use credhealth::HealthRow;
 pub use egress::{AccountRow, UpstreamRow, ACCOUNT_ID as EGRESS_ACCOUNT_ID};
 pub use logins::{CredentialRow, LoginRow};
 pub use sandboxes::SandboxRow;

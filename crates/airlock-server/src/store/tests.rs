@@ -575,3 +575,163 @@ async fn quota_counts_on_postgres() {
         quota_counts(&store).await;
     }
 }
+
+// ---- credential audit, health and revocation (store/audit.rs, store/credhealth.rs) ----
+
+async fn credential_tables(store: &Store) {
+    let user = store.insert_user("c1", "carol", None).await.expect("user");
+    let other = store.insert_user("c2", "dave", None).await.expect("user");
+    for (i, owner) in [(0, &user), (1, &user), (2, &user), (3, &other)] {
+        store
+            .insert_audit(&AuditRow {
+                id: format!("e{i}"),
+                owner_id: owner.id.clone(),
+                at: 1000 + i64::from(i / 2),
+                kind: "captured".into(),
+                provider: "claude".into(),
+                workspace_sandbox_id: None,
+                login_id: Some(format!("l{i}")),
+                detail: None,
+            })
+            .await
+            .expect("audit");
+    }
+    // Newest first; e0 and e1 share a millisecond and page apart by id.
+    let p1 = store.audit_of(&user.id, None, 2).await.expect("page");
+    let ids: Vec<_> = p1.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["e2", "e1"]);
+    let last = p1.last().expect("last");
+    let p2 = store
+        .audit_of(&user.id, Some((last.at, &last.id)), 2)
+        .await
+        .expect("page 2");
+    assert_eq!(p2.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["e0"]);
+
+    let cred = CredentialRow {
+        owner_id: user.id.clone(),
+        provider: "claude".into(),
+        login_id: "l1".into(),
+        sealed: "v1:k1:old".into(),
+        key_id: "k1".into(),
+        created_at: 1,
+        updated_at: 1,
+        delivered_at: Some(2),
+    };
+    store.replace_credential(&cred).await.expect("record");
+    store
+        .replace_credential(&CredentialRow {
+            owner_id: other.id.clone(),
+            ..cred.clone()
+        })
+        .await
+        .expect("other's record");
+    let mut health = HealthRow {
+        owner_id: user.id.clone(),
+        provider: "claude".into(),
+        status: "healthy".into(),
+        expires_at: Some(5),
+        checked_at: 3,
+        workspace_sandbox_id: None,
+        detail: None,
+        version: 1,
+    };
+    store.put_health(&health).await.expect("health");
+    health.status = "expiring".into();
+    store.put_health(&health).await.expect("health again");
+    assert_eq!(
+        store.health(&user.id, "claude").await.expect("q"),
+        Some(health.clone())
+    );
+    // Re-capture: a compare-and-set on the sealed value.
+    health.version = 2;
+    assert!(store
+        .recapture_credential("v1:k1:old", "v1:k1:new", "k1", &health)
+        .await
+        .expect("recapture"));
+    assert!(!store
+        .recapture_credential("v1:k1:old", "v1:k1:newer", "k1", &health)
+        .await
+        .expect("stale recapture"));
+    let now = store
+        .credential(&user.id, "claude")
+        .await
+        .expect("q")
+        .expect("row");
+    assert_eq!(
+        (now.sealed.as_str(), now.login_id.as_str()),
+        ("v1:k1:new", "l1")
+    );
+    assert_eq!(store.health_of(&user.id).await.expect("q")[0].version, 2);
+    assert_eq!(
+        store.health_counts().await.expect("counts"),
+        [("claude".to_owned(), "expiring".to_owned(), 1)]
+    );
+    // Revocation: once, and only the owner's.
+    assert!(store
+        .revoke_credential(&user.id, "claude")
+        .await
+        .expect("revoke"));
+    assert!(!store
+        .revoke_credential(&user.id, "claude")
+        .await
+        .expect("again"));
+    assert!(store
+        .credential(&user.id, "claude")
+        .await
+        .expect("q")
+        .is_none());
+    assert!(store.health_of(&user.id).await.expect("q").is_empty());
+    assert_eq!(store.revocations_of(&user.id).await.expect("q"), ["claude"]);
+    assert!(store
+        .credential(&other.id, "claude")
+        .await
+        .expect("q")
+        .is_some());
+    assert!(store.revocations_of(&other.id).await.expect("q").is_empty());
+    store
+        .clear_revocation(&user.id, "claude")
+        .await
+        .expect("clear");
+    assert!(store.revocations_of(&user.id).await.expect("q").is_empty());
+    // A removed user's rows go with it; the other's stay.
+    assert!(store
+        .revoke_credential(&other.id, "claude")
+        .await
+        .expect("revoke"));
+    store.replace_credential(&cred).await.expect("record again");
+    assert!(store
+        .revoke_credential(&user.id, "claude")
+        .await
+        .expect("revoke"));
+    let mut others = health.clone();
+    others.owner_id = other.id.clone();
+    for h in [&health, &others] {
+        store.put_health(h).await.expect("health");
+    }
+    assert!(store.finish_user_removal(&user.id).await.expect("remove"));
+    for table in [
+        "credential_events",
+        "credential_health",
+        "credential_revocations",
+    ] {
+        let sql = format!("SELECT COUNT(*) FROM {table} WHERE owner_id = $1");
+        assert_eq!(count(store, &sql, &user.id).await, 0, "{table}");
+        assert!(
+            count(store, &sql, &other.id).await > 0,
+            "{table} of the other user"
+        );
+    }
+}
+
+#[tokio::test]
+async fn credential_tables_on_sqlite() {
+    let (store, _dir) = sqlite().await;
+    credential_tables(&store).await;
+}
+
+#[tokio::test]
+async fn credential_tables_on_postgres() {
+    if let Some(store) = postgres().await {
+        credential_tables(&store).await;
+    }
+}

@@ -146,6 +146,9 @@ impl Store {
         .map_err(q("mark a user removed"))?;
         for stmt in [
             "DELETE FROM credentials WHERE owner_id = $1",
+            "DELETE FROM credential_health WHERE owner_id = $1",
+            "DELETE FROM credential_revocations WHERE owner_id = $1",
+            "DELETE FROM credential_events WHERE owner_id = $1",
             "DELETE FROM egress_user_upstreams WHERE user_id = $1",
             "DELETE FROM egress_user_ports WHERE user_id = $1",
         ] {
@@ -169,6 +172,9 @@ impl Store {
         }
         for stmt in [
             "DELETE FROM credentials WHERE owner_id = $1",
+            "DELETE FROM credential_health WHERE owner_id = $1",
+            "DELETE FROM credential_revocations WHERE owner_id = $1",
+            "DELETE FROM credential_events WHERE owner_id = $1",
             "DELETE FROM egress_user_upstreams WHERE user_id = $1",
             "DELETE FROM egress_user_ports WHERE user_id = $1",
             "DELETE FROM logins WHERE owner_id = $1",

@@ -7,6 +7,7 @@
 use super::{AgentError, Guest};
 use crate::node::fake::{DisplayState, FakeInstance, FakeNode};
 use airlock_proto::agent::{ExecRequest, ExecResponse, Health};
+use airlock_proto::login::{FileBlob, FileSet};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +21,8 @@ pub struct FakeGuest {
     scripts: Mutex<HashMap<String, ExecResponse>>,
     /// Every exec, as (sandbox id, argv).
     execs: Mutex<Vec<(String, Vec<String>)>>,
+    /// Each sandbox's home: path → contents (base64), as delivered or put.
+    homes: Mutex<HashMap<String, std::collections::BTreeMap<String, String>>>,
 }
 
 impl FakeGuest {
@@ -28,7 +31,25 @@ impl FakeGuest {
             node,
             scripts: Mutex::default(),
             execs: Mutex::default(),
+            homes: Mutex::default(),
         }
+    }
+
+    /// Write a file into a sandbox's home (what a CLI there would do);
+    /// `None` removes it.
+    pub fn put_home_file(&self, sandbox_id: &str, path: &str, contents_b64: Option<&str>) {
+        let mut homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        let home = homes.entry(sandbox_id.to_owned()).or_default();
+        match contents_b64 {
+            Some(c) => home.insert(path.to_owned(), c.to_owned()),
+            None => home.remove(path),
+        };
+    }
+
+    /// A file of a sandbox's home (base64), if there.
+    pub fn home_file(&self, sandbox_id: &str, path: &str) -> Option<String> {
+        let homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        homes.get(sandbox_id).and_then(|h| h.get(path)).cloned()
     }
 
     /// `program` answers `answer` from now on.
@@ -120,5 +141,50 @@ impl Guest for FakeGuest {
 
     async fn display_answers(&self, display: SocketAddr, password: &str) -> Result<(), String> {
         self.display_at(display, password).map(|_| ())
+    }
+
+    async fn deliver_credentials(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        files: &FileSet,
+    ) -> Result<(), AgentError> {
+        let guest = self.agent_at(agent, token)?;
+        for f in &files.files {
+            self.put_home_file(&guest.req.id, &f.path, Some(&f.contents_b64));
+        }
+        Ok(())
+    }
+
+    async fn read_home_files(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        paths: &[String],
+    ) -> Result<FileSet, AgentError> {
+        let guest = self.agent_at(agent, token)?;
+        let files = paths
+            .iter()
+            .filter_map(|p| {
+                self.home_file(&guest.req.id, p).map(|c| FileBlob {
+                    path: p.clone(),
+                    contents_b64: c,
+                })
+            })
+            .collect();
+        Ok(FileSet { files })
+    }
+
+    async fn remove_home_files(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        paths: &[String],
+    ) -> Result<(), AgentError> {
+        let guest = self.agent_at(agent, token)?;
+        for p in paths {
+            self.put_home_file(&guest.req.id, p, None);
+        }
+        Ok(())
     }
 }

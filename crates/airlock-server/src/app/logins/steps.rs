@@ -348,6 +348,8 @@ impl App {
         Ok(match done {
             Some(done) => {
                 tracing::info!(login = %row.id, "credentials sealed and stored");
+                self.credentials_captured(&row.owner_id, &row.provider, &row.id)
+                    .await;
                 Next::Advanced(done)
             }
             None => Next::Stop,
@@ -465,6 +467,8 @@ impl App {
                 ));
             }
         }
+        self.credentials_delivered(&row.owner_id, &row.provider, &row.id, &ws.id)
+            .await;
         tracing::info!(login = %row.id, workspace = %ws.id, "credentials delivered");
         Ok(Next::Event(Event::Delivered { workspace: ws.id }))
     }

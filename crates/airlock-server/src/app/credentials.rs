@@ -1,0 +1,999 @@
+//! Keeping the CLIs signed in after a login delivered their credentials:
+//! expiry read from the files where the provider definition says, a health
+//! status per user and provider, the CLI's own refreshes captured back into
+//! the vault, revocation, and the audit trail of all of it.
+//!
+//! A periodic check ([`App::run_credential_checks`]) looks at every stored
+//! record. Where the user has a ready workspace it reads the provider's
+//! files there (through the agent, as the sandbox user):
+//!
+//! ```text
+//!  files absent, record delivered ──▶ delivered again from the vault   (delivered)
+//!  files differ from the vault's  ──▶ sealed as the record's new value (recaptured)
+//!  then: refresh token emptied    ──▶ refresh_failed
+//!        check command fails      ──▶ refresh_failed (expired) | revoked (not expired)
+//!        expiry passed / near     ──▶ expired / expiring, else healthy
+//! ```
+//!
+//! Without a ready workspace only the vault's copy is judged (its expiry).
+//! A status entered `expired`, `refresh_failed` or `revoked` is audited
+//! once, on entering it. Revocation deletes the record and removes the
+//! files from the workspace now, or at the next check of a ready workspace
+//! when none is running. Every write about one user's credentials happens
+//! under that user's lock, so a check never brings back files a revocation
+//! just removed. No secret leaves this module: events, statuses and
+//! details name providers, times and ids only.
+
+use super::{App, AppError};
+use crate::app::state::SandboxState;
+use crate::store::{now_ms, AuditRow, CredentialRow, HealthRow, SandboxRow, UserRow};
+use airlock_proto::agent::ExecRequest;
+use airlock_proto::login::{CredentialFile, ExpiryFormat, FileSet, ProviderDef};
+use airlock_proto::metadata::SandboxKind;
+use base64::Engine;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use secrecy::ExposeSecret;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+#[cfg(test)]
+mod tests;
+
+/// What the health check found, in the API as snake case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Healthy,
+    /// Expires within [`CredentialsState::expiring_within`].
+    Expiring,
+    Expired,
+    /// The CLI could not renew its tokens.
+    RefreshFailed,
+    /// The CLI says it is not signed in though its token had not expired.
+    Revoked,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Expiring => "expiring",
+            Health::Expired => "expired",
+            Health::RefreshFailed => "refresh_failed",
+            Health::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Health::Healthy,
+            Health::Expiring,
+            Health::Expired,
+            Health::RefreshFailed,
+            Health::Revoked,
+        ]
+        .into_iter()
+        .find(|h| h.as_str() == s)
+    }
+
+    /// Statuses whose entry is an audit event of its own.
+    fn audited(self) -> Option<AuditKind> {
+        match self {
+            Health::Expired => Some(AuditKind::Expired),
+            Health::RefreshFailed => Some(AuditKind::RefreshFailed),
+            Health::Revoked => Some(AuditKind::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// One kind of audit event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditKind {
+    /// A login sealed and stored the credentials.
+    Captured,
+    /// Written into a workspace.
+    Delivered,
+    /// The CLI refreshed its files in the workspace; the new ones were
+    /// sealed as the record's new version.
+    Recaptured,
+    Expired,
+    RefreshFailed,
+    /// Revoked by the user (`DELETE /credentials/{provider}`), or found
+    /// refused by the CLI's check.
+    Revoked,
+}
+
+impl AuditKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditKind::Captured => "captured",
+            AuditKind::Delivered => "delivered",
+            AuditKind::Recaptured => "recaptured",
+            AuditKind::Expired => "expired",
+            AuditKind::RefreshFailed => "refresh_failed",
+            AuditKind::Revoked => "revoked",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    provider: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Debug)]
+struct CredentialMetrics {
+    records: Family<StatusLabel, Gauge>,
+    events: Family<KindLabel, Counter>,
+}
+
+#[derive(Debug)]
+pub struct CredentialsState {
+    metrics: OnceLock<CredentialMetrics>,
+    /// One lock per user: revocation and checks of that user's records.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    every: RwLock<Duration>,
+    expiring_within: RwLock<Duration>,
+}
+
+impl Default for CredentialsState {
+    fn default() -> Self {
+        CredentialsState {
+            metrics: OnceLock::new(),
+            locks: Mutex::default(),
+            every: RwLock::new(Duration::from_secs(300)),
+            expiring_within: RwLock::new(Duration::from_secs(30 * 60)),
+        }
+    }
+}
+
+impl CredentialsState {
+    /// How often the check runs (default 5 min).
+    pub fn set_every(&self, every: Duration) {
+        *self.every.write().unwrap_or_else(|p| p.into_inner()) = every;
+    }
+
+    /// A record expiring sooner than this is `expiring` (default 30 min).
+    pub fn set_expiring_within(&self, within: Duration) {
+        *self
+            .expiring_within
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = within;
+    }
+
+    fn every(&self) -> Duration {
+        *self.every.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn expiring_within_ms(&self) -> i64 {
+        let d = *self
+            .expiring_within
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    fn lock_for(&self, owner: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(owner.to_owned()).or_default().clone()
+    }
+}
+
+/// A record with what the last check found (none yet: `health` unset).
+#[derive(Debug, Clone)]
+pub struct CredentialView {
+    pub record: CredentialRow,
+    pub health: Option<HealthRow>,
+    /// The status now: a stored `healthy`/`expiring` judged again against
+    /// the clock, so a record in no running workspace still ages.
+    pub status: Option<Health>,
+    /// Whether the CLI can renew its access by itself (unknown: `None`).
+    pub refreshable: Option<bool>,
+}
+
+impl CredentialView {
+    /// The status calls for a new login.
+    pub fn sign_in_again(&self) -> bool {
+        match self.status {
+            Some(Health::RefreshFailed | Health::Revoked) => true,
+            Some(Health::Expired) => self.refreshable != Some(true),
+            _ => false,
+        }
+    }
+}
+
+/// The value at a dotted key of a JSON document.
+fn at_key<'a>(doc: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    key.split('.').try_fold(doc, |v, part| v.get(part))
+}
+
+/// When a credential file says it expires (ms since the epoch); `None`
+/// when the definition names no expiry, or the file does not hold one
+/// that reads as its format says.
+pub fn expiry_of(def: &CredentialFile, contents: &[u8]) -> Option<i64> {
+    let (key, format) = (def.expiry_key.as_deref()?, def.expiry_format?);
+    let doc: serde_json::Value = serde_json::from_slice(contents).ok()?;
+    let v = at_key(&doc, key)?;
+    let number = || {
+        v.as_i64()
+            .or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+    };
+    match format {
+        ExpiryFormat::UnixMs => number(),
+        ExpiryFormat::UnixS => number()?.checked_mul(1000),
+        ExpiryFormat::Rfc3339 => {
+            let t = time::OffsetDateTime::parse(
+                v.as_str()?,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .ok()?;
+            i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+        }
+        ExpiryFormat::JwtExp => {
+            let payload = v.as_str()?.split('.').nth(1)?;
+            let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload.trim_end_matches('='))
+                .ok()?;
+            let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+            claims.get("exp")?.as_i64()?.checked_mul(1000)
+        }
+    }
+}
+
+/// Whether the file still holds a refresh token (`None`: the definition
+/// names no refresh key, or the file is not JSON).
+pub fn refreshable(def: &CredentialFile, contents: &[u8]) -> Option<bool> {
+    let key = def.refresh_key.as_deref()?;
+    let doc: serde_json::Value = serde_json::from_slice(contents).ok()?;
+    Some(
+        at_key(&doc, key)
+            .and_then(|v| v.as_str())
+            .is_some_and(|s| !s.is_empty()),
+    )
+}
+
+/// What a set of files says, over every file of the definition: the
+/// earliest expiry, and whether all that name a refresh key still hold one.
+fn read_set(def: &ProviderDef, set: &FileSet) -> (Option<i64>, Option<bool>) {
+    let mut expiry: Option<i64> = None;
+    let mut refresh: Option<bool> = None;
+    for file in &def.credentials {
+        let Some(blob) = set.files.iter().find(|b| b.path == file.path) else {
+            continue;
+        };
+        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&blob.contents_b64) else {
+            continue;
+        };
+        if let Some(e) = expiry_of(file, &bytes) {
+            expiry = Some(expiry.map_or(e, |x| x.min(e)));
+        }
+        if let Some(r) = refreshable(file, &bytes) {
+            refresh = Some(refresh.unwrap_or(true) && r);
+        }
+    }
+    (expiry, refresh)
+}
+
+/// Every file of the definition is there, and has its JSON keys.
+fn complete(def: &ProviderDef, set: &FileSet) -> bool {
+    def.credentials.iter().all(|file| {
+        let Some(blob) = set.files.iter().find(|b| b.path == file.path) else {
+            return false;
+        };
+        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&blob.contents_b64) else {
+            return false;
+        };
+        if bytes.is_empty() {
+            return false;
+        }
+        if file.json_keys.is_empty() {
+            return true;
+        }
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .is_ok_and(|doc| file.json_keys.iter().all(|k| at_key(&doc, k).is_some()))
+    })
+}
+
+/// The files of `set` for the definition's paths, in its order.
+fn same_files(def: &ProviderDef, a: &FileSet, b: &FileSet) -> bool {
+    def.credentials.iter().all(|file| {
+        let find = |s: &FileSet| {
+            s.files
+                .iter()
+                .find(|f| f.path == file.path)
+                .map(|f| f.contents_b64.clone())
+        };
+        find(a) == find(b)
+    })
+}
+
+/// The status from what was read: the pure decision of the check.
+pub fn judge(
+    now: i64,
+    expiring_within_ms: i64,
+    expires_at: Option<i64>,
+    refresh: Option<bool>,
+    check_ok: Option<bool>,
+) -> (Health, Option<String>) {
+    let expired = expires_at.is_some_and(|e| e <= now);
+    if refresh == Some(false) {
+        return (
+            Health::RefreshFailed,
+            Some("the CLI emptied its refresh token (its refresh was refused)".into()),
+        );
+    }
+    if check_ok == Some(false) {
+        return if expired {
+            (
+                Health::RefreshFailed,
+                Some("the token expired and the CLI's check fails: it could not renew it".into()),
+            )
+        } else {
+            (
+                Health::Revoked,
+                Some("the CLI's check does not report it signed in".into()),
+            )
+        };
+    }
+    match expires_at {
+        Some(_) if expired => (Health::Expired, None),
+        Some(e) if e <= now.saturating_add(expiring_within_ms) => (Health::Expiring, None),
+        _ => (Health::Healthy, None),
+    }
+}
+
+/// What the user's files in a workspace told the check.
+struct Seen {
+    status: Health,
+    detail: Option<String>,
+    expires_at: Option<i64>,
+    version: i64,
+    workspace: Option<String>,
+}
+
+/// What a user's record for `provider`, captured by `login_id`, is sealed
+/// with (see docs/logins.md); for importing a record as a login would have
+/// stored it.
+pub fn record_aad(owner_id: &str, provider: &str, login_id: &str) -> crate::vault::Aad {
+    super::logins::aad(owner_id, provider, login_id)
+}
+
+fn new_id() -> String {
+    hex::encode(rand::random::<[u8; 8]>())
+}
+
+impl App {
+    fn credential_metrics(&self) -> &CredentialMetrics {
+        self.credentials.metrics.get_or_init(|| {
+            let m = CredentialMetrics {
+                records: Family::default(),
+                events: Family::default(),
+            };
+            self.metrics.register(
+                "credentials",
+                "Stored credential records, by provider and health status",
+                m.records.clone(),
+            );
+            self.metrics.register(
+                "credential_events",
+                "Credential audit events recorded, by kind",
+                m.events.clone(),
+            );
+            m
+        })
+    }
+
+    /// Write an audit event; a failure to write is logged (the work it
+    /// records is done either way).
+    pub async fn audit(
+        &self,
+        owner_id: &str,
+        kind: AuditKind,
+        provider: &str,
+        workspace: Option<&str>,
+        login_id: Option<&str>,
+        detail: Option<String>,
+    ) {
+        let row = AuditRow {
+            id: new_id(),
+            owner_id: owner_id.to_owned(),
+            at: now_ms(),
+            kind: kind.as_str().to_owned(),
+            provider: provider.to_owned(),
+            workspace_sandbox_id: workspace.map(str::to_owned),
+            login_id: login_id.map(str::to_owned),
+            detail,
+        };
+        self.credential_metrics()
+            .events
+            .get_or_create(&KindLabel {
+                kind: kind.as_str().to_owned(),
+            })
+            .inc();
+        if let Err(e) = self.store.insert_audit(&row).await {
+            tracing::error!(user = %owner_id, provider, kind = kind.as_str(), error = %e, "could not write the audit event");
+        }
+    }
+
+    /// A login stored its record (called by the login's capture step):
+    /// audited, its expiry read, a revocation still pending for the
+    /// provider dropped (the new files must stay).
+    pub async fn credentials_captured(&self, owner_id: &str, provider: &str, login_id: &str) {
+        let lock = self.credentials.lock_for(owner_id);
+        let _held = lock.lock().await;
+        if let Err(e) = self.store.clear_revocation(owner_id, provider).await {
+            tracing::warn!(user = %owner_id, provider, error = %e, "could not clear a revocation");
+        }
+        let expires_at = match self.vault_files(owner_id, provider).await {
+            Ok(Some((cred, files))) if cred.login_id == login_id => self
+                .providers()
+                .get(provider)
+                .and_then(|def| read_set(def, &files).0),
+            _ => None,
+        };
+        let now = now_ms();
+        let (status, detail) = judge(
+            now,
+            self.credentials.expiring_within_ms(),
+            expires_at,
+            None,
+            None,
+        );
+        let health = HealthRow {
+            owner_id: owner_id.to_owned(),
+            provider: provider.to_owned(),
+            status: status.as_str().to_owned(),
+            expires_at,
+            checked_at: now,
+            workspace_sandbox_id: None,
+            detail,
+            version: 1,
+        };
+        if let Err(e) = self.store.put_health(&health).await {
+            tracing::warn!(user = %owner_id, provider, error = %e, "could not write the credentials' health");
+        }
+        self.audit(
+            owner_id,
+            AuditKind::Captured,
+            provider,
+            None,
+            Some(login_id),
+            None,
+        )
+        .await;
+    }
+
+    /// A login delivered its record into a workspace (called by the
+    /// login's delivery step).
+    pub async fn credentials_delivered(
+        &self,
+        owner_id: &str,
+        provider: &str,
+        login_id: &str,
+        workspace: &str,
+    ) {
+        self.audit(
+            owner_id,
+            AuditKind::Delivered,
+            provider,
+            Some(workspace),
+            Some(login_id),
+            None,
+        )
+        .await;
+    }
+
+    /// The caller's records with their health.
+    pub async fn credentials_view(&self, user: &UserRow) -> Result<Vec<CredentialView>, AppError> {
+        let records = self.store.credentials_of(&user.id).await?;
+        let mut health: HashMap<String, HealthRow> = self
+            .store
+            .health_of(&user.id)
+            .await?
+            .into_iter()
+            .map(|h| (h.provider.clone(), h))
+            .collect();
+        let now = now_ms();
+        let within = self.credentials.expiring_within_ms();
+        Ok(records
+            .into_iter()
+            .map(|record| {
+                let health = health.remove(&record.provider);
+                let status = health.as_ref().and_then(|h| {
+                    let stored = Health::parse(&h.status)?;
+                    Some(match stored {
+                        Health::Healthy | Health::Expiring => {
+                            judge(now, within, h.expires_at, None, None).0
+                        }
+                        other => other,
+                    })
+                });
+                let refreshable = self.providers().get(&record.provider).and_then(|def| {
+                    def.credentials
+                        .iter()
+                        .any(|c| c.refresh_key.is_some())
+                        .then(|| status != Some(Health::RefreshFailed))
+                });
+                CredentialView {
+                    record,
+                    health,
+                    status,
+                    refreshable,
+                }
+            })
+            .collect())
+    }
+
+    /// `DELETE /credentials/{provider}`: the record and its health gone,
+    /// the files removed from the user's ready workspaces (or at the next
+    /// check of one). True when there was a record; a second call finds
+    /// none and changes nothing.
+    pub async fn revoke_credentials(
+        &self,
+        user: &UserRow,
+        provider: &str,
+    ) -> Result<bool, AppError> {
+        let ok_name = !provider.is_empty()
+            && provider.len() <= 32
+            && provider
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok_name {
+            return Err(AppError::BadInput(
+                "provider: lowercase letters, digits and '-', at most 32".into(),
+            ));
+        }
+        let lock = self.credentials.lock_for(&user.id);
+        let _held = lock.lock().await;
+        let login_id = self
+            .store
+            .credential(&user.id, provider)
+            .await?
+            .map(|c| c.login_id);
+        if !self.store.revoke_credential(&user.id, provider).await? {
+            return Ok(false);
+        }
+        let mut removed_from = Vec::new();
+        for ws in self.ready_workspaces_of(&user.id).await? {
+            if self.remove_files(&ws, provider).await {
+                removed_from.push(ws.id.clone());
+            }
+        }
+        if !removed_from.is_empty() {
+            self.store.clear_revocation(&user.id, provider).await?;
+        }
+        tracing::info!(user = %user.name, provider, workspaces = ?removed_from, "credentials revoked");
+        self.audit(
+            &user.id,
+            AuditKind::Revoked,
+            provider,
+            removed_from.first().map(String::as_str),
+            login_id.as_deref(),
+            Some(if removed_from.is_empty() {
+                "revoked by the user; the files go from the workspace when it next runs".into()
+            } else {
+                "revoked by the user; the files were removed from the workspace".into()
+            }),
+        )
+        .await;
+        Ok(true)
+    }
+
+    /// `GET /audit`: the caller's events, newest first; `before` is the
+    /// `next` of the previous page.
+    pub async fn audit_page(
+        &self,
+        user: &UserRow,
+        before: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<(Vec<AuditRow>, Option<String>), AppError> {
+        let limit = limit.unwrap_or(50);
+        if !(1..=200).contains(&limit) {
+            return Err(AppError::BadInput("limit: 1 to 200".into()));
+        }
+        let cursor = match before {
+            None => None,
+            Some(c) => {
+                let parsed = c.split_once('-').and_then(|(at, id)| {
+                    let ok_id = id.len() <= 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
+                    Some((at.parse::<i64>().ok()?, id)).filter(|_| ok_id)
+                });
+                Some(parsed.ok_or_else(|| {
+                    AppError::BadInput("before: the `next` of a previous page".into())
+                })?)
+            }
+        };
+        let rows = self.store.audit_of(&user.id, cursor, limit).await?;
+        let next = (rows.len() == limit as usize)
+            .then(|| rows.last().map(|r| format!("{}-{}", r.at, r.id)))
+            .flatten();
+        Ok((rows, next))
+    }
+
+    /// The periodic check, until `shutdown`.
+    pub async fn run_credential_checks(
+        self: Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(self.credentials.every());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.check_credentials_once().await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// One round over every stored record and pending revocation.
+    pub async fn check_credentials_once(self: &Arc<Self>) {
+        let records = match self.store.all_credentials().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "credential check: could not list the records");
+                return;
+            }
+        };
+        let mut owners: Vec<String> = records.iter().map(|r| r.owner_id.clone()).collect();
+        if let Ok(live) = self.store.live_sandboxes().await {
+            owners.extend(
+                live.into_iter()
+                    .filter(|s| s.kind == SandboxKind::Workspace)
+                    .map(|s| s.owner_id),
+            );
+        }
+        owners.sort();
+        owners.dedup();
+        for owner in owners {
+            if let Err(e) = self.check_owner(&owner).await {
+                tracing::warn!(user = %owner, error = %e, "credential check failed");
+            }
+        }
+        self.count_records().await;
+    }
+
+    async fn check_owner(&self, owner: &str) -> Result<(), AppError> {
+        let lock = self.credentials.lock_for(owner);
+        let _held = lock.lock().await;
+        let workspaces = self.ready_workspaces_of(owner).await?;
+        if let Some(ws) = workspaces.first() {
+            for provider in self.store.revocations_of(owner).await? {
+                if self.remove_files(ws, &provider).await {
+                    self.store.clear_revocation(owner, &provider).await?;
+                }
+            }
+        }
+        for cred in self.store.credentials_of(owner).await? {
+            let Some(def) = self.providers().get(&cred.provider).cloned() else {
+                continue;
+            };
+            let before = self.store.health(owner, &cred.provider).await?;
+            let seen = match workspaces.first() {
+                Some(ws) => {
+                    self.check_in_workspace(ws, &def, &cred, before.as_ref())
+                        .await
+                }
+                None => self.check_in_vault(&def, &cred, before.as_ref()).await,
+            };
+            let Some(seen) = seen else { continue };
+            let entered = before
+                .as_ref()
+                .is_none_or(|b| b.status != seen.status.as_str());
+            if entered {
+                if let Some(kind) = seen.status.audited() {
+                    self.audit(
+                        owner,
+                        kind,
+                        &cred.provider,
+                        seen.workspace.as_deref(),
+                        Some(&cred.login_id),
+                        seen.detail.clone(),
+                    )
+                    .await;
+                }
+            }
+            let health = HealthRow {
+                owner_id: owner.to_owned(),
+                provider: cred.provider.clone(),
+                status: seen.status.as_str().to_owned(),
+                expires_at: seen.expires_at,
+                checked_at: now_ms(),
+                workspace_sandbox_id: seen.workspace,
+                detail: seen.detail,
+                version: seen.version,
+            };
+            // Only while the record is still there (a login may have
+            // replaced it; it writes its own health then).
+            if self
+                .store
+                .credential(owner, &cred.provider)
+                .await?
+                .is_some_and(|c| c.login_id == cred.login_id)
+            {
+                self.store.put_health(&health).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// No workspace runs: judge the vault's copy against the clock.
+    async fn check_in_vault(
+        &self,
+        def: &ProviderDef,
+        cred: &CredentialRow,
+        before: Option<&HealthRow>,
+    ) -> Option<Seen> {
+        let files = self.open_record(cred).await?;
+        let (expires_at, _) = read_set(def, &files);
+        // A failure the last check in a workspace found stands until a
+        // workspace shows otherwise.
+        if let Some(b) = before.filter(|b| {
+            matches!(
+                Health::parse(&b.status),
+                Some(Health::RefreshFailed | Health::Revoked)
+            )
+        }) {
+            return Some(Seen {
+                status: Health::parse(&b.status)?,
+                detail: b.detail.clone(),
+                expires_at,
+                version: b.version,
+                workspace: b.workspace_sandbox_id.clone(),
+            });
+        }
+        let (status, detail) = judge(
+            now_ms(),
+            self.credentials.expiring_within_ms(),
+            expires_at,
+            None,
+            None,
+        );
+        Some(Seen {
+            status,
+            detail,
+            expires_at,
+            version: before.map_or(1, |b| b.version),
+            workspace: None,
+        })
+    }
+
+    /// A workspace runs: compare its files with the vault's, deliver or
+    /// re-capture, run the provider's check, judge.
+    async fn check_in_workspace(
+        &self,
+        ws: &SandboxRow,
+        def: &ProviderDef,
+        cred: &CredentialRow,
+        before: Option<&HealthRow>,
+    ) -> Option<Seen> {
+        let vault_files = self.open_record(cred).await?;
+        let at = self.ready_endpoints(ws).ok()?.agent;
+        let paths: Vec<String> = def.credentials.iter().map(|c| c.path.clone()).collect();
+        let there = match self
+            .guest
+            .read_home_files(at, &ws.agent_token, &paths)
+            .await
+        {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(sandbox = %ws.id, provider = %def.name, error = %e, "credential check: could not read the workspace's files");
+                return self.check_in_vault(def, cred, before).await;
+            }
+        };
+        let mut version = before.map_or(1, |b| b.version);
+        let current = if there.files.is_empty() {
+            // Not delivered yet: its login is still delivering.
+            cred.delivered_at?;
+            if let Err(e) = self
+                .guest
+                .deliver_credentials(at, &ws.agent_token, &vault_files)
+                .await
+            {
+                tracing::warn!(sandbox = %ws.id, provider = %def.name, error = %e, "credential check: could not deliver again");
+                return None;
+            }
+            self.audit(
+                &cred.owner_id,
+                AuditKind::Delivered,
+                &cred.provider,
+                Some(&ws.id),
+                Some(&cred.login_id),
+                Some("the files were missing from the workspace".into()),
+            )
+            .await;
+            vault_files
+        } else if !same_files(def, &there, &vault_files) {
+            let (expiry, refresh) = read_set(def, &there);
+            if complete(def, &there)
+                && refresh != Some(false)
+                && self
+                    .recapture(cred, &there, version + 1, expiry, &ws.id)
+                    .await
+            {
+                version += 1;
+            }
+            there
+        } else {
+            vault_files
+        };
+        let (expires_at, refresh) = read_set(def, &current);
+        let check_ok = match &def.check {
+            Some(argv) => {
+                let req = ExecRequest {
+                    argv: argv.clone(),
+                    env: Default::default(),
+                    timeout_s: Some(60),
+                };
+                match self.guest.exec(at, &ws.agent_token, &req).await {
+                    Ok(out) if out.timed_out => None,
+                    Ok(out) => Some(out.exit_code == Some(0)),
+                    Err(_) => None,
+                }
+            }
+            None => None,
+        };
+        let (status, detail) = judge(
+            now_ms(),
+            self.credentials.expiring_within_ms(),
+            expires_at,
+            refresh,
+            check_ok,
+        );
+        Some(Seen {
+            status,
+            detail,
+            expires_at,
+            version,
+            workspace: Some(ws.id.clone()),
+        })
+    }
+
+    /// Seal the workspace's files as the record's new value (the old one is
+    /// overwritten in the same row), if the record is still the one read.
+    async fn recapture(
+        &self,
+        cred: &CredentialRow,
+        files: &FileSet,
+        version: i64,
+        expires_at: Option<i64>,
+        workspace: &str,
+    ) -> bool {
+        let Ok(plain) = serde_json::to_vec(files).map(|v| secrecy::SecretBox::new(Box::new(v)))
+        else {
+            return false;
+        };
+        let vault = self.vault.read().await;
+        let sealed = vault.seal(
+            plain.expose_secret(),
+            &super::logins::aad(&cred.owner_id, &cred.provider, &cred.login_id),
+        );
+        let (status, detail) = judge(
+            now_ms(),
+            self.credentials.expiring_within_ms(),
+            expires_at,
+            None,
+            None,
+        );
+        let health = HealthRow {
+            owner_id: cred.owner_id.clone(),
+            provider: cred.provider.clone(),
+            status: status.as_str().to_owned(),
+            expires_at,
+            checked_at: now_ms(),
+            workspace_sandbox_id: Some(workspace.to_owned()),
+            detail,
+            version,
+        };
+        let done = self
+            .store
+            .recapture_credential(&cred.sealed, &sealed, vault.current_key_id(), &health)
+            .await;
+        drop(vault);
+        match done {
+            Ok(true) => {
+                tracing::info!(user = %cred.owner_id, provider = %cred.provider, version, "credentials re-captured from the workspace");
+                self.audit(
+                    &cred.owner_id,
+                    AuditKind::Recaptured,
+                    &cred.provider,
+                    Some(workspace),
+                    Some(&cred.login_id),
+                    Some(format!("version {version}")),
+                )
+                .await;
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(user = %cred.owner_id, provider = %cred.provider, error = %e, "could not store the re-captured credentials");
+                false
+            }
+        }
+    }
+
+    /// The record's files, opened (secret; dropped by the caller).
+    async fn open_record(&self, cred: &CredentialRow) -> Option<FileSet> {
+        let plain = self
+            .vault
+            .read()
+            .await
+            .open(
+                &cred.sealed,
+                &super::logins::aad(&cred.owner_id, &cred.provider, &cred.login_id),
+            )
+            .map_err(|e| {
+                tracing::warn!(user = %cred.owner_id, provider = %cred.provider, error = %e, "credential check: the record does not open");
+            })
+            .ok()?;
+        serde_json::from_slice(plain.expose_secret()).ok()
+    }
+
+    async fn vault_files(
+        &self,
+        owner: &str,
+        provider: &str,
+    ) -> Result<Option<(CredentialRow, FileSet)>, AppError> {
+        let Some(cred) = self.store.credential(owner, provider).await? else {
+            return Ok(None);
+        };
+        Ok(self.open_record(&cred).await.map(|f| (cred, f)))
+    }
+
+    async fn ready_workspaces_of(&self, owner: &str) -> Result<Vec<SandboxRow>, AppError> {
+        Ok(self
+            .store
+            .sandboxes_of(owner)
+            .await?
+            .into_iter()
+            .filter(|s| s.kind == SandboxKind::Workspace && s.state == SandboxState::Ready)
+            .collect())
+    }
+
+    /// Remove a provider's files from a workspace; true when done.
+    async fn remove_files(&self, ws: &SandboxRow, provider: &str) -> bool {
+        let Some(def) = self.providers().get(provider) else {
+            // No definition, no paths: nothing we could remove.
+            return true;
+        };
+        let paths: Vec<String> = def.credentials.iter().map(|c| c.path.clone()).collect();
+        let Ok(at) = self.ready_endpoints(ws) else {
+            return false;
+        };
+        match self
+            .guest
+            .remove_home_files(at.agent, &ws.agent_token, &paths)
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(sandbox = %ws.id, provider, error = %e, "could not remove the revoked files");
+                false
+            }
+        }
+    }
+
+    async fn count_records(&self) {
+        let Ok(counts) = self.store.health_counts().await else {
+            return;
+        };
+        let m = self.credential_metrics();
+        m.records.clear();
+        for (provider, status, n) in counts {
+            m.records
+                .get_or_create(&StatusLabel { provider, status })
+                .set(n);
+        }
+    }
+}
