@@ -662,7 +662,15 @@ fn status_of(id: &str, run: &Run) -> LoginStatus {
     };
     let seen = match st.phase {
         AgentLoginPhase::Running if st.seen.is_some() => st.seen.clone(),
-        AgentLoginPhase::Running if st.drawn => Some(format!("its screen ends: {}", st.last_words)),
+        AgentLoginPhase::Running if step == Some(AgentStep::Prompts) => Some(format!(
+            "{} of {} prompts answered; the screen shows: {}",
+            st.answered.iter().filter(|a| **a).count(),
+            st.answered.len(),
+            screen_text(&st.visible)
+        )),
+        AgentLoginPhase::Running if st.drawn => {
+            Some(format!("the screen shows: {}", screen_text(&st.visible)))
+        }
         _ => None,
     };
     LoginStatus {
@@ -676,6 +684,29 @@ fn status_of(id: &str, run: &Run) -> LoginStatus {
             .error
             .clone()
             .filter(|_| st.phase == AgentLoginPhase::Failed),
+    }
+}
+
+/// The end of what a TUI shows, for a reason: its frames (box drawing and
+/// block characters) left out, whitespace collapsed, at most 300 characters.
+fn screen_text(visible: &str) -> String {
+    let text: String = visible
+        .chars()
+        .map(|c| {
+            if ('\u{2500}'..='\u{259f}').contains(&c) {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect();
+    let text = screen::collapse(&text);
+    let n = text.chars().count();
+    let tail: String = text.chars().skip(n.saturating_sub(300)).collect();
+    if tail.is_empty() {
+        "(nothing)".into()
+    } else {
+        tail
     }
 }
 
@@ -727,6 +758,13 @@ mod tests {
             check: None,
             cols: 200,
         }
+    }
+
+    #[test]
+    fn a_reason_shows_the_words_not_the_frame() {
+        let framed = "╭──────╮ │ Do you trust this folder? │ │ ● 1. Trust │ ╰──────╯";
+        assert_eq!(screen_text(framed), "Do you trust this folder? ● 1. Trust");
+        assert_eq!(screen_text("───╯"), "(nothing)");
     }
 
     #[test]
