@@ -61,6 +61,10 @@ const AFTER_CAPTURE_GRACE: Duration = Duration::from_secs(20);
 /// within this is typed again, at most [`MAX_TYPED`] times in all: a TUI may
 /// draw its prompt before it reads keys, and drop keys typed in between.
 const RETYPE_AFTER: Duration = Duration::from_secs(3);
+/// The same, for a command that kept drawing (a spinner, an animation)
+/// while its prompt stayed up: under load gemini drops the key and keeps
+/// redrawing, so output alone is no sign the answer was taken.
+const RETYPE_BUSY_AFTER: Duration = Duration::from_secs(6);
 const MAX_TYPED: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
@@ -587,22 +591,27 @@ impl Logins {
         }
     }
 
-    /// Types the last answer again if the command has shown nothing since
-    /// for [`RETYPE_AFTER`] and its prompt is still on the screen.
+    /// Types the last answer again if its prompt is still on the screen
+    /// [`RETYPE_AFTER`] later with nothing shown since, or
+    /// [`RETYPE_BUSY_AFTER`] later whatever was drawn meanwhile.
     fn retype(&self, run: &Run) {
         let mut st = run.lock();
         let Some(t) = st.typed else {
             return;
         };
         let prompt = &run.def.prompts[t.prompt];
-        if run.pty.output.fed() != t.fed
-            || t.times >= MAX_TYPED
-            || !st.visible.contains(&screen::collapse(&prompt.expect))
-        {
+        if t.times >= MAX_TYPED || !st.visible.contains(&screen::collapse(&prompt.expect)) {
             st.typed = None;
             return;
         }
-        if t.at.elapsed() < RETYPE_AFTER {
+        let quiet = run.pty.output.fed() == t.fed;
+        if t.at.elapsed()
+            < if quiet {
+                RETYPE_AFTER
+            } else {
+                RETYPE_BUSY_AFTER
+            }
+        {
             return;
         }
         let _ = run.pty.send(unescape(&prompt.send).as_bytes());
@@ -958,6 +967,35 @@ mod tests {
         assert_eq!(last.phase, AgentLoginPhase::Captured, "{last:?}");
         assert!(!last.awaiting_code, "{last:?}");
         logins.cancel("l3");
+    }
+
+    /// A TUI that drops the key typed at its prompt and keeps drawing a
+    /// spinner under it (gemini on a loaded host): the prompt still up, the
+    /// answer is typed again though output came.
+    #[tokio::test]
+    async fn an_answer_dropped_while_the_cli_keeps_drawing_is_typed_again() {
+        let home = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        let logins = Arc::new(Logins::new(test_cfg(home.path(), run.path())));
+        let mut d = def();
+        d.command = vec![
+            "bash".into(),
+            "-c".into(),
+            "stty -echo; printf 'Do you trust  this folder?\\n'; \
+             (while :; do printf '\\r|'; sleep 0.3; printf '\\r-'; sleep 0.3; done) & s=$!; \
+             sleep 2; while read -r -t 0.2 x; do :; done; read -r a; kill $s; printf '\\ntrusted\\n'; mkdir -p .t; \
+             printf '{\"tokens\":{\"access\":\"x\"}}' > .t/tmp && mv .t/tmp .t/creds.json; sleep 30"
+                .into(),
+        ];
+        logins
+            .start(LoginStart {
+                login_id: "r2".into(),
+                provider: d,
+            })
+            .expect("start");
+        let last = poll(&logins, "r2", 150, |s| s.phase == AgentLoginPhase::Captured).await;
+        assert_eq!(last.phase, AgentLoginPhase::Captured, "{last:?}");
+        logins.cancel("r2");
     }
 
     /// Every status of login `id` for `secs` seconds, 50 ms apart.
