@@ -65,7 +65,10 @@ const RETYPE_AFTER: Duration = Duration::from_secs(3);
 /// while its prompt stayed up: under load gemini drops the key and keeps
 /// redrawing, so output alone is no sign the answer was taken.
 const RETYPE_BUSY_AFTER: Duration = Duration::from_secs(6);
-const MAX_TYPED: u8 = 3;
+/// Eight times at most: about 45 s of a busy CLI, inside the control plane's
+/// deadline for the prompts (90 s). Every prompt answered today is Enter on
+/// a default choice, which a repeat does not change.
+const MAX_TYPED: u8 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {
