@@ -545,6 +545,15 @@ const LOGIN_WORDS = {
   delivered: 'Delivered to your workspace. Checking the CLI and cleaning up…',
   completed: 'Connected: the CLI is signed in in your workspace.',
 };
+// While a login is `starting`, the step it is in (`step` in GET /logins/{id}).
+const STARTING_WORDS = {
+  sandbox: 'Starting a browser sandbox…',
+  agent: 'Browser sandbox ready. Starting the sign-in command…',
+  cli_start: 'The sign-in command is starting…',
+  prompts: 'Answering the sign-in command’s questions…',
+  url: 'Waiting for the sign-in command’s sign-in page…',
+};
+const STARTING_ORDER = ['sandbox', 'agent', 'cli_start', 'prompts', 'url'];
 const STEP_LABEL = {
   starting: 'starting',
   awaiting_user: 'sign in',
@@ -810,6 +819,11 @@ function renderLogin() {
   else if (l.state === 'expired') words = `Expired: ${l.error || 'not signed in in time'}`;
   else if (l.state === 'cancelled') words = `Cancelled${l.error ? `: ${l.error}` : '.'}`;
   else if (l.awaiting_code) words = 'Sign in below, then paste the code the page shows.';
+  else if (l.state === 'starting' && STARTING_WORDS[l.step]) {
+    const n = STARTING_ORDER.indexOf(l.step) + 1;
+    words = `${STARTING_WORDS[l.step]} (step ${n} of ${STARTING_ORDER.length})`;
+  }
+  cx.box.dataset.step = l.state === 'starting' && l.step ? l.step : '';
   setText(cx.words, words);
   cx.words.classList.toggle('reason', ['failed', 'expired'].includes(l.state));
 

@@ -10,6 +10,7 @@ mod fuzz;
 mod image;
 mod keypress;
 mod leaks;
+mod logins;
 mod relay;
 mod rfbc;
 mod sandbox;
@@ -77,6 +78,14 @@ enum Cmd {
         /// Milliseconds between presses.
         #[arg(long, default_value_t = 150)]
         gap_ms: u64,
+    },
+    /// Logins under load: N at once (the real CLIs), time to the sign-in
+    /// page, failures, and the time in each step.
+    Logins {
+        #[arg(long, default_value_t = 10)]
+        concurrent: usize,
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
     },
     /// One sandbox, one viewer, a key press a second; memory and disconnects.
     Soak {
@@ -228,6 +237,7 @@ fn main() -> Result<()> {
         } => fuzz::run(minutes, target.as_deref(), seed, &out),
         Cmd::Churn(args) => rt.block_on(churn_command(args)),
         Cmd::Soak { minutes } => rt.block_on(soak::run(minutes)),
+        Cmd::Logins { concurrent, rounds } => rt.block_on(logins::run(concurrent, rounds)),
         Cmd::All { image_dir, agent } => {
             rt.block_on(relay::run(2000, 256, 5))?;
             rt.block_on(sandboxes::run(10, Duration::from_secs(30)))?;

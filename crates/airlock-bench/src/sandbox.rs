@@ -106,7 +106,7 @@ impl ControlPlane {
         )
     }
 
-    async fn call(
+    pub async fn call(
         &self,
         method: reqwest::Method,
         path: &str,

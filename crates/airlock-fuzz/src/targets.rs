@@ -423,6 +423,7 @@ fn provider(prefix: &str) -> airlock_proto::login::ProviderDef {
         command: vec!["sh".into()],
         env: Default::default(),
         url_prefixes: vec![prefix.into()],
+        url: Default::default(),
         prompts: Vec::new(),
         code_prompt: None,
         credentials: Vec::new(),

@@ -11,14 +11,18 @@
 //!               failed
 //! ```
 //!
-//! URLs come first from what the CLI asks a browser to open: `BROWSER` and an
+//! Which URL is the sign-in URL is the provider's rule (`ProviderDef::url`),
+//! never a matter of timing: it comes from where the rule says (the browser
+//! hook, for a CLI that asks a browser to open it: `BROWSER` and an
 //! `xdg-open` early in `PATH` point at a hook that appends the URL to a file
-//! the agent reads. That URL is exactly what a browser would get (claude-code,
-//! for one, shows a shortened link on screen but opens the full one). The
-//! screen the CLI draws (read by a terminal emulator, `login/screen.rs`) is
-//! the fallback: a URL found there is reported and opened only if no hook URL
-//! came within [`SCREEN_URL_GRACE`], and a hook URL that comes later still
-//! replaces it. Prompts and the code prompt are read off that screen too.
+//! the agent reads; or the screen, for one that opens none) and holds what
+//! the rule asks for (client id, redirect, PKCE challenge…). The first URL
+//! that qualifies is the one; nothing replaces it. Anything else (the
+//! shortened link claude-code draws, a URL missing its client id) is never
+//! opened nor reported, only noted; if the rule's URL has not come
+//! `hook_wait_s` seconds after the first such sighting, the login fails
+//! with what was seen. The screen (read by a terminal emulator,
+//! `login/screen.rs`) also gives the prompts and the code prompt.
 //!
 //! The parts: `pty` (the command's terminal), `screen` (what it shows),
 //! `urls` (which URL counts), `credentials` (capture and delivery) and
@@ -35,7 +39,9 @@ pub use screen::{Drawn, Screen};
 pub use urls::{find_url, from_screen};
 
 use crate::exec::RunAs;
-use airlock_proto::login::{AgentLoginPhase, FileSet, LoginStart, LoginStatus, ProviderDef};
+use airlock_proto::login::{
+    AgentLoginPhase, AgentStep, FileSet, LoginStart, LoginStatus, ProviderDef, UrlSource,
+};
 use pty::Pty;
 use std::collections::HashMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -51,15 +57,18 @@ const PTY_ROWS: u16 = 50;
 /// After the credentials are captured the CLI may still finish its own work
 /// (fetching a profile, writing settings); then it is stopped.
 const AFTER_CAPTURE_GRACE: Duration = Duration::from_secs(20);
-/// How long a URL read off the screen waits for the browser hook's before it
-/// is opened. A CLI may show a shortened link (Claude Code does) and hand the
-/// browser the full one a moment later; the hook's is what the CLI itself opens.
-const SCREEN_URL_GRACE: Duration = Duration::from_millis(1500);
 /// A prompt's answer the command showed no reaction to (no output at all)
 /// within this is typed again, at most [`MAX_TYPED`] times in all: a TUI may
 /// draw its prompt before it reads keys, and drop keys typed in between.
 const RETYPE_AFTER: Duration = Duration::from_secs(3);
-const MAX_TYPED: u8 = 3;
+/// The same, for a command that kept drawing (a spinner, an animation)
+/// while its prompt stayed up: under load gemini drops the key and keeps
+/// redrawing, so output alone is no sign the answer was taken.
+const RETYPE_BUSY_AFTER: Duration = Duration::from_secs(6);
+/// Eight times at most: about 45 s of a busy CLI, inside the control plane's
+/// deadline for the prompts (90 s). Every prompt answered today is Enter on
+/// a default choice, which a repeat does not change.
+const MAX_TYPED: u8 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {
@@ -134,6 +143,12 @@ struct RunState {
     visible: String,
     /// The last prompt answered, until the command shows a reaction.
     typed: Option<Typed>,
+    /// The command has drawn something.
+    drawn: bool,
+    /// What was seen that is no sign-in URL (for a failure's reason).
+    seen: Option<String>,
+    /// Failed because no URL qualified (not because the command ended).
+    url_failed: bool,
 }
 
 /// An answer typed at a prompt.
@@ -229,6 +244,8 @@ impl Logins {
             login_url: None,
             awaiting_code: false,
             error: None,
+            step: Some(AgentStep::CliStart),
+            seen: None,
         }))
     }
 
@@ -361,6 +378,9 @@ impl Logins {
                 last_words: String::new(),
                 visible: String::new(),
                 typed: None,
+                drawn: false,
+                seen: None,
+                url_failed: false,
             }),
             pty,
             dir,
@@ -371,12 +391,14 @@ impl Logins {
 
     /// Follows one login until it is captured or failed.
     async fn watch(self: Arc<Self>, id: &str, run: Arc<Run>) {
-        // The URL opened, and whether it came from the hook.
-        let mut opened: Option<(String, bool)> = None;
+        let rule = &run.def.url;
+        let mut opened = false;
         let mut captured_at: Option<tokio::time::Instant> = None;
         let mut exited_at: Option<tokio::time::Instant> = None;
-        // A URL read off the screen, and since when.
-        let mut on_screen: Option<(String, tokio::time::Instant)> = None;
+        // Since when something that is no sign-in URL was seen.
+        let mut sighted_at: Option<tokio::time::Instant> = None;
+        // Lines of the hook's file already judged.
+        let mut hooked_lines = 0;
         let mut seen = 0;
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -388,13 +410,31 @@ impl Logins {
             {
                 return; // cancelled
             }
+            let mut found: Option<String> = None;
+            let mut sightings: Vec<String> = Vec::new();
             // A new screen: prompts, the code prompt, a URL drawn.
             let (drawn, exited) = run.pty.output.take(&mut seen);
             if let Some(drawn) = drawn {
+                run.lock().drawn = true;
                 self.on_screen(&run, &drawn).await;
-                if on_screen.is_none() {
-                    on_screen = urls::from_screen(&run.def, &drawn)
-                        .map(|u| (u, tokio::time::Instant::now()));
+                if !opened {
+                    let url = urls::from_screen(&run.def, &drawn);
+                    match (rule.from, url) {
+                        (UrlSource::Screen, Some(u)) => match urls::refuses(&run.def, &u) {
+                            None => found = Some(u),
+                            Some(why) => sightings.push(format!("a link on screen with {why}")),
+                        },
+                        _ => {
+                            if let Some((shown, short)) = urls::sighting(&run.def, &drawn.text) {
+                                let what = if short {
+                                    "only a shortened link"
+                                } else {
+                                    "a link"
+                                };
+                                sightings.push(format!("{what} on screen ({shown})"));
+                            }
+                        }
+                    }
                 }
             }
             self.retype(&run);
@@ -402,34 +442,74 @@ impl Logins {
                 exited_at.get_or_insert_with(tokio::time::Instant::now);
                 run.lock().error.get_or_insert(status);
             }
-            // The hook's URL wins over whatever the screen showed, even one
-            // opened already; a URL from the screen waits for it a moment.
+            // What the CLI handed the browser: the first URL that qualifies.
             let hooked = std::fs::read_to_string(run.dir.join("urls")).unwrap_or_default();
-            let from_hook = hooked
-                .lines()
-                .map(str::trim)
-                .find(|u| urls::matches_prefix(&run.def, u))
-                .map(str::to_owned);
-            let to_open = match (&opened, from_hook, &on_screen) {
-                (Some((_, true)), _, _) => None,
-                (Some((done, false)), Some(u), _) if *done != u => Some((u, true)),
-                (Some(_), _, _) => None,
-                (None, Some(u), _) => Some((u, true)),
-                (None, None, Some((u, since))) if since.elapsed() >= SCREEN_URL_GRACE => {
-                    Some((u.clone(), false))
+            for line in hooked.lines().skip(hooked_lines) {
+                hooked_lines += 1;
+                let u = line.trim();
+                if opened || found.is_some() || u.is_empty() {
+                    continue;
                 }
-                (None, None, _) => None,
-            };
-            if let Some((url, hooked)) = to_open {
+                if !urls::matches_prefix(&run.def, u) {
+                    // Another page the CLI opens (help, docs): not a sign-in.
+                    tracing::info!(login = %id, "the browser hook was handed a URL of no sign-in");
+                    continue;
+                }
+                match (rule.from, urls::refuses(&run.def, u)) {
+                    (UrlSource::BrowserHook, None) => found = Some(u.to_owned()),
+                    (_, Some(why)) => {
+                        tracing::warn!(login = %id, why, "a URL handed to the browser hook was refused");
+                        sightings.push(format!("a URL handed to its browser hook with {why}"));
+                    }
+                    (UrlSource::Screen, None) => {}
+                }
+            }
+            if let Some(url) = found.filter(|_| !opened) {
                 self.open_in_browser(&url);
                 let mut st = run.lock();
-                st.url = Some(url.clone());
+                st.url = Some(url);
+                st.seen = None;
                 if st.phase == AgentLoginPhase::Running {
                     st.phase = AgentLoginPhase::AwaitingUser;
                 }
-                let from = if hooked { "browser hook" } else { "screen" };
-                tracing::info!(login = %id, from, "login URL captured and opened");
-                opened = Some((url, hooked));
+                tracing::info!(login = %id, from = rule.from.as_str(), "login URL captured and opened");
+                opened = true;
+            }
+            if !opened && !sightings.is_empty() {
+                sighted_at.get_or_insert_with(tokio::time::Instant::now);
+                let mut st = run.lock();
+                let note = sightings.join("; ");
+                if st.seen.as_deref() != Some(note.as_str()) {
+                    // The first sighting of each kind is kept: a shortened
+                    // link later scrolled away still counts.
+                    st.seen = Some(match st.seen.take() {
+                        Some(old) if !old.contains(&note) => format!("{old}; {note}"),
+                        Some(old) => old,
+                        None => note,
+                    });
+                }
+            }
+            if let (false, Some(at)) = (opened, sighted_at) {
+                let wait = Duration::from_secs(u64::from(rule.hook_wait_s));
+                if at.elapsed() >= wait && captured_at.is_none() && exited_at.is_none() {
+                    let mut st = run.lock();
+                    let seen = st.seen.clone().unwrap_or_default();
+                    let never = match rule.from {
+                        UrlSource::BrowserHook => format!(
+                            "its browser hook was never handed a URL that qualifies within {} s",
+                            rule.hook_wait_s
+                        ),
+                        UrlSource::Screen => {
+                            format!("no link on screen qualified within {} s", rule.hook_wait_s)
+                        }
+                    };
+                    st.error = Some(format!("{} showed {seen}; {never}", run.def.command[0]));
+                    st.phase = AgentLoginPhase::Failed;
+                    st.url_failed = true;
+                    tracing::warn!(login = %id, "no sign-in URL qualified in time");
+                    run.pty.kill();
+                    return;
+                }
             }
             // Credentials.
             if captured_at.is_none() && self.all_valid(&run.def) {
@@ -514,22 +594,27 @@ impl Logins {
         }
     }
 
-    /// Types the last answer again if the command has shown nothing since
-    /// for [`RETYPE_AFTER`] and its prompt is still on the screen.
+    /// Types the last answer again if its prompt is still on the screen
+    /// [`RETYPE_AFTER`] later with nothing shown since, or
+    /// [`RETYPE_BUSY_AFTER`] later whatever was drawn meanwhile.
     fn retype(&self, run: &Run) {
         let mut st = run.lock();
         let Some(t) = st.typed else {
             return;
         };
         let prompt = &run.def.prompts[t.prompt];
-        if run.pty.output.fed() != t.fed
-            || t.times >= MAX_TYPED
-            || !st.visible.contains(&screen::collapse(&prompt.expect))
-        {
+        if t.times >= MAX_TYPED || !st.visible.contains(&screen::collapse(&prompt.expect)) {
             st.typed = None;
             return;
         }
-        if t.at.elapsed() < RETYPE_AFTER {
+        let quiet = run.pty.output.fed() == t.fed;
+        if t.at.elapsed()
+            < if quiet {
+                RETYPE_AFTER
+            } else {
+                RETYPE_BUSY_AFTER
+            }
+        {
             return;
         }
         let _ = run.pty.send(unescape(&prompt.send).as_bytes());
@@ -580,7 +665,29 @@ impl Logins {
 
 fn status_of(id: &str, run: &Run) -> LoginStatus {
     let st = run.lock();
+    let step = match st.phase {
+        AgentLoginPhase::Running if !st.drawn => Some(AgentStep::CliStart),
+        AgentLoginPhase::Running if st.answered.iter().any(|a| !a) => Some(AgentStep::Prompts),
+        AgentLoginPhase::Running => Some(AgentStep::Url),
+        AgentLoginPhase::Failed if st.url_failed => Some(AgentStep::Url),
+        _ => None,
+    };
+    let seen = match st.phase {
+        AgentLoginPhase::Running if st.seen.is_some() => st.seen.clone(),
+        AgentLoginPhase::Running if step == Some(AgentStep::Prompts) => Some(format!(
+            "{} of {} prompts answered; the screen shows: {}",
+            st.answered.iter().filter(|a| **a).count(),
+            st.answered.len(),
+            screen_text(&st.visible)
+        )),
+        AgentLoginPhase::Running if st.drawn => {
+            Some(format!("the screen shows: {}", screen_text(&st.visible)))
+        }
+        _ => None,
+    };
     LoginStatus {
+        step,
+        seen,
         login_id: id.to_owned(),
         phase: st.phase,
         login_url: st.url.clone(),
@@ -589,6 +696,29 @@ fn status_of(id: &str, run: &Run) -> LoginStatus {
             .error
             .clone()
             .filter(|_| st.phase == AgentLoginPhase::Failed),
+    }
+}
+
+/// The end of what a TUI shows, for a reason: its frames (box drawing and
+/// block characters) left out, whitespace collapsed, at most 300 characters.
+fn screen_text(visible: &str) -> String {
+    let text: String = visible
+        .chars()
+        .map(|c| {
+            if ('\u{2500}'..='\u{259f}').contains(&c) {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect();
+    let text = screen::collapse(&text);
+    let n = text.chars().count();
+    let tail: String = text.chars().skip(n.saturating_sub(300)).collect();
+    if tail.is_empty() {
+        "(nothing)".into()
+    } else {
+        tail
     }
 }
 
@@ -627,6 +757,7 @@ mod tests {
             command: vec!["sh".into()],
             env: Default::default(),
             url_prefixes: vec!["https://auth.example/authorize?".into()],
+            url: Default::default(),
             prompts: vec![Prompt {
                 expect: "trust  this".into(),
                 send: "\\r".into(),
@@ -640,6 +771,13 @@ mod tests {
             check: None,
             cols: 200,
         }
+    }
+
+    #[test]
+    fn a_reason_shows_the_words_not_the_frame() {
+        let framed = "╭──────╮ │ Do you trust this folder? │ │ ● 1. Trust │ ╰──────╯";
+        assert_eq!(screen_text(framed), "Do you trust this folder? ● 1. Trust");
+        assert_eq!(screen_text("───╯"), "(nothing)");
     }
 
     #[test]
@@ -835,6 +973,35 @@ mod tests {
         logins.cancel("l3");
     }
 
+    /// A TUI that drops the key typed at its prompt and keeps drawing a
+    /// spinner under it (gemini on a loaded host): the prompt still up, the
+    /// answer is typed again though output came.
+    #[tokio::test]
+    async fn an_answer_dropped_while_the_cli_keeps_drawing_is_typed_again() {
+        let home = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        let logins = Arc::new(Logins::new(test_cfg(home.path(), run.path())));
+        let mut d = def();
+        d.command = vec![
+            "bash".into(),
+            "-c".into(),
+            "stty -echo; printf 'Do you trust  this folder?\\n'; \
+             (while :; do printf '\\r|'; sleep 0.3; printf '\\r-'; sleep 0.3; done) & s=$!; \
+             sleep 2; while read -r -t 0.2 x; do :; done; read -r a; kill $s; printf '\\ntrusted\\n'; mkdir -p .t; \
+             printf '{\"tokens\":{\"access\":\"x\"}}' > .t/tmp && mv .t/tmp .t/creds.json; sleep 30"
+                .into(),
+        ];
+        logins
+            .start(LoginStart {
+                login_id: "r2".into(),
+                provider: d,
+            })
+            .expect("start");
+        let last = poll(&logins, "r2", 150, |s| s.phase == AgentLoginPhase::Captured).await;
+        assert_eq!(last.phase, AgentLoginPhase::Captured, "{last:?}");
+        logins.cancel("r2");
+    }
+
     /// Every status of login `id` for `secs` seconds, 50 ms apart.
     async fn watch_statuses(logins: &Logins, id: &str, secs: u64) -> Vec<LoginStatus> {
         let mut all = Vec::new();
@@ -875,11 +1042,21 @@ mod tests {
         read()
     }
 
-    /// claude-code's race, as recorded: it draws a shortened sign-in link
-    /// (no client id, no redirect, cut with an ellipsis) and its code prompt,
-    /// in colour and with cursor moves, and hands the browser the full URL
-    /// only later, after the screen's grace. The short link is never
-    /// reported nor opened; the hook's URL is.
+    /// The rule of a provider like claude: client id, redirect, PKCE.
+    fn strict(d: &mut ProviderDef, wait_s: u32) {
+        d.url.params = vec![
+            "client_id".into(),
+            "redirect_uri".into(),
+            "code_challenge".into(),
+        ];
+        d.url.hook_wait_s = wait_s;
+    }
+
+    /// claude-code's race, as recorded, under load: it draws a shortened
+    /// sign-in link (no client id, no redirect, cut with an ellipsis) and
+    /// its code prompt, in colour and with cursor moves, and hands the
+    /// browser the full URL only 5 s later. The short link is never
+    /// reported nor opened; the hook's URL is, whenever it comes.
     #[tokio::test]
     async fn claude_short_link_is_never_the_url() {
         let home = tempfile::tempdir().expect("tmp");
@@ -892,14 +1069,15 @@ mod tests {
         let mut d = def();
         d.prompts.clear();
         d.code_prompt = Some("Paste code here".into());
+        strict(&mut d, 20);
         d.command = vec![
             "sh".into(),
             "-c".into(),
             "printf '\\033[2K\\033[1G\\033[38;5;174m\\342\\225\\255\\342\\224\\200\\033[39m\\r\\n'; \
              printf '\\033[2K\\033[1GBrowser didn'\"'\"'t open? Use the url below to sign in:\\r\\n\\r\\n'; \
              printf '\\033[2K\\033[1G\\033[38;5;246mhttps://auth.example/authorize?z-\\342\\200\\246\\033[39m\\r\\n\\r\\n'; \
-             printf '\\033[2K\\033[1GPaste code here if prompted > '; sleep 2.5; \
-             $BROWSER 'https://auth.example/authorize?code=true&client_id=c&redirect_uri=r&state=s'; sleep 30"
+             printf '\\033[2K\\033[1GPaste code here if prompted > '; sleep 5; \
+             $BROWSER 'https://auth.example/authorize?code=true&client_id=c&redirect_uri=r&code_challenge=x&state=s'; sleep 30"
                 .into(),
         ];
         logins
@@ -908,14 +1086,23 @@ mod tests {
                 provider: d,
             })
             .expect("start");
-        let all = watch_statuses(&logins, "c1", 4).await;
-        let full = "https://auth.example/authorize?code=true&client_id=c&redirect_uri=r&state=s";
+        let all = watch_statuses(&logins, "c1", 7).await;
+        let full =
+            "https://auth.example/authorize?code=true&client_id=c&redirect_uri=r&code_challenge=x&state=s";
         for s in &all {
             assert!(
                 s.login_url.is_none() || s.login_url.as_deref() == Some(full),
                 "{s:?}"
             );
         }
+        // While it waited, it said what it saw.
+        assert!(
+            all.iter().any(|s| s.step == Some(AgentStep::Url)
+                && s.seen
+                    .as_deref()
+                    .is_some_and(|w| w.contains("shortened link"))),
+            "{all:?}"
+        );
         let last = all.last().expect("statuses");
         assert_eq!(last.phase, AgentLoginPhase::AwaitingUser, "{last:?}");
         assert_eq!(last.login_url.as_deref(), Some(full));
@@ -924,11 +1111,11 @@ mod tests {
         logins.cancel("c1");
     }
 
-    /// A CLI that shows a whole URL and hands the browser another one only
-    /// after the screen's grace: the screen's is opened first, then the
-    /// hook's replaces it.
+    /// A CLI that shows its shortened link and never calls the browser
+    /// hook: the login fails once the rule's wait is over, saying what it
+    /// saw, and nothing was opened.
     #[tokio::test]
-    async fn a_late_hook_url_replaces_one_read_off_the_screen() {
+    async fn no_hook_call_fails_with_what_was_seen() {
         let home = tempfile::tempdir().expect("tmp");
         let run = tempfile::tempdir().expect("tmp");
         write_browser_hook(home.path());
@@ -938,47 +1125,106 @@ mod tests {
         let logins = Arc::new(Logins::new(cfg));
         let mut d = def();
         d.prompts.clear();
+        strict(&mut d, 2);
         d.command = vec![
             "sh".into(),
             "-c".into(),
-            "printf 'Open https://auth.example/authorize?from=screen\\n'; sleep 2.5; \
-             $BROWSER 'https://auth.example/authorize?from=hook'; sleep 30"
+            "printf 'Sign in: https://auth.example/authorize?z-ab\\342\\200\\246\\r\\n'; sleep 30"
                 .into(),
         ];
         logins
             .start(LoginStart {
-                login_id: "c2".into(),
+                login_id: "n1".into(),
                 provider: d,
             })
             .expect("start");
-        let early = poll(&logins, "c2", 25, |s| s.login_url.is_some()).await;
-        assert_eq!(
-            early.login_url.as_deref(),
-            Some("https://auth.example/authorize?from=screen"),
-            "{early:?}"
+        let last = poll(&logins, "n1", 60, |s| s.phase == AgentLoginPhase::Failed).await;
+        assert_eq!(last.phase, AgentLoginPhase::Failed, "{last:?}");
+        assert_eq!(last.login_url, None);
+        assert_eq!(last.step, Some(AgentStep::Url));
+        let err = last.error.unwrap_or_default();
+        assert!(
+            err.contains(
+                "sh showed only a shortened link on screen (https://auth.example/authorize?z-ab…)"
+            ) && err.contains("its browser hook was never handed a URL that qualifies within 2 s"),
+            "{err}"
         );
-        let last = poll(&logins, "c2", 40, |s| {
-            s.login_url.as_deref() == Some("https://auth.example/authorize?from=hook")
-        })
-        .await;
-        assert_eq!(
-            last.login_url.as_deref(),
-            Some("https://auth.example/authorize?from=hook"),
-            "{last:?}"
-        );
-        assert_eq!(
-            opened_urls(&opened, 2).await,
-            vec![
-                "https://auth.example/authorize?from=screen".to_owned(),
-                "https://auth.example/authorize?from=hook".to_owned()
-            ]
-        );
-        logins.cancel("c2");
+        assert_eq!(opened_urls(&opened, 1).await, Vec::<String>::new());
     }
 
-    /// No browser hook at all: a URL the TUI draws in pieces (colour, cursor
-    /// moves, wrapped over three rows of a narrow terminal) is read off the
-    /// screen whole and opened after the grace.
+    /// A URL handed to the hook without the client id the rule asks for is
+    /// refused (never reported nor opened); the right one after it is taken.
+    #[tokio::test]
+    async fn a_url_without_its_client_id_is_refused() {
+        let home = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        write_browser_hook(home.path());
+        let opened = home.path().join("opened");
+        let mut cfg = test_cfg(home.path(), run.path());
+        recording_browser(&mut cfg, &opened);
+        let logins = Arc::new(Logins::new(cfg));
+        let mut d = def();
+        d.prompts.clear();
+        strict(&mut d, 3);
+        d.command = vec![
+            "sh".into(),
+            "-c".into(),
+            "$BROWSER 'https://auth.example/authorize?redirect_uri=r&code_challenge=x'; sleep 1.5; \
+             $BROWSER 'https://auth.example/authorize?client_id=c&redirect_uri=r&code_challenge=x'; sleep 30"
+                .into(),
+        ];
+        logins
+            .start(LoginStart {
+                login_id: "u1".into(),
+                provider: d.clone(),
+            })
+            .expect("start");
+        let all = watch_statuses(&logins, "u1", 3).await;
+        let good = "https://auth.example/authorize?client_id=c&redirect_uri=r&code_challenge=x";
+        for s in &all {
+            assert!(
+                s.login_url.is_none() || s.login_url.as_deref() == Some(good),
+                "{s:?}"
+            );
+        }
+        assert!(
+            all.iter().any(|s| s
+                .seen
+                .as_deref()
+                .is_some_and(|w| w.contains("no client_id"))),
+            "{all:?}"
+        );
+        assert_eq!(all.last().and_then(|s| s.login_url.as_deref()), Some(good));
+        assert_eq!(opened_urls(&opened, 1).await, vec![good.to_owned()]);
+        logins.cancel("u1");
+
+        // Only the bad one: the login fails, naming what was missing.
+        d.command = vec![
+            "sh".into(),
+            "-c".into(),
+            "$BROWSER 'https://auth.example/authorize?redirect_uri=r&code_challenge=x'; sleep 30"
+                .into(),
+        ];
+        logins
+            .start(LoginStart {
+                login_id: "u2".into(),
+                provider: d,
+            })
+            .expect("start");
+        let last = poll(&logins, "u2", 80, |s| s.phase == AgentLoginPhase::Failed).await;
+        assert_eq!(last.phase, AgentLoginPhase::Failed, "{last:?}");
+        assert_eq!(last.login_url, None);
+        let err = last.error.unwrap_or_default();
+        assert!(
+            err.contains("a URL handed to its browser hook with no client_id"),
+            "{err}"
+        );
+    }
+
+    /// A provider whose URL comes from the screen (a CLI that opens no
+    /// browser): a URL the TUI draws in pieces (colour, cursor moves,
+    /// wrapped over three rows of a narrow terminal) is read off the screen
+    /// whole and opened.
     #[tokio::test]
     async fn a_wrapped_url_on_screen_is_the_fallback() {
         let home = tempfile::tempdir().expect("tmp");
@@ -989,6 +1235,7 @@ mod tests {
         let logins = Arc::new(Logins::new(cfg));
         let mut d = def();
         d.prompts.clear();
+        d.url.from = UrlSource::Screen;
         d.cols = 80;
         let url = format!(
             "https://auth.example/authorize?state={}",

@@ -1,11 +1,12 @@
 //! Login URLs: which URL a provider's login may hand over, and finding one
 //! on the screen the command draws.
 //!
-//! The URL a CLI hands the browser hook is the one that counts (see
-//! `login/mod.rs`); the screen is the fallback. A CLI may draw a shortened
-//! link there (claude-code shows `https://claude.ai/oauth/authorize?z-…`,
-//! without client id or redirect, and opens the full one): a link cut with
-//! an ellipsis is never taken.
+//! The provider's rule (`ProviderDef::url`) says where its URL comes from
+//! (the browser hook, or for a CLI that opens no browser, the screen) and
+//! what it must hold. A CLI may draw a shortened link on screen (claude-code
+//! shows `https://claude.ai/oauth/authorize?z-…`, without client id or
+//! redirect, and opens the full one): such a link is never taken, whatever
+//! the rule; it is only noted, for a failure's reason.
 
 use super::screen::Drawn;
 use airlock_proto::login::ProviderDef;
@@ -18,6 +19,37 @@ pub fn matches_prefix(def: &ProviderDef, url: &str) -> bool {
     def.url_prefixes.iter().any(|p| url.starts_with(p.as_str()))
         && url.len() <= MAX_URL_BYTES
         && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// Why `url` is not this provider's sign-in URL, or `None` when it is.
+pub fn refuses(def: &ProviderDef, url: &str) -> Option<String> {
+    if !matches_prefix(def, url) {
+        return Some(format!(
+            "it does not start with {}",
+            def.url_prefixes.join(" or ")
+        ));
+    }
+    def.url.refuses(url)
+}
+
+/// The first link drawn that starts with one of the prefixes, as drawn
+/// (at most 80 characters, an ellipsis kept), and whether it was cut short.
+pub fn sighting(def: &ProviderDef, text: &str) -> Option<(String, bool)> {
+    def.url_prefixes.iter().find_map(|p| {
+        let start = text.find(p.as_str())?;
+        let len: usize = text[start..]
+            .chars()
+            .take_while(|c| url_char(*c))
+            .map(char::len_utf8)
+            .sum();
+        let end = start + len;
+        let shortened = text[end..].starts_with('…') || text[start..end].ends_with("...");
+        let mut shown: String = text[start..end].chars().take(80).collect();
+        if shortened || len > shown.len() {
+            shown.push('…');
+        }
+        Some((shown, shortened))
+    })
 }
 
 /// A character a URL drawn on a terminal is made of (RFC 3986's, and `%`).
@@ -70,6 +102,7 @@ mod tests {
             env: Default::default(),
             url_prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
             prompts: Vec::new(),
+            url: Default::default(),
             code_prompt: None,
             credentials: vec![CredentialFile {
                 path: ".t/creds.json".into(),
@@ -126,6 +159,21 @@ mod tests {
             find_url(&d, "https://claude.ai/oauth/authorize?z-...\n", None),
             None
         );
+    }
+
+    #[test]
+    fn a_shortened_link_is_noted_as_seen() {
+        let d = def(&["https://claude.ai/oauth/authorize?"]);
+        let text = "Use the url below:\nhttps://claude.ai/oauth/authorize?z-ab…\nPaste code here";
+        assert_eq!(
+            sighting(&d, text),
+            Some(("https://claude.ai/oauth/authorize?z-ab…".to_owned(), true))
+        );
+        assert_eq!(sighting(&d, "nothing here"), None);
+        let long = format!("https://claude.ai/oauth/authorize?{}\n", "a".repeat(200));
+        let (shown, short) = sighting(&d, &long).expect("seen");
+        assert!(!short);
+        assert_eq!(shown.chars().count(), 81);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! the same files; destroying a sandbox twice is harmless).
 
 pub mod advance;
+pub mod progress;
 pub mod providers;
 pub mod state;
 mod steps;
@@ -43,9 +44,15 @@ pub struct Timing {
     pub sandbox: Duration,
     /// The agent unreachable this long in a row fails the login.
     pub agent: Duration,
-    /// The agent accepting the login command.
+    /// The agent accepting the login command, and the command drawing its
+    /// first screen.
     pub cli_start: Duration,
-    /// From the command's start to its sign-in URL (its prompts answered).
+    /// From the command's first screen to its last prompt answered.
+    pub prompts: Duration,
+    /// From its prompts answered (or its first screen, without prompts) to
+    /// its sign-in URL. The agent's own, shorter wait (the rule's
+    /// `hook_wait_s`) fails first when the command showed something that
+    /// does not qualify.
     pub url: Duration,
     /// Fetching the credentials once the agent saw them.
     pub capture: Duration,
@@ -59,8 +66,9 @@ impl Timing {
             poll: Duration::from_millis(500),
             sandbox: cfg.boot_timeout + Duration::from_secs(30),
             agent: Duration::from_secs(15),
-            cli_start: Duration::from_secs(30),
-            url: Duration::from_secs(180),
+            cli_start: Duration::from_secs(60),
+            prompts: Duration::from_secs(90),
+            url: Duration::from_secs(90),
             capture: Duration::from_secs(60),
             delivery: cfg.boot_timeout + Duration::from_secs(90),
         }
@@ -114,6 +122,8 @@ pub struct LoginsState {
     driving: Mutex<HashSet<String>>,
     /// Unset: [`Timing::of`] the app's config.
     timing: RwLock<Option<Timing>>,
+    /// The step each login in `starting` is at.
+    pub progress: progress::Progress,
 }
 
 impl LoginsState {
@@ -547,6 +557,7 @@ impl App {
         let id = id.to_owned();
         self.spawn(async move {
             app.drive(&id).await;
+            app.logins.progress.forget(&id);
             app.logins
                 .driving
                 .lock()

@@ -3,6 +3,7 @@
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
+use crate::app::logins::progress::LoginStep;
 use crate::app::logins::state::LoginState;
 use crate::app::logins::ProviderStats;
 use crate::app::App;
@@ -35,6 +36,11 @@ pub struct Login {
     pub login_url: Option<String>,
     /// The CLI waits for a code the user pastes (`POST /logins/{id}/code`).
     pub awaiting_code: bool,
+    /// While `starting`: the step it is in (each has its own deadline, and
+    /// a failure's reason begins with the step that failed).
+    pub step: Option<LoginStep>,
+    /// While its task runs: each step entered so far, in order, and when.
+    pub steps: Vec<StepMark>,
     pub browser_sandbox_id: Option<String>,
     pub workspace_sandbox_id: Option<String>,
     /// The page that shows the browser sandbox's desktop.
@@ -43,6 +49,15 @@ pub struct Login {
     pub updated_at: String,
     pub expires_at: String,
     pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StepMark {
+    pub step: LoginStep,
+    /// When the login entered it.
+    pub at: String,
+    /// Seconds from the login's creation.
+    pub after_s: f64,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -76,8 +91,21 @@ pub struct LoginStats {
 
 use crate::app::rfc3339;
 
-fn view(row: LoginRow) -> Login {
+fn view(app: &App, row: LoginRow) -> Login {
+    let marks = app.logins.progress.marks(&row.id);
+    let step = (row.state == LoginState::Starting)
+        .then(|| marks.last().map(|m| m.step))
+        .flatten();
     Login {
+        step,
+        steps: marks
+            .iter()
+            .map(|m| StepMark {
+                step: m.step,
+                at: rfc3339(m.at_ms),
+                after_s: (m.at_ms - row.created_at).max(0) as f64 / 1000.0,
+            })
+            .collect(),
         viewer_url: row
             .browser_sandbox_id
             .as_ref()
@@ -106,7 +134,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
     let row = app.start_login(&user, &body.provider).await?;
-    Ok((StatusCode::CREATED, Json(view(row))).into_response())
+    Ok((StatusCode::CREATED, Json(view(&app, row))).into_response())
 }
 
 #[utoipa::path(get, path = "/api/v1/logins", responses((status = 200, body = LoginList)))]
@@ -116,7 +144,7 @@ pub async fn list(
 ) -> Result<Json<LoginList>, ApiError> {
     let rows = app.logins_list(&user).await?;
     Ok(Json(LoginList {
-        logins: rows.into_iter().map(view).collect(),
+        logins: rows.into_iter().map(|r| view(&app, r)).collect(),
     }))
 }
 
@@ -126,7 +154,8 @@ pub async fn get_one(
     Caller(user): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Login>, ApiError> {
-    Ok(Json(view(app.login_of(&user, &id).await?)))
+    let row = app.login_of(&user, &id).await?;
+    Ok(Json(view(&app, row)))
 }
 
 #[utoipa::path(delete, path = "/api/v1/logins/{id}", responses((status = 202, body = Login), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -136,7 +165,7 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let row = app.cancel_login(&user, &id).await?;
-    Ok((StatusCode::ACCEPTED, Json(view(row))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(view(&app, row))).into_response())
 }
 
 #[utoipa::path(post, path = "/api/v1/logins/{id}/code", request_body = LoginCode,
@@ -199,7 +228,9 @@ pub fn routes() -> Router<Arc<App>> {
         ProviderList,
         LoginStats,
         ProviderStats,
-        LoginState
+        LoginState,
+        LoginStep,
+        StepMark
     ))
 )]
 pub struct Doc;

@@ -337,7 +337,8 @@ pub fn write_test_providers(dir: &Path) {
         "name = \"testidle\"\ndisplay_name = \"Test idle\"\n\
          command = [\"sh\", \"-c\", \"echo 'http://oauth.test/authorize?client_id=idle'; sleep 600\"]\n\
          url_prefixes = [\"http://oauth.test/authorize?\"]\n\
-         credentials = [{ path = \".testcli/none.json\" }]\n",
+         credentials = [{ path = \".testcli/none.json\" }]\n\
+         [url]\nfrom = \"screen\"\nparams = [\"client_id\"]\n",
     )
     .expect("write");
 }

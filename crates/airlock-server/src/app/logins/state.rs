@@ -138,12 +138,14 @@ pub enum Stage {
     Sandbox,
     /// The sandbox's agent did not answer.
     Agent,
-    /// The agent could not start the login command.
+    /// The agent could not start the login command, or it drew nothing.
     CliStart,
+    /// The login command's prompts were not all answered in time.
+    Prompts,
     /// The login command ended without credentials.
     CliExited,
-    /// The command printed no sign-in URL in time (its prompts unanswered, or
-    /// no URL matching the provider's prefixes).
+    /// The command handed over no sign-in URL that passes the provider's
+    /// rule in time.
     Url,
     /// The credentials could not be fetched or sealed.
     Capture,
@@ -155,10 +157,11 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 8] = [
+    pub const ALL: [Stage; 9] = [
         Stage::Sandbox,
         Stage::Agent,
         Stage::CliStart,
+        Stage::Prompts,
         Stage::CliExited,
         Stage::Url,
         Stage::Capture,
@@ -172,6 +175,7 @@ impl Stage {
             Stage::Sandbox => "sandbox",
             Stage::Agent => "agent",
             Stage::CliStart => "cli_start",
+            Stage::Prompts => "prompts",
             Stage::CliExited => "cli_exited",
             Stage::Url => "url",
             Stage::Capture => "capture",
@@ -186,6 +190,7 @@ impl Stage {
             Stage::Sandbox => "browser sandbox",
             Stage::Agent => "agent",
             Stage::CliStart => "starting the login command",
+            Stage::Prompts => "the login command's prompts",
             Stage::CliExited => "login command",
             Stage::Url => "sign-in URL",
             Stage::Capture => "capturing the credentials",

@@ -3,6 +3,7 @@
 //! the step). They read the store and call the agent and the vault; the only
 //! state they write goes through `advance`.
 
+use super::progress::LoginStep;
 use super::state::{Event, Failure, LoginState, SealedRecord, Stage};
 use super::{aad, advance, expiry, AdvanceError, Advanced, AgentAt, Timing};
 use crate::app::agent::AgentError;
@@ -10,7 +11,7 @@ use crate::app::state::SandboxState;
 use crate::app::{App, AppError};
 use crate::store::{now_ms, LoginRow, SandboxRow, UserRow};
 use airlock_proto::agent::ExecRequest;
-use airlock_proto::login::{AgentLoginPhase, FileSet, LoginStart, LoginStatus};
+use airlock_proto::login::{AgentLoginPhase, AgentStep, FileSet, LoginStart, LoginStatus};
 use airlock_proto::metadata::SandboxKind;
 use secrecy::{ExposeSecret, SecretBox};
 use std::sync::Arc;
@@ -81,7 +82,13 @@ fn unreachable(e: &AgentError) -> bool {
 fn from_status(state: LoginState, status: &LoginStatus) -> Option<Event> {
     match status.phase {
         AgentLoginPhase::Failed => Some(Event::Fail(Failure::new(
-            Stage::CliExited,
+            // The agent gave up waiting for a URL that passes the rule;
+            // else the command ended.
+            if status.step == Some(AgentStep::Url) {
+                Stage::Url
+            } else {
+                Stage::CliExited
+            },
             status
                 .error
                 .clone()
@@ -133,10 +140,12 @@ impl App {
                 row.provider
             )));
         };
+        self.mark(&row.id, LoginStep::Sandbox);
         let sb = match self.ready_browser(row, &t).await? {
             Ok(sb) => sb,
             Err(next) => return Ok(next),
         };
+        self.mark(&row.id, LoginStep::Agent);
         let at = self.at(&sb, Stage::Sandbox)?;
         let start = LoginStart {
             login_id: row.id.clone(),
@@ -161,7 +170,8 @@ impl App {
             tokio::time::sleep(t.poll).await;
         };
         patience.answered();
-        let url_by = Instant::now() + t.url;
+        // Each step's deadline runs from when the login entered it.
+        let mut entered: Option<(AgentStep, Instant)> = None;
         loop {
             let Some(row) = self.still(&row.id, LoginState::Starting).await? else {
                 return Ok(Next::Stop);
@@ -173,14 +183,17 @@ impl App {
                 return Ok(Next::Event(event));
             }
             self.note_awaiting_code(&row, &status).await;
-            if Instant::now() >= url_by {
-                return Err(Failure::new(
-                    Stage::Url,
-                    format!(
-                        "the login command showed none within {:?} (a prompt left unanswered, or no URL with the provider's prefixes)",
-                        t.url
-                    ),
-                ));
+            let step = status.step.unwrap_or(AgentStep::Url);
+            if entered.is_none_or(|(s, _)| s != step) {
+                entered = Some((step, Instant::now()));
+                self.mark(&row.id, step.into());
+            }
+            let since = match entered {
+                Some((_, at)) if step != AgentStep::CliStart => at,
+                _ => started,
+            };
+            if let Some(failure) = overdue(step, since, &t, &status) {
+                return Err(failure);
             }
             tokio::time::sleep(t.poll).await;
             status = loop {
@@ -195,6 +208,11 @@ impl App {
                 tokio::time::sleep(t.poll).await;
             };
         }
+    }
+
+    /// The login entered `step` now (for `GET /logins/{id}` and the bench).
+    fn mark(&self, id: &str, step: LoginStep) {
+        self.logins.progress.enter(id, step, now_ms());
     }
 
     /// The login's browser sandbox once ready, made if the row has none
@@ -507,6 +525,32 @@ impl App {
             tokio::time::sleep(t.poll).await;
         }
     }
+}
+
+/// The failure of a login command that stayed in `step` (entered at
+/// `since`) past its deadline, naming the step and what the agent saw.
+fn overdue(step: AgentStep, since: Instant, t: &Timing, status: &LoginStatus) -> Option<Failure> {
+    let (stage, limit, what) = match step {
+        AgentStep::CliStart => (Stage::CliStart, t.cli_start, "it drew nothing"),
+        AgentStep::Prompts => (Stage::Prompts, t.prompts, "not every prompt was answered"),
+        AgentStep::Url => (
+            Stage::Url,
+            t.url,
+            "it handed over no URL that passes the provider's rule",
+        ),
+    };
+    if since.elapsed() < limit {
+        return None;
+    }
+    let seen = status
+        .seen
+        .as_deref()
+        .map(|s| format!("; seen: {s}"))
+        .unwrap_or_default();
+    Some(Failure::new(
+        stage,
+        format!("{what} within {limit:?}{seen}"),
+    ))
 }
 
 fn sandbox_ended(sb: &SandboxRow, state: SandboxState) -> Failure {

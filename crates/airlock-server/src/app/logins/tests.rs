@@ -17,7 +17,7 @@ use airlock_drivers::net::pool::AddressPool;
 use airlock_drivers::ImageRef;
 use airlock_proto::agent::{ExecRequest, ExecResponse, Health};
 use airlock_proto::login::{
-    AgentLoginPhase, FileBlob, FileSet, LoginInput, LoginStart, LoginStatus,
+    AgentLoginPhase, AgentStep, FileBlob, FileSet, LoginInput, LoginStart, LoginStatus,
 };
 use async_trait::async_trait;
 use base64::Engine;
@@ -46,6 +46,11 @@ struct Plan {
     down: bool,
     /// The command shows its code prompt; the code typed signs it in.
     code: bool,
+    /// The step the agent reports while the command runs without a URL
+    /// (none: `url`).
+    step: Option<AgentStep>,
+    /// What the agent says it saw.
+    seen: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -130,10 +135,15 @@ impl LoginGuest {
             login_url: w.plan.url.clone(),
             awaiting_code: false,
             error: None,
+            step: Some(w.plan.step.unwrap_or(AgentStep::Url)),
+            seen: w.plan.seen.clone(),
         };
         if let Some(e) = &w.plan.exit {
+            // As the agent says it: a failed login names its step only when
+            // the agent gave up on the URL, not when the command ended.
             s.phase = AgentLoginPhase::Failed;
             s.error = Some(e.clone());
+            s.step = w.plan.step;
         } else if w.signed_in.iter().any(|l| l == login_id) {
             s.phase = AgentLoginPhase::Captured;
         } else if s.login_url.is_some() {
@@ -290,6 +300,7 @@ fn timing() -> Timing {
         sandbox: Duration::from_secs(5),
         agent: Duration::from_millis(300),
         cli_start: Duration::from_millis(300),
+        prompts: Duration::from_millis(500),
         url: Duration::from_millis(400),
         capture: Duration::from_millis(400),
         delivery: Duration::from_secs(5),
@@ -858,13 +869,138 @@ async fn the_cli_exits() {
 
 #[tokio::test]
 async fn the_url_never_comes() {
-    fails_at(
-        |bed| bed.guest.plan(|p| p.url = None),
+    let (_, row) = fails_at(
+        |bed| {
+            bed.guest.plan(|p| {
+                p.url = None;
+                p.seen = Some("only a shortened link on screen (https://fake.test/z-…)".into());
+            })
+        },
         false,
         "url",
-        "sign-in URL: the login command showed none within 400ms",
+        "sign-in URL: it handed over no URL that passes the provider's rule within 400ms",
     )
     .await;
+    let reason = row.reason.unwrap_or_default();
+    assert!(
+        reason.ends_with("seen: only a shortened link on screen (https://fake.test/z-…)"),
+        "{reason}"
+    );
+}
+
+/// The agent gave up on the URL itself (what the command showed did not
+/// pass the rule within the provider's wait): the URL step failed, not
+/// the command.
+#[tokio::test]
+async fn the_agent_refuses_every_url() {
+    fails_at(
+        |bed| {
+            bed.guest.plan(|p| {
+                p.url = None;
+                p.step = Some(AgentStep::Url);
+                p.exit = Some("fake-cli showed only a shortened link on screen; its browser hook was never handed a URL that qualifies within 20 s".into());
+            })
+        },
+        false,
+        "url",
+        "sign-in URL: fake-cli showed only a shortened link on screen; its browser hook was never",
+    )
+    .await;
+}
+
+/// A command that draws nothing, and one stuck at its prompts: each fails
+/// in its own step, under its own deadline, saying what was on screen.
+#[tokio::test]
+async fn the_cli_draws_nothing_or_sticks_at_a_prompt() {
+    fails_at(
+        |bed| {
+            bed.guest.plan(|p| {
+                p.url = None;
+                p.step = Some(AgentStep::CliStart);
+            })
+        },
+        false,
+        "cli_start",
+        "starting the login command: it drew nothing within 300ms",
+    )
+    .await;
+    fails_at(
+        |bed| {
+            bed.guest.plan(|p| {
+                p.url = None;
+                p.step = Some(AgentStep::Prompts);
+                p.seen = Some("its screen ends: Pick a theme".into());
+            })
+        },
+        false,
+        "prompts",
+        "the login command's prompts: not every prompt was answered within 500ms; seen: its screen ends: Pick a theme",
+    )
+    .await;
+}
+
+/// While `starting`, the login says which step it is in, and each step
+/// entered is noted in order; its task's end forgets them.
+#[tokio::test]
+async fn a_starting_login_shows_its_step() {
+    let bed = Bed::new().await;
+    bed.app.logins.set_timing(Timing {
+        prompts: Duration::from_secs(30),
+        ..timing()
+    });
+    bed.guest.plan(|p| {
+        p.url = None;
+        p.step = Some(AgentStep::Prompts);
+    });
+    let login = bed.start().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while bed.app.logins.progress.current(&login.id) != Some(super::progress::LoginStep::Prompts) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            bed.app.logins.progress.marks(&login.id)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let steps: Vec<_> = bed
+        .app
+        .logins
+        .progress
+        .marks(&login.id)
+        .iter()
+        .map(|m| m.step.as_str())
+        .collect();
+    assert_eq!(steps, ["sandbox", "agent", "prompts"]);
+    bed.guest.plan(|p| {
+        p.step = None;
+        p.url = Some("https://fake.test/auth".into());
+    });
+    bed.until(&login.id, LoginState::AwaitingUser).await;
+    let steps: Vec<_> = bed
+        .app
+        .logins
+        .progress
+        .marks(&login.id)
+        .iter()
+        .map(|m| m.step.as_str())
+        .collect();
+    assert_eq!(
+        steps,
+        ["sandbox", "agent", "prompts"],
+        "the URL came while at the prompts"
+    );
+    bed.app
+        .cancel_login(&bed.user, &login.id)
+        .await
+        .expect("cancel");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !bed.app.logins.progress.marks(&login.id).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "progress kept after the end"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
