@@ -576,6 +576,11 @@ impl App {
     }
 
     async fn cached_upstream(&self, user_id: &str) -> Cached {
+        // A pool member belongs to nobody yet: no upstream (and no account
+        // port) until a claim rebinds its forwarder to its user's.
+        if user_id == super::pool::OWNER {
+            return Ok(None);
+        }
         {
             let cache = self.egress.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((at, hit)) = cache.get(user_id) {

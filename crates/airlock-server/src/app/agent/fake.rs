@@ -6,7 +6,7 @@
 
 use super::{AgentError, Guest};
 use crate::node::fake::{DisplayState, FakeInstance, FakeNode};
-use airlock_proto::agent::{ExecRequest, ExecResponse, Health};
+use airlock_proto::agent::{ExecRequest, ExecResponse, Health, Session};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +20,10 @@ pub struct FakeGuest {
     scripts: Mutex<HashMap<String, ExecResponse>>,
     /// Every exec, as (sandbox id, argv).
     execs: Mutex<Vec<(String, Vec<String>)>>,
+    /// Sessions handed to pool members, by sandbox id.
+    sessions: Mutex<HashMap<String, Session>>,
+    /// `hand_session` fails with this (a claim that breaks half-way).
+    session_failure: Mutex<Option<String>>,
 }
 
 impl FakeGuest {
@@ -28,7 +32,23 @@ impl FakeGuest {
             node,
             scripts: Mutex::default(),
             execs: Mutex::default(),
+            sessions: Mutex::default(),
+            session_failure: Mutex::default(),
         }
+    }
+
+    /// Handing a session fails with `why` from now on (None: works again).
+    pub fn fail_sessions(&self, why: Option<&str>) {
+        *self
+            .session_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = why.map(str::to_owned);
+    }
+
+    /// The session sandbox `id`'s agent holds, if any.
+    pub fn session_of(&self, id: &str) -> Option<Session> {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.get(id).cloned()
     }
 
     /// `program` answers `answer` from now on.
@@ -120,5 +140,46 @@ impl Guest for FakeGuest {
 
     async fn display_answers(&self, display: SocketAddr, password: &str) -> Result<(), String> {
         self.display_at(display, password).map(|_| ())
+    }
+
+    async fn hand_session(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        session: &Session,
+    ) -> Result<(), AgentError> {
+        let guest = self.agent_at(agent, token)?;
+        if let Some(why) = self
+            .session_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(AgentError::Down(why));
+        }
+        let id = guest.req.metadata.sandbox_id.clone();
+        if session.sandbox_id != id {
+            return Err(AgentError::Status {
+                status: 400,
+                message: "the session is for another sandbox".into(),
+            });
+        }
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        // As the agent does: one owner, ever.
+        match sessions.get(&id) {
+            Some(held) if held.user_id != session.user_id => Err(AgentError::Status {
+                status: 409,
+                message: "this sandbox already belongs to another user".into(),
+            }),
+            _ => {
+                sessions.insert(id, session.clone());
+                Ok(())
+            }
+        }
+    }
+
+    async fn session(&self, agent: SocketAddr, token: &str) -> Result<Option<Session>, AgentError> {
+        let guest = self.agent_at(agent, token)?;
+        Ok(self.session_of(&guest.req.metadata.sandbox_id))
     }
 }
