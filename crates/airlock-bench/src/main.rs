@@ -10,6 +10,7 @@ mod fuzz;
 mod image;
 mod keypress;
 mod leaks;
+mod pool;
 mod relay;
 mod rfbc;
 mod sandbox;
@@ -106,6 +107,9 @@ enum Cmd {
     /// running control plane; then what was left on the host (must be nothing).
     /// The API token comes from AIRLOCK_TOKEN (none: the loopback user `local`).
     Churn(ChurnArgs),
+    /// Warm pools: claim → ready at a steady rate and in bursts, hit rate,
+    /// and the time to fill the pool again.
+    Pool(pool::Options),
     /// The quick ones: relay, sandboxes, keypress, and image without the cold build.
     All {
         #[arg(long, env = "AIRLOCK_IMAGE_DIR")]
@@ -228,6 +232,7 @@ fn main() -> Result<()> {
         } => fuzz::run(minutes, target.as_deref(), seed, &out),
         Cmd::Churn(args) => rt.block_on(churn_command(args)),
         Cmd::Soak { minutes } => rt.block_on(soak::run(minutes)),
+        Cmd::Pool(opts) => rt.block_on(pool::run(opts)),
         Cmd::All { image_dir, agent } => {
             rt.block_on(relay::run(2000, 256, 5))?;
             rt.block_on(sandboxes::run(10, Duration::from_secs(30)))?;

@@ -180,6 +180,15 @@ pub trait Forwarders: Send + Sync + std::fmt::Debug + 'static {
         -> Result<(), AppError>;
     /// Stop it; harmless when there is none.
     async fn detach(&self, app: &App, id: &str);
+    /// A pool's claim: the running proxy now uses `row`'s owner's upstream.
+    async fn rebind(
+        &self,
+        app: &Arc<App>,
+        row: &SandboxRow,
+        lease: &Lease,
+    ) -> Result<(), AppError> {
+        self.attach(app, row, lease).await
+    }
 }
 
 /// The real forwarders: a proxy listening on the sandbox's gateway address.
@@ -199,6 +208,15 @@ impl Forwarders for RealForwarders {
 
     async fn detach(&self, app: &App, id: &str) {
         app.egress_detach(id).await
+    }
+
+    async fn rebind(
+        &self,
+        app: &Arc<App>,
+        row: &SandboxRow,
+        lease: &Lease,
+    ) -> Result<(), AppError> {
+        app.egress_rebind(row, lease).await
     }
 }
 

@@ -328,6 +328,21 @@ impl App {
         Ok(out)
     }
 
+    /// The session sandbox `id`'s agent holds (`None`: never claimed from a
+    /// pool); the sandbox must be ready.
+    pub async fn guest_session(&self, id: &str) -> Result<Option<Session>, AppError> {
+        let row = self
+            .store
+            .sandbox(id)
+            .await?
+            .ok_or_else(|| AppError::NotFound(format!("sandbox {id:?}")))?;
+        let endpoints = self.ready_endpoints(&row)?;
+        self.guest
+            .session(endpoints.agent, &row.agent_token)
+            .await
+            .map_err(|e| AppError::Unavailable(e.to_string()))
+    }
+
     /// One round of the refiller over every kind.
     pub async fn refill_pools_once(self: &Arc<Self>) {
         for k in [SandboxKind::Browser, SandboxKind::Workspace] {
@@ -496,7 +511,7 @@ impl App {
             .await
             .map_err(|e| e.to_string())?;
         self.forwarders
-            .attach(self, &row, &lease)
+            .rebind(self, &row, &lease)
             .await
             .map_err(|e| format!("egress: {e}"))?;
         let session = Session {
