@@ -63,32 +63,44 @@ async fn measure(cp: &ControlPlane, opts: &Options) -> Result<()> {
         secs(first_fill)
     );
 
-    // Steady claims.
-    let mut steady = Vec::new();
-    let mut deletes = Vec::new();
+    // Steady claims: one started every `every_ms`, whether or not the ones
+    // before are ready yet (a miss waits for its cold boot on its own).
     let every = Duration::from_millis(opts.every_ms);
     let mut next = Instant::now();
+    let mut running = Vec::new();
     for i in 0..opts.claims {
         tokio::time::sleep_until(next.into()).await;
         next += every;
-        let c = claim(&http, cp).await?;
-        eprintln!(
-            "pool: claim {} {} in {}",
-            i + 1,
-            if c.from_pool { "hit" } else { "miss" },
-            ms(c.to_ready)
-        );
-        deletes.push(delete_later(&http, cp, &c.id));
-        steady.push(c);
+        let (http, cp_base) = (http.clone(), cp.base.clone());
+        running.push(tokio::spawn(async move {
+            let c = claim(&http, &cp_base).await;
+            if let Ok(c) = &c {
+                eprintln!(
+                    "pool: claim {} {} in {}",
+                    i + 1,
+                    if c.from_pool { "hit" } else { "miss" },
+                    ms(c.to_ready)
+                );
+                let _ = http
+                    .delete(format!("{cp_base}/api/v1/sandboxes/{}", c.id))
+                    .send()
+                    .await;
+            }
+            c
+        }));
     }
-    futures::future::join_all(deletes.drain(..)).await;
+    let mut steady = Vec::new();
+    for r in futures::future::join_all(running).await {
+        steady.push(r??);
+    }
+    let mut deletes = Vec::new();
 
     // Bursts, each from a full pool.
     let mut burst = Vec::new();
     let mut refills = Vec::new();
     for b in 0..opts.bursts {
         wait_full(&http, cp, opts.size, Duration::from_secs(600)).await?;
-        let all = futures::future::join_all((0..opts.burst).map(|_| claim(&http, cp))).await;
+        let all = futures::future::join_all((0..opts.burst).map(|_| claim(&http, &cp.base))).await;
         let t0 = Instant::now();
         let mut got = Vec::new();
         for c in all {
@@ -177,10 +189,10 @@ async fn measure(cp: &ControlPlane, opts: &Options) -> Result<()> {
 }
 
 /// `POST /sandboxes`; for a cold create, wait until it is ready.
-async fn claim(http: &reqwest::Client, cp: &ControlPlane) -> Result<Claimed> {
+async fn claim(http: &reqwest::Client, base: &str) -> Result<Claimed> {
     let t0 = Instant::now();
     let resp = http
-        .post(format!("{}/api/v1/sandboxes", cp.base))
+        .post(format!("{base}/api/v1/sandboxes"))
         .json(&json!({"kind": "browser"}))
         .send()
         .await
@@ -197,13 +209,32 @@ async fn claim(http: &reqwest::Client, cp: &ControlPlane) -> Result<Claimed> {
             bail!("a pool hit that is not ready: {body}");
         }
     } else {
-        cp.wait_ready(&id, Duration::from_secs(180)).await?;
+        wait_ready(http, base, &id, Duration::from_secs(180)).await?;
     }
     Ok(Claimed {
         id,
         from_pool,
         to_ready: t0.elapsed(),
     })
+}
+
+/// Poll every 20 ms until `ready`; an error on `failed` or after `within`.
+async fn wait_ready(http: &reqwest::Client, base: &str, id: &str, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let body: Value = http
+            .get(format!("{base}/api/v1/sandboxes/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        match body["state"].as_str().unwrap_or("") {
+            "ready" => return Ok(()),
+            "failed" => bail!("sandbox {id} failed: {}", body["failure_reason"]),
+            s if Instant::now() > deadline => bail!("sandbox {id} still {s} after {within:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
 }
 
 /// Delete a sandbox now, in the background (the teardown is not waited for).

@@ -166,7 +166,7 @@ impl Default for PoolConfig {
             workspace: 0,
             max_age_s: 30 * 60,
             refill_every_s: 2,
-            refill_parallel: 1,
+            refill_parallel: 2,
         }
     }
 }
@@ -704,7 +704,7 @@ mod tests {
         let app = cfg.app_config();
         assert_eq!(app.pool.browser, 4);
         assert_eq!(app.pool.max_age, Duration::from_secs(600));
-        assert_eq!(app.pool.parallel, 1, "unset fields keep their default");
+        assert_eq!(app.pool.parallel, 2, "unset fields keep their default");
         let err = toml::from_str::<Config>("[pool]\nbrowsers = 2\n").expect_err("typo");
         assert!(err.to_string().contains("browsers"), "{err}");
         let cfg: Config = toml::from_str("[pool]\nworkspace = 1\n").expect("parses");

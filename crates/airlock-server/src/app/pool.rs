@@ -5,7 +5,7 @@
 //! ```text
 //!  refiller (every `refill_every`, and at once after a claim or a miss)
 //!    census of the pool's rows ──► plan(): drain stale/old/extra members,
-//!    start ≤ `parallel` new ones (none while a user's sandbox is starting)
+//!    start ≤ `parallel` new ones (one at a time while a user's sandbox starts)
 //!    └─► admit(OWNER, Ask::Pool) ──► create ──► … booting ──Pooled──▶ pooled
 //!
 //!  create(user, browser) ──► admit(user) ──► claim: pooled ──Claimed──▶ ready
@@ -70,7 +70,7 @@ impl Default for PoolSettings {
             browser: 0,
             max_age: Duration::from_secs(30 * 60),
             refill_every: Duration::from_secs(2),
-            parallel: 1,
+            parallel: 2,
         }
     }
 }
@@ -117,8 +117,9 @@ pub struct Plan {
 
 /// Pure: which members go and how many new ones start. Stale and old
 /// members always go; beyond the target, the oldest go. New members start
-/// only while no user's sandbox is starting (a refill never competes with a
-/// user for the host's boot capacity), at most `parallel` booting at once.
+/// up to the target, at most `parallel` booting at once, and at most one
+/// while a user's sandbox is starting: a refill keeps the pool coming back
+/// under load without multiplying the boots a user's create competes with.
 pub fn plan(census: &Census, max_age: Duration, parallel: u32) -> Plan {
     let mut drain = Vec::new();
     let mut keep = Vec::new();
@@ -140,14 +141,15 @@ pub fn plan(census: &Census, max_age: Duration, parallel: u32) -> Plan {
         keep.drain(..keep.len() - target);
     }
     let have = keep.len() as u32 + census.starting;
-    let start = if census.users_starting > 0 {
-        0
+    let slots = if census.users_starting > 0 {
+        1
     } else {
-        census
-            .target
-            .saturating_sub(have)
-            .min(parallel.saturating_sub(census.starting))
+        parallel
     };
+    let start = census
+        .target
+        .saturating_sub(have)
+        .min(slots.saturating_sub(census.starting));
     Plan { drain, start }
 }
 
@@ -281,11 +283,9 @@ pub struct PoolStatus {
 }
 
 impl App {
-    /// Start the refiller, when any pool is configured.
+    /// Start the refiller. It runs with every pool off too: members a run
+    /// with a pool left behind are drained then.
     pub fn start_pools(self: &Arc<Self>) {
-        if self.cfg.pool.browser == 0 {
-            return;
-        }
         let app = self.clone();
         self.spawn(async move {
             loop {

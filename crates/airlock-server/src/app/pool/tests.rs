@@ -160,19 +160,24 @@ async fn an_empty_pool_falls_back_to_a_cold_create() {
     assert_eq!(ws.row.kind, SandboxKind::Workspace);
 }
 
-/// A refill does not start while a user's sandbox is booting.
+/// While a user's sandbox boots, the pool boots one member at a time.
 #[tokio::test]
-async fn a_refill_waits_for_users_boots() {
-    let w = World::with(pooled(1)).await;
+async fn a_refill_boots_one_at_a_time_while_users_boot() {
+    let w = World::with(pooled(3)).await;
     w.node.hold(crate::node::fake::Step::Start);
     let cold = w.create_cold(SandboxKind::Browser).await;
     w.settle(&cold, SandboxState::Booting).await;
     w.app.refill_pools_once().await;
+    w.app.refill_pools_once().await;
     let live = w.store.live_sandboxes().await.expect("live");
-    assert!(live.iter().all(|r| r.owner_id != OWNER), "no refill yet");
+    assert_eq!(
+        live.iter().filter(|r| r.owner_id == OWNER).count(),
+        1,
+        "one member at a time"
+    );
     w.node.release(crate::node::fake::Step::Start);
     w.settle(&cold, SandboxState::Ready).await;
-    fill(&w, 1).await;
+    fill(&w, 3).await;
 }
 
 impl World {
@@ -397,8 +402,8 @@ fn census() -> impl Strategy<Value = (Census, u32)> {
 proptest! {
     /// The refiller's bookkeeping: stale and old members always go, the
     /// pool never grows past its target, never boots more than `parallel`
-    /// at once, never starts while a user's sandbox is starting, and fills
-    /// up when it may.
+    /// at once (one while a user's sandbox is starting), and fills up when
+    /// it may.
     #[test]
     fn the_plan_keeps_the_pool_within_its_rules((census, parallel) in census()) {
         let max_age = Duration::from_secs(50);
@@ -414,14 +419,13 @@ proptest! {
         prop_assert!(kept as u32 <= census.target);
         let after = kept as u32 + census.starting + plan.start;
         prop_assert!(plan.start == 0 || after <= census.target);
-        prop_assert!(plan.start + census.starting <= parallel.max(census.starting));
-        if census.users_starting > 0 {
-            prop_assert_eq!(plan.start, 0);
-        } else if census.starting < parallel {
-            // Room and a free boot slot: it starts something.
+        let slots = if census.users_starting > 0 { 1 } else { parallel };
+        prop_assert!(plan.start + census.starting <= slots.max(census.starting));
+        if census.starting < slots {
+            // Room and a free boot slot: it fills what it may.
             prop_assert_eq!(
                 plan.start,
-                census.target.saturating_sub(kept as u32 + census.starting).min(parallel - census.starting)
+                census.target.saturating_sub(kept as u32 + census.starting).min(slots - census.starting)
             );
         }
     }
