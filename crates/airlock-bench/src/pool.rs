@@ -47,7 +47,13 @@ pub async fn run(opts: Options) -> Result<()> {
         cfg.pool.refill_every_s = 1;
     })
     .await?;
-    let result = measure(&cp, &opts).await;
+    // Interrupted (Ctrl-C, or a TERM from `timeout`): still destroy what it made.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = tokio::select! {
+        r = measure(&cp, &opts) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = term.recv() => Err(anyhow::anyhow!("terminated")),
+    };
     cp.shutdown().await;
     result
 }

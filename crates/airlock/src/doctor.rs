@@ -193,7 +193,37 @@ pub async fn run() -> Result<()> {
             println!("{:<12}   ({note})", "");
         }
     }
+    print_density(&cfg);
     Ok(())
+}
+
+/// The kernel limits that cap how many sandboxes fit, and the pool.
+fn print_density(cfg: &airlock_server::config::Config) {
+    use airlock_server::app::limits::{read, Cost};
+    println!("\nhost limits (one idle browser sandbox takes about the figure in brackets):");
+    for r in read(&Cost::IDLE_BROWSER) {
+        let used = r.used.map_or(String::new(), |u| format!(", {u} in use"));
+        let verdict = if r.per_user && cfg.user_namespaces {
+            "per host uid: each sandbox has its own (user_namespaces)".to_owned()
+        } else if r.per_user {
+            format!(
+                "per host uid, shared by every sandbox without user_namespaces: about {} sandboxes",
+                r.room()
+            )
+        } else {
+            format!("room for about {} more sandboxes", r.room())
+        };
+        println!(
+            "  {:<32} {}{used} [{}]: {verdict}",
+            r.name, r.limit, r.per_sandbox
+        );
+    }
+    let p = &cfg.pool;
+    println!(
+        "\nwarm pool: browser = {} (max_age_s {}, refill_parallel {}); workspaces are cold-only; \
+         a running server reports its members at GET /api/v1/pool",
+        p.browser, p.max_age_s, p.refill_parallel
+    );
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod egress;
 pub mod keyring;
 #[cfg(test)]
 pub(crate) mod lifecycle_tests;
+pub mod limits;
 pub mod logins;
 pub mod pool;
 pub mod reaper;

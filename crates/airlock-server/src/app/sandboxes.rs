@@ -108,6 +108,12 @@ impl App {
                 }
             }
         }
+        // A guest past a kernel limit dies while booting: refuse it by name.
+        if let Some(why) =
+            super::limits::crossing(&super::limits::read(&super::limits::Cost::IDLE_BROWSER))
+        {
+            return Err(AppError::NoCapacity(why));
+        }
         let row = self.create_cold(user, kind, id, permit).await?;
         Ok(Created {
             row,
