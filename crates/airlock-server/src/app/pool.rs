@@ -183,9 +183,7 @@ impl PoolMetrics {
             misses: Family::default(),
             claim_failures: Family::default(),
             refill_failures: Family::default(),
-            claim_seconds: Histogram::new(
-                [0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0].into_iter(),
-            ),
+            claim_seconds: Histogram::new([0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0]),
         };
         metrics.register(
             "pool_size",
