@@ -197,6 +197,29 @@ pub async fn run() -> Result<()> {
     Ok(())
 }
 
+/// At `airlock up`: a warning for each kernel limit that leaves room for
+/// fewer sandboxes than the pool and a few users need (see `airlock doctor`).
+pub fn warn_density(cfg: &airlock_server::config::Config) {
+    use airlock_server::app::limits::{read, Cost};
+    let wanted = u64::from(cfg.pool.browser) + 20;
+    for r in read(&Cost::IDLE_BROWSER) {
+        if r.per_user && cfg.user_namespaces {
+            continue;
+        }
+        if r.room() < wanted {
+            eprintln!(
+                "warning: {} = {} leaves room for about {} sandboxes (each takes about {}); \
+                 raise it with `sysctl -w {}=…` to run more",
+                r.name,
+                r.limit,
+                r.room(),
+                r.per_sandbox,
+                r.name
+            );
+        }
+    }
+}
+
 /// The kernel limits that cap how many sandboxes fit, and the pool.
 fn print_density(cfg: &airlock_server::config::Config) {
     use airlock_server::app::limits::{read, Cost};
