@@ -10,6 +10,7 @@ pub mod metadata;
 pub mod prepare;
 pub mod privdrop;
 pub mod server;
+pub mod session;
 pub mod stream;
 pub mod users;
 

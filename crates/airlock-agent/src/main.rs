@@ -164,6 +164,7 @@ fn serve_cmd() -> Result<(), String> {
         },
         logins,
         streams,
+        session: Default::default(),
     });
     drop(meta);
 

@@ -25,6 +25,8 @@ pub struct AgentState {
     pub exec: ExecConfig,
     pub logins: Arc<crate::login::Logins>,
     pub streams: Arc<crate::stream::route::Streams>,
+    /// Its owner, once a warm pool handed it out (`/session`).
+    pub session: crate::session::Held,
 }
 
 impl std::fmt::Debug for AgentState {
@@ -124,6 +126,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/exec", post(exec_handler))
         .merge(crate::login::routes::routes())
         .merge(crate::stream::route::routes())
+        .merge(crate::session::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -178,6 +181,7 @@ mod tests {
                     cwd: std::env::temp_dir(),
                 },
             )),
+            session: Default::default(),
         }))
     }
 
@@ -261,6 +265,55 @@ mod tests {
             call("GET", airlock_proto::stream::STREAM_PATH, Some(&bearer), "").await;
         assert!(status.is_client_error(), "{status}");
         assert!(body["error"].is_string());
+    }
+
+    /// One owner, ever: the first session is kept, a repeat is answered as
+    /// it was, another user's is refused, and nothing is readable without
+    /// the token.
+    #[tokio::test]
+    async fn a_session_is_handed_once() {
+        let app = app();
+        let bearer = format!("Bearer {TOKEN}");
+        let send = |method: &'static str, auth: Option<String>, body: String| {
+            let app = app.clone();
+            async move {
+                let mut b = Request::builder().method(method).uri("/session");
+                if let Some(a) = auth {
+                    b = b.header("authorization", a);
+                }
+                let resp = app
+                    .oneshot(b.body(Body::from(body)).expect("request"))
+                    .await
+                    .expect("response");
+                let status = resp.status();
+                let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                    .await
+                    .expect("body");
+                let json: serde_json::Value =
+                    serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+                (status, json)
+            }
+        };
+        let body = |user: &str| {
+            format!(
+                r#"{{"sandbox_id":"sb-1","user_id":"{user}","user_name":"n","claimed_at_ms":5}}"#
+            )
+        };
+        let (status, _) = send("GET", Some(bearer.clone()), String::new()).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, _) = send("PUT", None, body("u1")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, json) = send("PUT", Some(bearer.clone()), body("u1")).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        let (status, _) = send("PUT", Some(bearer.clone()), body("u1")).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, json) = send("PUT", Some(bearer.clone()), body("u2")).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{json}");
+        let (status, _) = send("PUT", Some(bearer.clone()), "{\"x\":1}".into()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, json) = send("GET", Some(bearer), String::new()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json["user_id"], "u1");
     }
 
     #[tokio::test]

@@ -731,6 +731,7 @@ async fn agent(argv: Vec<String>, display: &str) -> Agent {
             env,
             cwd: home,
         })),
+        session: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -11,6 +11,7 @@ mod image;
 mod keypress;
 mod leaks;
 mod logins;
+mod pool;
 mod relay;
 mod rfbc;
 mod sandbox;
@@ -115,6 +116,9 @@ enum Cmd {
     /// running control plane; then what was left on the host (must be nothing).
     /// The API token comes from AIRLOCK_TOKEN (none: the loopback user `local`).
     Churn(ChurnArgs),
+    /// Warm pools: claim → ready at a steady rate and in bursts, hit rate,
+    /// and the time to fill the pool again.
+    Pool(pool::Options),
     /// The quick ones: relay, sandboxes, keypress, and image without the cold build.
     All {
         #[arg(long, env = "AIRLOCK_IMAGE_DIR")]
@@ -238,6 +242,7 @@ fn main() -> Result<()> {
         Cmd::Churn(args) => rt.block_on(churn_command(args)),
         Cmd::Soak { minutes } => rt.block_on(soak::run(minutes)),
         Cmd::Logins { concurrent, rounds } => rt.block_on(logins::run(concurrent, rounds)),
+        Cmd::Pool(opts) => rt.block_on(pool::run(opts)),
         Cmd::All { image_dir, agent } => {
             rt.block_on(relay::run(2000, 256, 5))?;
             rt.block_on(sandboxes::run(10, Duration::from_secs(30)))?;

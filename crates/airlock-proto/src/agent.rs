@@ -47,3 +47,21 @@ pub struct ExecResponse {
 pub struct AgentError {
     pub error: String,
 }
+
+/// `PUT /session` (and `GET /session`): who a sandbox handed out from a warm
+/// pool now belongs to. The control plane sends it once, right after the
+/// claim; the agent keeps it and refuses a second owner (a pool member is
+/// handed out at most once). A sandbox created for its user has none.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Session {
+    /// Must be the agent's own sandbox: a session meant for another is refused.
+    pub sandbox_id: String,
+    pub user_id: String,
+    pub user_name: String,
+    /// When the claim was made, in ms since the Unix epoch.
+    pub claimed_at_ms: i64,
+}
+
+/// The longest id or name a [`Session`] may carry.
+pub const MAX_SESSION_FIELD: usize = 128;

@@ -468,7 +468,7 @@ mod tests {
             code_prompt: None,
             credentials: vec![CredentialFile {
                 path: "a".into(),
-                json_keys: vec![],
+                ..Default::default()
             }],
             check: None,
             cols: 200,
@@ -494,6 +494,7 @@ mod tests {
             command: vec!["x".into()],
             env: BTreeMap::new(),
             url_prefixes: vec!["https://x/".into()],
+            url: rule(),
             prompts: vec![],
             code_prompt: None,
             credentials: vec![c],

@@ -136,6 +136,39 @@ pub struct Config {
     // ---- quotas and capacity reservation (issue 15, part 3: quota) ----
     /// Per-user caps (`[quota]`).
     pub quota: QuotaConfig,
+
+    // ---- warm pools (app/pool.rs) ----
+    /// Booted sandboxes kept ready to hand out (`[pool]`).
+    pub pool: PoolConfig,
+}
+
+/// Warm pools (`[pool]` in the config file). See `app::pool`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Browser sandboxes kept booted and never used; 0 turns the pool off.
+    pub browser: u32,
+    /// Workspaces are cold-only (their home volume is mounted at create);
+    /// anything but 0 is refused with the reason.
+    pub workspace: u32,
+    /// A member older than this many seconds is replaced.
+    pub max_age_s: u64,
+    /// How often the refiller looks, in seconds (it also runs after each claim).
+    pub refill_every_s: u64,
+    /// Members booting at once, at most.
+    pub refill_parallel: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            browser: 0,
+            workspace: 0,
+            max_age_s: 30 * 60,
+            refill_every_s: 2,
+            refill_parallel: 2,
+        }
+    }
 }
 
 /// Per-user caps and the memory a starting sandbox holds (`[quota]` in the
@@ -207,6 +240,7 @@ impl Default for Config {
 
             // ---- quotas and capacity reservation (quota) ----
             quota: QuotaConfig::default(),
+            pool: PoolConfig::default(),
             egress_allow: Vec::new(),
             cpu_max: None,
             io_max: None,
@@ -369,6 +403,27 @@ impl Config {
         if !(1..=1 << 20).contains(&q.reserve_mb) {
             return invalid("quota.reserve_mb", "must be between 1 and 1048576 (1 TiB)");
         }
+        // ---- warm pools ----
+        let p = &self.pool;
+        if p.browser > 1000 {
+            return invalid("pool.browser", "must be between 0 and 1000");
+        }
+        if p.workspace != 0 {
+            return invalid(
+                "pool.workspace",
+                "must be 0: workspaces are cold-only (their persistent home is mounted when \
+                 the sandbox is made, and is not attached to a running one)",
+            );
+        }
+        if !(60..=7 * 24 * 3600).contains(&p.max_age_s) {
+            return invalid("pool.max_age_s", "must be between 60 and 604800 (a week)");
+        }
+        if !(1..=3600).contains(&p.refill_every_s) {
+            return invalid("pool.refill_every_s", "must be between 1 and 3600");
+        }
+        if !(1..=64).contains(&p.refill_parallel) {
+            return invalid("pool.refill_parallel", "must be between 1 and 64");
+        }
         // --- isolation and resource limits ---
         if let Some(cpus) = self.cpu_max {
             if !(0.01..=1024.0).contains(&cpus) {
@@ -515,6 +570,12 @@ impl Config {
             max_logins: self.quota.max_logins,
             creates_per_minute: self.quota.creates_per_minute,
         };
+        app.pool = crate::app::pool::PoolSettings {
+            browser: self.pool.browser,
+            max_age: Duration::from_secs(self.pool.max_age_s),
+            refill_every: Duration::from_secs(self.pool.refill_every_s),
+            parallel: self.pool.refill_parallel,
+        };
         let reserve = self.quota.reserve_mb << 20;
         app.reserve_memory = app.limits.memory_bytes.map_or(reserve, |m| m.min(reserve));
         app
@@ -634,6 +695,25 @@ mod tests {
         };
         assert!(!wide.app_config().local_user_on());
         assert!(wide.local_access().contains("not a loopback address"));
+    }
+
+    #[test]
+    fn pool_table_is_checked_and_its_fields_named() {
+        let cfg: Config = toml::from_str("[pool]\nbrowser = 4\nmax_age_s = 600\n").expect("parses");
+        cfg.validate().expect("valid");
+        let app = cfg.app_config();
+        assert_eq!(app.pool.browser, 4);
+        assert_eq!(app.pool.max_age, Duration::from_secs(600));
+        assert_eq!(app.pool.parallel, 2, "unset fields keep their default");
+        let err = toml::from_str::<Config>("[pool]\nbrowsers = 2\n").expect_err("typo");
+        assert!(err.to_string().contains("browsers"), "{err}");
+        let cfg: Config = toml::from_str("[pool]\nworkspace = 1\n").expect("parses");
+        let err = cfg.validate().expect_err("workspaces are cold-only");
+        assert!(err.to_string().starts_with("pool.workspace:"), "{err}");
+        assert!(err.to_string().contains("cold-only"), "{err}");
+        let cfg: Config = toml::from_str("[pool]\nmax_age_s = 1\n").expect("parses");
+        let err = cfg.validate().expect_err("too short");
+        assert!(err.to_string().starts_with("pool.max_age_s:"), "{err}");
     }
 
     #[test]

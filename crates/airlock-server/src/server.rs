@@ -238,6 +238,7 @@ pub async fn start(
     let (shutdown, rx) = watch::channel(false);
     let reaper = tokio::spawn(app.clone().run_reaper(rx.clone()));
     app.spawn(app.clone().run_credential_checks(rx.clone()));
+    app.start_pools();
     reload_on_hangup(hangups, &app, &lock, rx.clone());
     let mut http_rx = rx;
     let http = tokio::spawn(crate::http::serve(listener, app.clone(), async move {

@@ -193,7 +193,60 @@ pub async fn run() -> Result<()> {
             println!("{:<12}   ({note})", "");
         }
     }
+    print_density(&cfg);
     Ok(())
+}
+
+/// At `airlock up`: a warning for each kernel limit that leaves room for
+/// fewer sandboxes than the pool and a few users need (see `airlock doctor`).
+pub fn warn_density(cfg: &airlock_server::config::Config) {
+    use airlock_server::app::limits::{read, Cost};
+    let wanted = u64::from(cfg.pool.browser) + 20;
+    for r in read(&Cost::IDLE_BROWSER) {
+        if r.per_user && cfg.user_namespaces {
+            continue;
+        }
+        if r.room() < wanted {
+            eprintln!(
+                "warning: {} = {} leaves room for about {} sandboxes (each takes about {}); \
+                 raise it with `sysctl -w {}=…` to run more",
+                r.name,
+                r.limit,
+                r.room(),
+                r.per_sandbox,
+                r.name
+            );
+        }
+    }
+}
+
+/// The kernel limits that cap how many sandboxes fit, and the pool.
+fn print_density(cfg: &airlock_server::config::Config) {
+    use airlock_server::app::limits::{read, Cost};
+    println!("\nhost limits (one idle browser sandbox takes about the figure in brackets):");
+    for r in read(&Cost::IDLE_BROWSER) {
+        let used = r.used.map_or(String::new(), |u| format!(", {u} in use"));
+        let verdict = if r.per_user && cfg.user_namespaces {
+            "per host uid: each sandbox has its own (user_namespaces)".to_owned()
+        } else if r.per_user {
+            format!(
+                "per host uid, shared by every sandbox without user_namespaces: about {} sandboxes",
+                r.room()
+            )
+        } else {
+            format!("room for about {} more sandboxes", r.room())
+        };
+        println!(
+            "  {:<32} {}{used} [{}]: {verdict}",
+            r.name, r.limit, r.per_sandbox
+        );
+    }
+    let p = &cfg.pool;
+    println!(
+        "\nwarm pool: browser = {} (max_age_s {}, refill_parallel {}); workspaces are cold-only; \
+         a running server reports its members at GET /api/v1/pool",
+        p.browser, p.max_age_s, p.refill_parallel
+    );
 }
 
 #[cfg(test)]

@@ -264,6 +264,7 @@ async fn up(args: UpArgs) -> Result<()> {
              that suits one trusted user or development. Users who must not trust each other need a VM driver."
         );
     }
+    doctor::warn_density(&cfg);
     let driver = airlock_server::server::driver_for(&cfg, &manifest)?;
     let driver_name = driver.name();
     let running = airlock_server::server::start(&cfg, image, driver).await?;

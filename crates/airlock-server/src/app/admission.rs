@@ -99,6 +99,9 @@ pub enum Ask {
     Login,
     /// A sandbox airlock makes for an admitted login: host room only.
     OnBehalf,
+    /// A warm pool's refill: host room only, and it leaves one more
+    /// sandbox's reserve free, so a refill never takes a user's room.
+    Pool,
 }
 
 /// Reads of the host's free memory and disk: the real ones, or a fake in tests.
@@ -372,16 +375,22 @@ impl Admission {
         sandbox_id: &str,
     ) -> Result<Permit<'_>, AppError> {
         let mut window = self.window_of(user_id).lock_owned().await;
-        if ask != Ask::OnBehalf {
+        let users = !matches!(ask, Ask::OnBehalf | Ask::Pool);
+        if users {
             self.prune(&mut window);
             self.check_quotas(user_id, ask, &window).await?;
         }
-        self.hold(sandbox_id)?;
+        let margin = if ask == Ask::Pool {
+            self.settings.reserve_memory
+        } else {
+            0
+        };
+        self.hold(sandbox_id, margin)?;
         Ok(Permit {
             admission: self,
             window,
             sandbox_id: sandbox_id.to_owned(),
-            counts: ask != Ask::OnBehalf,
+            counts: users,
             committed: false,
         })
     }
@@ -447,7 +456,7 @@ impl Admission {
 
     /// Refuse while the host lacks the disk (507) or the memory (503) for one
     /// more sandbox; otherwise hold that sandbox's memory.
-    fn hold(&self, sandbox_id: &str) -> Result<(), AppError> {
+    fn hold(&self, sandbox_id: &str, margin: u64) -> Result<(), AppError> {
         let s = &self.settings;
         if let Some(free) = self.probe.disk_available(&s.data_dir) {
             if free < s.min_free_disk {
@@ -465,7 +474,8 @@ impl Admission {
             let holding: u64 = held.values().sum();
             let needed = holding
                 .saturating_add(s.reserve_memory)
-                .saturating_add(s.min_free_memory);
+                .saturating_add(s.min_free_memory)
+                .saturating_add(margin);
             if available < needed {
                 let starting = if holding > 0 {
                     format!(

@@ -7,7 +7,7 @@
 pub mod fake;
 
 use crate::relay::rfb;
-use airlock_proto::agent::{ExecRequest, ExecResponse, Health};
+use airlock_proto::agent::{ExecRequest, ExecResponse, Health, Session};
 use airlock_proto::login::{FileSet, LoginInput, LoginStart, LoginStatus};
 use async_trait::async_trait;
 use std::net::SocketAddr;
@@ -109,6 +109,31 @@ pub trait Guest: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(), AgentError> {
         let _ = (agent, token, paths);
         Err(no_logins())
+    }
+    // ---- warm pools (app/pool): a claimed member learns its owner ----
+
+    /// Hand a claimed pool member its session (`PUT /session`).
+    async fn hand_session(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        session: &Session,
+    ) -> Result<(), AgentError> {
+        let _ = (agent, token, session);
+        Err(no_sessions())
+    }
+    /// The session the agent holds (`GET /session`); `None` for a sandbox
+    /// that was never claimed from a pool.
+    async fn session(&self, agent: SocketAddr, token: &str) -> Result<Option<Session>, AgentError> {
+        let _ = (agent, token);
+        Err(no_sessions())
+    }
+}
+
+fn no_sessions() -> AgentError {
+    AgentError::Status {
+        status: 501,
+        message: "this guest takes no sessions".into(),
     }
 }
 
@@ -333,6 +358,36 @@ impl Guest for HttpGuest {
             });
         }
         Ok(())
+    }
+
+    async fn hand_session(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        session: &Session,
+    ) -> Result<(), AgentError> {
+        self.client
+            .call::<_, serde_json::Value>(
+                reqwest::Method::PUT,
+                agent,
+                token,
+                "/session",
+                Some(session),
+            )
+            .await
+            .map(drop)
+    }
+
+    async fn session(&self, agent: SocketAddr, token: &str) -> Result<Option<Session>, AgentError> {
+        match self
+            .client
+            .call::<(), Session>(reqwest::Method::GET, agent, token, "/session", None)
+            .await
+        {
+            Ok(s) => Ok(s),
+            Err(AgentError::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn display_answers(&self, display: SocketAddr, password: &str) -> Result<(), String> {

@@ -468,6 +468,8 @@ impl EgressMetrics {
 struct Attached {
     task: tokio::task::JoinHandle<()>,
     stats: Arc<Stats>,
+    /// Whose upstream the listener uses (a pool's claim changes it).
+    user_id: Arc<Mutex<String>>,
 }
 
 type Cached = Result<Option<(Arc<Upstream>, Source)>, String>;
@@ -514,7 +516,7 @@ impl EgressState {
 #[derive(Debug)]
 struct UserResolver {
     app: Weak<App>,
-    user_id: String,
+    user_id: Arc<Mutex<String>>,
 }
 
 #[async_trait::async_trait]
@@ -523,7 +525,12 @@ impl Resolve for UserResolver {
         let Some(app) = self.app.upgrade() else {
             return Err("the control plane is shutting down".into());
         };
-        match app.cached_upstream(&self.user_id).await {
+        let user_id = self
+            .user_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match app.cached_upstream(&user_id).await {
             Ok(Some((up, _))) => Ok(up),
             Ok(None) => Err(
                 "no upstream proxy is configured for this sandbox's user, so nothing leaves it \
@@ -576,6 +583,11 @@ impl App {
     }
 
     async fn cached_upstream(&self, user_id: &str) -> Cached {
+        // A pool member belongs to nobody yet: no upstream (and no account
+        // port) until a claim rebinds its forwarder to its user's.
+        if user_id == super::pool::OWNER {
+            return Ok(None);
+        }
         {
             let cache = self.egress.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((at, hit)) = cache.get(user_id) {
@@ -653,9 +665,10 @@ impl App {
         })?;
         let m = self.egress_metrics();
         let stats = Arc::new(Stats::default().with_refused(m.refused.clone()));
+        let user_id = Arc::new(Mutex::new(row.owner_id.clone()));
         let resolver = Arc::new(UserResolver {
             app: Arc::downgrade(self),
-            user_id: row.owner_id.clone(),
+            user_id: user_id.clone(),
         });
         let cfg = self.proxy_config(lease).await;
         let task = tokio::spawn(egress::serve(listener, cfg, resolver, stats.clone()));
@@ -665,7 +678,14 @@ impl App {
                 .attached
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            let old = attached.insert(row.id.clone(), Attached { task, stats });
+            let old = attached.insert(
+                row.id.clone(),
+                Attached {
+                    task,
+                    stats,
+                    user_id,
+                },
+            );
             if let Some(old) = &old {
                 m.retire(&old.stats);
             }
@@ -679,6 +699,31 @@ impl App {
         }
         tracing::info!(sandbox = %row.id, %addr, "egress proxy listening");
         Ok(())
+    }
+
+    /// A pool's claim: the running forward proxy of `row` now uses its
+    /// (new) owner's upstream, from its next request on. The listener stays
+    /// (binding a second one on the same address would fail); one that is
+    /// not running is started.
+    pub(crate) async fn egress_rebind(
+        self: &Arc<Self>,
+        row: &SandboxRow,
+        lease: &Lease,
+    ) -> Result<(), AppError> {
+        let swapped = {
+            let attached = self
+                .egress
+                .attached
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            attached.get(&row.id).map(|a| {
+                *a.user_id.lock().unwrap_or_else(|p| p.into_inner()) = row.owner_id.clone();
+            })
+        };
+        match swapped {
+            Some(()) => Ok(()),
+            None => self.egress_attach(row, lease).await,
+        }
     }
 
     /// On teardown: stop the sandbox's forward proxy and its connections.
@@ -906,6 +951,7 @@ mod tests {
             Attached {
                 task: tokio::spawn(async {}),
                 stats,
+                user_id: Arc::default(),
             }
         };
         attached

@@ -69,7 +69,7 @@ impl World {
         Self::with(|_| {}).await
     }
 
-    async fn with(tune: impl FnOnce(&mut AppConfig)) -> World {
+    pub(crate) async fn with(tune: impl FnOnce(&mut AppConfig)) -> World {
         let tmp = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}/airlock.db", tmp.path().display());
         let store = Store::open(&url).await.expect("store");
@@ -109,13 +109,13 @@ impl World {
             .id
     }
 
-    async fn row(&self, id: &str) -> SandboxRow {
+    pub(crate) async fn row(&self, id: &str) -> SandboxRow {
         self.store.sandbox(id).await.expect("q").expect("row")
     }
 
     /// Wait (at most 10 s) until the sandbox is in `want` with no lease left
     /// when `want` is an end.
-    async fn settle(&self, id: &str, want: SandboxState) -> SandboxRow {
+    pub(crate) async fn settle(&self, id: &str, want: SandboxState) -> SandboxRow {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let row = self.row(id).await;
@@ -141,7 +141,7 @@ impl World {
     }
 
     /// Nothing of `id` is left: no node resources, no forwarder, no lease.
-    async fn assert_gone(&self, id: &str) {
+    pub(crate) async fn assert_gone(&self, id: &str) {
         assert!(self.node.instance(id).is_none(), "{id} still on the node");
         assert!(
             !self.forwarders.attached().contains(&id.to_owned()),
@@ -197,6 +197,7 @@ fn path_to(state: SandboxState) -> Vec<Event> {
         Stopping => vec![Event::StopRequested(None)],
         Stopped => vec![Event::StopRequested(None), Event::Released],
         Failed => vec![fail],
+        Pooled => vec![Event::Provisioned, Event::Pooled],
     }
 }
 
@@ -231,7 +232,7 @@ async fn every_transition_and_every_refusal_through_the_store() {
             }
         }
     }
-    assert_eq!(n, 30);
+    assert_eq!(n, 49);
     assert!(matches!(
         state::advance(&w.store, "nope", &Event::Ready).await,
         Err(AdvanceError::NotFound(_))

@@ -13,7 +13,9 @@ pub mod egress;
 pub mod keyring;
 #[cfg(test)]
 pub(crate) mod lifecycle_tests;
+pub mod limits;
 pub mod logins;
+pub mod pool;
 pub mod reaper;
 pub mod reserve;
 pub mod sandboxes;
@@ -80,6 +82,9 @@ pub struct AppConfig {
     pub quota: admission::Quotas,
     /// Bytes of memory each sandbox holds from admission until ready.
     pub reserve_memory: u64,
+
+    // ---- warm pools (app/pool.rs) ----
+    pub pool: pool::PoolSettings,
 }
 
 impl AppConfig {
@@ -111,6 +116,9 @@ impl AppConfig {
             // ---- quotas and capacity reservation (quota) ----
             quota: admission::Quotas::default(),
             reserve_memory: 512 << 20,
+
+            // ---- warm pools ----
+            pool: pool::PoolSettings::default(),
         }
     }
 
@@ -175,6 +183,15 @@ pub trait Forwarders: Send + Sync + std::fmt::Debug + 'static {
         -> Result<(), AppError>;
     /// Stop it; harmless when there is none.
     async fn detach(&self, app: &App, id: &str);
+    /// A pool's claim: the running proxy now uses `row`'s owner's upstream.
+    async fn rebind(
+        &self,
+        app: &Arc<App>,
+        row: &SandboxRow,
+        lease: &Lease,
+    ) -> Result<(), AppError> {
+        self.attach(app, row, lease).await
+    }
 }
 
 /// The real forwarders: a proxy listening on the sandbox's gateway address.
@@ -195,6 +212,15 @@ impl Forwarders for RealForwarders {
     async fn detach(&self, app: &App, id: &str) {
         app.egress_detach(id).await
     }
+
+    async fn rebind(
+        &self,
+        app: &Arc<App>,
+        row: &SandboxRow,
+        lease: &Lease,
+    ) -> Result<(), AppError> {
+        app.egress_rebind(row, lease).await
+    }
 }
 
 /// Forwarders for unit tests: a set of attached sandbox ids, and a failure
@@ -203,12 +229,20 @@ impl Forwarders for RealForwarders {
 pub struct FakeForwarders {
     attached: Mutex<std::collections::BTreeSet<String>>,
     fail: Mutex<Option<String>>,
+    /// Whose upstream each attached forwarder uses, by sandbox id.
+    owners: Mutex<HashMap<String, String>>,
 }
 
 impl FakeForwarders {
     pub fn attached(&self) -> Vec<String> {
         let attached = self.attached.lock().unwrap_or_else(|p| p.into_inner());
         attached.iter().cloned().collect()
+    }
+
+    /// The user whose upstream sandbox `id`'s forwarder uses.
+    pub fn owner_of(&self, id: &str) -> Option<String> {
+        let owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        owners.get(id).cloned()
     }
 
     /// Attaching fails with `why` (None: works again).
@@ -230,12 +264,16 @@ impl Forwarders for FakeForwarders {
         }
         let mut attached = self.attached.lock().unwrap_or_else(|p| p.into_inner());
         attached.insert(row.id.clone());
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        owners.insert(row.id.clone(), row.owner_id.clone());
         Ok(())
     }
 
     async fn detach(&self, _app: &App, id: &str) {
         let mut attached = self.attached.lock().unwrap_or_else(|p| p.into_inner());
         attached.remove(id);
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        owners.remove(id);
     }
 }
 
@@ -289,6 +327,8 @@ pub struct App {
     pub tickets: tickets::Tickets,
     /// Per-user quotas and the host's room, checked before anything is made.
     pub admission: admission::Admission,
+    /// Warm pools of booted sandboxes.
+    pub pools: pool::Pools,
     /// Serialises lease allocation.
     lease_lock: tokio::sync::Mutex<()>,
     /// Background work (boots, teardowns, logins), so a stop can end it all
@@ -330,6 +370,7 @@ impl App {
             seams.probe,
             Arc::new(admission::SystemClock),
         );
+        let pools = pool::Pools::new(cfg.pool, &metrics);
         Arc::new(App {
             cfg,
             store,
@@ -349,6 +390,7 @@ impl App {
             stream_metrics,
             tickets: tickets::Tickets::default(),
             admission,
+            pools,
             lease_lock: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
             locks: Mutex::new(HashMap::new()),

@@ -47,7 +47,7 @@ impl App {
         };
         let ready: Vec<_> = rows
             .into_iter()
-            .filter(|r| r.state == SandboxState::Ready)
+            .filter(|r| matches!(r.state, SandboxState::Ready | SandboxState::Pooled))
             .collect();
         {
             let mut missed = self.missed.lock().unwrap_or_else(|p| p.into_inner());

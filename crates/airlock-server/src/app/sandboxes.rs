@@ -6,6 +6,7 @@
 //! questions through the [`Guest`](super::agent::Guest).
 
 use super::admission::{Ask, Permit};
+use super::pool::{self, Claim, Created};
 use super::state::{self, AdvanceError, Effect, Event, Moved, SandboxState};
 use super::{App, AppError};
 use crate::node::{CreateSandbox, GuestEndpoints, NodeError};
@@ -37,9 +38,18 @@ impl App {
         user: &UserRow,
         kind: SandboxKind,
     ) -> Result<SandboxRow, AppError> {
+        Ok(self.create(user, kind).await?.row)
+    }
+
+    /// [`Self::create_sandbox`], saying whether a warm pool served it.
+    pub async fn create(
+        self: &Arc<Self>,
+        user: &UserRow,
+        kind: SandboxKind,
+    ) -> Result<Created, AppError> {
         let id = new_id();
         let permit = self.admission.admit(&user.id, Ask::Sandbox, &id).await?;
-        self.create_admitted(user, kind, id, permit).await
+        self.create_or_claim(user, kind, id, permit).await
     }
 
     /// A sandbox airlock makes for a login it already admitted (the
@@ -60,6 +70,58 @@ impl App {
     /// which returns what it held. The row's first state, `provisioning`,
     /// is the one state not written by [`App::advance`].
     pub(crate) async fn create_admitted(
+        self: &Arc<Self>,
+        user: &UserRow,
+        kind: SandboxKind,
+        id: String,
+        permit: Permit<'_>,
+    ) -> Result<SandboxRow, AppError> {
+        Ok(self.create_or_claim(user, kind, id, permit).await?.row)
+    }
+
+    /// A user's create looks in the kind's warm pool first: a member handed
+    /// over is ready at once. An empty pool, or a claim that broke half-way
+    /// (its member destroyed), falls back to a cold create of `id` under the
+    /// same admission. The pool's own creates are always cold.
+    pub(crate) async fn create_or_claim(
+        self: &Arc<Self>,
+        user: &UserRow,
+        kind: SandboxKind,
+        id: String,
+        permit: Permit<'_>,
+    ) -> Result<Created, AppError> {
+        if user.id != pool::OWNER && self.pools.serves(kind) {
+            match self.claim(user, kind).await {
+                Claim::Hit(row) => {
+                    // It counts as a create; the memory held for a cold
+                    // one is not needed (the member's guest already runs).
+                    permit.commit();
+                    self.admission.release(&id);
+                    return Ok(Created {
+                        row,
+                        from_pool: true,
+                    });
+                }
+                Claim::Empty => {}
+                Claim::Broken(why) => {
+                    tracing::warn!(user = %user.name, reason = %why, "falling back to a cold create")
+                }
+            }
+        }
+        // A guest past a kernel limit dies while booting: refuse it by name.
+        if let Some(why) =
+            super::limits::crossing(&super::limits::read(&super::limits::Cost::IDLE_BROWSER))
+        {
+            return Err(AppError::NoCapacity(why));
+        }
+        let row = self.create_cold(user, kind, id, permit).await?;
+        Ok(Created {
+            row,
+            from_pool: false,
+        })
+    }
+
+    async fn create_cold(
         self: &Arc<Self>,
         user: &UserRow,
         kind: SandboxKind,
@@ -383,7 +445,13 @@ impl App {
     async fn await_ready(self: &Arc<Self>, row: &SandboxRow, started: Instant) {
         match self.wait_until_ready(row, started).await {
             Ok(()) => {
-                if let Ok(moved) = self.advance(&row.id, Event::Ready).await {
+                // A pool's member waits, probed, for its user.
+                let event = if row.owner_id == pool::OWNER {
+                    Event::Pooled
+                } else {
+                    Event::Ready
+                };
+                if let Ok(moved) = self.advance(&row.id, event).await {
                     self.perform(&row.id, moved.effects, false).await;
                 }
             }
@@ -513,7 +581,9 @@ impl App {
         for row in rows {
             let app = self.clone();
             match row.state {
-                SandboxState::Ready | SandboxState::Booting if running(&row.id) => {
+                SandboxState::Ready | SandboxState::Booting | SandboxState::Pooled
+                    if running(&row.id) =>
+                {
                     // Its forward proxy lived in the previous process.
                     let reattached = match self.lease(&row) {
                         Ok(lease) => self.forwarders.attach(self, &row, &lease).await,
@@ -530,7 +600,10 @@ impl App {
                         tracing::info!(sandbox = %row.id, "re-adopted a running sandbox");
                     }
                 }
-                SandboxState::Provisioning | SandboxState::Booting | SandboxState::Ready => {
+                SandboxState::Provisioning
+                | SandboxState::Booting
+                | SandboxState::Ready
+                | SandboxState::Pooled => {
                     self.spawn(async move { app.fail(&row.id, "lost", LOST_IN_RESTART).await });
                 }
                 SandboxState::Stopping | SandboxState::Failed | SandboxState::Stopped => {

@@ -15,10 +15,20 @@
 //!  provisioning ──Fail──▶ failed
 //!  booting ──Fail──▶ failed
 //!  ready ──Fail──▶ failed
+//!  booting ──Pooled──▶ pooled
+//!  pooled ──Claimed──▶ ready
+//!  pooled ──StopRequested──▶ stopping
+//!  pooled ──Fail──▶ failed
 //! ```
 //!
 //! A failure while `stopping` is refused: a sandbox deleted while booting
 //! ends `stopped`, even though its guest halts before it was ready.
+//!
+//! `pooled` is a warm-pool member (app/pool.rs): booted and probed like a
+//! ready sandbox, owned by the pool, never used. `Claimed` moves it to
+//! `ready` together with its new owner in one compare-and-set ([`claim`]),
+//! so a member is handed out at most once, and nothing leads back to
+//! `pooled`.
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -30,16 +40,19 @@ pub enum SandboxState {
     Stopping,
     Stopped,
     Failed,
+    /// A warm-pool member: booted, owned by the pool, never used.
+    Pooled,
 }
 
 impl SandboxState {
-    pub const ALL: [SandboxState; 6] = [
+    pub const ALL: [SandboxState; 7] = [
         SandboxState::Provisioning,
         SandboxState::Booting,
         SandboxState::Ready,
         SandboxState::Stopping,
         SandboxState::Stopped,
         SandboxState::Failed,
+        SandboxState::Pooled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -50,6 +63,7 @@ impl SandboxState {
             SandboxState::Stopping => "stopping",
             SandboxState::Stopped => "stopped",
             SandboxState::Failed => "failed",
+            SandboxState::Pooled => "pooled",
         }
     }
 
@@ -65,6 +79,7 @@ impl SandboxState {
                 | SandboxState::Booting
                 | SandboxState::Ready
                 | SandboxState::Stopping
+                | SandboxState::Pooled
         )
     }
 }
@@ -82,6 +97,10 @@ pub enum Event {
     Released,
     /// Something went wrong; `label` for metrics, `reason` for the user.
     Fail { label: &'static str, reason: String },
+    /// A warm-pool member passed the same readiness probes as `Ready`.
+    Pooled,
+    /// A pool member was bound to a user (only [`claim`] sends it).
+    Claimed,
 }
 
 impl Event {
@@ -93,11 +112,13 @@ impl Event {
             Event::StopRequested(_) => "StopRequested",
             Event::Released => "Released",
             Event::Fail { .. } => "Fail",
+            Event::Pooled => "Pooled",
+            Event::Claimed => "Claimed",
         }
     }
 
     /// One of each kind, for tests that go over all of them.
-    pub fn samples() -> [Event; 5] {
+    pub fn samples() -> [Event; 7] {
         [
             Event::Provisioned,
             Event::Ready,
@@ -107,6 +128,8 @@ impl Event {
                 label: "test",
                 reason: "x".into(),
             },
+            Event::Pooled,
+            Event::Claimed,
         ]
     }
 
@@ -160,9 +183,13 @@ pub fn transition(
     Ok(match (from, event) {
         (Provisioning, Event::Provisioned) => (Booting, vec![Effect::Boot]),
         (Booting, Event::Ready) => (Ready, vec![Effect::CountReady]),
-        (Provisioning | Booting | Ready | Failed, Event::StopRequested(_)) => (Stopping, to_end()),
+        (Booting, Event::Pooled) => (Pooled, vec![]),
+        (Pooled, Event::Claimed) => (Ready, vec![]),
+        (Provisioning | Booting | Ready | Failed | Pooled, Event::StopRequested(_)) => {
+            (Stopping, to_end())
+        }
         (Stopping, Event::Released) => (Stopped, vec![]),
-        (Provisioning | Booting | Ready, Event::Fail { label, .. }) => {
+        (Provisioning | Booting | Ready | Pooled, Event::Fail { label, .. }) => {
             let mut effects = vec![Effect::CountFailed(label)];
             effects.extend(to_end());
             (Failed, effects)
@@ -229,6 +256,58 @@ pub async fn advance(
     }
 }
 
+/// [`advance`], but only while the sandbox is still in `expected`: a
+/// sandbox that moved on meanwhile is refused, not moved from where it is
+/// now (a pool drain must never stop a member a user just claimed).
+pub async fn advance_if(
+    store: &crate::store::Store,
+    id: &str,
+    expected: SandboxState,
+    event: &Event,
+) -> Result<Moved, AdvanceError> {
+    let (to, effects) = transition(expected, event)?;
+    if store
+        .set_sandbox_state(&StateWrite(()), id, expected, to, event.reason())
+        .await?
+    {
+        return Ok(Moved {
+            from: expected,
+            to,
+            effects,
+        });
+    }
+    let now = store
+        .sandbox(id)
+        .await?
+        .ok_or_else(|| AdvanceError::NotFound(id.to_owned()))?;
+    Err(AdvanceError::Refused(Refused {
+        from: now.state,
+        event: event.name(),
+    }))
+}
+
+/// `Claimed`: move pool member `id` from `pooled` to `ready` and to its new
+/// owner in one compare-and-set that also checks it still belongs to the
+/// pool and runs `image_build_id`. `Ok(None)`: another claim, a drain or a
+/// failure got there first (the caller tries another member).
+pub async fn claim(
+    store: &crate::store::Store,
+    id: &str,
+    pool_owner: &str,
+    owner: &str,
+    image_build_id: &str,
+) -> Result<Option<Moved>, AdvanceError> {
+    let (to, effects) = transition(SandboxState::Pooled, &Event::Claimed)?;
+    let won = store
+        .claim_sandbox(&StateWrite(()), id, pool_owner, owner, image_build_id)
+        .await?;
+    Ok(won.then_some(Moved {
+        from: SandboxState::Pooled,
+        to,
+        effects,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +321,8 @@ mod tests {
             proptest::option::of(".{0,8}").prop_map(Event::StopRequested),
             Just(Event::Released),
             ".{0,8}".prop_map(|reason| Event::Fail { label: "x", reason }),
+            Just(Event::Pooled),
+            Just(Event::Claimed),
         ]
     }
 
@@ -290,9 +371,13 @@ mod tests {
                 let want = match (s, e.name()) {
                     (Provisioning, "Provisioned") => Some(Booting),
                     (Booting, "Ready") => Some(Ready),
-                    (Provisioning | Booting | Ready | Failed, "StopRequested") => Some(Stopping),
+                    (Provisioning | Booting | Ready | Failed | Pooled, "StopRequested") => {
+                        Some(Stopping)
+                    }
                     (Stopping, "Released") => Some(Stopped),
-                    (Provisioning | Booting | Ready, "Fail") => Some(Failed),
+                    (Provisioning | Booting | Ready | Pooled, "Fail") => Some(Failed),
+                    (Booting, "Pooled") => Some(Pooled),
+                    (Pooled, "Claimed") => Some(Ready),
                     _ => None,
                 };
                 match (got, want) {
@@ -349,7 +434,7 @@ mod tests {
     #[test]
     fn the_diagrams_match_the_machine() {
         let machine = machine_edges();
-        assert_eq!(machine.len(), 10);
+        assert_eq!(machine.len(), 14);
         let module = drawn_edges(include_str!("state.rs"));
         assert_eq!(module, machine, "the diagram at the top of app/state.rs");
         let doc = include_str!("../../../../docs/architecture.md");
@@ -362,7 +447,7 @@ mod tests {
 
     proptest! {
         /// Whatever happens, stopped is final, and nothing reaches ready
-        /// without passing through booting.
+        /// without passing through booting (itself, or as a pool member).
         #[test]
         fn invariants_hold(events in proptest::collection::vec(event(), 0..40)) {
             let mut s = SandboxState::Provisioning;
@@ -371,7 +456,9 @@ mod tests {
                 match transition(s, e) {
                     Ok((next, _)) => {
                         prop_assert_ne!(before, SandboxState::Stopped);
-                        if next == SandboxState::Ready { prop_assert_eq!(before, SandboxState::Booting); }
+                        if next == SandboxState::Ready { prop_assert!(matches!(before, SandboxState::Booting | SandboxState::Pooled)); }
+                        // Nothing goes back into a pool.
+                        if next == SandboxState::Pooled { prop_assert_eq!(before, SandboxState::Booting); }
                         if next == SandboxState::Stopped { prop_assert_eq!(before, SandboxState::Stopping); }
                         s = next;
                     }
@@ -383,7 +470,7 @@ mod tests {
         /// Any state that holds resources can always reach an end, so a
         /// sandbox can never get stuck holding them.
         #[test]
-        fn live_states_can_always_be_ended(idx in 0usize..6) {
+        fn live_states_can_always_be_ended(idx in 0usize..7) {
             let s = SandboxState::ALL[idx];
             if s.is_live() {
                 let ended = transition(s, &Event::Fail { label: "x", reason: "x".into() }).is_ok()

@@ -6,6 +6,7 @@ pub mod egress;
 pub mod error;
 pub mod guard;
 pub mod logins;
+pub mod pool;
 pub mod sandboxes;
 pub mod tickets;
 pub mod usage;
@@ -59,6 +60,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(egress::Doc::openapi());
     doc.merge(tickets::Doc::openapi());
     doc.merge(usage::Doc::openapi());
+    doc.merge(pool::Doc::openapi());
     doc
 }
 
@@ -84,6 +86,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(egress::routes())
         .merge(tickets::routes())
         .merge(usage::routes())
+        .merge(pool::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|| async {
             error::ApiError::new(

@@ -41,6 +41,11 @@ pub struct Sandbox {
     pub failure_reason: Option<String>,
     /// The page that shows this sandbox's desktop.
     pub viewer_url: String,
+    /// In a create's answer only: `true` when a warm pool handed it out
+    /// (it is `ready` already), `false` for a cold create (the pool was
+    /// empty, off, or its member could not be handed over).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_pool: Option<bool>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -83,6 +88,7 @@ fn view(row: SandboxRow, owner: &str) -> Sandbox {
         ready_at: row.ready_at.map(rfc3339),
         last_heartbeat_at: row.last_heartbeat_at.map(rfc3339),
         failure_reason: row.failure_reason,
+        from_pool: None,
     }
 }
 
@@ -94,8 +100,10 @@ pub async fn create(
     body: Result<Json<CreateSandbox>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
-    let row = app.create_sandbox(&user, body.kind).await?;
-    Ok((StatusCode::CREATED, Json(view(row, &user.name))).into_response())
+    let created = app.create(&user, body.kind).await?;
+    let mut answer = view(created.row, &user.name);
+    answer.from_pool = Some(created.from_pool);
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
 #[utoipa::path(get, path = "/api/v1/sandboxes", responses((status = 200, body = SandboxList)))]

@@ -129,7 +129,7 @@ impl Store {
     /// Every sandbox that may hold host resources.
     pub async fn live_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
         let sql = format!(
-            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state IN ('provisioning', 'booting', 'ready', 'stopping') \
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state IN ('provisioning', 'booting', 'ready', 'stopping', 'pooled') \
              OR lease_index IS NOT NULL ORDER BY created_at"
         );
         let rows = sqlx::query(&sql)
@@ -205,6 +205,57 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(q("update sandbox state"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// A pool's claim: `id` goes from `pooled` (owned by `pool_owner`,
+    /// running `image_build_id`) to `ready` and to `owner` in one
+    /// compare-and-set; whether this call won it. Its times start again: to
+    /// its new owner it was created, and became ready, now.
+    pub async fn claim_sandbox(
+        &self,
+        _from_the_machine: &StateWrite,
+        id: &str,
+        pool_owner: &str,
+        owner: &str,
+        image_build_id: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE sandboxes SET state = 'ready', owner_id = $1, created_at = $2, updated_at = $2, \
+             ready_at = $2, last_activity_at = $2 \
+             WHERE id = $3 AND state = 'pooled' AND owner_id = $4 AND image_build_id = $5",
+        )
+        .bind(owner)
+        .bind(now_ms())
+        .bind(id)
+        .bind(pool_owner)
+        .bind(image_build_id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("claim a pool member"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// A member whose claim failed half-way goes back to the pool's name
+    /// (it is already failed or stopping, so never handed out again): the
+    /// user's list and quota show nothing of it.
+    pub async fn disown_sandbox(
+        &self,
+        id: &str,
+        owner: &str,
+        pool_owner: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE sandboxes SET owner_id = $1, updated_at = $2 \
+             WHERE id = $3 AND owner_id = $4 AND state NOT IN ('ready', 'pooled')",
+        )
+        .bind(pool_owner)
+        .bind(now_ms())
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(q("disown a pool member"))?;
         Ok(done.rows_affected() == 1)
     }
 

@@ -735,3 +735,89 @@ async fn credential_tables_on_postgres() {
         credential_tables(&store).await;
     }
 }
+
+/// Warm pools: a claim is one compare-and-set of state, owner and image,
+/// won by exactly one caller; a broken claim's member goes back to the
+/// pool's name only once it can never be claimed again.
+async fn pool_claims(store: &Store) {
+    use crate::app::pool::OWNER;
+    use crate::app::state::claim;
+    store.insert_user("u1", "alice", None).await.expect("u1");
+    store.insert_user("u2", "bob", None).await.expect("u2");
+    let users = store.users().await.expect("users");
+    assert!(
+        users.iter().all(|u| u.id != OWNER),
+        "the pool's owner is no user to list"
+    );
+    for (id, lease) in [("m1", 1), ("m2", 2)] {
+        store
+            .insert_sandbox(&sandbox(id, OWNER, "browser", Some(lease)))
+            .await
+            .expect("member");
+        assert!(go(store, id, &[Event::Provisioned, Event::Pooled]).await);
+    }
+    assert_eq!(store.count_live_sandboxes(OWNER).await.expect("n"), 2);
+    assert_eq!(store.count_live_sandboxes("u1").await.expect("n"), 0);
+    assert!(
+        claim(store, "m1", OWNER, "u1", "another-build")
+            .await
+            .expect("claim")
+            .is_none(),
+        "a member of another image is never handed out"
+    );
+    let moved = claim(store, "m1", OWNER, "u1", "b").await.expect("claim");
+    assert_eq!(moved.map(|m| m.to), Some(SandboxState::Ready));
+    let row = store.sandbox("m1").await.expect("q").expect("row");
+    assert_eq!(
+        (row.owner_id.as_str(), row.state),
+        ("u1", SandboxState::Ready)
+    );
+    assert!(row.ready_at.is_some());
+    assert!(
+        claim(store, "m1", OWNER, "u2", "b")
+            .await
+            .expect("claim")
+            .is_none(),
+        "handed out at most once"
+    );
+    // Two at once for one member: one winner.
+    let (a, b) = tokio::join!(
+        claim(store, "m2", OWNER, "u1", "b"),
+        claim(store, "m2", OWNER, "u2", "b")
+    );
+    let wins = [a.expect("a"), b.expect("b")]
+        .iter()
+        .filter(|m| m.is_some())
+        .count();
+    assert_eq!(wins, 1);
+    // Still ready: the member stays its user's.
+    assert!(!store.disown_sandbox("m1", "u1", OWNER).await.expect("q"));
+    assert!(go(store, "m1", &[fail("could not be handed over")]).await);
+    assert!(store.disown_sandbox("m1", "u1", OWNER).await.expect("q"));
+    assert_eq!(
+        store.sandbox("m1").await.expect("q").expect("row").owner_id,
+        OWNER
+    );
+    assert!(
+        !store
+            .sandboxes_of("u1")
+            .await
+            .expect("list")
+            .iter()
+            .any(|r| r.id == "m1"),
+        "a broken claim leaves nothing in the user's list"
+    );
+}
+
+#[tokio::test]
+async fn pool_claims_on_sqlite() {
+    let (store, _dir) = sqlite().await;
+    pool_claims(&store).await;
+}
+
+#[tokio::test]
+async fn pool_claims_on_postgres() {
+    if let Some(store) = postgres().await {
+        pool_claims(&store).await;
+    }
+}

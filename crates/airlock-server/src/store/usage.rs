@@ -8,7 +8,7 @@ impl Store {
     pub async fn count_live_sandboxes(&self, owner_id: &str) -> Result<u64, StoreError> {
         let row = sqlx::query(
             "SELECT COUNT(*) AS n FROM sandboxes WHERE owner_id = $1 \
-             AND state IN ('provisioning', 'booting', 'ready', 'stopping')",
+             AND state IN ('provisioning', 'booting', 'ready', 'stopping', 'pooled')",
         )
         .bind(owner_id)
         .fetch_one(&self.pool)

@@ -88,10 +88,13 @@ impl Store {
     }
 
     pub async fn users(&self) -> Result<Vec<UserRow>, StoreError> {
-        let rows = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users ORDER BY name"))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(q("list users"))?;
+        let rows = sqlx::query(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE id <> '{}' ORDER BY name",
+            crate::app::pool::OWNER
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("list users"))?;
         rows.iter().map(user_from_row).collect()
     }
 

@@ -6,8 +6,8 @@
 
 use super::{AgentError, Guest};
 use crate::node::fake::{DisplayState, FakeInstance, FakeNode};
-use airlock_proto::agent::{ExecRequest, ExecResponse, Health};
 use airlock_proto::login::{FileBlob, FileSet};
+use airlock_proto::agent::{ExecRequest, ExecResponse, Health, Session};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,6 +23,10 @@ pub struct FakeGuest {
     execs: Mutex<Vec<(String, Vec<String>)>>,
     /// Each sandbox's home: path → contents (base64), as delivered or put.
     homes: Mutex<HashMap<String, std::collections::BTreeMap<String, String>>>,
+    /// Sessions handed to pool members, by sandbox id.
+    sessions: Mutex<HashMap<String, Session>>,
+    /// `hand_session` fails with this (a claim that breaks half-way).
+    session_failure: Mutex<Option<String>>,
 }
 
 impl FakeGuest {
@@ -32,6 +36,8 @@ impl FakeGuest {
             scripts: Mutex::default(),
             execs: Mutex::default(),
             homes: Mutex::default(),
+            sessions: Mutex::default(),
+            session_failure: Mutex::default(),
         }
     }
 
@@ -50,6 +56,20 @@ impl FakeGuest {
     pub fn home_file(&self, sandbox_id: &str, path: &str) -> Option<String> {
         let homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
         homes.get(sandbox_id).and_then(|h| h.get(path)).cloned()
+    }
+
+    /// Handing a session fails with `why` from now on (None: works again).
+    pub fn fail_sessions(&self, why: Option<&str>) {
+        *self
+            .session_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = why.map(str::to_owned);
+    }
+
+    /// The session sandbox `id`'s agent holds, if any.
+    pub fn session_of(&self, id: &str) -> Option<Session> {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.get(id).cloned()
     }
 
     /// `program` answers `answer` from now on.
@@ -186,5 +206,46 @@ impl Guest for FakeGuest {
             self.put_home_file(&guest.req.id, p, None);
         }
         Ok(())
+    }
+
+    async fn hand_session(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        session: &Session,
+    ) -> Result<(), AgentError> {
+        let guest = self.agent_at(agent, token)?;
+        if let Some(why) = self
+            .session_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(AgentError::Down(why));
+        }
+        let id = guest.req.metadata.sandbox_id.clone();
+        if session.sandbox_id != id {
+            return Err(AgentError::Status {
+                status: 400,
+                message: "the session is for another sandbox".into(),
+            });
+        }
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        // As the agent does: one owner, ever.
+        match sessions.get(&id) {
+            Some(held) if held.user_id != session.user_id => Err(AgentError::Status {
+                status: 409,
+                message: "this sandbox already belongs to another user".into(),
+            }),
+            _ => {
+                sessions.insert(id, session.clone());
+                Ok(())
+            }
+        }
+    }
+
+    async fn session(&self, agent: SocketAddr, token: &str) -> Result<Option<Session>, AgentError> {
+        let guest = self.agent_at(agent, token)?;
+        Ok(self.session_of(&guest.req.metadata.sandbox_id))
     }
 }
