@@ -9,6 +9,7 @@
 //!                                 `capture` (desktop user)      capture.rs
 //!                                   ├─ DAMAGE + MIT-SHM: pixels   grab.rs
 //!                                   ├─ XFixes: pointer picture    cursor.rs
+//!                                   ├─ selections: clipboard      clipboard.rs
 //!                                   ├─ GStreamer: → H.264         encoder.rs
 //!                                   └─ XTest: pointer, keys       input.rs
 //! ```
@@ -18,6 +19,7 @@
 //! crash in GStreamer ends one stream, not the agent.
 
 pub mod capture;
+pub mod clipboard;
 pub mod cursor;
 pub mod encoder;
 pub mod grab;
