@@ -14,8 +14,10 @@
 
 import RFB from '/novnc/core/rfb.js';
 import { ApiError, getSandbox, getToken, setToken, streamUrl, vncUrl } from '/api.js';
-import { WebRtcView } from '/webrtc.js';
+import { WebRtcView, isPasteShortcut } from '/webrtc.js';
+import { getKeysym } from '/novnc/core/input/util.js';
 import { VncStats } from '/vncstats.js';
+import { ViewerClipboard } from '/clipboard.js';
 
 // Close codes the relay uses. `final` ones stop the reconnect loop.
 const CLOSE_CODES = {
@@ -52,6 +54,7 @@ const overlayTokenInput = $('overlay-token-input');
 const overlayRetry = $('overlay-retry');
 
 const id = sandboxIdFromPath(location.pathname);
+const clipboard = new ViewerClipboard();
 
 // Which path to use: 'webrtc' or 'vnc' when forced, else null (WebRTC first).
 const FORCED_PATH = forcedPath();
@@ -112,6 +115,10 @@ window.airlockViewer = {
   get lastClose() {
     return lastClose;
   },
+  /** the clipboard: { remote, sent, error, send(text) } (web/clipboard.js) */
+  get clipboard() {
+    return clipboard;
+  },
   /** true once the server refused to follow the window size and we scale instead */
   get scaled() {
     return scaledFallback;
@@ -133,6 +140,7 @@ function connect() {
 }
 
 function closeViews() {
+  clipboard.attach(null);
   if (rfb && rfbLive) rfb.disconnect();
   rfb = null;
   rfbLive = false;
@@ -179,11 +187,15 @@ function connectWebRtc() {
     if (gen !== generation) return;
     connectedAt = Date.now();
     setPhase('connected', webrtcBadge(v.stats));
+    clipboard.attach((text) => v.sendClipboard(text));
     v.video.focus();
   };
   v.onstats = (s) => {
     if (gen === generation && phase === 'connected') setPhase('connected', webrtcBadge(s));
   };
+  v.onclipboard = (text) => clipboard.fromSandbox(text);
+  v.onclipboarderror = (message) => clipboard.say(message, true);
+  v.onpaste = (text) => clipboard.send(text);
   v.onfailed = (reason, code) => {
     clearTimeout(grace);
     if (gen !== generation) return;
@@ -296,9 +308,16 @@ async function connectVnc() {
   session.background = '#282828';
   scaledFallback = false;
 
+  // RFB's cut text both ways; the relay passes it, Xvnc keeps it on the
+  // display's selections (its -MaxCutText is the same 1 MiB bound).
+  session.addEventListener('clipboard', (ev) => {
+    if (gen === generation && ev.detail) clipboard.fromSandbox(ev.detail.text);
+  });
+
   session.addEventListener('connect', () => {
     if (gen !== generation) return;
     connectedAt = Date.now();
+    clipboard.attach((text) => session.clipboardPasteFrom(text));
     setPhase('connected', vncBadge(figures.stats));
     checkResizeLater();
   });
@@ -443,5 +462,35 @@ function checkResizeLater() {
 }
 
 window.addEventListener('resize', checkResizeLater);
+
+// Ctrl+V (or Shift+Insert) on the noVNC path: noVNC would send the key at
+// once and cancel the browser's paste event; instead the key waits for that
+// event, which sends this computer's clipboard (ClientCutText) first. The
+// modifier is already down in the guest; only the V (or Insert) is held, and
+// its release never reaches noVNC, which ignores a release it saw no press of.
+let vncPaste = null; // { keysym, code, timer }
+function vncPasteKey() {
+  if (!vncPaste) return;
+  const { keysym, code, timer } = vncPaste;
+  vncPaste = null;
+  clearTimeout(timer);
+  if (rfb && rfbLive) {
+    rfb.sendKey(keysym, code, true);
+    rfb.sendKey(keysym, code, false);
+  }
+}
+window.addEventListener('keydown', (ev) => {
+  if (path !== 'vnc' || !rfb || !screen.contains(document.activeElement)) return;
+  if (!isPasteShortcut(ev)) return;
+  ev.stopPropagation(); // noVNC never sees it; the default (paste) stays
+  if (!vncPaste) vncPaste = { keysym: getKeysym(ev), code: ev.code, timer: setTimeout(vncPasteKey, 150) };
+}, true);
+window.addEventListener('paste', (ev) => {
+  if (!vncPaste) return;
+  ev.preventDefault();
+  const text = ev.clipboardData && ev.clipboardData.getData('text/plain');
+  if (text) clipboard.send(text);
+  vncPasteKey();
+}, true);
 
 connect();
