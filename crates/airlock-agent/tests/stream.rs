@@ -1101,3 +1101,59 @@ async fn route_carries_the_clipboard_both_ways() {
     let _ = copier.wait();
     drop(ws);
 }
+
+/// The next stream description (frames, pointers and clipboard passed by).
+async fn next_info(ws: &mut Ws) -> StreamInfo {
+    loop {
+        if let Message::Text(t) = next_msg(ws).await {
+            return serde_json::from_str(&t).expect("stream info");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_fits_the_display_to_the_viewer() {
+    need_gstreamer();
+    let x = Xvnc::start(640, 480);
+    let agent = agent(capture_argv(), &x.display).await;
+    let mut ws = open(&agent, "?fps=10", Some(TOKEN)).await.expect("upgrade");
+    assert_eq!(next_info(&mut ws).await.width, 640);
+    // A size Xvnc does not list (a new mode), odd: rounded down to even.
+    for (asked, got) in [((1001, 701), (1000, 700)), ((800, 600), (800, 600))] {
+        ws.send(Message::text(
+            Control::Resize {
+                width: asked.0,
+                height: asked.1,
+            }
+            .to_json(),
+        ))
+        .await
+        .expect("send");
+        let info = next_info(&mut ws).await;
+        assert_eq!((info.width, info.height), got, "asked for {asked:?}");
+        let first = next_frame(&mut ws).await;
+        assert!(first.keyframe, "a new size starts with a keyframe");
+        let (conn, root) = x.connect();
+        let g = conn
+            .get_geometry(root)
+            .expect("request")
+            .reply()
+            .expect("geometry");
+        assert_eq!((u32::from(g.width), u32::from(g.height)), got);
+    }
+    // Out of bounds: refused by the route, the display stays.
+    ws.send(Message::text(
+        r#"{"type":"resize","width":100,"height":100}"#,
+    ))
+    .await
+    .expect("send");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (conn, root) = x.connect();
+    let g = conn
+        .get_geometry(root)
+        .expect("request")
+        .reply()
+        .expect("geometry");
+    assert_eq!((g.width, g.height), (800, 600));
+    drop(ws);
+}

@@ -240,7 +240,17 @@ pub enum Control {
     /// Put text on the guest's clipboard (`CLIPBOARD` and `PRIMARY`), at most
     /// [`MAX_CLIPBOARD_BYTES`].
     Clipboard { text: String },
+    /// Make the display this size (the viewer's window), within
+    /// [`MIN_DISPLAY`] and [`MAX_DISPLAY`]; odd sizes are rounded down to even.
+    Resize { width: u32, height: u32 },
 }
+
+/// Smallest display a viewer may ask for: the desktop's two windows side by
+/// side stay usable.
+pub const MIN_DISPLAY: (u32, u32) = (640, 480);
+/// Largest display a viewer may ask for (4K UHD): beyond it a frame costs the
+/// guest's cores more than a stream can carry.
+pub const MAX_DISPLAY: (u32, u32) = (3840, 2160);
 
 /// Longest text one [`Control::Text`] may carry.
 pub const MAX_TEXT_CHARS: usize = 4096;
@@ -258,6 +268,8 @@ pub enum ControlError {
     Wheel(i32),
     #[error("clipboard text of {0} bytes is larger than {MAX_CLIPBOARD_BYTES}")]
     ClipboardTooLarge(usize),
+    #[error("a display of {0}x{1} is outside 640x480 to 3840x2160 (MIN_DISPLAY, MAX_DISPLAY)")]
+    Size(u32, u32),
 }
 
 impl Control {
@@ -274,6 +286,12 @@ impl Control {
         match self {
             Control::Text { text } if text.chars().count() > MAX_TEXT_CHARS => {
                 Err(ControlError::TextTooLong)
+            }
+            Control::Resize { width, height }
+                if !(MIN_DISPLAY.0..=MAX_DISPLAY.0).contains(width)
+                    || !(MIN_DISPLAY.1..=MAX_DISPLAY.1).contains(height) =>
+            {
+                Err(ControlError::Size(*width, *height))
             }
             Control::Clipboard { text } if text.len() > MAX_CLIPBOARD_BYTES => {
                 Err(ControlError::ClipboardTooLarge(text.len()))
@@ -392,6 +410,23 @@ mod tests {
             Control::Clipboard { text: big }.check(),
             Err(ControlError::ClipboardTooLarge(MAX_CLIPBOARD_BYTES + 1))
         );
+        assert_eq!(
+            Control::parse(r#"{"type":"resize","width":1000,"height":700}"#),
+            Ok(Control::Resize {
+                width: 1000,
+                height: 700
+            })
+        );
+        for (w, h) in [(639, 700), (1000, 479), (3841, 700), (1000, 2161)] {
+            assert_eq!(
+                Control::Resize {
+                    width: w,
+                    height: h
+                }
+                .check(),
+                Err(ControlError::Size(w, h))
+            );
+        }
         let full = "\u{1}".repeat(MAX_CLIPBOARD_BYTES);
         let json = Control::Clipboard { text: full }.to_json();
         assert!(json.len() <= MAX_CONTROL_JSON_BYTES, "{}", json.len());

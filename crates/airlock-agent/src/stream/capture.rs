@@ -354,9 +354,17 @@ enum InputMsg {
     Stop,
 }
 
-fn run_input(mut injector: Injector, rx: mpsc::Receiver<InputMsg>) {
+fn run_input(mut injector: Injector, rx: mpsc::Receiver<InputMsg>, display: &str) {
     loop {
         match rx.recv_timeout(SPARE_HOLD / 2) {
+            Ok(InputMsg::Control(Control::Resize { width, height })) => {
+                match super::display::fit(display, width, height) {
+                    Ok((w, h)) => {
+                        tracing::info!(width = w, height = h, "display fitted to the viewer")
+                    }
+                    Err(e) => tracing::warn!(error = %crate::chain(&e), "display not resized"),
+                }
+            }
             Ok(InputMsg::Control(c)) => {
                 if let Err(e) = injector.apply(&c) {
                     tracing::warn!(error = %crate::chain(&e), "input not injected");
@@ -417,7 +425,8 @@ pub fn main(args: &[&str]) -> Result<(), String> {
     let injector = Injector::connect(&opts.display).map_err(|e| crate::chain(&e))?;
     let signals = Arc::new(Signals::default());
     let (tx, rx) = mpsc::channel();
-    let input = std::thread::spawn(move || run_input(injector, rx));
+    let display = opts.display.clone();
+    let input = std::thread::spawn(move || run_input(injector, rx, &display));
     let (clip_tx, clip_rx) = mpsc::channel();
     {
         let (signals, display) = (signals.clone(), opts.display.clone());

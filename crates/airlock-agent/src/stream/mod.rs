@@ -10,6 +10,7 @@
 //!                                   ├─ DAMAGE + MIT-SHM: pixels   grab.rs
 //!                                   ├─ XFixes: pointer picture    cursor.rs
 //!                                   ├─ selections: clipboard      clipboard.rs
+//!                                   ├─ RandR: fit to the viewer   display.rs
 //!                                   ├─ GStreamer: → H.264         encoder.rs
 //!                                   └─ XTest: pointer, keys       input.rs
 //! ```
@@ -21,6 +22,7 @@
 pub mod capture;
 pub mod clipboard;
 pub mod cursor;
+pub mod display;
 pub mod encoder;
 pub mod grab;
 pub mod input;
