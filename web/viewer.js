@@ -58,6 +58,18 @@ const clipboard = new ViewerClipboard();
 
 // Which path to use: 'webrtc' or 'vnc' when forced, else null (WebRTC first).
 const FORCED_PATH = forcedPath();
+// How big the remote display is: 'fit' (the window, in CSS pixels: the
+// desktop's text at its usual size), 'device' (the window in device pixels:
+// sharp on a high-density screen, smaller text; WebRTC only) or a fixed
+// {width, height}. `?size=fit|device|1280x800` or localStorage
+// 'airlock.viewer-size'.
+const SIZE_MODE = sizeMode();
+// The guest's bounds (airlock_proto::stream::{MIN_DISPLAY, MAX_DISPLAY}).
+const MIN_SIZE = [640, 480];
+const MAX_SIZE = [3840, 2160];
+// A window being dragged to a new size is followed once it rests this long.
+const FIT_SETTLE_MS = 300;
+let fitTimer = 0;
 // A WebRTC viewer without a picture by then gives way to noVNC.
 const WEBRTC_GRACE_MS = 3000;
 let path = FORCED_PATH === 'vnc' ? 'vnc' : 'webrtc';
@@ -119,6 +131,10 @@ window.airlockViewer = {
   get clipboard() {
     return clipboard;
   },
+  /** 'fit', 'device' or { width, height }: what the display is asked to be */
+  get sizeMode() {
+    return SIZE_MODE;
+  },
   /** true once the server refused to follow the window size and we scale instead */
   get scaled() {
     return scaledFallback;
@@ -128,6 +144,43 @@ window.airlockViewer = {
     connect();
   },
 };
+
+function sizeMode() {
+  const asked = new URLSearchParams(location.search).get('size') || localStorage.getItem('airlock.viewer-size') || 'fit';
+  const m = /^(\d{3,4})x(\d{3,4})$/.exec(asked);
+  if (m) return { width: Number(m[1]), height: Number(m[2]) };
+  return asked === 'device' ? 'device' : 'fit';
+}
+
+/** The display size this window wants, within the guest's bounds, even. */
+function wantedSize() {
+  let w;
+  let h;
+  if (typeof SIZE_MODE === 'object') {
+    ({ width: w, height: h } = SIZE_MODE);
+  } else {
+    const ratio = SIZE_MODE === 'device' ? window.devicePixelRatio || 1 : 1;
+    w = Math.floor(screen.clientWidth * ratio);
+    h = Math.floor(screen.clientHeight * ratio);
+  }
+  const clamp = (v, lo, hi) => Math.max(lo, Math.min(hi, v)) & ~1;
+  return { width: clamp(w, MIN_SIZE[0], MAX_SIZE[0]), height: clamp(h, MIN_SIZE[1], MAX_SIZE[1]) };
+}
+
+/** On WebRTC, ask the guest for the wanted size when the display differs. */
+function fitWebRtc() {
+  clearTimeout(fitTimer);
+  const v = view;
+  if (!v || path !== 'webrtc' || phase !== 'connected') return;
+  const want = wantedSize();
+  if (v.display.width === want.width && v.display.height === want.height) return;
+  if (v.sendResize(want.width, want.height)) {
+    console.info(`airlock viewer: asking for a ${want.width}x${want.height} display (was ${v.display.width}x${v.display.height})`);
+  } else {
+    // The input channel opens a moment after the first picture.
+    fitTimer = setTimeout(fitWebRtc, 250);
+  }
+}
 
 function forcedPath() {
   const asked = new URLSearchParams(location.search).get('path') || localStorage.getItem('airlock.viewer-path');
@@ -189,6 +242,7 @@ function connectWebRtc() {
     setPhase('connected', webrtcBadge(v.stats));
     clipboard.attach((text) => v.sendClipboard(text));
     v.video.focus();
+    fitWebRtc();
   };
   v.onstats = (s) => {
     if (gen === generation && phase === 'connected') setPhase('connected', webrtcBadge(s));
@@ -302,8 +356,11 @@ async function connectVnc() {
   session.addEventListener('disconnect', () => {
     if (rfb === session) rfbLive = false;
   });
-  session.scaleViewport = false;
-  session.resizeSession = true;
+  // A fixed size is not asked of the display on this path (noVNC asks only
+  // for the window's size); the picture is scaled into the window instead.
+  const fixed = typeof SIZE_MODE === 'object';
+  session.scaleViewport = fixed;
+  session.resizeSession = !fixed;
   session.focusOnClick = true;
   session.background = '#282828';
   scaledFallback = false;
@@ -448,7 +505,7 @@ overlayToken.addEventListener('submit', (ev) => {
 function checkResizeLater() {
   clearTimeout(resizeTimer);
   resizeTimer = setTimeout(() => {
-    if (!rfb || phase !== 'connected' || rfb.scaleViewport) return;
+    if (!rfb || path !== 'vnc' || phase !== 'connected' || rfb.scaleViewport) return;
     const canvas = screen.querySelector('canvas');
     if (!canvas) return;
     const w = screen.clientWidth;
@@ -462,6 +519,10 @@ function checkResizeLater() {
 }
 
 window.addEventListener('resize', checkResizeLater);
+window.addEventListener('resize', () => {
+  clearTimeout(fitTimer);
+  fitTimer = setTimeout(fitWebRtc, FIT_SETTLE_MS);
+});
 
 // Ctrl+V (or Shift+Insert) on the noVNC path: noVNC would send the key at
 // once and cancel the browser's paste event; instead the key waits for that

@@ -233,6 +233,13 @@ export class WebRtcView {
     return true;
   }
 
+  /** Ask the guest to make its display this size (display pixels). */
+  sendResize(width, height) {
+    if (!this.inputReady) return false;
+    this.send({ type: 'resize', width, height });
+    return true;
+  }
+
   get inputReady() {
     return !!this.channel && this.channel.readyState === 'open';
   }

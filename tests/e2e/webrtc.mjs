@@ -2,7 +2,7 @@
 // The viewer's paths in a real headless Chromium, against a ready sandbox.
 //
 //   node tests/e2e/webrtc.mjs --url http://127.0.0.1:PORT --id SANDBOX [--token T]
-//        --expect webrtc|vnc [--viewers N] [--type TEXT] [--clipboard] [--hold-ms MS] --artifacts DIR
+//        --expect webrtc|vnc [--viewers N] [--type TEXT] [--clipboard] [--resize WxH] [--hold-ms MS] --artifacts DIR
 //
 // Opens N viewer pages of the sandbox (the viewer chooses its path itself),
 // waits until each is connected on the expected path and shows a desktop
@@ -12,7 +12,9 @@
 // the first viewer's clipboard: text copied in the sandbox (airlock-agent
 // clipboard set, through the exec API) shows in the viewer, and text sent from
 // the viewer's Clipboard panel, and pasted with the browser's paste event,
-// is on the sandbox's clipboard (airlock-agent clipboard get). Then prints "viewers ready" and
+// is on the sandbox's clipboard (airlock-agent clipboard get). With --resize,
+// the first viewer's window takes that size and the remote display must
+// follow (the picture the page shows and the display's own geometry). Then prints "viewers ready" and
 // keeps the pages open for --hold-ms, so the caller can look at the server.
 // Exit status 0 on success, 1 on a failed check, 2 on bad usage.
 
@@ -22,7 +24,7 @@ import path from 'node:path';
 import { chromium } from 'playwright-core';
 
 const USAGE =
-  'usage: node tests/e2e/webrtc.mjs --url URL --id SANDBOX [--token T] --expect webrtc|vnc [--viewers N] [--type TEXT] [--clipboard] [--hold-ms MS] --artifacts DIR';
+  'usage: node tests/e2e/webrtc.mjs --url URL --id SANDBOX [--token T] --expect webrtc|vnc [--viewers N] [--type TEXT] [--clipboard] [--resize WxH] [--hold-ms MS] --artifacts DIR';
 const CONNECT_TIMEOUT_MS = 45_000;
 const DESKTOP_TIMEOUT_MS = 45_000;
 const MIN_DISTINCT_COLOURS = 64;
@@ -31,7 +33,7 @@ const MAX_DOMINANT_SHARE = 0.97;
 class CheckFailed extends Error {}
 
 function parseArgs(argv) {
-  const o = { url: '', id: '', token: '', expect: '', viewers: 1, type: '', clipboard: false, holdMs: 0, artifacts: '' };
+  const o = { url: '', id: '', token: '', expect: '', viewers: 1, type: '', clipboard: false, resize: '', holdMs: 0, artifacts: '' };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const v = () => {
@@ -47,6 +49,7 @@ function parseArgs(argv) {
     else if (a === '--type') o.type = v();
     else if (a === '--hold-ms') o.holdMs = Number(v());
     else if (a === '--clipboard') o.clipboard = true;
+    else if (a === '--resize') o.resize = v();
     else if (a === '--artifacts') o.artifacts = v();
     else usage(`unknown argument ${a}`);
   }
@@ -269,6 +272,31 @@ async function clipboardRoundTrip(page) {
   log(`an oversized text is refused: ${err.error}`);
 }
 
+async function followsResize(page) {
+  const m = /^(\d+)x(\d+)$/.exec(opts.resize);
+  check(m, `--resize takes WxH, not ${opts.resize}`);
+  const [width, height] = [Number(m[1]), Number(m[2])];
+  await page.setViewportSize({ width, height });
+  let shown = null;
+  await waitFor(`the remote display to follow a ${width}x${height} window`, 20_000, async () => {
+    shown = await page.evaluate(pictureStats);
+    return shown.width === width && shown.height === height;
+  }, 500).catch((e) => {
+    throw new CheckFailed(`${e.message}; the page shows ${shown && shown.width}x${shown && shown.height}`);
+  });
+  // The display's own word: the stream's description (WebRTC) or the RFB
+  // framebuffer (noVNC).
+  const display = await page.evaluate(() => {
+    const v = window.airlockViewer;
+    if (v.path === 'webrtc') return v.webrtc.display;
+    return { width: v.rfb._fbWidth, height: v.rfb._fbHeight };
+  });
+  check(display.width === width && display.height === height, `the display is ${JSON.stringify(display)}`);
+  check(shown.distinct >= MIN_DISTINCT_COLOURS, `after the resize the picture has ${shown.distinct} colours`);
+  if (shown.png) fs.writeFileSync(path.join(opts.artifacts, `resized-${opts.expect}.png`), Buffer.from(shown.png.split(',')[1], 'base64'));
+  log(`the remote display follows the window: ${width}x${height}, ${shown.distinct} colours`);
+}
+
 async function main() {
   fs.mkdirSync(opts.artifacts, { recursive: true });
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'airlock-webrtc-e2e-'));
@@ -302,6 +330,7 @@ async function main() {
     for (let n = 1; n <= opts.viewers; n++) pages.push(await openViewer(context, n));
     if (opts.type) await typeInto(pages[0]);
     if (opts.clipboard) await clipboardRoundTrip(pages[0]);
+    if (opts.resize) await followsResize(pages[0]);
     console.log('viewers ready');
     if (opts.holdMs > 0) await sleep(opts.holdMs);
     // Every viewer is still on its path after the hold.

@@ -2,8 +2,8 @@
 //! against a real sandbox: the desktop arrives as video, input over the data
 //! channel reaches the terminal, two viewers share one encoder in the guest,
 //! and with the media ports blocked the viewer falls back to noVNC by itself.
-//! On both paths the clipboard makes a round trip (tests/e2e/webrtc.mjs
-//! --clipboard).
+//! On both paths the clipboard makes a round trip and the remote display
+//! follows a resized window (tests/e2e/webrtc.mjs --clipboard --resize).
 
 mod common;
 
@@ -100,6 +100,8 @@ async fn webrtc_shows_the_desktop_takes_input_and_shares_one_encoder() {
             "--type",
             &typed,
             "--clipboard",
+            "--resize",
+            "1000x700",
             "--hold-ms",
             "4000",
         ],
@@ -236,7 +238,15 @@ async fn with_the_media_ports_blocked_the_viewer_falls_back_to_novnc() {
         drive(
             &h,
             &id,
-            &["--expect", "vnc", "--type", &typed, "--clipboard"],
+            &[
+                "--expect",
+                "vnc",
+                "--type",
+                &typed,
+                "--clipboard",
+                "--resize",
+                "1000x700",
+            ],
             || async {},
         )
         .await;
