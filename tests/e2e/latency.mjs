@@ -250,7 +250,9 @@ async function main() {
             const at = pr.presses[p];
             const step = pr.flips[pr.flips.length - 1] - at;
             const ready = pr.ready.length === pr.flips.length ? pr.ready[pr.ready.length - 1] - at : null;
-            const frame = probing && pr.frames.length === pr.flips.length ? pr.frames[pr.frames.length - 1] - at : null;
+            // The probe's own first turn after the press (its loop and the
+            // step's callback may not count the same turns).
+            const frame = probing ? pr.frames[fr] - at : null;
             return { step, ready, frame };
           },
           [before, o.probe],

@@ -203,6 +203,10 @@ pub struct Options {
     /// docs/performance.md).
     #[arg(long)]
     probe: bool,
+    /// The control plane's address pool (its own, so the bench runs beside
+    /// the other benchmarks and tests).
+    #[arg(long, default_value = "10.238.0.0/16")]
+    pool: String,
 }
 
 /// `presses` per path with random gaps, or `soak_minutes` of one press a second.
@@ -215,6 +219,7 @@ pub async fn run(opts: Options) -> Result<()> {
         copies_kbps,
         raw,
         probe,
+        pool,
     } = opts;
     script()?;
     let shape = Shape {
@@ -226,7 +231,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let advertise = link.as_ref().map(|l| std::net::IpAddr::V4(l.host));
     let cp = ControlPlane::start_with(|cfg| {
         // Its own addresses, so it can run beside the other benchmarks.
-        cfg.address_pool = "10.238.0.0/16".into();
+        cfg.address_pool = pool.clone();
         cfg.webrtc_fps = fps;
         cfg.webrtc_copies_kbps = copies_kbps;
         cfg.webrtc_address = advertise;
