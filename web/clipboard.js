@@ -12,12 +12,16 @@
 //   - the Clipboard panel always works: type or paste into it, press Send;
 //     text from the sandbox shows there, with a Copy button.
 // Text from the sandbox is written to the local clipboard only while this tab
-// has focus (the browser refuses it otherwise); then the panel says so.
+// has focus (the browser refuses it otherwise); then the panel says so. What
+// the sandbox's clipboard held when the viewer connected is only shown: it
+// must not replace what the user copied here to paste into the sandbox.
 //
 // Text only, at most MAX_BYTES of UTF-8 (the guest's bound); more is refused
 // here with a message, before anything is sent.
 
 export const MAX_BYTES = 1024 * 1024;
+// Text from the sandbox this soon after connecting is what it held before.
+const SETTLE_MS = 2000;
 
 const $ = (id) => document.getElementById(id);
 
@@ -53,6 +57,7 @@ export class ViewerClipboard {
   /** The path in use: a function taking text for the sandbox, or null. */
   attach(sink) {
     this.sink = sink;
+    this.attachedAt = sink ? Date.now() : 0;
     this.sendButton.disabled = !sink;
   }
 
@@ -88,7 +93,8 @@ export class ViewerClipboard {
     // Do not overwrite what the user is typing into the panel.
     if (document.activeElement !== this.text) this.text.value = text;
     this.copyButton.disabled = false;
-    if (document.hasFocus() && navigator.clipboard && navigator.clipboard.writeText) {
+    const fresh = this.attachedAt && Date.now() - this.attachedAt >= SETTLE_MS;
+    if (fresh && document.hasFocus() && navigator.clipboard && navigator.clipboard.writeText) {
       try {
         await navigator.clipboard.writeText(text);
         this.sent = text; // already on both sides: not worth sending back
