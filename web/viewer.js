@@ -14,8 +14,10 @@
 
 import RFB from '/novnc/core/rfb.js';
 import { ApiError, getSandbox, getToken, setToken, streamUrl, vncUrl } from '/api.js';
-import { WebRtcView } from '/webrtc.js';
+import { WebRtcView, isPasteShortcut } from '/webrtc.js';
+import { getKeysym } from '/novnc/core/input/util.js';
 import { VncStats } from '/vncstats.js';
+import { ViewerClipboard } from '/clipboard.js';
 
 // Close codes the relay uses. `final` ones stop the reconnect loop.
 const CLOSE_CODES = {
@@ -52,9 +54,22 @@ const overlayTokenInput = $('overlay-token-input');
 const overlayRetry = $('overlay-retry');
 
 const id = sandboxIdFromPath(location.pathname);
+const clipboard = new ViewerClipboard();
 
 // Which path to use: 'webrtc' or 'vnc' when forced, else null (WebRTC first).
 const FORCED_PATH = forcedPath();
+// How big the remote display is: 'fit' (the window, in CSS pixels: the
+// desktop's text at its usual size), 'device' (the window in device pixels:
+// sharp on a high-density screen, smaller text; WebRTC only) or a fixed
+// {width, height}. `?size=fit|device|1280x800` or localStorage
+// 'airlock.viewer-size'.
+const SIZE_MODE = sizeMode();
+// The guest's bounds (airlock_proto::stream::{MIN_DISPLAY, MAX_DISPLAY}).
+const MIN_SIZE = [640, 480];
+const MAX_SIZE = [3840, 2160];
+// A window being dragged to a new size is followed once it rests this long.
+const FIT_SETTLE_MS = 300;
+let fitTimer = 0;
 // A WebRTC viewer without a picture by then gives way to noVNC.
 const WEBRTC_GRACE_MS = 3000;
 let path = FORCED_PATH === 'vnc' ? 'vnc' : 'webrtc';
@@ -112,6 +127,14 @@ window.airlockViewer = {
   get lastClose() {
     return lastClose;
   },
+  /** the clipboard: { remote, sent, error, send(text) } (web/clipboard.js) */
+  get clipboard() {
+    return clipboard;
+  },
+  /** 'fit', 'device' or { width, height }: what the display is asked to be */
+  get sizeMode() {
+    return SIZE_MODE;
+  },
   /** true once the server refused to follow the window size and we scale instead */
   get scaled() {
     return scaledFallback;
@@ -121,6 +144,43 @@ window.airlockViewer = {
     connect();
   },
 };
+
+function sizeMode() {
+  const asked = new URLSearchParams(location.search).get('size') || localStorage.getItem('airlock.viewer-size') || 'fit';
+  const m = /^(\d{3,4})x(\d{3,4})$/.exec(asked);
+  if (m) return { width: Number(m[1]), height: Number(m[2]) };
+  return asked === 'device' ? 'device' : 'fit';
+}
+
+/** The display size this window wants, within the guest's bounds, even. */
+function wantedSize() {
+  let w;
+  let h;
+  if (typeof SIZE_MODE === 'object') {
+    ({ width: w, height: h } = SIZE_MODE);
+  } else {
+    const ratio = SIZE_MODE === 'device' ? window.devicePixelRatio || 1 : 1;
+    w = Math.floor(screen.clientWidth * ratio);
+    h = Math.floor(screen.clientHeight * ratio);
+  }
+  const clamp = (v, lo, hi) => Math.max(lo, Math.min(hi, v)) & ~1;
+  return { width: clamp(w, MIN_SIZE[0], MAX_SIZE[0]), height: clamp(h, MIN_SIZE[1], MAX_SIZE[1]) };
+}
+
+/** On WebRTC, ask the guest for the wanted size when the display differs. */
+function fitWebRtc() {
+  clearTimeout(fitTimer);
+  const v = view;
+  if (!v || path !== 'webrtc' || phase !== 'connected') return;
+  const want = wantedSize();
+  if (v.display.width === want.width && v.display.height === want.height) return;
+  if (v.sendResize(want.width, want.height)) {
+    console.info(`airlock viewer: asking for a ${want.width}x${want.height} display (was ${v.display.width}x${v.display.height})`);
+  } else {
+    // The input channel opens a moment after the first picture.
+    fitTimer = setTimeout(fitWebRtc, 250);
+  }
+}
 
 function forcedPath() {
   const asked = new URLSearchParams(location.search).get('path') || localStorage.getItem('airlock.viewer-path');
@@ -133,6 +193,7 @@ function connect() {
 }
 
 function closeViews() {
+  clipboard.attach(null);
   if (rfb && rfbLive) rfb.disconnect();
   rfb = null;
   rfbLive = false;
@@ -179,11 +240,16 @@ function connectWebRtc() {
     if (gen !== generation) return;
     connectedAt = Date.now();
     setPhase('connected', webrtcBadge(v.stats));
+    clipboard.attach((text) => v.sendClipboard(text));
     v.video.focus();
+    fitWebRtc();
   };
   v.onstats = (s) => {
     if (gen === generation && phase === 'connected') setPhase('connected', webrtcBadge(s));
   };
+  v.onclipboard = (text) => clipboard.fromSandbox(text);
+  v.onclipboarderror = (message) => clipboard.say(message, true);
+  v.onpaste = (text) => clipboard.send(text);
   v.onfailed = (reason, code) => {
     clearTimeout(grace);
     if (gen !== generation) return;
@@ -290,15 +356,25 @@ async function connectVnc() {
   session.addEventListener('disconnect', () => {
     if (rfb === session) rfbLive = false;
   });
-  session.scaleViewport = false;
-  session.resizeSession = true;
+  // A fixed size is not asked of the display on this path (noVNC asks only
+  // for the window's size); the picture is scaled into the window instead.
+  const fixed = typeof SIZE_MODE === 'object';
+  session.scaleViewport = fixed;
+  session.resizeSession = !fixed;
   session.focusOnClick = true;
   session.background = '#282828';
   scaledFallback = false;
 
+  // RFB's cut text both ways; the relay passes it, Xvnc keeps it on the
+  // display's selections (its -MaxCutText is the same 1 MiB bound).
+  session.addEventListener('clipboard', (ev) => {
+    if (gen === generation && ev.detail) clipboard.fromSandbox(ev.detail.text);
+  });
+
   session.addEventListener('connect', () => {
     if (gen !== generation) return;
     connectedAt = Date.now();
+    clipboard.attach((text) => session.clipboardPasteFrom(text));
     setPhase('connected', vncBadge(figures.stats));
     checkResizeLater();
   });
@@ -429,7 +505,7 @@ overlayToken.addEventListener('submit', (ev) => {
 function checkResizeLater() {
   clearTimeout(resizeTimer);
   resizeTimer = setTimeout(() => {
-    if (!rfb || phase !== 'connected' || rfb.scaleViewport) return;
+    if (!rfb || path !== 'vnc' || phase !== 'connected' || rfb.scaleViewport) return;
     const canvas = screen.querySelector('canvas');
     if (!canvas) return;
     const w = screen.clientWidth;
@@ -443,5 +519,39 @@ function checkResizeLater() {
 }
 
 window.addEventListener('resize', checkResizeLater);
+window.addEventListener('resize', () => {
+  clearTimeout(fitTimer);
+  fitTimer = setTimeout(fitWebRtc, FIT_SETTLE_MS);
+});
+
+// Ctrl+V (or Shift+Insert) on the noVNC path: noVNC would send the key at
+// once and cancel the browser's paste event; instead the key waits for that
+// event, which sends this computer's clipboard (ClientCutText) first. The
+// modifier is already down in the guest; only the V (or Insert) is held, and
+// its release never reaches noVNC, which ignores a release it saw no press of.
+let vncPaste = null; // { keysym, code, timer }
+function vncPasteKey() {
+  if (!vncPaste) return;
+  const { keysym, code, timer } = vncPaste;
+  vncPaste = null;
+  clearTimeout(timer);
+  if (rfb && rfbLive) {
+    rfb.sendKey(keysym, code, true);
+    rfb.sendKey(keysym, code, false);
+  }
+}
+window.addEventListener('keydown', (ev) => {
+  if (path !== 'vnc' || !rfb || !screen.contains(document.activeElement)) return;
+  if (!isPasteShortcut(ev)) return;
+  ev.stopPropagation(); // noVNC never sees it; the default (paste) stays
+  if (!vncPaste) vncPaste = { keysym: getKeysym(ev), code: ev.code, timer: setTimeout(vncPasteKey, 150) };
+}, true);
+window.addEventListener('paste', (ev) => {
+  if (!vncPaste) return;
+  ev.preventDefault();
+  const text = ev.clipboardData && ev.clipboardData.getData('text/plain');
+  if (text) clipboard.send(text);
+  vncPasteKey();
+}, true);
 
 connect();

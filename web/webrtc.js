@@ -8,6 +8,10 @@
 //   onplaying()            the first frame is on screen
 //   onfailed(reason, code) the path is gone (the viewer falls back to noVNC)
 //   onstats(stats)         once a second: { fps, kbps, rttMs, inputMs, frames, width, height }
+//   onclipboard(text)      text copied in the sandbox
+//   onclipboarderror(msg)  the server refused the text sent for the clipboard
+//   onpaste(text)          Ctrl+V / Shift+Insert in the video with this text:
+//                          returns whether it went (sendClipboard), before the key
 //
 // Input-to-photon is estimated while in use (latency.js), each picture taken as
 // shown when the decoded frame was handed to the compositor. Samples go to the
@@ -17,6 +21,12 @@ import { getKeysym } from '/novnc/core/input/util.js';
 import { InputLatency } from '/latency.js';
 
 const STATS_EVERY_MS = 1000;
+// Clipboard text goes in parts of at most this many characters (4 bytes of
+// UTF-8 each at most: 16 KiB, the server's bound for one part).
+const CLIPBOARD_PART_CHARS = 4096;
+// How long a paste shortcut waits for the browser's paste event before the
+// key goes without it.
+const PASTE_WAIT_MS = 150;
 // Between an input's fast copy and its reliable one.
 const COPY_GAP_MS = 4;
 
@@ -28,6 +38,12 @@ function ticketCloseCode(err) {
   return undefined;
 }
 
+/** Ctrl+V, Ctrl+Shift+V or Shift+Insert: the keys that paste in the guest. */
+export function isPasteShortcut(ev) {
+  const v = ev.key === 'v' || ev.key === 'V';
+  return (ev.ctrlKey && !ev.altKey && !ev.metaKey && v) || (ev.shiftKey && !ev.ctrlKey && ev.key === 'Insert');
+}
+
 export class WebRtcView {
   // `url`: the signalling socket's URL, or a function giving a promise of
   // it (a fresh single-use ticket for each start).
@@ -37,6 +53,9 @@ export class WebRtcView {
     this.onplaying = () => {};
     this.onfailed = () => {};
     this.onstats = () => {};
+    this.onclipboard = () => {};
+    this.onclipboarderror = () => {};
+    this.onpaste = () => false;
     this.closed = false;
     this.playing = false;
     this.display = { width: 0, height: 0 };
@@ -146,6 +165,10 @@ export class WebRtcView {
       if (typeof msg.rtt_ms === 'number') this.stats.rttMs = msg.rtt_ms;
     } else if (msg.type === 'cursor') {
       this.showCursor(msg);
+    } else if (msg.type === 'clipboard') {
+      this.onclipboard(msg.text);
+    } else if (msg.type === 'clipboard_error') {
+      this.onclipboarderror(msg.message);
     }
   }
 
@@ -188,6 +211,33 @@ export class WebRtcView {
     setTimeout(() => {
       if (this.channel.readyState === 'open') this.channel.send(msg);
     }, COPY_GAP_MS);
+  }
+
+  /** Text for the sandbox's clipboard: numbered parts on the reliable channel
+   *  only (a part is too large to be worth a second copy), in order with the
+   *  keys, so a Ctrl+V sent after it pastes it. */
+  sendClipboard(text) {
+    if (!this.inputReady) return false;
+    const chars = [...text];
+    let at = 0;
+    do {
+      const part = chars.slice(at, at + CLIPBOARD_PART_CHARS).join('');
+      at += CLIPBOARD_PART_CHARS;
+      this.inputSeq += 1;
+      const msg = JSON.stringify({ seq: this.inputSeq, clipboard: { text: part, more: at < chars.length } });
+      // Behind any fast-and-reliable input sent just before: same delay.
+      setTimeout(() => {
+        if (this.channel.readyState === 'open') this.channel.send(msg);
+      }, COPY_GAP_MS);
+    } while (at < chars.length);
+    return true;
+  }
+
+  /** Ask the guest to make its display this size (display pixels). */
+  sendResize(width, height) {
+    if (!this.inputReady) return false;
+    this.send({ type: 'resize', width, height });
+    return true;
   }
 
   get inputReady() {
@@ -244,10 +294,29 @@ export class WebRtcView {
         this.send({ type: 'wheel', dx: 0, dy: Math.max(-100, Math.min(100, notches)) });
       }
     }, { passive: false });
+    // A paste shortcut is held until the browser's paste event (which only
+    // comes when the key's default action is left alone) has sent this
+    // computer's clipboard; keys that follow wait behind it.
+    let held = null; // { keys: [[keysym, down]], timer }
+    const flush = () => {
+      if (!held) return;
+      clearTimeout(held.timer);
+      const keys = held.keys;
+      held = null;
+      for (const [keysym, down] of keys) this.send({ type: 'key', keysym, down });
+    };
     const key = (down) => (ev) => {
       const keysym = getKeysym(ev);
       if (!keysym) return;
+      if (down && !held && isPasteShortcut(ev)) {
+        held = { keys: [[keysym, down]], timer: setTimeout(flush, PASTE_WAIT_MS) };
+        return;
+      }
       ev.preventDefault();
+      if (held) {
+        held.keys.push([keysym, down]);
+        return;
+      }
       const at = performance.now();
       this.send({ type: 'key', keysym, down });
       // After the send: the estimate's thumbnail must not hold the key back.
@@ -256,9 +325,10 @@ export class WebRtcView {
     on(v, 'keydown', key(true));
     on(v, 'keyup', key(false));
     on(v, 'paste', (ev) => {
-      const text = ev.clipboardData && ev.clipboardData.getData('text');
-      if (text) this.send({ type: 'text', text: text.slice(0, 4096) });
       ev.preventDefault();
+      const text = ev.clipboardData && ev.clipboardData.getData('text/plain');
+      if (text) this.onpaste(text);
+      flush();
     });
   }
 

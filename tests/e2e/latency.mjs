@@ -4,6 +4,7 @@
 //   node tests/e2e/latency.mjs --url URL --id SANDBOX --path webrtc|vnc
 //        [--presses N] [--gap-min MS] [--gap-max MS] [--busy-seconds S] [--token T]
 //        [--raw FILE]   (the page's stamps, every press and flip, as JSON)
+//        [--probe]      (also the like-for-like probe, below)
 //
 // The sandbox must show the flip page (full screen, black ↔ white on every
 // key press; airlock-bench puts it there). The viewer is opened on the given
@@ -27,12 +28,20 @@
 //   begin time, which can precede the picture's arrival: it gave flips before
 //   their presses.)
 //
+// * probe (with --probe): the same on both paths — on every animation frame
+//   the page samples the pixel it shows (the <video> on WebRTC, noVNC's
+//   <canvas>), stamped with performance.now() in that animation frame. What a
+//   person sees, give or take the display's refresh, and the figure that
+//   compares the paths like for like. (On noVNC it is the step stamp; on
+//   WebRTC an animation loop also runs in the page then, which slows its
+//   video: see docs/performance.md.)
+//
 // With --busy-seconds, the page is then switched to its busy screen (a full
 // repaint every frame, numbered in blocks at the top left) and every animation
 // frame reads the number from the video or canvas: frames delivered are the
 // distinct numbers seen, frames produced the span of the numbers.
 // Prints one JSON line:
-//   { path, samples_ms (ready), step_ms, missed, negative, unpaired, disconnects, fallbacks,
+//   { path, samples_ms (ready), step_ms, probe_ms, missed, negative, unpaired, disconnects, fallbacks,
 //     busy: { seconds, delivered, produced } }.
 
 import fs from 'node:fs';
@@ -40,7 +49,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
 
-const o = { url: '', id: '', path: '', presses: 200, gapMin: 150, gapMax: 400, busySeconds: 0, token: '', raw: '' };
+const o = { url: '', id: '', path: '', presses: 200, gapMin: 150, gapMax: 400, busySeconds: 0, token: '', raw: '', probe: false };
 const argv = process.argv.slice(2);
 for (let i = 0; i < argv.length; i++) {
   const v = () => argv[++i];
@@ -54,6 +63,7 @@ for (let i = 0; i < argv.length; i++) {
   else if (a === '--busy-seconds') o.busySeconds = Number(v());
   else if (a === '--token') o.token = v();
   else if (a === '--raw') o.raw = v();
+  else if (a === '--probe') o.probe = true;
   else {
     console.error(`latency: unknown argument ${a}`);
     process.exit(2);
@@ -68,8 +78,8 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const FLIP_TIMEOUT_MS = 3000;
 
 // Runs in the viewer page: stamps presses and flips.
-function installProbe() {
-  const probe = { presses: [], flips: [], ready: [], received: [], phases: [], paths: [] };
+function installProbe(likeForLike) {
+  const probe = { presses: [], flips: [], ready: [], received: [], frames: [], phases: [], paths: [] };
   window.__probe = probe;
   addEventListener('keydown', () => probe.presses.push(performance.now()), { capture: true });
   const sampler = document.createElement('canvas');
@@ -129,6 +139,19 @@ function installProbe() {
     const tick = () => {
       const c = canvas();
       if (c && c.width) step(bright(c, c.width, c.height), performance.now());
+      requestAnimationFrame(tick);
+    };
+    requestAnimationFrame(tick);
+  }
+  if (likeForLike) {
+    // The like-for-like probe: one loop for either path.
+    const frame = detector(probe.frames);
+    const shown = () => (v.path === 'webrtc' ? v.webrtc.video : document.querySelector('#screen canvas'));
+    const tick = () => {
+      const src = shown();
+      const w = src ? src.videoWidth || src.width : 0;
+      const h = src ? src.videoHeight || src.height : 0;
+      if (w) frame(bright(src, w, h), performance.now());
       requestAnimationFrame(tick);
     };
     requestAnimationFrame(tick);
@@ -206,7 +229,7 @@ async function main() {
       await sleep(200);
     }
     await sleep(1500);
-    await page.evaluate(installProbe);
+    await page.evaluate(installProbe, o.probe);
     const target = o.path === 'webrtc' ? page.locator('video.webrtc-video') : page.locator('#screen canvas');
     await target.click();
     await sleep(500);
@@ -215,20 +238,24 @@ async function main() {
     // null when nothing flipped in time. `ready` is null when that detector
     // did not count the same flips as `step` (not paired, so not a sample).
     const press = async () => {
-      const before = await page.evaluate(() => [window.__probe.presses.length, window.__probe.flips.length]);
+      const before = await page.evaluate(() => [window.__probe.presses.length, window.__probe.flips.length, window.__probe.frames.length]);
       await page.keyboard.press('a');
       const until = Date.now() + FLIP_TIMEOUT_MS;
       for (;;) {
         const r = await page.evaluate(
-          ([p, f]) => {
+          ([[p, f, fr], probing]) => {
             const pr = window.__probe;
             if (pr.flips.length <= f || pr.presses.length <= p) return null;
+            if (probing && pr.frames.length <= fr) return null;
             const at = pr.presses[p];
             const step = pr.flips[pr.flips.length - 1] - at;
             const ready = pr.ready.length === pr.flips.length ? pr.ready[pr.ready.length - 1] - at : null;
-            return { step, ready };
+            // The probe's own first turn after the press (its loop and the
+            // step's callback may not count the same turns).
+            const frame = probing ? pr.frames[fr] - at : null;
+            return { step, ready, frame };
           },
-          before,
+          [before, o.probe],
         );
         if (r !== null) return r;
         if (Date.now() > until) return null;
@@ -243,6 +270,7 @@ async function main() {
 
     const samples = [];
     const steps = [];
+    const probes = [];
     let missed = 0;
     let negative = 0;
     let unpaired = 0;
@@ -256,6 +284,7 @@ async function main() {
         negative++;
       } else {
         steps.push(Math.round(r.step * 10) / 10);
+        if (r.frame !== null && r.frame >= 0) probes.push(Math.round(r.frame * 10) / 10);
         if (r.ready === null) unpaired++;
         else samples.push(Math.round(r.ready * 10) / 10);
       }
@@ -303,6 +332,7 @@ async function main() {
         path: o.path,
         samples_ms: samples,
         step_ms: steps,
+        probe_ms: probes,
         missed,
         unpaired,
         negative,

@@ -2,13 +2,19 @@
 // The viewer's paths in a real headless Chromium, against a ready sandbox.
 //
 //   node tests/e2e/webrtc.mjs --url http://127.0.0.1:PORT --id SANDBOX [--token T]
-//        --expect webrtc|vnc [--viewers N] [--type TEXT] [--hold-ms MS] --artifacts DIR
+//        --expect webrtc|vnc [--viewers N] [--type TEXT] [--clipboard] [--resize WxH] [--hold-ms MS] --artifacts DIR
 //
 // Opens N viewer pages of the sandbox (the viewer chooses its path itself),
 // waits until each is connected on the expected path and shows a desktop
 // (many colours, not one), and for WebRTC that frames keep arriving. With
 // --type, clicks into the terminal (left half of the desktop) of the first
-// viewer and types TEXT followed by Enter. Then prints "viewers ready" and
+// viewer and types TEXT followed by Enter. With --clipboard, a round trip of
+// the first viewer's clipboard: text copied in the sandbox (airlock-agent
+// clipboard set, through the exec API) shows in the viewer, and text sent from
+// the viewer's Clipboard panel, and pasted with the browser's paste event,
+// is on the sandbox's clipboard (airlock-agent clipboard get). With --resize,
+// the first viewer's window takes that size and the remote display must
+// follow (the picture the page shows and the display's own geometry). Then prints "viewers ready" and
 // keeps the pages open for --hold-ms, so the caller can look at the server.
 // Exit status 0 on success, 1 on a failed check, 2 on bad usage.
 
@@ -18,7 +24,7 @@ import path from 'node:path';
 import { chromium } from 'playwright-core';
 
 const USAGE =
-  'usage: node tests/e2e/webrtc.mjs --url URL --id SANDBOX [--token T] --expect webrtc|vnc [--viewers N] [--type TEXT] [--hold-ms MS] --artifacts DIR';
+  'usage: node tests/e2e/webrtc.mjs --url URL --id SANDBOX [--token T] --expect webrtc|vnc [--viewers N] [--type TEXT] [--clipboard] [--resize WxH] [--hold-ms MS] --artifacts DIR';
 const CONNECT_TIMEOUT_MS = 45_000;
 const DESKTOP_TIMEOUT_MS = 45_000;
 const MIN_DISTINCT_COLOURS = 64;
@@ -27,7 +33,7 @@ const MAX_DOMINANT_SHARE = 0.97;
 class CheckFailed extends Error {}
 
 function parseArgs(argv) {
-  const o = { url: '', id: '', token: '', expect: '', viewers: 1, type: '', holdMs: 0, artifacts: '' };
+  const o = { url: '', id: '', token: '', expect: '', viewers: 1, type: '', clipboard: false, resize: '', holdMs: 0, artifacts: '' };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const v = () => {
@@ -42,6 +48,8 @@ function parseArgs(argv) {
     else if (a === '--viewers') o.viewers = Number(v());
     else if (a === '--type') o.type = v();
     else if (a === '--hold-ms') o.holdMs = Number(v());
+    else if (a === '--clipboard') o.clipboard = true;
+    else if (a === '--resize') o.resize = v();
     else if (a === '--artifacts') o.artifacts = v();
     else usage(`unknown argument ${a}`);
   }
@@ -188,6 +196,107 @@ async function typeInto(page) {
   if (after.png) fs.writeFileSync(path.join(opts.artifacts, `after-typing-${opts.expect}.png`), Buffer.from(after.png.split(',')[1], 'base64'));
 }
 
+// One command in the sandbox through the API (as the desktop user).
+async function exec(argv, timeoutS = 30) {
+  const headers = { 'content-type': 'application/json' };
+  if (opts.token) headers.authorization = `Bearer ${opts.token}`;
+  const res = await fetch(`${opts.url}/api/v1/sandboxes/${opts.id}/exec`, {
+    method: 'POST',
+    headers,
+    body: JSON.stringify({ argv, env: { DISPLAY: ':0' }, timeout_s: timeoutS }),
+  });
+  const body = await res.json();
+  check(res.ok, `exec ${argv.join(' ')}: ${res.status} ${JSON.stringify(body)}`);
+  return body;
+}
+
+const AGENT = '/usr/local/bin/airlock-agent';
+
+async function sandboxClipboard() {
+  const out = await exec([AGENT, 'clipboard', 'get'], 10);
+  return out.exit_code === 0 ? out.stdout : `(exit ${out.exit_code}: ${out.stderr.trim()})`;
+}
+
+async function clipboardRoundTrip(page) {
+  const tag = Math.random().toString(36).slice(2, 10);
+  // Out of the sandbox: a program there copies (and holds the selection
+  // until the viewer's text takes it over, below).
+  const copied = `copied in the sandbox ${tag} ü€`;
+  const holder = exec(['sh', '-c', `printf %s "$1" | ${AGENT} clipboard set --hold 60`, 'sh', copied], 70);
+  await waitFor('the text copied in the sandbox to reach the viewer', 15_000,
+    async () => (await page.evaluate(() => window.airlockViewer.clipboard.remote)) === copied);
+  const panelText = await page.evaluate(() => document.getElementById('clipboard-text').value);
+  check(panelText === copied, `the Clipboard panel shows ${JSON.stringify(panelText)}`);
+  log('text copied in the sandbox arrived in the viewer and its Clipboard panel');
+
+  // Into the sandbox, by the panel: a password-like text with a new line.
+  const sent = `pässwörd-${tag}\nsecond line`;
+  await page.click('#clipboard-button');
+  await page.fill('#clipboard-text', sent);
+  await page.click('#clipboard-send');
+  let seen = '';
+  await waitFor("the panel's text on the sandbox's clipboard", 15_000, async () => (seen = await sandboxClipboard()) === sent);
+  const held = await holder;
+  check(held.exit_code === 0, `the program that held the sandbox's clipboard did not end when it lost it: ${JSON.stringify(held)}`);
+  log(`text sent from the Clipboard panel is on the sandbox's clipboard (${seen.length} characters)`);
+  await page.click('#clipboard-button');
+
+  // Into the sandbox, by a paste in the picture (the browser's paste event,
+  // as Ctrl+V raises it), 40,000 characters: sent in parts, put together.
+  const pasted = `${tag}-` + 'x'.repeat(40_000);
+  const target = opts.expect === 'webrtc' ? 'video.webrtc-video' : '#screen canvas';
+  await page.evaluate(({ target, text }) => {
+    const el = document.querySelector(target);
+    el.focus();
+    const dt = new DataTransfer();
+    dt.setData('text/plain', text);
+    if (window.airlockViewer.path === 'vnc') {
+      // noVNC's path holds the key until the paste event; without a real key
+      // press, send the way the panel does.
+      window.airlockViewer.clipboard.send(text);
+      return;
+    }
+    el.dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true, cancelable: true }));
+  }, { target, text: pasted });
+  await waitFor('the pasted text on the sandbox\'s clipboard', 15_000, async () => (seen = await sandboxClipboard()) === pasted);
+  log(`pasted text is on the sandbox's clipboard (${seen.length} characters)`);
+
+  // Over the bound: refused in the viewer with a message, nothing sent.
+  const err = await page.evaluate(() => {
+    const c = window.airlockViewer.clipboard;
+    const went = c.send('y'.repeat(1024 * 1024 + 1));
+    return { went, error: c.error };
+  });
+  check(!err.went && /at most 1 MiB/.test(err.error), `an oversized text was not refused: ${JSON.stringify(err)}`);
+  check((await sandboxClipboard()) === pasted, "an oversized text changed the sandbox's clipboard");
+  log(`an oversized text is refused: ${err.error}`);
+}
+
+async function followsResize(page) {
+  const m = /^(\d+)x(\d+)$/.exec(opts.resize);
+  check(m, `--resize takes WxH, not ${opts.resize}`);
+  const [width, height] = [Number(m[1]), Number(m[2])];
+  await page.setViewportSize({ width, height });
+  let shown = null;
+  await waitFor(`the remote display to follow a ${width}x${height} window`, 20_000, async () => {
+    shown = await page.evaluate(pictureStats);
+    return shown.width === width && shown.height === height;
+  }, 500).catch((e) => {
+    throw new CheckFailed(`${e.message}; the page shows ${shown && shown.width}x${shown && shown.height}`);
+  });
+  // The display's own word: the stream's description (WebRTC) or the RFB
+  // framebuffer (noVNC).
+  const display = await page.evaluate(() => {
+    const v = window.airlockViewer;
+    if (v.path === 'webrtc') return v.webrtc.display;
+    return { width: v.rfb._fbWidth, height: v.rfb._fbHeight };
+  });
+  check(display.width === width && display.height === height, `the display is ${JSON.stringify(display)}`);
+  check(shown.distinct >= MIN_DISTINCT_COLOURS, `after the resize the picture has ${shown.distinct} colours`);
+  if (shown.png) fs.writeFileSync(path.join(opts.artifacts, `resized-${opts.expect}.png`), Buffer.from(shown.png.split(',')[1], 'base64'));
+  log(`the remote display follows the window: ${width}x${height}, ${shown.distinct} colours`);
+}
+
 async function main() {
   fs.mkdirSync(opts.artifacts, { recursive: true });
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'airlock-webrtc-e2e-'));
@@ -220,6 +329,8 @@ async function main() {
     const pages = [];
     for (let n = 1; n <= opts.viewers; n++) pages.push(await openViewer(context, n));
     if (opts.type) await typeInto(pages[0]);
+    if (opts.clipboard) await clipboardRoundTrip(pages[0]);
+    if (opts.resize) await followsResize(pages[0]);
     console.log('viewers ready');
     if (opts.holdMs > 0) await sleep(opts.holdMs);
     // Every viewer is still on its path after the hold.

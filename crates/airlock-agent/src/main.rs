@@ -18,7 +18,8 @@ const USAGE: &str = "usage: airlock-agent prepare|serve|layout|capture\n\n\
   prepare   write /run/airlock/{vnc/passwd,session.env,profile.sh} from the metadata document\n\
   serve     answer the agent API on <guest address>:7000\n\
   layout    re-tile the desktop (terminal left, Chromium right) after every resize\n\
-  capture   stream the display as H.264 for the agent's /v1/stream (see capture --help)\n";
+  capture   stream the display as H.264 for the agent's /v1/stream (see capture --help)\n\
+  clipboard get|set: read or fill the display's clipboard (text)\n";
 
 /// Baked into the image's top layer by the image builder.
 const IMAGE_INFO_PATH: &str = "/etc/airlock/image.json";
@@ -47,6 +48,7 @@ fn main() -> std::process::ExitCode {
             Ok(())
         }
         ["capture", rest @ ..] => stream::capture::main(rest),
+        ["clipboard", rest @ ..] => stream::clipboard::main(rest),
         ["--help"] | ["-h"] | ["help"] => {
             print!("{USAGE}");
             Ok(())

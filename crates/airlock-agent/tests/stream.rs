@@ -199,7 +199,7 @@ impl Running {
                 Output::Frame(f) if f.keyframe => return (deltas, f),
                 Output::Frame(_) => deltas += 1,
                 Output::Info(i) => panic!("unexpected stream description {i:?}"),
-                Output::Cursor(_) => {}
+                Output::Cursor(_) | Output::Clipboard(_) => {}
             }
         }
     }
@@ -272,7 +272,7 @@ fn capture_streams_keyframes_and_follows_resizes() {
                     frames += 1;
                 }
                 Ok((_, Output::Info(i))) => panic!("unexpected {i:?}"),
-                Ok((_, Output::Cursor(_))) | Err(_) => {}
+                Ok((_, Output::Cursor(_) | Output::Clipboard(_))) | Err(_) => {}
             }
         }
         frames
@@ -352,7 +352,7 @@ fn capture_streams_keyframes_and_follows_resizes() {
                 break;
             }
             Output::Frame(f) => assert!(f.pts_us > last_pts),
-            Output::Cursor(_) => {}
+            Output::Cursor(_) | Output::Clipboard(_) => {}
         }
     }
     let (deltas, kf) = run.until_keyframe(Duration::from_secs(5));
@@ -982,4 +982,179 @@ async fn a_dead_capture_program_closes_the_socket_with_its_reason() {
     let (code, reason) = next_close(&mut ws).await;
     assert_eq!(code, 1011);
     assert_eq!(reason, "capture stopped: exited with exit status: 4");
+}
+
+/// `airlock-agent clipboard …` on the test's display.
+fn clipboard_cmd(display: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_airlock-agent"));
+    c.arg("clipboard")
+        .args(args)
+        .env("DISPLAY", display)
+        .env("NO_COLOR", "1");
+    c
+}
+
+fn clipboard_get(display: &str) -> String {
+    let out = clipboard_cmd(display, &["get"])
+        .output()
+        .expect("clipboard get runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The next clipboard message of the stream (frames and pointers passed by).
+async fn next_clipboard(ws: &mut Ws) -> String {
+    loop {
+        if let Message::Binary(b) = next_msg(ws).await {
+            if airlock_proto::stream::is_clipboard(&b) {
+                return airlock_proto::stream::decode_clipboard(&b).expect("clipboard text");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_carries_the_clipboard_both_ways() {
+    need_gstreamer();
+    let x = Xvnc::start(320, 240);
+    // Text that is on the clipboard before the stream starts goes out first.
+    let mut before = clipboard_cmd(&x.display, &["set", "--hold", "30"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("clipboard set");
+    {
+        use std::io::Write;
+        let mut stdin = before.stdin.take().expect("stdin");
+        stdin
+            .write_all("copied before €".as_bytes())
+            .expect("write");
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    while clipboard_get(&x.display) != "copied before €" {
+        assert!(Instant::now() < until, "clipboard set did not take");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let agent = agent(capture_argv(), &x.display).await;
+    let mut ws = open(&agent, "?fps=10", Some(TOKEN)).await.expect("upgrade");
+    assert_eq!(next_clipboard(&mut ws).await, "copied before €");
+
+    // The viewer's text: on CLIPBOARD for any program that asks, and the
+    // program that held it before sees it lost and ends.
+    let secret = format!("pässwörd-{}\nline two", std::process::id());
+    ws.send(Message::text(
+        Control::Clipboard {
+            text: secret.clone(),
+        }
+        .to_json(),
+    ))
+    .await
+    .expect("send");
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        if clipboard_get(&x.display) == secret {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the viewer's text never reached the clipboard"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    while before.try_wait().expect("wait").is_none() {
+        assert!(
+            Instant::now() < until,
+            "the old owner was not told it lost the clipboard"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Text copied in the guest goes to the viewer (large, but within the bound).
+    let big: String = "0123456789abcdef".repeat(40 * 1024);
+    let mut copier = clipboard_cmd(&x.display, &["set", "--hold", "30"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("clipboard set");
+    {
+        use std::io::Write;
+        let mut stdin = copier.stdin.take().expect("stdin");
+        stdin.write_all(big.as_bytes()).expect("write");
+    }
+    assert_eq!(next_clipboard(&mut ws).await.len(), big.len());
+
+    // Over the bound: refused by `set`, with a clear message.
+    let out = {
+        let mut c = clipboard_cmd(&x.display, &["set", "--hold", "1"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("clipboard set");
+        {
+            use std::io::Write;
+            let mut stdin = c.stdin.take().expect("stdin");
+            let _ = stdin.write_all(&vec![b'x'; airlock_proto::stream::MAX_CLIPBOARD_BYTES + 10]);
+        }
+        c.wait_with_output().expect("wait")
+    };
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("larger than"), "{err}");
+    let _ = copier.kill();
+    let _ = copier.wait();
+    drop(ws);
+}
+
+/// The next stream description (frames, pointers and clipboard passed by).
+async fn next_info(ws: &mut Ws) -> StreamInfo {
+    loop {
+        if let Message::Text(t) = next_msg(ws).await {
+            return serde_json::from_str(&t).expect("stream info");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_fits_the_display_to_the_viewer() {
+    need_gstreamer();
+    let x = Xvnc::start(640, 480);
+    let agent = agent(capture_argv(), &x.display).await;
+    let mut ws = open(&agent, "?fps=10", Some(TOKEN)).await.expect("upgrade");
+    assert_eq!(next_info(&mut ws).await.width, 640);
+    // A size Xvnc does not list (a new mode), odd: rounded down to even.
+    for (asked, got) in [((1001, 701), (1000, 700)), ((800, 600), (800, 600))] {
+        ws.send(Message::text(
+            Control::Resize {
+                width: asked.0,
+                height: asked.1,
+            }
+            .to_json(),
+        ))
+        .await
+        .expect("send");
+        let info = next_info(&mut ws).await;
+        assert_eq!((info.width, info.height), got, "asked for {asked:?}");
+        let first = next_frame(&mut ws).await;
+        assert!(first.keyframe, "a new size starts with a keyframe");
+        let (conn, root) = x.connect();
+        let g = conn
+            .get_geometry(root)
+            .expect("request")
+            .reply()
+            .expect("geometry");
+        assert_eq!((u32::from(g.width), u32::from(g.height)), got);
+    }
+    // Out of bounds: refused by the route, the display stays.
+    ws.send(Message::text(
+        r#"{"type":"resize","width":100,"height":100}"#,
+    ))
+    .await
+    .expect("send");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (conn, root) = x.connect();
+    let g = conn
+        .get_geometry(root)
+        .expect("request")
+        .reply()
+        .expect("geometry");
+    assert_eq!((g.width, g.height), (800, 600));
+    drop(ws);
 }

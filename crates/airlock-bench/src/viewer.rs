@@ -18,6 +18,9 @@ struct Run {
     samples_ms: Vec<f64>,
     /// Press → the rendering step that first saw it (`step`).
     step_ms: Vec<f64>,
+    /// Press → the first animation frame whose sample of the shown pixel
+    /// turned, the same way on both paths (`probe`; with `--probe` only).
+    probe_ms: Vec<f64>,
     missed: usize,
     disconnects: usize,
     fallbacks: usize,
@@ -75,6 +78,15 @@ struct Browser {
     netns: Option<String>,
 }
 
+/// What the page records beyond the default stamps.
+#[derive(Debug, Clone, Copy)]
+struct Record<'a> {
+    /// Where the page's raw stamps go.
+    raw: Option<&'a std::path::Path>,
+    /// The like-for-like probe on too.
+    probe: bool,
+}
+
 async fn measure(
     browser: &Browser,
     id: &str,
@@ -82,8 +94,9 @@ async fn measure(
     presses: usize,
     gap: (u64, u64),
     busy_seconds: u64,
-    raw: Option<&std::path::Path>,
+    record: Record<'_>,
 ) -> Result<Measured> {
+    let Record { raw, probe } = record;
     let (g0, p0, t0) = (cpu_ticks(id), self_ticks(), Instant::now());
     let mut cmd = match &browser.netns {
         Some(ns) => {
@@ -103,6 +116,9 @@ async fn measure(
             &gap.1.to_string(),
         ])
         .args(["--busy-seconds", &busy_seconds.to_string()]);
+    if probe {
+        cmd.arg("--probe");
+    }
     if let Some(raw) = raw {
         cmd.arg("--raw")
             .arg(raw.with_extension(format!("{path}.json")));
@@ -135,6 +151,7 @@ async fn measure(
         path: v["path"].as_str().unwrap_or(path).to_owned(),
         samples_ms: samples("samples_ms"),
         step_ms: samples("step_ms"),
+        probe_ms: samples("probe_ms"),
         // A flip stamped before its press, or seen by one stamp and not the
         // other, cannot be attributed: counted as missed, never as a sample.
         missed: (count("missed") + count("negative") + count("unpaired")) as usize,
@@ -180,6 +197,16 @@ pub struct Options {
     /// RAW.webrtc.json and RAW.vnc.json.
     #[arg(long)]
     raw: Option<PathBuf>,
+    /// Also the like-for-like probe: on every animation frame the viewer page
+    /// samples the pixel it shows (the video, noVNC's canvas), the same way on
+    /// both paths (an animation loop in the page, which slows WebRTC's video:
+    /// docs/performance.md).
+    #[arg(long)]
+    probe: bool,
+    /// The control plane's address pool (its own, so the bench runs beside
+    /// the other benchmarks and tests).
+    #[arg(long, default_value = "10.238.0.0/16")]
+    pool: String,
 }
 
 /// `presses` per path with random gaps, or `soak_minutes` of one press a second.
@@ -191,6 +218,8 @@ pub async fn run(opts: Options) -> Result<()> {
         shaped,
         copies_kbps,
         raw,
+        probe,
+        pool,
     } = opts;
     script()?;
     let shape = Shape {
@@ -202,7 +231,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let advertise = link.as_ref().map(|l| std::net::IpAddr::V4(l.host));
     let cp = ControlPlane::start_with(|cfg| {
         // Its own addresses, so it can run beside the other benchmarks.
-        cfg.address_pool = "10.238.0.0/16".into();
+        cfg.address_pool = pool.clone();
         cfg.webrtc_fps = fps;
         cfg.webrtc_copies_kbps = copies_kbps;
         cfg.webrtc_address = advertise;
@@ -253,7 +282,11 @@ pub async fn run(opts: Options) -> Result<()> {
                     }
                 })
             };
-            let m = measure(&browser, &id, path, n, gap, busy, raw.as_deref()).await;
+            let record = Record {
+                raw: raw.as_deref(),
+                probe,
+            };
+            let m = measure(&browser, &id, path, n, gap, busy, record).await;
             sampler.abort();
             let m = m?;
             let mut readings = readings.lock().map(|r| r.clone()).unwrap_or_default();
@@ -278,6 +311,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 "p95",
                 "p99",
                 "at the rendering step: p50 / p95 / p99",
+                "probe (every animation frame, both paths): p50 / p95 / p99",
                 "missed",
                 "busy screen: frames/s shown (drawn)",
                 "guest CPU",
@@ -292,6 +326,7 @@ pub async fn run(opts: Options) -> Result<()> {
         for (m, _) in &rows {
             let d = durations(&m.run.samples_ms);
             let step = durations(&m.run.step_ms);
+            let probed = durations(&m.run.probe_ms);
             let fps = match &m.run.busy {
                 Some(b) if b.seconds > 0.0 => format!(
                     "{:.1} ({:.1})",
@@ -311,6 +346,16 @@ pub async fn run(opts: Options) -> Result<()> {
                     ms(percentile(&step, 95.0)),
                     ms(percentile(&step, 99.0))
                 ),
+                if probed.is_empty() {
+                    "-".into()
+                } else {
+                    format!(
+                        "{} / {} / {}",
+                        ms(percentile(&probed, 50.0)),
+                        ms(percentile(&probed, 95.0)),
+                        ms(percentile(&probed, 99.0))
+                    )
+                },
                 m.run.missed.to_string(),
                 fps,
                 format!("{:.0} %", m.guest_cpu),

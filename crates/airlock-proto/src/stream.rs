@@ -10,7 +10,9 @@
 //!   (a 13-byte header, then the access unit in Annex-B form);
 //! * one **binary** message [`CursorImage::encode`] at the start and whenever
 //!   the pointer's picture changes (the video carries no pointer: the viewer
-//!   draws it, so it moves without latency).
+//!   draws it, so it moves without latency);
+//! * one **binary** message [`encode_clipboard`] whenever the guest's clipboard
+//!   (the X `CLIPBOARD` selection) takes new text.
 //!
 //! The control plane sends **text** messages, each one [`Control`] as JSON:
 //! keyframe requests and the viewer's input, which the guest injects with XTest.
@@ -174,6 +176,51 @@ impl CursorImage {
     }
 }
 
+const CLIPBOARD_MAGIC: u8 = b'T';
+
+/// Largest clipboard text either way, in UTF-8 bytes: passwords, one-time
+/// codes and pages of text fit; a file does not belong on the clipboard.
+pub const MAX_CLIPBOARD_BYTES: usize = 1024 * 1024;
+
+/// Largest [`Control`] as JSON: a [`Control::Clipboard`] of the largest text
+/// with every byte escaped (`\u0001` is six bytes for one).
+pub const MAX_CONTROL_JSON_BYTES: usize = 6 * MAX_CLIPBOARD_BYTES + 1024;
+
+/// Why a binary message is not clipboard text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClipboardError {
+    #[error("a clipboard message does not start with the clipboard marker")]
+    Magic,
+    #[error("clipboard text of {0} bytes is larger than {MAX_CLIPBOARD_BYTES}")]
+    TooLarge(usize),
+    #[error("clipboard text is not UTF-8")]
+    NotUtf8,
+}
+
+/// The guest's clipboard text: `'T'`, then the text in UTF-8.
+pub fn encode_clipboard(text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + text.len());
+    out.push(CLIPBOARD_MAGIC);
+    out.extend_from_slice(text.as_bytes());
+    out
+}
+
+pub fn decode_clipboard(msg: &[u8]) -> Result<String, ClipboardError> {
+    if msg.first() != Some(&CLIPBOARD_MAGIC) {
+        return Err(ClipboardError::Magic);
+    }
+    let text = &msg[1..];
+    if text.len() > MAX_CLIPBOARD_BYTES {
+        return Err(ClipboardError::TooLarge(text.len()));
+    }
+    String::from_utf8(text.to_vec()).map_err(|_| ClipboardError::NotUtf8)
+}
+
+/// Whether a binary message is clipboard text.
+pub fn is_clipboard(msg: &[u8]) -> bool {
+    msg.first() == Some(&CLIPBOARD_MAGIC)
+}
+
 /// What the control plane sends the guest. Pointer coordinates are display
 /// pixels; the viewer scales them before sending.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -190,7 +237,20 @@ pub enum Control {
     Key { keysym: u32, down: bool },
     /// Type text as a sequence of key presses (keysyms of its characters).
     Text { text: String },
+    /// Put text on the guest's clipboard (`CLIPBOARD` and `PRIMARY`), at most
+    /// [`MAX_CLIPBOARD_BYTES`].
+    Clipboard { text: String },
+    /// Make the display this size (the viewer's window), within
+    /// [`MIN_DISPLAY`] and [`MAX_DISPLAY`]; odd sizes are rounded down to even.
+    Resize { width: u32, height: u32 },
 }
+
+/// Smallest display a viewer may ask for: the desktop's two windows side by
+/// side stay usable.
+pub const MIN_DISPLAY: (u32, u32) = (640, 480);
+/// Largest display a viewer may ask for (4K UHD): beyond it a frame costs the
+/// guest's cores more than a stream can carry.
+pub const MAX_DISPLAY: (u32, u32) = (3840, 2160);
 
 /// Longest text one [`Control::Text`] may carry.
 pub const MAX_TEXT_CHARS: usize = 4096;
@@ -206,6 +266,10 @@ pub enum ControlError {
     Buttons(u8),
     #[error("a wheel step of {0} notches is out of range")]
     Wheel(i32),
+    #[error("clipboard text of {0} bytes is larger than {MAX_CLIPBOARD_BYTES}")]
+    ClipboardTooLarge(usize),
+    #[error("a display of {0}x{1} is outside 640x480 to 3840x2160 (MIN_DISPLAY, MAX_DISPLAY)")]
+    Size(u32, u32),
 }
 
 impl Control {
@@ -222,6 +286,15 @@ impl Control {
         match self {
             Control::Text { text } if text.chars().count() > MAX_TEXT_CHARS => {
                 Err(ControlError::TextTooLong)
+            }
+            Control::Resize { width, height }
+                if !(MIN_DISPLAY.0..=MAX_DISPLAY.0).contains(width)
+                    || !(MIN_DISPLAY.1..=MAX_DISPLAY.1).contains(height) =>
+            {
+                Err(ControlError::Size(*width, *height))
+            }
+            Control::Clipboard { text } if text.len() > MAX_CLIPBOARD_BYTES => {
+                Err(ControlError::ClipboardTooLarge(text.len()))
             }
             Control::Pointer { buttons, .. } if buttons & !0b111 != 0 => {
                 Err(ControlError::Buttons(*buttons))
@@ -318,6 +391,46 @@ mod tests {
         };
         assert_eq!(CursorImage::decode(&hidden.encode()), Ok(hidden));
         assert_eq!(CursorImage::decode(b"C1"), Err(CursorError::Length(2)));
+    }
+
+    #[test]
+    fn clipboard_text_round_trips_within_its_bound() {
+        let msg = encode_clipboard("pässwörd €");
+        assert!(is_clipboard(&msg));
+        assert!(!is_clipboard(b"V"));
+        assert_eq!(decode_clipboard(&msg).as_deref(), Ok("pässwörd €"));
+        assert_eq!(decode_clipboard(b"T\xff"), Err(ClipboardError::NotUtf8));
+        assert_eq!(decode_clipboard(b"X"), Err(ClipboardError::Magic));
+        let big = "a".repeat(MAX_CLIPBOARD_BYTES + 1);
+        assert_eq!(
+            decode_clipboard(&encode_clipboard(&big)),
+            Err(ClipboardError::TooLarge(MAX_CLIPBOARD_BYTES + 1))
+        );
+        assert_eq!(
+            Control::Clipboard { text: big }.check(),
+            Err(ControlError::ClipboardTooLarge(MAX_CLIPBOARD_BYTES + 1))
+        );
+        assert_eq!(
+            Control::parse(r#"{"type":"resize","width":1000,"height":700}"#),
+            Ok(Control::Resize {
+                width: 1000,
+                height: 700
+            })
+        );
+        for (w, h) in [(639, 700), (1000, 479), (3841, 700), (1000, 2161)] {
+            assert_eq!(
+                Control::Resize {
+                    width: w,
+                    height: h
+                }
+                .check(),
+                Err(ControlError::Size(w, h))
+            );
+        }
+        let full = "\u{1}".repeat(MAX_CLIPBOARD_BYTES);
+        let json = Control::Clipboard { text: full }.to_json();
+        assert!(json.len() <= MAX_CONTROL_JSON_BYTES, "{}", json.len());
+        assert!(Control::parse(&json).is_ok());
     }
 
     #[test]

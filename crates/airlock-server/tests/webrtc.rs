@@ -2,6 +2,8 @@
 //! against a real sandbox: the desktop arrives as video, input over the data
 //! channel reaches the terminal, two viewers share one encoder in the guest,
 //! and with the media ports blocked the viewer falls back to noVNC by itself.
+//! On both paths the clipboard makes a round trip and the remote display
+//! follows a resized window (tests/e2e/webrtc.mjs --clipboard --resize).
 
 mod common;
 
@@ -80,7 +82,7 @@ async fn webrtc_shows_the_desktop_takes_input_and_shares_one_encoder() {
     if unmet().is_some() || browser_unmet().is_some() {
         return;
     }
-    let h = common::start("10.232.30.0/24").await;
+    let h = common::start("10.254.30.0/24").await;
     let id = h.ready_sandbox("browser").await;
     let mark = format!("webrtc-{}", hex::encode(rand::random::<[u8; 5]>()));
     let typed = format!("echo {mark} > /tmp/webrtc-mark");
@@ -97,6 +99,9 @@ async fn webrtc_shows_the_desktop_takes_input_and_shares_one_encoder() {
             "2",
             "--type",
             &typed,
+            "--clipboard",
+            "--resize",
+            "1000x700",
             "--hold-ms",
             "4000",
         ],
@@ -215,7 +220,7 @@ async fn with_the_media_ports_blocked_the_viewer_falls_back_to_novnc() {
     if unmet().is_some() || browser_unmet().is_some() {
         return;
     }
-    let h = common::start("10.232.31.0/24").await;
+    let h = common::start("10.254.31.0/24").await;
     let id = h.ready_sandbox("browser").await;
     let endpoint = h
         .running
@@ -230,7 +235,21 @@ async fn with_the_media_ports_blocked_the_viewer_falls_back_to_novnc() {
     let typed = format!("echo {mark} > /tmp/novnc-mark");
     {
         let _blocked = Blocked::ports(endpoint.udp_addr().port(), endpoint.tcp_addr().port());
-        drive(&h, &id, &["--expect", "vnc", "--type", &typed], || async {}).await;
+        drive(
+            &h,
+            &id,
+            &[
+                "--expect",
+                "vnc",
+                "--type",
+                &typed,
+                "--clipboard",
+                "--resize",
+                "1000x700",
+            ],
+            || async {},
+        )
+        .await;
     }
     assert_eq!(file_in(&h, &id, "/tmp/novnc-mark").await, mark);
     // The noVNC page's own estimates reach the metrics through the relay.

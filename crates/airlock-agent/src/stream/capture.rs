@@ -15,7 +15,9 @@ use super::encoder::{self, Encoder, EncoderError, Settings};
 use super::grab::{GrabError, Grabber};
 use super::input::{Injector, SPARE_HOLD};
 use super::wire;
-use airlock_proto::stream::{Control, CursorImage, StreamInfo, VideoFrame, DEFAULT_FPS};
+use airlock_proto::stream::{
+    encode_clipboard, Control, CursorImage, StreamInfo, VideoFrame, DEFAULT_FPS,
+};
 use std::io::{BufRead, Write};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,6 +94,8 @@ pub enum Output {
     Info(StreamInfo),
     Frame(VideoFrame),
     Cursor(CursorImage),
+    /// New text on the guest's clipboard.
+    Clipboard(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +123,8 @@ pub enum CaptureError {
 pub struct Signals {
     pub keyframe: AtomicBool,
     pub stop: AtomicBool,
+    /// New text on the guest's clipboard, to go out with the next frame.
+    pub clipboard: std::sync::Mutex<Option<String>>,
 }
 
 /// Captures until `signals.stop` is set or `emit` fails.
@@ -198,6 +204,14 @@ pub fn capture(
             }
             if let Some(c) = pointer.then(|| super::cursor::current(&conn)).flatten() {
                 emit(Output::Cursor(c)).map_err(CaptureError::Write)?;
+            }
+            let copied = signals
+                .clipboard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(text) = copied {
+                emit(Output::Clipboard(text)).map_err(CaptureError::Write)?;
             }
             if look {
                 measured = Instant::now();
@@ -340,9 +354,17 @@ enum InputMsg {
     Stop,
 }
 
-fn run_input(mut injector: Injector, rx: mpsc::Receiver<InputMsg>) {
+fn run_input(mut injector: Injector, rx: mpsc::Receiver<InputMsg>, display: &str) {
     loop {
         match rx.recv_timeout(SPARE_HOLD / 2) {
+            Ok(InputMsg::Control(Control::Resize { width, height })) => {
+                match super::display::fit(display, width, height) {
+                    Ok((w, h)) => {
+                        tracing::info!(width = w, height = h, "display fitted to the viewer")
+                    }
+                    Err(e) => tracing::warn!(error = %crate::chain(&e), "display not resized"),
+                }
+            }
             Ok(InputMsg::Control(c)) => {
                 if let Err(e) = injector.apply(&c) {
                     tracing::warn!(error = %crate::chain(&e), "input not injected");
@@ -362,7 +384,13 @@ fn run_input(mut injector: Injector, rx: mpsc::Receiver<InputMsg>) {
 }
 
 /// Reads control lines until standard input closes, then stops everything.
-fn read_controls(signals: Arc<Signals>, tx: mpsc::Sender<InputMsg>) {
+/// Clipboard text goes to the clipboard thread, the rest of the input to the
+/// injector.
+fn read_controls(
+    signals: Arc<Signals>,
+    tx: mpsc::Sender<InputMsg>,
+    clipboard: mpsc::Sender<String>,
+) {
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         if line.trim().is_empty() {
@@ -370,6 +398,9 @@ fn read_controls(signals: Arc<Signals>, tx: mpsc::Sender<InputMsg>) {
         }
         match Control::parse(&line) {
             Ok(Control::Keyframe) => signals.keyframe.store(true, Ordering::Relaxed),
+            Ok(Control::Clipboard { text }) => {
+                let _ = clipboard.send(text);
+            }
             Ok(c) => {
                 if tx.send(InputMsg::Control(c)).is_err() {
                     break;
@@ -394,11 +425,26 @@ pub fn main(args: &[&str]) -> Result<(), String> {
     let injector = Injector::connect(&opts.display).map_err(|e| crate::chain(&e))?;
     let signals = Arc::new(Signals::default());
     let (tx, rx) = mpsc::channel();
-    let input = std::thread::spawn(move || run_input(injector, rx));
+    let display = opts.display.clone();
+    let input = std::thread::spawn(move || run_input(injector, rx, &display));
+    let (clip_tx, clip_rx) = mpsc::channel();
+    {
+        let (signals, display) = (signals.clone(), opts.display.clone());
+        // Not joined: it ends with the process. A display without XFixes
+        // streams without a clipboard.
+        std::thread::spawn(move || {
+            let out = |text| {
+                *signals.clipboard.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+            };
+            if let Err(e) = super::clipboard::run(&display, clip_rx, &out, &signals.stop) {
+                tracing::warn!(error = %crate::chain(&e), "no clipboard for this stream");
+            }
+        });
+    }
     {
         let (signals, tx) = (signals.clone(), tx.clone());
         // Not joined: it sits in a read until the agent closes the pipe.
-        std::thread::spawn(move || read_controls(signals, tx));
+        std::thread::spawn(move || read_controls(signals, tx, clip_tx));
     }
     // Standard output unbuffered by line: frames are binary.
     let stdout = std::io::stdout()
@@ -411,6 +457,7 @@ pub fn main(args: &[&str]) -> Result<(), String> {
             Output::Info(info) => wire::write_info(&mut out, &info)?,
             Output::Frame(frame) => wire::write_frame(&mut out, &frame)?,
             Output::Cursor(cursor) => wire::write(&mut out, &cursor.encode())?,
+            Output::Clipboard(text) => wire::write(&mut out, &encode_clipboard(&text))?,
         }
         out.flush()
     });

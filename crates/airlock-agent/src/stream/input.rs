@@ -176,7 +176,8 @@ impl Injector {
     /// errors surface here, and a query afterwards sees the effect).
     pub fn apply(&mut self, c: &Control) -> Result<(), InputError> {
         match c {
-            Control::Keyframe => return Ok(()),
+            // Handled elsewhere: the encoder, the clipboard thread, RandR.
+            Control::Keyframe | Control::Clipboard { .. } | Control::Resize { .. } => return Ok(()),
             Control::Pointer { x, y, buttons } => self.pointer(*x, *y, *buttons)?,
             Control::Wheel { dx, dy } => self.wheel(*dx, *dy)?,
             Control::Key { keysym, down } => self.key(*keysym, *down)?,

@@ -9,6 +9,8 @@
 //!                                 `capture` (desktop user)      capture.rs
 //!                                   ├─ DAMAGE + MIT-SHM: pixels   grab.rs
 //!                                   ├─ XFixes: pointer picture    cursor.rs
+//!                                   ├─ selections: clipboard      clipboard.rs
+//!                                   ├─ RandR: fit to the viewer   display.rs
 //!                                   ├─ GStreamer: → H.264         encoder.rs
 //!                                   └─ XTest: pointer, keys       input.rs
 //! ```
@@ -18,7 +20,9 @@
 //! crash in GStreamer ends one stream, not the agent.
 
 pub mod capture;
+pub mod clipboard;
 pub mod cursor;
+pub mod display;
 pub mod encoder;
 pub mod grab;
 pub mod input;

@@ -43,9 +43,9 @@ use tokio::sync::{mpsc, oneshot};
 const FRAME_QUEUE: usize = 4;
 /// Control lines waiting for the child.
 const CONTROL_QUEUE: usize = 256;
-/// Largest message a viewer may send: a full [`Control::Text`] with every
-/// character escaped.
-const MAX_CONTROL_BYTES: usize = 64 * 1024;
+/// Largest message the control plane may send: a full
+/// [`Control::Clipboard`] with every byte escaped.
+const MAX_CONTROL_BYTES: usize = airlock_proto::stream::MAX_CONTROL_JSON_BYTES;
 /// How long a child has to release its keys and quit after its input closes.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 /// At most one keyframe request per this while frames are being dropped.
@@ -271,8 +271,9 @@ async fn pump<R: AsyncRead + Unpin>(
                     Err(mpsc::error::TrySendError::Closed(_)) => return None,
                 }
             }
-            Piped::Cursor(bytes) => {
-                // Never dropped: the viewer would keep a stale pointer.
+            // Never dropped: the viewer would keep a stale pointer, or miss
+            // what was copied.
+            Piped::Cursor(bytes) | Piped::Clipboard(bytes) => {
                 if out.send(Message::Binary(bytes.into())).await.is_err() {
                     return None;
                 }

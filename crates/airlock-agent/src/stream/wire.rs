@@ -2,10 +2,14 @@
 //! output, messages framed as a big-endian `u32` length and that many bytes,
 //! either a [`StreamInfo`] as JSON (starts with `{`), a frame in
 //! [`VideoFrame::encode`]'s layout (starts with `V`) or the pointer's picture in
-//! [`CursorImage::encode`]'s (starts with `C`). The child's standard input
+//! [`CursorImage::encode`]'s (starts with `C`) or clipboard text (starts with `T`). The child's standard input
 //! carries one [`Control`](airlock_proto::stream::Control) as JSON per line.
 
-use airlock_proto::stream::{CursorImage, StreamInfo, VideoFrame, MAX_FRAME_BYTES};
+#[cfg(doc)]
+use airlock_proto::stream::encode_clipboard;
+use airlock_proto::stream::{
+    decode_clipboard, CursorImage, StreamInfo, VideoFrame, MAX_FRAME_BYTES,
+};
 use std::io::Write;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -24,6 +28,8 @@ pub enum Message {
     },
     /// The pointer's picture, in [`CursorImage::encode`]'s layout.
     Cursor(Vec<u8>),
+    /// New clipboard text, in [`encode_clipboard`]'s layout.
+    Clipboard(Vec<u8>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +44,8 @@ pub enum WireError {
     Frame(#[source] airlock_proto::stream::FrameError),
     #[error("the capture program sent a bad cursor")]
     Cursor(#[source] airlock_proto::stream::CursorError),
+    #[error("the capture program sent bad clipboard text")]
+    Clipboard(#[source] airlock_proto::stream::ClipboardError),
     #[error(
         "the capture program sent a message that is neither a description, a frame nor a cursor"
     )]
@@ -93,6 +101,10 @@ fn parse(payload: Vec<u8>) -> Result<Message, WireError> {
         Some(b'C') => {
             CursorImage::decode(&payload).map_err(WireError::Cursor)?;
             Ok(Message::Cursor(payload))
+        }
+        Some(b'T') => {
+            decode_clipboard(&payload).map_err(WireError::Clipboard)?;
+            Ok(Message::Clipboard(payload))
         }
         _ => Err(WireError::Unknown),
     }

@@ -4,7 +4,8 @@
 //! link (and so stops the guest's encoder) shortly after its last viewer left.
 
 use airlock_proto::stream::{
-    Control, CursorImage, StreamInfo, VideoFrame, MAX_FRAME_BYTES, STREAM_PATH,
+    decode_clipboard, is_clipboard, Control, CursorImage, StreamInfo, VideoFrame, MAX_FRAME_BYTES,
+    STREAM_PATH,
 };
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -43,6 +44,7 @@ pub struct Hub {
     frames: broadcast::Sender<Arc<Frame>>,
     info: watch::Receiver<Option<StreamInfo>>,
     cursor: watch::Receiver<Option<Arc<CursorImage>>>,
+    clipboard: watch::Receiver<Option<Arc<str>>>,
     state: watch::Receiver<HubState>,
     control: mpsc::Sender<Control>,
 }
@@ -59,6 +61,14 @@ impl Hub {
     /// The guest's pointer picture, as it changes.
     pub fn cursor(&self) -> watch::Receiver<Option<Arc<CursorImage>>> {
         self.cursor.clone()
+    }
+
+    /// Text copied in the guest, as it changes. A new receiver has seen
+    /// what was copied before it came: only new copies reach its viewer.
+    pub fn clipboard(&self) -> watch::Receiver<Option<Arc<str>>> {
+        let mut rx = self.clipboard.clone();
+        rx.borrow_and_update();
+        rx
     }
 
     pub fn state(&self) -> watch::Receiver<HubState> {
@@ -105,6 +115,7 @@ impl Hubs {
         let (frames, _) = broadcast::channel(FANOUT_DEPTH);
         let (info_tx, info) = watch::channel(None);
         let (cursor_tx, cursor) = watch::channel(None);
+        let (clipboard_tx, clipboard) = watch::channel(None);
         let (state_tx, state) = watch::channel(HubState::Starting);
         let (control, control_rx) = mpsc::channel(256);
         let hub = Arc::new(Hub {
@@ -112,6 +123,7 @@ impl Hubs {
             frames: frames.clone(),
             info,
             cursor,
+            clipboard,
             state,
             control,
         });
@@ -120,7 +132,13 @@ impl Hubs {
         let me = Arc::downgrade(&hub);
         tokio::spawn(async move {
             let id = guest.sandbox_id.clone();
-            let reason = run(guest, frames, info_tx, cursor_tx, &state_tx, control_rx).await;
+            let to_viewers = ToViewers {
+                frames,
+                info: info_tx,
+                cursor: cursor_tx,
+                clipboard: clipboard_tx,
+            };
+            let reason = run(guest, to_viewers, &state_tx, control_rx).await;
             tracing::info!(sandbox = %id, %reason, "video link to the guest closed");
             let _ = state_tx.send(HubState::Ended(reason));
             if let Some(hubs) = hubs.upgrade() {
@@ -152,15 +170,27 @@ impl Hubs {
     }
 }
 
-/// Drive one guest link until it ends; returns why it ended.
-async fn run(
-    guest: GuestStream,
+/// What the guest link hands to the viewers.
+struct ToViewers {
     frames: broadcast::Sender<Arc<Frame>>,
     info: watch::Sender<Option<StreamInfo>>,
     cursor: watch::Sender<Option<Arc<CursorImage>>>,
+    clipboard: watch::Sender<Option<Arc<str>>>,
+}
+
+/// Drive one guest link until it ends; returns why it ended.
+async fn run(
+    guest: GuestStream,
+    to: ToViewers,
     state: &watch::Sender<HubState>,
     mut control: mpsc::Receiver<Control>,
 ) -> String {
+    let ToViewers {
+        frames,
+        info,
+        cursor,
+        clipboard,
+    } = to;
     let url = format!("ws://{}{STREAM_PATH}?fps={}", guest.agent, guest.fps);
     let mut req = match url.into_client_request() {
         Ok(r) => r,
@@ -191,6 +221,12 @@ async fn run(
                         let _ = cursor.send(Some(Arc::new(c)));
                     }
                     Err(e) => return format!("the guest sent a bad cursor: {e}"),
+                },
+                Some(Ok(Message::Binary(b))) if is_clipboard(&b) => match decode_clipboard(&b) {
+                    Ok(text) => {
+                        let _ = clipboard.send(Some(text.into()));
+                    }
+                    Err(e) => return format!("the guest sent bad clipboard text: {e}"),
                 },
                 Some(Ok(Message::Binary(b))) => match VideoFrame::decode(&b) {
                     Ok(f) => {

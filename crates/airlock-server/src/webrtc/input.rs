@@ -11,26 +11,106 @@
 //! ```text
 //! {"seq":17,"input":{"type":"key","keysym":65,"down":true}}
 //! ```
+//!
+//! Text for the guest's clipboard (up to [`MAX_CLIPBOARD_BYTES`]) is larger
+//! than a data-channel message may be, so the viewer sends it in numbered
+//! parts on the reliable channel only, the last with `"more":false`; the
+//! session puts them together ([`ClipboardParts`]) and hands the guest one
+//! [`Control::Clipboard`]. Being numbered like the keys, the text is on the
+//! guest's clipboard before the Ctrl+V that follows it is pressed.
+//!
+//! ```text
+//! {"seq":18,"clipboard":{"text":"first part…","more":true}}
+//! {"seq":19,"clipboard":{"text":"…last part","more":false}}
+//! ```
 
-use airlock_proto::stream::Control;
+use airlock_proto::stream::{Control, MAX_CLIPBOARD_BYTES};
 use serde::Deserialize;
 
 /// Label of the reliable, ordered channel (web/webrtc.js opens both).
 pub const RELIABLE: &str = "input";
 
+/// Largest part of clipboard text in one message (the viewer sends 4096
+/// characters at most, up to 16 KiB of UTF-8).
+pub const MAX_CLIPBOARD_PART_BYTES: usize = 16 * 1024;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Sequenced {
     seq: u64,
-    input: Control,
+    #[serde(default)]
+    input: Option<Control>,
+    #[serde(default)]
+    clipboard: Option<ClipboardPart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClipboardPart {
+    pub text: String,
+    pub more: bool,
+}
+
+/// What one numbered message carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    Input(Control),
+    Clipboard(ClipboardPart),
 }
 
 /// One numbered input message, checked.
-pub fn parse(text: &str) -> Result<(u64, Control), String> {
+pub fn parse(text: &str) -> Result<(u64, Incoming), String> {
     let s: Sequenced =
         serde_json::from_str(text).map_err(|e| format!("not an input message: {e}"))?;
-    s.input.check().map_err(|e| e.to_string())?;
-    Ok((s.seq, s.input))
+    match (s.input, s.clipboard) {
+        (Some(c), None) => {
+            c.check().map_err(|e| e.to_string())?;
+            // Whole clipboard texts come in parts, never as one control.
+            if matches!(c, Control::Clipboard { .. }) {
+                return Err("clipboard text comes in parts".into());
+            }
+            Ok((s.seq, Incoming::Input(c)))
+        }
+        (None, Some(part)) if part.text.len() > MAX_CLIPBOARD_PART_BYTES => Err(format!(
+            "a clipboard part of {} bytes is larger than {MAX_CLIPBOARD_PART_BYTES}",
+            part.text.len()
+        )),
+        (None, Some(part)) => Ok((s.seq, Incoming::Clipboard(part))),
+        _ => Err("an input message carries one of input or clipboard".into()),
+    }
+}
+
+/// Puts the parts of one clipboard text together, within
+/// [`MAX_CLIPBOARD_BYTES`]. No I/O.
+#[derive(Debug, Default)]
+pub struct ClipboardParts {
+    text: String,
+    /// The text went over the bound: its remaining parts are dropped.
+    over: bool,
+}
+
+impl ClipboardParts {
+    /// The whole text once its last part is in; an error (once, at the
+    /// last part) when it is larger than the bound.
+    pub fn push(&mut self, part: ClipboardPart) -> Result<Option<String>, String> {
+        if !self.over && self.text.len() + part.text.len() > MAX_CLIPBOARD_BYTES {
+            self.over = true;
+            self.text = String::new();
+        }
+        if !self.over {
+            self.text.push_str(&part.text);
+        }
+        if part.more {
+            return Ok(None);
+        }
+        if std::mem::take(&mut self.over) {
+            return Err(format!(
+                "the clipboard text is larger than {} MiB; it was not sent",
+                MAX_CLIPBOARD_BYTES >> 20
+            ));
+        }
+        Ok(Some(std::mem::take(&mut self.text)))
+    }
 }
 
 /// Which copies of the numbered input to apply. No I/O.
@@ -64,17 +144,65 @@ mod tests {
         assert_eq!(seq, 3);
         assert_eq!(
             c,
-            Control::Key {
+            Incoming::Input(Control::Key {
                 keysym: 65,
                 down: true
-            }
+            })
         );
+        assert_eq!(
+            parse(r#"{"seq":4,"clipboard":{"text":"pw","more":false}}"#),
+            Ok((
+                4,
+                Incoming::Clipboard(ClipboardPart {
+                    text: "pw".into(),
+                    more: false
+                })
+            ))
+        );
+        // Neither, both, a whole clipboard control, an oversized part.
+        assert!(parse(r#"{"seq":1}"#).is_err());
+        assert!(parse(
+            r#"{"seq":1,"input":{"type":"keyframe"},"clipboard":{"text":"","more":false}}"#
+        )
+        .is_err());
+        assert!(parse(r#"{"seq":1,"input":{"type":"clipboard","text":"x"}}"#).is_err());
+        let big = format!(
+            r#"{{"seq":1,"clipboard":{{"text":"{}","more":true}}}}"#,
+            "x".repeat(MAX_CLIPBOARD_PART_BYTES + 1)
+        );
+        assert!(parse(&big).is_err());
         // Bare controls, unknown fields and bad values are refused.
         assert!(parse(r#"{"type":"key","keysym":65,"down":true}"#).is_err());
         assert!(parse(r#"{"seq":1,"input":{"type":"keyframe"},"x":1}"#).is_err());
         let err = parse(r#"{"seq":1,"input":{"type":"wheel","dx":0,"dy":500}}"#)
             .expect_err("out of range");
         assert!(err.contains("500"), "{err}");
+    }
+
+    #[test]
+    fn clipboard_parts_come_together_within_the_bound() {
+        let part = |text: &str, more| ClipboardPart {
+            text: text.into(),
+            more,
+        };
+        let mut p = ClipboardParts::default();
+        assert_eq!(p.push(part("one ", true)), Ok(None));
+        assert_eq!(p.push(part("two", false)), Ok(Some("one two".into())));
+        assert_eq!(p.push(part("again", false)), Ok(Some("again".into())));
+        // Over the bound: refused once, at its end; the next text is whole.
+        let chunk = "x".repeat(MAX_CLIPBOARD_PART_BYTES);
+        for _ in 0..MAX_CLIPBOARD_BYTES / MAX_CLIPBOARD_PART_BYTES {
+            assert_eq!(p.push(part(&chunk, true)), Ok(None));
+        }
+        assert_eq!(p.push(part("y", true)), Ok(None));
+        assert!(p.push(part("z", false)).is_err());
+        assert_eq!(p.push(part("after", false)), Ok(Some("after".into())));
+        // Exactly the bound is fine.
+        for _ in 0..MAX_CLIPBOARD_BYTES / MAX_CLIPBOARD_PART_BYTES {
+            assert_eq!(p.push(part(&chunk, true)), Ok(None));
+        }
+        let whole = p.push(part("", false)).expect("fits").expect("whole");
+        assert_eq!(whole.len(), MAX_CLIPBOARD_BYTES);
     }
 
     #[test]

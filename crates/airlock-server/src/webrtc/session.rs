@@ -7,11 +7,14 @@
 //! ```text
 //! viewer → server  {"type":"offer","sdp":…}            once, first
 //!                  {"type":"sample","input_to_photon_ms":…}   measured latency
+//!   (clipboard text for the guest comes on the input data channel, input.rs)
 //! server → viewer  {"type":"answer","sdp":…}
 //!                  {"type":"info","width":…,"height":…}  display size
 //!                  {"type":"stats","rtt_ms":…,"frames":…,"bytes":…}  every second
 //!                  {"type":"cursor","width":…,"height":…,"xhot":…,"yhot":…,"rgba":…}
 //!                      the guest's pointer picture (RGBA in base64) when it changes
+//!                  {"type":"clipboard","text":…}   text copied in the guest
+//!                  {"type":"clipboard_error","message":…}   the viewer's text was refused
 //! ```
 //! The session ends when either side closes the WebSocket, ICE disconnects,
 //! or the guest's link ends; the close code says which (docs/ui.md).
@@ -19,7 +22,7 @@
 use super::copies::Copies;
 use super::endpoint::{Endpoint, Packet};
 use super::hub::{Frame, Hub, HubState};
-use super::input::{self, InputOrder};
+use super::input::{self, ClipboardParts, Incoming, InputOrder};
 use super::StreamMetrics;
 use crate::relay::ws::close;
 use airlock_proto::stream::Control;
@@ -74,6 +77,12 @@ enum ToViewer {
         yhot: u16,
         /// Straight RGBA, rows top to bottom, in base64.
         rgba: String,
+    },
+    Clipboard {
+        text: String,
+    },
+    ClipboardError {
+        message: String,
     },
 }
 
@@ -155,6 +164,10 @@ struct Sending {
     /// The `input` channel: what arrives on it is the reliable copy.
     reliable_input: Option<ChannelId>,
     input: InputOrder,
+    /// Parts of the viewer's clipboard text so far.
+    clipboard: ClipboardParts,
+    /// An error for the viewer, sent after the drain.
+    notice: Option<String>,
 }
 
 /// Run one viewer to its end; returns the close code sent.
@@ -247,6 +260,7 @@ async fn run(
     let mut cursor = hub.cursor();
     // The picture the guest has now goes out first, then each change.
     cursor.mark_changed();
+    let mut clipboard = hub.clipboard();
     let mut sending = Sending {
         mid: None,
         pt: None,
@@ -258,6 +272,8 @@ async fn run(
         copies: Copies::new(endpoint.copies_kbps()),
         reliable_input: None,
         input: InputOrder::default(),
+        clipboard: ClipboardParts::default(),
+        notice: None,
     };
     let started = Instant::now();
     let mut sent_info = None;
@@ -270,6 +286,11 @@ async fn run(
                 return close_with(socket, code, "the connection to the viewer failed").await
             }
         };
+        if let Some(message) = sending.notice.take() {
+            if !send_json(socket, &ToViewer::ClipboardError { message }).await {
+                return close::NORMAL;
+            }
+        }
         if !sending.connected && started.elapsed() > CONNECT_DEADLINE {
             return close_with(socket, ICE_FAILED, "the media connection did not come up").await;
         }
@@ -319,6 +340,14 @@ async fn run(
                 let msg = cursor.borrow_and_update().as_deref().map(ToViewer::cursor);
                 if let Some(msg) = msg {
                     if !send_json(socket, &msg).await {
+                        return close::NORMAL;
+                    }
+                }
+            }
+            Ok(()) = clipboard.changed() => {
+                let text = clipboard.borrow_and_update().as_deref().map(str::to_owned);
+                if let Some(text) = text {
+                    if !send_json(socket, &ToViewer::Clipboard { text }).await {
                         return close::NORMAL;
                     }
                 }
@@ -435,11 +464,20 @@ fn drain(
                     .map_err(|e| e.to_string())
                     .and_then(input::parse)
                 {
-                    Ok((seq, c)) => {
+                    Ok((seq, incoming)) => {
                         let reliable = sending.reliable_input == Some(d.id);
                         if sending.input.admit(seq, reliable) {
-                            metrics.input_applied(reliable);
-                            hub.control(c);
+                            match incoming {
+                                Incoming::Input(c) => {
+                                    metrics.input_applied(reliable);
+                                    hub.control(c);
+                                }
+                                Incoming::Clipboard(part) => match sending.clipboard.push(part) {
+                                    Ok(Some(text)) => hub.control(Control::Clipboard { text }),
+                                    Ok(None) => {}
+                                    Err(e) => sending.notice = Some(e),
+                                },
+                            }
                         }
                     }
                     Err(e) => {
