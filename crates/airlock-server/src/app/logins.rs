@@ -21,7 +21,7 @@ mod tests;
 pub use advance::{advance, AdvanceError, Advanced};
 
 use super::{App, AppConfig, AppError};
-use crate::store::{now_ms, CredentialRow, LoginRow, Store, UserRow};
+use crate::store::{now_ms, LoginRow, Store, UserRow};
 use crate::vault::Aad;
 use airlock_proto::login::LoginInput;
 use airlock_proto::metadata::SandboxKind;
@@ -359,10 +359,6 @@ impl App {
 
     pub async fn logins_list(&self, user: &UserRow) -> Result<Vec<LoginRow>, AppError> {
         Ok(self.store.logins_of(&user.id).await?)
-    }
-
-    pub async fn credentials_list(&self, user: &UserRow) -> Result<Vec<CredentialRow>, AppError> {
-        Ok(self.store.credentials_of(&user.id).await?)
     }
 
     /// `DELETE /logins/{id}`: cancel one whose credentials are not stored yet.
