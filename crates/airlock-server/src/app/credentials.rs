@@ -370,8 +370,13 @@ pub fn record_aad(owner_id: &str, provider: &str, login_id: &str) -> crate::vaul
     super::logins::aad(owner_id, provider, login_id)
 }
 
+/// An event id that sorts in the order this process made them: the audit
+/// pages by time, then id, and a capture and its delivery often share a
+/// millisecond.
 fn new_id() -> String {
-    hex::encode(rand::random::<[u8; 8]>())
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{seq:08x}{}", hex::encode(rand::random::<[u8; 4]>()))
 }
 
 impl App {
