@@ -25,6 +25,7 @@ pub struct AgentState {
     pub exec: ExecConfig,
     pub logins: Arc<crate::login::Logins>,
     pub streams: Arc<crate::stream::route::Streams>,
+    pub processes: Arc<crate::process::Processes>,
 }
 
 impl std::fmt::Debug for AgentState {
@@ -124,6 +125,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/exec", post(exec_handler))
         .merge(crate::login::routes::routes())
         .merge(crate::stream::route::routes())
+        .merge(crate::process::routes::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -178,6 +180,11 @@ mod tests {
                     cwd: std::env::temp_dir(),
                 },
             )),
+            processes: Arc::new(crate::process::Processes::new(ExecConfig {
+                run_as: RunAs::Current,
+                home: std::env::temp_dir(),
+                base_env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            })),
         }))
     }
 
