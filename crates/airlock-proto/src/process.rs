@@ -26,6 +26,8 @@ pub const MAX_FINISHED: usize = 64;
 pub const MAX_PROCESS_TIMEOUT_S: u64 = 24 * 3600;
 /// Largest text control frame on the io socket.
 pub const MAX_CONTROL_BYTES: usize = 4096;
+/// The largest terminal side, in cells.
+pub const MAX_PTY_SIDE: u16 = 1000;
 /// Largest stdin frame on the io socket.
 pub const MAX_STDIN_FRAME: usize = 256 * 1024;
 
@@ -55,6 +57,43 @@ pub struct StartProcess {
     /// Seconds before the process group is killed, at most [`MAX_PROCESS_TIMEOUT_S`].
     #[serde(default)]
     pub timeout_s: Option<u64>,
+}
+
+impl StartProcess {
+    /// Whether this can be started at all: a program, clean strings, a sane
+    /// terminal and timeout.
+    pub fn check(&self) -> Result<(), String> {
+        if self.argv.is_empty() || self.argv[0].is_empty() {
+            return Err("argv must name a program".into());
+        }
+        if self.argv.iter().any(|a| a.contains('\0')) {
+            return Err("argv must not contain NUL bytes".into());
+        }
+        for (k, v) in &self.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(
+                    "env names must be non-empty without '=' or NUL, values without NUL".into(),
+                );
+            }
+        }
+        if let Some(cwd) = &self.cwd {
+            if cwd.is_empty() || cwd.contains('\0') {
+                return Err("cwd must be a non-empty path without NUL bytes".into());
+            }
+        }
+        if let Some(p) = self.pty {
+            if !(1..=MAX_PTY_SIDE).contains(&p.cols) || !(1..=MAX_PTY_SIDE).contains(&p.rows) {
+                return Err(format!("pty cols and rows must be 1–{MAX_PTY_SIDE}"));
+            }
+        }
+        match self.timeout_s {
+            Some(0) => Err("timeout_s must be at least 1".into()),
+            Some(s) if s > MAX_PROCESS_TIMEOUT_S => {
+                Err(format!("timeout_s must be at most {MAX_PROCESS_TIMEOUT_S}"))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -152,4 +191,17 @@ mod tests {
         assert_eq!(signal_number("SIGTERM"), Some(15));
         assert_eq!(signal_number("SEGV"), None);
     }
+}
+
+/// Files: `PUT /files?path=P` (the body is the file) and `GET /files?path=P`
+/// (a file's bytes, or a directory as a tar stream). Paths are relative to
+/// the user's home or absolute inside it (or inside /tmp).
+pub const MAX_FILE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The answer to a `PUT /files`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileInfo {
+    /// Where the file is, absolute.
+    pub path: String,
+    pub size: u64,
 }

@@ -11,13 +11,14 @@
 //!  client ── stdin, resize, signal ──▶ Input / ioctl / kill(-pgid)
 //! ```
 
+pub mod files;
 pub mod routes;
 
 use crate::exec::ExecConfig;
 use crate::privdrop::{drop_to, Session};
 use airlock_proto::process::{
     IoEvent, ProcessInfo, ProcessState, PtySize, StartProcess, BACKLOG_BYTES, MAX_FINISHED,
-    MAX_PROCESS_TIMEOUT_S, MAX_RUNNING,
+    MAX_PROCESS_TIMEOUT_S, MAX_PTY_SIDE, MAX_RUNNING,
 };
 use axum::body::Bytes;
 use std::collections::{BTreeMap, VecDeque};
@@ -32,8 +33,6 @@ use tokio::sync::watch;
 /// How long output may keep coming after the process itself exited (a
 /// background child holding its pipes or terminal) before it counts as ended.
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
-/// The largest terminal side, in cells.
-const MAX_PTY_SIDE: u16 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -149,41 +148,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Whether `req` can be started at all: a program, clean strings, a sane
-/// terminal and timeout.
-pub fn check(req: &StartProcess) -> Result<(), String> {
-    if req.argv.is_empty() || req.argv[0].is_empty() {
-        return Err("argv must name a program".into());
-    }
-    if req.argv.iter().any(|a| a.contains('\0')) {
-        return Err("argv must not contain NUL bytes".into());
-    }
-    for (k, v) in &req.env {
-        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(
-                "env names must be non-empty without '=' or NUL, values without NUL".into(),
-            );
-        }
-    }
-    if let Some(cwd) = &req.cwd {
-        if cwd.is_empty() || cwd.contains('\0') {
-            return Err("cwd must be a non-empty path without NUL bytes".into());
-        }
-    }
-    if let Some(p) = req.pty {
-        if !(1..=MAX_PTY_SIDE).contains(&p.cols) || !(1..=MAX_PTY_SIDE).contains(&p.rows) {
-            return Err(format!("pty cols and rows must be 1–{MAX_PTY_SIDE}"));
-        }
-    }
-    match req.timeout_s {
-        Some(0) => Err("timeout_s must be at least 1".into()),
-        Some(s) if s > MAX_PROCESS_TIMEOUT_S => {
-            Err(format!("timeout_s must be at most {MAX_PROCESS_TIMEOUT_S}"))
-        }
-        _ => Ok(()),
-    }
-}
-
 impl Processes {
     pub fn new(cfg: ExecConfig) -> Processes {
         Processes {
@@ -237,7 +201,7 @@ impl Processes {
 
     /// Starts `req` as the sandbox user and keeps it in the table.
     pub fn start(self: &Arc<Self>, req: StartProcess) -> Result<ProcessInfo, ProcessError> {
-        check(&req).map_err(ProcessError::BadRequest)?;
+        req.check().map_err(ProcessError::BadRequest)?;
         if self.running() >= MAX_RUNNING {
             return Err(ProcessError::TooMany(format!(
                 "{MAX_RUNNING} processes are running in this sandbox already; \

@@ -28,6 +28,7 @@ pub fn routes() -> Router<Arc<AgentState>> {
         .route("/processes", get(list).post(start))
         .route("/processes/{pid}", get(inspect).delete(kill))
         .route("/processes/{pid}/io", get(io))
+        .merge(super::files::routes())
 }
 
 fn answer(e: ProcessError) -> Response {

@@ -13,6 +13,7 @@ pub mod keyring;
 #[cfg(test)]
 pub(crate) mod lifecycle_tests;
 pub mod logins;
+pub mod processes;
 pub mod reaper;
 pub mod sandboxes;
 pub mod state;

@@ -3,8 +3,10 @@
 pub mod auth;
 pub mod egress;
 pub mod error;
+pub mod files;
 pub mod guard;
 pub mod logins;
+pub mod processes;
 pub mod sandboxes;
 pub mod tickets;
 pub mod usage;
@@ -57,6 +59,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(egress::Doc::openapi());
     doc.merge(tickets::Doc::openapi());
     doc.merge(usage::Doc::openapi());
+    doc.merge(processes::Doc::openapi());
+    doc.merge(files::Doc::openapi());
     doc
 }
 
@@ -81,6 +85,8 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(egress::routes())
         .merge(tickets::routes())
         .merge(usage::routes())
+        .merge(processes::routes())
+        .merge(files::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|| async {
             error::ApiError::new(
