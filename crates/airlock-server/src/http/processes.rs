@@ -315,3 +315,166 @@ pub fn routes() -> Router<Arc<App>> {
     components(schemas(StartProcessBody, Process, ProcessList, PtySize))
 )]
 pub struct Doc;
+
+#[cfg(test)]
+mod tests {
+    use crate::app::lifecycle_tests::World;
+    use futures::{SinkExt, StreamExt};
+    use serde_json::{json, Value};
+    use std::time::Duration;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    /// Processes and files over the real app and HTTP stack with the fake
+    /// guest: the owner starts, lists, attaches (output out, stdin in, the
+    /// exit), kills, and moves a file; bad requests are 400 and change
+    /// nothing; another user gets 404 for all of it, socket included.
+    #[tokio::test]
+    async fn processes_and_files_over_fakes() {
+        let w = World::new().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let base = format!("http://{addr}/api/v1");
+        let server = tokio::spawn(crate::http::serve(
+            listener,
+            w.app.clone(),
+            std::future::pending(),
+        ));
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let (_, mallory) = w.app.add_user("mallory").await.expect("user");
+        let send = |req: reqwest::RequestBuilder| async move {
+            let resp = req.send().await.expect("send");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        };
+
+        let (status, body) = send(
+            http.post(format!("{base}/sandboxes"))
+                .json(&json!({"kind": "workspace"})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        let id = body["id"].as_str().expect("id").to_owned();
+        let procs = format!("{base}/sandboxes/{id}/processes");
+        // Not ready yet, or ready: poll until the start is not a conflict.
+        let mut started = Value::Null;
+        for _ in 0..500 {
+            let (status, body) = send(
+                http.post(&procs)
+                    .json(&json!({"argv": ["cat"], "stdin": true})),
+            )
+            .await;
+            if status == 201 {
+                started = body;
+                break;
+            }
+            assert_eq!(status, 409, "{body}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let pid = started["pid"].as_u64().expect("pid");
+        assert_eq!(started["state"], "running");
+
+        for bad in [
+            json!({"argv": []}),
+            json!({"argv": ["x"], "pty": {"cols": 0, "rows": 5}}),
+            json!({"argv": ["x"], "timeout_s": 0}),
+            json!({"argv": ["x"], "what": 1}),
+        ] {
+            let (status, body) = send(http.post(&procs).json(&bad)).await;
+            assert_eq!(status, 400, "{bad}: {body}");
+            assert!(body["error"]["message"].is_string());
+        }
+        let (status, body) = send(http.get(&procs)).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            body["processes"].as_array().map(Vec::len),
+            Some(1),
+            "{body}"
+        );
+
+        // The io socket: output, an echo of stdin, the exit on eof.
+        let url = format!("ws://{addr}/api/v1/sandboxes/{id}/processes/{pid}/io");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .expect("ws");
+        let first = ws.next().await.expect("frame").expect("ok");
+        assert_eq!(first, Message::Binary(b"\x01fake output\n".to_vec().into()));
+        ws.send(Message::Binary(b"ping".to_vec().into()))
+            .await
+            .expect("send");
+        let echo = ws.next().await.expect("frame").expect("ok");
+        assert_eq!(echo, Message::Binary(b"\x01ping".to_vec().into()));
+        ws.send(Message::Text(r#"{"type":"eof"}"#.into()))
+            .await
+            .expect("send");
+        let exit = ws.next().await.expect("frame").expect("ok");
+        let exit: Value = serde_json::from_str(exit.to_text().expect("text")).expect("json");
+        assert_eq!(exit["type"], "exit");
+        assert_eq!(exit["exit_code"], 0);
+
+        let (status, body) = send(http.delete(format!("{procs}/{pid}?signal=TERM"))).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["state"], "exited");
+        let (status, _) = send(http.delete(format!("{procs}/{pid}?signal=BOOM"))).await;
+        assert_eq!(status, 400);
+        let (status, _) = send(http.get(format!("{procs}/999"))).await;
+        assert_eq!(status, 404);
+        let (status, _) = send(http.get(format!("{procs}/abc"))).await;
+        assert_eq!(status, 404);
+
+        let files = format!("{base}/sandboxes/{id}/files");
+        let data = vec![42u8; 100_000];
+        let (status, body) = send(http.put(format!("{files}?path=a.bin")).body(data.clone())).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["size"], 100_000);
+        let got = http
+            .get(format!("{files}?path=a.bin"))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(got.status().as_u16(), 200);
+        assert_eq!(got.bytes().await.expect("bytes").as_ref(), &data[..]);
+        let (status, body) = send(http.put(format!("{files}?path=../x")).body("x")).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("'..'"),
+            "{body}"
+        );
+        let (status, _) = send(http.put(&files).body("x")).await;
+        assert_eq!(status, 400, "no ?path=");
+
+        // Another user: every one of these is 404, the socket before it opens.
+        let as_mallory = |r: reqwest::RequestBuilder| r.bearer_auth(&mallory);
+        for req in [
+            as_mallory(http.get(&procs)),
+            as_mallory(http.post(&procs).json(&json!({"argv": ["id"]}))),
+            as_mallory(http.get(format!("{procs}/{pid}"))),
+            as_mallory(http.delete(format!("{procs}/{pid}"))),
+            as_mallory(http.get(format!("{files}?path=a.bin"))),
+            as_mallory(http.put(format!("{files}?path=b.bin")).body("x")),
+        ] {
+            let (status, body) = send(req).await;
+            assert_eq!(status, 404, "{body}");
+        }
+        let mut req = url.as_str().into_client_request().expect("req");
+        req.headers_mut().insert(
+            "Authorization",
+            format!("Bearer {mallory}").parse().expect("h"),
+        );
+        match tokio_tungstenite::connect_async(req).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status().as_u16(), 404)
+            }
+            other => panic!("mallory's socket: {other:?}"),
+        }
+        server.abort();
+    }
+}
