@@ -8,6 +8,7 @@ pub mod guard;
 pub mod logins;
 pub mod processes;
 pub mod sandboxes;
+pub mod terminal;
 pub mod tickets;
 pub mod usage;
 pub mod web;
@@ -102,6 +103,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/", get(web::index))
         .route("/view/{id}", get(web::viewer))
         .route("/novnc/{*path}", get(web::novnc))
+        .merge(terminal::routes())
         .route("/{*path}", get(web::asset))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(door, guard::guard))
