@@ -10,6 +10,7 @@ mod fuzz;
 mod image;
 mod keypress;
 mod leaks;
+mod processes;
 mod relay;
 mod rfbc;
 mod sandbox;
@@ -77,6 +78,19 @@ enum Cmd {
         /// Milliseconds between presses.
         #[arg(long, default_value_t = 150)]
         gap_ms: u64,
+    },
+    /// Processes through the API: start latency (API → first byte), output
+    /// throughput, and the PTY's keystroke round trip.
+    Processes {
+        /// Processes started for the latency figure.
+        #[arg(long, default_value_t = 30)]
+        starts: usize,
+        /// MiB per throughput run.
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        /// Keystrokes for the round-trip figure.
+        #[arg(long, default_value_t = 200)]
+        keys: usize,
     },
     /// One sandbox, one viewer, a key press a second; memory and disconnects.
     Soak {
@@ -220,6 +234,7 @@ fn main() -> Result<()> {
             rt.block_on(keypress::run(presses, Duration::from_millis(gap_ms)))
         }
         Cmd::Viewer(opts) => rt.block_on(viewer::run(opts)),
+        Cmd::Processes { starts, mib, keys } => rt.block_on(processes::run(starts, mib, keys)),
         Cmd::Fuzz {
             minutes,
             target,

@@ -3,9 +3,10 @@
 //! the TypeScript SDK's tests (`node --test`) and the Python SDK's
 //! (`python3 -m unittest`) against the same sandbox.
 
-mod common;
 #[path = "common/child.rs"]
+#[allow(dead_code)] // the crash helpers are for the chaos tests
 mod child;
+mod common;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -104,14 +105,31 @@ fn the_cli_and_both_sdks_against_a_real_airlock() {
     assert!(run(&["sandbox", "ls"], 0).contains(&id));
 
     // exec: output on the right streams, the process's exit code.
-    let args = c(&["sandbox", "exec", &id, "--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
+    let args = c(&[
+        "sandbox",
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    ]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = cli.run(&refs, None);
     assert_eq!(out.status.code(), Some(7), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
     // exec -i: our stdin reaches the command, end-of-file included.
-    let args = c(&["sandbox", "exec", "-i", &id, "--", "sh", "-c", "cat; echo done"]);
+    let args = c(&[
+        "sandbox",
+        "exec",
+        "-i",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "cat; echo done",
+    ]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = cli.run(&refs, Some(b"piped in\n"));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -120,7 +138,10 @@ fn the_cli_and_both_sdks_against_a_real_airlock() {
     let out = run(&["sandbox", "shell", &id, "sh", "-c", "stty size"], 0);
     assert!(out.contains("24 80"), "{out:?}");
     // A signal's death is 128 + N.
-    run(&["sandbox", "exec", &id, "--", "sh", "-c", "kill -TERM $$"], 143);
+    run(
+        &["sandbox", "exec", &id, "--", "sh", "-c", "kill -TERM $$"],
+        143,
+    );
 
     // cp up and down, equal; a directory comes down as tar.
     let dir = tempfile::tempdir().expect("tmp");
@@ -128,18 +149,63 @@ fn the_cli_and_both_sdks_against_a_real_airlock() {
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(&up, &data).expect("write");
     let down = dir.path().join("down.bin");
-    run(&["sandbox", "cp", up.to_str().expect("p"), &format!("{id}:up.bin")], 0);
-    run(&["sandbox", "cp", &format!("{id}:up.bin"), down.to_str().expect("p")], 0);
-    assert!(std::fs::read(&down).expect("read") == data, "the copy differs");
+    run(
+        &[
+            "sandbox",
+            "cp",
+            up.to_str().expect("p"),
+            &format!("{id}:up.bin"),
+        ],
+        0,
+    );
+    run(
+        &[
+            "sandbox",
+            "cp",
+            &format!("{id}:up.bin"),
+            down.to_str().expect("p"),
+        ],
+        0,
+    );
+    assert!(
+        std::fs::read(&down).expect("read") == data,
+        "the copy differs"
+    );
     run(&["sandbox", "exec", &id, "--", "mkdir", "-p", "dir/sub"], 0);
     let tar = dir.path().join("dir.tar");
-    run(&["sandbox", "cp", &format!("{id}:dir"), tar.to_str().expect("p")], 0);
-    let listed = Command::new("tar").arg("-tf").arg(&tar).output().expect("tar");
+    run(
+        &[
+            "sandbox",
+            "cp",
+            &format!("{id}:dir"),
+            tar.to_str().expect("p"),
+        ],
+        0,
+    );
+    let listed = Command::new("tar")
+        .arg("-tf")
+        .arg(&tar)
+        .output()
+        .expect("tar");
     assert_eq!(String::from_utf8_lossy(&listed.stdout), "dir/\ndir/sub/\n");
-    run(&["sandbox", "cp", &format!("{id}:../../etc/passwd"), "-"], 65);
+    run(
+        &["sandbox", "cp", &format!("{id}:../../etc/passwd"), "-"],
+        65,
+    );
 
     // ps and logs: the backlog of the newest process.
-    run(&["sandbox", "exec", &id, "--", "sh", "-c", "echo logged; echo line2"], 0);
+    run(
+        &[
+            "sandbox",
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "echo logged; echo line2",
+        ],
+        0,
+    );
     let ps = run(&["sandbox", "ps", &id], 0);
     assert!(ps.contains("echo logged"), "{ps}");
     assert_eq!(run(&["sandbox", "logs", &id], 0), "logged\nline2\n");
@@ -187,7 +253,10 @@ fn the_cli_and_both_sdks_against_a_real_airlock() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("# pass 4"), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("# pass 4"),
+            "{out:?}"
+        );
     }
     if have("python3") {
         let out = Command::new("python3")
@@ -198,7 +267,10 @@ fn the_cli_and_both_sdks_against_a_real_airlock() {
             .expect("python3");
         let text = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "the Python SDK's tests: {text}");
-        assert!(text.contains("Ran 4 tests") && !text.contains("skipped"), "{text}");
+        assert!(
+            text.contains("Ran 4 tests") && !text.contains("skipped"),
+            "{text}"
+        );
     }
 
     run(&["sandbox", "rm", &id], 0);
