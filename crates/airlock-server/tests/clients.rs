@@ -1,7 +1,8 @@
 //! The clients end to end against a real `airlock up` and one real
 //! workspace: the `airlock sandbox …` commands with their exit codes, then
 //! the TypeScript SDK's tests (`node --test`) and the Python SDK's
-//! (`python3 -m unittest`) against the same sandbox.
+//! (`python3 -m unittest`) against the same sandbox, and the web terminal
+//! in a headless Chromium (tests/e2e/terminal.mjs).
 
 #[path = "common/child.rs"]
 #[allow(dead_code)] // the crash helpers are for the chaos tests
@@ -270,6 +271,31 @@ fn the_cli_and_both_sdks_against_a_real_airlock() {
         assert!(
             text.contains("Ran 4 tests") && !text.contains("skipped"),
             "{text}"
+        );
+    }
+
+    // The web terminal, in a real headless Chromium, on the same sandbox.
+    if common::browser_unmet().is_none() {
+        let root = common::repo_root();
+        let artifacts = root.join("target/e2e-terminal");
+        let status = Command::new("node")
+            .arg(root.join("tests/e2e/terminal.mjs"))
+            .args([
+                "--url",
+                &plane.base,
+                "--sandbox",
+                &id,
+                "--token",
+                &token,
+                "--artifacts",
+            ])
+            .arg(&artifacts)
+            .status()
+            .expect("node runs");
+        assert!(
+            status.success(),
+            "the terminal page failed ({status}); screenshots are in {}",
+            artifacts.display()
         );
     }
 

@@ -18,7 +18,7 @@ use crate::exec::ExecConfig;
 use crate::privdrop::{drop_to, Session};
 use airlock_proto::process::{
     IoEvent, ProcessInfo, ProcessState, PtySize, StartProcess, BACKLOG_BYTES, MAX_FINISHED,
-    MAX_PROCESS_TIMEOUT_S, MAX_PTY_SIDE, MAX_RUNNING,
+    MAX_PTY_SIDE, MAX_RUNNING,
 };
 use axum::body::Bytes;
 use std::collections::{BTreeMap, VecDeque};
@@ -100,6 +100,12 @@ struct Output {
     /// Bytes written so far (the offset of the next one).
     total: u64,
     ended: Option<Ended>,
+    /// Attached clients: id → the offset each has sent on. The readers wait
+    /// while the slowest is a whole backlog behind (backpressure: a client
+    /// that reads slowly slows the process, as a pipe would, rather than
+    /// losing output); a process nobody watches never waits.
+    clients: BTreeMap<u64, u64>,
+    next_client: u64,
 }
 
 /// What a client has not seen yet, from its offset.
@@ -134,6 +140,8 @@ pub struct Proc {
     output: Mutex<Output>,
     /// Bumped on every write into `output` and when the process ends.
     changed: watch::Sender<u64>,
+    /// Notified when a client moved on or left (readers may have room again).
+    drained: tokio::sync::Notify,
     input: tokio::sync::Mutex<Input>,
 }
 
@@ -324,6 +332,11 @@ fn read_pipe<R: AsyncRead + Unpin + Send + 'static>(
     tokio::spawn(async move {
         let mut buf = vec![0u8; 32 * 1024];
         loop {
+            while !proc.has_room() {
+                // Woken by a client's progress; the sleep is a safety net.
+                let drained = proc.drained.notified();
+                let _ = tokio::time::timeout(Duration::from_millis(100), drained).await;
+            }
             match pipe.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => proc.push(tag, Bytes::copy_from_slice(&buf[..n])),
@@ -339,6 +352,9 @@ fn read_pty(mut master: std::fs::File, proc: Arc<Proc>) -> tokio::task::JoinHand
         use std::io::Read;
         let mut buf = vec![0u8; 32 * 1024];
         loop {
+            while !proc.has_room() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             match master.read(&mut buf) {
                 Ok(0) | Err(_) => return, // EIO once the terminal closed
                 Ok(n) => proc.push(
@@ -366,6 +382,7 @@ impl Proc {
             master,
             output: Mutex::default(),
             changed: watch::Sender::new(0),
+            drained: tokio::sync::Notify::new(),
             input: tokio::sync::Mutex::new(input),
         }
     }
@@ -392,6 +409,41 @@ impl Proc {
             ended_at_ms: out.ended.map(|e| e.at_ms),
             output_bytes: out.total,
         }
+    }
+
+    /// Whether the readers may read more: no attached client is a whole
+    /// backlog behind.
+    fn has_room(&self) -> bool {
+        let out = lock(&self.output);
+        match out.clients.values().min() {
+            Some(slowest) => out.total.saturating_sub(*slowest) < BACKLOG_BYTES as u64,
+            None => true,
+        }
+    }
+
+    /// A client attaches, reading from `offset` (or the oldest byte held).
+    pub fn join(&self, offset: u64) -> u64 {
+        let mut out = lock(&self.output);
+        let id = out.next_client;
+        out.next_client += 1;
+        let oldest = out.total - out.kept as u64;
+        let from = offset.clamp(oldest, out.total);
+        out.clients.insert(id, from);
+        id
+    }
+
+    /// Client `id` has sent everything before `offset`.
+    pub fn progress(&self, id: u64, offset: u64) {
+        if let Some(at) = lock(&self.output).clients.get_mut(&id) {
+            *at = offset;
+        }
+        self.drained.notify_waiters();
+    }
+
+    /// Client `id` left.
+    pub fn leave(&self, id: u64) {
+        lock(&self.output).clients.remove(&id);
+        self.drained.notify_waiters();
     }
 
     /// Appends output, dropping the oldest beyond [`BACKLOG_BYTES`].

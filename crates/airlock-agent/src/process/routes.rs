@@ -136,6 +136,12 @@ const MAX_OUT_FRAME: usize = 64 * 1024;
 /// Serves one client of a process until the process ended and the client has
 /// all its output, or the client leaves (the process goes on).
 pub async fn attach(socket: WebSocket, proc: Arc<Proc>, offset: u64) {
+    let client = proc.join(offset);
+    serve(socket, &proc, client, offset).await;
+    proc.leave(client);
+}
+
+async fn serve(socket: WebSocket, proc: &Proc, client: u64, offset: u64) {
     let (mut tx, mut rx) = socket.split();
     let mut changed = proc.subscribe();
     let mut offset = offset;
@@ -166,6 +172,7 @@ pub async fn attach(socket: WebSocket, proc: Arc<Proc>, offset: u64) {
                 }
             }
         }
+        proc.progress(client, offset);
         if let Some(ended) = since.ended {
             let _ = send_json(&mut tx, &ended.event()).await;
             let _ = tx
@@ -180,7 +187,7 @@ pub async fn attach(socket: WebSocket, proc: Arc<Proc>, offset: u64) {
                     Some(Ok(m)) => m,
                     _ => return, // the client left; the process goes on
                 };
-                if let Err(reason) = take_input(&proc, msg).await {
+                if let Err(reason) = take_input(proc, msg).await {
                     let _ = tx.send(close(close_code::POLICY, reason)).await;
                     return;
                 }

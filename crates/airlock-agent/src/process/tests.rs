@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::exec::RunAs;
-use airlock_proto::process::{TAG_STDERR, TAG_STDOUT};
+use airlock_proto::process::{MAX_PROCESS_TIMEOUT_S, TAG_STDERR, TAG_STDOUT};
 use std::time::Instant;
 
 fn table() -> Arc<Processes> {
@@ -297,4 +297,58 @@ async fn finished_processes_are_forgotten_oldest_first() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(t.list().len() <= MAX_FINISHED, "{}", t.list().len());
     assert!(t.get(*pids.last().expect("pid")).is_ok());
+}
+
+/// An attached client that reads slowly holds the process back (as a full
+/// pipe would) instead of losing output; one that leaves lets it go on.
+#[tokio::test]
+async fn an_attached_client_gets_every_byte_however_slow() {
+    let t = table();
+    let total = 4 * BACKLOG_BYTES;
+    let info = t
+        .start(req(&[
+            "sh",
+            "-c",
+            &format!("head -c {total} /dev/zero; echo end"),
+        ]))
+        .expect("start");
+    let proc = t.get(info.pid).expect("proc");
+    let client = proc.join(0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = proc.info().output_bytes as usize;
+    assert!(
+        held <= BACKLOG_BYTES + 64 * 1024,
+        "read {held} with a client stuck at 0"
+    );
+    assert!(proc.ended().is_none(), "the writer waits for the client");
+    let (mut offset, mut got) = (0u64, 0usize);
+    let mut rx = proc.subscribe();
+    loop {
+        let since = proc.read_since(offset);
+        assert_eq!(since.skipped, 0, "nothing lost");
+        got += since.chunks.iter().map(|(_, d)| d.len()).sum::<usize>();
+        offset = since.next;
+        proc.progress(client, offset);
+        if since.ended.is_some() {
+            break;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), rx.changed()).await;
+    }
+    assert_eq!(got, total + 4);
+    proc.leave(client);
+
+    // A client that leaves mid-way releases the process.
+    let info = t
+        .start(req(&["sh", "-c", &format!("head -c {total} /dev/zero")]))
+        .expect("start");
+    let proc = t.get(info.pid).expect("proc");
+    let client = proc.join(0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(proc.ended().is_none());
+    proc.leave(client);
+    let ended = proc
+        .wait_ended(Duration::from_secs(10))
+        .await
+        .expect("runs to its end");
+    assert_eq!(ended.exit_code, Some(0));
 }
