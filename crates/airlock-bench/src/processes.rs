@@ -53,6 +53,31 @@ async fn next_output(ws: &mut Ws) -> Result<Option<usize>> {
 pub async fn run(starts: usize, mib: u64, keys: usize) -> Result<()> {
     let plane = ControlPlane::start_with(|cfg| cfg.address_pool = POOL.to_owned()).await?;
     let id = plane.create("workspace").await?;
+    // Whatever happens, the sandbox and the control plane are ended.
+    let result = measure(&plane, &id, starts, mib, keys).await;
+    let _ = plane.delete(&id).await;
+    let _ = tokio::time::timeout(Duration::from_secs(60), async {
+        while plane
+            .state(&id)
+            .await
+            .is_ok_and(|s| s["state"] != "stopped" && s["state"] != "failed")
+        {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+    plane.shutdown().await;
+    result
+}
+
+async fn measure(
+    plane: &ControlPlane,
+    id: &str,
+    starts: usize,
+    mib: u64,
+    keys: usize,
+) -> Result<()> {
+    let id = id.to_owned();
     plane.wait_ready(&id, Duration::from_secs(180)).await?;
     let http = reqwest::Client::builder().no_proxy().build()?;
     let base = plane.base.clone();
@@ -131,7 +156,5 @@ pub async fn run(starts: usize, mib: u64, keys: usize) -> Result<()> {
         "\noutput throughput through the io socket ({mib} MiB, 3 runs): {:.0} / {:.0} / {:.0} MiB/s",
         rates[0], rates[1], rates[2]
     );
-    plane.delete(&id).await?;
-    plane.shutdown().await;
     Ok(())
 }

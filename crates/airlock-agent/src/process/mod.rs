@@ -30,6 +30,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+/// How long a new process's output waits, at a full backlog, for its first
+/// client (who typically attaches right after starting it).
+/// The most one read of a pipe or the terminal takes in.
+const READ_CHUNK: usize = 32 * 1024;
+/// Readers wait while a client is this far behind: one more read must not
+/// push bytes it has not seen out of the backlog.
+const ROOM: u64 = (BACKLOG_BYTES - READ_CHUNK) as u64;
+const FIRST_CLIENT_GRACE: Duration = Duration::from_secs(5);
 /// How long output may keep coming after the process itself exited (a
 /// background child holding its pipes or terminal) before it counts as ended.
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
@@ -106,6 +114,9 @@ struct Output {
     /// losing output); a process nobody watches never waits.
     clients: BTreeMap<u64, u64>,
     next_client: u64,
+    /// A client attached once: until then (for [`FIRST_CLIENT_GRACE`]) the
+    /// process waits for one rather than losing its first output.
+    ever_attached: bool,
 }
 
 /// What a client has not seen yet, from its offset.
@@ -134,6 +145,7 @@ pub struct Proc {
     pub pid: u32,
     argv: Vec<String>,
     started_at_ms: u64,
+    started: std::time::Instant,
     pty: Mutex<Option<PtySize>>,
     /// The PTY's master side, for resizing.
     master: Option<std::fs::File>,
@@ -330,7 +342,7 @@ fn read_pipe<R: AsyncRead + Unpin + Send + 'static>(
 ) -> tokio::task::JoinHandle<()> {
     let proc = proc.clone();
     tokio::spawn(async move {
-        let mut buf = vec![0u8; 32 * 1024];
+        let mut buf = vec![0u8; READ_CHUNK];
         loop {
             while !proc.has_room() {
                 // Woken by a client's progress; the sleep is a safety net.
@@ -350,7 +362,7 @@ fn read_pipe<R: AsyncRead + Unpin + Send + 'static>(
 fn read_pty(mut master: std::fs::File, proc: Arc<Proc>) -> tokio::task::JoinHandle<()> {
     tokio::task::spawn_blocking(move || {
         use std::io::Read;
-        let mut buf = vec![0u8; 32 * 1024];
+        let mut buf = vec![0u8; READ_CHUNK];
         loop {
             while !proc.has_room() {
                 std::thread::sleep(Duration::from_millis(5));
@@ -378,6 +390,7 @@ impl Proc {
             pid: child.id().unwrap_or(0),
             argv,
             started_at_ms: now_ms(),
+            started: std::time::Instant::now(),
             pty: Mutex::new(pty),
             master,
             output: Mutex::default(),
@@ -416,7 +429,10 @@ impl Proc {
     fn has_room(&self) -> bool {
         let out = lock(&self.output);
         match out.clients.values().min() {
-            Some(slowest) => out.total.saturating_sub(*slowest) < BACKLOG_BYTES as u64,
+            Some(slowest) => out.total.saturating_sub(*slowest) <= ROOM,
+            None if !out.ever_attached && self.started.elapsed() < FIRST_CLIENT_GRACE => {
+                out.total <= ROOM
+            }
             None => true,
         }
     }
@@ -428,6 +444,7 @@ impl Proc {
         out.next_client += 1;
         let oldest = out.total - out.kept as u64;
         let from = offset.clamp(oldest, out.total);
+        out.ever_attached = true;
         out.clients.insert(id, from);
         id
     }
