@@ -216,6 +216,7 @@ struct FileQuery {
     path: String,
 }
 
+#[allow(clippy::result_large_err)] // the error is the answer, as in every handler
 fn path_of(q: Result<Query<FileQuery>, QueryRejection>) -> Result<String, Response> {
     q.map(|Query(q)| q.path).map_err(|e| {
         error(

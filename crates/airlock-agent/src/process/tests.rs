@@ -251,10 +251,7 @@ async fn timeouts_limits_and_bad_requests() {
     }
     t.start(req(&["true"])).expect("room again");
 
-    let mut bad = Vec::new();
-    bad.push(req(&[]));
-    bad.push(req(&["", "x"]));
-    bad.push(req(&["echo", "a\0b"]));
+    let mut bad = vec![req(&[]), req(&["", "x"]), req(&["echo", "a\0b"])];
     let mut r = req(&["true"]);
     r.env.insert("A=B".into(), "x".into());
     bad.push(r);
