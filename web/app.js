@@ -462,6 +462,18 @@ function renderViewer() {
   const viewerUrl = (sb && sb.viewer_url) || `/view/${encodeURIComponent(id)}`;
   ui.viewerNewTab.href = viewerUrl;
   ui.viewerNewTab.hidden = !sb || sb.state !== 'ready';
+  // The sandbox's terminal (web/terminal.html), beside the desktop.
+  let termLink = document.getElementById('viewer-terminal');
+  if (!termLink) {
+    termLink = node('a', { text: 'Terminal' });
+    termLink.id = 'viewer-terminal';
+    termLink.className = ui.viewerNewTab.className;
+    termLink.target = '_blank';
+    termLink.rel = 'noopener';
+    ui.viewerNewTab.after(termLink);
+  }
+  termLink.href = `/term/${encodeURIComponent(id)}`;
+  termLink.hidden = ui.viewerNewTab.hidden;
 
   if (!sb) {
     dropIframe();

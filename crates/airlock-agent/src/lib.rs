@@ -9,6 +9,7 @@ pub mod login;
 pub mod metadata;
 pub mod prepare;
 pub mod privdrop;
+pub mod process;
 pub mod server;
 pub mod session;
 pub mod stream;

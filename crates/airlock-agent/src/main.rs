@@ -154,18 +154,21 @@ fn serve_cmd() -> Result<(), String> {
         env: base_env.clone(),
         cwd: account.home.clone(),
     }));
+    let exec = exec::ExecConfig {
+        run_as,
+        home: account.home.clone(),
+        base_env,
+    };
+    let processes = Arc::new(airlock_agent::process::Processes::new(exec.clone()));
     let state = Arc::new(server::AgentState {
         token: meta.agent_token.clone(),
         sandbox_id: meta.sandbox_id.clone(),
         image_build_id: image_build_id(Path::new(IMAGE_INFO_PATH)),
         started: Instant::now(),
-        exec: exec::ExecConfig {
-            run_as,
-            home: account.home.clone(),
-            base_env,
-        },
+        exec,
         logins,
         streams,
+        processes,
         session: Default::default(),
     });
     drop(meta);

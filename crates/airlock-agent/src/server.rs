@@ -25,6 +25,7 @@ pub struct AgentState {
     pub exec: ExecConfig,
     pub logins: Arc<crate::login::Logins>,
     pub streams: Arc<crate::stream::route::Streams>,
+    pub processes: Arc<crate::process::Processes>,
     /// Its owner, once a warm pool handed it out (`/session`).
     pub session: crate::session::Held,
 }
@@ -126,6 +127,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/exec", post(exec_handler))
         .merge(crate::login::routes::routes())
         .merge(crate::stream::route::routes())
+        .merge(crate::process::routes::routes())
         .merge(crate::session::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
@@ -181,6 +183,11 @@ mod tests {
                     cwd: std::env::temp_dir(),
                 },
             )),
+            processes: Arc::new(crate::process::Processes::new(ExecConfig {
+                run_as: RunAs::Current,
+                home: std::env::temp_dir(),
+                base_env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            })),
             session: Default::default(),
         }))
     }

@@ -725,6 +725,11 @@ async fn agent(argv: Vec<String>, display: &str) -> Agent {
             vec![],
             "127.0.0.1".into(),
         ))),
+        processes: Arc::new(airlock_agent::process::Processes::new(ExecConfig {
+            run_as: RunAs::Current,
+            home: home.clone(),
+            base_env: env.clone(),
+        })),
         streams: Arc::new(Streams::new(CaptureCommand {
             argv,
             run_as: RunAs::Current,

@@ -12,6 +12,7 @@ mod keypress;
 mod leaks;
 mod logins;
 mod pool;
+mod processes;
 mod relay;
 mod rfbc;
 mod sandbox;
@@ -87,6 +88,19 @@ enum Cmd {
         concurrent: usize,
         #[arg(long, default_value_t = 10)]
         rounds: usize,
+    },
+    /// Processes through the API: start latency (API → first byte), output
+    /// throughput, and the PTY's keystroke round trip.
+    Processes {
+        /// Processes started for the latency figure.
+        #[arg(long, default_value_t = 30)]
+        starts: usize,
+        /// MiB per throughput run.
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        /// Keystrokes for the round-trip figure.
+        #[arg(long, default_value_t = 200)]
+        keys: usize,
     },
     /// One sandbox, one viewer, a key press a second; memory and disconnects.
     Soak {
@@ -233,6 +247,7 @@ fn main() -> Result<()> {
             rt.block_on(keypress::run(presses, Duration::from_millis(gap_ms)))
         }
         Cmd::Viewer(opts) => rt.block_on(viewer::run(opts)),
+        Cmd::Processes { starts, mib, keys } => rt.block_on(processes::run(starts, mib, keys)),
         Cmd::Fuzz {
             minutes,
             target,

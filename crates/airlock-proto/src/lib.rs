@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod login;
 pub mod metadata;
+pub mod process;
 pub mod stream;
 pub mod vncauth;
 

@@ -1,6 +1,7 @@
 //! `airlock`: the one binary. Thin: parses the command line, renders progress,
 //! and calls into the library crates.
 
+mod client;
 mod doctor;
 mod egress;
 mod progress;
@@ -47,6 +48,34 @@ enum Command {
     Vault(vault::Command),
     /// Say which drivers this host can run, and why not.
     Doctor,
+    /// Your sandboxes on a running airlock, over its API (see `client::exit` for exit codes).
+    Sandbox {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(subcommand)]
+        cmd: client::SandboxCommand,
+    },
+    /// Sign a CLI in (claude, codex, gemini): prints the page to sign in on, waits.
+    Login {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(flatten)]
+        args: client::LoginArgs,
+    },
+    /// The credentials your logins captured.
+    Credentials {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(subcommand)]
+        cmd: client::CredentialsCommand,
+    },
+    /// Your audit trail.
+    Audit {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(flatten)]
+        args: client::AuditArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -506,6 +535,10 @@ fn main() {
             Command::Egress(cmd) => egress::run(cmd).await,
             Command::Vault(cmd) => vault::run(cmd).await,
             Command::Doctor => doctor::run().await,
+            Command::Sandbox { conn, cmd } => client::run_sandbox(conn, cmd).await,
+            Command::Login { conn, args } => client::run_login(conn, args).await,
+            Command::Credentials { conn, cmd } => client::run_credentials(conn, cmd).await,
+            Command::Audit { conn, args } => client::run_audit(conn, args).await,
         }
     });
     if let Err(err) = result {

@@ -29,7 +29,7 @@
 //! `routes` (the HTTP endpoints); this file follows each run.
 
 mod credentials;
-mod pty;
+pub(crate) mod pty;
 pub mod routes;
 pub mod screen;
 pub mod urls;

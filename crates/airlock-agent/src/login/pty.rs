@@ -138,7 +138,7 @@ fn spawn_reader(mut master: std::fs::File, mut child: std::process::Child, share
 }
 
 #[allow(unsafe_code)]
-fn open_pty(cols: u16, rows: u16) -> std::io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn open_pty(cols: u16, rows: u16) -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut master: libc::c_int = -1;
     let mut slave: libc::c_int = -1;
     let size = libc::winsize {

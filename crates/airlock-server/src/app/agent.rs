@@ -6,9 +6,11 @@
 
 pub mod fake;
 
+pub use crate::app::processes::{Download, IoFrame, ProcessIo};
 use crate::relay::rfb;
 use airlock_proto::agent::{ExecRequest, ExecResponse, Health, Session};
 use airlock_proto::login::{FileSet, LoginInput, LoginStart, LoginStatus};
+use airlock_proto::process::{FileInfo, ProcessInfo, ProcessList, StartProcess};
 use async_trait::async_trait;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -127,6 +129,87 @@ pub trait Guest: Send + Sync + std::fmt::Debug + 'static {
     async fn session(&self, agent: SocketAddr, token: &str) -> Result<Option<Session>, AgentError> {
         let _ = (agent, token);
         Err(no_sessions())
+    }
+    // ---- processes and files (app/processes): a guest without them says so ----
+
+    /// Start a process (`POST /processes` of the agent).
+    async fn process_start(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        req: &StartProcess,
+    ) -> Result<ProcessInfo, AgentError> {
+        let _ = (agent, token, req);
+        Err(no_processes())
+    }
+    /// The guest's processes, running and recently ended.
+    async fn process_list(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+    ) -> Result<ProcessList, AgentError> {
+        let _ = (agent, token);
+        Err(no_processes())
+    }
+    /// One process.
+    async fn process_get(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        pid: u32,
+    ) -> Result<ProcessInfo, AgentError> {
+        let _ = (agent, token, pid);
+        Err(no_processes())
+    }
+    /// Signal a process's group (SIGKILL when `signal` is `None`).
+    async fn process_kill(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        pid: u32,
+        signal: Option<&str>,
+    ) -> Result<ProcessInfo, AgentError> {
+        let _ = (agent, token, pid, signal);
+        Err(no_processes())
+    }
+    /// Attach to a process's io from output byte `offset` on.
+    async fn process_io(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        pid: u32,
+        offset: u64,
+    ) -> Result<ProcessIo, AgentError> {
+        let _ = (agent, token, pid, offset);
+        Err(no_processes())
+    }
+    /// Write one file as the sandbox user.
+    async fn file_put(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        path: &str,
+        data: bytes::Bytes,
+    ) -> Result<FileInfo, AgentError> {
+        let _ = (agent, token, path, data);
+        Err(no_processes())
+    }
+    /// Read one file, or a directory as a tar stream.
+    async fn file_get(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        path: &str,
+    ) -> Result<Download, AgentError> {
+        let _ = (agent, token, path);
+        Err(no_processes())
+    }
+}
+
+fn no_processes() -> AgentError {
+    AgentError::Status {
+        status: 501,
+        message: "this guest runs no processes".into(),
     }
 }
 
@@ -390,6 +473,91 @@ impl Guest for HttpGuest {
         }
     }
 
+    async fn process_start(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        req: &StartProcess,
+    ) -> Result<ProcessInfo, AgentError> {
+        self.client
+            .call(reqwest::Method::POST, agent, token, "/processes", Some(req))
+            .await?
+            .ok_or_else(|| empty("process"))
+    }
+
+    async fn process_list(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+    ) -> Result<ProcessList, AgentError> {
+        self.client
+            .call::<(), _>(reqwest::Method::GET, agent, token, "/processes", None)
+            .await?
+            .ok_or_else(|| empty("process list"))
+    }
+
+    async fn process_get(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        pid: u32,
+    ) -> Result<ProcessInfo, AgentError> {
+        let path = format!("/processes/{pid}");
+        self.client
+            .call::<(), _>(reqwest::Method::GET, agent, token, &path, None)
+            .await?
+            .ok_or_else(|| empty("process"))
+    }
+
+    async fn process_kill(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        pid: u32,
+        signal: Option<&str>,
+    ) -> Result<ProcessInfo, AgentError> {
+        let path = match signal {
+            Some(s) => format!(
+                "/processes/{pid}?signal={}",
+                crate::app::processes::query_escape(s)
+            ),
+            None => format!("/processes/{pid}"),
+        };
+        self.client
+            .call::<(), _>(reqwest::Method::DELETE, agent, token, &path, None)
+            .await?
+            .ok_or_else(|| empty("process"))
+    }
+
+    async fn process_io(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        pid: u32,
+        offset: u64,
+    ) -> Result<ProcessIo, AgentError> {
+        crate::app::processes::connect_io(agent, token, pid, offset).await
+    }
+
+    async fn file_put(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        path: &str,
+        data: bytes::Bytes,
+    ) -> Result<FileInfo, AgentError> {
+        crate::app::processes::put_file(&self.client, agent, token, path, data).await
+    }
+
+    async fn file_get(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        path: &str,
+    ) -> Result<Download, AgentError> {
+        crate::app::processes::get_file(&self.client, agent, token, path).await
+    }
+
     async fn display_answers(&self, display: SocketAddr, password: &str) -> Result<(), String> {
         tokio::time::timeout(DISPLAY_TIMEOUT, async {
             let mut tcp = tokio::net::TcpStream::connect(display).await?;
@@ -424,7 +592,7 @@ pub enum AgentError {
 
 #[derive(Debug, Clone)]
 pub struct AgentClient {
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
 }
 
 impl Default for AgentClient {
@@ -506,7 +674,9 @@ impl AgentClient {
     }
 }
 
-async fn decode<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T, AgentError> {
+pub(crate) async fn decode<T: serde::de::DeserializeOwned>(
+    resp: reqwest::Response,
+) -> Result<T, AgentError> {
     let status = resp.status();
     if status.is_success() {
         return resp.json().await.map_err(AgentError::Decode);

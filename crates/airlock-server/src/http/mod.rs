@@ -4,10 +4,13 @@ pub mod auth;
 pub mod credentials;
 pub mod egress;
 pub mod error;
+pub mod files;
 pub mod guard;
 pub mod logins;
+pub mod processes;
 pub mod pool;
 pub mod sandboxes;
+pub mod terminal;
 pub mod tickets;
 pub mod usage;
 pub mod web;
@@ -60,6 +63,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(egress::Doc::openapi());
     doc.merge(tickets::Doc::openapi());
     doc.merge(usage::Doc::openapi());
+    doc.merge(processes::Doc::openapi());
+    doc.merge(files::Doc::openapi());
     doc.merge(pool::Doc::openapi());
     doc
 }
@@ -86,6 +91,8 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(egress::routes())
         .merge(tickets::routes())
         .merge(usage::routes())
+        .merge(processes::routes())
+        .merge(files::routes())
         .merge(pool::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|| async {
@@ -102,6 +109,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/", get(web::index))
         .route("/view/{id}", get(web::viewer))
         .route("/novnc/{*path}", get(web::novnc))
+        .merge(terminal::routes())
         .route("/{*path}", get(web::asset))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(door, guard::guard))

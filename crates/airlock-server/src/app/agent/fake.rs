@@ -4,10 +4,11 @@
 //! whose agent or display was taken down by the test, does not answer.
 //! Exec answers are scripted per program name.
 
-use super::{AgentError, Guest};
+use super::{AgentError, Download, Guest, IoFrame, ProcessIo};
 use crate::node::fake::{DisplayState, FakeInstance, FakeNode};
 use airlock_proto::login::{FileBlob, FileSet};
 use airlock_proto::agent::{ExecRequest, ExecResponse, Health, Session};
+use airlock_proto::process::{FileInfo, ProcessInfo, ProcessList, ProcessState, StartProcess};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,6 +28,10 @@ pub struct FakeGuest {
     sessions: Mutex<HashMap<String, Session>>,
     /// `hand_session` fails with this (a claim that breaks half-way).
     session_failure: Mutex<Option<String>>,
+    /// Processes started, as (sandbox id, process): each echoes its stdin.
+    processes: Mutex<Vec<(String, ProcessInfo)>>,
+    /// Files put, as (sandbox id, path) → bytes.
+    files: Mutex<HashMap<(String, String), bytes::Bytes>>,
 }
 
 impl FakeGuest {
@@ -38,6 +43,8 @@ impl FakeGuest {
             homes: Mutex::default(),
             sessions: Mutex::default(),
             session_failure: Mutex::default(),
+            processes: Mutex::default(),
+            files: Mutex::default(),
         }
     }
 
@@ -247,5 +254,182 @@ impl Guest for FakeGuest {
     async fn session(&self, agent: SocketAddr, token: &str) -> Result<Option<Session>, AgentError> {
         let guest = self.agent_at(agent, token)?;
         Ok(self.session_of(&guest.req.metadata.sandbox_id))
+    }
+
+    async fn process_start(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        req: &StartProcess,
+    ) -> Result<ProcessInfo, AgentError> {
+        let guest = self.agent_at(agent, token)?;
+        let mut procs = self.processes.lock().unwrap_or_else(|p| p.into_inner());
+        let info = ProcessInfo {
+            pid: 100 + procs.len() as u32,
+            argv: req.argv.clone(),
+            state: ProcessState::Running,
+            exit_code: None,
+            signal: None,
+            timed_out: false,
+            pty: req.pty,
+            started_at_ms: 0,
+            ended_at_ms: None,
+            output_bytes: 0,
+        };
+        procs.push((guest.req.id.clone(), info.clone()));
+        Ok(info)
+    }
+
+    async fn process_list(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+    ) -> Result<ProcessList, AgentError> {
+        let guest = self.agent_at(agent, token)?;
+        let procs = self.processes.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(ProcessList {
+            processes: procs
+                .iter()
+                .filter(|(id, _)| *id == guest.req.id)
+                .map(|(_, p)| p.clone())
+                .collect(),
+        })
+    }
+
+    async fn process_get(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        pid: u32,
+    ) -> Result<ProcessInfo, AgentError> {
+        self.process_list(agent, token)
+            .await?
+            .processes
+            .into_iter()
+            .find(|p| p.pid == pid)
+            .ok_or_else(|| AgentError::Status {
+                status: 404,
+                message: format!("no process {pid} here"),
+            })
+    }
+
+    async fn process_kill(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        pid: u32,
+        signal: Option<&str>,
+    ) -> Result<ProcessInfo, AgentError> {
+        let guest = self.agent_at(agent, token)?;
+        let _ = signal;
+        let mut procs = self.processes.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, p) = procs
+            .iter_mut()
+            .find(|(id, p)| *id == guest.req.id && p.pid == pid)
+            .ok_or_else(|| AgentError::Status {
+                status: 404,
+                message: format!("no process {pid} here"),
+            })?;
+        p.state = ProcessState::Exited;
+        p.signal = Some(9);
+        Ok(p.clone())
+    }
+
+    /// Says `fake output`, echoes stdin frames as stdout, and exits 0 on `eof`.
+    async fn process_io(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        pid: u32,
+        offset: u64,
+    ) -> Result<ProcessIo, AgentError> {
+        self.process_get(agent, token, pid).await?;
+        let _ = offset;
+        let (to_guest, mut outbound) = tokio::sync::mpsc::channel(16);
+        let (inbound, from_guest) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut hello = vec![airlock_proto::process::TAG_STDOUT];
+            hello.extend_from_slice(b"fake output\n");
+            if inbound.send(IoFrame::Binary(hello.into())).await.is_err() {
+                return;
+            }
+            while let Some(frame) = outbound.recv().await {
+                let reply = match frame {
+                    IoFrame::Binary(b) => {
+                        let mut out = vec![airlock_proto::process::TAG_STDOUT];
+                        out.extend_from_slice(&b);
+                        IoFrame::Binary(out.into())
+                    }
+                    IoFrame::Text(t) if t.contains("eof") => {
+                        let _ = inbound
+                            .send(IoFrame::Text(
+                                r#"{"type":"exit","exit_code":0,"signal":null,"timed_out":false}"#
+                                    .into(),
+                            ))
+                            .await;
+                        let _ = inbound
+                            .send(IoFrame::Close(1000, "the process ended".into()))
+                            .await;
+                        return;
+                    }
+                    _ => continue,
+                };
+                if inbound.send(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(ProcessIo {
+            to_guest,
+            from_guest,
+        })
+    }
+
+    async fn file_put(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        path: &str,
+        data: bytes::Bytes,
+    ) -> Result<FileInfo, AgentError> {
+        let guest = self.agent_at(agent, token)?;
+        if path.contains("..") {
+            return Err(AgentError::Status {
+                status: 403,
+                message: format!("{path}: '..' is not allowed in a path"),
+            });
+        }
+        let size = data.len() as u64;
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((guest.req.id.clone(), path.to_owned()), data);
+        Ok(FileInfo {
+            path: format!("/home/user/{path}"),
+            size,
+        })
+    }
+
+    async fn file_get(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        path: &str,
+    ) -> Result<Download, AgentError> {
+        let guest = self.agent_at(agent, token)?;
+        let data = self
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(guest.req.id.clone(), path.to_owned()))
+            .cloned()
+            .ok_or_else(|| AgentError::Status {
+                status: 404,
+                message: format!("{path}: no such file"),
+            })?;
+        Ok(Download {
+            content_type: "application/octet-stream".into(),
+            body: axum::body::Body::from(data),
+        })
     }
 }

@@ -1,0 +1,333 @@
+//! Processes and files in a user's sandbox, through its agent: who may (the
+//! owner, of a ready sandbox), what is passed on (checked requests), and how
+//! the agent's refusals become API errors. The wire types are in
+//! `airlock_proto::process`; the agent does the work.
+
+use super::agent::AgentError;
+use super::{App, AppError};
+use crate::store::UserRow;
+use airlock_proto::process::{FileInfo, ProcessInfo, ProcessList, StartProcess};
+use futures::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The longest path a file request may name.
+const MAX_PATH: usize = 4096;
+/// Frames queued each way between a client's socket and the agent's.
+const IO_QUEUE: usize = 64;
+/// Files may be large; the agent's other calls are quick.
+const FILE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One frame of a process's io socket (see `airlock_proto::process`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IoFrame {
+    Binary(bytes::Bytes),
+    Text(String),
+    Close(u16, String),
+}
+
+/// An attached process: frames to send to it, frames it sent. Dropping
+/// `to_guest` detaches (the process goes on).
+#[derive(Debug)]
+pub struct ProcessIo {
+    pub to_guest: mpsc::Sender<IoFrame>,
+    pub from_guest: mpsc::Receiver<IoFrame>,
+}
+
+/// A file's bytes or a directory's tar stream, as the agent sends it.
+pub struct Download {
+    pub content_type: String,
+    pub body: axum::body::Body,
+}
+
+impl std::fmt::Debug for Download {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Download")
+            .field("content_type", &self.content_type)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an agent's refusal means to the API caller; `what` names the object
+/// for a 404.
+fn refused(e: AgentError, what: &str) -> AppError {
+    match e {
+        AgentError::Status { status, message } => match status {
+            400 | 403 | 413 => AppError::BadInput(message),
+            404 => AppError::NotFound(what.to_owned()),
+            409 | 429 => AppError::Conflict(message),
+            _ => AppError::Unavailable(format!("the sandbox's agent answered {status}: {message}")),
+        },
+        other => AppError::Unavailable(other.to_string()),
+    }
+}
+
+fn check_path(path: &str) -> Result<(), AppError> {
+    if path.is_empty() || path.len() > MAX_PATH || path.contains('\0') {
+        return Err(AppError::BadInput(format!(
+            "path must be 1–{MAX_PATH} bytes without NUL"
+        )));
+    }
+    Ok(())
+}
+
+impl App {
+    /// The agent of `user`'s ready sandbox `id`, and its token.
+    async fn agent_of(&self, user: &UserRow, id: &str) -> Result<(SocketAddr, String), AppError> {
+        let row = self.sandbox_of(user, id).await?;
+        let endpoints = self.ready_endpoints(&row)?;
+        self.note_activity(id).await;
+        Ok((endpoints.agent, row.agent_token))
+    }
+
+    pub async fn start_process(
+        &self,
+        user: &UserRow,
+        id: &str,
+        req: StartProcess,
+    ) -> Result<ProcessInfo, AppError> {
+        req.check().map_err(AppError::BadInput)?;
+        let (agent, token) = self.agent_of(user, id).await?;
+        self.guest
+            .process_start(agent, &token, &req)
+            .await
+            .map_err(|e| refused(e, &format!("sandbox {id:?}")))
+    }
+
+    pub async fn processes(&self, user: &UserRow, id: &str) -> Result<ProcessList, AppError> {
+        let (agent, token) = self.agent_of(user, id).await?;
+        self.guest
+            .process_list(agent, &token)
+            .await
+            .map_err(|e| refused(e, &format!("sandbox {id:?}")))
+    }
+
+    pub async fn process(
+        &self,
+        user: &UserRow,
+        id: &str,
+        pid: u32,
+    ) -> Result<ProcessInfo, AppError> {
+        let (agent, token) = self.agent_of(user, id).await?;
+        self.guest
+            .process_get(agent, &token, pid)
+            .await
+            .map_err(|e| refused(e, &format!("process {pid} in sandbox {id:?}")))
+    }
+
+    pub async fn kill_process(
+        &self,
+        user: &UserRow,
+        id: &str,
+        pid: u32,
+        signal: Option<&str>,
+    ) -> Result<ProcessInfo, AppError> {
+        if let Some(s) = signal {
+            if airlock_proto::process::signal_number(s).is_none() {
+                return Err(AppError::BadInput(format!(
+                    "unknown signal {s:?} (INT, TERM, KILL, HUP, QUIT, USR1, USR2, WINCH, CONT, STOP)"
+                )));
+            }
+        }
+        let (agent, token) = self.agent_of(user, id).await?;
+        self.guest
+            .process_kill(agent, &token, pid, signal)
+            .await
+            .map_err(|e| refused(e, &format!("process {pid} in sandbox {id:?}")))
+    }
+
+    /// Attaches to a process; checked before the client's socket is upgraded.
+    pub async fn attach_process(
+        &self,
+        user: &UserRow,
+        id: &str,
+        pid: u32,
+        offset: u64,
+    ) -> Result<ProcessIo, AppError> {
+        let (agent, token) = self.agent_of(user, id).await?;
+        self.guest
+            .process_io(agent, &token, pid, offset)
+            .await
+            .map_err(|e| refused(e, &format!("process {pid} in sandbox {id:?}")))
+    }
+
+    pub async fn put_file(
+        &self,
+        user: &UserRow,
+        id: &str,
+        path: &str,
+        data: bytes::Bytes,
+    ) -> Result<FileInfo, AppError> {
+        check_path(path)?;
+        let (agent, token) = self.agent_of(user, id).await?;
+        self.guest
+            .file_put(agent, &token, path, data)
+            .await
+            .map_err(|e| refused(e, &format!("{path:?} in sandbox {id:?}")))
+    }
+
+    pub async fn get_file(
+        &self,
+        user: &UserRow,
+        id: &str,
+        path: &str,
+    ) -> Result<Download, AppError> {
+        check_path(path)?;
+        let (agent, token) = self.agent_of(user, id).await?;
+        self.guest
+            .file_get(agent, &token, path)
+            .await
+            .map_err(|e| refused(e, &format!("{path:?} in sandbox {id:?}")))
+    }
+}
+
+/// `s` escaped for a query string.
+pub(crate) fn query_escape(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// Opens the agent's io socket for `pid` and pumps it into a [`ProcessIo`].
+pub(crate) async fn connect_io(
+    agent: SocketAddr,
+    token: &str,
+    pid: u32,
+    offset: u64,
+) -> Result<ProcessIo, AgentError> {
+    let url = format!("ws://{agent}/processes/{pid}/io?offset={offset}");
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| AgentError::Down(format!("bad guest address: {e}")))?;
+    let bearer = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| AgentError::Down("the agent token is not a valid header".into()))?;
+    req.headers_mut().insert("Authorization", bearer);
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(1 << 20))
+        .max_frame_size(Some(1 << 20));
+    let connect = tokio_tungstenite::connect_async_with_config(req, Some(config), true);
+    let socket = match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok((s, _))) => s,
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+            let message = resp
+                .body()
+                .as_deref()
+                .and_then(|b| serde_json::from_slice::<airlock_proto::agent::AgentError>(b).ok())
+                .map(|e| e.error)
+                .unwrap_or_else(|| resp.status().to_string());
+            return Err(AgentError::Status {
+                status: resp.status().as_u16(),
+                message,
+            });
+        }
+        Ok(Err(e)) => return Err(AgentError::Down(e.to_string())),
+        Err(_) => return Err(AgentError::Down("the agent did not answer in time".into())),
+    };
+    let (mut sink, mut stream) = socket.split();
+    let (to_guest, mut outbound) = mpsc::channel::<IoFrame>(IO_QUEUE);
+    let (inbound, from_guest) = mpsc::channel::<IoFrame>(IO_QUEUE);
+    tokio::spawn(async move {
+        while let Some(frame) = outbound.recv().await {
+            let msg = match frame {
+                IoFrame::Binary(b) => Message::Binary(b),
+                IoFrame::Text(t) => Message::Text(t.into()),
+                IoFrame::Close(..) => break,
+            };
+            if sink.send(msg).await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            let frame = match msg {
+                Message::Binary(b) => IoFrame::Binary(b),
+                Message::Text(t) => IoFrame::Text(t.as_str().to_owned()),
+                Message::Close(c) => {
+                    let (code, reason) = c
+                        .map(|c| (u16::from(c.code), c.reason.as_str().to_owned()))
+                        .unwrap_or((1000, String::new()));
+                    let _ = inbound.send(IoFrame::Close(code, reason)).await;
+                    return;
+                }
+                _ => continue,
+            };
+            if inbound.send(frame).await.is_err() {
+                return;
+            }
+        }
+        let _ = inbound
+            .send(IoFrame::Close(1011, "the agent's socket ended".into()))
+            .await;
+    });
+    Ok(ProcessIo {
+        to_guest,
+        from_guest,
+    })
+}
+
+fn files_url(agent: SocketAddr, path: &str) -> String {
+    format!("http://{agent}/files?path={}", query_escape(path))
+}
+
+pub(crate) async fn put_file(
+    client: &super::agent::AgentClient,
+    agent: SocketAddr,
+    token: &str,
+    path: &str,
+    data: bytes::Bytes,
+) -> Result<FileInfo, AgentError> {
+    let resp = client
+        .http
+        .put(files_url(agent, path))
+        .bearer_auth(token)
+        .timeout(FILE_TIMEOUT)
+        .body(data)
+        .send()
+        .await
+        .map_err(AgentError::Unreachable)?;
+    super::agent::decode(resp).await
+}
+
+pub(crate) async fn get_file(
+    client: &super::agent::AgentClient,
+    agent: SocketAddr,
+    token: &str,
+    path: &str,
+) -> Result<Download, AgentError> {
+    let resp = client
+        .http
+        .get(files_url(agent, path))
+        .bearer_auth(token)
+        .timeout(FILE_TIMEOUT)
+        .send()
+        .await
+        .map_err(AgentError::Unreachable)?;
+    if !resp.status().is_success() {
+        return Err(super::agent::decode::<serde_json::Value>(resp)
+            .await
+            .err()
+            .unwrap_or(AgentError::Down("an error without a status".into())));
+    }
+    let content_type = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    let chunks = futures::stream::unfold(Some(resp), |resp| async move {
+        let mut resp = resp?;
+        match resp.chunk().await {
+            Ok(Some(c)) => Some((Ok(c), Some(resp))),
+            Ok(None) => None,
+            Err(e) => Some((Err(std::io::Error::other(e)), None)),
+        }
+    });
+    Ok(Download {
+        content_type,
+        body: axum::body::Body::from_stream(chunks),
+    })
+}
