@@ -6,8 +6,8 @@
 
 use super::{AgentError, Download, Guest, IoFrame, ProcessIo};
 use crate::node::fake::{DisplayState, FakeInstance, FakeNode};
-use airlock_proto::login::{FileBlob, FileSet};
 use airlock_proto::agent::{ExecRequest, ExecResponse, Health, Session};
+use airlock_proto::login::{FileBlob, FileSet};
 use airlock_proto::process::{FileInfo, ProcessInfo, ProcessList, ProcessState, StartProcess};
 use async_trait::async_trait;
 use std::collections::HashMap;
