@@ -389,10 +389,9 @@ impl App {
             _ => return,
         };
         let outcome = async {
-            let req = self
-                .create_request(&row)
+            let req = store_retry(|| self.create_request(&row))
                 .await
-                .map_err(|e| ("create", e.to_string()))?;
+                .map_err(|e| ("create", chain(&e)))?;
             self.with_retries("create", || self.node.create(&req))
                 .await
                 .map_err(|e| ("create", format!("could not create the sandbox: {e}")))?;
@@ -617,6 +616,27 @@ impl App {
 }
 
 /// An error with all its sources, on one line.
+/// A call retried while the database is briefly out of reach (restarting,
+/// say): up to three more tries, a second apart. Anything else is returned
+/// as it came.
+async fn store_retry<T, F, Fut>(mut call: F) -> Result<T, AppError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, AppError>>,
+{
+    let mut tries = 0;
+    loop {
+        match call().await {
+            Err(AppError::Store(e)) if e.is_unavailable() && tries < 3 => {
+                tries += 1;
+                tracing::warn!(error = %chain(&e), "the database is out of reach; trying again in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 pub fn chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
@@ -698,5 +718,37 @@ mod exec_checks {
             let why = check_exec(&bad).expect_err(field);
             assert!(why.starts_with(field), "{why}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_briefly_unreachable_database_is_tried_again_and_a_refused_query_is_not() {
+        use crate::store::StoreError;
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let got = store_retry(|| async {
+            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                Err(AppError::Store(StoreError::Query {
+                    what: "t",
+                    source: sqlx::Error::PoolTimedOut,
+                }))
+            } else {
+                Ok(7)
+            }
+        })
+        .await;
+        assert_eq!(
+            (got.ok(), calls.load(std::sync::atomic::Ordering::SeqCst)),
+            (Some(7), 3)
+        );
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let got: Result<(), _> = store_retry(|| async {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(AppError::Store(StoreError::Query {
+                what: "t",
+                source: sqlx::Error::RowNotFound,
+            }))
+        })
+        .await;
+        assert!(got.is_err());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }
