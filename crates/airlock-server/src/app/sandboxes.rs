@@ -384,7 +384,7 @@ impl App {
         let lock = self.lock_for(id);
         let guard = lock.lock().await;
         // A delete may have come first: its teardown owns the sandbox then.
-        let row = match self.store.sandbox(id).await {
+        let row = match store_retry(|| async { Ok(self.store.sandbox(id).await?) }).await {
             Ok(Some(row)) if row.state == SandboxState::Provisioning => row,
             _ => return,
         };
@@ -424,7 +424,7 @@ impl App {
         let row = {
             let lock = self.lock_for(id);
             let _guard = lock.lock().await;
-            let row = match self.store.sandbox(id).await {
+            let row = match store_retry(|| async { Ok(self.store.sandbox(id).await?) }).await {
                 Ok(Some(row)) if row.state == SandboxState::Booting => row,
                 _ => return,
             };
