@@ -341,16 +341,20 @@ async fn a_killed_vnc_server_heals_or_fails_truthfully_and_leaks_nothing() {
     .await;
 }
 
+/// Ask for a browser sandbox; whatever the API answers.
+async fn ask_create(api: &Api) -> churn::Answer {
+    api.call(
+        reqwest::Method::POST,
+        "/api/v1/sandboxes",
+        Some(json!({"kind": "browser"})),
+    )
+    .await
+    .expect("an answer to a create")
+}
+
 /// Create a sandbox; its id.
 async fn create(api: &Api) -> String {
-    let a = api
-        .call(
-            reqwest::Method::POST,
-            "/api/v1/sandboxes",
-            Some(json!({"kind": "browser"})),
-        )
-        .await
-        .expect("create");
+    let a = ask_create(api).await;
     assert_eq!(a.status, 201, "{}", a.body);
     a.body["id"].as_str().expect("id").to_owned()
 }
@@ -913,14 +917,7 @@ async fn a_postgres_restart_under_a_running_control_plane_loses_nothing() {
         );
         assert!(a.retry_after.is_some(), "{who}: no Retry-After");
     }
-    let a = api
-        .call(
-            reqwest::Method::POST,
-            "/api/v1/sandboxes",
-            Some(json!({"kind": "browser"})),
-        )
-        .await
-        .expect("an answer to a create");
+    let a = ask_create(&api).await;
     assert_eq!(a.status, 503, "{}", a.body);
     // Four supervisor rounds without a database.
     tokio::time::sleep(Duration::from_secs(20).saturating_sub(down.elapsed())).await;
@@ -1064,14 +1061,7 @@ async fn a_full_data_disk_refuses_new_work_clearly_and_recovers() {
         .expect("ready");
 
     disk.fill();
-    let a = api
-        .call(
-            reqwest::Method::POST,
-            "/api/v1/sandboxes",
-            Some(json!({"kind": "browser"})),
-        )
-        .await
-        .expect("an answer to a create");
+    let a = ask_create(&api).await;
     assert_eq!(
         (a.status, a.body["error"]["code"].as_str()),
         (507, Some("insufficient_storage")),
