@@ -69,6 +69,31 @@ impl World {
         Self::with(|_| {}).await
     }
 
+    /// The whole HTTP stack over this world's app on a loopback port: the
+    /// API's base URL, the server's task, and a client that uses no proxy.
+    pub(crate) async fn serve(
+        &self,
+    ) -> (
+        String,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+        reqwest::Client,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}/api/v1", listener.local_addr().expect("addr"));
+        let server = tokio::spawn(crate::http::serve(
+            listener,
+            self.app.clone(),
+            std::future::pending(),
+        ));
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        (base, server, http)
+    }
+
     pub(crate) async fn with(tune: impl FnOnce(&mut AppConfig)) -> World {
         let tmp = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}/airlock.db", tmp.path().display());

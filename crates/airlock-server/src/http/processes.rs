@@ -332,20 +332,7 @@ mod tests {
     #[tokio::test]
     async fn processes_and_files_over_fakes() {
         let w = World::new().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let base = format!("http://{addr}/api/v1");
-        let server = tokio::spawn(crate::http::serve(
-            listener,
-            w.app.clone(),
-            std::future::pending(),
-        ));
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
+        let (base, server, http) = w.serve().await;
         let (_, mallory) = w.app.add_user("mallory").await.expect("user");
         let send = |req: reqwest::RequestBuilder| async move {
             let resp = req.send().await.expect("send");
@@ -398,7 +385,10 @@ mod tests {
         );
 
         // The io socket: output, an echo of stdin, the exit on eof.
-        let url = format!("ws://{addr}/api/v1/sandboxes/{id}/processes/{pid}/io");
+        let url = format!(
+            "{}/sandboxes/{id}/processes/{pid}/io",
+            base.replacen("http://", "ws://", 1)
+        );
         let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
             .await
             .expect("ws");

@@ -289,19 +289,7 @@ mod tests {
     #[tokio::test]
     async fn the_sandbox_api_over_fakes() {
         let w = World::new().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let base = format!("http://{}/api/v1", listener.local_addr().expect("addr"));
-        let server = tokio::spawn(crate::http::serve(
-            listener,
-            w.app.clone(),
-            std::future::pending(),
-        ));
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
+        let (base, server, http) = w.serve().await;
         let send = |req: reqwest::RequestBuilder| async move {
             let resp = req.send().await.expect("send");
             let status = resp.status().as_u16();
