@@ -193,6 +193,33 @@ pub trait Node: Send + Sync + std::fmt::Debug + 'static {
     async fn liveness(&self, id: &str) -> Result<Liveness, NodeError>;
     /// The sandbox's firewall drop counters; `None` when its rules are not installed.
     async fn blocked_packets(&self, id: &str) -> Result<Option<BlockedPackets>, NodeError>;
+    /// Where the control plane reaches the guest at `guest` (its leased
+    /// address). A node in this process answers the guest's own ports; a
+    /// remote node answers local ends of tunnels through itself.
+    async fn endpoints(&self, _id: &str, guest: Ipv4Addr) -> Result<GuestEndpoints, NodeError> {
+        Ok(GuestEndpoints::at(guest))
+    }
+}
+
+/// One sandbox's egress forward proxy as the node that holds the sandbox
+/// runs it: on the sandbox's gateway address, with its owner's upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressBinding {
+    pub sandbox_id: String,
+    /// Whose upstream the proxy uses (changes on a warm pool's claim).
+    pub owner_id: String,
+    pub lease: NodeLease,
+}
+
+/// The egress forward proxies of the sandboxes a node holds.
+#[async_trait]
+pub trait NodeEgress: Send + Sync + std::fmt::Debug + 'static {
+    /// Start (or restart) the proxy.
+    async fn attach(&self, b: &EgressBinding) -> Result<(), NodeError>;
+    /// The running proxy now uses `b.owner_id`'s upstream; starts one if none runs.
+    async fn rebind(&self, b: &EgressBinding) -> Result<(), NodeError>;
+    /// Stop it; harmless when there is none.
+    async fn detach(&self, id: &str) -> Result<(), NodeError>;
 }
 
 /// The node in this process: a driver, called directly, and the host's
