@@ -140,6 +140,102 @@ pub struct Config {
     // ---- warm pools (app/pool.rs) ----
     /// Booted sandboxes kept ready to hand out (`[pool]`).
     pub pool: PoolConfig,
+
+    // ---- many hosts (docs/cluster.md) ----
+    /// `[cluster]`: sandboxes on `airlock node` processes.
+    pub cluster: ClusterConfig,
+    /// `[node]`: this process as `airlock node`.
+    pub node: NodeConfig,
+}
+
+/// `[cluster]` in the config file (both roles).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `airlock up` runs sandboxes on the registered nodes, not in process.
+    pub enabled: bool,
+    /// The secret replicas present to nodes (a file of one line, 0600).
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[node]` in the config file (`airlock node`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Unique in the cluster; default: the host name.
+    pub name: Option<String>,
+    /// The node API (replicas only; never public).
+    pub listen: SocketAddr,
+    /// Where replicas reach `listen`, when that differs (NAT, 0.0.0.0).
+    pub advertise: Option<SocketAddr>,
+    /// How often the node renews its lease, in ms.
+    pub heartbeat_ms: u64,
+    /// A node silent this long is lost, in ms.
+    pub lease_ms: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            name: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 4100)),
+            advertise: None,
+            heartbeat_ms: 2_000,
+            lease_ms: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// The cluster token, read from `[cluster] token_file`.
+    pub fn cluster_token(&self) -> Result<String, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            field: "cluster.token_file",
+            message,
+        };
+        let path = self
+            .cluster
+            .token_file
+            .as_ref()
+            .ok_or_else(|| invalid("is required for a cluster".into()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+        let token = text.trim().to_owned();
+        if token.len() < 32 {
+            return Err(invalid(format!(
+                "{} must hold a secret of at least 32 characters",
+                path.display()
+            )));
+        }
+        Ok(token)
+    }
+
+    /// Checks of the many-hosts settings: a cluster needs PostgreSQL.
+    fn validate_cluster(&self, node_role: bool) -> Result<(), ConfigError> {
+        if !(self.cluster.enabled || node_role) {
+            return Ok(());
+        }
+        let url = self.database_url();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError::Invalid {
+                field: "database_url",
+                message: "a cluster (`[cluster] enabled` or `airlock node`) needs PostgreSQL, which every replica and node share".into(),
+            });
+        }
+        if self.node.heartbeat_ms == 0 || self.node.lease_ms < 2 * self.node.heartbeat_ms {
+            return Err(ConfigError::Invalid {
+                field: "node.lease_ms",
+                message: "must be at least twice node.heartbeat_ms (and heartbeat_ms above 0)".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Validate for `airlock node`.
+    pub fn validate_node(&self) -> Result<(), ConfigError> {
+        self.validate()?;
+        self.validate_cluster(true)
+    }
 }
 
 /// Warm pools (`[pool]` in the config file). See `app::pool`.
@@ -241,6 +337,8 @@ impl Default for Config {
             // ---- quotas and capacity reservation (quota) ----
             quota: QuotaConfig::default(),
             pool: PoolConfig::default(),
+            cluster: ClusterConfig::default(),
+            node: NodeConfig::default(),
             egress_allow: Vec::new(),
             cpu_max: None,
             io_max: None,
@@ -477,7 +575,7 @@ impl Config {
         if !(5..=3600).contains(&self.webrtc_tcp_idle_s) {
             return invalid("webrtc_tcp_idle_s", "must be between 5 and 3600");
         }
-        Ok(())
+        self.validate_cluster(false)
     }
 
     /// Where the WebRTC sockets listen and what address they advertise;
@@ -576,6 +674,7 @@ impl Config {
             refill_every: Duration::from_secs(self.pool.refill_every_s),
             parallel: self.pool.refill_parallel,
         };
+        app.cluster = self.cluster.enabled;
         let reserve = self.quota.reserve_mb << 20;
         app.reserve_memory = app.limits.memory_bytes.map_or(reserve, |m| m.min(reserve));
         app

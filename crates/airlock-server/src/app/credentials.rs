@@ -784,7 +784,7 @@ impl App {
         before: Option<&HealthRow>,
     ) -> Option<Seen> {
         let vault_files = self.open_record(cred).await?;
-        let at = self.ready_endpoints(ws).ok()?.agent;
+        let at = self.ready_endpoints(ws).await.ok()?.agent;
         let paths: Vec<String> = def.credentials.iter().map(|c| c.path.clone()).collect();
         let there = match self
             .guest
@@ -973,7 +973,7 @@ impl App {
             return true;
         };
         let paths: Vec<String> = def.credentials.iter().map(|c| c.path.clone()).collect();
-        let Ok(at) = self.ready_endpoints(ws) else {
+        let Ok(at) = self.ready_endpoints(ws).await else {
             return false;
         };
         match self

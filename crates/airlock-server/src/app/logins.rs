@@ -417,7 +417,7 @@ impl App {
             ));
         }
         let sb = self.browser_of(&row).await?;
-        let at = self.agent_at(&sb)?;
+        let at = self.agent_at(&sb).await?;
         self.guest
             .login_input(
                 at.addr,
@@ -444,9 +444,9 @@ impl App {
             .ok_or_else(|| AppError::NotFound(format!("sandbox {sid:?}")))
     }
 
-    fn agent_at(&self, sb: &crate::store::SandboxRow) -> Result<AgentAt, AppError> {
+    async fn agent_at(&self, sb: &crate::store::SandboxRow) -> Result<AgentAt, AppError> {
         Ok(AgentAt {
-            addr: self.ready_endpoints(sb)?.agent,
+            addr: self.ready_endpoints(sb).await?.agent,
             token: sb.agent_token.clone(),
         })
     }

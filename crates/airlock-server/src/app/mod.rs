@@ -86,6 +86,12 @@ pub struct AppConfig {
 
     // ---- warm pools (app/pool.rs) ----
     pub pool: pool::PoolSettings,
+
+    // ---- many hosts (cluster/) ----
+    /// Sandboxes run on `airlock node` processes and other replicas share
+    /// the store: recovery and the reaper's work are the leader's, and a
+    /// sandbox left booting by a replica that went away is failed.
+    pub cluster: bool,
 }
 
 impl AppConfig {
@@ -120,6 +126,8 @@ impl AppConfig {
 
             // ---- warm pools ----
             pool: pool::PoolSettings::default(),
+
+            cluster: false,
         }
     }
 
@@ -339,6 +347,9 @@ pub struct App {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Consecutive missed heartbeats per ready sandbox.
     missed: Mutex<HashMap<String, u32>>,
+    /// Held while this process is the one that reaps, supervises, refills
+    /// and recovers (`cluster::duties`).
+    pub(crate) leader: tokio::sync::Mutex<Option<crate::store::Leadership>>,
 }
 
 impl App {
@@ -396,6 +407,7 @@ impl App {
             tasks: Mutex::new(Vec::new()),
             locks: Mutex::new(HashMap::new()),
             missed: Mutex::new(HashMap::new()),
+            leader: tokio::sync::Mutex::new(None),
         })
     }
 

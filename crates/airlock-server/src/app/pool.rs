@@ -31,7 +31,6 @@
 use super::admission::Ask;
 use super::state::{self, AdvanceError, Event, SandboxState};
 use super::{App, AppError};
-use crate::node::GuestEndpoints;
 use crate::store::{now_ms, SandboxRow, UserRow};
 use airlock_proto::agent::Session;
 use airlock_proto::metadata::SandboxKind;
@@ -334,7 +333,7 @@ impl App {
             .sandbox(id)
             .await?
             .ok_or_else(|| AppError::NotFound(format!("sandbox {id:?}")))?;
-        let endpoints = self.ready_endpoints(&row)?;
+        let endpoints = self.ready_endpoints(&row).await?;
         self.guest
             .session(endpoints.agent, &row.agent_token)
             .await
@@ -518,12 +517,9 @@ impl App {
             user_name: user.name.clone(),
             claimed_at_ms: row.created_at,
         };
+        let at = self.endpoints(&row).await.map_err(|e| e.to_string())?;
         self.guest
-            .hand_session(
-                GuestEndpoints::at(lease.guest).agent,
-                &row.agent_token,
-                &session,
-            )
+            .hand_session(at.agent, &row.agent_token, &session)
             .await
             .map_err(|e| format!("the agent did not take the session: {e}"))?;
         // A supervisor may have failed it meanwhile.

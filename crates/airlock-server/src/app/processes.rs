@@ -78,7 +78,7 @@ impl App {
     /// The agent of `user`'s ready sandbox `id`, and its token.
     async fn agent_of(&self, user: &UserRow, id: &str) -> Result<(SocketAddr, String), AppError> {
         let row = self.sandbox_of(user, id).await?;
-        let endpoints = self.ready_endpoints(&row)?;
+        let endpoints = self.ready_endpoints(&row).await?;
         self.note_activity(id).await;
         Ok((endpoints.agent, row.agent_token))
     }

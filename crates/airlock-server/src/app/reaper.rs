@@ -70,7 +70,7 @@ impl App {
                     tracing::warn!(sandbox = %row.id, error = %e, "could not ask the node whether the sandbox lives");
                 }
             }
-            let Ok(endpoints) = self.ready_endpoints(&row) else {
+            let Ok(endpoints) = self.ready_endpoints(&row).await else {
                 continue;
             };
             let agent = tokio::time::timeout(

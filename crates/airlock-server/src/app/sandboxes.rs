@@ -216,7 +216,7 @@ impl App {
     ) -> Result<ExecResponse, AppError> {
         check_exec(&req).map_err(AppError::BadInput)?;
         let row = self.sandbox_of(user, id).await?;
-        let endpoints = self.ready_endpoints(&row)?;
+        let endpoints = self.ready_endpoints(&row).await?;
         let _ = self.store.touch_activity(id).await;
         self.guest
             .exec(endpoints.agent, &row.agent_token, &req)
@@ -232,15 +232,23 @@ impl App {
     }
 
     /// Where a ready sandbox is reached; a conflict for any other state.
-    pub fn ready_endpoints(&self, row: &SandboxRow) -> Result<GuestEndpoints, AppError> {
+    pub async fn ready_endpoints(&self, row: &SandboxRow) -> Result<GuestEndpoints, AppError> {
         if row.state != SandboxState::Ready {
             return Err(AppError::Conflict(format!(
                 "sandbox {} is {}, not ready",
                 row.id, row.state
             )));
         }
+        self.endpoints(row).await
+    }
+
+    /// Where the guest of a started sandbox is reached (through its node).
+    pub(crate) async fn endpoints(&self, row: &SandboxRow) -> Result<GuestEndpoints, AppError> {
         let lease = self.lease(row)?;
-        Ok(GuestEndpoints::at(lease.guest))
+        self.node
+            .endpoints(&row.id, lease.guest)
+            .await
+            .map_err(|e| AppError::Unavailable(format!("cannot reach sandbox {}: {e}", row.id)))
     }
 
     pub(crate) fn lease(&self, row: &SandboxRow) -> Result<Lease, AppError> {

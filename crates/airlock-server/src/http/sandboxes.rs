@@ -178,7 +178,7 @@ pub async fn vnc(
         .max_message_size(1 << 20)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(1 << 20);
-    let target = app.ready_endpoints(&row).map(|e| ws::Target {
+    let target = app.ready_endpoints(&row).await.map(|e| ws::Target {
         sandbox_id: row.id.clone(),
         vnc: e.display,
         password: row.vnc_password.clone(),
@@ -235,6 +235,7 @@ pub async fn stream(
     let row = app.sandbox_of(&user, &id).await?;
     let target = app
         .ready_endpoints(&row)
+        .await
         .map(|e| crate::webrtc::hub::GuestStream {
             sandbox_id: row.id.clone(),
             agent: e.stream,

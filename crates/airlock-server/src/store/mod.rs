@@ -10,6 +10,7 @@ mod audit;
 mod credhealth;
 mod egress;
 mod logins;
+mod nodes;
 mod sandboxes;
 mod sealed;
 mod usage;
@@ -19,6 +20,7 @@ pub use audit::AuditRow;
 pub use credhealth::HealthRow;
 pub use egress::{AccountRow, UpstreamRow, ACCOUNT_ID as EGRESS_ACCOUNT_ID};
 pub use logins::{CredentialRow, LoginRow};
+pub use nodes::{Leadership, NodeRow};
 pub use sandboxes::SandboxRow;
 pub use sealed::{SealedRef, SealedValue};
 pub use users::UserRow;
@@ -108,6 +110,8 @@ pub fn now_ms() -> i64 {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// PostgreSQL (many processes may share it) rather than SQLite.
+    postgres: bool,
 }
 
 impl Store {
@@ -150,7 +154,10 @@ impl Store {
                 source,
             })?;
         MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            postgres: !is_sqlite,
+        })
     }
 }
 

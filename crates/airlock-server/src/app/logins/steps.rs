@@ -125,8 +125,9 @@ impl App {
             .ok_or_else(|| internal("the login's owner is gone"))
     }
 
-    fn at(&self, sb: &SandboxRow, stage: Stage) -> Result<AgentAt, Failure> {
+    async fn at(&self, sb: &SandboxRow, stage: Stage) -> Result<AgentAt, Failure> {
         self.agent_at(sb)
+            .await
             .map_err(|e| Failure::new(stage, e.to_string()))
     }
 
@@ -146,7 +147,7 @@ impl App {
             Err(next) => return Ok(next),
         };
         self.mark(&row.id, LoginStep::Agent);
-        let at = self.at(&sb, Stage::Sandbox)?;
+        let at = self.at(&sb, Stage::Sandbox).await?;
         let start = LoginStart {
             login_id: row.id.clone(),
             provider: def,
@@ -295,7 +296,7 @@ impl App {
             if sb.state != SandboxState::Ready {
                 return Err(sandbox_ended(&sb, sb.state));
             }
-            let at = self.at(&sb, Stage::Sandbox)?;
+            let at = self.at(&sb, Stage::Sandbox).await?;
             match self.guest.login_status(at.addr, &at.token, &row.id).await {
                 Ok(status) => {
                     patience.answered();
@@ -325,7 +326,7 @@ impl App {
             AppError::NotFound(_) => Failure::new(Stage::Sandbox, "it is gone"),
             e => internal(e),
         })?;
-        let at = self.at(&sb, Stage::Capture)?;
+        let at = self.at(&sb, Stage::Capture).await?;
         let by = Instant::now() + t.capture;
         let files: FileSet = loop {
             match self
@@ -416,7 +417,7 @@ impl App {
             .filter(|c| c.login_id == row.id)
             .ok_or_else(|| internal("the stored credentials are missing"))?;
         let ws = self.ready_workspace(&owner, &t, by).await?;
-        let at = self.at(&ws, Stage::Delivery)?;
+        let at = self.at(&ws, Stage::Delivery).await?;
         {
             let plain = self
                 .vault

@@ -1,0 +1,270 @@
+//! The node registry (docs/cluster.md): each `airlock node` upserts its row
+//! and renews its lease; a sandbox's row names the node it was placed on.
+//! Placement itself is a pure function (`cluster::placement`); this module
+//! only records.
+
+use super::{q, Store, StoreError};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+/// One registered node, as it last reported itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeRow {
+    pub name: String,
+    /// Where replicas reach its API (`host:port`).
+    pub address: String,
+    pub backend: String,
+    pub image_build_id: String,
+    pub cpus: u32,
+    pub memory_total: u64,
+    pub memory_free: u64,
+    pub disk_free: u64,
+    /// Sandboxes it holds resources for.
+    pub running: u32,
+    pub started_at: i64,
+    pub heartbeat_at: i64,
+    pub lease_expires_at: i64,
+    pub draining: bool,
+}
+
+impl NodeRow {
+    /// Whether its lease is current at `now` (ms).
+    pub fn alive(&self, now: i64) -> bool {
+        self.lease_expires_at > now
+    }
+}
+
+const NODE_COLUMNS: &str = "name, address, backend, image_build_id, cpus, memory_total, memory_free, \
+     disk_free, running, started_at, heartbeat_at, lease_expires_at, draining";
+
+fn node_from_row(row: &AnyRow) -> Result<NodeRow, StoreError> {
+    let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+    let n = |col: &str| -> Result<i64, StoreError> { row.try_get::<i64, _>(col).map_err(get) };
+    let draining = n("draining")?;
+    Ok(NodeRow {
+        name: row.try_get("name").map_err(get)?,
+        address: row.try_get("address").map_err(get)?,
+        backend: row.try_get("backend").map_err(get)?,
+        image_build_id: row.try_get("image_build_id").map_err(get)?,
+        cpus: u32::try_from(n("cpus")?).unwrap_or(0),
+        memory_total: u64::try_from(n("memory_total")?).unwrap_or(0),
+        memory_free: u64::try_from(n("memory_free")?).unwrap_or(0),
+        disk_free: u64::try_from(n("disk_free")?).unwrap_or(0),
+        running: u32::try_from(n("running")?).unwrap_or(0),
+        started_at: n("started_at")?,
+        heartbeat_at: n("heartbeat_at")?,
+        lease_expires_at: n("lease_expires_at")?,
+        draining: draining != 0,
+    })
+}
+
+fn big(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The sandbox states a node must keep running.
+pub const WANTED_STATES: &str = "'provisioning', 'booting', 'ready', 'pooled'";
+
+impl Store {
+    /// A node's registration or heartbeat: its row as it reports it now,
+    /// with a lease until `lease_expires_at`. `draining` is the operator's
+    /// and is kept as it is.
+    pub async fn upsert_node(&self, n: &NodeRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO nodes (name, address, backend, image_build_id, cpus, memory_total, memory_free, \
+             disk_free, running, started_at, heartbeat_at, lease_expires_at, draining) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0) \
+             ON CONFLICT (name) DO UPDATE SET address = $2, backend = $3, image_build_id = $4, cpus = $5, \
+             memory_total = $6, memory_free = $7, disk_free = $8, running = $9, started_at = $10, \
+             heartbeat_at = $11, lease_expires_at = $12",
+        )
+        .bind(&n.name)
+        .bind(&n.address)
+        .bind(&n.backend)
+        .bind(&n.image_build_id)
+        .bind(i64::from(n.cpus))
+        .bind(big(n.memory_total))
+        .bind(big(n.memory_free))
+        .bind(big(n.disk_free))
+        .bind(i64::from(n.running))
+        .bind(n.started_at)
+        .bind(n.heartbeat_at)
+        .bind(n.lease_expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(q("register node"))?;
+        Ok(())
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY name");
+        let rows = sqlx::query(&sql)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("list nodes"))?;
+        rows.iter().map(node_from_row).collect()
+    }
+
+    pub async fn node(&self, name: &str) -> Result<Option<NodeRow>, StoreError> {
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = $1");
+        let row = sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("read node"))?;
+        row.as_ref().map(node_from_row).transpose()
+    }
+
+    /// Stop (or resume) placement on a node; false when there is no such node.
+    pub async fn set_node_draining(&self, name: &str, draining: bool) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE nodes SET draining = $1 WHERE name = $2")
+            .bind(i64::from(draining))
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(q("drain node"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Place a sandbox on `node` unless it was placed already; the node it
+    /// is on either way.
+    pub async fn place_sandbox(&self, id: &str, node: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query("UPDATE sandboxes SET node = $1 WHERE id = $2 AND node IS NULL")
+            .bind(node)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("place sandbox"))?;
+        self.node_of(id).await
+    }
+
+    /// The node a sandbox was placed on.
+    pub async fn node_of(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT node FROM sandboxes WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("read sandbox node"))?;
+        match row {
+            Some(r) => r
+                .try_get::<Option<String>, _>("node")
+                .map_err(|e| StoreError::Corrupt(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    /// Ids of the sandboxes on `node` that it should keep running.
+    pub async fn wanted_on(&self, node: &str) -> Result<Vec<String>, StoreError> {
+        let sql = format!("SELECT id FROM sandboxes WHERE node = $1 AND state IN ({WANTED_STATES})");
+        let rows = sqlx::query(&sql)
+            .bind(node)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("list a node's sandboxes"))?;
+        rows.iter()
+            .map(|r| r.try_get("id").map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect()
+    }
+
+    /// Live sandboxes (wanted, or still holding a lease) per node.
+    pub async fn load_by_node(&self) -> Result<Vec<(String, u32)>, StoreError> {
+        let sql = format!(
+            "SELECT node, COUNT(*) AS n FROM sandboxes WHERE node IS NOT NULL \
+             AND (state IN ({WANTED_STATES}) OR lease_index IS NOT NULL) GROUP BY node"
+        );
+        let rows = sqlx::query(&sql)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("count sandboxes per node"))?;
+        rows.iter()
+            .map(|r| {
+                let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+                let n: i64 = r.try_get("n").map_err(get)?;
+                Ok((r.try_get("node").map_err(get)?, u32::try_from(n).unwrap_or(0)))
+            })
+            .collect()
+    }
+
+    /// Sandboxes a node should be running whose node's lease expired before
+    /// `now`: (sandbox id, node name, lease expiry).
+    pub async fn on_lost_nodes(&self, now: i64) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let sql = format!(
+            "SELECT s.id AS id, n.name AS name, n.lease_expires_at AS expired FROM sandboxes s \
+             JOIN nodes n ON s.node = n.name WHERE n.lease_expires_at < $1 AND s.state IN ({WANTED_STATES})"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("find sandboxes on lost nodes"))?;
+        rows.iter()
+            .map(|r| {
+                let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+                Ok((
+                    r.try_get("id").map_err(get)?,
+                    r.try_get("name").map_err(get)?,
+                    r.try_get("expired").map_err(get)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Sandboxes in `provisioning` or `booting` since before `before` (ms):
+    /// nobody drives them any more (the replica that did went away).
+    pub async fn abandoned(&self, before: i64) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM sandboxes WHERE state IN ('provisioning', 'booting') AND updated_at < $1",
+        )
+        .bind(before)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("find abandoned sandboxes"))?;
+        rows.iter()
+            .map(|r| r.try_get("id").map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect()
+    }
+
+    /// Try to become the one actor for `key` (the reaper, the recovery of
+    /// lost nodes) among every process on this database. PostgreSQL: a
+    /// session advisory lock on a connection of its own, held until the
+    /// [`Leadership`] is dropped or its connection dies. SQLite: one process
+    /// owns the file (the data dir lock), so it always leads.
+    pub async fn try_lead(&self, key: i64) -> Result<Option<Leadership>, StoreError> {
+        if !self.postgres {
+            return Ok(Some(Leadership { conn: None }));
+        }
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(q("connect for leadership"))?
+            .detach();
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(q("take advisory lock"))?;
+        Ok(got.then_some(Leadership { conn: Some(conn) }))
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.postgres
+    }
+}
+
+/// Being the one actor for a key; see [`Store::try_lead`].
+#[derive(Debug)]
+pub struct Leadership {
+    conn: Option<sqlx::AnyConnection>,
+}
+
+impl Leadership {
+    /// Whether the lock is still ours: its connection still answers.
+    pub async fn holds(&mut self) -> bool {
+        use sqlx::Connection;
+        match &mut self.conn {
+            None => true,
+            Some(conn) => conn.ping().await.is_ok(),
+        }
+    }
+}
