@@ -2,6 +2,7 @@
 //! integration tests both start it through [`Server`].
 
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod egress;
 pub mod http;

@@ -184,12 +184,11 @@ fn raise_open_file_limit() {
     }
 }
 
-pub async fn start(
+/// What every role opens first: the data dir (private, locked), the store
+/// and the vault.
+pub(crate) async fn open_data(
     cfg: &Config,
-    image: ImageRef,
-    driver: Arc<dyn Driver>,
-) -> Result<Running, StartError> {
-    cfg.validate()?;
+) -> Result<(Arc<crate::instance::DataDirLock>, Store, Vault), StartError> {
     raise_open_file_limit();
     std::fs::create_dir_all(&cfg.data_dir).map_err(|source| StartError::DataDir {
         path: cfg.data_dir.clone(),
@@ -202,18 +201,43 @@ pub async fn start(
     })?;
     let store = Store::open(&cfg.database_url()).await?;
     let vault = Vault::load(&cfg.data_dir)?;
+    Ok((lock, store, vault))
+}
+
+pub async fn start(
+    cfg: &Config,
+    image: ImageRef,
+    driver: Arc<dyn Driver>,
+) -> Result<Running, StartError> {
+    cfg.validate()?;
+    let opened = open_data(cfg).await?;
+    serve(cfg, image, crate::app::Seams::real(driver), opened).await
+}
+
+/// Start an app over `seams` on what [`open_data`] opened, and serve it.
+pub(crate) async fn serve(
+    cfg: &Config,
+    image: ImageRef,
+    seams: crate::app::Seams,
+    (lock, store, vault): (Arc<crate::instance::DataDirLock>, Store, Vault),
+) -> Result<Running, StartError> {
     // Listen for SIGHUP before the pid is written: from then on `vault
     // rotate` may send it, and its default action would end this process.
     // tokio keeps a signal that arrives before the listener task runs.
     let hangups = listen_for_hangups();
     lock.record(&vault)?;
-    let app = App::new(cfg.app_config(), store, driver, image, cfg.pool()?, vault);
+    let app = App::with_seams(cfg.app_config(), store, seams, image, cfg.pool()?, vault);
     app.ensure_local_user()
         .await
         .map_err(|e| StartError::Recover(chain(&e)))?;
-    app.recover()
-        .await
-        .map_err(|e| StartError::Recover(chain(&e)))?;
+    // Among replicas, a sandbox's boot runs in the replica that made it, and
+    // the leader fails what a replica that went away left half-made
+    // (`cluster::duties`); the nodes re-adopt and clean up their own.
+    if !cfg.cluster.enabled {
+        app.recover()
+            .await
+            .map_err(|e| StartError::Recover(chain(&e)))?;
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| StartError::Listen {

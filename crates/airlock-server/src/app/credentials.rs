@@ -636,7 +636,7 @@ impl App {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.check_credentials_once().await,
+                _ = tick.tick() => if self.leading().await { self.check_credentials_once().await },
                 _ = shutdown.changed() => return,
             }
         }

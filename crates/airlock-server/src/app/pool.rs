@@ -286,7 +286,9 @@ impl App {
         let app = self.clone();
         self.spawn(async move {
             loop {
-                app.refill_pools_once().await;
+                if app.leading().await {
+                    app.refill_pools_once().await;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(app.cfg.pool.refill_every) => {}
                     _ = app.pools.kick.notified() => {}

@@ -26,12 +26,18 @@ impl App {
     pub async fn run_reaper(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut reap = tokio::time::interval(self.cfg.reaper_every);
         let mut watch = tokio::time::interval(self.cfg.supervise_every);
+        // Lost nodes are looked for more often than the reaper runs: a
+        // node's sandboxes fail within its lease plus this.
+        let mut nodes = tokio::time::interval(Duration::from_secs(2));
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        nodes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Among replicas sharing one database, only the leader does this work.
         loop {
             tokio::select! {
-                _ = watch.tick() => self.supervise_once().await,
-                _ = reap.tick() => self.reap_once().await,
+                _ = watch.tick() => if self.leading().await { self.supervise_once().await },
+                _ = reap.tick() => if self.leading().await { self.reap_once().await },
+                _ = nodes.tick(), if self.cfg.cluster => if self.leading().await { self.cluster_once().await },
                 _ = shutdown.changed() => return,
             }
         }
