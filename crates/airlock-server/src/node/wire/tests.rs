@@ -1,0 +1,1 @@
+//! Tests of the node API and its client.
