@@ -9,6 +9,9 @@
 //! unit tests use, with failures and delays injectable at every step.
 
 pub mod fake;
+pub mod remote;
+pub mod tunnel;
+pub mod wire;
 
 use airlock_drivers::host::{Host, RealHost};
 use airlock_drivers::net::{firewall, link::LinkNames};

@@ -1,0 +1,219 @@
+//! Loopback ends of pipes to guests behind a remote node. The control plane
+//! reaches a guest's agent and VNC server by dialing a `SocketAddr`; for a
+//! guest on another host that address is a listener on 127.0.0.1 here, and
+//! each connection accepted there asks the node to `dial` the guest (an HTTP
+//! upgrade, see [`super::wire`]) and then copies bytes both ways. So the HTTP
+//! client to the agent, the RFB relay and the stream puller work unchanged.
+//!
+//! One listener per (node, guest address and port), reused for as long as a
+//! sandbox that uses it lives; [`Tunnels::forget`] closes the listener and
+//! every pipe through it once no sandbox uses it any more.
+
+use super::wire::DIAL_PROTOCOL;
+use super::NodeError;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::header::{self, HeaderValue};
+use hyper_util::rt::TokioIo;
+use secrecy::{ExposeSecret, SecretString};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// How long a pipe may take to be set up through the node.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to reach one node's `dial` route.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    /// The node's name, for messages.
+    pub name: String,
+    pub addr: SocketAddr,
+    pub token: SecretString,
+}
+
+impl Dialer {
+    /// A connection to `guest` through the node, with `TCP_NODELAY` on the
+    /// way to the node (the node sets it on its side and towards the guest).
+    pub async fn dial(
+        &self,
+        guest: SocketAddr,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, String> {
+        tokio::time::timeout(DIAL_TIMEOUT, self.dial_now(guest))
+            .await
+            .unwrap_or_else(|_| Err(format!("no pipe within {} s", DIAL_TIMEOUT.as_secs())))
+            .map_err(|why| format!("node {} at {}: dial {guest}: {why}", self.name, self.addr))
+    }
+
+    async fn dial_now(
+        &self,
+        guest: SocketAddr,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, String> {
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let mut auth = HeaderValue::try_from(format!("Bearer {}", self.token.expose_secret()))
+            .map_err(|_| "the node token is not a valid header value".to_owned())?;
+        auth.set_sensitive(true);
+        let req = hyper::Request::get(format!("/node/v1/dial?to={guest}"))
+            .header(header::HOST, self.addr.to_string())
+            .header(header::AUTHORIZATION, auth)
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, DIAL_PROTOCOL)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), 16 * 1024)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let message = serde_json::from_slice::<super::wire::WireErrorBody>(&body)
+                .map(|b| b.error.message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).chars().take(200).collect());
+            return Err(format!("refused ({status}): {message}"));
+        }
+        let upgraded = hyper::upgrade::on(resp).await.map_err(|e| e.to_string())?;
+        Ok(TokioIo::new(upgraded))
+    }
+}
+
+/// One loopback listener and the sandboxes that use it.
+#[derive(Debug)]
+struct Entry {
+    local: SocketAddr,
+    ids: BTreeSet<String>,
+    /// Dropped with the entry: the listener and its pipes see it and end.
+    _open: watch::Sender<()>,
+}
+
+/// The loopback listeners of tunnels, by (node, guest address and port).
+#[derive(Debug, Default)]
+pub struct Tunnels {
+    entries: Mutex<HashMap<(SocketAddr, SocketAddr), Entry>>,
+}
+
+impl Tunnels {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<(SocketAddr, SocketAddr), Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The loopback address whose connections reach `guest` through the
+    /// node of `dialer`, for sandbox `id`; the same one for as long as a
+    /// sandbox uses it. Must run inside a Tokio runtime.
+    pub fn open(
+        &self,
+        id: &str,
+        dialer: &Dialer,
+        guest: SocketAddr,
+    ) -> Result<SocketAddr, NodeError> {
+        let mut entries = self.entries();
+        if let Some(e) = entries.get_mut(&(dialer.addr, guest)) {
+            e.ids.insert(id.to_owned());
+            return Ok(e.local);
+        }
+        let failed = |e: std::io::Error| {
+            NodeError::Failed(format!(
+                "a loopback listener for the tunnel to {guest}: {e}"
+            ))
+        };
+        let std_listener = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(failed)?;
+        std_listener.set_nonblocking(true).map_err(failed)?;
+        let local = std_listener.local_addr().map_err(failed)?;
+        let listener = TcpListener::from_std(std_listener).map_err(failed)?;
+        let (open, closed) = watch::channel(());
+        tokio::spawn(accept(listener, dialer.clone(), guest, closed));
+        entries.insert(
+            (dialer.addr, guest),
+            Entry {
+                local,
+                ids: BTreeSet::from([id.to_owned()]),
+                _open: open,
+            },
+        );
+        Ok(local)
+    }
+
+    /// Sandbox `id` is gone: close the listeners only it used, and their pipes.
+    pub fn forget(&self, id: &str) {
+        self.entries().retain(|_, e| {
+            e.ids.remove(id);
+            !e.ids.is_empty()
+        });
+    }
+
+    /// How many listeners are open (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.entries().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    dialer: Dialer,
+    guest: SocketAddr,
+    mut closed: watch::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            _ = closed.changed() => return,
+            got = listener.accept() => match got {
+                Ok((conn, _)) => {
+                    tokio::spawn(pipe(conn, dialer.clone(), guest, closed.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(guest = %guest, error = %e, "tunnel listener could not accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn pipe(
+    mut conn: TcpStream,
+    dialer: Dialer,
+    guest: SocketAddr,
+    mut closed: watch::Receiver<()>,
+) {
+    let _ = conn.set_nodelay(true);
+    let mut far = tokio::select! {
+        _ = closed.changed() => return,
+        far = dialer.dial(guest) => match far {
+            Ok(far) => far,
+            Err(why) => {
+                tracing::warn!(error = %why, "tunnel to a guest could not be opened");
+                return;
+            }
+        },
+    };
+    tokio::select! {
+        _ = closed.changed() => {}
+        r = tokio::io::copy_bidirectional(&mut conn, &mut far) => {
+            if let Err(e) = r {
+                tracing::debug!(guest = %guest, error = %e, "tunnel pipe ended");
+            }
+        }
+    }
+}
