@@ -225,7 +225,8 @@ impl Config {
         if self.node.heartbeat_ms == 0 || self.node.lease_ms < 2 * self.node.heartbeat_ms {
             return Err(ConfigError::Invalid {
                 field: "node.lease_ms",
-                message: "must be at least twice node.heartbeat_ms (and heartbeat_ms above 0)".into(),
+                message: "must be at least twice node.heartbeat_ms (and heartbeat_ms above 0)"
+                    .into(),
             });
         }
         Ok(())

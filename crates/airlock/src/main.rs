@@ -4,6 +4,7 @@
 mod client;
 mod doctor;
 mod egress;
+mod node;
 mod progress;
 mod vault;
 
@@ -48,6 +49,9 @@ enum Command {
     Vault(vault::Command),
     /// Say which drivers this host can run, and why not.
     Doctor,
+    /// Run this host as a cluster node (`airlock node --config …`), or list
+    /// and drain nodes (`airlock node ls|drain|resume`).
+    Node(node::NodeArgs),
     /// Your sandboxes on a running airlock, over its API (see `client::exit` for exit codes).
     Sandbox {
         #[command(flatten)]
@@ -254,7 +258,7 @@ fn build_image(store: &ImageStore, agent: &Path) -> Result<Manifest> {
 }
 
 /// The current image if it matches this binary; built first if there is none.
-fn fresh_image(cfg: &Config) -> Result<Manifest> {
+pub(crate) fn fresh_image(cfg: &Config) -> Result<Manifest> {
     let store = ImageStore::new(cfg.image_dir());
     let agent = agent_bin()?;
     let expected = airlock_image::expected_inputs(&agent)?;
@@ -285,6 +289,16 @@ async fn up(args: UpArgs) -> Result<()> {
         cfg.database_url = Some(url);
     }
     cfg.validate()?;
+    if cfg.cluster.enabled {
+        let running = airlock_server::cluster::replica::start(&cfg).await?;
+        shutdown_on_signals(running.shutdown_handle());
+        println!(
+            "airlock is up: http://{}/  (a replica; sandboxes run on the cluster's nodes)",
+            running.addr
+        );
+        running.wait().await?;
+        return Ok(());
+    }
     let manifest = tokio::task::block_in_place(|| fresh_image(&cfg))?;
     let image = ImageRef::of(&manifest);
     if cfg.driver == DriverKind::Nspawn && !cfg.listen.ip().is_loopback() {
@@ -297,11 +311,7 @@ async fn up(args: UpArgs) -> Result<()> {
     let driver = airlock_server::server::driver_for(&cfg, &manifest)?;
     let driver_name = driver.name();
     let running = airlock_server::server::start(&cfg, image, driver).await?;
-    let shutdown = running.shutdown_handle();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        let _ = shutdown.send(true);
-    });
+    shutdown_on_signals(running.shutdown_handle());
     println!(
         "airlock is up: http://{}/  (image {}, driver {driver_name})",
         running.addr, manifest.build_id
@@ -309,6 +319,26 @@ async fn up(args: UpArgs) -> Result<()> {
     println!("{}", cfg.local_access());
     running.wait().await?;
     Ok(())
+}
+
+/// SIGINT or SIGTERM (systemd's stop) ends serving gracefully; the
+/// sandboxes keep running for the next start to re-adopt.
+pub(crate) fn shutdown_on_signals(shutdown: tokio::sync::watch::Sender<bool>) {
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        let _ = shutdown.send(true);
+    });
 }
 
 fn image_command(cmd: ImageCommand) -> Result<()> {
@@ -393,7 +423,7 @@ fn serde_json_pretty(manifest: &Manifest) -> Result<String> {
     serde_json::to_string_pretty(manifest).context("could not print the manifest")
 }
 
-async fn open_store(common: &Common) -> Result<(Config, airlock_server::store::Store)> {
+pub(crate) async fn open_store(common: &Common) -> Result<(Config, airlock_server::store::Store)> {
     let cfg = load_config(common)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("create {}", cfg.data_dir.display()))?;
@@ -535,6 +565,7 @@ fn main() {
             Command::Egress(cmd) => egress::run(cmd).await,
             Command::Vault(cmd) => vault::run(cmd).await,
             Command::Doctor => doctor::run().await,
+            Command::Node(args) => node::run(args).await,
             Command::Sandbox { conn, cmd } => client::run_sandbox(conn, cmd).await,
             Command::Login { conn, args } => client::run_login(conn, args).await,
             Command::Credentials { conn, cmd } => client::run_credentials(conn, cmd).await,

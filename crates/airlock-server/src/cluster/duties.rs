@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The advisory lock key of the leader ("airlock" in ASCII).
-const LEADER_KEY: i64 = 0x6169_726c_6f63_6b;
+const LEADER_KEY: i64 = 0x0061_6972_6c6f_636b;
 
 /// A sandbox in `provisioning` or `booting` this long past its boot
 /// timeout has nobody driving it.

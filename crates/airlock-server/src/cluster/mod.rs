@@ -12,4 +12,8 @@
 pub mod duties;
 pub mod node;
 pub mod placement;
+pub mod replica;
 pub mod router;
+
+#[cfg(test)]
+mod tests;

@@ -100,7 +100,10 @@ impl Node for HostNode {
 pub struct AppEgress(pub Weak<App>);
 
 impl AppEgress {
-    async fn row(&self, b: &EgressBinding) -> Result<(Arc<App>, crate::store::SandboxRow), NodeError> {
+    async fn row(
+        &self,
+        b: &EgressBinding,
+    ) -> Result<(Arc<App>, crate::store::SandboxRow), NodeError> {
         let app = self
             .0
             .upgrade()
@@ -242,7 +245,9 @@ pub async fn reconcile(
                         tracing::info!(sandbox = %row.id, "re-adopted a running sandbox");
                         done.adopted.push(row.id)
                     }
-                    Err(e) => tracing::error!(sandbox = %row.id, error = %chain(&e), "could not restore egress"),
+                    Err(e) => {
+                        tracing::error!(sandbox = %row.id, error = %chain(&e), "could not restore egress")
+                    }
                 },
                 Err(e) => tracing::error!(sandbox = %row.id, error = %chain(&e), "no lease"),
             }
@@ -305,7 +310,10 @@ fn guest_net(cfg: &Config) -> Result<(Ipv4Addr, u8), StartError> {
         })
     };
     let (ip, len) = cfg.address_pool.split_once('/').ok_or_else(bad)?;
-    Ok((ip.parse().map_err(|_| bad())?, len.parse().map_err(|_| bad())?))
+    Ok((
+        ip.parse().map_err(|_| bad())?,
+        len.parse().map_err(|_| bad())?,
+    ))
 }
 
 /// Start `airlock node`: register, reconcile, serve the node API, renew the
@@ -357,7 +365,7 @@ pub async fn start(
         .await
         .map_err(|e| StartError::Recover(e.to_string()))?;
     tracing::info!(node = %identity.name, adopted = reconciled.adopted.len(), destroyed = reconciled.destroyed.len(), "reconciled with the store");
-    heartbeat_once(&store, &identity, &*host, &image, &cfg.data_dir)
+    heartbeat_once(&store, &identity, &host, &image, &cfg.data_dir)
         .await
         .map_err(|e| StartError::Recover(format!("could not register the node: {e}")))?;
     let (shutdown, rx) = watch::channel(false);
@@ -378,18 +386,14 @@ pub async fn start(
     let router = crate::node::wire::router(crate::node::wire::WireState {
         node: host,
         egress: Arc::new(AppEgress(Arc::downgrade(&app))),
-        token: token.into(),
+        token: secrecy::SecretString::from(token),
         guest_net: net,
         name: identity.name.clone(),
     });
     let mut stop = rx;
-    let http = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let http = tokio::spawn(crate::node::wire::serve(listener, router, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }));
     tracing::info!(node = %identity.name, %addr, "node API listening");
     Ok(RunningNode {
         addr,

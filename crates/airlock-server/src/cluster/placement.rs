@@ -126,13 +126,13 @@ mod tests {
     fn the_node_with_most_room_wins_and_equal_nodes_fill_in_turn() {
         let nodes = vec![node("a", 8), node("b", 16), node("c", 8)];
         let none = HashMap::new();
-        assert_eq!(place(&nodes, &none, &need(), 5_000).unwrap(), "b");
+        assert_eq!(place(&nodes, &none, &need(), 5_000).expect("ok"), "b");
         // Equal nodes: one sandbox at a time on each, in turn.
         let equal = vec![node("a", 8), node("b", 8), node("c", 8)];
         let mut load = HashMap::new();
         let mut order = Vec::new();
         for _ in 0..6 {
-            let n = place(&equal, &load, &need(), 5_000).unwrap();
+            let n = place(&equal, &load, &need(), 5_000).expect("ok");
             *load.entry(n.clone()).or_insert(0) += 1;
             order.push(n);
         }
@@ -144,7 +144,7 @@ mod tests {
         // b reports more memory, but 10 sandboxes were placed on it since.
         let nodes = vec![node("a", 8), node("b", 10)];
         let load = HashMap::from([("b".to_owned(), 10)]);
-        assert_eq!(place(&nodes, &load, &need(), 5_000).unwrap(), "a");
+        assert_eq!(place(&nodes, &load, &need(), 5_000).expect("ok"), "a");
     }
 
     #[test]
@@ -157,7 +157,10 @@ mod tests {
         other.image_build_id = "old".into();
         let full = node("full", 1);
         let none = HashMap::new();
-        assert_eq!(place(&[lost.clone()], &none, &need(), 5_000), Err(Refusal::NoNode));
+        assert_eq!(
+            place(&[lost.clone()], &none, &need(), 5_000),
+            Err(Refusal::NoNode)
+        );
         assert_eq!(
             place(&[lost.clone(), draining.clone()], &none, &need(), 5_000),
             Err(Refusal::AllDraining)
@@ -166,13 +169,14 @@ mod tests {
             place(&[other.clone()], &none, &need(), 5_000),
             Err(Refusal::NoImage("img".into()))
         );
-        let Err(Refusal::NoRoom(why)) = place(&[full.clone()], &none, &need(), 5_000) else {
+        let Err(Refusal::NoRoom(why)) = place(std::slice::from_ref(&full), &none, &need(), 5_000)
+        else {
             panic!("a full node was chosen");
         };
         assert!(why.contains("full lacks memory"), "{why}");
         let ok = node("ok", 4);
         assert_eq!(
-            place(&[lost, draining, other, full, ok], &none, &need(), 5_000).unwrap(),
+            place(&[lost, draining, other, full, ok], &none, &need(), 5_000).expect("ok"),
             "ok"
         );
     }

@@ -82,11 +82,10 @@ impl Cluster {
                 return Ok(k.rows.clone());
             }
         }
-        let rows = self
-            .store
-            .nodes()
-            .await
-            .map_err(|e| NodeError::Transient(format!("could not read the node registry: {e}")))?;
+        let rows =
+            self.store.nodes().await.map_err(|e| {
+                NodeError::Transient(format!("could not read the node registry: {e}"))
+            })?;
         let mut k = self.known();
         k.read_at = Some(Instant::now());
         k.rows = rows.clone();
@@ -112,11 +111,10 @@ impl Cluster {
         if let Some(n) = self.known().placed.get(id) {
             return Ok(Some(n.clone()));
         }
-        let name = self
-            .store
-            .node_of(id)
-            .await
-            .map_err(|e| NodeError::Transient(format!("could not read where {id} runs: {e}")))?;
+        let name =
+            self.store.node_of(id).await.map_err(|e| {
+                NodeError::Transient(format!("could not read where {id} runs: {e}"))
+            })?;
         if let Some(n) = &name {
             self.known().placed.insert(id.to_owned(), n.clone());
         }
@@ -165,7 +163,9 @@ impl Cluster {
                 .store
                 .place_sandbox(&req.id, &chosen)
                 .await
-                .map_err(|e| NodeError::Transient(format!("could not record the placement: {e}")))?;
+                .map_err(|e| {
+                    NodeError::Transient(format!("could not record the placement: {e}"))
+                })?;
             match on {
                 Some(n) => {
                     tracing::info!(sandbox = %req.id, node = %n, "placed");
@@ -293,8 +293,17 @@ fn binding(row: &SandboxRow, lease: &Lease) -> EgressBinding {
 
 #[async_trait]
 impl Forwarders for ClusterForwarders {
-    async fn attach(&self, _app: &Arc<App>, row: &SandboxRow, lease: &Lease) -> Result<(), AppError> {
-        let m = self.0.route(&row.id).await.map_err(|e| AppError::Unavailable(e.to_string()))?;
+    async fn attach(
+        &self,
+        _app: &Arc<App>,
+        row: &SandboxRow,
+        lease: &Lease,
+    ) -> Result<(), AppError> {
+        let m = self
+            .0
+            .route(&row.id)
+            .await
+            .map_err(|e| AppError::Unavailable(e.to_string()))?;
         m.egress
             .attach(&binding(row, lease))
             .await
@@ -310,12 +319,23 @@ impl Forwarders for ClusterForwarders {
             }
             Err(NodeError::NotFound(_)) => {}
             // A lost node's proxies went with it.
-            Err(e) => tracing::warn!(sandbox = id, error = %e, "could not reach the node to stop the egress proxy"),
+            Err(e) => {
+                tracing::warn!(sandbox = id, error = %e, "could not reach the node to stop the egress proxy")
+            }
         }
     }
 
-    async fn rebind(&self, _app: &Arc<App>, row: &SandboxRow, lease: &Lease) -> Result<(), AppError> {
-        let m = self.0.route(&row.id).await.map_err(|e| AppError::Unavailable(e.to_string()))?;
+    async fn rebind(
+        &self,
+        _app: &Arc<App>,
+        row: &SandboxRow,
+        lease: &Lease,
+    ) -> Result<(), AppError> {
+        let m = self
+            .0
+            .route(&row.id)
+            .await
+            .map_err(|e| AppError::Unavailable(e.to_string()))?;
         m.egress
             .rebind(&binding(row, lease))
             .await

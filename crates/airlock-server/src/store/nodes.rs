@@ -34,7 +34,8 @@ impl NodeRow {
     }
 }
 
-const NODE_COLUMNS: &str = "name, address, backend, image_build_id, cpus, memory_total, memory_free, \
+const NODE_COLUMNS: &str =
+    "name, address, backend, image_build_id, cpus, memory_total, memory_free, \
      disk_free, running, started_at, heartbeat_at, lease_expires_at, draining";
 
 fn node_from_row(row: &AnyRow) -> Result<NodeRow, StoreError> {
@@ -155,14 +156,18 @@ impl Store {
 
     /// Ids of the sandboxes on `node` that it should keep running.
     pub async fn wanted_on(&self, node: &str) -> Result<Vec<String>, StoreError> {
-        let sql = format!("SELECT id FROM sandboxes WHERE node = $1 AND state IN ({WANTED_STATES})");
+        let sql =
+            format!("SELECT id FROM sandboxes WHERE node = $1 AND state IN ({WANTED_STATES})");
         let rows = sqlx::query(&sql)
             .bind(node)
             .fetch_all(&self.pool)
             .await
             .map_err(q("list a node's sandboxes"))?;
         rows.iter()
-            .map(|r| r.try_get("id").map_err(|e| StoreError::Corrupt(e.to_string())))
+            .map(|r| {
+                r.try_get("id")
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
             .collect()
     }
 
@@ -180,7 +185,10 @@ impl Store {
             .map(|r| {
                 let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
                 let n: i64 = r.try_get("n").map_err(get)?;
-                Ok((r.try_get("node").map_err(get)?, u32::try_from(n).unwrap_or(0)))
+                Ok((
+                    r.try_get("node").map_err(get)?,
+                    u32::try_from(n).unwrap_or(0),
+                ))
             })
             .collect()
     }
@@ -220,7 +228,10 @@ impl Store {
         .await
         .map_err(q("find abandoned sandboxes"))?;
         rows.iter()
-            .map(|r| r.try_get("id").map_err(|e| StoreError::Corrupt(e.to_string())))
+            .map(|r| {
+                r.try_get("id")
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
             .collect()
     }
 

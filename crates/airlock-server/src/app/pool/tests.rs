@@ -89,7 +89,10 @@ async fn a_claim_hands_a_ready_member_to_its_user() {
     let lease = w.app.lease(&row).expect("lease");
     let session = w
         .guest
-        .session(crate::node::GuestEndpoints::at(lease.guest).agent, &row.agent_token)
+        .session(
+            crate::node::GuestEndpoints::at(lease.guest).agent,
+            &row.agent_token,
+        )
         .await
         .expect("session")
         .expect("one");
