@@ -55,10 +55,11 @@ job "airlock-node" {
       }
 
       # Graceful shutdown: the agent stops taking work and exits; its
-      # sandboxes keep running. The client's max_kill_timeout (30 s by
-      # default) caps kill_timeout: raise it there too.
+      # sandboxes keep running. Short: the node's lease (15 s or less) is not
+      # renewed while no agent runs, and an expired lease marks the node's
+      # sandboxes failed.
       kill_signal  = "SIGTERM"
-      kill_timeout = "60s"
+      kill_timeout = "10s"
 
       template {
         destination = "local/node.toml"

@@ -43,6 +43,9 @@ KUBE_VERSION = "1.33.0"
 REPLICA_EXPOSURE_MAX = 25
 BINARY = "/usr/local/bin/airlock"
 ADDRESS_POOL = "10.248.0.0/16"
+# A node's lease expires within this (issue: "15 s or less"): a node agent's
+# graceful stop must end well inside it.
+LEASE_S = 15
 
 
 class Failed(Exception):
@@ -61,6 +64,15 @@ def must_fail(check, *args, what: str) -> None:
     except Failed:
         return
     raise Failed(f"the check passed a broken copy: {what}")
+
+
+def seconds(value) -> float:
+    """`10`, `"10s"`, `"1min"` (systemd) or `"10s"` (Nomad) as seconds; unset is infinite."""
+    if value is None:
+        return float("inf")
+    m = re.fullmatch(r"\s*(\d+)\s*(s|sec|m|min)?\s*", str(value))
+    need(m is not None, f"not a duration: {value!r}")
+    return int(m.group(1)) * (60 if m.group(2) in ("m", "min") else 1)
 
 
 def tmpdir() -> Path:
@@ -211,7 +223,7 @@ def node_unit_policy(text: str) -> None:
     need(one(u, "Service", "Delegate") == "yes", "node: Delegate=yes")
     need(one(u, "Service", "KillSignal") == "SIGTERM", "node: KillSignal=SIGTERM")
     need(one(u, "Service", "Type") == "exec", "node: Type=exec")
-    need(one(u, "Service", "TimeoutStopSec") is not None, "node: TimeoutStopSec")
+    need(seconds(one(u, "Service", "TimeoutStopSec")) <= LEASE_S, f"node: TimeoutStopSec at most the lease ({LEASE_S} s)")
     need(one(u, "Service", "Restart") in ("always", "on-failure"), "node: Restart")
     start = one(u, "Service", "ExecStart") or ""
     need(start.split()[:2] == [BINARY, "node"], f"node: ExecStart runs `airlock node`: {start}")
@@ -240,6 +252,7 @@ def check_unit_policies():
     must_fail(node_unit_policy, node.replace("\nKillMode=process\n", "\nKillMode=mixed\n"), what="node KillMode=mixed")
     must_fail(node_unit_policy, node.replace("[Service]", "[Service]\nProtectSystem=strict"), what="node ProtectSystem")
     must_fail(node_unit_policy, node.replace("[Service]", "[Service]\nNoNewPrivileges=yes"), what="node NoNewPrivileges")
+    must_fail(node_unit_policy, node.replace("TimeoutStopSec=10", "TimeoutStopSec=90"), what="node stop past the lease")
     must_fail(replica_unit_policy, replica.replace("User=airlock", "User=root"), what="replica as root")
 
 
@@ -300,7 +313,7 @@ def daemonset_policy(ds: dict) -> None:
     need(pod.get("hostPID") is True, "DaemonSet: hostPID (a pod's PID namespace ends with it)")
     need(pod.get("hostNetwork") is True, "DaemonSet: hostNetwork")
     need(ds["spec"].get("updateStrategy", {}).get("type") == "OnDelete", "DaemonSet: OnDelete updates")
-    need(pod.get("terminationGracePeriodSeconds", 30) >= 30, "DaemonSet: a grace period for SIGTERM")
+    need(pod.get("terminationGracePeriodSeconds", 30) <= LEASE_S, f"DaemonSet: a grace period within the lease ({LEASE_S} s)")
     (c,) = [c for c in pod["containers"] if c["name"] == "node"]
     need(c.get("securityContext", {}).get("privileged") is True, "DaemonSet: privileged")
     need(c["command"][:2] == [BINARY, "node"], f"DaemonSet: runs `airlock node`: {c['command']}")
@@ -472,7 +485,7 @@ def nomad_node_policy(job: dict) -> dict:
     (cfg,) = task["config"]
     need(cfg["command"] == BINARY and cfg["args"][0] == "node", "node job: runs `airlock node`")
     need(task["kill_signal"] == "SIGTERM", "node job: kill_signal SIGTERM")
-    need("kill_timeout" in task, "node job: kill_timeout")
+    need(seconds(task.get("kill_timeout")) <= LEASE_S, f"node job: kill_timeout within the lease ({LEASE_S} s)")
     need("user" not in task, "node job: runs as root")
     return config_template(task)
 
