@@ -43,7 +43,7 @@ KUBE_VERSION = "1.33.0"
 REPLICA_EXPOSURE_MAX = 25
 BINARY = "/usr/local/bin/airlock"
 ADDRESS_POOL = "10.248.0.0/16"
-# A node's lease expires within this (issue: "15 s or less"): a node agent's
+# A node's lease expires within this (the cluster design says 15 s or less): a node agent's
 # graceful stop must end well inside it.
 LEASE_S = 15
 
