@@ -10,7 +10,8 @@ tests/deploy/setup installs (pinned in requirements.txt):
 
 On top of the validators, each file is checked for the settings that matter to
 airlock (the node's kill mode, privileges, mount propagation, ...), and the
-config files embedded in the Kubernetes and Nomad files are parsed as TOML.
+config files embedded in the Kubernetes and Nomad files, and the two shown in
+docs/deploy.md, are parsed as TOML and checked for the cluster settings.
 
 Every validator and every policy check is also run on a deliberately broken
 copy in a temporary directory, which must fail: a check that cannot fail
@@ -343,6 +344,14 @@ def deployment_policy(dep: dict) -> None:
     need(sc.get("capabilities", {}).get("drop") == ["ALL"], "Deployment: drops every capability")
     need(c["command"][:2] == [BINARY, "up"], f"Deployment: runs `airlock up`: {c['command']}")
     need(c["readinessProbe"]["httpGet"]["path"] == "/healthz", "Deployment: readiness on /healthz")
+    for init in pod.get("initContainers", []):
+        isc = init.get("securityContext", {})
+        caps = isc.get("capabilities", {})
+        need(
+            caps.get("drop") == ["ALL"] and set(caps.get("add", [])) <= {"CHOWN"},
+            f"Deployment: init container {init['name']} holds CAP_CHOWN at most",
+        )
+        need(isc.get("allowPrivilegeEscalation") is False, f"Deployment: init container {init['name']} cannot escalate")
     roll = dep["spec"]["strategy"]["rollingUpdate"]
     need(roll["maxUnavailable"] == 0, "Deployment: a rolling update keeps every replica until its successor is ready")
 
@@ -411,6 +420,9 @@ def check_kube_policies():
     broken = yaml.safe_load(yaml.safe_dump(dep))
     broken["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privileged"] = True
     must_fail(deployment_policy, broken, what="privileged replica")
+    broken = yaml.safe_load(yaml.safe_dump(dep))
+    broken["spec"]["template"]["spec"]["initContainers"][0]["securityContext"]["capabilities"]["add"] = ["SYS_ADMIN"]
+    must_fail(deployment_policy, broken, what="replica init container with SYS_ADMIN")
     must_fail(
         config_policy,
         tomllib.loads(cm["airlock.toml"].replace("enabled = true", "enabled = false")),
@@ -550,6 +562,35 @@ def check_nomad_policies():
     )
 
 
+# ------------------------------------------------------------------- docs
+
+
+def docs_configs(text: str) -> tuple[dict, dict]:
+    """The replica's and the node's config files as docs/deploy.md shows them."""
+    blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
+    need(len(blocks) >= 2, f"docs/deploy.md shows {len(blocks)} TOML blocks, not the two configs")
+    try:
+        parsed = [tomllib.loads(b) for b in blocks]
+    except tomllib.TOMLDecodeError as e:
+        raise Failed(f"docs/deploy.md: a TOML block does not parse: {e}")
+    replicas = [p for p in parsed if p.get("cluster", {}).get("enabled") is True]
+    nodes = [p for p in parsed if "node" in p]
+    need(len(replicas) == 1 and len(nodes) == 1, "docs/deploy.md: one replica and one node config")
+    return replicas[0], nodes[0]
+
+
+def check_docs_configs():
+    """The configs docs/deploy.md tells people to write hold what the checks above ask."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    config_policy(*docs_configs(text))
+    must_fail(docs_configs, text.replace('name = "node-a"', 'name = node-a'), what="a TOML error in the docs")
+    must_fail(
+        lambda t: config_policy(*docs_configs(t)),
+        text.replace('address_pool = "10.248.0.0/16"   # the same', 'address_pool = "10.249.0.0/16"   # the same'),
+        what="two address pools in the docs",
+    )
+
+
 # ------------------------------------------------------------------- main
 
 CHECKS = [
@@ -563,6 +604,7 @@ CHECKS = [
     check_nomad_parse,
     check_nomad_parse_catches_breakage,
     check_nomad_policies,
+    check_docs_configs,
 ]
 
 
