@@ -332,8 +332,6 @@ pub struct App {
     /// One video link per sandbox with WebRTC viewers.
     pub streams: Arc<crate::webrtc::hub::Hubs>,
     pub stream_metrics: Arc<crate::webrtc::StreamMetrics>,
-    /// Viewer tickets not yet used (guard).
-    pub tickets: tickets::Tickets,
     /// Per-user quotas and the host's room, checked before anything is made.
     pub admission: admission::Admission,
     /// Warm pools of booted sandboxes.
@@ -400,7 +398,6 @@ impl App {
             webrtc: std::sync::OnceLock::new(),
             streams: Arc::default(),
             stream_metrics,
-            tickets: tickets::Tickets::default(),
             admission,
             pools,
             lease_lock: tokio::sync::Mutex::new(()),

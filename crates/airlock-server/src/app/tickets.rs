@@ -1,31 +1,16 @@
 //! Viewer tickets: what a WebSocket URL carries instead of the long-lived API
 //! token. A ticket is 256 random bits, good for one connection, for one
 //! sandbox and one user, for at most [`TICKET_TTL`]. Only its SHA-256 is
-//! kept, in this process's memory: with several control-plane replicas a
-//! ticket must live in the shared store instead.
+//! kept, in the store, so any replica redeems what another issued.
 
 use super::{App, AppError};
-use crate::store::UserRow;
+use crate::store::{now_ms, UserRow};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const TICKET_TTL: Duration = Duration::from_secs(60);
 /// Unused tickets one user may hold at once; the oldest go first.
-const PER_USER: usize = 32;
-
-#[derive(Debug)]
-struct Entry {
-    sandbox_id: String,
-    user_id: String,
-    expires: Instant,
-}
-
-#[derive(Debug, Default)]
-pub struct Tickets {
-    live: Mutex<HashMap<[u8; 32], Entry>>,
-}
+const PER_USER: u32 = 32;
 
 /// A ticket as handed to its user (the only time its value exists).
 #[derive(Debug)]
@@ -35,61 +20,25 @@ pub struct Issued {
     pub expires_at: i64,
 }
 
-fn digest(ticket: &str) -> [u8; 32] {
-    Sha256::digest(ticket.as_bytes()).into()
+fn digest(ticket: &str) -> String {
+    hex::encode(Sha256::digest(ticket.as_bytes()))
 }
 
-impl Tickets {
-    pub fn issue(&self, sandbox_id: &str, user_id: &str, now: Instant) -> String {
-        let ticket = format!("vt_{}", hex::encode(rand::random::<[u8; 32]>()));
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        live.retain(|_, e| e.expires > now);
-        let mut mine: Vec<([u8; 32], Instant)> = live
-            .iter()
-            .filter(|(_, e)| e.user_id == user_id)
-            .map(|(k, e)| (*k, e.expires))
-            .collect();
-        if mine.len() >= PER_USER {
-            mine.sort_by_key(|(_, at)| *at);
-            for (k, _) in &mine[..=mine.len() - PER_USER] {
-                live.remove(k);
-            }
-        }
-        live.insert(
-            digest(&ticket),
-            Entry {
-                sandbox_id: sandbox_id.to_owned(),
-                user_id: user_id.to_owned(),
-                expires: now + TICKET_TTL,
-            },
-        );
-        ticket
-    }
-
-    /// The user a ticket was issued to, if it is live and for this sandbox.
-    /// A ticket is gone after this call, whatever the answer.
-    pub fn redeem(&self, ticket: &str, sandbox_id: &str, now: Instant) -> Option<String> {
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = live.remove(&digest(ticket))?;
-        (entry.expires > now && entry.sandbox_id == sandbox_id).then_some(entry.user_id)
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
+fn ttl_ms() -> i64 {
+    i64::try_from(TICKET_TTL.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl App {
     /// `POST /sandboxes/{id}/tickets`: for the sandbox's owner only.
     pub async fn issue_ticket(&self, user: &UserRow, sandbox_id: &str) -> Result<Issued, AppError> {
         let row = self.sandbox_of(user, sandbox_id).await?;
-        let ticket = self.tickets.issue(&row.id, &user.id, Instant::now());
-        let ttl = i64::try_from(TICKET_TTL.as_millis()).unwrap_or(i64::MAX);
-        Ok(Issued {
-            ticket,
-            expires_at: crate::store::now_ms().saturating_add(ttl),
-        })
+        let ticket = format!("vt_{}", hex::encode(rand::random::<[u8; 32]>()));
+        let now = now_ms();
+        let expires_at = now.saturating_add(ttl_ms());
+        self.store
+            .insert_ticket(&digest(&ticket), &row.id, &user.id, now, expires_at, PER_USER)
+            .await?;
+        Ok(Issued { ticket, expires_at })
     }
 
     /// The user a viewer ticket stands for, or `None` when it is unknown,
@@ -101,9 +50,14 @@ impl App {
         ticket: &str,
         sandbox_id: &str,
     ) -> Result<Option<UserRow>, AppError> {
-        let Some(user_id) = self.tickets.redeem(ticket, sandbox_id, Instant::now()) else {
+        let Some((for_sandbox, user_id, expires_at)) =
+            self.store.take_ticket(&digest(ticket)).await?
+        else {
             return Ok(None);
         };
+        if expires_at <= now_ms() || for_sandbox != sandbox_id {
+            return Ok(None);
+        }
         Ok(self.store.user_by_id(&user_id).await?.filter(may_sign_in))
     }
 }
@@ -118,38 +72,56 @@ fn may_sign_in(user: &UserRow) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::lifecycle_tests::World;
 
-    #[test]
-    fn a_ticket_works_once_for_its_sandbox_within_its_time() {
-        let t = Tickets::default();
-        let now = Instant::now();
-        let a = t.issue("sb1", "u1", now);
+    #[tokio::test]
+    async fn a_ticket_works_once_for_its_sandbox_within_its_time() {
+        let w = World::new().await;
+        let sb = w
+            .app
+            .create_sandbox(&w.user, airlock_proto::metadata::SandboxKind::Browser)
+            .await
+            .expect("create");
+        let a = w.app.issue_ticket(&w.user, &sb.id).await.expect("issue").ticket;
         assert!(a.starts_with("vt_") && a.len() == 3 + 64, "{a}");
-        assert_eq!(t.redeem(&a, "sb1", now).as_deref(), Some("u1"));
-        assert_eq!(t.redeem(&a, "sb1", now), None, "single use");
-
-        let b = t.issue("sb1", "u1", now);
-        assert_eq!(t.redeem(&b, "sb2", now), None, "another sandbox");
-        assert_eq!(t.redeem(&b, "sb1", now), None, "burnt by the wrong try");
-
-        let c = t.issue("sb1", "u1", now);
-        assert_eq!(t.redeem(&c, "sb1", now + TICKET_TTL), None, "expired");
-        assert_eq!(t.redeem("vt_nonsense", "sb1", now), None);
-        assert_ne!(t.issue("sb1", "u1", now), t.issue("sb1", "u1", now));
+        let redeem = |t: String, id: &str| {
+            let (app, id) = (w.app.clone(), id.to_owned());
+            async move { app.redeem_ticket(&t, &id).await.expect("redeem").map(|u| u.id) }
+        };
+        assert_eq!(redeem(a.clone(), &sb.id).await, Some(w.user.id.clone()));
+        assert_eq!(redeem(a, &sb.id).await, None, "single use");
+        let b = w.app.issue_ticket(&w.user, &sb.id).await.expect("issue").ticket;
+        assert_eq!(redeem(b.clone(), "another").await, None, "another sandbox");
+        assert_eq!(redeem(b, &sb.id).await, None, "burnt by the wrong try");
+        assert_eq!(redeem("vt_nonsense".into(), &sb.id).await, None);
+        // Expired: written as if issued a TTL ago.
+        let old = "vt_old".to_owned();
+        let past = now_ms() - ttl_ms();
+        w.store
+            .insert_ticket(&digest(&old), &sb.id, &w.user.id, past, past + ttl_ms(), PER_USER)
+            .await
+            .expect("insert");
+        assert_eq!(redeem(old, &sb.id).await, None, "expired");
     }
 
-    #[test]
-    fn unused_tickets_are_bounded_per_user_and_expire() {
-        let t = Tickets::default();
-        let now = Instant::now();
-        let first = t.issue("sb", "u1", now);
-        for i in 1..(PER_USER as u64 * 3) {
-            t.issue("sb", "u1", now + Duration::from_millis(i));
+    #[tokio::test]
+    async fn unused_tickets_are_bounded_per_user() {
+        let w = World::new().await;
+        let sb = w
+            .app
+            .create_sandbox(&w.user, airlock_proto::metadata::SandboxKind::Browser)
+            .await
+            .expect("create");
+        let first = w.app.issue_ticket(&w.user, &sb.id).await.expect("issue").ticket;
+        // Later tickets expire later (each a millisecond apart at least).
+        for _ in 0..PER_USER {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            w.app.issue_ticket(&w.user, &sb.id).await.expect("issue");
         }
-        t.issue("sb", "u2", now);
-        assert_eq!(t.len(), PER_USER + 1);
-        assert_eq!(t.redeem(&first, "sb", now), None, "the oldest went first");
-        t.issue("sb", "u3", now + TICKET_TTL * 2);
-        assert_eq!(t.len(), 1, "expired ones are dropped");
+        let got = w.app.redeem_ticket(&first, &sb.id).await.expect("redeem");
+        assert!(got.is_none(), "the oldest went first");
+        let last = w.app.issue_ticket(&w.user, &sb.id).await.expect("issue").ticket;
+        let got = w.app.redeem_ticket(&last, &sb.id).await.expect("redeem");
+        assert!(got.is_some(), "the newest works");
     }
 }

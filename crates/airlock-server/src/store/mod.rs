@@ -13,6 +13,7 @@ mod logins;
 mod nodes;
 mod sandboxes;
 mod sealed;
+mod tickets;
 mod usage;
 mod users;
 
