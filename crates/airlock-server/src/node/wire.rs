@@ -513,7 +513,7 @@ async fn dial(State(s): St, mut req: Request) -> Result<Response, WireError> {
     let q: DialQuery = req
         .uri()
         .query()
-        .and_then(|q| dial_query(q))
+        .and_then(dial_query)
         .ok_or_else(|| bad("dial needs ?to=IP:PORT"))?;
     let to: SocketAddr =
         q.to.parse()
