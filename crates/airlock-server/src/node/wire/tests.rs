@@ -668,3 +668,41 @@ async fn a_listener_shared_by_two_sandboxes_stays_until_both_are_gone() {
     s.remote.forget("sh2");
     assert!(s.remote.tunnels().is_empty());
 }
+
+#[tokio::test]
+async fn a_sweep_closes_idle_listeners_and_spares_busy_ones() {
+    let s = serve_node((Ipv4Addr::new(127, 0, 0, 0), 8)).await;
+    let (guest, _echo) = echo_guest().await;
+    let ends = s.remote.endpoints("sw1", guest).await.expect("endpoints");
+    let mut busy = TcpStream::connect(ends.agent).await.expect("connect");
+    busy.write_all(b"hi").await.expect("write");
+    let mut back = [0u8; 2];
+    busy.read_exact(&mut back).await.expect("read");
+    assert_eq!(
+        s.remote.tunnels().sweep(Duration::from_secs(60)),
+        0,
+        "all fresh"
+    );
+    // The display's listener has no pipe: it goes; the agent's has one: it stays.
+    assert_eq!(s.remote.tunnels().sweep(Duration::ZERO), 1);
+    assert!(TcpStream::connect(ends.display).await.is_err());
+    busy.write_all(b"yo").await.expect("write");
+    busy.read_exact(&mut back).await.expect("still piped");
+    assert_eq!(&back, b"yo");
+    drop(busy);
+    let swept = async {
+        while s.remote.tunnels().sweep(Duration::ZERO) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), swept)
+        .await
+        .expect("the closed pipe lets its listener go");
+    assert!(s.remote.tunnels().is_empty());
+    // Asked again: a new listener that works.
+    let again = s.remote.endpoints("sw1", guest).await.expect("again");
+    let mut c = TcpStream::connect(again.agent).await.expect("connect");
+    c.write_all(b"ok").await.expect("write");
+    c.read_exact(&mut back).await.expect("read");
+    assert_eq!(&back, b"ok");
+}
