@@ -315,7 +315,13 @@ fn bounded(ms: u64, what: &str) -> Result<Duration, WireError> {
 /// The node call's outcome; a failure is logged here, once, on the node.
 fn done<T>(what: &str, id: &str, r: Result<T, NodeError>) -> Result<T, WireError> {
     r.map_err(|e| {
-        tracing::warn!(call = what, sandbox = %id, error = %e, "node call failed");
+        // An unknown sandbox is an everyday answer (a repeated destroy, a
+        // reconciliation), not an incident.
+        if matches!(e, NodeError::NotFound(_)) {
+            tracing::debug!(call = what, sandbox = %id, error = %e, "node call failed");
+        } else {
+            tracing::warn!(call = what, sandbox = %id, error = %e, "node call failed");
+        }
         WireError::Node(e)
     })
 }

@@ -706,3 +706,50 @@ async fn a_sweep_closes_idle_listeners_and_spares_busy_ones() {
     c.read_exact(&mut back).await.expect("read");
     assert_eq!(&back, b"ok");
 }
+
+/// Something else answering at the node's address (a proxy, another
+/// program, an older node): its answers still become `NodeError`s, chosen by
+/// whether a retry could help.
+#[tokio::test]
+async fn answers_that_are_not_the_node_api_still_map_to_node_errors() {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/node/v1/sandboxes/x1", get(|| async { "not json" }))
+        .route(
+            "/node/v1/sandboxes/x1/liveness",
+            get(|| async { (StatusCode::BAD_GATEWAY, "upstream down") }),
+        )
+        .route(
+            "/node/v1/sandboxes/x1/blocked",
+            get(|| async {
+                (
+                    StatusCode::IM_A_TEAPOT,
+                    "{\"error\":{\"code\":\"x\",\"message\":\"teapot\"}}",
+                )
+            }),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let remote = RemoteNode::new("odd".into(), addr, SecretString::from(TOKEN));
+    let err = remote.inspect("x1").await.expect_err("not json");
+    assert!(
+        matches!(&err, NodeError::Failed(m) if m.contains("could not be read")),
+        "{err:?}"
+    );
+    let err = remote.liveness("x1").await.expect_err("502");
+    assert!(
+        matches!(&err, NodeError::Transient(m) if m.contains("502") && m.contains("upstream down")),
+        "{err:?}"
+    );
+    let err = remote.blocked_packets("x1").await.expect_err("418");
+    assert!(
+        matches!(&err, NodeError::Failed(m) if m.contains("418") && m.contains("teapot")),
+        "{err:?}"
+    );
+    let err = remote.list().await.expect_err("404 of axum");
+    assert!(
+        matches!(&err, NodeError::Failed(m) if m.contains("404")),
+        "{err:?}"
+    );
+}
