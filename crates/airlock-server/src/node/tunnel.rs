@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -31,6 +32,48 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Copy buffers per direction: a video frame or a screen update in few reads.
 const PIPE_BUFFER: usize = 64 * 1024;
+
+/// Once one direction of a pipe has ended, how long the other may go on. A
+/// half-closed connection is legal, but a guest that vanished with its
+/// sandbox never closes its side, and its pipe must not live for ever.
+const HALF_CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// Copy `a` to `b` and `b` to `a`, passing each end's close on as a
+/// write shutdown, until both directions ended (or the second outlived
+/// [`HALF_CLOSE_GRACE`]). Both sides of a tunnel use it: the replica between
+/// the local connection and the upgraded one, the node between the upgraded
+/// one and the guest.
+pub(crate) async fn splice<A, B>(a: A, b: B)
+where
+    A: AsyncRead + AsyncWrite + Send,
+    B: AsyncRead + AsyncWrite + Send,
+{
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let there = one_way(&mut ar, &mut bw);
+    let back = one_way(&mut br, &mut aw);
+    tokio::pin!(there, back);
+    tokio::select! {
+        _ = &mut there => { let _ = tokio::time::timeout(HALF_CLOSE_GRACE, back).await; }
+        _ = &mut back => { let _ = tokio::time::timeout(HALF_CLOSE_GRACE, there).await; }
+    }
+}
+
+async fn one_way<R, W>(r: &mut R, w: &mut W) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; PIPE_BUFFER];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+    }
+}
 
 /// How to reach one node's `dial` route.
 #[derive(Debug, Clone)]
@@ -261,14 +304,14 @@ async fn accept(
 }
 
 async fn pipe(
-    mut conn: TcpStream,
+    conn: TcpStream,
     dialer: Dialer,
     guest: SocketAddr,
     mut closed: watch::Receiver<()>,
     _counted: PipeGuard,
 ) {
     let _ = conn.set_nodelay(true);
-    let mut far = tokio::select! {
+    let far = tokio::select! {
         _ = closed.changed() => return,
         far = dialer.dial(guest) => match far {
             Ok(far) => far,
@@ -280,10 +323,6 @@ async fn pipe(
     };
     tokio::select! {
         _ = closed.changed() => {}
-        r = tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut far, PIPE_BUFFER, PIPE_BUFFER) => {
-            if let Err(e) = r {
-                tracing::debug!(guest = %guest, error = %e, "tunnel pipe ended");
-            }
-        }
+        _ = splice(conn, far) => {}
     }
 }

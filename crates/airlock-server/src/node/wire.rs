@@ -41,9 +41,6 @@ pub const DIAL_PROTOCOL: &str = "airlock-tcp";
 /// How long the node tries to reach a guest port for a `dial`.
 const DIAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Copy buffers per direction of a `dial` pipe.
-const PIPE_BUFFER: usize = 64 * 1024;
-
 /// The longest sandbox id the node takes (ids are 12 hex digits today).
 const MAX_ID_LEN: usize = 64;
 
@@ -550,20 +547,9 @@ async fn dial(State(s): St, mut req: Request) -> Result<Response, WireError> {
     };
     let _ = guest.set_nodelay(true);
     tokio::spawn(async move {
-        let mut guest = guest;
         match on_upgrade.await {
             Ok(upgraded) => {
-                let mut up = hyper_util::rt::TokioIo::new(upgraded);
-                if let Err(e) = tokio::io::copy_bidirectional_with_sizes(
-                    &mut up,
-                    &mut guest,
-                    PIPE_BUFFER,
-                    PIPE_BUFFER,
-                )
-                .await
-                {
-                    tracing::debug!(to = %to, error = %e, "dial pipe ended");
-                }
+                super::tunnel::splice(hyper_util::rt::TokioIo::new(upgraded), guest).await;
             }
             Err(e) => tracing::debug!(to = %to, error = %e, "dial upgrade failed"),
         }

@@ -753,3 +753,37 @@ async fn answers_that_are_not_the_node_api_still_map_to_node_errors() {
         "{err:?}"
     );
 }
+
+/// A guest that reads everything until the peer closes its writing side,
+/// then answers with how much it read: a half-close must pass the tunnel
+/// both ways (as EOF to the guest, with the way back still open).
+#[tokio::test]
+async fn a_half_close_crosses_the_tunnel() {
+    let s = serve_node((Ipv4Addr::new(127, 0, 0, 0), 8)).await;
+    let (guest, _echo) = echo_guest().await;
+    let listener = TcpListener::bind((guest, airlock_proto::VNC_PORT))
+        .await
+        .expect("bind the guest's display port");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                if conn.read_to_end(&mut all).await.is_ok() {
+                    let _ = conn
+                        .write_all(format!("read {}", all.len()).as_bytes())
+                        .await;
+                }
+            });
+        }
+    });
+    let ends = s.remote.endpoints("hc1", guest).await.expect("endpoints");
+    let mut c = TcpStream::connect(ends.display).await.expect("connect");
+    c.write_all(&[7u8; 100_000]).await.expect("write");
+    c.shutdown().await.expect("half-close");
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_string(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    assert_eq!(answer, "read 100000");
+}
