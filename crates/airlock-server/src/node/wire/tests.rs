@@ -787,3 +787,52 @@ async fn a_half_close_crosses_the_tunnel() {
         .expect("read");
     assert_eq!(answer, "read 100000");
 }
+
+/// Everything both sides log, at every level, while tokens are refused,
+/// calls fail and tunnels fail to open: never the token.
+#[tokio::test]
+async fn the_token_is_never_logged() {
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("sink").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let writer = sink.clone();
+    // The test runtime has one thread: the server's and the tunnels' tasks
+    // log through this subscriber too.
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    let s = serve_node((Ipv4Addr::new(127, 0, 0, 0), 8)).await;
+    let stranger = RemoteNode::new("n1".into(), s.addr, SecretString::from("stranger-token-99"));
+    assert!(stranger.inspect("lg1").await.is_err());
+    s.node
+        .fail_once(Step::Create, NodeError::Failed("disk full".into()));
+    assert!(s.remote.create(&create_request("lg1", 7)).await.is_err());
+    // A tunnel whose dial is refused (nothing on the display port) and one
+    // made with the wrong token.
+    let (guest, _echo) = echo_guest().await;
+    let ends = s.remote.endpoints("lg1", guest).await.expect("endpoints");
+    let mut c = TcpStream::connect(ends.display).await.expect("connect");
+    let mut buf = [0u8; 1];
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await;
+    let wrong = stranger.endpoints("lg2", guest).await.expect("endpoints");
+    let mut c = TcpStream::connect(wrong.agent).await.expect("connect");
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await;
+    let logged = String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned();
+    assert!(logged.contains("node call failed"), "{logged}");
+    assert!(logged.contains("without a valid node token"), "{logged}");
+    assert!(logged.contains("could not be opened"), "{logged}");
+    assert!(!logged.contains(TOKEN), "{logged}");
+    assert!(!logged.contains("stranger-token-99"), "{logged}");
+}
