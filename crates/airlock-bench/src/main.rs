@@ -7,6 +7,7 @@
 
 mod churn;
 mod fuzz;
+mod hop;
 mod image;
 mod keypress;
 mod leaks;
@@ -130,6 +131,9 @@ enum Cmd {
     /// running control plane; then what was left on the host (must be nothing).
     /// The API token comes from AIRLOCK_TOKEN (none: the loopback user `local`).
     Churn(ChurnArgs),
+    /// The replica → node hop: a guest port directly vs through a remote
+    /// node's tunnel (latency, set-up, throughput), all on loopback.
+    Hop(hop::Options),
     /// Warm pools: claim → ready at a steady rate and in bursts, hit rate,
     /// and the time to fill the pool again.
     Pool(pool::Options),
@@ -258,6 +262,7 @@ fn main() -> Result<()> {
         Cmd::Soak { minutes } => rt.block_on(soak::run(minutes)),
         Cmd::Logins { concurrent, rounds } => rt.block_on(logins::run(concurrent, rounds)),
         Cmd::Pool(opts) => rt.block_on(pool::run(opts)),
+        Cmd::Hop(opts) => rt.block_on(hop::run(opts)),
         Cmd::All { image_dir, agent } => {
             rt.block_on(relay::run(2000, 256, 5))?;
             rt.block_on(sandboxes::run(10, Duration::from_secs(30)))?;

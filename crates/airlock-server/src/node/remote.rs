@@ -29,6 +29,29 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// What `wait_ready` and `stop` allow the network on top of their own wait.
 const SLACK: Duration = Duration::from_secs(5);
 
+/// The most a node's answer may hold (a list of thousands of sandboxes
+/// fits many times over).
+const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+/// The most of an error answer that is read.
+const MAX_ERROR_BYTES: usize = 64 * 1024;
+
+enum Bounded {
+    TooLarge,
+    Http(reqwest::Error),
+}
+
+/// The body, read up to `limit` bytes.
+async fn read_bounded(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, Bounded> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(Bounded::Http)? {
+        if out.len() + chunk.len() > limit {
+            return Err(Bounded::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
 /// A node on another host.
 #[derive(Debug)]
 pub struct RemoteNode {
@@ -126,7 +149,9 @@ impl RemoteNode {
             return Ok(resp);
         }
         let status = resp.status();
-        let body = resp.bytes().await.unwrap_or_default();
+        let body = read_bounded(resp, MAX_ERROR_BYTES)
+            .await
+            .unwrap_or_default();
         let parsed = serde_json::from_slice::<WireErrorBody>(&body).ok();
         if let Some(e) = parsed.as_ref().and_then(|b| b.node_error.clone()) {
             return Err(e);
@@ -152,18 +177,22 @@ impl RemoteNode {
 
     async fn json<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T, NodeError> {
         let resp = self.send(rb).await?;
-        resp.json::<T>().await.map_err(|e| {
-            if e.is_decode() {
-                NodeError::Failed(format!(
-                    "node {} at {}: its answer could not be read: {}",
-                    self.dialer.name,
-                    self.dialer.addr,
-                    crate::app::sandboxes::chain(&e.without_url())
-                ))
-            } else {
-                self.transient(crate::app::sandboxes::chain(&e.without_url()))
+        let failed = |why: String| {
+            NodeError::Failed(format!(
+                "node {} at {}: its answer could not be read: {why}",
+                self.dialer.name, self.dialer.addr
+            ))
+        };
+        let body = match read_bounded(resp, MAX_ANSWER_BYTES).await {
+            Ok(b) => b,
+            Err(Bounded::TooLarge) => {
+                return Err(failed(format!("larger than {MAX_ANSWER_BYTES} bytes")))
             }
-        })
+            Err(Bounded::Http(e)) => {
+                return Err(self.transient(crate::app::sandboxes::chain(&e.without_url())))
+            }
+        };
+        serde_json::from_slice(&body).map_err(|e| failed(e.to_string()))
     }
 
     async fn empty(&self, rb: RequestBuilder) -> Result<(), NodeError> {

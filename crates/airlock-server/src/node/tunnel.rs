@@ -7,7 +7,9 @@
 //!
 //! One listener per (node, guest address and port), reused for as long as a
 //! sandbox that uses it lives; [`Tunnels::forget`] closes the listener and
-//! every pipe through it once no sandbox uses it any more.
+//! every pipe through it once no sandbox uses it any more, and
+//! [`Tunnels::sweep`] closes listeners nobody used for a while (a sandbox
+//! another replica destroyed is never forgotten here otherwise).
 
 use super::wire::DIAL_PROTOCOL;
 use super::NodeError;
@@ -18,13 +20,60 @@ use hyper_util::rt::TokioIo;
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// How long a pipe may take to be set up through the node.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Copy buffers per direction: a video frame or a screen update in few reads.
+const PIPE_BUFFER: usize = 64 * 1024;
+
+/// Once one direction of a pipe has ended, how long the other may go on. A
+/// half-closed connection is legal, but a guest that vanished with its
+/// sandbox never closes its side, and its pipe must not live for ever.
+const HALF_CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// Copy `a` to `b` and `b` to `a`, passing each end's close on as a
+/// write shutdown, until both directions ended (or the second outlived
+/// [`HALF_CLOSE_GRACE`]). Both sides of a tunnel use it: the replica between
+/// the local connection and the upgraded one, the node between the upgraded
+/// one and the guest.
+pub(crate) async fn splice<A, B>(a: A, b: B)
+where
+    A: AsyncRead + AsyncWrite + Send,
+    B: AsyncRead + AsyncWrite + Send,
+{
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let there = one_way(&mut ar, &mut bw);
+    let back = one_way(&mut br, &mut aw);
+    tokio::pin!(there, back);
+    tokio::select! {
+        _ = &mut there => { let _ = tokio::time::timeout(HALF_CLOSE_GRACE, back).await; }
+        _ = &mut back => { let _ = tokio::time::timeout(HALF_CLOSE_GRACE, there).await; }
+    }
+}
+
+async fn one_way<R, W>(r: &mut R, w: &mut W) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; PIPE_BUFFER];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+    }
+}
 
 /// How to reach one node's `dial` route.
 #[derive(Debug, Clone)]
@@ -95,8 +144,45 @@ impl Dialer {
 struct Entry {
     local: SocketAddr,
     ids: BTreeSet<String>,
+    use_: Arc<Use>,
     /// Dropped with the entry: the listener and its pipes see it and end.
     _open: watch::Sender<()>,
+}
+
+/// Whether a listener is in use: pipes open through it, and when it was
+/// last handed out or connected to.
+#[derive(Debug)]
+struct Use {
+    pipes: AtomicUsize,
+    last: Mutex<Instant>,
+}
+
+impl Use {
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        if self.pipes.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(
+            self.last
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed(),
+        )
+    }
+}
+
+/// Counts a pipe while it lives.
+struct PipeGuard(Arc<Use>);
+
+impl Drop for PipeGuard {
+    fn drop(&mut self) {
+        self.0.pipes.fetch_sub(1, Ordering::AcqRel);
+        self.0.touch();
+    }
 }
 
 /// The loopback listeners of tunnels, by (node, guest address and port).
@@ -126,6 +212,7 @@ impl Tunnels {
         let mut entries = self.entries();
         if let Some(e) = entries.get_mut(&(dialer.addr, guest)) {
             e.ids.insert(id.to_owned());
+            e.use_.touch();
             return Ok(e.local);
         }
         let failed = |e: std::io::Error| {
@@ -138,12 +225,23 @@ impl Tunnels {
         let local = std_listener.local_addr().map_err(failed)?;
         let listener = TcpListener::from_std(std_listener).map_err(failed)?;
         let (open, closed) = watch::channel(());
-        tokio::spawn(accept(listener, dialer.clone(), guest, closed));
+        let use_ = Arc::new(Use {
+            pipes: AtomicUsize::new(0),
+            last: Mutex::new(Instant::now()),
+        });
+        tokio::spawn(accept(
+            listener,
+            dialer.clone(),
+            guest,
+            closed,
+            use_.clone(),
+        ));
         entries.insert(
             (dialer.addr, guest),
             Entry {
                 local,
                 ids: BTreeSet::from([id.to_owned()]),
+                use_,
                 _open: open,
             },
         );
@@ -156,6 +254,16 @@ impl Tunnels {
             e.ids.remove(id);
             !e.ids.is_empty()
         });
+    }
+
+    /// Close the listeners with no pipe open that were neither handed out
+    /// nor connected to for `idle`; how many. Run it now and then: a later
+    /// `open` for the same guest makes a new listener.
+    pub fn sweep(&self, idle: Duration) -> usize {
+        let mut entries = self.entries();
+        let before = entries.len();
+        entries.retain(|_, e| e.use_.idle_for().is_none_or(|d| d < idle));
+        before - entries.len()
     }
 
     /// How many listeners are open (for tests and metrics).
@@ -173,13 +281,17 @@ async fn accept(
     dialer: Dialer,
     guest: SocketAddr,
     mut closed: watch::Receiver<()>,
+    use_: Arc<Use>,
 ) {
     loop {
         tokio::select! {
             _ = closed.changed() => return,
             got = listener.accept() => match got {
                 Ok((conn, _)) => {
-                    tokio::spawn(pipe(conn, dialer.clone(), guest, closed.clone()));
+                    use_.pipes.fetch_add(1, Ordering::AcqRel);
+                    use_.touch();
+                    let guard = PipeGuard(use_.clone());
+                    tokio::spawn(pipe(conn, dialer.clone(), guest, closed.clone(), guard));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait, do not spin.
@@ -192,13 +304,14 @@ async fn accept(
 }
 
 async fn pipe(
-    mut conn: TcpStream,
+    conn: TcpStream,
     dialer: Dialer,
     guest: SocketAddr,
     mut closed: watch::Receiver<()>,
+    _counted: PipeGuard,
 ) {
     let _ = conn.set_nodelay(true);
-    let mut far = tokio::select! {
+    let far = tokio::select! {
         _ = closed.changed() => return,
         far = dialer.dial(guest) => match far {
             Ok(far) => far,
@@ -210,10 +323,6 @@ async fn pipe(
     };
     tokio::select! {
         _ = closed.changed() => {}
-        r = tokio::io::copy_bidirectional(&mut conn, &mut far) => {
-            if let Err(e) = r {
-                tracing::debug!(guest = %guest, error = %e, "tunnel pipe ended");
-            }
-        }
+        _ = splice(conn, far) => {}
     }
 }

@@ -312,7 +312,13 @@ fn bounded(ms: u64, what: &str) -> Result<Duration, WireError> {
 /// The node call's outcome; a failure is logged here, once, on the node.
 fn done<T>(what: &str, id: &str, r: Result<T, NodeError>) -> Result<T, WireError> {
     r.map_err(|e| {
-        tracing::warn!(call = what, sandbox = %id, error = %e, "node call failed");
+        // An unknown sandbox is an everyday answer (a repeated destroy, a
+        // reconciliation), not an incident.
+        if matches!(e, NodeError::NotFound(_)) {
+            tracing::debug!(call = what, sandbox = %id, error = %e, "node call failed");
+        } else {
+            tracing::warn!(call = what, sandbox = %id, error = %e, "node call failed");
+        }
         WireError::Node(e)
     })
 }
@@ -541,13 +547,9 @@ async fn dial(State(s): St, mut req: Request) -> Result<Response, WireError> {
     };
     let _ = guest.set_nodelay(true);
     tokio::spawn(async move {
-        let mut guest = guest;
         match on_upgrade.await {
             Ok(upgraded) => {
-                let mut up = hyper_util::rt::TokioIo::new(upgraded);
-                if let Err(e) = tokio::io::copy_bidirectional(&mut up, &mut guest).await {
-                    tracing::debug!(to = %to, error = %e, "dial pipe ended");
-                }
+                super::tunnel::splice(hyper_util::rt::TokioIo::new(upgraded), guest).await;
             }
             Err(e) => tracing::debug!(to = %to, error = %e, "dial upgrade failed"),
         }

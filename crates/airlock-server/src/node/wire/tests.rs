@@ -668,3 +668,171 @@ async fn a_listener_shared_by_two_sandboxes_stays_until_both_are_gone() {
     s.remote.forget("sh2");
     assert!(s.remote.tunnels().is_empty());
 }
+
+#[tokio::test]
+async fn a_sweep_closes_idle_listeners_and_spares_busy_ones() {
+    let s = serve_node((Ipv4Addr::new(127, 0, 0, 0), 8)).await;
+    let (guest, _echo) = echo_guest().await;
+    let ends = s.remote.endpoints("sw1", guest).await.expect("endpoints");
+    let mut busy = TcpStream::connect(ends.agent).await.expect("connect");
+    busy.write_all(b"hi").await.expect("write");
+    let mut back = [0u8; 2];
+    busy.read_exact(&mut back).await.expect("read");
+    assert_eq!(
+        s.remote.tunnels().sweep(Duration::from_secs(60)),
+        0,
+        "all fresh"
+    );
+    // The display's listener has no pipe: it goes; the agent's has one: it stays.
+    assert_eq!(s.remote.tunnels().sweep(Duration::ZERO), 1);
+    assert!(TcpStream::connect(ends.display).await.is_err());
+    busy.write_all(b"yo").await.expect("write");
+    busy.read_exact(&mut back).await.expect("still piped");
+    assert_eq!(&back, b"yo");
+    drop(busy);
+    let swept = async {
+        while s.remote.tunnels().sweep(Duration::ZERO) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), swept)
+        .await
+        .expect("the closed pipe lets its listener go");
+    assert!(s.remote.tunnels().is_empty());
+    // Asked again: a new listener that works.
+    let again = s.remote.endpoints("sw1", guest).await.expect("again");
+    let mut c = TcpStream::connect(again.agent).await.expect("connect");
+    c.write_all(b"ok").await.expect("write");
+    c.read_exact(&mut back).await.expect("read");
+    assert_eq!(&back, b"ok");
+}
+
+/// Something else answering at the node's address (a proxy, another
+/// program, an older node): its answers still become `NodeError`s, chosen by
+/// whether a retry could help.
+#[tokio::test]
+async fn answers_that_are_not_the_node_api_still_map_to_node_errors() {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/node/v1/sandboxes/x1", get(|| async { "not json" }))
+        .route(
+            "/node/v1/sandboxes/x1/liveness",
+            get(|| async { (StatusCode::BAD_GATEWAY, "upstream down") }),
+        )
+        .route(
+            "/node/v1/sandboxes/x1/blocked",
+            get(|| async {
+                (
+                    StatusCode::IM_A_TEAPOT,
+                    "{\"error\":{\"code\":\"x\",\"message\":\"teapot\"}}",
+                )
+            }),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let remote = RemoteNode::new("odd".into(), addr, SecretString::from(TOKEN));
+    let err = remote.inspect("x1").await.expect_err("not json");
+    assert!(
+        matches!(&err, NodeError::Failed(m) if m.contains("could not be read")),
+        "{err:?}"
+    );
+    let err = remote.liveness("x1").await.expect_err("502");
+    assert!(
+        matches!(&err, NodeError::Transient(m) if m.contains("502") && m.contains("upstream down")),
+        "{err:?}"
+    );
+    let err = remote.blocked_packets("x1").await.expect_err("418");
+    assert!(
+        matches!(&err, NodeError::Failed(m) if m.contains("418") && m.contains("teapot")),
+        "{err:?}"
+    );
+    let err = remote.list().await.expect_err("404 of axum");
+    assert!(
+        matches!(&err, NodeError::Failed(m) if m.contains("404")),
+        "{err:?}"
+    );
+}
+
+/// A guest that reads everything until the peer closes its writing side,
+/// then answers with how much it read: a half-close must pass the tunnel
+/// both ways (as EOF to the guest, with the way back still open).
+#[tokio::test]
+async fn a_half_close_crosses_the_tunnel() {
+    let s = serve_node((Ipv4Addr::new(127, 0, 0, 0), 8)).await;
+    let (guest, _echo) = echo_guest().await;
+    let listener = TcpListener::bind((guest, airlock_proto::VNC_PORT))
+        .await
+        .expect("bind the guest's display port");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                if conn.read_to_end(&mut all).await.is_ok() {
+                    let _ = conn
+                        .write_all(format!("read {}", all.len()).as_bytes())
+                        .await;
+                }
+            });
+        }
+    });
+    let ends = s.remote.endpoints("hc1", guest).await.expect("endpoints");
+    let mut c = TcpStream::connect(ends.display).await.expect("connect");
+    c.write_all(&[7u8; 100_000]).await.expect("write");
+    c.shutdown().await.expect("half-close");
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_string(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    assert_eq!(answer, "read 100000");
+}
+
+/// Everything both sides log, at every level, while tokens are refused,
+/// calls fail and tunnels fail to open: never the token.
+#[tokio::test]
+async fn the_token_is_never_logged() {
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("sink").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let writer = sink.clone();
+    // The test runtime has one thread: the server's and the tunnels' tasks
+    // log through this subscriber too.
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    let s = serve_node((Ipv4Addr::new(127, 0, 0, 0), 8)).await;
+    let stranger = RemoteNode::new("n1".into(), s.addr, SecretString::from("stranger-token-99"));
+    assert!(stranger.inspect("lg1").await.is_err());
+    s.node
+        .fail_once(Step::Create, NodeError::Failed("disk full".into()));
+    assert!(s.remote.create(&create_request("lg1", 7)).await.is_err());
+    // A tunnel whose dial is refused (nothing on the display port) and one
+    // made with the wrong token.
+    let (guest, _echo) = echo_guest().await;
+    let ends = s.remote.endpoints("lg1", guest).await.expect("endpoints");
+    let mut c = TcpStream::connect(ends.display).await.expect("connect");
+    let mut buf = [0u8; 1];
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await;
+    let wrong = stranger.endpoints("lg2", guest).await.expect("endpoints");
+    let mut c = TcpStream::connect(wrong.agent).await.expect("connect");
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await;
+    let logged = String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned();
+    assert!(logged.contains("node call failed"), "{logged}");
+    assert!(logged.contains("without a valid node token"), "{logged}");
+    assert!(logged.contains("could not be opened"), "{logged}");
+    assert!(!logged.contains(TOKEN), "{logged}");
+    assert!(!logged.contains("stranger-token-99"), "{logged}");
+}
