@@ -248,14 +248,75 @@ fn write_token(dir: &Path) -> PathBuf {
     path
 }
 
-/// A replica whose keyring is `keyring` (every replica must share one).
+/// A replica whose keyring is `keyring` (every replica must share one), on
+/// a fixed loopback port (a browser comes back to it after a restart).
 fn replica(lines: &str, keyring: Option<&Path>, parent: &Path, name: &str) -> ChildPlane {
     let data = parent.join(name);
     std::fs::create_dir_all(&data).expect("data dir");
     if let Some(keys) = keyring {
         std::fs::copy(keys, data.join("vault.keys")).expect("keyring");
     }
-    ChildPlane::start_in(POOL, lines, Some(data))
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    ChildPlane::start_at(POOL, lines, Some(data), &format!("127.0.0.1:{port}"))
+}
+
+/// `airlock node drain|resume NAME` through a replica's config.
+fn node_cli(plane: &ChildPlane, args: &[&str]) {
+    let out = Command::new(child::binary())
+        .arg("node")
+        .args(args)
+        .arg("--config")
+        .arg(plane.config_path())
+        .output()
+        .expect("airlock node");
+    assert!(
+        out.status.success(),
+        "airlock node {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The browser viewer script, reporting each time it shows the desktop.
+struct Watcher {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Watcher {
+    fn start(base: &str, id: &str, rounds: u32) -> Watcher {
+        let mut child = tokio::process::Command::new("node")
+            .arg(common::repo_root().join("tests/e2e/reconnect.mjs"))
+            .args(["--url", base, "--sandbox", id, "--rounds"])
+            .arg(rounds.to_string())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let stdout = child.stdout.take().expect("stdout");
+        use tokio::io::AsyncBufReadExt;
+        Watcher {
+            child,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+        }
+    }
+
+    async fn expect(&mut self, want: &str) {
+        let line = tokio::time::timeout(Duration::from_secs(150), self.lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("the viewer did not say {want:?} in time"))
+            .expect("read")
+            .unwrap_or_else(|| panic!("the viewer script ended before {want:?}"));
+        assert_eq!(line, want, "the viewer script");
+    }
+
+    async fn finish(mut self) {
+        self.expect("ok").await;
+        let status = self.child.wait().await.expect("wait");
+        assert!(status.success(), "the viewer script: {status}");
+    }
 }
 
 async fn node_of(store: &Store, id: &str) -> String {
@@ -287,6 +348,42 @@ async fn three_nodes_two_replicas_one_postgres() {
     let b = replica(&lines, Some(&keyring), tmp.path(), "replica-b");
     let (api_a, api_b) = (Api::new(&a.base), Api::new(&b.base));
     let store = Store::open(&url).await.expect("store");
+
+    // The UI through replica A, with n1 and n2 drained: its desktop runs on
+    // n3, and the browser types into it (tests/e2e/desktop.mjs).
+    node_cli(&a, &["drain", "n1", "--no-wait"]);
+    node_cli(&a, &["drain", "n2", "--no-wait"]);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let artifacts = common::repo_root().join("target/e2e/cluster");
+    std::fs::create_dir_all(&artifacts).expect("artifacts dir");
+    let status = tokio::process::Command::new("node")
+        .arg(common::repo_root().join("tests/e2e/desktop.mjs"))
+        .args(["--url", &a.base, "--artifacts"])
+        .arg(&artifacts)
+        .status()
+        .await
+        .expect("node runs");
+    assert!(status.success(), "the UI through replica A failed ({status})");
+    let (_, list) = api_a
+        .send(api_a.http.get(format!("{}/sandboxes", api_a.base)))
+        .await;
+    let by_ui: Vec<String> = list["sandboxes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["id"].as_str().map(str::to_owned))
+        .collect();
+    assert!(!by_ui.is_empty(), "the UI made no sandbox");
+    for id in &by_ui {
+        assert_eq!(node_of(&store, id).await, "n3", "drained nodes took {id}");
+    }
+
+    for id in &by_ui {
+        api_a.wait_state(id, "stopped", Duration::from_secs(60)).await;
+    }
+    node_cli(&a, &["resume", "n1"]);
+    node_cli(&a, &["resume", "n2"]);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
 
     // Six sandboxes, created through both replicas, spread over the nodes.
     let mut ids = Vec::new();
@@ -346,6 +443,26 @@ async fn three_nodes_two_replicas_one_postgres() {
         .await
         .expect("a frame of n3's desktop through replica A");
     assert!(frame.distinct_colours > 10, "a painted desktop: {frame:?}");
+
+    // A viewer stays open while the node that runs its desktop and then
+    // replica A (which serves it) restart: it comes back by itself each time,
+    // and the sandbox was never lost.
+    let watched = api_a.create().await;
+    api_a.wait_state(&watched, "ready", Duration::from_secs(90)).await;
+    let host = node_of(&store, &watched).await;
+    let host = nodes.iter().position(|n| n.name == host).expect("a node");
+    let mut viewer = Watcher::start(&a.base, &watched, 3);
+    viewer.expect("connected 1").await;
+    nodes[host].kill9();
+    nodes[host].spawn();
+    viewer.expect("connected 2").await;
+    a.crash_and_restart();
+    viewer.expect("connected 3").await;
+    viewer.finish().await;
+    let body = api_b.get(&watched).await.1;
+    assert_eq!(body["state"], "ready", "lost in the restarts: {body}");
+    let api_a = Api::new(&a.base);
+    ids.push(watched);
 
     // n2 dies: its sandboxes fail "node lost" within 20 s, new ones go elsewhere.
     let lost: Vec<String> = per_node["n2"].clone();

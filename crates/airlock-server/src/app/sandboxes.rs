@@ -355,6 +355,12 @@ impl App {
                 Effect::CountFailed(label) => self.metrics.failed(label),
                 Effect::CloseViewers => {
                     let _ = self.stopping.send(id.to_owned());
+                    // Other replicas serve viewers of it too.
+                    if self.cfg.cluster {
+                        if let Err(e) = self.store.notify_stopping(id).await {
+                            tracing::warn!(sandbox = id, error = %e, "could not tell the other replicas");
+                        }
+                    }
                 }
                 Effect::Teardown if wait => self.teardown(id).await,
                 Effect::Teardown => {

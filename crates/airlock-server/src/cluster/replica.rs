@@ -19,8 +19,7 @@ use std::time::Duration;
 const WAIT_FOR_NODES: Duration = Duration::from_secs(60);
 
 /// Clients of the registered nodes over HTTP, sharing one set of tunnels.
-fn connector(token: SecretString) -> Connector {
-    let tunnels = Arc::new(Tunnels::new());
+fn connector(token: SecretString, tunnels: Arc<Tunnels>) -> Connector {
     Arc::new(move |row: &NodeRow| {
         // A name that does not resolve yields a client whose every call
         // fails as unreachable, naming the address.
@@ -87,7 +86,8 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         min_free_memory: app_cfg.min_free_memory,
         min_free_disk: app_cfg.min_free_disk,
     };
-    let cluster = Cluster::new(opened.1.clone(), connector(token), need);
+    let tunnels = Arc::new(Tunnels::new());
+    let cluster = Cluster::new(opened.1.clone(), connector(token, tunnels.clone()), need);
     let image = image_of_nodes(&cluster).await?;
     tracing::info!(image = %image.build_id, "the nodes hold this image");
     let seams = Seams {
@@ -100,5 +100,48 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
     running
         .app
         .spawn(cluster.refresh(running.shutdown_handle().subscribe()));
+    running
+        .app
+        .spawn(relay_stopping(Arc::downgrade(&running.app)));
+    running.app.spawn(sweep_tunnels(tunnels));
     Ok(running)
+}
+
+/// A sandbox another replica stops: close the viewers this one serves for
+/// it, as for one it stops itself.
+async fn relay_stopping(app: std::sync::Weak<crate::app::App>) {
+    loop {
+        let Some(store) = app.upgrade().map(|a| a.store.clone()) else {
+            return;
+        };
+        match store.listen_stopping().await {
+            Ok(Some(mut listener)) => loop {
+                match listener.recv().await {
+                    Ok(n) => {
+                        let Some(app) = app.upgrade() else { return };
+                        let _ = app.stopping.send(n.payload().to_owned());
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lost the stopping notifications; listening again");
+                        break;
+                    }
+                }
+            },
+            Ok(None) => return,
+            Err(e) => tracing::warn!(error = %e, "cannot listen for stopping sandboxes"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Tunnels no pipe used for a while go (a sandbox another replica
+/// destroyed leaves its tunnels here until then).
+async fn sweep_tunnels(tunnels: Arc<Tunnels>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let gone = tunnels.sweep(Duration::from_secs(300));
+        if gone > 0 {
+            tracing::debug!(gone, "closed idle tunnels");
+        }
+    }
 }

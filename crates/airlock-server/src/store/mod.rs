@@ -113,6 +113,9 @@ pub struct Store {
     pool: AnyPool,
     /// PostgreSQL (many processes may share it) rather than SQLite.
     postgres: bool,
+    /// The URL it was opened with, for a `LISTEN` connection of its own.
+    /// Holds the password: never logged or shown.
+    url: std::sync::Arc<str>,
 }
 
 impl Store {
@@ -158,6 +161,7 @@ impl Store {
         Ok(Store {
             pool,
             postgres: !is_sqlite,
+            url: url.into(),
         })
     }
 }

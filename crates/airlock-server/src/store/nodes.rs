@@ -279,3 +279,43 @@ impl Leadership {
         }
     }
 }
+
+/// The channel on which a process says a sandbox is going away, so that
+/// every replica closes the viewers it serves for it.
+const STOPPING_CHANNEL: &str = "airlock_stopping";
+
+impl Store {
+    /// Tell every process on this database that sandbox `id` is going away
+    /// (PostgreSQL `NOTIFY`; nothing to tell on SQLite, where one process
+    /// owns the file).
+    pub async fn notify_stopping(&self, id: &str) -> Result<(), StoreError> {
+        if !self.postgres {
+            return Ok(());
+        }
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(STOPPING_CHANNEL)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("notify stopping"))?;
+        Ok(())
+    }
+
+    /// Sandboxes other processes said are going away, as they say it, until
+    /// the connection fails (the caller listens again). `None` on SQLite.
+    pub async fn listen_stopping(
+        &self,
+    ) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+        if !self.postgres {
+            return Ok(None);
+        }
+        let mut listener = sqlx::postgres::PgListener::connect(&self.url)
+            .await
+            .map_err(q("connect to listen"))?;
+        listener
+            .listen(STOPPING_CHANNEL)
+            .await
+            .map_err(q("listen for stopping sandboxes"))?;
+        Ok(Some(listener))
+    }
+}

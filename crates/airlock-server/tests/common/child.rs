@@ -57,6 +57,17 @@ impl ChildPlane {
     /// Like [`ChildPlane::start_with`], with the data directory somewhere of
     /// the caller's choosing (a small file system of its own, say).
     pub fn start_in(pool: &str, extra: &str, data_dir: Option<PathBuf>) -> ChildPlane {
+        Self::start_at(pool, extra, data_dir, "127.0.0.1:0")
+    }
+
+    /// Like [`ChildPlane::start_in`], listening on `listen` (a fixed port
+    /// stays the same across restarts, so a browser can come back to it).
+    pub fn start_at(
+        pool: &str,
+        extra: &str,
+        data_dir: Option<PathBuf>,
+        listen: &str,
+    ) -> ChildPlane {
         let tmp = tempfile::Builder::new()
             .prefix("airlock-chaos-")
             .tempdir_in("/var/tmp")
@@ -66,7 +77,7 @@ impl ChildPlane {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:0\"\n\
+                "listen = \"{listen}\"\n\
                  data_dir = \"{}\"\n\
                  address_pool = \"{pool}\"\n\
                  webrtc_udp_port = 0\n\
@@ -149,6 +160,11 @@ impl ChildPlane {
             .expect("a token")
             .trim()
             .to_owned()
+    }
+
+    /// Its config file (for `airlock … --config`).
+    pub fn config_path(&self) -> &Path {
+        &self.config
     }
 
     /// The control plane's pid, while it runs.
