@@ -98,7 +98,7 @@ async fn exec_handler(
     })?;
     let program = req.argv.first().cloned().unwrap_or_default();
     let started = Instant::now();
-    match exec::run(&state.exec, req).await {
+    match exec::run(&state.processes, req).await {
         Ok(resp) => {
             tracing::info!(
                 program = %program,
@@ -110,6 +110,7 @@ async fn exec_handler(
             Ok(Json(resp))
         }
         Err(ExecError::BadRequest(m)) => Err(error(StatusCode::BAD_REQUEST, m)),
+        Err(ExecError::TooMany(m)) => Err(error(StatusCode::TOO_MANY_REQUESTS, m)),
         Err(e) => {
             tracing::error!(program = %program, error = %crate::chain(&e), "exec failed");
             Err(error(StatusCode::INTERNAL_SERVER_ERROR, crate::chain(&e)))

@@ -53,10 +53,12 @@ impl std::fmt::Debug for Download {
 
 /// What an agent's refusal means to the API caller; `what` names the object
 /// for a 404.
-fn refused(e: AgentError, what: &str) -> AppError {
+pub(crate) fn refused(e: AgentError, what: &str) -> AppError {
     match e {
         AgentError::Status { status, message } => match status {
-            400 | 403 | 413 => AppError::BadInput(message),
+            400 => AppError::BadInput(message),
+            403 => AppError::Forbidden(message),
+            413 => AppError::TooLarge(message),
             404 => AppError::NotFound(what.to_owned()),
             409 | 429 => AppError::Conflict(message),
             _ => AppError::Unavailable(format!("the sandbox's agent answered {status}: {message}")),

@@ -430,7 +430,8 @@ mod tests {
         assert_eq!(got.status().as_u16(), 200);
         assert_eq!(got.bytes().await.expect("bytes").as_ref(), &data[..]);
         let (status, body) = send(http.put(format!("{files}?path=../x")).body("x")).await;
-        assert_eq!(status, 400, "{body}");
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["error"]["code"], "forbidden");
         assert!(
             body["error"]["message"]
                 .as_str()
