@@ -6,9 +6,11 @@
 use super::agent::AgentError;
 use super::{App, AppError};
 use crate::store::UserRow;
-use airlock_proto::process::{FileInfo, ProcessInfo, ProcessList, StartProcess};
+use airlock_proto::process::{FileInfo, ProcessInfo, ProcessList, StartProcess, MAX_FILE_BYTES};
 use futures::{SinkExt, StreamExt};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -156,19 +158,35 @@ impl App {
             .map_err(|e| refused(e, &format!("process {pid} in sandbox {id:?}")))
     }
 
+    /// Writes `body` to `path` as it arrives (nothing is held here);
+    /// `announced` is the request's Content-Length, if it said one.
     pub async fn put_file(
         &self,
         user: &UserRow,
         id: &str,
         path: &str,
-        data: bytes::Bytes,
+        announced: Option<u64>,
+        body: axum::body::Body,
     ) -> Result<FileInfo, AppError> {
         check_path(path)?;
+        let too_large = || {
+            AppError::TooLarge(format!(
+                "{path}: larger than {} MiB, the most a file may be",
+                MAX_FILE_BYTES >> 20
+            ))
+        };
+        if announced.is_some_and(|n| n > MAX_FILE_BYTES as u64) {
+            return Err(too_large());
+        }
         let (agent, token) = self.agent_of(user, id).await?;
-        self.guest
-            .file_put(agent, &token, path, data)
-            .await
-            .map_err(|e| refused(e, &format!("{path:?} in sandbox {id:?}")))
+        let (body, over) = capped(body, MAX_FILE_BYTES as u64);
+        let answer = self.guest.file_put(agent, &token, path, body).await;
+        // Past the cap the body fails, the upload to the agent breaks off
+        // (and the agent removes what it had written): say why.
+        if over.load(Ordering::SeqCst) {
+            return Err(too_large());
+        }
+        answer.map_err(|e| refused(e, &format!("{path:?} in sandbox {id:?}")))
     }
 
     pub async fn get_file(
@@ -275,23 +293,75 @@ fn files_url(agent: SocketAddr, path: &str) -> String {
     format!("http://{agent}/files?path={}", query_escape(path))
 }
 
+/// `body` that fails once more than `cap` bytes came through; the flag
+/// says it did.
+fn capped(body: axum::body::Body, cap: u64) -> (axum::body::Body, Arc<AtomicBool>) {
+    let over = Arc::new(AtomicBool::new(false));
+    let flag = over.clone();
+    let mut seen = 0u64;
+    let chunks = body.into_data_stream().map(move |chunk| {
+        let chunk = chunk.map_err(std::io::Error::other)?;
+        seen += chunk.len() as u64;
+        if seen > cap {
+            flag.store(true, Ordering::SeqCst);
+            return Err(std::io::Error::other("the file is larger than allowed"));
+        }
+        Ok(chunk)
+    });
+    (axum::body::Body::from_stream(chunks), over)
+}
+
+/// Chunks of an upload in flight between the caller's body and the agent's
+/// request: the body is read only as fast as the agent takes it.
+const UPLOAD_QUEUE: usize = 4;
+
+/// The receiving end of an upload's chunks, as the body of the request to
+/// the agent (the caller's body itself cannot be shared across threads,
+/// which the HTTP client asks of a body).
+pub(crate) struct UploadBody(pub(crate) mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>);
+
+impl hyper::body::Body for UploadBody {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|c| c.map(|c| c.map(hyper::body::Frame::data)))
+    }
+}
+
 pub(crate) async fn put_file(
     client: &super::agent::AgentClient,
     agent: SocketAddr,
     token: &str,
     path: &str,
-    data: bytes::Bytes,
+    body: axum::body::Body,
 ) -> Result<FileInfo, AgentError> {
-    let resp = client
+    let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
+    let pump = tokio::spawn(async move {
+        let mut chunks = body.into_data_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(std::io::Error::other);
+            let failed = chunk.is_err();
+            if tx.send(chunk).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    let sent = client
         .http
         .put(files_url(agent, path))
         .bearer_auth(token)
         .timeout(FILE_TIMEOUT)
-        .body(data)
+        .body(reqwest::Body::wrap(UploadBody(rx)))
         .send()
-        .await
-        .map_err(AgentError::Unreachable)?;
-    super::agent::decode(resp).await
+        .await;
+    pump.abort();
+    super::agent::decode(sent.map_err(AgentError::Unreachable)?).await
 }
 
 pub(crate) async fn get_file(
