@@ -178,7 +178,11 @@ async fn airlock_login_waits_for_the_credentials_and_audit_lists_them() {
     assert_eq!(out["exit_code"], 0, "the workspace holds the file: {out}");
 
     // A login whose command fails: the CLI says why and exits 1.
-    let out = output(cli(&h.base, &config, &["login", "testfail", "--wait-s", "200"]));
+    let out = output(cli(
+        &h.base,
+        &config,
+        &["login", "testfail", "--wait-s", "200"],
+    ));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("the login failed"),
