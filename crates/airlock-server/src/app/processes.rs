@@ -315,10 +315,19 @@ fn capped(body: axum::body::Body, cap: u64) -> (axum::body::Body, Arc<AtomicBool
 /// request: the body is read only as fast as the agent takes it.
 const UPLOAD_QUEUE: usize = 4;
 
-/// The receiving end of an upload's chunks, as the body of the request to
-/// the agent (the caller's body itself cannot be shared across threads,
-/// which the HTTP client asks of a body).
-pub(crate) struct UploadBody(pub(crate) mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>);
+/// A request body fed through a channel, chunk by chunk, for the HTTP
+/// client (which asks of a body that it can be shared across threads; a
+/// caller's streaming body cannot). An error sent ends the request.
+#[derive(Debug)]
+pub struct UploadBody(mpsc::Receiver<Result<Vec<u8>, std::io::Error>>);
+
+impl UploadBody {
+    /// The sender to feed, and the body; at most `depth` chunks wait.
+    pub fn channel(depth: usize) -> (mpsc::Sender<Result<Vec<u8>, std::io::Error>>, UploadBody) {
+        let (tx, rx) = mpsc::channel(depth);
+        (tx, UploadBody(rx))
+    }
+}
 
 impl hyper::body::Body for UploadBody {
     type Data = bytes::Bytes;
@@ -330,7 +339,7 @@ impl hyper::body::Body for UploadBody {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         self.0
             .poll_recv(cx)
-            .map(|c| c.map(|c| c.map(hyper::body::Frame::data)))
+            .map(|c| c.map(|c| c.map(|v| hyper::body::Frame::data(bytes::Bytes::from(v)))))
     }
 }
 
@@ -341,11 +350,11 @@ pub(crate) async fn put_file(
     path: &str,
     body: axum::body::Body,
 ) -> Result<FileInfo, AgentError> {
-    let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
+    let (tx, upload) = UploadBody::channel(UPLOAD_QUEUE);
     let pump = tokio::spawn(async move {
         let mut chunks = body.into_data_stream();
         while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.map_err(std::io::Error::other);
+            let chunk = chunk.map(Vec::from).map_err(std::io::Error::other);
             let failed = chunk.is_err();
             if tx.send(chunk).await.is_err() || failed {
                 return;
@@ -357,7 +366,7 @@ pub(crate) async fn put_file(
         .put(files_url(agent, path))
         .bearer_auth(token)
         .timeout(FILE_TIMEOUT)
-        .body(reqwest::Body::wrap(UploadBody(rx)))
+        .body(reqwest::Body::wrap(upload))
         .send()
         .await;
     pump.abort();

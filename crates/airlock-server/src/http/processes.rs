@@ -451,19 +451,15 @@ mod tests {
         .await;
         assert_eq!(status, 413, "{body}");
         assert_eq!(body["error"]["code"], "too_large");
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (tx, upload) = crate::app::processes::UploadBody::channel(4);
         tokio::spawn(async move {
             for _ in 0..=max >> 20 {
-                if tx
-                    .send(Ok(bytes::Bytes::from(vec![1u8; 1 << 20])))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok(vec![1u8; 1 << 20])).await.is_err() {
                     return;
                 }
             }
         });
-        let streamed = reqwest::Body::wrap(crate::app::processes::UploadBody(rx));
+        let streamed = reqwest::Body::wrap(upload);
         let (status, body) = send(http.put(format!("{files}?path=big.bin")).body(streamed)).await;
         assert_eq!(status, 413, "{body}");
         assert!(
