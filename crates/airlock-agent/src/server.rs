@@ -372,6 +372,13 @@ mod tests {
         assert_eq!(got.len(), 16 * 65536);
         assert_eq!(got[65536 * 3], 3);
         assert_eq!(traces(&name), vec![name.clone()]);
+        // Replacing a file keeps its permission bits (an executable stays one).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+        let (status, body) = put_file(&name, chunks(16, 65536), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o7777, 0o750);
 
         // Over the cap, streamed without a length: refused at the byte past it;
         // the old file stays as it was.

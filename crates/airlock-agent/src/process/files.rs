@@ -307,7 +307,8 @@ fn open_beside(target: &Path, asked: &str) -> Result<(std::fs::File, PathBuf), F
         Ok(m) if m.is_dir() => {
             return Err(FileError::Bad(format!("{asked}: is a directory")));
         }
-        Ok(m) => m.mode() & 0o7777,
+        // Permission bits only: never a set-id bit on a file written for a caller.
+        Ok(m) => m.mode() & 0o777,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0o644,
         Err(e) => return Err(FileError::io(asked, e)),
     };
