@@ -20,8 +20,11 @@ use tokio_tungstenite::tungstenite::Message;
 const MAX_PATH: usize = 4096;
 /// Frames queued each way between a client's socket and the agent's.
 const IO_QUEUE: usize = 64;
-/// Files may be large; the agent's other calls are quick.
+/// An upload must be whole within this (64 MiB needs about 220 kB/s); a
+/// download's head must come within it. The agent's other calls are quick.
 const FILE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A download stalls when the agent sends nothing for this long.
+const DOWNLOAD_IDLE: Duration = Duration::from_secs(60);
 
 /// One frame of a process's io socket (see `airlock_proto::process`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -379,13 +382,17 @@ pub(crate) async fn get_file(
     token: &str,
     path: &str,
 ) -> Result<Download, AgentError> {
-    let resp = client
+    // No limit on the whole download (a large tar to a slow client takes
+    // its time): the answer's head must come within FILE_TIMEOUT, and then
+    // each chunk within DOWNLOAD_IDLE of being asked for.
+    let sent = client
         .http
         .get(files_url(agent, path))
         .bearer_auth(token)
-        .timeout(FILE_TIMEOUT)
-        .send()
+        .send();
+    let resp = tokio::time::timeout(FILE_TIMEOUT, sent)
         .await
+        .map_err(|_| AgentError::Down("the agent did not answer in time".into()))?
         .map_err(AgentError::Unreachable)?;
     if !resp.status().is_success() {
         return Err(super::agent::decode::<serde_json::Value>(resp)
@@ -401,10 +408,14 @@ pub(crate) async fn get_file(
         .to_owned();
     let chunks = futures::stream::unfold(Some(resp), |resp| async move {
         let mut resp = resp?;
-        match resp.chunk().await {
-            Ok(Some(c)) => Some((Ok(c), Some(resp))),
-            Ok(None) => None,
-            Err(e) => Some((Err(std::io::Error::other(e)), None)),
+        match tokio::time::timeout(DOWNLOAD_IDLE, resp.chunk()).await {
+            Ok(Ok(Some(c))) => Some((Ok(c), Some(resp))),
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => Some((Err(std::io::Error::other(e)), None)),
+            Err(_) => Some((
+                Err(std::io::Error::other("the sandbox sent nothing for 60 s")),
+                None,
+            )),
         }
     });
     Ok(Download {
