@@ -423,3 +423,57 @@ pub(crate) async fn get_file(
         body: axum::body::Body::from_stream(chunks),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_refusals_become_the_api_errors_they_mean() {
+        let said = |status| AgentError::Status {
+            status,
+            message: format!("said {status}"),
+        };
+        assert!(matches!(refused(said(400), "x"), AppError::BadInput(m) if m == "said 400"));
+        assert!(matches!(refused(said(403), "x"), AppError::Forbidden(m) if m == "said 403"));
+        assert!(matches!(refused(said(413), "x"), AppError::TooLarge(_)));
+        assert!(
+            matches!(refused(said(404), "file \"a\""), AppError::NotFound(m) if m == "file \"a\"")
+        );
+        // Too many processes running (an /exec too): try again later.
+        assert!(matches!(refused(said(429), "x"), AppError::Conflict(_)));
+        assert!(matches!(refused(said(409), "x"), AppError::Conflict(_)));
+        assert!(matches!(refused(said(500), "x"), AppError::Unavailable(m) if m.contains("500")));
+        assert!(matches!(
+            refused(AgentError::Down("refused".into()), "x"),
+            AppError::Unavailable(_)
+        ));
+    }
+
+    async fn drain(body: axum::body::Body) -> (usize, bool) {
+        let mut chunks = body.into_data_stream();
+        let mut n = 0;
+        while let Some(c) = chunks.next().await {
+            match c {
+                Ok(c) => n += c.len(),
+                Err(_) => return (n, true),
+            }
+        }
+        (n, false)
+    }
+
+    #[tokio::test]
+    async fn an_upload_passes_whole_up_to_the_cap_and_fails_past_it() {
+        let body = |n: usize| {
+            axum::body::Body::from_stream(futures::stream::iter(
+                (0..n).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![0u8; 1000]))),
+            ))
+        };
+        let (capped_body, over) = capped(body(10), 10_000);
+        assert_eq!(drain(capped_body).await, (10_000, false));
+        assert!(!over.load(Ordering::SeqCst));
+        let (capped_body, over) = capped(body(11), 10_000);
+        assert_eq!(drain(capped_body).await, (10_000, true));
+        assert!(over.load(Ordering::SeqCst));
+    }
+}
