@@ -403,6 +403,45 @@ mod tests {
         assert!(traces(&name).is_empty(), "{:?}", traces(&name));
     }
 
+    /// A directory whose tar would pass the cap is refused before a byte of
+    /// it is sent (a sparse file: no disk is used).
+    #[tokio::test]
+    async fn a_directory_over_the_tar_cap_is_413() {
+        use airlock_proto::process::MAX_TAR_BYTES;
+        let name = format!("airlock-tar-{}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::File::create(dir.join("small"))
+            .expect("create")
+            .set_len(1000)
+            .expect("size");
+        let get = |name: String| async move {
+            let req = Request::builder()
+                .uri(format!("/files?path={name}"))
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(Body::empty())
+                .expect("request");
+            let resp = app().oneshot(req).await.expect("response");
+            let status = resp.status();
+            let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .expect("body");
+            (status, bytes)
+        };
+        let (status, tar) = get(name.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(tar.len() % 512, 0);
+        std::fs::File::create(dir.join("big"))
+            .expect("create")
+            .set_len(MAX_TAR_BYTES)
+            .expect("sparse");
+        let (status, body) = get(name.clone()).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains(&name) && body.contains("1024 MiB"), "{body}");
+    }
+
     #[tokio::test]
     async fn exec_round_trip_and_bad_bodies() {
         let bearer = format!("Bearer {TOKEN}");
