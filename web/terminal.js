@@ -5,6 +5,12 @@
 // Out of the socket: binary frames [1|2][bytes] go to the screen; a text
 // frame {"type":"exit"} ends the session. Into it: keystrokes as binary
 // frames, and {"type":"resize"} whenever the window changes size.
+//
+// The shell outlives its socket (the agent keeps it and a backlog of its
+// output), so a dropped socket is not the end: the page attaches again by
+// itself, with a fresh ticket, from the output offset it has drawn
+// (`?offset=`), so nothing is drawn twice; it waits 0.5 s, then twice as
+// long each time up to 10 s, and gives up when the process is gone.
 
 import { api } from '/api.js';
 
@@ -64,7 +70,21 @@ addEventListener('resize', () => {
   fitTimer = setTimeout(fit, 100);
 });
 
+// The session: the process, and how much of its output is on the screen.
+let session = null;
+let retryTimer = 0;
+const RETRY_FIRST_MS = 500;
+const RETRY_MAX_MS = 10_000;
+
+async function ioUrl(pid, offset) {
+  // Browsers cannot set headers on a WebSocket: a single-use ticket instead.
+  const { ticket } = await api('POST', `${sandboxPath}/tickets`);
+  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+  return `${scheme}://${location.host}/api/v1${sandboxPath}/processes/${pid}/io?offset=${offset}&ticket=${encodeURIComponent(ticket)}`;
+}
+
 async function start() {
+  clearTimeout(retryTimer);
   $('restart').hidden = true;
   status('Starting a shell…', 'connecting');
   const { cols, rows } = grid();
@@ -74,45 +94,90 @@ async function start() {
       argv: ['bash', '-l'],
       pty: { cols, rows },
     });
-    // Browsers cannot set headers on a WebSocket: a single-use ticket instead.
-    const { ticket } = await api('POST', `${sandboxPath}/tickets`);
-    const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-    const url = `${scheme}://${location.host}/api/v1${sandboxPath}/processes/${proc.pid}/io?ticket=${encodeURIComponent(ticket)}`;
-    attach(url, proc.pid);
+    session = { pid: proc.pid, offset: 0, retryMs: RETRY_FIRST_MS, reconnects: 0 };
+    attach(session, await ioUrl(proc.pid, 0));
   } catch (e) {
     status(`Could not start a shell: ${e.message}`, 'failed');
     $('restart').hidden = false;
   }
 }
 
-function attach(url, pid) {
+function attach(s, url) {
   socket = new WebSocket(url);
   socket.binaryType = 'arraybuffer';
   socket.onopen = () => {
-    status(`Connected (process ${pid})`, 'connected');
+    s.retryMs = RETRY_FIRST_MS;
+    status(`Connected (process ${s.pid}${s.reconnects ? `, reconnected ${s.reconnects}×` : ''})`, 'connected');
+    // The window may have changed while the socket was down.
+    fit();
     term.focus();
   };
   socket.onmessage = (ev) => {
     if (typeof ev.data !== 'string') {
-      term.write(new Uint8Array(ev.data).subarray(1));
+      const bytes = new Uint8Array(ev.data).subarray(1);
+      s.offset += bytes.length;
+      term.write(bytes);
       return;
     }
     const event = JSON.parse(ev.data);
     if (event.type === 'exit') {
       const how = event.exit_code !== null ? `exit code ${event.exit_code}` : `signal ${event.signal}`;
       status(`The shell ended (${how})`, 'ended');
+    } else if (event.type === 'skipped') {
+      s.offset += event.bytes;
+      term.write(`\r\n[${event.bytes} bytes of output were lost while disconnected]\r\n`);
     }
   };
   socket.onclose = (ev) => {
-    if (document.body.dataset.terminalState !== 'ended') {
-      status(`Disconnected${ev.reason ? `: ${ev.reason}` : ''}`, 'failed');
-    }
-    $('restart').hidden = false;
     socket = null;
+    if (session !== s) return;
+    if (document.body.dataset.terminalState === 'ended') {
+      $('restart').hidden = false;
+      return;
+    }
+    if (ev.code === 1008) {
+      // The agent refused what we sent: trying again would not help.
+      status(`Disconnected: ${ev.reason}`, 'failed');
+      $('restart').hidden = false;
+      return;
+    }
+    reconnect(s, ev.reason);
   };
 }
 
+function reconnect(s, why) {
+  const wait = s.retryMs;
+  s.retryMs = Math.min(s.retryMs * 2, RETRY_MAX_MS);
+  status(`Disconnected${why ? ` (${why})` : ''}; reconnecting in ${(wait / 1000).toFixed(1)} s…`, 'reconnecting');
+  $('restart').hidden = false;
+  retryTimer = setTimeout(async () => {
+    if (session !== s) return;
+    try {
+      // Still there? A process the agent forgot cannot be reattached.
+      await api('GET', `${sandboxPath}/processes/${s.pid}`);
+    } catch (e) {
+      if (e.status === 404) {
+        status('The shell is gone', 'failed');
+        return;
+      }
+      reconnect(s, e.message);
+      return;
+    }
+    try {
+      s.reconnects += 1;
+      attach(s, await ioUrl(s.pid, s.offset));
+    } catch (e) {
+      reconnect(s, e.message);
+    }
+  }, wait);
+}
+
+// The socket, for the end-to-end test to drop it.
+window.airlockTerminalSocket = () => socket;
+
 $('restart').addEventListener('click', () => {
+  session = null;
+  if (socket) socket.close();
   term.reset();
   start();
 });

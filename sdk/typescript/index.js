@@ -272,12 +272,12 @@ class Files {
     return `${this.sandbox.path}/files?path=${encodeURIComponent(path)}`;
   }
 
-  /** Writes a file (at most 64 MiB) as the sandbox user; answers {path, size}. */
+  /** Writes a file (at most 64 MiB, else AirlockError 413) as the sandbox user; answers {path, size}. A path outside the home and /tmp is AirlockError 403. */
   async write(path, data) {
     return this.client.request("PUT", this.url(path), { body: typeof data === "string" ? Buffer.from(data) : data });
   }
 
-  /** A file's bytes, or a directory as a tar archive. */
+  /** A file's bytes, or a directory as a tar archive (at most 1 GiB, else AirlockError 413). A path outside the home and /tmp is AirlockError 403. */
   async read(path) {
     const resp = await this.client.request("GET", this.url(path), { raw: true });
     return Buffer.from(await resp.arrayBuffer());

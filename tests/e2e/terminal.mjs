@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // The web terminal in a real headless Chromium: /term/ID starts a shell on a
-// PTY in the sandbox; typed keys reach it, its output is drawn, and a
-// window resize reaches `stty size`.
+// PTY in the sandbox; typed keys reach it, its output is drawn, a dropped
+// socket is reattached by the page itself without drawing anything twice,
+// and a window resize reaches `stty size`.
 //
 //   node tests/e2e/terminal.mjs --url http://127.0.0.1:PORT --sandbox ID --token TOKEN --artifacts DIR
 //
@@ -81,6 +82,21 @@ try {
   await page.click('#term');
   await page.keyboard.type('echo hello-$((6*7))\n');
   await shows('hello-42', 'typed command');
+  // The socket drops: the page attaches again by itself, from where it was,
+  // so what was drawn is not drawn twice, and the same shell goes on.
+  const count = async (text) => (await screen()).split('\n').filter((l) => l.includes(text)).length;
+  const before = await count('hello-42');
+  await page.evaluate(() => window.airlockTerminalSocket().close());
+  await page.waitForFunction(() => document.body.dataset.terminalState === 'reconnecting', null, { timeout: STEP_MS });
+  log('the socket dropped');
+  await page.waitForFunction(() => document.body.dataset.terminalState === 'connected', null, { timeout: STEP_MS });
+  log(`reconnected: ${await page.textContent('#status')}`);
+  await page.click('#term');
+  await page.keyboard.type('echo again-$((2*3)) $$\n');
+  await shows('again-6', 'typed after the reconnect');
+  if ((await count('hello-42')) !== before) {
+    throw new Error(`the backlog was drawn again after the reconnect:\n${await screen()}`);
+  }
   await page.setViewportSize({ width: 700, height: 400 });
   await page.waitForTimeout(500);
   const { cols, rows } = await page.evaluate(() => ({ cols: window.airlockTerminal.cols, rows: window.airlockTerminal.rows }));

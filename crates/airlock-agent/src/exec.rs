@@ -1,22 +1,20 @@
-//! `POST /exec`: runs one command as the sandbox user, with a clean
-//! environment, a deadline enforced on its whole process group, and output
-//! capped per stream.
+//! `POST /exec`: one command to its end, as a convenience over the process
+//! table (`crate::process`): the command is started there like any process
+//! (as the sandbox user, in a session of its own, with the timeout enforced
+//! on its whole group), this request attaches to it as its only client, and
+//! the answer carries what it wrote, capped per stream. Such a process is
+//! private to its request: it is not listed, cannot be attached to by
+//! anyone else, is killed if the request goes away, and is forgotten once it
+//! ended. It does count towards the sandbox's running processes.
 
-use crate::privdrop::Session;
+use crate::process::{Ended, Proc, ProcessError, Processes};
 use airlock_proto::agent::{
     ExecRequest, ExecResponse, DEFAULT_EXEC_TIMEOUT_S, MAX_EXEC_OUTPUT, MAX_EXEC_TIMEOUT_S,
 };
+use airlock_proto::process::{StartProcess, TAG_STDERR};
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::Command;
-use tokio::time::Instant;
-
-/// How long pipes may stay open after the command itself exited (a background
-/// child holding them) before the agent answers with what it has.
-const PIPE_GRACE: Duration = Duration::from_secs(2);
 
 /// Whose identity commands take.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,61 +40,148 @@ pub struct ExecConfig {
 pub enum ExecError {
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    TooMany(String),
     #[error("starting the command")]
-    Spawn(#[source] std::io::Error),
-    #[error("waiting for the command")]
-    Wait(#[source] std::io::Error),
+    Spawn(#[source] ProcessError),
 }
 
 /// Whether a request can be run at all, and its timeout.
 pub fn check(req: &ExecRequest) -> Result<Duration, ExecError> {
-    let bad = |m: &str| Err(ExecError::BadRequest(m.to_owned()));
-    if req.argv.is_empty() || req.argv[0].is_empty() {
-        return bad("argv must name a program");
-    }
-    if req.argv.iter().any(|a| a.contains('\0')) {
-        return bad("argv must not contain NUL bytes");
-    }
-    for (k, v) in &req.env {
-        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return bad("env names must be non-empty without '=' or NUL, values without NUL");
-        }
-    }
-    match req.timeout_s {
-        Some(0) => bad("timeout_s must be at least 1"),
-        Some(s) => Ok(Duration::from_secs(s.min(MAX_EXEC_TIMEOUT_S))),
-        None => Ok(Duration::from_secs(DEFAULT_EXEC_TIMEOUT_S)),
+    let timeout = match req.timeout_s {
+        Some(0) => return Err(ExecError::BadRequest("timeout_s must be at least 1".into())),
+        Some(s) => s.min(MAX_EXEC_TIMEOUT_S),
+        None => DEFAULT_EXEC_TIMEOUT_S,
+    };
+    as_process(req, timeout)
+        .check()
+        .map_err(ExecError::BadRequest)?;
+    Ok(Duration::from_secs(timeout))
+}
+
+fn as_process(req: &ExecRequest, timeout_s: u64) -> StartProcess {
+    StartProcess {
+        argv: req.argv.clone(),
+        env: req.env.clone(),
+        cwd: None,
+        pty: None,
+        stdin: false,
+        timeout_s: Some(timeout_s),
     }
 }
 
+/// One stream's output as far as the answer keeps it.
 #[derive(Debug, Default)]
 struct Capture {
     data: Vec<u8>,
     truncated: bool,
 }
 
-/// Keeps reading past the cap (discarding) so the writer never blocks on a full pipe.
-async fn drain<R: AsyncRead + Unpin>(mut reader: R, sink: Arc<Mutex<Capture>>) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let mut c = sink.lock().unwrap_or_else(|p| p.into_inner());
-        let room = MAX_EXEC_OUTPUT.saturating_sub(c.data.len());
-        if n > room {
-            c.truncated = true;
+impl Capture {
+    /// Keeps what fits under the cap; the rest is read (the process never
+    /// waits on us) and dropped.
+    fn take(&mut self, bytes: &[u8]) {
+        let room = MAX_EXEC_OUTPUT.saturating_sub(self.data.len());
+        if bytes.len() > room {
+            self.truncated = true;
         }
-        let keep = n.min(room);
-        c.data.extend_from_slice(&buf[..keep]);
+        self.data.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.data).into_owned()
     }
 }
 
-fn take(c: &Arc<Mutex<Capture>>) -> (String, bool) {
-    let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
-    let data = std::mem::take(&mut c.data);
-    (String::from_utf8_lossy(&data).into_owned(), c.truncated)
+/// The request's hold on its process: on drop (the answer was sent, or the
+/// caller went away half-way) it detaches and kills a group still running.
+struct Held {
+    proc: Arc<Proc>,
+    client: u64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.proc.leave(self.client);
+        self.proc.signal(libc::SIGKILL);
+    }
+}
+
+/// Runs `req` in `processes` and reports its outcome. Failures of the
+/// command itself (not found, non-zero exit, timeout) are answers, not errors.
+pub async fn run(processes: &Arc<Processes>, req: ExecRequest) -> Result<ExecResponse, ExecError> {
+    let timeout = check(&req)?;
+    let program = req.argv[0].clone();
+    let proc = match processes.spawn(as_process(&req, timeout.as_secs()), true) {
+        Ok(p) => p,
+        Err(ProcessError::Spawn { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            // As a shell says it: scripts rely on 127 and 126.
+            let (code, why) = match source.kind() {
+                std::io::ErrorKind::NotFound => (127, "command not found"),
+                _ => (126, "permission denied"),
+            };
+            return Ok(ExecResponse {
+                exit_code: Some(code),
+                stdout: String::new(),
+                stderr: format!("airlock-agent: {program}: {why}\n"),
+                timed_out: false,
+                truncated: false,
+            });
+        }
+        Err(ProcessError::BadRequest(m)) => return Err(ExecError::BadRequest(m)),
+        Err(ProcessError::TooMany(m)) => return Err(ExecError::TooMany(m)),
+        Err(e) => return Err(ExecError::Spawn(e)),
+    };
+    // Watch before the first read, so no change between the two is missed.
+    let mut changed = proc.subscribe();
+    let held = Held {
+        client: proc.join(0),
+        proc,
+    };
+    let (mut stdout, mut stderr) = (Capture::default(), Capture::default());
+    let mut offset = 0;
+    let ended = loop {
+        let since = held.proc.read_since(offset);
+        offset = since.next;
+        for (tag, data) in &since.chunks {
+            match *tag {
+                TAG_STDERR => stderr.take(data),
+                _ => stdout.take(data),
+            }
+        }
+        if since.skipped > 0 {
+            // Cannot happen to the first client from byte 0; say so if it did.
+            stdout.truncated = true;
+        }
+        held.proc.progress(held.client, offset);
+        if let Some(ended) = since.ended {
+            break ended;
+        }
+        if changed.changed().await.is_err() {
+            break held.proc.ended().unwrap_or(Ended {
+                exit_code: None,
+                signal: None,
+                timed_out: false,
+                at_ms: 0,
+            });
+        }
+    };
+    Ok(ExecResponse {
+        exit_code: if ended.timed_out {
+            None
+        } else {
+            ended.exit_code
+        },
+        stdout: stdout.text(),
+        stderr: stderr.text(),
+        timed_out: ended.timed_out,
+        truncated: stdout.truncated || stderr.truncated,
+    })
 }
 
 /// Kills the command's whole process group unless disarmed: on timeout, and when
@@ -123,87 +208,6 @@ impl Drop for GroupKiller {
     }
 }
 
-/// Runs `req` and reports its outcome. Failures of the command itself (not
-/// found, non-zero exit, timeout) are answers, not errors.
-pub async fn run(cfg: &ExecConfig, req: ExecRequest) -> Result<ExecResponse, ExecError> {
-    let timeout = check(&req)?;
-    let program = &req.argv[0];
-    let mut cmd = Command::new(program);
-    cmd.args(&req.argv[1..])
-        .env_clear()
-        .envs(cfg.base_env.iter().map(|(k, v)| (k, v)))
-        .envs(&req.env)
-        .current_dir(if cfg.home.is_dir() {
-            cfg.home.clone()
-        } else {
-            PathBuf::from("/")
-        })
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    crate::privdrop::drop_to(cmd.as_std_mut(), &cfg.run_as, Session::Inherit);
-
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            let (code, why) = match e.kind() {
-                std::io::ErrorKind::NotFound => (127, "command not found"),
-                std::io::ErrorKind::PermissionDenied => (126, "permission denied"),
-                _ => return Err(ExecError::Spawn(e)),
-            };
-            return Ok(ExecResponse {
-                exit_code: Some(code),
-                stdout: String::new(),
-                stderr: format!("airlock-agent: {program}: {why}\n"),
-                timed_out: false,
-                truncated: false,
-            });
-        }
-    };
-    let mut killer = GroupKiller {
-        pgid: child.id().map(|p| p as i32),
-    };
-    let out = Arc::new(Mutex::new(Capture::default()));
-    let err = Arc::new(Mutex::new(Capture::default()));
-    let mut readers = Vec::new();
-    if let Some(s) = child.stdout.take() {
-        readers.push(tokio::spawn(drain(s, out.clone())));
-    }
-    if let Some(s) = child.stderr.take() {
-        readers.push(tokio::spawn(drain(s, err.clone())));
-    }
-
-    let deadline = Instant::now() + timeout;
-    let (status, timed_out) = tokio::select! {
-        status = child.wait() => (status.map_err(ExecError::Wait)?, false),
-        _ = tokio::time::sleep_until(deadline) => {
-            killer.kill();
-            (child.wait().await.map_err(ExecError::Wait)?, true)
-        }
-    };
-    if !timed_out {
-        // The command finished on its own: whatever it left behind may keep running.
-        killer.pgid = None;
-    }
-    let grace = Instant::now() + PIPE_GRACE;
-    for r in &mut readers {
-        if tokio::time::timeout_at(grace, &mut *r).await.is_err() {
-            r.abort();
-        }
-    }
-    let (stdout, t1) = take(&out);
-    let (stderr, t2) = take(&err);
-    Ok(ExecResponse {
-        exit_code: if timed_out { None } else { status.code() },
-        stdout,
-        stderr,
-        timed_out,
-        truncated: t1 || t2,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +224,10 @@ mod tests {
         }
     }
 
+    fn table() -> Arc<Processes> {
+        Arc::new(Processes::new(cfg()))
+    }
+
     fn req(argv: &[&str]) -> ExecRequest {
         ExecRequest {
             argv: argv.iter().map(|s| s.to_string()).collect(),
@@ -230,9 +238,12 @@ mod tests {
 
     #[tokio::test]
     async fn runs_and_captures_both_streams() {
-        let r = run(&cfg(), req(&["sh", "-c", "echo hi; echo oops >&2; exit 3"]))
-            .await
-            .expect("run");
+        let r = run(
+            &table(),
+            req(&["sh", "-c", "echo hi; echo oops >&2; exit 3"]),
+        )
+        .await
+        .expect("run");
         assert_eq!(r.exit_code, Some(3));
         assert_eq!(r.stdout, "hi\n");
         assert_eq!(r.stderr, "oops\n");
@@ -243,16 +254,18 @@ mod tests {
     async fn environment_is_clean_and_request_env_wins() {
         let mut rq = req(&["sh", "-c", "echo $FROM_BASE $EXTRA ${CARGO:-unset}"]);
         rq.env.insert("EXTRA".into(), "x".into());
-        let r = run(&cfg(), rq).await.expect("run");
+        let r = run(&table(), rq).await.expect("run");
         assert_eq!(r.stdout, "1 x unset\n");
     }
 
     #[tokio::test]
     async fn missing_program_is_exit_127_not_an_error() {
-        let r = run(&cfg(), req(&["/nonexistent/prog"])).await.expect("run");
+        let r = run(&table(), req(&["/nonexistent/prog"]))
+            .await
+            .expect("run");
         assert_eq!(r.exit_code, Some(127));
         assert!(r.stderr.contains("command not found"), "{}", r.stderr);
-        let r = run(&cfg(), req(&["no-such-program-anywhere"]))
+        let r = run(&table(), req(&["no-such-program-anywhere"]))
             .await
             .expect("run");
         assert_eq!(r.exit_code, Some(127));
@@ -274,7 +287,7 @@ mod tests {
             },
         ] {
             assert!(matches!(
-                run(&cfg(), rq).await,
+                run(&table(), rq).await,
                 Err(ExecError::BadRequest(_))
             ));
         }
@@ -286,7 +299,7 @@ mod tests {
         // The background sleep shares the group and holds stdout: both must die.
         let mut rq = req(&["sh", "-c", "sleep 30 & echo started; sleep 30"]);
         rq.timeout_s = Some(1);
-        let r = run(&cfg(), rq).await.expect("run");
+        let r = run(&table(), rq).await.expect("run");
         assert!(r.timed_out);
         assert_eq!(r.exit_code, None);
         assert_eq!(r.stdout, "started\n");
@@ -301,7 +314,7 @@ mod tests {
     async fn output_is_capped_and_flagged() {
         let n = MAX_EXEC_OUTPUT + 4096;
         let r = run(
-            &cfg(),
+            &table(),
             req(&["sh", "-c", &format!("head -c {n} /dev/zero")]),
         )
         .await
@@ -309,6 +322,50 @@ mod tests {
         assert_eq!(r.exit_code, Some(0));
         assert!(r.truncated);
         assert_eq!(r.stdout.len(), MAX_EXEC_OUTPUT);
+    }
+
+    #[tokio::test]
+    async fn the_process_is_private_and_dies_with_its_request() {
+        let procs = table();
+        let dir = tempfile::tempdir().expect("tmp");
+        let pidfile = dir.path().join("pid");
+        let mut rq = req(&["sh", "-c", "echo $$ > \"$F\"; exec sleep 30"]);
+        rq.env.insert("F".into(), pidfile.display().to_string());
+        let gone = tokio::time::timeout(Duration::from_millis(800), run(&procs, rq)).await;
+        assert!(gone.is_err(), "sleep 30 cannot have ended");
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .expect("pid written")
+            .trim()
+            .parse()
+            .expect("pid");
+        // Never listed nor attachable by anyone else.
+        assert!(procs.list().is_empty());
+        assert!(procs.get(pid).is_err());
+        // The request went away: the group is killed and reaped.
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(std::time::Instant::now() < until, "{pid} still runs");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn output_on_both_streams_is_kept_whole_while_it_comes_in_bursts() {
+        // Larger than the backlog: the request is attached, so nothing is lost.
+        let r = run(
+            &table(),
+            req(&[
+                "sh",
+                "-c",
+                "head -c 900000 /dev/zero; head -c 700000 /dev/zero >&2; echo end",
+            ]),
+        )
+        .await
+        .expect("run");
+        assert_eq!(r.exit_code, Some(0));
+        assert!(!r.truncated);
+        assert_eq!(r.stdout.len(), 900_004);
+        assert_eq!(r.stderr.len(), 700_000);
     }
 
     #[tokio::test]
@@ -326,9 +383,12 @@ mod tests {
             },
             ..cfg()
         };
-        let r = run(&c, req(&["sh", "-c", "id -u; id -g; id -G"]))
-            .await
-            .expect("run");
+        let r = run(
+            &Arc::new(Processes::new(c)),
+            req(&["sh", "-c", "id -u; id -g; id -G"]),
+        )
+        .await
+        .expect("run");
         assert_eq!(r.stdout, "65534\n65534\n65534 29\n", "{r:?}");
     }
 }

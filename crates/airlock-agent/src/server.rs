@@ -98,7 +98,7 @@ async fn exec_handler(
     })?;
     let program = req.argv.first().cloned().unwrap_or_default();
     let started = Instant::now();
-    match exec::run(&state.exec, req).await {
+    match exec::run(&state.processes, req).await {
         Ok(resp) => {
             tracing::info!(
                 program = %program,
@@ -110,6 +110,7 @@ async fn exec_handler(
             Ok(Json(resp))
         }
         Err(ExecError::BadRequest(m)) => Err(error(StatusCode::BAD_REQUEST, m)),
+        Err(ExecError::TooMany(m)) => Err(error(StatusCode::TOO_MANY_REQUESTS, m)),
         Err(e) => {
             tracing::error!(program = %program, error = %crate::chain(&e), "exec failed");
             Err(error(StatusCode::INTERNAL_SERVER_ERROR, crate::chain(&e)))
@@ -153,7 +154,7 @@ pub async fn serve(
 mod tests {
     use super::*;
     use crate::exec::RunAs;
-    use axum::body::Body;
+    use axum::body::{Body, Bytes};
     use tower::ServiceExt;
 
     const TOKEN: &str = "tok-0123456789abcdef";
@@ -321,6 +322,124 @@ mod tests {
         let (status, json) = send("GET", Some(bearer), String::new()).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(json["user_id"], "u1");
+    }
+
+    async fn put_file(name: &str, body: Body, length: Option<u64>) -> (StatusCode, String) {
+        let mut b = Request::builder()
+            .method("PUT")
+            .uri(format!("/files?path={name}"))
+            .header("authorization", format!("Bearer {TOKEN}"));
+        if let Some(n) = length {
+            b = b.header("content-length", n);
+        }
+        let resp = app()
+            .oneshot(b.body(body).expect("request"))
+            .await
+            .expect("response");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// What the test left under the name (the file, or a half-written one beside it).
+    fn traces(name: &str) -> Vec<String> {
+        std::fs::read_dir(std::env::temp_dir())
+            .expect("tmp")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(name))
+            .collect()
+    }
+
+    /// Uploads stream into the file (in chunks, with no length said), and
+    /// the 64 MiB cap holds while they do: a larger one is 413 and leaves no
+    /// file, whole or partial; so does one that breaks off.
+    #[tokio::test]
+    async fn uploads_stream_and_the_cap_leaves_nothing_behind() {
+        use airlock_proto::process::MAX_FILE_BYTES;
+        let name = format!("airlock-put-{}", std::process::id());
+        let chunks = |n: usize, size: usize| {
+            Body::from_stream(futures::stream::iter(
+                (0..n).map(move |i| Ok::<_, std::io::Error>(Bytes::from(vec![i as u8; size]))),
+            ))
+        };
+        let (status, body) = put_file(&name, chunks(16, 65536), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let path = std::env::temp_dir().join(&name);
+        let got = std::fs::read(&path).expect("written");
+        assert_eq!(got.len(), 16 * 65536);
+        assert_eq!(got[65536 * 3], 3);
+        assert_eq!(traces(&name), vec![name.clone()]);
+        // Replacing a file keeps its permission bits (an executable stays one).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+        let (status, body) = put_file(&name, chunks(16, 65536), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o7777, 0o750);
+
+        // Over the cap, streamed without a length: refused at the byte past it;
+        // the old file stays as it was.
+        let mib = 1 << 20;
+        let (status, body) = put_file(&name, chunks(MAX_FILE_BYTES / mib + 1, mib), None).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+        assert!(body.contains("64 MiB"), "{body}");
+        assert_eq!(std::fs::read(&path).expect("kept").len(), 16 * 65536);
+        assert_eq!(traces(&name), vec![name.clone()]);
+
+        // Announced too large: refused before a byte is read.
+        std::fs::remove_file(&path).expect("rm");
+        let (status, _) = put_file(&name, Body::from("x"), Some(MAX_FILE_BYTES as u64 + 1)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        // Broken off half-way.
+        let broken = Body::from_stream(futures::stream::iter([
+            Ok(Bytes::from_static(b"half")),
+            Err(std::io::Error::other("connection reset")),
+        ]));
+        let (status, body) = put_file(&name, broken, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(traces(&name).is_empty(), "{:?}", traces(&name));
+    }
+
+    /// A directory whose tar would pass the cap is refused before a byte of
+    /// it is sent (a sparse file: no disk is used).
+    #[tokio::test]
+    async fn a_directory_over_the_tar_cap_is_413() {
+        use airlock_proto::process::MAX_TAR_BYTES;
+        let name = format!("airlock-tar-{}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::File::create(dir.join("small"))
+            .expect("create")
+            .set_len(1000)
+            .expect("size");
+        let get = |name: String| async move {
+            let req = Request::builder()
+                .uri(format!("/files?path={name}"))
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(Body::empty())
+                .expect("request");
+            let resp = app().oneshot(req).await.expect("response");
+            let status = resp.status();
+            let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .expect("body");
+            (status, bytes)
+        };
+        let (status, tar) = get(name.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(tar.len() % 512, 0);
+        std::fs::File::create(dir.join("big"))
+            .expect("create")
+            .set_len(MAX_TAR_BYTES)
+            .expect("sparse");
+        let (status, body) = get(name.clone()).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains(&name) && body.contains("1024 MiB"), "{body}");
     }
 
     #[tokio::test]

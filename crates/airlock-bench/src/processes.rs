@@ -1,7 +1,9 @@
 //! Processes through the API into one real workspace: start latency (the
-//! POST sent → the first output byte on the io socket), output throughput
-//! through the io socket, and a PTY keystroke's round trip (a key in, its
-//! echo out).
+//! POST sent → the first output byte on the io socket), `/exec`'s round
+//! trip, output throughput through the io socket, a PTY keystroke's round
+//! trip (a key in, its echo out), and files up and down: throughput, and how
+//! much the control plane's memory (this process's) grows while a file
+//! passes through it.
 
 use crate::sandbox::ControlPlane;
 use crate::stats::{ms, percentile, Table};
@@ -82,6 +84,26 @@ async fn measure(
     let http = reqwest::Client::builder().no_proxy().build()?;
     let base = plane.base.clone();
 
+    // Files first (the peak memory below is this process's, the control
+    // plane's, and must not carry what the later runs left).
+    let files = files(&http, &base, &id, FILE_MIB).await?;
+
+    // /exec's round trip: one request, `true` run to its end.
+    let mut execs = Vec::new();
+    for _ in 0..starts {
+        let t = Instant::now();
+        let resp = http
+            .post(format!("{base}/api/v1/sandboxes/{id}/exec"))
+            .json(&json!({"argv": ["true"]}))
+            .send()
+            .await?;
+        let out: Value = resp.json().await?;
+        if out["exit_code"] != 0 {
+            bail!("exec true: {out}");
+        }
+        execs.push(t.elapsed());
+    }
+
     // Start latency: POST → attached → first byte of `echo`.
     let mut first = Vec::new();
     for _ in 0..starts {
@@ -144,6 +166,13 @@ async fn measure(
         ms(percentile(&first, 100.0)),
     ]);
     t.row(&[
+        "exec `true`: POST → answer".to_owned(),
+        starts.to_string(),
+        ms(percentile(&execs, 50.0)),
+        ms(percentile(&execs, 90.0)),
+        ms(percentile(&execs, 100.0)),
+    ]);
+    t.row(&[
         "PTY keystroke → echo".to_owned(),
         keys.to_string(),
         ms(percentile(&trips, 50.0)),
@@ -156,5 +185,111 @@ async fn measure(
         "\noutput throughput through the io socket ({mib} MiB, 3 runs): {:.0} / {:.0} / {:.0} MiB/s",
         rates[0], rates[1], rates[2]
     );
+    let list = |v: &[f64], digits: usize| {
+        v.iter()
+            .map(|r| format!("{r:.digits$}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    println!(
+        "files through the API ({FILE_MIB} MiB, 3 runs each): up {} MiB/s, down {} MiB/s",
+        list(&files.up, 0),
+        list(&files.down, 0)
+    );
+    println!(
+        "the control plane's resident memory while one passed (most above where it stood): \
+         up {} MiB, down {} MiB",
+        list(&files.grew_up, 1),
+        list(&files.grew_down, 1)
+    );
     Ok(())
+}
+
+/// The size of the file sent up and down.
+const FILE_MIB: usize = 60;
+
+#[derive(Debug, Default)]
+struct FileFigures {
+    up: Vec<f64>,
+    down: Vec<f64>,
+    /// Per upload and per download: the most this process's resident
+    /// memory rose above where it stood before, in MiB.
+    grew_up: Vec<f64>,
+    grew_down: Vec<f64>,
+}
+
+/// This process's resident memory, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Samples the resident memory every 5 ms while `work` runs; answers how
+/// far it rose above where it stood at the start, in MiB.
+async fn peak_growth<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<(T, f64)> {
+    let base = rss_kib();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(base));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_kib(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let out = work.await;
+    sampler.abort();
+    let grew = peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(base);
+    Ok((out?, grew as f64 / 1024.0))
+}
+
+/// `mib` MiB up (`PUT …/files`) and back down, three times each; the bytes
+/// that come down are counted and compared, not kept.
+async fn files(http: &reqwest::Client, base: &str, id: &str, mib: usize) -> Result<FileFigures> {
+    let data: Vec<u8> = (0..mib << 20).map(|i| (i % 251) as u8).collect();
+    let data = axum::body::Bytes::from(data);
+    let url = format!("{base}/api/v1/sandboxes/{id}/files?path=bench.bin");
+    let mut f = FileFigures::default();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let (status, grew) = peak_growth(async {
+            let resp = http.put(&url).body(data.clone()).send().await?;
+            Ok(resp.status())
+        })
+        .await?;
+        if !status.is_success() {
+            bail!("upload: {status}");
+        }
+        f.up.push(mib as f64 / t.elapsed().as_secs_f64());
+        f.grew_up.push(grew);
+
+        let t = Instant::now();
+        let (got, grew) = peak_growth(async {
+            let mut resp = http.get(&url).send().await?;
+            let mut got = 0usize;
+            while let Some(chunk) = resp.chunk().await? {
+                if got + chunk.len() > data.len() || chunk[..] != data[got..got + chunk.len()] {
+                    bail!("the download differs at byte {got}");
+                }
+                got += chunk.len();
+            }
+            Ok(got)
+        })
+        .await?;
+        if got != data.len() {
+            bail!("downloaded {got} bytes of {}", data.len());
+        }
+        f.down.push(mib as f64 / t.elapsed().as_secs_f64());
+        f.grew_down.push(grew);
+    }
+    Ok(f)
 }

@@ -197,6 +197,11 @@ mod tests {
 /// (a file's bytes, or a directory as a tar stream). Paths are relative to
 /// the user's home or absolute inside it (or inside /tmp).
 pub const MAX_FILE_BYTES: usize = 64 * 1024 * 1024;
+/// The largest directory download: the tar stream a directory makes (its
+/// files, padded to 512-byte blocks, plus a header each). A larger one is
+/// refused with 413 before anything is sent; one that grows past it while
+/// it streams is cut off with an error.
+pub const MAX_TAR_BYTES: u64 = 1024 * 1024 * 1024;
 
 /// The answer to a `PUT /files`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

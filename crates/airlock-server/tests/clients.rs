@@ -191,7 +191,7 @@ fn the_cli_and_both_sdks_against_a_real_airlock() {
     assert_eq!(String::from_utf8_lossy(&listed.stdout), "dir/\ndir/sub/\n");
     run(
         &["sandbox", "cp", &format!("{id}:../../etc/passwd"), "-"],
-        65,
+        77,
     );
 
     // ps and logs: the backlog of the newest process.

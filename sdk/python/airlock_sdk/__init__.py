@@ -251,9 +251,11 @@ class _Files:
         return f"{self.sandbox.path}/files?path={urllib.parse.quote(path, safe='')}"
 
     def write(self, path: str, data) -> Dict[str, Any]:
-        """Writes a file (at most 64 MiB) as the sandbox user."""
+        """Writes a file (at most 64 MiB, else AirlockError 413) as the sandbox
+        user; a path outside the home and /tmp is AirlockError 403."""
         return self.client.request("PUT", self._url(path), data=data.encode() if isinstance(data, str) else bytes(data))
 
     def read(self, path: str) -> bytes:
-        """A file's bytes, or a directory as a tar archive."""
+        """A file's bytes, or a directory as a tar archive (at most 1 GiB, else
+        AirlockError 413); a path outside the home and /tmp is AirlockError 403."""
         return self.client.request("GET", self._url(path), raw=True)

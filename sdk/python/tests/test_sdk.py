@@ -59,7 +59,7 @@ class SdkTest(unittest.TestCase):
         self.assertEqual(self.sb.files.read("sdk-py.bin"), data)
         with self.assertRaises(AirlockError) as e:
             self.sb.files.write("/etc/escape", b"x")
-        self.assertEqual(e.exception.status, 400)
+        self.assertEqual(e.exception.status, 403)
         with self.assertRaises(AirlockError) as e:
             self.airlock.sandbox("no-such").processes.list()
         self.assertEqual(e.exception.status, 404)

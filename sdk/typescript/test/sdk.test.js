@@ -54,6 +54,6 @@ test("files round trip, and refusals are errors", { skip }, async () => {
   const w = await sb.files.write("sdk-ts.bin", data);
   assert.equal(w.size, data.length);
   assert.deepEqual(await sb.files.read("sdk-ts.bin"), data);
-  await assert.rejects(sb.files.write("../escape", "x"), (e) => e instanceof AirlockError && e.status === 400);
+  await assert.rejects(sb.files.write("../escape", "x"), (e) => e instanceof AirlockError && e.status === 403);
   await assert.rejects(airlock.sandbox("no-such").processes.list(), (e) => e.status === 404);
 });

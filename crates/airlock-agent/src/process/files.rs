@@ -12,16 +12,16 @@
 
 use crate::exec::RunAs;
 use crate::server::{error, AgentState};
-use airlock_proto::process::{FileInfo, MAX_FILE_BYTES};
+use airlock_proto::process::{FileInfo, MAX_FILE_BYTES, MAX_TAR_BYTES};
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -38,6 +38,8 @@ pub enum FileError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    TooLarge(String),
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -68,6 +70,7 @@ impl FileError {
             FileError::Bad(_) => StatusCode::BAD_REQUEST,
             FileError::Forbidden(_) => StatusCode::FORBIDDEN,
             FileError::NotFound(_) => StatusCode::NOT_FOUND,
+            FileError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             FileError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         error(status, crate::chain(self))
@@ -233,41 +236,138 @@ fn confinement(state: &AgentState) -> Confinement {
     }
 }
 
+/// An upload is written to a new file beside its target, as it arrives,
+/// and renamed over the target once whole: a refused or broken upload leaves
+/// nothing behind, and a reader never sees half a file.
 async fn put(
     State(state): State<Arc<AgentState>>,
     q: Result<Query<FileQuery>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Json<FileInfo>, Response> {
     let asked = path_of(q)?;
-    let body = body.map_err(|r| error(r.status(), r.body_text()))?;
     let path = confinement(&state)
         .resolve(&asked)
         .map_err(|e| e.answer())?;
-    let shown = asked.clone();
-    let written = as_user(
-        &state.exec.run_as,
-        move || -> Result<FileInfo, FileError> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o644)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-                .map_err(|e| FileError::io(&shown, e))?;
-            f.write_all(&body).map_err(|e| FileError::io(&shown, e))?;
-            f.sync_all().map_err(|e| FileError::io(&shown, e))?;
-            Ok(FileInfo {
-                path: path.display().to_string(),
-                size: body.len() as u64,
-            })
-        },
-    )
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_FILE_BYTES as u64) {
+        return Err(too_large(&asked));
+    }
+    let run_as = state.exec.run_as.clone();
+    let (shown, target) = (asked.clone(), path.clone());
+    let (file, temp) = as_user(&run_as, move || open_beside(&target, &shown))
+        .await
+        .and_then(|r| r)
+        .map_err(|e| e.answer())?;
+    let written = match receive(file, body, &asked).await {
+        Ok(n) => n,
+        Err(refusal) => {
+            let temp = temp.clone();
+            let _ = as_user(&run_as, move || std::fs::remove_file(temp)).await;
+            return Err(refusal);
+        }
+    };
+    let (shown, from, to) = (asked.clone(), temp.clone(), path.clone());
+    let renamed = as_user(&run_as, move || {
+        std::fs::rename(&from, &to).map_err(|e| {
+            let _ = std::fs::remove_file(&from);
+            FileError::io(&shown, e)
+        })
+    })
     .await
-    .and_then(|r| r)
-    .map_err(|e| e.answer())?;
-    tracing::info!(path = %written.path, size = written.size, "file written");
-    Ok(Json(written))
+    .and_then(|r| r);
+    renamed.map_err(|e| e.answer())?;
+    let info = FileInfo {
+        path: path.display().to_string(),
+        size: written,
+    };
+    tracing::info!(path = %info.path, size = info.size, "file written");
+    Ok(Json(info))
+}
+
+fn too_large(asked: &str) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("{asked}: larger than {} MiB", MAX_FILE_BYTES >> 20),
+    )
+}
+
+/// Opens a new file beside `target` (as the user), refusing a target that
+/// is a symlink or a directory; an existing file's permissions carry over.
+fn open_beside(target: &Path, asked: &str) -> Result<(std::fs::File, PathBuf), FileError> {
+    let mode = match std::fs::symlink_metadata(target) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(FileError::Forbidden(format!(
+                "{asked}: is a symlink (not followed)"
+            )))
+        }
+        Ok(m) if m.is_dir() => {
+            return Err(FileError::Bad(format!("{asked}: is a directory")));
+        }
+        // Permission bits only: never a set-id bit on a file written for a caller.
+        Ok(m) => m.mode() & 0o777,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0o644,
+        Err(e) => return Err(FileError::io(asked, e)),
+    };
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+        return Err(FileError::Bad(format!("{asked}: names no file")));
+    };
+    for attempt in 0u32.. {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let temp = dir.join(format!(
+            ".{}.upload-{}-{nanos:x}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&temp)
+        {
+            Ok(f) => {
+                // The umask may have taken bits the old file had.
+                let _ = f.set_permissions(std::fs::Permissions::from_mode(mode));
+                return Ok((f, temp));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => continue,
+            Err(e) => return Err(FileError::io(asked, e)),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Writes the body into `file` as it arrives, at most [`MAX_FILE_BYTES`].
+async fn receive(file: std::fs::File, body: Body, asked: &str) -> Result<u64, Response> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let mut file = tokio::fs::File::from_std(file);
+    let mut frames = body.into_data_stream();
+    let mut written = 0u64;
+    let failed = |e: std::io::Error| FileError::io(asked, e).answer();
+    while let Some(chunk) = frames.next().await {
+        let chunk = chunk.map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("{asked}: the upload broke off: {e}"),
+            )
+        })?;
+        written += chunk.len() as u64;
+        if written > MAX_FILE_BYTES as u64 {
+            return Err(too_large(asked));
+        }
+        file.write_all(&chunk).await.map_err(failed)?;
+    }
+    file.flush().await.map_err(failed)?;
+    file.sync_all().await.map_err(failed)?;
+    Ok(written)
 }
 
 async fn get_file(
@@ -302,10 +402,25 @@ async fn get_file(
             }
         };
         let is_dir = file.metadata().map(|m| m.is_dir()).unwrap_or(false);
+        if is_dir {
+            if let Some(size) = tar::size_over(&path, MAX_TAR_BYTES) {
+                drop(first_tx.send(Err(FileError::TooLarge(format!(
+                    "{shown}: the directory makes a tar of more than {} MiB ({} MiB or more); \
+                     download its parts",
+                    MAX_TAR_BYTES >> 20,
+                    size >> 20
+                )))));
+                return;
+            }
+        }
         drop(first_tx.send(Ok(is_dir)));
         let result = if is_dir {
             drop(file);
-            tar::write_dir(&path, &mut ChannelWriter { tx: &tx })
+            let mut out = tar::Capped {
+                inner: ChannelWriter { tx: &tx },
+                left: MAX_TAR_BYTES,
+            };
+            tar::write_dir(&path, &mut out)
         } else {
             copy(file, &mut ChannelWriter { tx: &tx })
         };
@@ -348,6 +463,7 @@ fn copy(mut file: std::fs::File, out: &mut impl Write) -> std::io::Result<()> {
 }
 
 /// Writes go to the download's channel in chunks.
+#[derive(Debug)]
 struct ChannelWriter<'a> {
     tx: &'a mpsc::Sender<Result<Bytes, std::io::Error>>,
 }
@@ -366,12 +482,9 @@ impl Write for ChannelWriter<'_> {
 }
 
 pub fn routes() -> Router<Arc<AgentState>> {
-    Router::new().route(
-        "/files",
-        get(get_file)
-            .put(put)
-            .layer(DefaultBodyLimit::max(MAX_FILE_BYTES)),
-    )
+    // The upload is read as a stream (not through a body extractor), so it
+    // counts its own bytes against MAX_FILE_BYTES.
+    Router::new().route("/files", get(get_file).put(put))
 }
 
 /// A directory as a POSIX tar stream (ustar, with GNU long names), written
@@ -380,6 +493,59 @@ pub mod tar {
     use super::*;
 
     const BLOCK: usize = 512;
+
+    /// The size of `root`'s tar, if it is more than `cap` (the walk stops
+    /// there); `None` when it fits.
+    pub fn size_over(root: &Path, cap: u64) -> Option<u64> {
+        fn walk(dir: &Path, total: &mut u64, cap: u64) {
+            // A header, and a long-name header for a long name.
+            *total += 3 * BLOCK as u64;
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.filter_map(Result::ok) {
+                if *total > cap {
+                    return;
+                }
+                let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+                    continue;
+                };
+                if meta.is_dir() {
+                    walk(&entry.path(), total, cap);
+                } else {
+                    *total += 3 * BLOCK as u64 + meta.len().div_ceil(BLOCK as u64) * BLOCK as u64;
+                }
+            }
+        }
+        let mut total = 2 * BLOCK as u64;
+        walk(root, &mut total, cap);
+        (total > cap).then_some(total)
+    }
+
+    /// Passes at most `left` bytes on, then fails: a directory that grew
+    /// past the cap while it streams is cut off.
+    #[derive(Debug)]
+    pub struct Capped<W> {
+        pub inner: W,
+        pub left: u64,
+    }
+
+    impl<W: Write> Write for Capped<W> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if buf.len() as u64 > self.left {
+                return Err(std::io::Error::other(format!(
+                    "the directory grew past {} MiB while it was sent",
+                    MAX_TAR_BYTES >> 20
+                )));
+            }
+            let n = self.inner.write(buf)?;
+            self.left -= n as u64;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+    }
 
     pub fn write_dir(root: &Path, out: &mut impl Write) -> std::io::Result<()> {
         let base = root
@@ -569,6 +735,29 @@ mod tests {
         assert!(err.to_string().contains("symlink leads out"), "{err}");
         assert!(matches!(c.resolve("nodir/x"), Err(FileError::NotFound(_))));
         assert!(matches!(c.resolve(""), Err(FileError::Bad(_))));
+    }
+
+    #[test]
+    fn a_directory_over_the_cap_is_measured_before_it_is_sent() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let root = dir.path().join("tree");
+        std::fs::create_dir_all(root.join("a")).expect("mkdir");
+        std::fs::write(root.join("a/big"), vec![1u8; 100_000]).expect("write");
+        std::fs::write(root.join("small"), b"x").expect("write");
+        let mut out = Vec::new();
+        tar::write_dir(&root, &mut out).expect("tar");
+        let real = out.len() as u64;
+        // The estimate never says less than the real tar.
+        assert_eq!(tar::size_over(&root, real * 2), None);
+        let over = tar::size_over(&root, real - 1).expect("over");
+        assert!(over >= real, "{over} < {real}");
+        // While streaming, the cap cuts it off.
+        let mut capped = tar::Capped {
+            inner: Vec::new(),
+            left: 50_000,
+        };
+        assert!(tar::write_dir(&root, &mut capped).is_err());
+        assert!(capped.inner.len() <= 50_000);
     }
 
     #[test]

@@ -144,6 +144,8 @@ enum Input {
 pub struct Proc {
     pub pid: u32,
     argv: Vec<String>,
+    /// Run by `/exec` for one request: not listed, not attachable.
+    private: bool,
     started_at_ms: u64,
     started: std::time::Instant,
     pty: Mutex<Option<PtySize>>,
@@ -176,15 +178,21 @@ impl Processes {
         }
     }
 
+    /// A listed process (one run by `/exec` belongs to its request alone).
     pub fn get(&self, pid: u32) -> Result<Arc<Proc>, ProcessError> {
         lock(&self.table)
             .get(&pid)
+            .filter(|p| !p.private)
             .cloned()
             .ok_or(ProcessError::NotFound(pid))
     }
 
     pub fn list(&self) -> Vec<ProcessInfo> {
-        lock(&self.table).values().map(|p| p.info()).collect()
+        lock(&self.table)
+            .values()
+            .filter(|p| !p.private)
+            .map(|p| p.info())
+            .collect()
     }
 
     fn running(&self) -> usize {
@@ -194,9 +202,11 @@ impl Processes {
             .count()
     }
 
-    /// Forgets the oldest finished processes beyond [`MAX_FINISHED`].
+    /// Forgets private processes that ended, and the oldest finished
+    /// processes beyond [`MAX_FINISHED`].
     fn prune(&self) {
         let mut table = lock(&self.table);
+        table.retain(|_, p| !(p.private && p.ended().is_some()));
         let mut finished: Vec<(u64, u32)> = table
             .values()
             .filter_map(|p| p.ended().map(|e| (e.at_ms, p.pid)))
@@ -221,6 +231,16 @@ impl Processes {
 
     /// Starts `req` as the sandbox user and keeps it in the table.
     pub fn start(self: &Arc<Self>, req: StartProcess) -> Result<ProcessInfo, ProcessError> {
+        self.spawn(req, false).map(|p| p.info())
+    }
+
+    /// Starts `req`; a `private` process is left out of [`list`](Self::list)
+    /// and [`get`](Self::get) (its caller holds it) and forgotten once ended.
+    pub fn spawn(
+        self: &Arc<Self>,
+        req: StartProcess,
+        private: bool,
+    ) -> Result<Arc<Proc>, ProcessError> {
         req.check().map_err(ProcessError::BadRequest)?;
         if self.running() >= MAX_RUNNING {
             return Err(ProcessError::TooMany(format!(
@@ -262,6 +282,7 @@ impl Processes {
                 let proc = Arc::new(Proc::new(
                     &child,
                     req.argv,
+                    private,
                     Some(size),
                     Some(resizer),
                     Input::Pty(tokio::fs::File::from_std(writer)),
@@ -280,7 +301,7 @@ impl Processes {
                 drop_to(cmd.as_std_mut(), &self.cfg.run_as, Session::New);
                 let mut child = cmd.spawn().map_err(spawn_err)?;
                 let input = child.stdin.take().map_or(Input::None, Input::Pipe);
-                let proc = Arc::new(Proc::new(&child, req.argv, None, None, input));
+                let proc = Arc::new(Proc::new(&child, req.argv, private, None, None, input));
                 let mut readers = Vec::new();
                 if let Some(out) = child.stdout.take() {
                     readers.push(read_pipe(out, airlock_proto::process::TAG_STDOUT, &proc));
@@ -292,7 +313,7 @@ impl Processes {
             }
         };
         lock(&self.table).insert(proc.pid, proc.clone());
-        let info = proc.info();
+        let handle = proc.clone();
         let timeout = req.timeout_s.map(Duration::from_secs);
         let table = self.clone();
         tokio::spawn(async move {
@@ -330,7 +351,7 @@ impl Processes {
             );
             table.prune();
         });
-        Ok(info)
+        Ok(handle)
     }
 }
 
@@ -382,6 +403,7 @@ impl Proc {
     fn new(
         child: &tokio::process::Child,
         argv: Vec<String>,
+        private: bool,
         pty: Option<PtySize>,
         master: Option<std::fs::File>,
         input: Input,
@@ -389,6 +411,7 @@ impl Proc {
         Proc {
             pid: child.id().unwrap_or(0),
             argv,
+            private,
             started_at_ms: now_ms(),
             started: std::time::Instant::now(),
             pty: Mutex::new(pty),

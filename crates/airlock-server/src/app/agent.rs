@@ -183,15 +183,16 @@ pub trait Guest: Send + Sync + std::fmt::Debug + 'static {
         let _ = (agent, token, pid, offset);
         Err(no_processes())
     }
-    /// Write one file as the sandbox user.
+    /// Write one file as the sandbox user, from a body read as it comes
+    /// (an error from the body ends the upload).
     async fn file_put(
         &self,
         agent: SocketAddr,
         token: &str,
         path: &str,
-        data: bytes::Bytes,
+        body: axum::body::Body,
     ) -> Result<FileInfo, AgentError> {
-        let _ = (agent, token, path, data);
+        let _ = (agent, token, path, body);
         Err(no_processes())
     }
     /// Read one file, or a directory as a tar stream.
@@ -544,9 +545,9 @@ impl Guest for HttpGuest {
         agent: SocketAddr,
         token: &str,
         path: &str,
-        data: bytes::Bytes,
+        body: axum::body::Body,
     ) -> Result<FileInfo, AgentError> {
-        crate::app::processes::put_file(&self.client, agent, token, path, data).await
+        crate::app::processes::put_file(&self.client, agent, token, path, body).await
     }
 
     async fn file_get(

@@ -159,6 +159,13 @@ pub enum AppError {
     BadInput(String),
     #[error("missing or unknown API token")]
     Unauthorized,
+    /// The caller may not do this to an object it owns (a path that leads
+    /// out of where a sandbox's files may be).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A body beyond its documented limit.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0}")]

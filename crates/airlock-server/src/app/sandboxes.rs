@@ -218,10 +218,12 @@ impl App {
         let row = self.sandbox_of(user, id).await?;
         let endpoints = self.ready_endpoints(&row).await?;
         let _ = self.store.touch_activity(id).await;
+        // The agent runs it as a private process of its table (see the
+        // agent's `exec` module); its refusals read as the process API's.
         self.guest
             .exec(endpoints.agent, &row.agent_token, &req)
             .await
-            .map_err(|e| AppError::Unavailable(e.to_string()))
+            .map_err(|e| super::processes::refused(e, &format!("sandbox {id:?}")))
     }
 
     /// Someone uses the sandbox (an open viewer): keeps the idle reaper away.

@@ -430,7 +430,8 @@ mod tests {
         assert_eq!(got.status().as_u16(), 200);
         assert_eq!(got.bytes().await.expect("bytes").as_ref(), &data[..]);
         let (status, body) = send(http.put(format!("{files}?path=../x")).body("x")).await;
-        assert_eq!(status, 400, "{body}");
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["error"]["code"], "forbidden");
         assert!(
             body["error"]["message"]
                 .as_str()
@@ -440,6 +441,36 @@ mod tests {
         );
         let (status, _) = send(http.put(&files).body("x")).await;
         assert_eq!(status, 400, "no ?path=");
+        // Over 64 MiB: said by the length, or counted while it streams (in
+        // chunks with no length); either way 413, and nothing is written.
+        let max = airlock_proto::process::MAX_FILE_BYTES;
+        let (status, body) = send(
+            http.put(format!("{files}?path=big.bin"))
+                .body(vec![0u8; max + 1]),
+        )
+        .await;
+        assert_eq!(status, 413, "{body}");
+        assert_eq!(body["error"]["code"], "too_large");
+        let (tx, upload) = crate::app::processes::UploadBody::channel(4);
+        tokio::spawn(async move {
+            for _ in 0..=max >> 20 {
+                if tx.send(Ok(vec![1u8; 1 << 20])).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let streamed = reqwest::Body::wrap(upload);
+        let (status, body) = send(http.put(format!("{files}?path=big.bin")).body(streamed)).await;
+        assert_eq!(status, 413, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("64 MiB"),
+            "{body}"
+        );
+        let (status, _) = send(http.get(format!("{files}?path=big.bin"))).await;
+        assert_eq!(status, 404, "nothing was written");
 
         // Another user: every one of these is 404, the socket before it opens.
         let as_mallory = |r: reqwest::RequestBuilder| r.bearer_auth(&mallory);

@@ -260,12 +260,55 @@ fn remote(arg: &str) -> Option<(&str, &str)> {
     (!id.is_empty() && !id.contains('/') && !path.is_empty()).then_some((id, path))
 }
 
+/// A local file as a request body read as it is sent (never held whole);
+/// one over the API's 64 MiB is refused here, before anything is sent.
+async fn upload(from: &str) -> anyhow::Result<reqwest::Body> {
+    use tokio::io::AsyncReadExt;
+    let max = airlock_proto::process::MAX_FILE_BYTES;
+    let mut file = tokio::fs::File::open(from)
+        .await
+        .with_context(|| format!("reading {from}"))?;
+    let size = file
+        .metadata()
+        .await
+        .with_context(|| format!("reading {from}"))?
+        .len();
+    if size > max as u64 {
+        return Err(fail(
+            exit::BAD_REQUEST,
+            format!(
+                "{from}: {size} bytes; a file may be at most {} MiB",
+                max >> 20
+            ),
+        ));
+    }
+    let (tx, body) = airlock_server::app::processes::UploadBody::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let mut buf = vec![0u8; 256 * 1024];
+            let chunk = match file.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Ok(buf)
+                }
+                Err(e) => Err(e),
+            };
+            let failed = chunk.is_err();
+            if tx.send(chunk).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    Ok(reqwest::Body::wrap(body))
+}
+
 async fn copy(api: &Api, from: &str, to: &str) -> anyhow::Result<i32> {
     let files = |id: &str, path: &str| format!("{}/files?path={}", sandbox_path(id), seg(path));
     match (remote(from), remote(to)) {
         (None, Some((id, path))) => {
-            let data = std::fs::read(from).with_context(|| format!("reading {from}"))?;
-            let req = api.request(Method::PUT, &files(id, path)).body(data);
+            let body = upload(from).await?;
+            let req = api.request(Method::PUT, &files(id, path)).body(body);
             let body: Value = api.send(req).await?.json().await.unwrap_or(Value::Null);
             eprintln!(
                 "{from} → {id}:{} ({} bytes)",

@@ -31,7 +31,8 @@ pub mod exit {
     pub const UNAVAILABLE: i32 = 69;
     /// Try again later: the sandbox is not ready, a quota or limit (409, 429).
     pub const TEMPORARY: i32 = 75;
-    /// The token is missing, wrong or not allowed (401, 403).
+    /// The token is missing, wrong or not allowed (401, 403), or a path leads
+    /// out of the sandbox user's files (403).
     pub const NO_PERMISSION: i32 = 77;
     /// The client's configuration is unusable (a bad URL or config file).
     pub const CONFIG: i32 = 78;

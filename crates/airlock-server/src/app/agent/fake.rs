@@ -390,9 +390,12 @@ impl Guest for FakeGuest {
         agent: SocketAddr,
         token: &str,
         path: &str,
-        data: bytes::Bytes,
+        body: axum::body::Body,
     ) -> Result<FileInfo, AgentError> {
         let guest = self.agent_at(agent, token)?;
+        let data = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .map_err(|e| AgentError::Down(format!("the upload broke off: {e}")))?;
         if path.contains("..") {
             return Err(AgentError::Status {
                 status: 403,
