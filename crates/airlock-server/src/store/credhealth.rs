@@ -135,6 +135,10 @@ impl Store {
             .await
             .map_err(q("delete credentials"))?
             .rows_affected();
+        // In the same transaction: a delivery that read the record before
+        // it finds the generation moved after writing, and takes its files
+        // back out.
+        super::workspaces::bump_generation(&mut tx, owner_id, provider).await?;
         sqlx::query("DELETE FROM credential_health WHERE owner_id = $1 AND provider = $2")
             .bind(owner_id)
             .bind(provider)

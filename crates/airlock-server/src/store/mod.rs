@@ -14,6 +14,7 @@ mod sandboxes;
 mod sealed;
 mod usage;
 mod users;
+mod workspaces;
 
 pub use audit::AuditRow;
 pub use credhealth::HealthRow;
@@ -22,6 +23,7 @@ pub use logins::{CredentialRow, LoginRow};
 pub use sandboxes::SandboxRow;
 pub use sealed::{SealedRef, SealedValue};
 pub use users::UserRow;
+pub use workspaces::PlacementRow;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
