@@ -1385,3 +1385,68 @@ async fn a_pasted_code_completes_the_login() {
     bed.browser_gone(&done).await;
     assert_eq!(bed.guest.deliveries().len(), 1);
 }
+
+// ---- several workspaces ----
+
+/// A login names the workspace it delivers to: made under that name (with
+/// its own home), while a login naming none goes to `default`.
+#[tokio::test]
+async fn a_login_delivers_to_the_workspace_it_names() {
+    let bed = Bed::new().await;
+    let bad = bed
+        .app
+        .start_login_to(&bed.user, PROVIDER, Some("../x"))
+        .await;
+    assert!(
+        matches!(bad, Err(crate::app::AppError::BadInput(_))),
+        "{bad:?}"
+    );
+    assert!(bed
+        .store
+        .logins_of(&bed.user.id)
+        .await
+        .expect("q")
+        .is_empty());
+    let login = bed
+        .app
+        .start_login_to(&bed.user, PROVIDER, Some("proj"))
+        .await
+        .expect("start");
+    bed.until(&login.id, LoginState::AwaitingUser).await;
+    bed.guest.sign_in(&login.id);
+    let done = bed.until(&login.id, LoginState::Completed).await;
+    let ws = done.workspace_sandbox_id.expect("a workspace");
+    assert_eq!(bed.app.workspace_name_of(&ws).await.expect("name"), "proj");
+    let home = bed
+        .node
+        .instance(&ws)
+        .expect("on the node")
+        .req
+        .home_volume
+        .expect("a home");
+    assert!(home.ends_with(format!("{}/workspaces/proj/home", bed.user.id)));
+    assert_eq!(
+        bed.guest.deliveries().last().map(|d| d.0.clone()),
+        Some(ws.clone())
+    );
+    // The next login names none: the default workspace, another sandbox.
+    let second = bed.start().await;
+    bed.until(&second.id, LoginState::AwaitingUser).await;
+    bed.guest.sign_in(&second.id);
+    let done = bed.until(&second.id, LoginState::Completed).await;
+    let ws2 = done.workspace_sandbox_id.expect("a workspace");
+    assert_ne!(ws2, ws);
+    assert_eq!(
+        bed.app.workspace_name_of(&ws2).await.expect("name"),
+        "default"
+    );
+    let placed: Vec<String> = bed
+        .store
+        .placements_of(&bed.user.id)
+        .await
+        .expect("q")
+        .into_iter()
+        .map(|p| p.workspace)
+        .collect();
+    assert_eq!(placed, ["default", "proj"]);
+}
