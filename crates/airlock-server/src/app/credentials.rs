@@ -885,13 +885,20 @@ impl App {
                 continue;
             };
             let before = self.store.health(owner, &cred.provider).await?;
-            // The ready workspaces the files were delivered to.
+            // The ready workspaces the files were delivered to; a record
+            // delivered with no note of where (stored before workspaces had
+            // names) went to `default`.
+            let unplaced = cred.delivered_at.is_some()
+                && !placements.iter().any(|p| p.provider == cred.provider);
             let targets: Vec<&(SandboxRow, String)> = workspaces
                 .iter()
                 .filter(|(_, name)| {
-                    placements.iter().any(|p| {
-                        p.provider == cred.provider && p.workspace == *name && p.state == "placed"
-                    })
+                    (unplaced && name == super::workspaces::DEFAULT)
+                        || placements.iter().any(|p| {
+                            p.provider == cred.provider
+                                && p.workspace == *name
+                                && p.state == "placed"
+                        })
                 })
                 .collect();
             let seen = if targets.is_empty() {
