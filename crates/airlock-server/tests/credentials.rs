@@ -212,14 +212,22 @@ async fn kept_in_real_workspaces_refreshed_at_the_oauth_server_and_revoked() {
     assert_eq!(status, 201, "{body}");
     let ws2 = body["id"].as_str().expect("id").to_owned();
     h.wait_state(&ws2, "ready", Duration::from_secs(120)).await;
+    let said = cli(
+        &h,
+        &["credentials", "deliver", PROVIDER, "--workspace", "proj"],
+    )
+    .await;
+    assert!(
+        said.contains(&format!("delivered to workspace proj ({ws2})")),
+        "{said}"
+    );
     let (status, body) = h
         .post(
             &format!("/api/v1/credentials/{PROVIDER}/deliver"),
-            json!({ "workspace": "proj" }),
+            json!({ "workspace": "nope" }),
         )
         .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["workspace_sandbox_id"], ws2.as_str(), "{body}");
+    assert_eq!(status, 404, "{body}");
     let out = h.exec(&ws2, &["cat", FILE]).await;
     assert!(
         out["stdout"].as_str().unwrap_or("").contains(&token),
@@ -245,6 +253,10 @@ async fn kept_in_real_workspaces_refreshed_at_the_oauth_server_and_revoked() {
     assert_eq!(c["status"], "refresh_failed", "{creds}");
     assert_eq!(c["sign_in_again"], true, "{creds}");
     assert_eq!(c["workspace_sandbox_id"], ws.as_str(), "{creds}");
+    assert_eq!(c["workspaces"], json!(["default", "proj"]), "{creds}");
+    let said = cli(&h, &["credentials", "ls"]).await;
+    assert!(said.contains("refresh_failed (sign in again)"), "{said}");
+    assert!(said.contains("default,proj"), "{said}");
 
     // The UI offers "Sign in again", and the button starts a login.
     if common::browser_unmet().is_none() {
@@ -343,4 +355,31 @@ fn base64_decode(text: &str) -> String {
         .decode(text)
         .expect("base64");
     String::from_utf8(bytes).expect("utf-8")
+}
+
+/// `airlock …` (the command-line client) against the harness; its stdout.
+async fn cli(h: &common::Harness, args: &[&str]) -> String {
+    let exe = std::env::current_exe().expect("test binary");
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target dir")
+        .join("airlock");
+    let cfg = h.data_dir.join("client.json");
+    std::fs::write(&cfg, json!({ "url": h.base }).to_string()).expect("client config");
+    let out = tokio::process::Command::new(bin)
+        .args(args)
+        .env("AIRLOCK_CLIENT_CONFIG", &cfg)
+        .env_remove("AIRLOCK_URL")
+        .env_remove("AIRLOCK_TOKEN")
+        .output()
+        .await
+        .expect("airlock runs (cargo build -p airlock)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "airlock {args:?}: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
