@@ -267,7 +267,8 @@ for (const button of ui.newButtons) {
     for (const b of ui.newButtons) b.disabled = true;
     setText(ui.notice, `Creating a ${kindLabel(kind)}…`);
     try {
-      const sb = await createSandbox(kind);
+      const name = kind === 'workspace' ? ($('workspace-name')?.value || '').trim() : '';
+      const sb = await createSandbox(kind, name || undefined);
       createdAt.set(sb.id, Date.now());
       sandboxes.set(sb.id, sb);
       clearError('action');
@@ -657,13 +658,21 @@ function credentialItem(c) {
   if (c.checked_at) tips.push(`checked ${fullTime.format(new Date(parseTime(c.checked_at)))}`);
   if (c.detail) tips.push(c.detail);
   tips.push(`version ${c.version}`);
+  if (Array.isArray(c.workspaces) && c.workspaces.length) tips.push(`in workspace ${c.workspaces.join(', ')}`);
   state.title = tips.join('; ');
   li.append(name, state);
+  if (Array.isArray(c.workspaces) && c.workspaces.length > 1) {
+    li.append(node('span', { class: 'hint credential-workspaces', text: ` (in ${c.workspaces.join(', ')})` }));
+  }
   if (c.sign_in_again) {
     const again = node('button', { type: 'button', class: 'small primary', 'data-action': 'sign-in-again' }, 'Sign in again');
     again.addEventListener('click', () => startLogin(c.provider));
     li.append(' ', again);
   }
+  const deliver = node('button', { type: 'button', class: 'small', 'data-action': 'deliver' }, 'Deliver to…');
+  deliver.title = 'Write these credentials into another of your workspaces (it must be running)';
+  deliver.addEventListener('click', () => deliverCredentials(c.provider));
+  li.append(' ', deliver);
   const revoke = node('button', { type: 'button', class: 'small', 'data-action': 'revoke' }, 'Revoke');
   revoke.addEventListener('click', () => revokeCredentials(c.provider));
   li.append(' ', revoke);
@@ -681,8 +690,23 @@ async function loadCredentials() {
   await loadAudit();
 }
 
+// POST /credentials/{provider}/deliver: the same record into another
+// workspace, named by the user.
+async function deliverCredentials(provider) {
+  const workspace = (window.prompt(`Deliver the ${providerLabel(provider)} credentials to which workspace?`, 'default') || '').trim();
+  if (!workspace) return;
+  try {
+    const d = await api('POST', `/credentials/${encodeURIComponent(provider)}/deliver`, { workspace });
+    clearError('login');
+    setText(ui.notice, `${providerLabel(provider)} credentials delivered to workspace ${workspace} (${d.workspace_sandbox_id}).`);
+  } catch (err) {
+    handleError('login', `Could not deliver the ${providerLabel(provider)} credentials to ${workspace}`, err);
+  }
+  refreshSide();
+}
+
 async function revokeCredentials(provider) {
-  if (!window.confirm(`Remove the ${providerLabel(provider)} credentials from the vault and your workspace?`)) return;
+  if (!window.confirm(`Remove the ${providerLabel(provider)} credentials from the vault and every workspace?`)) return;
   try {
     await api('DELETE', `/credentials/${encodeURIComponent(provider)}`);
     clearError('login');

@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // "Sign in again" in a real headless Chromium.
 //
-//   node tests/e2e/credentials.mjs --url http://127.0.0.1:PORT --provider NAME --artifacts DIR
+//   node tests/e2e/credentials.mjs --url http://127.0.0.1:PORT --provider NAME [--workspaces A,B] --artifacts DIR
 //
 // Expects a server where the user's credentials for NAME are
 // `refresh_failed`: the page lists them with "could not refresh" and a
@@ -14,14 +14,15 @@ import os from 'node:os';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
 
-const USAGE = 'usage: node tests/e2e/credentials.mjs --url http://127.0.0.1:PORT --provider NAME --artifacts DIR';
+const USAGE = 'usage: node tests/e2e/credentials.mjs --url http://127.0.0.1:PORT --provider NAME [--workspaces A,B] --artifacts DIR';
 const STEP_MS = 20_000;
 
-const opts = { url: '', provider: '', artifacts: '' };
+const opts = { url: '', provider: '', workspaces: '', artifacts: '' };
 const argv = process.argv.slice(2);
 for (let i = 0; i < argv.length; i++) {
   if (argv[i] === '--url') opts.url = argv[++i] || '';
   else if (argv[i] === '--provider') opts.provider = argv[++i] || '';
+  else if (argv[i] === '--workspaces') opts.workspaces = argv[++i] || '';
   else if (argv[i] === '--artifacts') opts.artifacts = argv[++i] || '';
   else {
     console.error(`e2e: unknown argument ${argv[i]}\n${USAGE}`);
@@ -62,6 +63,12 @@ try {
   const words = await item.locator('.credential-state').textContent();
   if (!words.includes('could not refresh')) throw new Error(`the record reads ${JSON.stringify(words)}`);
   log(`listed: ${JSON.stringify((await item.textContent()).trim())}`);
+  if (opts.workspaces) {
+    const want = `(in ${opts.workspaces.split(',').join(', ')})`;
+    const text = await item.textContent();
+    if (!text.includes(want)) throw new Error(`the record does not say ${want}: ${JSON.stringify(text)}`);
+    if ((await item.locator('button[data-action="deliver"]').count()) !== 1) throw new Error('no "Deliver to…" button');
+  }
   const again = item.locator('button[data-action="sign-in-again"]');
   if ((await again.textContent()).trim() !== 'Sign in again') throw new Error('no "Sign in again" button');
   await page.screenshot({ path: path.join(opts.artifacts, 'sign-in-again.png') });

@@ -264,7 +264,8 @@ async fn kept_in_real_workspaces_refreshed_at_the_oauth_server_and_revoked() {
         let artifacts = root.join("target/e2e-credentials");
         let status = tokio::process::Command::new("node")
             .arg(root.join("tests/e2e/credentials.mjs"))
-            .args(["--url", &h.base, "--provider", PROVIDER, "--artifacts"])
+            .args(["--url", &h.base, "--provider", PROVIDER])
+            .args(["--workspaces", "default,proj", "--artifacts"])
             .arg(&artifacts)
             .status()
             .await
