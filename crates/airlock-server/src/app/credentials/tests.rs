@@ -1092,3 +1092,123 @@ async fn a_delivery_racing_a_revocation_in_another_process_leaves_no_files() {
     assert_eq!(ws_file(&bed, &a), None);
     assert_eq!(ws_file(&bed, &b), None);
 }
+
+/// The workspace endpoints through the real HTTP server: names at create,
+/// `GET /workspaces`, delivery on request, and every bad request a JSON 4xx
+/// that changes nothing; all in the OpenAPI document.
+#[tokio::test]
+async fn the_workspace_endpoints_answer_over_http() {
+    let bed = Bed::new().await;
+    let local = bed.app.ensure_local_user().await.expect("local");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(crate::http::serve(listener, bed.app.clone(), async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let post = |path: &str, body: serde_json::Value| {
+        let req = http.post(format!("http://{addr}{path}")).json(&body);
+        async move {
+            let resp = req.send().await.expect("post");
+            let status = resp.status().as_u16();
+            let body: serde_json::Value = resp.json().await.expect("json");
+            (status, body)
+        }
+    };
+    let get = |path: &str| {
+        let req = http.get(format!("http://{addr}{path}"));
+        async move {
+            let resp = req.send().await.expect("get");
+            let status = resp.status().as_u16();
+            (status, resp.text().await.expect("text"))
+        }
+    };
+    for (path, body) in [
+        (
+            "/api/v1/sandboxes",
+            serde_json::json!({"kind": "browser", "name": "x"}),
+        ),
+        (
+            "/api/v1/sandboxes",
+            serde_json::json!({"kind": "workspace", "name": "../x"}),
+        ),
+        (
+            "/api/v1/logins",
+            serde_json::json!({"provider": P, "workspace": "A"}),
+        ),
+        (
+            "/api/v1/credentials/testcli/deliver",
+            serde_json::json!({"workspace": "proj", "extra": 1}),
+        ),
+        (
+            "/api/v1/credentials/testcli/deliver",
+            serde_json::json!({"workspace": "a/b"}),
+        ),
+    ] {
+        let (status, answer) = post(path, body.clone()).await;
+        assert_eq!(status, 400, "{path} {body}: {answer}");
+        assert!(answer["error"]["message"].is_string(), "{answer}");
+    }
+    assert!(bed
+        .store
+        .sandboxes_of(&local.id)
+        .await
+        .expect("q")
+        .is_empty());
+    let (status, made) = post(
+        "/api/v1/sandboxes",
+        serde_json::json!({"kind": "workspace", "name": "proj"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{made}");
+    let id = made["id"].as_str().expect("id").to_owned();
+    bed.until_ready(&id).await;
+    let (status, again) = post(
+        "/api/v1/sandboxes",
+        serde_json::json!({"kind": "workspace", "name": "proj"}),
+    )
+    .await;
+    assert_eq!(status, 409, "{again}");
+    // No record yet: 404; then one, delivered there.
+    let (status, none) = post(
+        "/api/v1/credentials/testcli/deliver",
+        serde_json::json!({"workspace": "proj"}),
+    )
+    .await;
+    assert_eq!(status, 404, "{none}");
+    let first = file("v1", "r1", now_ms() + 600 * MIN);
+    bed.signed_in(&local, "login1", &first, None).await;
+    let (status, done) = post(
+        "/api/v1/credentials/testcli/deliver",
+        serde_json::json!({"workspace": "proj"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["workspace_sandbox_id"], id.as_str(), "{done}");
+    assert_eq!(
+        ws_file(&bed, &id),
+        Some(first.files[0].contents_b64.clone())
+    );
+    let (status, list) = get("/api/v1/workspaces").await;
+    assert_eq!(status, 200, "{list}");
+    let list: serde_json::Value = serde_json::from_str(&list).expect("json");
+    assert_eq!(list["workspaces"][0]["name"], "proj", "{list}");
+    assert_eq!(list["workspaces"][0]["sandbox_id"], id.as_str(), "{list}");
+    assert_eq!(list["workspaces"][0]["providers"], serde_json::json!([P]));
+    let (_, openapi) = get("/api/v1/openapi.json").await;
+    for path in [
+        "/api/v1/workspaces",
+        "/api/v1/credentials/{provider}/deliver",
+    ] {
+        assert!(openapi.contains(path), "{path} not in the OpenAPI document");
+    }
+    assert!(!list.to_string().contains(CANARY));
+    let _ = stop.send(true);
+    let _ = server.await;
+}
