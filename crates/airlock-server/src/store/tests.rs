@@ -120,15 +120,26 @@ async fn exercise(store: &Store) {
         "failed insert left no row"
     );
 
-    // One live workspace per user.
+    // One live workspace per user and name (migration 0040).
+    store
+        .claim_workspace_name("u1", "default", "w1")
+        .await
+        .expect("name");
     store
         .insert_sandbox(&sandbox("w1", "u1", "workspace", Some(1)))
         .await
         .expect("first workspace");
-    let second = store
-        .insert_sandbox(&sandbox("w2", "u1", "workspace", Some(2)))
-        .await;
+    let second = store.claim_workspace_name("u1", "default", "w2").await;
     assert!(matches!(second, Err(StoreError::Conflict(_))), "{second:?}");
+    store
+        .claim_workspace_name("u1", "proj", "w3")
+        .await
+        .expect("another name");
+    store.drop_workspace_name("w3").await.expect("drop");
+    assert_eq!(
+        store.workspace_name("w1").await.expect("q").as_deref(),
+        Some("default")
+    );
 
     assert_eq!(store.used_leases().await.expect("q"), [0, 1].into());
     assert_eq!(store.sandboxes_of("u1").await.expect("q").len(), 2);
