@@ -719,11 +719,53 @@ async fn credential_tables(store: &Store) {
     for h in [&health, &others] {
         store.put_health(h).await.expect("health");
     }
+    // Every revocation moved the generation a delivery compares against.
+    assert_eq!(
+        store
+            .credential_generation(&user.id, "claude")
+            .await
+            .expect("q"),
+        2
+    );
+    assert_eq!(
+        store
+            .credential_generation(&other.id, "claude")
+            .await
+            .expect("q"),
+        1
+    );
+    assert_eq!(
+        store
+            .credential_generation(&other.id, "none")
+            .await
+            .expect("q"),
+        0
+    );
+    for (u, ws) in [(&user.id, "wu"), (&other.id, "wo")] {
+        store
+            .place_credentials(u, "claude", "default")
+            .await
+            .expect("place");
+        store
+            .claim_workspace_name(u, "default", ws)
+            .await
+            .expect("name");
+    }
+    store
+        .revoke_placements(&user.id, "claude")
+        .await
+        .expect("revoking");
+    let placed = store.placements_of(&user.id).await.expect("q");
+    assert_eq!(placed.len(), 1);
+    assert_eq!(placed[0].state, "revoking");
     assert!(store.finish_user_removal(&user.id).await.expect("remove"));
     for table in [
         "credential_events",
         "credential_health",
         "credential_revocations",
+        "credential_placements",
+        "credential_generations",
+        "workspace_names",
     ] {
         let sql = format!("SELECT COUNT(*) FROM {table} WHERE owner_id = $1");
         assert_eq!(count(store, &sql, &user.id).await, 0, "{table}");
