@@ -233,6 +233,13 @@ async fn kept_in_real_workspaces_refreshed_at_the_oauth_server_and_revoked() {
         out["stdout"].as_str().unwrap_or("").contains(&token),
         "{out}"
     );
+    let volumes = h.data_dir.join("volumes").join(&user.id);
+    let kept: Vec<String> = std::fs::read_dir(volumes.join("workspaces/proj"))
+        .expect("proj's home is kept under its name")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(kept.iter().any(|n| n.starts_with("home")), "{kept:?}");
     let (_, list) = h.get("/api/v1/workspaces").await;
     let names: Vec<&str> = list["workspaces"]
         .as_array()
