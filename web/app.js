@@ -241,13 +241,31 @@ async function poll() {
   }
 }
 
+// A workspace's name (GET /workspaces), by sandbox id; asked once per new workspace.
+const workspaceNames = new Map();
+const namesAsked = new Set();
+
+async function loadWorkspaceNames() {
+  const data = await api('GET', '/workspaces');
+  for (const w of (data && Array.isArray(data.workspaces) ? data.workspaces : [])) {
+    if (w.sandbox_id) workspaceNames.set(w.sandbox_id, w.name);
+  }
+  render();
+}
+
 function applyList(list, startedAt) {
   const seen = new Set();
+  let unnamed = false;
   for (const sb of list) {
     if (!sb || typeof sb.id !== 'string') continue;
     seen.add(sb.id);
     sandboxes.set(sb.id, sb);
+    if (sb.kind === 'workspace' && !namesAsked.has(sb.id)) {
+      namesAsked.add(sb.id);
+      unnamed = true;
+    }
   }
+  if (unnamed) loadWorkspaceNames().catch(() => {});
   for (const id of [...sandboxes.keys()]) {
     // A sandbox created while this poll was in flight is not in its answer yet.
     if (!seen.has(id) && !((createdAt.get(id) || 0) >= startedAt)) {
@@ -413,7 +431,8 @@ function renderRows() {
     row.tr.classList.toggle('selected', sb.id === selectedId);
     row.tr.classList.toggle('gone', state === 'stopped');
     setText(row.idCell, sb.id);
-    setText(row.kind, sb.kind || '');
+    const wsName = sb.kind === 'workspace' ? workspaceNames.get(sb.id) : undefined;
+    setText(row.kind, wsName ? `workspace · ${wsName}` : sb.kind || '');
     updateBadge(row.state, state);
     setText(row.createdTime, formatCreated(sb.created_at));
     if (sb.created_at && row.createdTime.dateTime !== sb.created_at) {

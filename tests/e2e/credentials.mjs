@@ -68,6 +68,14 @@ try {
     const text = await item.textContent();
     if (!text.includes(want)) throw new Error(`the record does not say ${want}: ${JSON.stringify(text)}`);
     if ((await item.locator('button[data-action="deliver"]').count()) !== 1) throw new Error('no "Deliver to…" button');
+    // The sandbox table names each workspace.
+    for (const name of opts.workspaces.split(',')) {
+      await page
+        .waitForFunction((n) => document.body.innerText.includes(`workspace · ${n}`), name, { timeout: STEP_MS })
+        .catch(() => {
+          throw new Error(`the sandbox table does not name workspace ${name}`);
+        });
+    }
   }
   const again = item.locator('button[data-action="sign-in-again"]');
   if ((await again.textContent()).trim() !== 'Sign in again') throw new Error('no "Sign in again" button');
