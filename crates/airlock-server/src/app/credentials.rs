@@ -4,23 +4,29 @@
 //! the vault, revocation, and the audit trail of all of it.
 //!
 //! A periodic check ([`App::run_credential_checks`]) looks at every stored
-//! record. Where the user has a ready workspace it reads the provider's
-//! files there (through the agent, as the sandbox user):
+//! record. In each ready workspace the record was delivered to (a user has
+//! several, by name: `workspaces.rs`) it reads the provider's files
+//! (through the agent, as the sandbox user):
 //!
 //! ```text
 //!  files absent, record delivered ──▶ delivered again from the vault   (delivered)
+//!  files older than the vault's   ──▶ the vault's newer copy delivered (delivered)
 //!  files differ from the vault's  ──▶ sealed as the record's new value (recaptured)
 //!  then: refresh token emptied    ──▶ refresh_failed
 //!        check command fails      ──▶ refresh_failed (expired) | revoked (not expired)
 //!        expiry passed / near     ──▶ expired / expiring, else healthy
 //! ```
 //!
-//! Without a ready workspace only the vault's copy is judged (its expiry).
+//! The worst status over those workspaces is the record's. Without one
+//! running, only the vault's copy is judged (its expiry).
 //! A status entered `expired`, `refresh_failed` or `revoked` is audited
 //! once, on entering it. Revocation deletes the record and removes the
 //! files from the workspace now, or at the next check of a ready workspace
-//! when none is running. Every write about one user's credentials happens
-//! under that user's lock, so a check never brings back files a revocation
+//! when none is running; a workspace not running when it was revoked loses
+//! the files when it next runs. Every write about one user's credentials
+//! happens under that user's lock (one process's), and every delivery
+//! checks the store's revocation generation after writing, so neither a
+//! check nor a delivery in another process brings back files a revocation
 //! just removed. No secret leaves this module: events, statuses and
 //! details name providers, times and ids only.
 
