@@ -89,7 +89,9 @@ export async function listSandboxes() {
 }
 
 export const getSandbox = (id) => api('GET', sandboxPath(id));
-export const createSandbox = (kind) => api('POST', '/sandboxes', { kind });
+// A workspace may carry a name (its home is kept under it across rebuilds).
+export const createSandbox = (kind, name) =>
+  api('POST', '/sandboxes', name ? { kind, name } : { kind });
 export const deleteSandbox = (id) => api('DELETE', sandboxPath(id));
 export const execInSandbox = (id, argv, timeoutS = 10) =>
   api('POST', `${sandboxPath(id)}/exec`, { argv, timeout_s: timeoutS });

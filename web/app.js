@@ -241,13 +241,31 @@ async function poll() {
   }
 }
 
+// A workspace's name (GET /workspaces), by sandbox id; asked once per new workspace.
+const workspaceNames = new Map();
+const namesAsked = new Set();
+
+async function loadWorkspaceNames() {
+  const data = await api('GET', '/workspaces');
+  for (const w of (data && Array.isArray(data.workspaces) ? data.workspaces : [])) {
+    if (w.sandbox_id) workspaceNames.set(w.sandbox_id, w.name);
+  }
+  render();
+}
+
 function applyList(list, startedAt) {
   const seen = new Set();
+  let unnamed = false;
   for (const sb of list) {
     if (!sb || typeof sb.id !== 'string') continue;
     seen.add(sb.id);
     sandboxes.set(sb.id, sb);
+    if (sb.kind === 'workspace' && !namesAsked.has(sb.id)) {
+      namesAsked.add(sb.id);
+      unnamed = true;
+    }
   }
+  if (unnamed) loadWorkspaceNames().catch(() => {});
   for (const id of [...sandboxes.keys()]) {
     // A sandbox created while this poll was in flight is not in its answer yet.
     if (!seen.has(id) && !((createdAt.get(id) || 0) >= startedAt)) {
@@ -267,7 +285,8 @@ for (const button of ui.newButtons) {
     for (const b of ui.newButtons) b.disabled = true;
     setText(ui.notice, `Creating a ${kindLabel(kind)}…`);
     try {
-      const sb = await createSandbox(kind);
+      const name = kind === 'workspace' ? ($('workspace-name')?.value || '').trim() : '';
+      const sb = await createSandbox(kind, name || undefined);
       createdAt.set(sb.id, Date.now());
       sandboxes.set(sb.id, sb);
       clearError('action');
@@ -412,7 +431,8 @@ function renderRows() {
     row.tr.classList.toggle('selected', sb.id === selectedId);
     row.tr.classList.toggle('gone', state === 'stopped');
     setText(row.idCell, sb.id);
-    setText(row.kind, sb.kind || '');
+    const wsName = sb.kind === 'workspace' ? workspaceNames.get(sb.id) : undefined;
+    setText(row.kind, wsName ? `workspace · ${wsName}` : sb.kind || '');
     updateBadge(row.state, state);
     setText(row.createdTime, formatCreated(sb.created_at));
     if (sb.created_at && row.createdTime.dateTime !== sb.created_at) {
@@ -657,13 +677,21 @@ function credentialItem(c) {
   if (c.checked_at) tips.push(`checked ${fullTime.format(new Date(parseTime(c.checked_at)))}`);
   if (c.detail) tips.push(c.detail);
   tips.push(`version ${c.version}`);
+  if (Array.isArray(c.workspaces) && c.workspaces.length) tips.push(`in workspace ${c.workspaces.join(', ')}`);
   state.title = tips.join('; ');
   li.append(name, state);
+  if (Array.isArray(c.workspaces) && c.workspaces.length > 1) {
+    li.append(node('span', { class: 'hint credential-workspaces', text: ` (in ${c.workspaces.join(', ')})` }));
+  }
   if (c.sign_in_again) {
     const again = node('button', { type: 'button', class: 'small primary', 'data-action': 'sign-in-again' }, 'Sign in again');
     again.addEventListener('click', () => startLogin(c.provider));
     li.append(' ', again);
   }
+  const deliver = node('button', { type: 'button', class: 'small', 'data-action': 'deliver' }, 'Deliver to…');
+  deliver.title = 'Write these credentials into another of your workspaces (it must be running)';
+  deliver.addEventListener('click', () => deliverCredentials(c.provider));
+  li.append(' ', deliver);
   const revoke = node('button', { type: 'button', class: 'small', 'data-action': 'revoke' }, 'Revoke');
   revoke.addEventListener('click', () => revokeCredentials(c.provider));
   li.append(' ', revoke);
@@ -681,8 +709,23 @@ async function loadCredentials() {
   await loadAudit();
 }
 
+// POST /credentials/{provider}/deliver: the same record into another
+// workspace, named by the user.
+async function deliverCredentials(provider) {
+  const workspace = (window.prompt(`Deliver the ${providerLabel(provider)} credentials to which workspace?`, 'default') || '').trim();
+  if (!workspace) return;
+  try {
+    const d = await api('POST', `/credentials/${encodeURIComponent(provider)}/deliver`, { workspace });
+    clearError('login');
+    setText(ui.notice, `${providerLabel(provider)} credentials delivered to workspace ${workspace} (${d.workspace_sandbox_id}).`);
+  } catch (err) {
+    handleError('login', `Could not deliver the ${providerLabel(provider)} credentials to ${workspace}`, err);
+  }
+  refreshSide();
+}
+
 async function revokeCredentials(provider) {
-  if (!window.confirm(`Remove the ${providerLabel(provider)} credentials from the vault and your workspace?`)) return;
+  if (!window.confirm(`Remove the ${providerLabel(provider)} credentials from the vault and every workspace?`)) return;
   try {
     await api('DELETE', `/credentials/${encodeURIComponent(provider)}`);
     clearError('login');

@@ -4,23 +4,29 @@
 //! the vault, revocation, and the audit trail of all of it.
 //!
 //! A periodic check ([`App::run_credential_checks`]) looks at every stored
-//! record. Where the user has a ready workspace it reads the provider's
-//! files there (through the agent, as the sandbox user):
+//! record. In each ready workspace the record was delivered to (a user has
+//! several, by name: `workspaces.rs`) it reads the provider's files
+//! (through the agent, as the sandbox user):
 //!
 //! ```text
 //!  files absent, record delivered ──▶ delivered again from the vault   (delivered)
+//!  files older than the vault's   ──▶ the vault's newer copy delivered (delivered)
 //!  files differ from the vault's  ──▶ sealed as the record's new value (recaptured)
 //!  then: refresh token emptied    ──▶ refresh_failed
 //!        check command fails      ──▶ refresh_failed (expired) | revoked (not expired)
 //!        expiry passed / near     ──▶ expired / expiring, else healthy
 //! ```
 //!
-//! Without a ready workspace only the vault's copy is judged (its expiry).
+//! The worst status over those workspaces is the record's. Without one
+//! running, only the vault's copy is judged (its expiry).
 //! A status entered `expired`, `refresh_failed` or `revoked` is audited
 //! once, on entering it. Revocation deletes the record and removes the
 //! files from the workspace now, or at the next check of a ready workspace
-//! when none is running. Every write about one user's credentials happens
-//! under that user's lock, so a check never brings back files a revocation
+//! when none is running; a workspace not running when it was revoked loses
+//! the files when it next runs. Every write about one user's credentials
+//! happens under that user's lock (one process's), and every delivery
+//! checks the store's revocation generation after writing, so neither a
+//! check nor a delivery in another process brings back files a revocation
 //! just removed. No secret leaves this module: events, statuses and
 //! details name providers, times and ids only.
 
@@ -201,6 +207,8 @@ pub struct CredentialView {
     pub status: Option<Health>,
     /// Whether the CLI can renew its access by itself (unknown: `None`).
     pub refreshable: Option<bool>,
+    /// The names of the workspaces it was delivered to.
+    pub workspaces: Vec<String>,
 }
 
 impl CredentialView {
@@ -211,6 +219,32 @@ impl CredentialView {
             Some(Health::Expired) => self.refreshable != Some(true),
             _ => false,
         }
+    }
+}
+
+fn check_provider_name(provider: &str) -> Result<(), AppError> {
+    let ok = !provider.is_empty()
+        && provider.len() <= 32
+        && provider
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(AppError::BadInput(
+            "provider: lowercase letters, digits and '-', at most 32".into(),
+        ))
+    }
+}
+
+/// How bad a status is, to report the worst over several workspaces.
+fn severity(h: Health) -> u8 {
+    match h {
+        Health::Healthy => 0,
+        Health::Expiring => 1,
+        Health::Expired => 2,
+        Health::RefreshFailed => 3,
+        Health::Revoked => 4,
     }
 }
 
@@ -489,6 +523,20 @@ impl App {
         login_id: &str,
         workspace: &str,
     ) {
+        match self.workspace_name_of(workspace).await {
+            Ok(name) => {
+                if let Err(e) = self
+                    .store
+                    .place_credentials(owner_id, provider, &name)
+                    .await
+                {
+                    tracing::warn!(user = %owner_id, provider, error = %e, "could not note where the credentials were delivered");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(user = %owner_id, provider, error = %e, "could not read a workspace's name")
+            }
+        }
         self.audit(
             owner_id,
             AuditKind::Delivered,
@@ -498,6 +546,123 @@ impl App {
             None,
         )
         .await;
+    }
+
+    /// The first half of a delivery of `cred` into workspace `name`: the
+    /// revocation generation it must still find after writing, and the
+    /// note that the files belong there (so a revocation from now on
+    /// sweeps that workspace too). Pair with [`Self::after_delivery`].
+    pub(crate) async fn before_delivery(
+        &self,
+        cred: &CredentialRow,
+        name: &str,
+    ) -> Result<i64, AppError> {
+        let generation = self
+            .store
+            .credential_generation(&cred.owner_id, &cred.provider)
+            .await?;
+        self.store
+            .place_credentials(&cred.owner_id, &cred.provider, name)
+            .await?;
+        Ok(generation)
+    }
+
+    /// The second half: the files are written. If the record was revoked
+    /// (or replaced by another login's) since [`Self::before_delivery`],
+    /// the files come back out and this answers false. This, not the
+    /// per-process lock, is what keeps a delivery racing a revocation in
+    /// another process from writing revoked files back: the revocation
+    /// bumps the generation in the transaction that deletes the record,
+    /// before it sweeps, so either its sweep runs after the write, or this
+    /// check sees the bump.
+    pub(crate) async fn after_delivery(
+        &self,
+        ws: &SandboxRow,
+        cred: &CredentialRow,
+        generation: i64,
+    ) -> Result<bool, AppError> {
+        let now = self
+            .store
+            .credential_generation(&cred.owner_id, &cred.provider)
+            .await?;
+        let still = self
+            .store
+            .credential(&cred.owner_id, &cred.provider)
+            .await?
+            .is_some_and(|c| c.login_id == cred.login_id);
+        if now == generation && still {
+            return Ok(true);
+        }
+        tracing::info!(user = %cred.owner_id, provider = %cred.provider, sandbox = %ws.id, "revoked while delivering: the files come back out");
+        if !self.remove_files(ws, &cred.provider).await {
+            // The placement stays `revoking`; the next check removes them.
+            tracing::warn!(sandbox = %ws.id, provider = %cred.provider, "could not take back the files of a revoked delivery");
+        }
+        Ok(false)
+    }
+
+    /// Write `files` (the record `cred`'s) into workspace `ws` named
+    /// `name`, guarded against a concurrent revocation. False when the
+    /// record was revoked meanwhile (nothing stays written).
+    async fn deliver_guarded(
+        &self,
+        ws: &SandboxRow,
+        name: &str,
+        cred: &CredentialRow,
+        files: &FileSet,
+    ) -> Result<bool, AppError> {
+        let generation = self.before_delivery(cred, name).await?;
+        let at = self.ready_endpoints(ws)?.agent;
+        self.guest
+            .deliver_credentials(at, &ws.agent_token, files)
+            .await
+            .map_err(|e| AppError::Unavailable(format!("writing into the workspace: {e}")))?;
+        self.after_delivery(ws, cred, generation).await
+    }
+
+    /// `POST /credentials/{provider}/deliver`: the stored record written
+    /// into the caller's workspace `workspace` (default `default`), which
+    /// must be ready. Answers the sandbox it went to.
+    pub async fn deliver_to(
+        &self,
+        user: &UserRow,
+        provider: &str,
+        workspace: Option<&str>,
+    ) -> Result<SandboxRow, AppError> {
+        check_provider_name(provider)?;
+        let name = workspace.unwrap_or(super::workspaces::DEFAULT);
+        super::workspaces::check_name(name)?;
+        let lock = self.credentials.lock_for(&user.id);
+        let _held = lock.lock().await;
+        let Some((cred, files)) = self.vault_files(&user.id, provider).await? else {
+            return Err(AppError::NotFound(format!("credentials for {provider:?}")));
+        };
+        let ws = self
+            .live_workspace(&user.id, name)
+            .await?
+            .ok_or_else(|| AppError::NotFound(format!("workspace {name:?}")))?;
+        if ws.state != SandboxState::Ready {
+            return Err(AppError::Conflict(format!(
+                "workspace {name:?} is {}, not ready",
+                ws.state
+            )));
+        }
+        if !self.deliver_guarded(&ws, name, &cred, &files).await? {
+            return Err(AppError::Conflict(format!(
+                "the credentials for {provider:?} were revoked meanwhile"
+            )));
+        }
+        tracing::info!(user = %user.name, provider, workspace = name, sandbox = %ws.id, "credentials delivered on request");
+        self.audit(
+            &user.id,
+            AuditKind::Delivered,
+            provider,
+            Some(&ws.id),
+            Some(&cred.login_id),
+            Some(format!("delivered on request to workspace {name}")),
+        )
+        .await;
+        Ok(ws)
     }
 
     /// The caller's records with their health.
@@ -510,6 +675,7 @@ impl App {
             .into_iter()
             .map(|h| (h.provider.clone(), h))
             .collect();
+        let placements = self.store.placements_of(&user.id).await?;
         let now = now_ms();
         let within = self.credentials.expiring_within_ms();
         Ok(records
@@ -531,11 +697,17 @@ impl App {
                         .any(|c| c.refresh_key.is_some())
                         .then(|| status != Some(Health::RefreshFailed))
                 });
+                let workspaces = placements
+                    .iter()
+                    .filter(|p| p.provider == record.provider && p.state == "placed")
+                    .map(|p| p.workspace.clone())
+                    .collect();
                 CredentialView {
                     record,
                     health,
                     status,
                     refreshable,
+                    workspaces,
                 }
             })
             .collect())
@@ -550,16 +722,7 @@ impl App {
         user: &UserRow,
         provider: &str,
     ) -> Result<bool, AppError> {
-        let ok_name = !provider.is_empty()
-            && provider.len() <= 32
-            && provider
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !ok_name {
-            return Err(AppError::BadInput(
-                "provider: lowercase letters, digits and '-', at most 32".into(),
-            ));
-        }
+        check_provider_name(provider)?;
         let lock = self.credentials.lock_for(&user.id);
         let _held = lock.lock().await;
         let login_id = self
@@ -570,13 +733,20 @@ impl App {
         if !self.store.revoke_credential(&user.id, provider).await? {
             return Ok(false);
         }
+        // Every workspace the files went to: the ready ones now, the others
+        // when they next run (the check sweeps `revoking` placements).
+        self.store.revoke_placements(&user.id, provider).await?;
         let mut removed_from = Vec::new();
-        for ws in self.ready_workspaces_of(&user.id).await? {
+        let mut all_removed = true;
+        for (ws, name) in self.ready_named_workspaces(&user.id).await? {
             if self.remove_files(&ws, provider).await {
+                self.store.drop_placement(&user.id, provider, &name).await?;
                 removed_from.push(ws.id.clone());
+            } else {
+                all_removed = false;
             }
         }
-        if !removed_from.is_empty() {
+        if !removed_from.is_empty() && all_removed {
             self.store.clear_revocation(&user.id, provider).await?;
         }
         tracing::info!(user = %user.name, provider, workspaces = ?removed_from, "credentials revoked");
@@ -589,7 +759,10 @@ impl App {
             Some(if removed_from.is_empty() {
                 "revoked by the user; the files go from the workspace when it next runs".into()
             } else {
-                "revoked by the user; the files were removed from the workspace".into()
+                format!(
+                    "revoked by the user; the files were removed from {} workspace(s)",
+                    removed_from.len()
+                )
             }),
         )
         .await;
@@ -672,25 +845,103 @@ impl App {
     async fn check_owner(&self, owner: &str) -> Result<(), AppError> {
         let lock = self.credentials.lock_for(owner);
         let _held = lock.lock().await;
-        let workspaces = self.ready_workspaces_of(owner).await?;
-        if let Some(ws) = workspaces.first() {
+        let workspaces = self.ready_named_workspaces(owner).await?;
+        let records = self.store.credentials_of(owner).await?;
+        let has_record = |provider: &str| records.iter().any(|r| r.provider == provider);
+        let mut placements = self.store.placements_of(owner).await?;
+        // Files placed for a record that is gone (a delivery that lost a
+        // race with a revocation) are revoked files too.
+        let orphans: Vec<String> = placements
+            .iter()
+            .filter(|p| p.state == "placed" && !has_record(&p.provider))
+            .map(|p| p.provider.clone())
+            .collect();
+        for provider in &orphans {
+            self.store.revoke_placements(owner, provider).await?;
+        }
+        if !orphans.is_empty() {
+            placements = self.store.placements_of(owner).await?;
+        }
+        // Revoked files go from every ready workspace they were placed in.
+        for (ws, name) in &workspaces {
+            for p in placements
+                .iter()
+                .filter(|p| p.workspace == *name && p.state == "revoking")
+            {
+                if self.remove_files(ws, &p.provider).await {
+                    self.store.drop_placement(owner, &p.provider, name).await?;
+                }
+            }
+        }
+        // Revocations noted before placements were kept: from every ready
+        // workspace.
+        if !workspaces.is_empty() {
             for provider in self.store.revocations_of(owner).await? {
-                if self.remove_files(ws, &provider).await {
+                let mut all = true;
+                for (ws, _) in &workspaces {
+                    all &= self.remove_files(ws, &provider).await;
+                }
+                if all {
                     self.store.clear_revocation(owner, &provider).await?;
                 }
             }
         }
-        for cred in self.store.credentials_of(owner).await? {
+        for cred in records.iter() {
             let Some(def) = self.providers().get(&cred.provider).cloned() else {
                 continue;
             };
             let before = self.store.health(owner, &cred.provider).await?;
-            let seen = match workspaces.first() {
-                Some(ws) => {
-                    self.check_in_workspace(ws, &def, &cred, before.as_ref())
+            // The ready workspaces the files were delivered to; a record
+            // delivered with no note of where (stored before workspaces had
+            // names) went to `default`.
+            let unplaced = cred.delivered_at.is_some()
+                && !placements.iter().any(|p| p.provider == cred.provider);
+            let targets: Vec<&(SandboxRow, String)> = workspaces
+                .iter()
+                .filter(|(_, name)| {
+                    (unplaced && name == super::workspaces::DEFAULT)
+                        || placements.iter().any(|p| {
+                            p.provider == cred.provider
+                                && p.workspace == *name
+                                && p.state == "placed"
+                        })
+                })
+                .collect();
+            let seen = if targets.is_empty() {
+                self.check_in_vault(&def, cred, before.as_ref()).await
+            } else {
+                let mut worst: Option<Seen> = None;
+                for (ws, name) in targets {
+                    // A re-capture in one workspace changes the record the
+                    // next one is compared with.
+                    let Some(now) = self
+                        .store
+                        .credential(owner, &cred.provider)
+                        .await?
+                        .filter(|c| c.login_id == cred.login_id)
+                    else {
+                        break;
+                    };
+                    let last = self.store.health(owner, &cred.provider).await?;
+                    let Some(s) = self
+                        .check_in_workspace(ws, name, &def, &now, last.as_ref())
                         .await
+                    else {
+                        continue;
+                    };
+                    worst = Some(match worst {
+                        Some(w) if severity(w.status) >= severity(s.status) => Seen {
+                            version: w.version.max(s.version),
+                            ..w
+                        },
+                        Some(w) => Seen {
+                            version: w.version.max(s.version),
+                            ..s
+                        },
+                        None => s,
+                    });
                 }
-                None => self.check_in_vault(&def, &cred, before.as_ref()).await,
+                worst
             };
             let Some(seen) = seen else { continue };
             let entered = before
@@ -779,6 +1030,7 @@ impl App {
     async fn check_in_workspace(
         &self,
         ws: &SandboxRow,
+        name: &str,
         def: &ProviderDef,
         cred: &CredentialRow,
         before: Option<&HealthRow>,
@@ -801,13 +1053,13 @@ impl App {
         let current = if there.files.is_empty() {
             // Not delivered yet: its login is still delivering.
             cred.delivered_at?;
-            if let Err(e) = self
-                .guest
-                .deliver_credentials(at, &ws.agent_token, &vault_files)
-                .await
-            {
-                tracing::warn!(sandbox = %ws.id, provider = %def.name, error = %e, "credential check: could not deliver again");
-                return None;
+            match self.deliver_guarded(ws, name, cred, &vault_files).await {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => {
+                    tracing::warn!(sandbox = %ws.id, provider = %def.name, error = %e, "credential check: could not deliver again");
+                    return None;
+                }
             }
             self.audit(
                 &cred.owner_id,
@@ -821,15 +1073,40 @@ impl App {
             vault_files
         } else if !same_files(def, &there, &vault_files) {
             let (expiry, refresh) = read_set(def, &there);
-            if complete(def, &there)
-                && refresh != Some(false)
-                && self
-                    .recapture(cred, &there, version + 1, expiry, &ws.id)
-                    .await
-            {
-                version += 1;
+            let (vault_expiry, _) = read_set(def, &vault_files);
+            let older = matches!((expiry, vault_expiry), (Some(t), Some(v)) if t < v);
+            if older && refresh != Some(false) {
+                // Another workspace's refresh is in the vault already: this
+                // one gets it too, instead of its older files going back in.
+                match self.deliver_guarded(ws, name, cred, &vault_files).await {
+                    Ok(true) => {}
+                    Ok(false) => return None,
+                    Err(e) => {
+                        tracing::warn!(sandbox = %ws.id, provider = %def.name, error = %e, "credential check: could not deliver the newer version");
+                        return None;
+                    }
+                }
+                self.audit(
+                    &cred.owner_id,
+                    AuditKind::Delivered,
+                    &cred.provider,
+                    Some(&ws.id),
+                    Some(&cred.login_id),
+                    Some(format!("the newer version {version} from the vault")),
+                )
+                .await;
+                vault_files
+            } else {
+                if complete(def, &there)
+                    && refresh != Some(false)
+                    && self
+                        .recapture(cred, &there, version + 1, expiry, &ws.id)
+                        .await
+                {
+                    version += 1;
+                }
+                there
             }
-            there
         } else {
             vault_files
         };
@@ -954,16 +1231,6 @@ impl App {
             return Ok(None);
         };
         Ok(self.open_record(&cred).await.map(|f| (cred, f)))
-    }
-
-    async fn ready_workspaces_of(&self, owner: &str) -> Result<Vec<SandboxRow>, AppError> {
-        Ok(self
-            .store
-            .sandboxes_of(owner)
-            .await?
-            .into_iter()
-            .filter(|s| s.kind == SandboxKind::Workspace && s.state == SandboxState::Ready)
-            .collect())
     }
 
     /// Remove a provider's files from a workspace; true when done.

@@ -290,6 +290,20 @@ impl App {
         user: &UserRow,
         provider: &str,
     ) -> Result<LoginRow, AppError> {
+        self.start_login_to(user, provider, None).await
+    }
+
+    /// [`Self::start_login`], delivering to the caller's workspace named
+    /// `workspace` (default `default`; made if it does not run).
+    pub async fn start_login_to(
+        self: &Arc<Self>,
+        user: &UserRow,
+        provider: &str,
+        workspace: Option<&str>,
+    ) -> Result<LoginRow, AppError> {
+        if let Some(name) = workspace {
+            super::workspaces::check_name(name)?;
+        }
         if self.providers().get(provider).is_none() {
             let names: Vec<&str> = self
                 .providers()
@@ -327,6 +341,9 @@ impl App {
             finished_at: None,
         };
         self.store.insert_login(&row).await?;
+        if let Some(name) = workspace.filter(|n| *n != super::workspaces::DEFAULT) {
+            self.store.set_login_target(&row.id, name).await?;
+        }
         self.count_started(&user.id, provider);
         let sandbox = match self
             .create_admitted(user, SandboxKind::Browser, sandbox_id, permit)

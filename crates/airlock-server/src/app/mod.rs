@@ -23,6 +23,7 @@ pub mod sandboxes;
 pub mod state;
 pub mod tickets;
 pub mod volumes;
+pub mod workspaces;
 
 use crate::metrics::Metrics;
 use crate::node::{LocalNode, Node};

@@ -14,7 +14,6 @@ use crate::store::{now_ms, SandboxRow, StoreError, UserRow};
 use airlock_drivers::Lease;
 use airlock_proto::agent::{ExecRequest, ExecResponse};
 use airlock_proto::metadata::{Display, Metadata, Network, SandboxKind};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +46,9 @@ impl App {
         user: &UserRow,
         kind: SandboxKind,
     ) -> Result<Created, AppError> {
+        if kind == SandboxKind::Workspace {
+            return self.create_workspace(user, None, false).await;
+        }
         let id = new_id();
         let permit = self.admission.admit(&user.id, Ask::Sandbox, &id).await?;
         self.create_or_claim(user, kind, id, permit).await
@@ -60,6 +62,9 @@ impl App {
         user: &UserRow,
         kind: SandboxKind,
     ) -> Result<SandboxRow, AppError> {
+        if kind == SandboxKind::Workspace {
+            return Ok(self.create_workspace(user, None, true).await?.row);
+        }
         let id = new_id();
         let permit = self.admission.admit(&user.id, Ask::OnBehalf, &id).await?;
         self.create_admitted(user, kind, id, permit).await
@@ -259,16 +264,6 @@ impl App {
             .ok_or_else(|| AppError::Internal(format!("sandbox {} holds no address", row.id)))
     }
 
-    fn home_volume(&self, row: &SandboxRow) -> Option<PathBuf> {
-        (row.kind == SandboxKind::Workspace).then(|| {
-            self.cfg
-                .data_dir
-                .join("volumes")
-                .join(&row.owner_id)
-                .join("home")
-        })
-    }
-
     /// What the node is asked to make for this row.
     async fn create_request(&self, row: &SandboxRow) -> Result<CreateSandbox, AppError> {
         let lease = self.lease(row)?;
@@ -296,7 +291,7 @@ impl App {
             },
             proxy_port: egress.map(|(_, port)| port),
             limits: self.cfg.limits.into(),
-            home_volume: self.home_volume(row),
+            home_volume: self.workspace_home(row).await?,
         })
     }
 

@@ -8,7 +8,7 @@ use super::error::{ApiError, ErrorBody};
 use crate::app::credentials::{AuditKind, CredentialView, Health};
 use crate::app::{rfc3339, App};
 use crate::store::AuditRow;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -45,6 +45,25 @@ pub struct Credential {
     pub refreshable: Option<bool>,
     /// The status calls for a new login (`POST /logins`).
     pub sign_in_again: bool,
+    /// The names of the caller's workspaces it was delivered to.
+    pub workspaces: Vec<String>,
+}
+
+/// Where to deliver stored credentials.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Deliver {
+    /// The name of one of the caller's workspaces, which must be ready
+    /// (default `default`).
+    #[serde(default)]
+    pub workspace: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Delivered {
+    pub provider: String,
+    pub workspace: String,
+    pub workspace_sandbox_id: String,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -99,6 +118,7 @@ fn view(v: CredentialView) -> Credential {
         version: h.as_ref().map_or(1, |h| h.version),
         refreshable: v.refreshable,
         sign_in_again,
+        workspaces: v.workspaces,
     }
 }
 
@@ -140,6 +160,34 @@ pub async fn revoke(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Deliver the stored credentials to another of the caller's workspaces
+/// (the same record: a refresh in either is captured back, and a revocation
+/// removes the files from both).
+#[utoipa::path(post, path = "/api/v1/credentials/{provider}/deliver", request_body = Deliver,
+    params(("provider" = String, Path, description = "`claude`, `codex`, `gemini`, …")),
+    responses((status = 200, body = Delivered), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody, description = "no such credentials or workspace"),
+        (status = 409, body = ErrorBody, description = "the workspace is not ready, or the credentials were revoked meanwhile"),
+        (status = 503, body = ErrorBody)))]
+pub async fn deliver(
+    State(app): State<Arc<App>>,
+    Caller(user): Caller,
+    Path(provider): Path<String>,
+    body: Result<Json<Deliver>, JsonRejection>,
+) -> Result<Json<Delivered>, ApiError> {
+    let Json(body) = body?;
+    let ws = app
+        .deliver_to(&user, &provider, body.workspace.as_deref())
+        .await?;
+    Ok(Json(Delivered {
+        provider,
+        workspace: body
+            .workspace
+            .unwrap_or_else(|| crate::app::workspaces::DEFAULT.to_owned()),
+        workspace_sandbox_id: ws.id,
+    }))
+}
+
 /// The caller's credential events, newest first, a page at a time.
 #[utoipa::path(get, path = "/api/v1/audit", params(AuditQuery),
     responses((status = 200, body = AuditPage), (status = 400, body = ErrorBody)))]
@@ -161,13 +209,26 @@ pub fn routes() -> Router<Arc<App>> {
     Router::new()
         .route("/credentials", get(list))
         .route("/credentials/{provider}", axum::routing::delete(revoke))
+        .route(
+            "/credentials/{provider}/deliver",
+            axum::routing::post(deliver),
+        )
         .route("/audit", get(audit))
 }
 
 /// This module's part of the OpenAPI document.
 #[derive(Debug, utoipa::OpenApi)]
 #[openapi(
-    paths(list, revoke, audit),
-    components(schemas(Credential, CredentialList, AuditEvent, AuditPage, Health, AuditKind))
+    paths(list, revoke, deliver, audit),
+    components(schemas(
+        Credential,
+        CredentialList,
+        Deliver,
+        Delivered,
+        AuditEvent,
+        AuditPage,
+        Health,
+        AuditKind
+    ))
 )]
 pub struct Doc;

@@ -23,6 +23,10 @@ use std::sync::Arc;
 pub struct CreateLogin {
     /// `claude`, `codex` or `gemini` (see `GET /providers`).
     pub provider: String,
+    /// The name of the caller's workspace to deliver to (default
+    /// `default`); made if it does not run.
+    #[serde(default)]
+    pub workspace: Option<String>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -133,7 +137,9 @@ pub async fn create(
     body: Result<Json<CreateLogin>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
-    let row = app.start_login(&user, &body.provider).await?;
+    let row = app
+        .start_login_to(&user, &body.provider, body.workspace.as_deref())
+        .await?;
     Ok((StatusCode::CREATED, Json(view(&app, row))).into_response())
 }
 

@@ -14,6 +14,7 @@ pub mod terminal;
 pub mod tickets;
 pub mod usage;
 pub mod web;
+pub mod workspaces;
 
 use crate::app::App;
 use axum::extract::{DefaultBodyLimit, State};
@@ -66,6 +67,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(processes::Doc::openapi());
     doc.merge(files::Doc::openapi());
     doc.merge(pool::Doc::openapi());
+    doc.merge(workspaces::Doc::openapi());
     doc
 }
 
@@ -94,6 +96,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(processes::routes())
         .merge(files::routes())
         .merge(pool::routes())
+        .merge(workspaces::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|| async {
             error::ApiError::new(

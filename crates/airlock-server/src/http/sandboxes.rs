@@ -3,7 +3,7 @@
 use super::auth::{Caller, ViewerCaller};
 use super::error::{ApiError, ErrorBody};
 use crate::app::state::SandboxState;
-use crate::app::App;
+use crate::app::{App, AppError};
 use crate::relay::ws::{self, close};
 use crate::store::SandboxRow;
 use airlock_proto::metadata::SandboxKind;
@@ -23,6 +23,11 @@ pub struct CreateSandbox {
     /// `browser` (disposable) or `workspace` (the user's long-lived machine).
     #[schema(value_type = String, example = "browser")]
     pub kind: SandboxKind,
+    /// A workspace's name (default `default`): unique among the caller's
+    /// live workspaces, and the name its home volume is kept under across
+    /// rebuilds. Only for `workspace`.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -100,7 +105,13 @@ pub async fn create(
     body: Result<Json<CreateSandbox>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
-    let created = app.create(&user, body.kind).await?;
+    let created = match (body.kind, body.name.as_deref()) {
+        (SandboxKind::Workspace, name) => app.create_workspace(&user, name, false).await?,
+        (_, Some(_)) => {
+            return Err(AppError::BadInput("name: only a workspace has a name".into()).into())
+        }
+        (kind, None) => app.create(&user, kind).await?,
+    };
     let mut answer = view(created.row, &user.name);
     answer.from_pool = Some(created.from_pool);
     Ok((StatusCode::CREATED, Json(answer)).into_response())

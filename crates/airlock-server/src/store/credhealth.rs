@@ -142,6 +142,10 @@ impl Store {
             .await
             .map_err(q("delete credential health"))?;
         if gone > 0 {
+            // In the same transaction: a delivery that read the record
+            // before it finds the generation moved after writing, and takes
+            // its files back out.
+            super::workspaces::bump_generation(&mut tx, owner_id, provider).await?;
             sqlx::query(
                 "INSERT INTO credential_revocations (owner_id, provider, revoked_at) \
                  VALUES ($1, $2, $3) ON CONFLICT (owner_id, provider) \

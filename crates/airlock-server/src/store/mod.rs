@@ -16,6 +16,7 @@ mod sealed;
 mod tickets;
 mod usage;
 mod users;
+mod workspaces;
 
 pub use audit::AuditRow;
 pub use credhealth::HealthRow;
@@ -25,6 +26,7 @@ pub use nodes::{Leadership, NodeRow};
 pub use sandboxes::SandboxRow;
 pub use sealed::{SealedRef, SealedValue};
 pub use users::UserRow;
+pub use workspaces::PlacementRow;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

@@ -120,15 +120,26 @@ async fn exercise(store: &Store) {
         "failed insert left no row"
     );
 
-    // One live workspace per user.
+    // One live workspace per user and name (migration 0040).
+    store
+        .claim_workspace_name("u1", "default", "w1")
+        .await
+        .expect("name");
     store
         .insert_sandbox(&sandbox("w1", "u1", "workspace", Some(1)))
         .await
         .expect("first workspace");
-    let second = store
-        .insert_sandbox(&sandbox("w2", "u1", "workspace", Some(2)))
-        .await;
+    let second = store.claim_workspace_name("u1", "default", "w2").await;
     assert!(matches!(second, Err(StoreError::Conflict(_))), "{second:?}");
+    store
+        .claim_workspace_name("u1", "proj", "w3")
+        .await
+        .expect("another name");
+    store.drop_workspace_name("w3").await.expect("drop");
+    assert_eq!(
+        store.workspace_name("w1").await.expect("q").as_deref(),
+        Some("default")
+    );
 
     assert_eq!(store.used_leases().await.expect("q"), [0, 1].into());
     assert_eq!(store.sandboxes_of("u1").await.expect("q").len(), 2);
@@ -708,11 +719,53 @@ async fn credential_tables(store: &Store) {
     for h in [&health, &others] {
         store.put_health(h).await.expect("health");
     }
+    // Every revocation moved the generation a delivery compares against.
+    assert_eq!(
+        store
+            .credential_generation(&user.id, "claude")
+            .await
+            .expect("q"),
+        2
+    );
+    assert_eq!(
+        store
+            .credential_generation(&other.id, "claude")
+            .await
+            .expect("q"),
+        1
+    );
+    assert_eq!(
+        store
+            .credential_generation(&other.id, "none")
+            .await
+            .expect("q"),
+        0
+    );
+    for (u, ws) in [(&user.id, "wu"), (&other.id, "wo")] {
+        store
+            .place_credentials(u, "claude", "default")
+            .await
+            .expect("place");
+        store
+            .claim_workspace_name(u, "default", ws)
+            .await
+            .expect("name");
+    }
+    store
+        .revoke_placements(&user.id, "claude")
+        .await
+        .expect("revoking");
+    let placed = store.placements_of(&user.id).await.expect("q");
+    assert_eq!(placed.len(), 1);
+    assert_eq!(placed[0].state, "revoking");
     assert!(store.finish_user_removal(&user.id).await.expect("remove"));
     for table in [
         "credential_events",
         "credential_health",
         "credential_revocations",
+        "credential_placements",
+        "credential_generations",
+        "workspace_names",
     ] {
         let sql = format!("SELECT COUNT(*) FROM {table} WHERE owner_id = $1");
         assert_eq!(count(store, &sql, &user.id).await, 0, "{table}");

@@ -133,6 +133,45 @@ pub struct OAuth {
     pub issued: Mutex<HashMap<String, String>>,
     /// Put into every access token (the canary).
     pub marker: String,
+    /// Refresh tokens the server would still honour (each is used once: a
+    /// refresh rotates it).
+    pub refresh_tokens: Mutex<std::collections::HashSet<String>>,
+    /// Access tokens `/userinfo` accepts.
+    pub access_tokens: Mutex<std::collections::HashSet<String>>,
+    /// Refresh grants honoured.
+    pub refreshed: Mutex<u32>,
+}
+
+impl OAuth {
+    /// A token pair as a sign-in would have issued it, `expires_in_s` from now.
+    pub fn issue(&self, expires_in_s: i64) -> serde_json::Value {
+        let access_token = format!(
+            "at-{}-{}",
+            self.marker,
+            hex::encode(rand::random::<[u8; 8]>())
+        );
+        let refresh_token = format!("rt-{}", hex::encode(rand::random::<[u8; 8]>()));
+        self.access_tokens
+            .lock()
+            .expect("lock")
+            .insert(access_token.clone());
+        self.refresh_tokens
+            .lock()
+            .expect("lock")
+            .insert(refresh_token.clone());
+        serde_json::json!({
+            "access_token": access_token,
+            "refresh_token": refresh_token,
+            "token_type": "Bearer",
+            "expires_in": expires_in_s,
+        })
+    }
+
+    /// The user signed out everywhere: no token of theirs works any more.
+    pub fn revoke_all(&self) {
+        self.access_tokens.lock().expect("lock").clear();
+        self.refresh_tokens.lock().expect("lock").clear();
+    }
 }
 
 async fn authorize(
@@ -203,6 +242,16 @@ async fn token(State(s): State<Arc<OAuth>>, Form(f): Form<HashMap<String, String
         )
             .into_response()
     };
+    if f.get("grant_type").map(String::as_str) == Some("refresh_token")
+        && f.get("client_id").map(String::as_str) == Some(CLIENT_ID)
+    {
+        let given = f.get("refresh_token").cloned().unwrap_or_default();
+        if !s.refresh_tokens.lock().expect("lock").remove(&given) {
+            return bad("unknown, used or revoked refresh token");
+        }
+        *s.refreshed.lock().expect("lock") += 1;
+        return Json(s.issue(3600)).into_response();
+    }
     if f.get("grant_type").map(String::as_str) != Some("authorization_code")
         || f.get("client_id").map(String::as_str) != Some(CLIENT_ID)
     {
@@ -222,18 +271,27 @@ async fn token(State(s): State<Arc<OAuth>>, Form(f): Form<HashMap<String, String
         return bad("PKCE verifier does not match the challenge");
     }
     *s.tokens_issued.lock().expect("lock") += 1;
-    let access_token = format!("at-{}-{}", s.marker, hex::encode(rand::random::<[u8; 8]>()));
+    let pair = s.issue(3600);
+    let access_token = pair["access_token"].as_str().unwrap_or_default().to_owned();
     s.issued
         .lock()
         .expect("lock")
-        .insert(code.clone(), access_token.clone());
-    Json(serde_json::json!({
-        "access_token": access_token,
-        "refresh_token": format!("rt-{}", hex::encode(rand::random::<[u8; 8]>())),
-        "token_type": "Bearer",
-        "expires_in": 3600,
-    }))
-    .into_response()
+        .insert(code.clone(), access_token);
+    Json(pair).into_response()
+}
+
+/// What a CLI calls with its access token: 200 while the token is good.
+async fn userinfo(State(s): State<Arc<OAuth>>, headers: axum::http::HeaderMap) -> Response {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if s.access_tokens.lock().expect("lock").contains(token) {
+        Json(serde_json::json!({"sub": "test-user"})).into_response()
+    } else {
+        (axum::http::StatusCode::UNAUTHORIZED, "invalid token").into_response()
+    }
 }
 
 /// The page a "paste the code" redirect lands on (claude's manual route):
@@ -257,6 +315,7 @@ pub async fn start_oauth(state: Arc<OAuth>) -> u16 {
         .route("/authorize", get(authorize))
         .route("/approve", get(approve))
         .route("/token", post(token))
+        .route("/userinfo", get(userinfo))
         .route("/code", get(show_code))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

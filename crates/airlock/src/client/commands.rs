@@ -67,15 +67,16 @@ async fn sandbox(conn: Conn, cmd: SandboxCommand) -> anyhow::Result<i32> {
     match cmd {
         SandboxCommand::Create {
             kind,
+            name,
             no_wait,
             wait_s,
         } => {
+            let mut req = json!({ "kind": kind });
+            if let Some(name) = name {
+                req["name"] = json!(name);
+            }
             let body = api
-                .json(
-                    Method::POST,
-                    "/api/v1/sandboxes",
-                    Some(json!({ "kind": kind })),
-                )
+                .json(Method::POST, "/api/v1/sandboxes", Some(req))
                 .await?;
             let id = s(&body["id"]);
             if !no_wait {
@@ -98,6 +99,33 @@ async fn sandbox(conn: Conn, cmd: SandboxCommand) -> anyhow::Result<i32> {
                     s(&sb["kind"]),
                     s(&sb["state"]),
                     s(&sb["created_at"])
+                );
+            }
+            Ok(0)
+        }
+        SandboxCommand::Workspaces { json } => {
+            let body = api.get("/api/v1/workspaces").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+                return Ok(0);
+            }
+            println!(
+                "{:<16} {:<14} {:<12} CREDENTIALS",
+                "NAME", "SANDBOX", "STATE"
+            );
+            for w in body["workspaces"].as_array().into_iter().flatten() {
+                let providers: Vec<String> = w["providers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(s)
+                    .collect();
+                println!(
+                    "{:<16} {:<14} {:<12} {}",
+                    s(&w["name"]),
+                    s(&w["sandbox_id"]),
+                    s(&w["state"]),
+                    providers.join(",")
                 );
             }
             Ok(0)
@@ -361,7 +389,10 @@ async fn login(conn: Conn, args: LoginArgs) -> anyhow::Result<i32> {
         .json(
             Method::POST,
             "/api/v1/logins",
-            Some(json!({ "provider": args.provider })),
+            Some(match &args.workspace {
+                Some(w) => json!({ "provider": args.provider, "workspace": w }),
+                None => json!({ "provider": args.provider }),
+            }),
         )
         .await?;
     let id = s(&login["id"]);
@@ -441,18 +472,46 @@ async fn credentials(conn: Conn, cmd: CredentialsCommand) -> anyhow::Result<i32>
                 return Ok(0);
             }
             println!(
-                "{:<10} {:<26} {:<26} EXPIRES",
-                "PROVIDER", "UPDATED", "DELIVERED"
+                "{:<10} {:<15} {:<26} {:<26} WORKSPACES",
+                "PROVIDER", "STATUS", "UPDATED", "EXPIRES"
             );
             for c in body["credentials"].as_array().into_iter().flatten() {
+                let mut status = s(&c["status"]);
+                if c["sign_in_again"] == true {
+                    status.push_str(" (sign in again)");
+                }
+                let workspaces: Vec<String> = c["workspaces"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(s)
+                    .collect();
                 println!(
-                    "{:<10} {:<26} {:<26} {}",
+                    "{:<10} {:<15} {:<26} {:<26} {}",
                     s(&c["provider"]),
+                    status,
                     s(&c["updated_at"]),
-                    s(&c["delivered_at"]),
-                    s(&c["expires_at"])
+                    s(&c["expires_at"]),
+                    workspaces.join(",")
                 );
             }
+            Ok(0)
+        }
+        CredentialsCommand::Deliver {
+            provider,
+            workspace,
+        } => {
+            let body = api
+                .json(
+                    Method::POST,
+                    &format!("/api/v1/credentials/{}/deliver", seg(&provider)),
+                    Some(json!({ "workspace": workspace })),
+                )
+                .await?;
+            println!(
+                "{provider}: delivered to workspace {workspace} ({})",
+                s(&body["workspace_sandbox_id"])
+            );
             Ok(0)
         }
         CredentialsCommand::Rm { provider } => {

@@ -60,6 +60,10 @@ pub enum SandboxCommand {
         /// `workspace` (the long-lived one) or `browser`.
         #[arg(long, default_value = "workspace")]
         kind: String,
+        /// A workspace's name (default `default`): one live workspace per
+        /// name, whose home is kept under that name across rebuilds.
+        #[arg(long)]
+        name: Option<String>,
         /// Return at once, without waiting for ready.
         #[arg(long)]
         no_wait: bool,
@@ -69,6 +73,12 @@ pub enum SandboxCommand {
     /// List your sandboxes.
     Ls {
         /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Your named workspaces, the sandbox running each, and the
+    /// providers whose credentials each holds.
+    Workspaces {
         #[arg(long)]
         json: bool,
     },
@@ -127,14 +137,25 @@ pub enum CredentialsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Forget a provider's credentials.
+    /// Forget a provider's credentials (the files leave every workspace).
     Rm { provider: String },
+    /// Write the stored credentials into another of your workspaces
+    /// (it must be ready).
+    Deliver {
+        provider: String,
+        /// The workspace's name.
+        #[arg(long, default_value = "default")]
+        workspace: String,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct LoginArgs {
     /// `claude`, `codex` or `gemini`.
     pub provider: String,
+    /// The workspace to deliver to, by name (made if it does not run).
+    #[arg(long)]
+    pub workspace: Option<String>,
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub wait_s: u64,

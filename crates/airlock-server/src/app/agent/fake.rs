@@ -32,6 +32,27 @@ pub struct FakeGuest {
     processes: Mutex<Vec<(String, ProcessInfo)>>,
     /// Files put, as (sandbox id, path) → bytes.
     files: Mutex<HashMap<(String, String), bytes::Bytes>>,
+    /// While set, a delivery stops before writing until the gate opens.
+    delivery_gate: Mutex<Option<DeliveryGate>>,
+}
+
+/// Deliveries held between reaching the guest and writing (see
+/// [`FakeGuest::hold_deliveries`]).
+#[derive(Debug, Clone)]
+pub struct DeliveryGate {
+    /// Notified as a delivery reaches the gate.
+    pub reached: Arc<tokio::sync::Notify>,
+    /// One permit lets one delivery write.
+    pub open: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for DeliveryGate {
+    fn default() -> Self {
+        DeliveryGate {
+            reached: Arc::default(),
+            open: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
 }
 
 impl FakeGuest {
@@ -45,7 +66,17 @@ impl FakeGuest {
             session_failure: Mutex::default(),
             processes: Mutex::default(),
             files: Mutex::default(),
+            delivery_gate: Mutex::default(),
         }
+    }
+
+    /// Hold every delivery from now on after it reached the guest and
+    /// before it writes, until the gate gives it a permit: a test puts
+    /// another writer (a revocation) in between.
+    pub fn hold_deliveries(&self) -> DeliveryGate {
+        let gate = DeliveryGate::default();
+        *self.delivery_gate.lock().unwrap_or_else(|p| p.into_inner()) = Some(gate.clone());
+        gate
     }
 
     /// Write a file into a sandbox's home (what a CLI there would do);
@@ -177,6 +208,17 @@ impl Guest for FakeGuest {
         files: &FileSet,
     ) -> Result<(), AgentError> {
         let guest = self.agent_at(agent, token)?;
+        let gate = self
+            .delivery_gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(gate) = gate {
+            gate.reached.notify_one();
+            if let Ok(permit) = gate.open.acquire().await {
+                permit.forget();
+            }
+        }
         for f in &files.files {
             self.put_home_file(&guest.req.id, &f.path, Some(&f.contents_b64));
         }

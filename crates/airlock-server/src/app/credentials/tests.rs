@@ -23,6 +23,8 @@ const CANARY: &str = "CANARY-c0ffee-SECRET";
 struct Bed {
     app: Arc<App>,
     guest: Arc<FakeGuest>,
+    node: Arc<FakeNode>,
+    pool: String,
     store: Store,
     alice: UserRow,
     bob: UserRow,
@@ -77,7 +79,7 @@ impl Bed {
         let node = Arc::new(FakeNode::new());
         let guest = Arc::new(FakeGuest::new(node.clone()));
         let seams = Seams {
-            node,
+            node: node.clone(),
             guest: guest.clone(),
             forwarders: Arc::new(FakeForwarders::default()),
             probe: Arc::new(FakeProbe::new(Some(64 << 30), Some(1 << 40))),
@@ -87,15 +89,76 @@ impl Bed {
             layers: vec![],
         };
         let vault = crate::vault::Vault::load(dir.path()).expect("vault");
-        let pool = AddressPool::parse(&pool()).expect("pool");
+        let pool_range = pool();
+        let pool = AddressPool::parse(&pool_range).expect("pool");
         let app = App::with_seams(cfg, store.clone(), seams, image, pool, vault);
         Bed {
             app,
             guest,
+            node,
+            pool: pool_range,
             store,
             alice,
             bob,
             dir,
+        }
+    }
+
+    /// A second control plane over the same database, data dir, vault,
+    /// node and guests: another process, with its own per-user locks.
+    fn other_process(&self) -> Arc<App> {
+        let mut cfg = AppConfig::new(self.dir.path().to_owned());
+        cfg.providers_dir = Some(self.dir.path().join("providers"));
+        cfg.boot_timeout = Duration::from_secs(5);
+        let seams = Seams {
+            node: self.node.clone(),
+            guest: self.guest.clone(),
+            forwarders: Arc::new(FakeForwarders::default()),
+            probe: Arc::new(FakeProbe::new(Some(64 << 30), Some(1 << 40))),
+        };
+        let image = ImageRef {
+            build_id: "build-1".into(),
+            layers: vec![],
+        };
+        let vault = crate::vault::Vault::load(self.dir.path()).expect("vault");
+        let pool = AddressPool::parse(&self.pool).expect("pool");
+        App::with_seams(cfg, self.store.clone(), seams, image, pool, vault)
+    }
+
+    /// A ready workspace of `user` named `name`.
+    async fn named(&self, user: &UserRow, name: &str) -> String {
+        let id = self
+            .app
+            .create_workspace(user, Some(name), false)
+            .await
+            .expect("create")
+            .row
+            .id;
+        self.until_ready(&id).await;
+        id
+    }
+
+    async fn until_ready(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let row = self.store.sandbox(id).await.expect("q").expect("row");
+            if row.state == SandboxState::Ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "workspace is {}", row.state);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn until_ended(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let row = self.store.sandbox(id).await.expect("q").expect("row");
+            if !row.state.is_live() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "workspace is {}", row.state);
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -775,4 +838,377 @@ async fn the_workspace_reader_script_reads_what_the_agent_would() {
         B64.decode(&set.files[0].contents_b64).expect("b64"),
         format!("{{\"k\":\"{CANARY}\"}}\n").into_bytes()
     );
+}
+
+// ---- several workspaces per user ----
+
+/// Workspaces are named; each name is live once; each keeps its home
+/// under its name across a rebuild; a bad name changes nothing.
+#[tokio::test]
+async fn each_named_workspace_has_its_own_home_kept_across_rebuilds() {
+    let bed = Bed::new().await;
+    let a = bed.workspace(&bed.alice).await;
+    let b = bed.named(&bed.alice, "proj").await;
+    let home = |id: &str| {
+        bed.node
+            .instance(id)
+            .expect("on the node")
+            .req
+            .home_volume
+            .expect("a home")
+    };
+    let (home_a, home_b) = (home(&a), home(&b));
+    assert!(home_a.ends_with(format!("volumes/{}/home", bed.alice.id)));
+    assert!(home_b.ends_with(format!("volumes/{}/workspaces/proj/home", bed.alice.id)));
+    // Each name once while live, per user: bob may have his own "proj".
+    for name in [None, Some("proj")] {
+        let again = bed.app.create_workspace(&bed.alice, name, false).await;
+        assert!(matches!(again, Err(AppError::Conflict(_))), "{again:?}");
+    }
+    let bobs = bed.named(&bed.bob, "proj").await;
+    assert!(home(&bobs).ends_with(format!("volumes/{}/workspaces/proj/home", bed.bob.id)));
+    for bad in ["../x", "Proj", "", "-a", "a/b"] {
+        let got = bed.app.create_workspace(&bed.alice, Some(bad), false).await;
+        assert!(
+            matches!(got, Err(AppError::BadInput(_))),
+            "{bad:?}: {got:?}"
+        );
+    }
+    // Rebuilt under the same name: the same home, a new sandbox.
+    bed.app
+        .delete_sandbox(&bed.alice, &b)
+        .await
+        .expect("delete");
+    bed.until_ended(&b).await;
+    let b2 = bed.named(&bed.alice, "proj").await;
+    assert_ne!(b2, b);
+    assert_eq!(home(&b2), home_b);
+    let names: Vec<(String, Option<String>)> = bed
+        .app
+        .workspaces(&bed.alice)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|w| (w.name, w.sandbox.map(|s| s.id)))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("default".to_owned(), Some(a.clone())),
+            ("proj".to_owned(), Some(b2.clone()))
+        ]
+    );
+}
+
+/// Delivered on request to a second workspace: the files land there,
+/// audited; a missing workspace or record is 404, another user's is not
+/// reachable, a bad name is 400.
+#[tokio::test]
+async fn stored_credentials_are_delivered_to_another_workspace_on_request() {
+    let bed = Bed::new().await;
+    let a = bed.workspace(&bed.alice).await;
+    let b = bed.named(&bed.alice, "proj").await;
+    let first = file("v1", "r1", now_ms() + 600 * MIN);
+    bed.signed_in(&bed.alice, "login1", &first, Some(&a)).await;
+    assert_eq!(ws_file(&bed, &b), None);
+    let to = bed
+        .app
+        .deliver_to(&bed.alice, P, Some("proj"))
+        .await
+        .expect("deliver");
+    assert_eq!(to.id, b);
+    assert_eq!(ws_file(&bed, &b), Some(first.files[0].contents_b64.clone()));
+    assert_eq!(
+        bed.kinds(&bed.alice).await,
+        ["captured", "delivered", "delivered"]
+    );
+    let v = bed.view(&bed.alice).await;
+    assert_eq!(v[0].workspaces, ["default", "proj"]);
+    for (user, provider, name, want) in [
+        (&bed.alice, P, Some("nope"), "404"),
+        (&bed.alice, "other", Some("proj"), "404"),
+        (&bed.bob, P, None, "404"),
+        (&bed.alice, P, Some("../x"), "400"),
+        (&bed.alice, "../x", None, "400"),
+    ] {
+        let got = bed.app.deliver_to(user, provider, name).await;
+        let code = match &got {
+            Err(AppError::NotFound(_)) => "404",
+            Err(AppError::BadInput(_)) => "400",
+            other => panic!("{provider} {name:?}: {other:?}"),
+        };
+        assert_eq!(code, want, "{provider} {name:?}");
+    }
+    assert_eq!(bed.kinds(&bed.alice).await.len(), 3, "nothing more audited");
+}
+
+/// The check looks into every workspace the files went to: a refresh in
+/// the second is captured back and carried to the first; a refused
+/// refresh in the first is `refresh_failed`, naming that workspace.
+#[tokio::test]
+async fn the_check_covers_every_workspace_the_files_went_to() {
+    let bed = Bed::new().await;
+    let a = bed.workspace(&bed.alice).await;
+    let b = bed.named(&bed.alice, "proj").await;
+    bed.signed_in(
+        &bed.alice,
+        "login1",
+        &file("v1", "r1", now_ms() + 2 * MIN),
+        Some(&a),
+    )
+    .await;
+    bed.app
+        .deliver_to(&bed.alice, P, Some("proj"))
+        .await
+        .expect("deliver");
+    // The CLI in "proj" refreshes.
+    let refreshed = file("v2", "r2", now_ms() + 120 * MIN);
+    bed.guest
+        .put_home_file(&b, PATH, Some(&refreshed.files[0].contents_b64));
+    bed.app.check_credentials_once().await;
+    assert_eq!(bed.vault_copy(&bed.alice).await, Some(refreshed.clone()));
+    bed.app.check_credentials_once().await;
+    assert_eq!(
+        ws_file(&bed, &a),
+        Some(refreshed.files[0].contents_b64.clone()),
+        "the first workspace gets the refreshed files, not the other way round"
+    );
+    assert_eq!(bed.vault_copy(&bed.alice).await, Some(refreshed.clone()));
+    let v = bed.view(&bed.alice).await;
+    assert_eq!(v[0].status, Some(Health::Healthy));
+    assert_eq!(v[0].health.as_ref().map(|h| h.version), Some(2));
+    // A refused refresh in "default" while "proj" is fine: the worse wins.
+    let dead = file("dead", "", 0);
+    bed.guest
+        .put_home_file(&a, PATH, Some(&dead.files[0].contents_b64));
+    bed.app.check_credentials_once().await;
+    let v = bed.view(&bed.alice).await;
+    assert_eq!(v[0].status, Some(Health::RefreshFailed));
+    assert_eq!(
+        v[0].health
+            .as_ref()
+            .and_then(|h| h.workspace_sandbox_id.clone()),
+        Some(a.clone())
+    );
+    assert_eq!(bed.vault_copy(&bed.alice).await, Some(refreshed));
+    let kinds = bed.kinds(&bed.alice).await;
+    assert_eq!(
+        kinds,
+        [
+            "captured",
+            "delivered",
+            "delivered",
+            "recaptured",
+            "delivered",
+            "refresh_failed"
+        ]
+    );
+}
+
+/// Revocation takes the files out of every ready workspace, and out of a
+/// stopped one when it runs again under its name (its home kept them).
+#[tokio::test]
+async fn revocation_reaches_every_workspace_even_one_not_running() {
+    let bed = Bed::new().await;
+    let a = bed.workspace(&bed.alice).await;
+    let b = bed.named(&bed.alice, "proj").await;
+    let c = bed.named(&bed.alice, "side").await;
+    let first = file("v1", "r1", now_ms() + 600 * MIN);
+    bed.signed_in(&bed.alice, "login1", &first, Some(&a)).await;
+    for name in ["proj", "side"] {
+        bed.app
+            .deliver_to(&bed.alice, P, Some(name))
+            .await
+            .expect("deliver");
+    }
+    // "side" stops with the files in its home.
+    bed.app
+        .delete_sandbox(&bed.alice, &c)
+        .await
+        .expect("delete");
+    bed.until_ended(&c).await;
+    assert!(bed
+        .app
+        .revoke_credentials(&bed.alice, P)
+        .await
+        .expect("revoke"));
+    assert_eq!(ws_file(&bed, &a), None);
+    assert_eq!(ws_file(&bed, &b), None);
+    // "side" runs again; its kept home still holds the files until the check.
+    let c2 = bed.named(&bed.alice, "side").await;
+    bed.guest
+        .put_home_file(&c2, PATH, Some(&first.files[0].contents_b64));
+    bed.app.check_credentials_once().await;
+    assert_eq!(ws_file(&bed, &c2), None);
+    assert!(bed
+        .store
+        .placements_of(&bed.alice.id)
+        .await
+        .expect("q")
+        .is_empty());
+    // And the check does not bring them back anywhere.
+    bed.app.check_credentials_once().await;
+    for ws in [&a, &b, &c2] {
+        assert_eq!(ws_file(&bed, ws), None, "{ws}");
+    }
+}
+
+/// A delivery in one process races a revocation in another (each with its
+/// own per-user lock): the delivery reads the record, the revocation runs
+/// whole (its sweep finds nothing new to remove), then the delivery writes.
+/// The store's revocation generation makes the delivery take its files
+/// back out; without it the revoked files would stay in the workspace.
+#[tokio::test]
+async fn a_delivery_racing_a_revocation_in_another_process_leaves_no_files() {
+    let bed = Bed::new().await;
+    let a = bed.workspace(&bed.alice).await;
+    let b = bed.named(&bed.alice, "proj").await;
+    let first = file("v1", "r1", now_ms() + 600 * MIN);
+    bed.signed_in(&bed.alice, "login1", &first, Some(&a)).await;
+    let other = bed.other_process();
+    let gate = bed.guest.hold_deliveries();
+    let reached = gate.reached.notified();
+    let app = bed.app.clone();
+    let alice = bed.alice.clone();
+    let delivery = tokio::spawn(async move { app.deliver_to(&alice, P, Some("proj")).await });
+    reached.await;
+    assert!(other
+        .revoke_credentials(&bed.alice, P)
+        .await
+        .expect("revoke"));
+    assert_eq!(ws_file(&bed, &a), None);
+    gate.open.add_permits(1);
+    let got = delivery.await.expect("join");
+    assert!(matches!(got, Err(AppError::Conflict(_))), "{got:?}");
+    assert_eq!(
+        ws_file(&bed, &b),
+        None,
+        "the revoked files were written back"
+    );
+    // Nor does a check in either process bring them back.
+    gate.open.add_permits(100);
+    other.check_credentials_once().await;
+    bed.app.check_credentials_once().await;
+    assert_eq!(ws_file(&bed, &a), None);
+    assert_eq!(ws_file(&bed, &b), None);
+}
+
+/// The workspace endpoints through the real HTTP server: names at create,
+/// `GET /workspaces`, delivery on request, and every bad request a JSON 4xx
+/// that changes nothing; all in the OpenAPI document.
+#[tokio::test]
+async fn the_workspace_endpoints_answer_over_http() {
+    let bed = Bed::new().await;
+    let local = bed.app.ensure_local_user().await.expect("local");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(crate::http::serve(listener, bed.app.clone(), async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let post = |path: &str, body: serde_json::Value| {
+        let req = http.post(format!("http://{addr}{path}")).json(&body);
+        async move {
+            let resp = req.send().await.expect("post");
+            let status = resp.status().as_u16();
+            let body: serde_json::Value = resp.json().await.expect("json");
+            (status, body)
+        }
+    };
+    let get = |path: &str| {
+        let req = http.get(format!("http://{addr}{path}"));
+        async move {
+            let resp = req.send().await.expect("get");
+            let status = resp.status().as_u16();
+            (status, resp.text().await.expect("text"))
+        }
+    };
+    for (path, body) in [
+        (
+            "/api/v1/sandboxes",
+            serde_json::json!({"kind": "browser", "name": "x"}),
+        ),
+        (
+            "/api/v1/sandboxes",
+            serde_json::json!({"kind": "workspace", "name": "../x"}),
+        ),
+        (
+            "/api/v1/logins",
+            serde_json::json!({"provider": P, "workspace": "A"}),
+        ),
+        (
+            "/api/v1/credentials/testcli/deliver",
+            serde_json::json!({"workspace": "proj", "extra": 1}),
+        ),
+        (
+            "/api/v1/credentials/testcli/deliver",
+            serde_json::json!({"workspace": "a/b"}),
+        ),
+    ] {
+        let (status, answer) = post(path, body.clone()).await;
+        assert_eq!(status, 400, "{path} {body}: {answer}");
+        assert!(answer["error"]["message"].is_string(), "{answer}");
+    }
+    assert!(bed
+        .store
+        .sandboxes_of(&local.id)
+        .await
+        .expect("q")
+        .is_empty());
+    let (status, made) = post(
+        "/api/v1/sandboxes",
+        serde_json::json!({"kind": "workspace", "name": "proj"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{made}");
+    let id = made["id"].as_str().expect("id").to_owned();
+    bed.until_ready(&id).await;
+    let (status, again) = post(
+        "/api/v1/sandboxes",
+        serde_json::json!({"kind": "workspace", "name": "proj"}),
+    )
+    .await;
+    assert_eq!(status, 409, "{again}");
+    // No record yet: 404; then one, delivered there.
+    let (status, none) = post(
+        "/api/v1/credentials/testcli/deliver",
+        serde_json::json!({"workspace": "proj"}),
+    )
+    .await;
+    assert_eq!(status, 404, "{none}");
+    let first = file("v1", "r1", now_ms() + 600 * MIN);
+    bed.signed_in(&local, "login1", &first, None).await;
+    let (status, done) = post(
+        "/api/v1/credentials/testcli/deliver",
+        serde_json::json!({"workspace": "proj"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["workspace_sandbox_id"], id.as_str(), "{done}");
+    assert_eq!(
+        ws_file(&bed, &id),
+        Some(first.files[0].contents_b64.clone())
+    );
+    let (status, list) = get("/api/v1/workspaces").await;
+    assert_eq!(status, 200, "{list}");
+    let list: serde_json::Value = serde_json::from_str(&list).expect("json");
+    assert_eq!(list["workspaces"][0]["name"], "proj", "{list}");
+    assert_eq!(list["workspaces"][0]["sandbox_id"], id.as_str(), "{list}");
+    assert_eq!(list["workspaces"][0]["providers"], serde_json::json!([P]));
+    let (_, openapi) = get("/api/v1/openapi.json").await;
+    for path in [
+        "/api/v1/workspaces",
+        "/api/v1/credentials/{provider}/deliver",
+    ] {
+        assert!(openapi.contains(path), "{path} not in the OpenAPI document");
+    }
+    assert!(!list.to_string().contains(CANARY));
+    let _ = stop.send(true);
+    let _ = server.await;
 }

@@ -416,8 +416,15 @@ impl App {
             .map_err(internal)?
             .filter(|c| c.login_id == row.id)
             .ok_or_else(|| internal("the stored credentials are missing"))?;
-        let ws = self.ready_workspace(&owner, &t, by).await?;
+        let name = self
+            .store
+            .login_target(&row.id)
+            .await
+            .map_err(internal)?
+            .unwrap_or_else(|| crate::app::workspaces::DEFAULT.to_owned());
+        let ws = self.ready_workspace(&owner, &name, &t, by).await?;
         let at = self.at(&ws, Stage::Delivery).await?;
+        let generation = self.before_delivery(&cred, &name).await.map_err(internal)?;
         {
             let plain = self
                 .vault
@@ -447,6 +454,16 @@ impl App {
                 }
                 tokio::time::sleep(t.poll).await;
             }
+        }
+        if !self
+            .after_delivery(&ws, &cred, generation)
+            .await
+            .map_err(internal)?
+        {
+            return Err(Failure::new(
+                Stage::Delivery,
+                "the credentials were revoked while they were delivered",
+            ));
         }
         if let Some(check) = self
             .providers()
@@ -492,22 +509,23 @@ impl App {
         Ok(Next::Event(Event::Delivered { workspace: ws.id }))
     }
 
-    /// The user's live workspace, created if there is none, once ready.
+    /// The user's live workspace `name`, created if there is none, once ready.
     async fn ready_workspace(
         self: &Arc<Self>,
         owner: &UserRow,
+        name: &str,
         t: &Timing,
         by: Instant,
     ) -> Result<SandboxRow, Failure> {
         loop {
-            let rows = self.store.sandboxes_of(&owner.id).await.map_err(internal)?;
-            let live = rows
-                .into_iter()
-                .find(|r| r.kind == SandboxKind::Workspace && r.state.is_live());
+            let live = self
+                .live_workspace(&owner.id, name)
+                .await
+                .map_err(internal)?;
             match live {
                 Some(r) if r.state == SandboxState::Ready => return Ok(r),
                 Some(_) => {}
-                None => match self.create_sandbox_for(owner, SandboxKind::Workspace).await {
+                None => match self.create_workspace(owner, Some(name), true).await {
                     Ok(_) | Err(AppError::Conflict(_)) => {}
                     Err(e) => {
                         return Err(Failure::new(

@@ -66,6 +66,9 @@ struct World {
     deliveries: Vec<(String, FileSet)>,
     /// Codes typed, per login.
     typed: Vec<(String, String)>,
+    /// Each write and removal of credential files, in order: ("deliver" or
+    /// "remove", workspace sandbox id).
+    home_writes: Vec<(&'static str, String)>,
 }
 
 /// The fake node's guests, whose agent also runs logins.
@@ -275,7 +278,20 @@ impl Guest for LoginGuest {
                 message: "the home is read-only".into(),
             });
         }
-        self.w().deliveries.push((sandbox, files.clone()));
+        let mut w = self.w();
+        w.deliveries.push((sandbox.clone(), files.clone()));
+        w.home_writes.push(("deliver", sandbox));
+        Ok(())
+    }
+
+    async fn remove_home_files(
+        &self,
+        agent: SocketAddr,
+        token: &str,
+        _paths: &[String],
+    ) -> Result<(), AgentError> {
+        let sandbox = self.reach(agent, token).await?;
+        self.w().home_writes.push(("remove", sandbox));
         Ok(())
     }
 }
@@ -1384,4 +1400,111 @@ async fn a_pasted_code_completes_the_login() {
     assert!(!done.awaiting_code);
     bed.browser_gone(&done).await;
     assert_eq!(bed.guest.deliveries().len(), 1);
+}
+
+// ---- several workspaces ----
+
+/// A login names the workspace it delivers to: made under that name (with
+/// its own home), while a login naming none goes to `default`.
+#[tokio::test]
+async fn a_login_delivers_to_the_workspace_it_names() {
+    let bed = Bed::new().await;
+    let bad = bed
+        .app
+        .start_login_to(&bed.user, PROVIDER, Some("../x"))
+        .await;
+    assert!(
+        matches!(bad, Err(crate::app::AppError::BadInput(_))),
+        "{bad:?}"
+    );
+    assert!(bed
+        .store
+        .logins_of(&bed.user.id)
+        .await
+        .expect("q")
+        .is_empty());
+    let login = bed
+        .app
+        .start_login_to(&bed.user, PROVIDER, Some("proj"))
+        .await
+        .expect("start");
+    bed.until(&login.id, LoginState::AwaitingUser).await;
+    bed.guest.sign_in(&login.id);
+    let done = bed.until(&login.id, LoginState::Completed).await;
+    let ws = done.workspace_sandbox_id.expect("a workspace");
+    assert_eq!(bed.app.workspace_name_of(&ws).await.expect("name"), "proj");
+    let home = bed
+        .node
+        .instance(&ws)
+        .expect("on the node")
+        .req
+        .home_volume
+        .expect("a home");
+    assert!(home.ends_with(format!("{}/workspaces/proj/home", bed.user.id)));
+    assert_eq!(
+        bed.guest.deliveries().last().map(|d| d.0.clone()),
+        Some(ws.clone())
+    );
+    // The next login names none: the default workspace, another sandbox.
+    let second = bed.start().await;
+    bed.until(&second.id, LoginState::AwaitingUser).await;
+    bed.guest.sign_in(&second.id);
+    let done = bed.until(&second.id, LoginState::Completed).await;
+    let ws2 = done.workspace_sandbox_id.expect("a workspace");
+    assert_ne!(ws2, ws);
+    assert_eq!(
+        bed.app.workspace_name_of(&ws2).await.expect("name"),
+        "default"
+    );
+    let placed: Vec<String> = bed
+        .store
+        .placements_of(&bed.user.id)
+        .await
+        .expect("q")
+        .into_iter()
+        .map(|p| p.workspace)
+        .collect();
+    assert_eq!(placed, ["default", "proj"]);
+}
+
+/// A login's delivery racing a revocation in another control plane (its own
+/// per-user lock, the same database): the delivery has read the record and
+/// waits to write while the other process revokes and sweeps; when the
+/// write lands, the revocation generation has moved, so the login takes
+/// the files back out and fails instead of leaving revoked files behind.
+#[tokio::test]
+async fn a_login_delivery_racing_a_revocation_takes_its_files_back() {
+    let bed = Bed::new().await;
+    bed.guest.deliver_open.send_replace(false);
+    let login = bed.start().await;
+    bed.until(&login.id, LoginState::AwaitingUser).await;
+    bed.guest.sign_in(&login.id);
+    // One fetch, then the delivery reached the guest and waits there.
+    bed.guest.seen(2).await;
+    assert_eq!(bed.row(&login.id).await.state, LoginState::Stored);
+    let other = Bed::app(&bed.cfg, &bed.pool, &bed.store, &bed.node, &bed.guest);
+    assert!(other
+        .revoke_credentials(&bed.user, PROVIDER)
+        .await
+        .expect("revoke"));
+    bed.guest.deliver_open.send_replace(true);
+    let done = bed.until(&login.id, LoginState::Failed).await;
+    let reason = done.reason.unwrap_or_default();
+    assert!(
+        reason.contains("revoked while they were delivered"),
+        "{reason}"
+    );
+    let writes = bed.guest.w().home_writes.clone();
+    let (last, ws) = writes.last().cloned().expect("writes");
+    assert_eq!(last, "remove", "the revoked files stay: {writes:?}");
+    assert!(
+        writes.iter().any(|(k, w)| *k == "deliver" && *w == ws),
+        "{writes:?}"
+    );
+    assert!(bed
+        .store
+        .credential(&bed.user.id, PROVIDER)
+        .await
+        .expect("q")
+        .is_none());
 }
