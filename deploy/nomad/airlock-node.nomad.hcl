@@ -68,7 +68,6 @@ job "airlock-node" {
           data_dir = "/var/lib/airlock"
           address_pool = "10.248.0.0/16"
           driver = "nspawn"
-          webrtc_address = "{{ env "attr.unique.network.ip-address" }}"
 
           [cluster]
           token_file = "{{ env "NOMAD_SECRETS_DIR" }}/cluster.token"

@@ -239,6 +239,7 @@ fn write_token(dir: &Path) -> PathBuf {
     let path = dir.join("cluster.token");
     let mut f = std::fs::OpenOptions::new()
         .create(true)
+        .truncate(true)
         .write(true)
         .mode(0o600)
         .open(&path)
@@ -363,7 +364,10 @@ async fn three_nodes_two_replicas_one_postgres() {
         .status()
         .await
         .expect("node runs");
-    assert!(status.success(), "the UI through replica A failed ({status})");
+    assert!(
+        status.success(),
+        "the UI through replica A failed ({status})"
+    );
     let (_, list) = api_a
         .send(api_a.http.get(format!("{}/sandboxes", api_a.base)))
         .await;
@@ -379,7 +383,9 @@ async fn three_nodes_two_replicas_one_postgres() {
     }
 
     for id in &by_ui {
-        api_a.wait_state(id, "stopped", Duration::from_secs(60)).await;
+        api_a
+            .wait_state(id, "stopped", Duration::from_secs(60))
+            .await;
     }
     node_cli(&a, &["resume", "n1"]);
     node_cli(&a, &["resume", "n2"]);
@@ -448,7 +454,9 @@ async fn three_nodes_two_replicas_one_postgres() {
     // replica A (which serves it) restart: it comes back by itself each time,
     // and the sandbox was never lost.
     let watched = api_a.create().await;
-    api_a.wait_state(&watched, "ready", Duration::from_secs(90)).await;
+    api_a
+        .wait_state(&watched, "ready", Duration::from_secs(90))
+        .await;
     let host = node_of(&store, &watched).await;
     let host = nodes.iter().position(|n| n.name == host).expect("a node");
     let mut viewer = Watcher::start(&a.base, &watched, 3);

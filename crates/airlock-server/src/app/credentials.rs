@@ -612,7 +612,7 @@ impl App {
         files: &FileSet,
     ) -> Result<bool, AppError> {
         let generation = self.before_delivery(cred, name).await?;
-        let at = self.ready_endpoints(ws)?.agent;
+        let at = self.ready_endpoints(ws).await?.agent;
         self.guest
             .deliver_credentials(at, &ws.agent_token, files)
             .await

@@ -36,7 +36,14 @@ impl App {
         let now = now_ms();
         let expires_at = now.saturating_add(ttl_ms());
         self.store
-            .insert_ticket(&digest(&ticket), &row.id, &user.id, now, expires_at, PER_USER)
+            .insert_ticket(
+                &digest(&ticket),
+                &row.id,
+                &user.id,
+                now,
+                expires_at,
+                PER_USER,
+            )
             .await?;
         Ok(Issued { ticket, expires_at })
     }
@@ -82,15 +89,30 @@ mod tests {
             .create_sandbox(&w.user, airlock_proto::metadata::SandboxKind::Browser)
             .await
             .expect("create");
-        let a = w.app.issue_ticket(&w.user, &sb.id).await.expect("issue").ticket;
+        let a = w
+            .app
+            .issue_ticket(&w.user, &sb.id)
+            .await
+            .expect("issue")
+            .ticket;
         assert!(a.starts_with("vt_") && a.len() == 3 + 64, "{a}");
         let redeem = |t: String, id: &str| {
             let (app, id) = (w.app.clone(), id.to_owned());
-            async move { app.redeem_ticket(&t, &id).await.expect("redeem").map(|u| u.id) }
+            async move {
+                app.redeem_ticket(&t, &id)
+                    .await
+                    .expect("redeem")
+                    .map(|u| u.id)
+            }
         };
         assert_eq!(redeem(a.clone(), &sb.id).await, Some(w.user.id.clone()));
         assert_eq!(redeem(a, &sb.id).await, None, "single use");
-        let b = w.app.issue_ticket(&w.user, &sb.id).await.expect("issue").ticket;
+        let b = w
+            .app
+            .issue_ticket(&w.user, &sb.id)
+            .await
+            .expect("issue")
+            .ticket;
         assert_eq!(redeem(b.clone(), "another").await, None, "another sandbox");
         assert_eq!(redeem(b, &sb.id).await, None, "burnt by the wrong try");
         assert_eq!(redeem("vt_nonsense".into(), &sb.id).await, None);
@@ -98,7 +120,14 @@ mod tests {
         let old = "vt_old".to_owned();
         let past = now_ms() - ttl_ms();
         w.store
-            .insert_ticket(&digest(&old), &sb.id, &w.user.id, past, past + ttl_ms(), PER_USER)
+            .insert_ticket(
+                &digest(&old),
+                &sb.id,
+                &w.user.id,
+                past,
+                past + ttl_ms(),
+                PER_USER,
+            )
             .await
             .expect("insert");
         assert_eq!(redeem(old, &sb.id).await, None, "expired");
@@ -112,7 +141,12 @@ mod tests {
             .create_sandbox(&w.user, airlock_proto::metadata::SandboxKind::Browser)
             .await
             .expect("create");
-        let first = w.app.issue_ticket(&w.user, &sb.id).await.expect("issue").ticket;
+        let first = w
+            .app
+            .issue_ticket(&w.user, &sb.id)
+            .await
+            .expect("issue")
+            .ticket;
         // Later tickets expire later (each a millisecond apart at least).
         for _ in 0..PER_USER {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -120,7 +154,12 @@ mod tests {
         }
         let got = w.app.redeem_ticket(&first, &sb.id).await.expect("redeem");
         assert!(got.is_none(), "the oldest went first");
-        let last = w.app.issue_ticket(&w.user, &sb.id).await.expect("issue").ticket;
+        let last = w
+            .app
+            .issue_ticket(&w.user, &sb.id)
+            .await
+            .expect("issue")
+            .ticket;
         let got = w.app.redeem_ticket(&last, &sb.id).await.expect("redeem");
         assert!(got.is_some(), "the newest works");
     }

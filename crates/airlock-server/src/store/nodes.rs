@@ -303,9 +303,7 @@ impl Store {
 
     /// Sandboxes other processes said are going away, as they say it, until
     /// the connection fails (the caller listens again). `None` on SQLite.
-    pub async fn listen_stopping(
-        &self,
-    ) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+    pub async fn listen_stopping(&self) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
         if !self.postgres {
             return Ok(None);
         }
