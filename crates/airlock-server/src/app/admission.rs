@@ -267,6 +267,9 @@ pub struct Admission {
 pub struct Permit<'a> {
     admission: &'a Admission,
     window: tokio::sync::OwnedMutexGuard<Window>,
+    /// The user's lock among every process on the database (PostgreSQL),
+    /// so replicas do not both admit past a cap; released with the permit.
+    _shared: Option<crate::store::UserLock>,
     sandbox_id: String,
     counts: bool,
     committed: bool,
@@ -376,6 +379,11 @@ impl Admission {
     ) -> Result<Permit<'_>, AppError> {
         let mut window = self.window_of(user_id).lock_owned().await;
         let users = !matches!(ask, Ask::OnBehalf | Ask::Pool);
+        let shared = if users {
+            self.store.lock_user(user_id).await?
+        } else {
+            None
+        };
         if users {
             self.prune(&mut window);
             self.check_quotas(user_id, ask, &window).await?;
@@ -389,6 +397,7 @@ impl Admission {
         Ok(Permit {
             admission: self,
             window,
+            _shared: shared,
             sandbox_id: sandbox_id.to_owned(),
             counts: users,
             committed: false,

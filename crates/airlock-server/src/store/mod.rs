@@ -22,7 +22,7 @@ pub use audit::AuditRow;
 pub use credhealth::HealthRow;
 pub use egress::{AccountRow, UpstreamRow, ACCOUNT_ID as EGRESS_ACCOUNT_ID};
 pub use logins::{CredentialRow, LoginRow};
-pub use nodes::{Leadership, NodeRow};
+pub use nodes::{Leadership, NodeRow, UserLock};
 pub use sandboxes::SandboxRow;
 pub use sealed::{SealedRef, SealedValue};
 pub use users::UserRow;
@@ -118,6 +118,8 @@ pub struct Store {
     /// The URL it was opened with, for a `LISTEN` connection of its own.
     /// Holds the password: never logged or shown.
     url: std::sync::Arc<str>,
+    /// Connections that user locks may hold at once (see `Store::lock_user`).
+    lock_slots: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Store {
@@ -164,6 +166,7 @@ impl Store {
             pool,
             postgres: !is_sqlite,
             url: url.into(),
+            lock_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(4)),
         })
     }
 }

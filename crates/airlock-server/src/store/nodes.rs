@@ -317,3 +317,52 @@ impl Store {
         Ok(Some(listener))
     }
 }
+
+/// A user's lock held across processes: a transaction that took
+/// `pg_advisory_xact_lock` for the user, ended (rolled back, releasing the
+/// lock) when this is dropped.
+#[derive(Debug)]
+pub struct UserLock {
+    _tx: sqlx::Transaction<'static, sqlx::Any>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The advisory lock key of a user: the first 8 bytes of a SHA-256 of a
+/// fixed prefix and the id (other keys, like the leader's, are constants).
+fn user_key(user_id: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!("airlock-user:{user_id}").as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    i64::from_be_bytes(b)
+}
+
+impl Store {
+    /// Hold `user_id`'s lock among every process on this database until the
+    /// returned guard is dropped: admissions of one user are one at a time
+    /// across replicas. `None` on SQLite (one process; its own lock serves).
+    pub async fn lock_user(&self, user_id: &str) -> Result<Option<UserLock>, StoreError> {
+        if !self.postgres {
+            return Ok(None);
+        }
+        // Each held lock keeps a connection; the admission under it needs
+        // another for its counts and insert. Half the pool at most, so the
+        // holders never starve their own queries.
+        let slot = self
+            .lock_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Corrupt("the user-lock slots are closed".into()))?;
+        let mut tx = self.pool.begin().await.map_err(q("begin user lock"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(user_key(user_id))
+            .execute(&mut *tx)
+            .await
+            .map_err(q("take user lock"))?;
+        Ok(Some(UserLock {
+            _tx: tx,
+            _slot: slot,
+        }))
+    }
+}

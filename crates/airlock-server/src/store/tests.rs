@@ -874,3 +874,193 @@ async fn pool_claims_on_postgres() {
         pool_claims(&store).await;
     }
 }
+
+fn node_row(name: &str, lease_until: i64) -> NodeRow {
+    NodeRow {
+        name: name.into(),
+        address: "127.0.0.1:4100".into(),
+        backend: "nspawn".into(),
+        image_build_id: "b".into(),
+        cpus: 2,
+        memory_total: 8 << 30,
+        memory_free: 4 << 30,
+        disk_free: 50 << 30,
+        running: 0,
+        started_at: 1,
+        heartbeat_at: 1,
+        lease_expires_at: lease_until,
+        draining: false,
+    }
+}
+
+/// The registry, placement column, tickets: the same SQL on both databases.
+async fn cluster_tables(store: &Store) {
+    let now = now_ms();
+    store.insert_user("c1", "cora", None).await.expect("user");
+    store
+        .upsert_node(&node_row("n1", now + 10_000))
+        .await
+        .expect("register");
+    let mut again = node_row("n1", now + 20_000);
+    again.running = 3;
+    store.upsert_node(&again).await.expect("renew");
+    store
+        .upsert_node(&node_row("n2", now - 1))
+        .await
+        .expect("register");
+    assert!(store.set_node_draining("n1", true).await.expect("drain"));
+    assert!(!store.set_node_draining("nope", true).await.expect("drain"));
+    // A renewal keeps the operator's drain.
+    store.upsert_node(&again).await.expect("renew");
+    let nodes = store.nodes().await.expect("nodes");
+    assert_eq!(nodes.len(), 2);
+    assert!(
+        nodes[0].draining && nodes[0].running == 3 && nodes[0].lease_expires_at == now + 20_000
+    );
+
+    for (id, lease) in [("s1", 1), ("s2", 2)] {
+        store
+            .insert_sandbox(&sandbox(id, "c1", "browser", Some(lease)))
+            .await
+            .expect("sandbox");
+    }
+    assert_eq!(
+        store
+            .place_sandbox("s1", "n1")
+            .await
+            .expect("place")
+            .as_deref(),
+        Some("n1")
+    );
+    // Placed once: a second placement keeps the first.
+    assert_eq!(
+        store
+            .place_sandbox("s1", "n2")
+            .await
+            .expect("place")
+            .as_deref(),
+        Some("n1")
+    );
+    assert_eq!(
+        store
+            .place_sandbox("s2", "n2")
+            .await
+            .expect("place")
+            .as_deref(),
+        Some("n2")
+    );
+    assert_eq!(store.wanted_on("n1").await.expect("wanted"), ["s1"]);
+    let load = store.load_by_node().await.expect("load");
+    assert_eq!(load.len(), 2);
+    let lost = store.on_lost_nodes(now).await.expect("lost");
+    assert_eq!(lost.len(), 1);
+    assert_eq!((lost[0].0.as_str(), lost[0].1.as_str()), ("s2", "n2"));
+    assert_eq!(
+        store
+            .abandoned(now_ms() + 1)
+            .await
+            .expect("abandoned")
+            .len(),
+        2
+    );
+    assert!(store
+        .abandoned(now - 60_000)
+        .await
+        .expect("abandoned")
+        .is_empty());
+
+    // Tickets: single use, and at most `per_user` unused ones per user.
+    for (i, d) in ["d1", "d2", "d3"].iter().enumerate() {
+        let at = now + i64::try_from(i).expect("small");
+        store
+            .insert_ticket(d, "s1", "c1", at, at + 60_000, 2)
+            .await
+            .expect("ticket");
+    }
+    assert_eq!(
+        store.take_ticket("d1").await.expect("take"),
+        None,
+        "the oldest went"
+    );
+    let got = store
+        .take_ticket("d3")
+        .await
+        .expect("take")
+        .expect("a ticket");
+    assert_eq!((got.0.as_str(), got.1.as_str()), ("s1", "c1"));
+    assert_eq!(
+        store.take_ticket("d3").await.expect("take"),
+        None,
+        "single use"
+    );
+    assert!(store.take_ticket("d2").await.expect("take").is_some());
+}
+
+#[tokio::test]
+async fn cluster_tables_on_sqlite() {
+    let (store, _dir) = sqlite().await;
+    cluster_tables(&store).await;
+    // One process owns an SQLite file: it always leads, and needs no user lock.
+    assert!(store.try_lead(1).await.expect("lead").is_some());
+    assert!(store.lock_user("c1").await.expect("lock").is_none());
+}
+
+/// Two processes on one PostgreSQL: one leader at a time, one admission
+/// of a user at a time, and a stopping sandbox announced to the other.
+#[tokio::test]
+async fn cluster_coordination_on_postgres() {
+    let Some(a) = postgres().await else { return };
+    cluster_tables(&a).await;
+    let b = Store::open(&a.url).await.expect("a second process");
+    let key = 0x0bad_cafe;
+    let mut led = a
+        .try_lead(key)
+        .await
+        .expect("lead")
+        .expect("the first leads");
+    assert!(led.holds().await);
+    assert!(
+        b.try_lead(key).await.expect("lead").is_none(),
+        "two leaders"
+    );
+    drop(led);
+    let mut taken = None;
+    for _ in 0..50 {
+        taken = b.try_lead(key).await.expect("lead");
+        if taken.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(taken.is_some(), "the leadership was not handed over");
+
+    let held = a
+        .lock_user("c1")
+        .await
+        .expect("lock")
+        .expect("postgres locks");
+    let waited =
+        tokio::time::timeout(std::time::Duration::from_millis(300), b.lock_user("c1")).await;
+    assert!(waited.is_err(), "both processes held one user's lock");
+    let other = tokio::time::timeout(std::time::Duration::from_secs(5), b.lock_user("c2"))
+        .await
+        .expect("another user's lock is free")
+        .expect("lock");
+    drop((held, other));
+    tokio::time::timeout(std::time::Duration::from_secs(5), b.lock_user("c1"))
+        .await
+        .expect("released with its holder")
+        .expect("lock");
+
+    let mut listener = b
+        .listen_stopping()
+        .await
+        .expect("listen")
+        .expect("postgres");
+    a.notify_stopping("s1").await.expect("notify");
+    let heard = tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv())
+        .await
+        .expect("heard in time")
+        .expect("a notification");
+    assert_eq!(heard.payload(), "s1");
+}
