@@ -366,3 +366,88 @@ impl Store {
         }))
     }
 }
+
+impl Store {
+    /// A replica's registration or heartbeat.
+    pub async fn renew_replica(
+        &self,
+        id: &str,
+        started_at: i64,
+        now: i64,
+        lease_expires_at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO replicas (id, started_at, heartbeat_at, lease_expires_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = $3, lease_expires_at = $4",
+        )
+        .bind(id)
+        .bind(started_at)
+        .bind(now)
+        .bind(lease_expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(q("renew replica"))?;
+        Ok(())
+    }
+
+    /// Record that replica `driver` drives login `id`.
+    pub async fn set_login_driver(&self, id: &str, driver: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE logins SET driver = $1 WHERE id = $2")
+            .bind(driver)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("record login driver"))?;
+        Ok(())
+    }
+
+    /// Logins under way (`states`) whose driver is gone: its replica's lease
+    /// expired before `now`, or none was recorded and the login is older
+    /// than `unclaimed_before`. Each is handed to `to` by compare-and-set;
+    /// the ids this replica now drives.
+    pub async fn take_orphaned_logins(
+        &self,
+        states: &[&str],
+        now: i64,
+        unclaimed_before: i64,
+        to: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let list = states
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT id, driver FROM logins WHERE state IN ({list}) AND \
+             ((driver IS NULL AND created_at < $1) OR (driver IS NOT NULL AND driver <> $2 AND \
+             driver NOT IN (SELECT id FROM replicas WHERE lease_expires_at > $3)))"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(unclaimed_before)
+            .bind(to)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("find orphaned logins"))?;
+        let mut taken = Vec::new();
+        for r in rows {
+            let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+            let id: String = r.try_get("id").map_err(get)?;
+            let old: Option<String> = r.try_get("driver").map_err(get)?;
+            let done = sqlx::query(
+                "UPDATE logins SET driver = $1 WHERE id = $2 AND \
+                 (driver = $3 OR (driver IS NULL AND $3 IS NULL))",
+            )
+            .bind(to)
+            .bind(&id)
+            .bind(&old)
+            .execute(&self.pool)
+            .await
+            .map_err(q("take an orphaned login"))?;
+            if done.rows_affected() == 1 {
+                taken.push(id);
+            }
+        }
+        Ok(taken)
+    }
+}
