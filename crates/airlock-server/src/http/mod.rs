@@ -7,6 +7,7 @@ pub mod error;
 pub mod files;
 pub mod guard;
 pub mod logins;
+pub mod nodes;
 pub mod pool;
 pub mod processes;
 pub mod sandboxes;
@@ -66,6 +67,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(processes::Doc::openapi());
     doc.merge(files::Doc::openapi());
     doc.merge(pool::Doc::openapi());
+    doc.merge(nodes::Doc::openapi());
     doc
 }
 
@@ -94,6 +96,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(processes::routes())
         .merge(files::routes())
         .merge(pool::routes())
+        .merge(nodes::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|| async {
             error::ApiError::new(
