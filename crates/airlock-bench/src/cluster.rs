@@ -765,7 +765,7 @@ fn write_token(dir: &Path) -> Result<PathBuf> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("cluster.token");
     let mut f = std::fs::OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .write(true)
         .mode(0o600)
         .open(&path)?;

@@ -5,9 +5,9 @@
 
 mod common;
 
+use airlock_proto::metadata::SandboxKind;
 use airlock_server::app::state::SandboxState;
 use airlock_server::store::{now_ms, NodeRow, SandboxRow};
-use airlock_proto::metadata::SandboxKind;
 use common::unmet;
 
 fn node(name: &str, lease_expires_at: i64) -> NodeRow {
