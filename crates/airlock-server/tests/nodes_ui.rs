@@ -1,9 +1,13 @@
 //! The admin's Nodes panel in a real headless Chromium (tests/e2e/nodes.mjs)
 //! over the real control plane: a registry of two nodes written to its
 //! store as `airlock node` would write it, an admin made as `airlock user
-//! add --admin` makes one. No sandbox boots.
+//! add --admin` makes one. No sandbox boots. Also the CLI's `sandbox ls`.
 
 mod common;
+
+#[allow(dead_code)]
+#[path = "common/child.rs"]
+mod child;
 
 use airlock_proto::metadata::SandboxKind;
 use airlock_server::app::state::SandboxState;
@@ -86,6 +90,25 @@ async fn admins_see_and_drain_nodes_in_the_page() {
         "the browser check failed ({status}); screenshots are in {}",
         artifacts.display()
     );
+    // The CLI's list names the node too (`airlock sandbox ls`).
+    if child::unmet().is_none() {
+        let out = tokio::process::Command::new(child::binary())
+            .args(["sandbox", "ls"])
+            .env("AIRLOCK_URL", &h.base)
+            .env("AIRLOCK_TOKEN", &token)
+            .output()
+            .await
+            .expect("airlock sandbox ls");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        let head = text.lines().next().unwrap_or_default();
+        assert!(head.trim_end().ends_with("NODE"), "{text}");
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("lostone"))
+            .unwrap_or_default();
+        assert!(row.trim_end().ends_with(" beta"), "{text}");
+    }
     // The clicks reached the store: drained, then resumed.
     let alpha = store.node("alpha").await.expect("q").expect("alpha");
     assert!(!alpha.draining, "Resume was the last click");
