@@ -53,6 +53,9 @@ pub struct Options {
     /// Runs of the many-creates figure (each takes minutes here).
     #[arg(long, default_value_t = 2)]
     pub many_runs: usize,
+    /// Nodes killed for the lease-expiry figure (one run each).
+    #[arg(long, default_value_t = 3)]
+    pub losses: usize,
     /// Only the placement figure (no processes, no root).
     #[arg(long)]
     pub placement_only: bool,
@@ -68,30 +71,23 @@ pub async fn run(opts: Options) -> Result<()> {
         .prefix("airlock-bench-cluster-")
         .tempdir_in("/var/tmp")?;
 
-    // The single host first, alone on the machine.
-    let single = {
-        let mut plane = Proc::up(&bin, tmp.path(), "single", SINGLE_POOL, "")?;
-        let api = Api::new(&plane.url);
-        let r = create_to_ready(&api, opts.creates).await;
-        plane.stop();
-        plane.destroy_leftovers().await;
-        r?
-    };
-
+    let mut single = Proc::up(&bin, tmp.path(), "single", SINGLE_POOL, "")?;
     let pg = Postgres::start()?;
     let token = write_token(tmp.path())?;
     let mut cluster = Cluster::start(&bin, tmp.path(), &pg.url, &token)?;
-    let result = cluster_figures(&mut cluster, &opts, &pg.url, single).await;
+    let result = figures(&mut cluster, &mut single, &opts, &pg.url).await;
+    single.stop();
+    single.destroy_leftovers().await;
     cluster.stop().await;
     drop(pg);
     result
 }
 
-async fn cluster_figures(
+async fn figures(
     cluster: &mut Cluster,
+    single: &mut Proc,
     opts: &Options,
     url: &str,
-    single: Vec<Sample>,
 ) -> Result<()> {
     let api = Api::new(&cluster.replica.url);
     let store = Store::open(url)
@@ -99,13 +95,15 @@ async fn cluster_figures(
         .context("opening the cluster's store")?;
     wait_nodes_up(&store, NODES.len()).await?;
 
-    let through_replica = create_to_ready(&api, opts.creates).await?;
+    // Both sides are up, idle while the other measures; rounds alternate.
+    let single_api = Api::new(&single.url);
     let mut t = Table::new(
         &format!(
-            "create → ready, {} creates one after another per side (debug build)",
+            "create → ready, {} creates one after another per side and run",
             opts.creates
         ),
         &[
+            "run",
             "path",
             "API ready_at − created_at p50",
             "p90",
@@ -113,24 +111,27 @@ async fn cluster_figures(
             "p90",
         ],
     );
-    for (name, s) in [
-        (
-            "single host (`airlock up`, node in process, SQLite)",
-            &single,
-        ),
-        ("replica → 3 nodes (PostgreSQL)", &through_replica),
-    ] {
-        let stamp: Vec<Duration> = s.iter().map(|x| x.stamp).collect();
-        let client: Vec<Duration> = s.iter().map(|x| x.client).collect();
-        t.row(&[
-            name.to_owned(),
-            ms(percentile(&stamp, 50.0)),
-            ms(percentile(&stamp, 90.0)),
-            ms(percentile(&client, 50.0)),
-            ms(percentile(&client, 90.0)),
-        ]);
+    for run in 1..=opts.runs {
+        for (name, api) in [
+            ("single host (`airlock up`, SQLite)", &single_api),
+            ("replica → 3 nodes (PostgreSQL)", &api),
+        ] {
+            let s = create_to_ready(api, opts.creates).await?;
+            let stamp: Vec<Duration> = s.iter().map(|x| x.stamp).collect();
+            let client: Vec<Duration> = s.iter().map(|x| x.client).collect();
+            t.row(&[
+                run.to_string(),
+                name.to_owned(),
+                ms(percentile(&stamp, 50.0)),
+                ms(percentile(&stamp, 90.0)),
+                ms(percentile(&client, 50.0)),
+                ms(percentile(&client, 90.0)),
+            ]);
+        }
     }
     t.print();
+    // The rest is the cluster's alone.
+    single.stop();
 
     let mut t = Table::new(
         &format!(
@@ -146,6 +147,7 @@ async fn cluster_figures(
             "p90",
         ],
     );
+    let mut failures = 0;
     for run in 1..=opts.many_runs {
         let out = many_creates(&api, opts.many, opts.live).await;
         let spread: Vec<String> = out
@@ -164,8 +166,11 @@ async fn cluster_figures(
         for f in &out.failures {
             eprintln!("cluster: run {run}: {f}");
         }
+        failures += out.failures.len();
     }
-    t.print();
+    if opts.many_runs > 0 {
+        t.print();
+    }
 
     let mut t = Table::new(
         "node killed with SIGKILL → all its sandboxes read `failed` (lease 10 s, heartbeat 2 s: the defaults)",
@@ -177,7 +182,7 @@ async fn cluster_figures(
             "kill → all failed",
         ],
     );
-    for run in 0..opts.runs {
+    for run in 0..opts.losses {
         let victim = run % NODES.len();
         let (n, left, took) = node_loss(cluster, &api, &store, victim).await?;
         t.row(&[
@@ -188,7 +193,12 @@ async fn cluster_figures(
             secs(took),
         ]);
     }
-    t.print();
+    if opts.losses > 0 {
+        t.print();
+    }
+    if failures > 0 {
+        bail!("{failures} of the many creates failed");
+    }
     Ok(())
 }
 
