@@ -441,7 +441,7 @@ function renderRows() {
       if (t !== null) row.createdTime.title = fullTime.format(new Date(t));
     }
     const d = details(sb);
-    setText(row.info, d.text);
+    setText(row.info, sb.node ? `${d.text} · node ${sb.node}` : d.text);
     row.info.classList.toggle('reason', d.failed);
     if (sb.id === selectedId) row.tr.setAttribute('aria-current', 'true');
     else row.tr.removeAttribute('aria-current');

@@ -6,6 +6,7 @@
 //! taken: docs/performance.md.
 
 mod churn;
+mod cluster;
 mod fuzz;
 mod hop;
 mod image;
@@ -137,6 +138,11 @@ enum Cmd {
     /// Warm pools: claim → ready at a steady rate and in bursts, hit rate,
     /// and the time to fill the pool again.
     Pool(pool::Options),
+    /// Many hosts: placement decision time, create → ready through a
+    /// replica vs a single host, many creates over three nodes, and how
+    /// long a killed node takes to be noticed (real `airlock node` and
+    /// `airlock up` processes and a PostgreSQL of its own; root).
+    Cluster(cluster::Options),
     /// The quick ones: relay, sandboxes, keypress, and image without the cold build.
     All {
         #[arg(long, env = "AIRLOCK_IMAGE_DIR")]
@@ -263,6 +269,7 @@ fn main() -> Result<()> {
         Cmd::Logins { concurrent, rounds } => rt.block_on(logins::run(concurrent, rounds)),
         Cmd::Pool(opts) => rt.block_on(pool::run(opts)),
         Cmd::Hop(opts) => rt.block_on(hop::run(opts)),
+        Cmd::Cluster(opts) => rt.block_on(cluster::run(opts)),
         Cmd::All { image_dir, agent } => {
             rt.block_on(relay::run(2000, 256, 5))?;
             rt.block_on(sandboxes::run(10, Duration::from_secs(30)))?;

@@ -15,6 +15,7 @@ pub mod keyring;
 pub(crate) mod lifecycle_tests;
 pub mod limits;
 pub mod logins;
+pub mod nodes;
 pub mod pool;
 pub mod processes;
 pub mod reaper;

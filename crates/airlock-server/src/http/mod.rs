@@ -7,6 +7,7 @@ pub mod error;
 pub mod files;
 pub mod guard;
 pub mod logins;
+pub mod nodes;
 pub mod pool;
 pub mod processes;
 pub mod sandboxes;
@@ -68,6 +69,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(files::Doc::openapi());
     doc.merge(pool::Doc::openapi());
     doc.merge(workspaces::Doc::openapi());
+    doc.merge(nodes::Doc::openapi());
     doc
 }
 
@@ -97,6 +99,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(files::routes())
         .merge(pool::routes())
         .merge(workspaces::routes())
+        .merge(nodes::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|| async {
             error::ApiError::new(

@@ -51,6 +51,11 @@ pub struct Sandbox {
     /// empty, off, or its member could not be handed over).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from_pool: Option<bool>,
+    /// The node of the cluster it was placed on; null on a single host and
+    /// before placement. Shown to its owner too: a name the operator chose,
+    /// useful when reporting a problem, and no other tenant's sandbox is
+    /// ever shown.
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -80,8 +85,9 @@ pub struct ExecResult {
 
 pub(super) use crate::app::rfc3339;
 
-fn view(row: SandboxRow, owner: &str) -> Sandbox {
+fn view(row: SandboxRow, owner: &str, node: Option<String>) -> Sandbox {
     Sandbox {
+        node,
         viewer_url: format!("/view/{}", row.id),
         id: row.id,
         kind: row.kind,
@@ -95,6 +101,16 @@ fn view(row: SandboxRow, owner: &str) -> Sandbox {
         failure_reason: row.failure_reason,
         from_pool: None,
     }
+}
+
+/// The node a sandbox (already checked to be the caller's) was placed on.
+async fn node_of(app: &App, id: &str) -> Result<Option<String>, ApiError> {
+    let mut nodes = app
+        .store
+        .nodes_of(&[id.to_owned()])
+        .await
+        .map_err(AppError::from)?;
+    Ok(nodes.remove(id))
 }
 
 #[utoipa::path(post, path = "/api/v1/sandboxes", request_body = CreateSandbox,
@@ -112,7 +128,8 @@ pub async fn create(
         }
         (kind, None) => app.create(&user, kind).await?,
     };
-    let mut answer = view(created.row, &user.name);
+    let node = node_of(&app, &created.row.id).await?;
+    let mut answer = view(created.row, &user.name, node);
     answer.from_pool = Some(created.from_pool);
     Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
@@ -123,8 +140,16 @@ pub async fn list(
     Caller(user): Caller,
 ) -> Result<Json<SandboxList>, ApiError> {
     let rows = app.sandboxes(&user).await?;
+    let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+    let mut nodes = app.store.nodes_of(&ids).await.map_err(AppError::from)?;
     Ok(Json(SandboxList {
-        sandboxes: rows.into_iter().map(|r| view(r, &user.name)).collect(),
+        sandboxes: rows
+            .into_iter()
+            .map(|r| {
+                let node = nodes.remove(&r.id);
+                view(r, &user.name, node)
+            })
+            .collect(),
     }))
 }
 
@@ -134,7 +159,9 @@ pub async fn get(
     Caller(user): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    Ok(Json(view(app.sandbox_of(&user, &id).await?, &user.name)))
+    let row = app.sandbox_of(&user, &id).await?;
+    let node = node_of(&app, &row.id).await?;
+    Ok(Json(view(row, &user.name, node)))
 }
 
 #[utoipa::path(delete, path = "/api/v1/sandboxes/{id}", responses((status = 202, body = Sandbox), (status = 404, body = ErrorBody)))]
@@ -144,7 +171,8 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let row = app.delete_sandbox(&user, &id).await?;
-    Ok((StatusCode::ACCEPTED, Json(view(row, &user.name))).into_response())
+    let node = node_of(&app, &row.id).await?;
+    Ok((StatusCode::ACCEPTED, Json(view(row, &user.name, node))).into_response())
 }
 
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/exec", request_body = ExecBody,

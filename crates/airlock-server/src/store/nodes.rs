@@ -261,6 +261,38 @@ impl Store {
     pub fn is_postgres(&self) -> bool {
         self.postgres
     }
+
+    /// The node each of `ids` was placed on, for those placed at all (one
+    /// query per 500 ids, so a long list stays within the bind limits).
+    pub async fn nodes_of(
+        &self,
+        ids: &[String],
+    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        let mut placed = std::collections::HashMap::new();
+        for chunk in ids.chunks(500) {
+            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT id, node FROM sandboxes WHERE node IS NOT NULL AND id IN ({})",
+                marks.join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id);
+            }
+            let rows = query
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q("read sandboxes' nodes"))?;
+            for r in &rows {
+                let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+                placed.insert(
+                    r.try_get::<String, _>("id").map_err(get)?,
+                    r.try_get::<String, _>("node").map_err(get)?,
+                );
+            }
+        }
+        Ok(placed)
+    }
 }
 
 /// Being the one actor for a key; see [`Store::try_lead`].

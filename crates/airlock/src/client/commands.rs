@@ -91,15 +91,27 @@ async fn sandbox(conn: Conn, cmd: SandboxCommand) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&body)?);
                 return Ok(0);
             }
-            println!("{:<28} {:<10} {:<12} CREATED", "ID", "KIND", "STATE");
-            for sb in body["sandboxes"].as_array().into_iter().flatten() {
+            let list = body["sandboxes"].as_array().cloned().unwrap_or_default();
+            // In a cluster, the node each runs on (a single host has none,
+            // and its table stays as it was).
+            let nodes = list.iter().any(|sb| sb["node"].is_string());
+            if nodes {
                 println!(
-                    "{:<28} {:<10} {:<12} {}",
-                    s(&sb["id"]),
-                    s(&sb["kind"]),
-                    s(&sb["state"]),
-                    s(&sb["created_at"])
+                    "{:<28} {:<10} {:<12} {:<30} NODE",
+                    "ID", "KIND", "STATE", "CREATED"
                 );
+            } else {
+                println!("{:<28} {:<10} {:<12} CREATED", "ID", "KIND", "STATE");
+            }
+            for sb in &list {
+                let (id, kind, state) = (s(&sb["id"]), s(&sb["kind"]), s(&sb["state"]));
+                let created = s(&sb["created_at"]);
+                if nodes {
+                    let node = sb["node"].as_str().unwrap_or("-");
+                    println!("{id:<28} {kind:<10} {state:<12} {created:<30} {node}");
+                } else {
+                    println!("{id:<28} {kind:<10} {state:<12} {created}");
+                }
             }
             Ok(0)
         }
