@@ -330,7 +330,7 @@ async fn node_of(store: &Store, id: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_two_replicas_one_postgres() {
-    if unmet().is_some() || child::unmet().is_some() {
+    if unmet().is_some() || child::unmet().is_some() || common::browser_unmet().is_some() {
         return;
     }
     let (_pg, url) = OwnPostgres::start();

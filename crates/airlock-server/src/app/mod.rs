@@ -357,6 +357,8 @@ pub struct App {
     /// Held while this process is the one that reaps, supervises, refills
     /// and recovers (`cluster::duties`).
     pub(crate) leader: tokio::sync::Mutex<Option<crate::store::Leadership>>,
+    /// The leader's view of the nodes' heartbeats (`cluster::duties`).
+    pub(crate) node_watch: Mutex<crate::cluster::duties::Watch>,
 }
 
 impl App {
@@ -414,6 +416,7 @@ impl App {
             locks: Mutex::new(HashMap::new()),
             missed: Mutex::new(HashMap::new()),
             leader: tokio::sync::Mutex::new(None),
+            node_watch: Mutex::default(),
         })
     }
 

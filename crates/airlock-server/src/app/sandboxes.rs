@@ -135,6 +135,8 @@ impl App {
     ) -> Result<SandboxRow, AppError> {
         let row = {
             let _guard = self.lease_lock.lock().await;
+            // Other replicas allocate from the same pool.
+            let _shared = self.store.lock_leases().await?;
             let used = self.store.used_leases().await?;
             let lease = self
                 .pool

@@ -32,14 +32,70 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(15);
 pub struct HostNode {
     inner: LocalNode,
     image: ImageRef,
+    /// This node's name, and the app that reads the store: a create is
+    /// checked against what the store says, not taken on the caller's word.
+    name: String,
+    app: std::sync::OnceLock<Weak<App>>,
 }
 
 impl HostNode {
-    pub fn new(driver: Arc<dyn Driver>, image: ImageRef) -> Self {
+    pub fn new(driver: Arc<dyn Driver>, image: ImageRef, name: String) -> Self {
         HostNode {
             inner: LocalNode::new(driver),
             image,
+            name,
+            app: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The create as the store has it: the sandbox must be placed on this
+    /// node and still `provisioning`; its lease is the one the store holds;
+    /// a workspace's home is this node's own directory for it (never a path
+    /// the caller names); its proxy port is the egress port or none.
+    async fn checked(&self, req: &CreateSandbox) -> Result<CreateSandbox, NodeError> {
+        let Some(app) = self.app.get().and_then(Weak::upgrade) else {
+            return Err(NodeError::Transient(
+                "the node is starting or stopping".into(),
+            ));
+        };
+        let refuse =
+            |why: String| NodeError::Failed(format!("refused to create {}: {why}", req.id));
+        let row = app
+            .store
+            .sandbox(&req.id)
+            .await
+            .map_err(|e| NodeError::Transient(chain(&e)))?
+            .ok_or_else(|| refuse("the store has no such sandbox".into()))?;
+        let on = app
+            .store
+            .node_of(&req.id)
+            .await
+            .map_err(|e| NodeError::Transient(chain(&e)))?;
+        if on.as_deref() != Some(self.name.as_str()) {
+            return Err(refuse(format!("it is placed on {on:?}, not here")));
+        }
+        if row.state != crate::app::state::SandboxState::Provisioning {
+            return Err(refuse(format!("it is {}", row.state)));
+        }
+        let lease = app.lease(&row).map_err(|e| refuse(e.to_string()))?;
+        if crate::node::NodeLease::from(lease) != req.lease {
+            return Err(refuse(
+                "its address lease is not the one the store holds".into(),
+            ));
+        }
+        if req
+            .proxy_port
+            .is_some_and(|p| p != crate::egress::PROXY_PORT)
+        {
+            return Err(refuse("its proxy port is not the egress port".into()));
+        }
+        let mut req = req.clone();
+        req.home_volume = app
+            .workspace_home(&row)
+            .await
+            .map_err(|e| refuse(chain(&e)))?;
+        req.image = (&self.image).into();
+        Ok(req)
     }
 }
 
@@ -56,8 +112,7 @@ impl Node for HostNode {
                 self.image.build_id, req.image.build_id
             )));
         }
-        let mut req = req.clone();
-        req.image = (&self.image).into();
+        let req = self.checked(req).await?;
         self.inner.create(&req).await
     }
 
@@ -328,7 +383,8 @@ pub async fn start(
     let net = guest_net(cfg)?;
     let (lock, store, vault) = crate::server::open_data(cfg).await?;
     lock.record(&vault)?;
-    let host = Arc::new(HostNode::new(driver, image.clone()));
+    let name = cfg.node.name.clone().unwrap_or_else(host_name);
+    let host = Arc::new(HostNode::new(driver, image.clone(), name.clone()));
     // The app here only runs forward proxies: replicas drive the sandboxes.
     let seams = crate::app::Seams {
         node: host.clone(),
@@ -344,6 +400,7 @@ pub async fn start(
         cfg.pool()?,
         vault,
     );
+    let _ = host.app.set(Arc::downgrade(&app));
     let listener = tokio::net::TcpListener::bind(cfg.node.listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -355,7 +412,7 @@ pub async fn start(
         source,
     })?;
     let identity = Identity {
-        name: cfg.node.name.clone().unwrap_or_else(host_name),
+        name,
         address: cfg.node.advertise.unwrap_or(addr),
         started_at: now_ms(),
         heartbeat: Duration::from_millis(cfg.node.heartbeat_ms),

@@ -37,9 +37,12 @@ fn headroom(n: &NodeRow, placed: u32, need: &Need) -> u64 {
         .saturating_sub(need.min_free_memory)
 }
 
-/// The node with the most memory to spare among those that are up, not
-/// draining, hold the image and have room; ties go to the one with fewer
-/// sandboxes, then by name, so equal nodes fill in turn.
+/// Among the nodes that are up, not draining, hold the image and have room
+/// for one more sandbox, the one with the fewest sandboxes (spreading, so a
+/// node's loss takes as few as it can); ties go to the one with more memory
+/// to spare, then by name. Memory is the gate, not the rank: nodes reading
+/// one host's free memory a moment apart (or hosts of one size) differ by
+/// noise, and would otherwise fill unevenly.
 pub fn place(
     nodes: &[NodeRow],
     load: &HashMap<String, u32>,
@@ -77,12 +80,9 @@ pub fn place(
         })
         .max_by(|a, b| {
             let (ha, hb) = (headroom(a, placed(a), need), headroom(b, placed(b), need));
-            // Whole reservations of headroom, so a few MiB of noise between
-            // nodes on one host does not beat the count of sandboxes.
-            let slots = |h: u64| h / need.memory.max(1);
-            slots(ha)
-                .cmp(&slots(hb))
-                .then(placed(b).cmp(&placed(a)))
+            placed(b)
+                .cmp(&placed(a))
+                .then(ha.cmp(&hb))
                 .then(b.name.cmp(&a.name))
         });
     best.map(|n| n.name.clone())
@@ -123,7 +123,7 @@ mod tests {
     }
 
     #[test]
-    fn the_node_with_most_room_wins_and_equal_nodes_fill_in_turn() {
+    fn the_emptiest_node_wins_then_the_roomiest_and_equal_nodes_fill_in_turn() {
         let nodes = vec![node("a", 8), node("b", 16), node("c", 8)];
         let none = HashMap::new();
         assert_eq!(place(&nodes, &none, &need(), 5_000).expect("ok"), "b");

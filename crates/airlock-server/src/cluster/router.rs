@@ -82,6 +82,11 @@ impl Cluster {
                 return Ok(k.rows.clone());
             }
         }
+        self.read_nodes().await
+    }
+
+    /// The registry as it is now (placement must see a drain at once).
+    async fn read_nodes(&self) -> Result<Vec<NodeRow>, NodeError> {
         let rows =
             self.store.nodes().await.map_err(|e| {
                 NodeError::Transient(format!("could not read the node registry: {e}"))
@@ -124,7 +129,7 @@ impl Cluster {
     /// The client for the node a sandbox is on; an error naming the node
     /// when it is gone from the registry or its lease ran out.
     async fn route(&self, id: &str) -> Result<Member, NodeError> {
-        let Some(name) = self.node_name(id).await? else {
+        let Some(name) = self.node_name(id).await?.filter(|n| !n.is_empty()) else {
             return Err(NodeError::NotFound(id.to_owned()));
         };
         let rows = self.nodes().await?;
@@ -134,7 +139,8 @@ impl Cluster {
             )));
         };
         if !row.alive(now_ms()) {
-            return Err(NodeError::Transient(format!(
+            // Not worth retrying now: the reaper tries again later.
+            return Err(NodeError::Failed(format!(
                 "node {name} is lost: its lease expired at {}",
                 crate::app::rfc3339(row.lease_expires_at)
             )));
@@ -145,7 +151,7 @@ impl Cluster {
     /// Where the sandbox goes: where it already is, or a placement.
     async fn place(&self, req: &CreateSandbox) -> Result<Member, NodeError> {
         if self.node_name(&req.id).await?.is_none() {
-            let rows = self.nodes().await?;
+            let rows = self.read_nodes().await?;
             let load: HashMap<String, u32> = self
                 .store
                 .load_by_node()
@@ -167,6 +173,11 @@ impl Cluster {
                     NodeError::Transient(format!("could not record the placement: {e}"))
                 })?;
             match on {
+                Some(n) if n.is_empty() => {
+                    return Err(NodeError::Failed(
+                        "the sandbox was deleted before it was placed".into(),
+                    ))
+                }
                 Some(n) => {
                     tracing::info!(sandbox = %req.id, node = %n, "placed");
                     self.known().placed.insert(req.id.clone(), n);
@@ -241,8 +252,21 @@ impl Node for Cluster {
 
     async fn destroy(&self, id: &str) -> Result<(), NodeError> {
         match self.route(id).await {
-            // Never placed: nothing was made anywhere.
-            Err(NodeError::NotFound(_)) => Ok(()),
+            // Never placed: make sure it never is (a create on another
+            // replica may be about to place it), then nothing was made.
+            Err(NodeError::NotFound(_)) => {
+                let now = self.store.withdraw_placement(id).await.map_err(|e| {
+                    NodeError::Transient(format!("could not withdraw the placement: {e}"))
+                })?;
+                match now.filter(|n| !n.is_empty()) {
+                    None => Ok(()),
+                    Some(_) => {
+                        self.forget(id);
+                        let m = self.route(id).await?;
+                        m.node.destroy(id).await
+                    }
+                }
+            }
             Err(e) => Err(e),
             Ok(m) => {
                 m.node.destroy(id).await?;

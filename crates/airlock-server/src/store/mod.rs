@@ -110,7 +110,7 @@ pub fn now_ms() -> i64 {
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
     /// PostgreSQL (many processes may share it) rather than SQLite.
@@ -120,6 +120,15 @@ pub struct Store {
     url: std::sync::Arc<str>,
     /// Connections that user locks may hold at once (see `Store::lock_user`).
     lock_slots: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// Never the URL (it may hold the password) nor the pool's options.
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &redact_url(&self.url))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {

@@ -129,8 +129,12 @@ impl Store {
 
     /// Place a sandbox on `node` unless it was placed already; the node it
     /// is on either way.
+    /// Only a sandbox still `provisioning` is placed, and never one whose
+    /// placement was withdrawn ([`Store::withdraw_placement`]).
     pub async fn place_sandbox(&self, id: &str, node: &str) -> Result<Option<String>, StoreError> {
-        sqlx::query("UPDATE sandboxes SET node = $1 WHERE id = $2 AND node IS NULL")
+        sqlx::query(
+            "UPDATE sandboxes SET node = $1 WHERE id = $2 AND node IS NULL AND state = 'provisioning'",
+        )
             .bind(node)
             .bind(id)
             .execute(&self.pool)
@@ -139,7 +143,19 @@ impl Store {
         self.node_of(id).await
     }
 
-    /// The node a sandbox was placed on.
+    /// A sandbox torn down before it was placed is never placed after: its
+    /// node is set to the empty name (no node has it). The node it is on
+    /// now, if a placement won the race.
+    pub async fn withdraw_placement(&self, id: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query("UPDATE sandboxes SET node = '' WHERE id = $1 AND node IS NULL")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("withdraw placement"))?;
+        self.node_of(id).await
+    }
+
+    /// The node a sandbox was placed on (`""`: withdrawn, on none).
     pub async fn node_of(&self, id: &str) -> Result<Option<String>, StoreError> {
         let row = sqlx::query("SELECT node FROM sandboxes WHERE id = $1")
             .bind(id)
@@ -193,30 +209,6 @@ impl Store {
             .collect()
     }
 
-    /// Sandboxes a node should be running whose node's lease expired before
-    /// `now`: (sandbox id, node name, lease expiry).
-    pub async fn on_lost_nodes(&self, now: i64) -> Result<Vec<(String, String, i64)>, StoreError> {
-        let sql = format!(
-            "SELECT s.id AS id, n.name AS name, n.lease_expires_at AS expired FROM sandboxes s \
-             JOIN nodes n ON s.node = n.name WHERE n.lease_expires_at < $1 AND s.state IN ({WANTED_STATES})"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(q("find sandboxes on lost nodes"))?;
-        rows.iter()
-            .map(|r| {
-                let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
-                Ok((
-                    r.try_get("id").map_err(get)?,
-                    r.try_get("name").map_err(get)?,
-                    r.try_get("expired").map_err(get)?,
-                ))
-            })
-            .collect()
-    }
-
     /// Sandboxes in `provisioning` or `booting` since before `before` (ms):
     /// nobody drives them any more (the replica that did went away).
     pub async fn abandoned(&self, before: i64) -> Result<Vec<String>, StoreError> {
@@ -240,22 +232,59 @@ impl Store {
     /// session advisory lock on a connection of its own, held until the
     /// [`Leadership`] is dropped or its connection dies. SQLite: one process
     /// owns the file (the data dir lock), so it always leads.
+    ///
+    /// `retry` is the connection of an earlier try that did not win: it is
+    /// asked again rather than a new one opened each time.
     pub async fn try_lead(&self, key: i64) -> Result<Option<Leadership>, StoreError> {
+        Ok(self.contend(key, None).await?.filter(|l| l.leading))
+    }
+
+    /// One try for `key` on `conn` (or a new connection): the connection,
+    /// leading or not, so a follower keeps asking on the same one.
+    pub async fn contend(
+        &self,
+        key: i64,
+        conn: Option<Leadership>,
+    ) -> Result<Option<Leadership>, StoreError> {
         if !self.postgres {
-            return Ok(Some(Leadership { conn: None }));
+            return Ok(Some(Leadership {
+                conn: None,
+                leading: true,
+            }));
         }
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(q("connect for leadership"))?
-            .detach();
+        let mut conn = match conn.and_then(|l| l.conn) {
+            Some(c) => c,
+            None => {
+                let mut c = self
+                    .pool
+                    .acquire()
+                    .await
+                    .map_err(q("connect for leadership"))?
+                    .detach();
+                // A leader whose host vanishes must let go within seconds,
+                // not when the server's TCP keepalive (hours) notices.
+                for set in [
+                    "SET tcp_keepalives_idle = 5",
+                    "SET tcp_keepalives_interval = 2",
+                    "SET tcp_keepalives_count = 3",
+                ] {
+                    sqlx::query(set)
+                        .execute(&mut c)
+                        .await
+                        .map_err(q("set keepalives"))?;
+                }
+                c
+            }
+        };
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(key)
             .fetch_one(&mut conn)
             .await
             .map_err(q("take advisory lock"))?;
-        Ok(got.then_some(Leadership { conn: Some(conn) }))
+        Ok(Some(Leadership {
+            conn: Some(conn),
+            leading: got,
+        }))
     }
 
     pub fn is_postgres(&self) -> bool {
@@ -272,7 +301,7 @@ impl Store {
         for chunk in ids.chunks(500) {
             let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
-                "SELECT id, node FROM sandboxes WHERE node IS NOT NULL AND id IN ({})",
+                "SELECT id, node FROM sandboxes WHERE node IS NOT NULL AND node <> '' AND id IN ({})",
                 marks.join(", ")
             );
             let mut query = sqlx::query(&sql);
@@ -295,19 +324,32 @@ impl Store {
     }
 }
 
-/// Being the one actor for a key; see [`Store::try_lead`].
+/// A try for the one actor's lock; see [`Store::try_lead`].
 #[derive(Debug)]
 pub struct Leadership {
     conn: Option<sqlx::AnyConnection>,
+    leading: bool,
 }
 
 impl Leadership {
-    /// Whether the lock is still ours: its connection still answers.
+    /// Whether this process holds the lock.
+    pub fn leading(&self) -> bool {
+        self.leading
+    }
+
+    /// Whether the lock is still ours: its connection still answers, within
+    /// a few seconds.
     pub async fn holds(&mut self) -> bool {
         use sqlx::Connection;
         match &mut self.conn {
-            None => true,
-            Some(conn) => conn.ping().await.is_ok(),
+            None => self.leading,
+            Some(conn) => {
+                self.leading
+                    && matches!(
+                        tokio::time::timeout(std::time::Duration::from_secs(3), conn.ping()).await,
+                        Ok(Ok(()))
+                    )
+            }
         }
     }
 }
@@ -356,7 +398,7 @@ impl Store {
 #[derive(Debug)]
 pub struct UserLock {
     _tx: sqlx::Transaction<'static, sqlx::Any>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// The advisory lock key of a user: the first 8 bytes of a SHA-256 of a
@@ -394,7 +436,7 @@ impl Store {
             .map_err(q("take user lock"))?;
         Ok(Some(UserLock {
             _tx: tx,
-            _slot: slot,
+            _slot: Some(slot),
         }))
     }
 }
@@ -481,5 +523,27 @@ impl Store {
             }
         }
         Ok(taken)
+    }
+}
+
+impl Store {
+    /// Hold the lock on address leases among every process on this database
+    /// until the guard is dropped: two replicas never pick the same free
+    /// lease. Take it after the process's own lease lock, so at most one
+    /// connection per process waits for it. `None` on SQLite.
+    pub async fn lock_leases(&self) -> Result<Option<UserLock>, StoreError> {
+        if !self.postgres {
+            return Ok(None);
+        }
+        let mut tx = self.pool.begin().await.map_err(q("begin lease lock"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(user_key("@leases"))
+            .execute(&mut *tx)
+            .await
+            .map_err(q("take lease lock"))?;
+        Ok(Some(UserLock {
+            _tx: tx,
+            _slot: None,
+        }))
     }
 }
