@@ -58,8 +58,8 @@ async fn admins_see_and_drain_nodes_in_the_page() {
             id: "lostone".into(),
             owner_id: admin.id.clone(),
             kind: SandboxKind::Browser,
-            state: SandboxState::Failed,
-            failure_reason: Some("node lost: beta stopped renewing its lease".into()),
+            state: SandboxState::Provisioning,
+            failure_reason: None,
             image_build_id: "build".into(),
             lease_index: None,
             agent_token: "t".into(),
@@ -74,7 +74,18 @@ async fn admins_see_and_drain_nodes_in_the_page() {
         })
         .await
         .expect("sandbox");
+    // Placed while provisioning, as a replica does, then failed with its node.
     store.place_sandbox("lostone", "beta").await.expect("place");
+    airlock_server::app::state::advance(
+        &store,
+        "lostone",
+        &airlock_server::app::state::Event::Fail {
+            label: "node_lost",
+            reason: "node lost: beta stopped renewing its lease".into(),
+        },
+    )
+    .await
+    .expect("failed");
 
     let root = common::repo_root();
     let artifacts = root.join("target/e2e-nodes");

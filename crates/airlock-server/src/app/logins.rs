@@ -555,7 +555,7 @@ impl App {
         }
     }
 
-    fn spawn_driver(self: &Arc<Self>, id: &str) {
+    pub(crate) fn spawn_driver(self: &Arc<Self>, id: &str) {
         {
             let mut d = self
                 .logins
@@ -569,6 +569,13 @@ impl App {
         let app = self.clone();
         let id = id.to_owned();
         self.spawn(async move {
+            // Among replicas: this one drives it (the leader hands it to
+            // itself if this replica goes away; cluster::duties).
+            if app.cfg.cluster {
+                if let Err(e) = app.store.set_login_driver(&id, &app.replica_id).await {
+                    tracing::warn!(login = %id, error = %e, "could not record who drives the login");
+                }
+            }
             app.drive(&id).await;
             app.logins.progress.forget(&id);
             app.logins

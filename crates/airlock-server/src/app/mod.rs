@@ -359,6 +359,8 @@ pub struct App {
     pub(crate) leader: tokio::sync::Mutex<Option<crate::store::Leadership>>,
     /// The leader's view of the nodes' heartbeats (`cluster::duties`).
     pub(crate) node_watch: Mutex<crate::cluster::duties::Watch>,
+    /// This process among the cluster's replicas (new at each start).
+    pub replica_id: String,
 }
 
 impl App {
@@ -417,6 +419,7 @@ impl App {
             missed: Mutex::new(HashMap::new()),
             leader: tokio::sync::Mutex::new(None),
             node_watch: Mutex::default(),
+            replica_id: format!("r-{}", hex::encode(rand::random::<[u8; 8]>())),
         })
     }
 

@@ -16,6 +16,13 @@ const LEADER_KEY: i64 = 0x0061_6972_6c6f_636b;
 /// timeout has nobody driving it.
 const ABANDONED_AFTER: Duration = Duration::from_secs(30);
 
+/// A login with no driver recorded this long after its creation has none.
+const UNCLAIMED_LOGIN: Duration = Duration::from_secs(30);
+
+/// How often a replica renews its lease, and how long one lasts.
+pub const REPLICA_HEARTBEAT: Duration = Duration::from_secs(2);
+pub const REPLICA_LEASE: Duration = Duration::from_secs(10);
+
 /// What the leader has seen of each node's heartbeats, on its own clock: a
 /// node is lost when its heartbeat has not changed for its lease's length,
 /// counted from when this process saw it change or became the leader,
@@ -92,6 +99,23 @@ impl App {
         }
     }
 
+    /// Renew this replica's lease until the app goes (`cluster` only).
+    pub async fn keep_replica_lease(self: Arc<Self>) {
+        let started = now_ms();
+        loop {
+            let now = now_ms();
+            let until = now + i64::try_from(REPLICA_LEASE.as_millis()).unwrap_or(i64::MAX);
+            if let Err(e) = self
+                .store
+                .renew_replica(&self.replica_id, started, now, until)
+                .await
+            {
+                tracing::warn!(error = %e, "could not renew this replica's lease");
+            }
+            tokio::time::sleep(REPLICA_HEARTBEAT).await;
+        }
+    }
+
     fn watch(&self) -> std::sync::MutexGuard<'_, Watch> {
         self.node_watch.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -127,6 +151,25 @@ impl App {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not read the node registry"),
+        }
+        // Logins whose replica went away: this one drives them on.
+        let states: Vec<&str> = crate::app::logins::state::LoginState::LIVE
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        let unclaimed = now - i64::try_from(UNCLAIMED_LOGIN.as_millis()).unwrap_or(i64::MAX);
+        match self
+            .store
+            .take_orphaned_logins(&states, now, unclaimed, &self.replica_id)
+            .await
+        {
+            Ok(ids) => {
+                for id in ids {
+                    tracing::warn!(login = %id, "taking over a login whose replica went away");
+                    self.spawn_driver(&id);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not look for orphaned logins"),
         }
         let limit = self.cfg.boot_timeout + ABANDONED_AFTER;
         let before = now - i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);

@@ -104,6 +104,7 @@ pub async fn start(cfg: &Config) -> Result<Running, StartError> {
         .app
         .spawn(relay_stopping(Arc::downgrade(&running.app)));
     running.app.spawn(sweep_tunnels(tunnels));
+    running.app.spawn(running.app.clone().keep_replica_lease());
     Ok(running)
 }
 

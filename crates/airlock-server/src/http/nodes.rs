@@ -115,7 +115,7 @@ pub(crate) mod tests {
                 id: id.to_owned(),
                 owner_id: w.user.id.clone(),
                 kind: SandboxKind::Browser,
-                state,
+                state: SandboxState::Provisioning,
                 failure_reason: None,
                 image_build_id: "build-1".into(),
                 lease_index: None,
@@ -131,8 +131,26 @@ pub(crate) mod tests {
             })
             .await
             .expect("insert");
+        // Placed while provisioning (as a replica does), then moved on.
         let on = w.store.place_sandbox(id, node).await.expect("place");
         assert_eq!(on.as_deref(), Some(node));
+        use crate::app::state::{advance, Event};
+        let fail = || Event::Fail {
+            label: "test",
+            reason: "test".into(),
+        };
+        let events = match state {
+            SandboxState::Provisioning => vec![],
+            SandboxState::Booting => vec![Event::Provisioned],
+            SandboxState::Ready => vec![Event::Provisioned, Event::Ready],
+            SandboxState::Pooled => vec![Event::Provisioned, Event::Pooled],
+            SandboxState::Failed => vec![fail()],
+            SandboxState::Stopping => vec![Event::StopRequested(None)],
+            SandboxState::Stopped => vec![Event::StopRequested(None), Event::Released],
+        };
+        for e in &events {
+            advance(&w.store, id, e).await.expect("advance");
+        }
     }
 
     async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {

@@ -991,6 +991,47 @@ async fn cluster_tables(store: &Store) {
         "single use"
     );
     assert!(store.take_ticket("d2").await.expect("take").is_some());
+
+    // Logins of a replica that went away go to the one that asks; those of
+    // a live replica, and fresh ones not yet claimed, stay where they are.
+    use crate::app::logins::state::LoginState;
+    store
+        .renew_replica("r-live", now, now, now + 10_000)
+        .await
+        .expect("replica");
+    store
+        .renew_replica("r-dead", now - 60_000, now - 60_000, now - 50_000)
+        .await
+        .expect("replica");
+    for (id, driver) in [
+        ("l-live", Some("r-live")),
+        ("l-dead", Some("r-dead")),
+        ("l-new", None),
+    ] {
+        store
+            .insert_login(&login(id, "c1", LoginState::AwaitingUser))
+            .await
+            .expect("login");
+        if let Some(d) = driver {
+            store.set_login_driver(id, d).await.expect("driver");
+        }
+    }
+    let live = ["starting", "awaiting_user"];
+    let taken = store
+        .take_orphaned_logins(&live, now, now - 30_000, "r-me")
+        .await
+        .expect("take");
+    assert_eq!(taken, ["l-dead"]);
+    let taken = store
+        .take_orphaned_logins(&live, now, now_ms() + 1, "r-me")
+        .await
+        .expect("take");
+    assert_eq!(taken, ["l-new"], "an old unclaimed one");
+    let taken = store
+        .take_orphaned_logins(&live, now, now_ms() + 1, "r-me")
+        .await
+        .expect("take");
+    assert!(taken.is_empty(), "taken twice: {taken:?}");
 }
 
 #[tokio::test]
