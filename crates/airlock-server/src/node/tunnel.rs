@@ -287,7 +287,13 @@ async fn accept(
         tokio::select! {
             _ = closed.changed() => return,
             got = listener.accept() => match got {
-                Ok((conn, _)) => {
+                Ok((conn, peer)) => {
+                    // The tunnel is this process's: another local user of the
+                    // host must not reach the guest's ports through it.
+                    if !local_peer_is_ours(peer, conn.local_addr().ok()) {
+                        tracing::warn!(guest = %guest, %peer, "refused a tunnel connection from another local user");
+                        continue;
+                    }
                     use_.pipes.fetch_add(1, Ordering::AcqRel);
                     use_.touch();
                     let guard = PipeGuard(use_.clone());
@@ -324,5 +330,88 @@ async fn pipe(
     tokio::select! {
         _ = closed.changed() => {}
         _ = splice(conn, far) => {}
+    }
+}
+
+/// Whether the loopback connection from `peer` to `local` belongs to this
+/// process's user (or root): its socket's owner in `/proc/net/tcp`. Unknown
+/// (the table unreadable, the socket gone) is a refusal.
+fn local_peer_is_ours(peer: SocketAddr, local: Option<SocketAddr>) -> bool {
+    let (Some(local), Ok(table)) = (local, std::fs::read_to_string("/proc/net/tcp")) else {
+        return false;
+    };
+    let ours = rustix::process::geteuid().as_raw();
+    owner_of(&table, peer, local).is_some_and(|uid| uid == ours || uid == 0)
+}
+
+/// `/proc/net/tcp`'s address form: the IPv4 address as a little-endian
+/// 32-bit hex number, then the port in hex.
+fn proc_addr(a: SocketAddr) -> Option<String> {
+    let SocketAddr::V4(v4) = a else { return None };
+    Some(format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(v4.ip().octets()),
+        v4.port()
+    ))
+}
+
+/// The uid owning the socket whose local end is `from` and remote end `to`.
+fn owner_of(table: &str, from: SocketAddr, to: SocketAddr) -> Option<u32> {
+    let (from, to) = (proc_addr(from)?, proc_addr(to)?);
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&from.as_str()) && f.get(2) == Some(&to.as_str()))
+            .then(|| f.get(7)?.parse().ok())
+            .flatten()
+    })
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use super::*;
+
+    #[test]
+    fn the_owner_of_a_loopback_connection_is_read_from_the_table() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:A1B2 0100007F:1F40 01 00000000:00000000 00:00000000 00000000  1000        0 12345 1\n\
+   1: 0100007F:1F40 0100007F:A1B2 01 00000000:00000000 00:00000000 00000000     0        0 12346 1\n";
+        let client: SocketAddr = "127.0.0.1:41394".parse().expect("addr");
+        let server: SocketAddr = "127.0.0.1:8000".parse().expect("addr");
+        assert_eq!(owner_of(table, client, server), Some(1000));
+        assert_eq!(owner_of(table, server, client), Some(0));
+        let other: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        assert_eq!(owner_of(table, other, server), None);
+    }
+
+    /// A connection this process makes is its own; as root, one made by
+    /// `nobody` is not.
+    #[tokio::test]
+    async fn only_this_user_may_use_a_tunnel() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let at = listener.local_addr().expect("addr");
+        let _mine = tokio::net::TcpStream::connect(at).await.expect("connect");
+        let (conn, peer) = listener.accept().await.expect("accept");
+        assert!(local_peer_is_ours(peer, conn.local_addr().ok()));
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let mut other = std::process::Command::new("runuser")
+            .args(["-u", "nobody", "--", "bash", "-c"])
+            .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{}; sleep 5", at.port()))
+            .spawn()
+            .expect("runuser");
+        let (conn, peer) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), listener.accept())
+                .await
+                .expect("nobody connected")
+                .expect("accept");
+        assert!(
+            !local_peer_is_ours(peer, conn.local_addr().ok()),
+            "nobody was let in"
+        );
+        let _ = other.kill();
+        let _ = other.wait();
     }
 }
