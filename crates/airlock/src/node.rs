@@ -29,6 +29,16 @@ enum NodeCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Remove a node that is gone for good: its sandboxes' addresses are
+    /// released (its host must not run them any more) and it leaves the list.
+    Forget {
+        name: String,
+        /// Confirm that the host is gone (or its sandboxes are destroyed).
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Place sandboxes on a drained node again.
     Resume {
         name: String,
@@ -46,6 +56,7 @@ pub(crate) async fn run(args: NodeArgs) -> Result<()> {
             no_wait,
             common,
         }) => drain(&common, &name, !no_wait).await,
+        Some(NodeCommand::Forget { name, yes, common }) => forget(&common, &name, yes).await,
         Some(NodeCommand::Resume { name, common }) => {
             let (_, store) = open_store(&common).await?;
             if !store.set_node_draining(&name, false).await? {
@@ -128,4 +139,45 @@ async fn drain(common: &Common, name: &str, wait: bool) -> Result<()> {
         eprintln!("waiting for {left} sandbox(es) on {name} to end…");
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
+}
+
+async fn forget(common: &Common, name: &str, yes: bool) -> Result<()> {
+    use airlock_server::app::state::{advance, Event, SandboxState};
+    let (_, store) = open_store(common).await?;
+    let Some(node) = store.node(name).await? else {
+        bail!("no node named {name:?} is registered");
+    };
+    let now = airlock_server::store::now_ms();
+    if node.alive(now) {
+        bail!("node {name} is up (its lease runs until it stops renewing); stop it first");
+    }
+    let wanted = store.wanted_on(name).await?;
+    if !wanted.is_empty() {
+        bail!(
+            "{} sandbox(es) on {name} are not yet failed (the leader fails them within seconds of the lease's end); try again shortly",
+            wanted.len()
+        );
+    }
+    let leased = store.leased_on(name).await?;
+    if !yes {
+        bail!(
+            "this releases the addresses of {} sandbox(es) of {name}: if its host still runs them, \
+             two sandboxes could share an address. Pass --yes once the host is gone",
+            leased.len()
+        );
+    }
+    for id in &leased {
+        store.release_lease(id).await?;
+        if let Some(row) = store.sandbox(id).await? {
+            if row.state == SandboxState::Stopping {
+                let _ = advance(&store, id, &Event::Released).await;
+            }
+        }
+    }
+    store.delete_node(name).await?;
+    println!(
+        "node {name} is forgotten; the addresses of {} sandbox(es) are free again",
+        leased.len()
+    );
+    Ok(())
 }

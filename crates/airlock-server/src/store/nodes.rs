@@ -547,3 +547,31 @@ impl Store {
         }))
     }
 }
+
+impl Store {
+    /// Sandboxes on `node` still holding an address lease.
+    pub async fn leased_on(&self, node: &str) -> Result<Vec<String>, StoreError> {
+        let rows =
+            sqlx::query("SELECT id FROM sandboxes WHERE node = $1 AND lease_index IS NOT NULL")
+                .bind(node)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q("list a node's leases"))?;
+        rows.iter()
+            .map(|r| {
+                r.try_get("id")
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Remove a node from the registry; false when there was none.
+    pub async fn delete_node(&self, name: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM nodes WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(q("delete node"))?;
+        Ok(done.rows_affected() == 1)
+    }
+}

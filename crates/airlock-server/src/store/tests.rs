@@ -950,6 +950,7 @@ async fn cluster_tables(store: &Store) {
         Some("n2")
     );
     assert_eq!(store.wanted_on("n1").await.expect("wanted"), ["s1"]);
+    assert_eq!(store.leased_on("n2").await.expect("leased"), ["s2"]);
     let load = store.load_by_node().await.expect("load");
     assert_eq!(load.len(), 2);
     assert_eq!(
@@ -965,6 +966,10 @@ async fn cluster_tables(store: &Store) {
         .await
         .expect("abandoned")
         .is_empty());
+
+    assert!(store.delete_node("n2").await.expect("forget"));
+    assert!(!store.delete_node("n2").await.expect("forget"));
+    assert_eq!(store.nodes().await.expect("nodes").len(), 1);
 
     // Tickets: single use, and at most `per_user` unused ones per user.
     for (i, d) in ["d1", "d2", "d3"].iter().enumerate() {
