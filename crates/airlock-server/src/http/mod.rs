@@ -10,6 +10,7 @@ pub mod logins;
 pub mod pool;
 pub mod processes;
 pub mod sandboxes;
+pub mod shares;
 pub mod terminal;
 pub mod tickets;
 pub mod usage;
@@ -68,6 +69,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(files::Doc::openapi());
     doc.merge(pool::Doc::openapi());
     doc.merge(workspaces::Doc::openapi());
+    doc.merge(shares::Doc::openapi());
     doc
 }
 
@@ -97,6 +99,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(files::routes())
         .merge(pool::routes())
         .merge(workspaces::routes())
+        .merge(shares::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|| async {
             error::ApiError::new(

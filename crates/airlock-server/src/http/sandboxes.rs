@@ -1,7 +1,8 @@
 //! Sandbox endpoints. Thin: parse, call the app, shape the answer.
 
-use super::auth::{Caller, ViewerCaller};
+use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
+use super::shares::Viewer;
 use crate::app::state::SandboxState;
 use crate::app::{App, AppError};
 use crate::relay::ws::{self, close};
@@ -175,15 +176,17 @@ pub async fn exec(
 /// that is not ready is upgraded and closed at once with a reason.
 #[utoipa::path(get, path = "/api/v1/sandboxes/{id}/vnc",
     params(("id" = String, Path, description = "the sandbox"),
-        ("ticket" = Option<String>, Query, description = "a viewer ticket (POST /api/v1/sandboxes/{id}/tickets); browsers cannot set headers on a WebSocket")),
+        ("ticket" = Option<String>, Query, description = "a viewer ticket (POST /api/v1/sandboxes/{id}/tickets); browsers cannot set headers on a WebSocket"),
+        ("share" = Option<String>, Query, description = "a share link's secret (POST /api/v1/sandboxes/{id}/shares): a view without input unless the owner granted it")),
     responses((status = 101, description = "WebSocket carrying binary RFB"), (status = 404, body = ErrorBody)))]
 pub async fn vnc(
     State(app): State<Arc<App>>,
-    ViewerCaller(user): ViewerCaller,
+    viewer: Viewer,
     Path(id): Path<String>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let row = app.sandbox_of(&user, &id).await?;
+    let row = app.sandbox_of(&viewer.user, &id).await?;
+    let gate = viewer.gate(&app);
     let upgrade = upgrade
         .protocols(["binary"])
         .max_message_size(1 << 20)
@@ -216,8 +219,12 @@ pub async fn vnc(
                         metrics.input_to_photon("vnc", input_to_photon_ms)
                     }
                 });
-                let code = ws::relay(socket, target, stopping, reports).await;
+                let (gate, watcher) = gate.unzip();
+                let code = ws::relay_gated(socket, target, stopping, reports, gate).await;
                 keepalive.abort();
+                if let Some(w) = watcher {
+                    w.abort();
+                }
                 code
             }
             Err(_) => {
@@ -239,11 +246,14 @@ pub async fn vnc(
     responses((status = 101, description = "WebSocket carrying WebRTC signalling (JSON)"), (status = 404, body = ErrorBody)))]
 pub async fn stream(
     State(app): State<Arc<App>>,
-    ViewerCaller(user): ViewerCaller,
+    viewer: Viewer,
     Path(id): Path<String>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let row = app.sandbox_of(&user, &id).await?;
+    let row = app.sandbox_of(&viewer.user, &id).await?;
+    // A share's holder is viewed over noVNC only, where the relay filters
+    // input (relay::readonly); 4503 sends the viewer there.
+    let shared = viewer.share.is_some();
     let target = app
         .ready_endpoints(&row)
         .await
@@ -258,6 +268,10 @@ pub async fn stream(
         .max_message_size(256 * 1024)
         .on_upgrade(move |socket| async move {
             let code = match (target, app.webrtc.get().cloned()) {
+                (Ok(_), Some(_)) if shared => {
+                    ws::close_with(socket, close::NO_WEBRTC, "a shared view uses noVNC").await;
+                    close::NO_WEBRTC
+                }
                 (Ok(guest), Some(endpoint)) => {
                     let hub = app.streams.join(guest);
                     let stopping = app.stopping.subscribe();
