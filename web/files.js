@@ -1,7 +1,8 @@
 // Files between this computer and the sandbox, for the sandbox's owner only
 // (a shared view gets none of this):
 //   - drop a file onto the viewer: it goes to ~/Downloads in the sandbox
-//     (or ~ when there is no ~/Downloads), through PUT /files, with progress;
+//     (made when missing; ~ when it cannot be), through PUT /files, with
+//     progress;
 //   - the Files panel lists ~/Downloads (where the sandbox's Chromium saves)
 //     and offers each file to this browser, through GET /files.
 // Both calls carry the API token in the Authorization header, never in a URL:
@@ -172,9 +173,11 @@ export class ViewerFiles {
       try {
         done = await uploadFile(this.id, `Downloads/${name}`, file, progress);
       } catch (err) {
-        // No ~/Downloads in this sandbox: the home it is.
+        // No ~/Downloads yet (the sandbox's Chromium makes it on its first
+        // download): make it, or, when that fails, the home it is.
         if (!(err instanceof ApiError && err.status === 404)) throw err;
-        done = await uploadFile(this.id, name, file, progress);
+        const made = await execInSandbox(this.id, ['sh', '-c', 'mkdir -p -- "$HOME/Downloads"'], 10).catch(() => null);
+        done = await uploadFile(this.id, made && made.exit_code === 0 ? `Downloads/${name}` : name, file, progress);
       }
       this.last = { name, path: done.path, size: done.size };
       this.say(`Uploaded ${name} to ${done.path} (${human(done.size)}).`);

@@ -66,7 +66,7 @@ async function exec(argv) {
     headers: { 'Content-Type': 'application/json' },
     body: JSON.stringify({ argv, timeout_s: 10 }),
   });
-  check(res.ok, `exec answered ${res.status}: ${await res.text()}`);
+  if (!res.ok) throw new CheckFailed(`exec answered ${res.status}: ${await res.text()}`);
   return res.json();
 }
 
