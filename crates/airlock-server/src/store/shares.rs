@@ -136,3 +136,73 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, sandbox: &str, created_at: i64, expires_at: i64) -> ShareRow {
+        ShareRow {
+            id: id.into(),
+            sandbox_id: sandbox.into(),
+            owner_id: "u1".into(),
+            input: false,
+            created_at,
+            expires_at,
+        }
+    }
+
+    async fn exercise(store: &Store) {
+        let now = crate::store::now_ms();
+        let a = row("sh_a", "sb1", now, now + 60_000);
+        assert!(store.insert_share(&a, "da", 2).await.expect("insert"));
+        assert_eq!(
+            store.share_by_digest("da").await.expect("q"),
+            Some(a.clone())
+        );
+        assert_eq!(store.share_by_digest("nope").await.expect("q"), None);
+        // The digest is unique.
+        let dup = row("sh_dup", "sb1", now, now + 60_000);
+        assert!(store.insert_share(&dup, "da", 2).await.is_err());
+        // An expired share does not count against the cap and goes on insert.
+        let old = row("sh_old", "sb1", now - 120_000, now - 60_000);
+        assert!(store.insert_share(&old, "dold", 3).await.expect("insert"));
+        let b = row("sh_b", "sb1", now + 1, now + 60_000);
+        assert!(store.insert_share(&b, "db", 2).await.expect("insert"));
+        assert_eq!(store.share("sh_old").await.expect("q"), None, "dropped");
+        let c = row("sh_c", "sb1", now + 2, now + 60_000);
+        assert!(
+            !store.insert_share(&c, "dc", 2).await.expect("insert"),
+            "capped"
+        );
+        let other = row("sh_o", "sb2", now, now + 60_000);
+        assert!(store.insert_share(&other, "do", 2).await.expect("insert"));
+        let ids: Vec<String> = store
+            .shares_of("sb1", now)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(ids, ["sh_a", "sh_b"]);
+        assert!(store.set_share_input("sh_a", true).await.expect("set"));
+        assert!(store.share("sh_a").await.expect("q").expect("row").input);
+        assert!(!store.set_share_input("sh_gone", true).await.expect("set"));
+        assert!(store.delete_share("sh_a").await.expect("delete"));
+        assert!(!store.delete_share("sh_a").await.expect("delete"));
+        assert_eq!(store.share_by_digest("da").await.expect("q"), None);
+    }
+
+    #[tokio::test]
+    async fn shares_on_sqlite() {
+        let (store, _dir) = crate::store::tests::sqlite().await;
+        exercise(&store).await;
+    }
+
+    #[tokio::test]
+    async fn shares_on_postgres() {
+        if let Some(store) = crate::store::tests::postgres().await {
+            exercise(&store).await;
+        }
+    }
+}
