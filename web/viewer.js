@@ -86,7 +86,9 @@ const FIT_SETTLE_MS = 300;
 let fitTimer = 0;
 // A WebRTC viewer without a picture by then gives way to noVNC.
 const WEBRTC_GRACE_MS = 3000;
-let path = FORCED_PATH === 'vnc' || SHARED ? 'vnc' : 'webrtc';
+// A shared view starts on noVNC (view-only in the page too) unless
+// `?path=webrtc` asks otherwise; the server gates input on both.
+let path = FORCED_PATH === 'vnc' || (SHARED && FORCED_PATH !== 'webrtc') ? 'vnc' : 'webrtc';
 let fallbackWhy = '';
 let view = null; // the WebRtcView while the WebRTC path is in use
 let vncStats = null; // the VncStats while the noVNC path is in use

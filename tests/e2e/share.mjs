@@ -9,7 +9,8 @@
 //    sees the desktop, and shows no owner controls. It clicks into the
 //    terminal and types `echo M > /tmp/share-mark` twice: once as the page
 //    is, and once with noVNC's view-only switch turned off in the page, so
-//    the keys really go out on the socket and only the server can stop them.
+//    the keys really go out on the socket and only the server can stop them;
+//    then again on the WebRTC path (its input data channel).
 // 3. The owner types `echo M > /tmp/owner-mark`; it must appear (the typing
 //    path works), and /tmp/share-mark must not.
 // 4. The owner drops a file onto the viewer: it lands in ~/Downloads; the
@@ -167,6 +168,27 @@ async function main() {
     await sleep(1000);
     const still = await viewerState(guest.page);
     check(still.state === 'connected', `the shared view dropped after typing: ${still.status}`);
+
+    log('the guest opens the link on the WebRTC path and types there too');
+    const rtc = await guest.context.newPage();
+    const rtcLink = new URL(link);
+    rtcLink.search = '?path=webrtc';
+    await rtc.goto(rtcLink.href, { waitUntil: 'load' });
+    await until('the shared WebRTC view to play', 60_000, async () => {
+      const s = await rtc.evaluate(() => ({ state: document.body.dataset.viewerState, path: window.airlockViewer.path, status: window.airlockViewer.status }));
+      if (s.state === 'disconnected' || s.path !== 'webrtc') throw new CheckFailed(`the shared WebRTC view failed: ${JSON.stringify(s)}`);
+      return s.state === 'connected';
+    });
+    const video = rtc.locator('video.webrtc-video');
+    const vbox = await video.boundingBox();
+    check(vbox, 'no video to click');
+    await video.click({ position: { x: Math.round(vbox.width * 0.25), y: Math.round(vbox.height * 0.5) } });
+    await sleep(300);
+    await rtc.keyboard.type(`echo ${opts.mark} > /tmp/share-mark`, { delay: 25 });
+    await rtc.keyboard.press('Enter');
+    await sleep(1000);
+    await shot(rtc, 'guest-webrtc');
+    await rtc.close();
 
     log('the owner types: the same path must work for the owner');
     await typeLine(page, `echo ${opts.mark} > /tmp/owner-mark`);

@@ -186,7 +186,7 @@ pub async fn vnc(
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let row = app.sandbox_of(&viewer.user, &id).await?;
-    let gate = viewer.gate(&app);
+    let share = viewer.share;
     let upgrade = upgrade
         .protocols(["binary"])
         .max_message_size(1 << 20)
@@ -219,7 +219,7 @@ pub async fn vnc(
                         metrics.input_to_photon("vnc", input_to_photon_ms)
                     }
                 });
-                let (gate, watcher) = gate.unzip();
+                let (gate, watcher) = share.as_ref().map(|s| app.watch_share(s)).unzip();
                 let code = ws::relay_gated(socket, target, stopping, reports, gate).await;
                 keepalive.abort();
                 if let Some(w) = watcher {
@@ -251,9 +251,7 @@ pub async fn stream(
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let row = app.sandbox_of(&viewer.user, &id).await?;
-    // A share's holder is viewed over noVNC only, where the relay filters
-    // input (relay::readonly); 4503 sends the viewer there.
-    let shared = viewer.share.is_some();
+    let share = viewer.share;
     let target = app
         .ready_endpoints(&row)
         .await
@@ -268,15 +266,19 @@ pub async fn stream(
         .max_message_size(256 * 1024)
         .on_upgrade(move |socket| async move {
             let code = match (target, app.webrtc.get().cloned()) {
-                (Ok(_), Some(_)) if shared => {
-                    ws::close_with(socket, close::NO_WEBRTC, "a shared view uses noVNC").await;
-                    close::NO_WEBRTC
-                }
                 (Ok(guest), Some(endpoint)) => {
                     let hub = app.streams.join(guest);
                     let stopping = app.stopping.subscribe();
                     let metrics = app.stream_metrics.clone();
-                    crate::webrtc::session::serve(socket, endpoint, hub, metrics, stopping).await
+                    let (gate, watcher) = share.as_ref().map(|s| app.watch_share(s)).unzip();
+                    let code = crate::webrtc::session::serve_gated(
+                        socket, endpoint, hub, metrics, stopping, gate,
+                    )
+                    .await;
+                    if let Some(w) = watcher {
+                        w.abort();
+                    }
+                    code
                 }
                 (Ok(_), None) => {
                     ws::close_with(socket, close::NO_WEBRTC, "WebRTC is off on this server").await;

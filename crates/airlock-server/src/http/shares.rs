@@ -6,7 +6,6 @@ use super::auth::{Caller, ViewerCaller};
 use super::error::{ApiError, ErrorBody};
 use crate::app::shares::DEFAULT_TTL;
 use crate::app::App;
-use crate::relay::gate::ViewGate;
 use crate::store::{ShareRow, UserRow};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequestParts, Path, State};
@@ -161,13 +160,6 @@ pub struct Viewer {
     pub user: UserRow,
     /// Set for a share's holder.
     pub share: Option<ShareRow>,
-}
-
-impl Viewer {
-    /// The gate and its watcher for a share's holder.
-    pub fn gate(&self, app: &Arc<App>) -> Option<(Arc<ViewGate>, tokio::task::JoinHandle<()>)> {
-        self.share.as_ref().map(|s| app.watch_share(s))
-    }
 }
 
 fn share_param(parts: &Parts) -> Option<String> {
