@@ -175,7 +175,8 @@ async function main() {
     rtcLink.search = '?path=webrtc';
     await rtc.goto(rtcLink.href, { waitUntil: 'load' });
     await until('the shared WebRTC view to play', 60_000, async () => {
-      const s = await rtc.evaluate(() => ({ state: document.body.dataset.viewerState, path: window.airlockViewer.path, status: window.airlockViewer.status }));
+      const s = await rtc.evaluate(() => window.airlockViewer && { state: document.body.dataset.viewerState, path: window.airlockViewer.path, status: window.airlockViewer.status });
+      if (!s) return false;
       if (s.state === 'disconnected' || s.path !== 'webrtc') throw new CheckFailed(`the shared WebRTC view failed: ${JSON.stringify(s)}`);
       return s.state === 'connected';
     });
