@@ -203,6 +203,25 @@ mod tests {
     use crate::app::lifecycle_tests::World;
     use serde_json::{json, Value};
 
+    #[test]
+    fn shares_are_in_the_openapi_document() {
+        let doc = serde_json::to_value(super::super::openapi()).expect("json");
+        let paths = &doc["paths"];
+        let list = &paths["/api/v1/sandboxes/{id}/shares"];
+        assert!(list["post"].is_object() && list["get"].is_object());
+        let one = &paths["/api/v1/sandboxes/{id}/shares/{share_id}"];
+        assert!(one["patch"].is_object() && one["delete"].is_object());
+        let vnc = paths["/api/v1/sandboxes/{id}/vnc"]["get"]["parameters"].to_string();
+        assert!(vnc.contains("\"share\""), "{vnc}");
+        let schemas = &doc["components"]["schemas"];
+        for field in ["id", "input", "expires_at"] {
+            assert!(
+                schemas["Share"]["properties"][field].is_object(),
+                "Share.{field}"
+            );
+        }
+    }
+
     /// The share API over the real app and the fakes: bounds, the secret
     /// shown once, list, switch, revoke.
     #[tokio::test]
