@@ -128,8 +128,9 @@ async function launch(dir) {
 
 async function main() {
   fs.mkdirSync(opts.artifacts, { recursive: true });
-  const owner = await launch(fs.mkdtempSync(path.join(os.tmpdir(), 'airlock-share-owner-')));
-  const guest = await launch(fs.mkdtempSync(path.join(os.tmpdir(), 'airlock-share-guest-')));
+  const dirs = ['owner', 'guest'].map((who) => fs.mkdtempSync(path.join(os.tmpdir(), `airlock-share-${who}-`)));
+  const owner = await launch(dirs[0]);
+  const guest = await launch(dirs[1]);
   const shot = (p, name) => p.screenshot({ path: path.join(opts.artifacts, `${name}.png`) }).catch(() => {});
   try {
     const { page } = owner;
@@ -243,6 +244,7 @@ async function main() {
   } finally {
     await guest.context.close();
     await owner.context.close();
+    for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
   }
 }
 
