@@ -105,9 +105,20 @@ export const createTicket = (id) => api('POST', `${sandboxPath(id)}/tickets`);
 // short-lived, single-use ticket first. Throws the API's error (401: a token is
 // needed; 404: no such sandbox, or not yours).
 async function socketUrl(id, what) {
-  const { ticket } = await createTicket(id);
   const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
-  return `${scheme}//${location.host}/api/v1${sandboxPath(id)}/${what}?ticket=${encodeURIComponent(ticket)}`;
+  const base = `${scheme}//${location.host}/api/v1${sandboxPath(id)}/${what}`;
+  const share = shareSecret();
+  if (share) return `${base}?share=${encodeURIComponent(share)}`;
+  const { ticket } = await createTicket(id);
+  return `${base}?ticket=${encodeURIComponent(ticket)}`;
+}
+
+/**
+ * The secret of a share link (`/view/{id}#share=vs_…`), or ''. It sits in the
+ * fragment, which browsers never send, and goes only on the viewer sockets.
+ */
+export function shareSecret() {
+  return new URLSearchParams(location.hash.slice(1)).get('share') || '';
 }
 
 /** The noVNC path: RFB over the relay's WebSocket (a promise of its URL). */

@@ -13,7 +13,9 @@
 // what tells us whether trying again makes sense (see docs/ui.md).
 
 import RFB from '/novnc/core/rfb.js';
-import { ApiError, getSandbox, getToken, setToken, streamUrl, vncUrl } from '/api.js';
+import { ApiError, getSandbox, getToken, setToken, shareSecret, streamUrl, vncUrl } from '/api.js';
+import { ViewerFiles } from '/files.js';
+import { ViewerShare } from '/share.js';
 import { WebRtcView, isPasteShortcut } from '/webrtc.js';
 import { getKeysym } from '/novnc/core/input/util.js';
 import { VncStats } from '/vncstats.js';
@@ -55,6 +57,18 @@ const overlayRetry = $('overlay-retry');
 
 const id = sandboxIdFromPath(location.pathname);
 const clipboard = new ViewerClipboard();
+// A share link's holder (no account): noVNC only, no owner controls; the
+// server drops its input unless the owner granted it (relay/readonly.rs).
+const SHARED = Boolean(shareSecret());
+const files = SHARED || !id ? null : new ViewerFiles(id, screen);
+const sharing = SHARED || !id ? null : new ViewerShare(id);
+if (SHARED) {
+  document.body.dataset.shared = 'true';
+  $('clipboard-button').hidden = true;
+  $('shared-badge').hidden = false;
+  CLOSE_CODES[4401] = { final: true, text: 'This share link is not valid any more (revoked, expired, or mistyped).' };
+  CLOSE_CODES[4410] = { final: true, text: 'The shared view ended.' };
+}
 
 // Which path to use: 'webrtc' or 'vnc' when forced, else null (WebRTC first).
 const FORCED_PATH = forcedPath();
@@ -72,7 +86,9 @@ const FIT_SETTLE_MS = 300;
 let fitTimer = 0;
 // A WebRTC viewer without a picture by then gives way to noVNC.
 const WEBRTC_GRACE_MS = 3000;
-let path = FORCED_PATH === 'vnc' ? 'vnc' : 'webrtc';
+// A shared view starts on noVNC (view-only in the page too) unless
+// `?path=webrtc` asks otherwise; the server gates input on both.
+let path = FORCED_PATH === 'vnc' || (SHARED && FORCED_PATH !== 'webrtc') ? 'vnc' : 'webrtc';
 let fallbackWhy = '';
 let view = null; // the WebRtcView while the WebRTC path is in use
 let vncStats = null; // the VncStats while the noVNC path is in use
@@ -126,6 +142,18 @@ window.airlockViewer = {
   /** { code, reason } of the last WebSocket close, or null */
   get lastClose() {
     return lastClose;
+  },
+  /** true on a share link's page */
+  get shared() {
+    return SHARED;
+  },
+  /** the owner's Files panel (web/files.js), null on a shared view */
+  get files() {
+    return files;
+  },
+  /** the owner's Share panel (web/share.js), null on a shared view */
+  get sharing() {
+    return sharing;
   },
   /** the clipboard: { remote, sent, error, send(text) } (web/clipboard.js) */
   get clipboard() {
@@ -363,20 +391,26 @@ async function connectVnc() {
   session.resizeSession = !fixed;
   session.focusOnClick = true;
   session.background = '#282828';
+  // A shared view sends no input (the relay would drop it anyway).
+  if (SHARED) {
+    session.viewOnly = true;
+    session.resizeSession = false;
+    session.scaleViewport = true;
+  }
   scaledFallback = false;
 
   // RFB's cut text both ways; the relay passes it, Xvnc keeps it on the
   // display's selections (its -MaxCutText is the same 1 MiB bound).
   session.addEventListener('clipboard', (ev) => {
-    if (gen === generation && ev.detail) clipboard.fromSandbox(ev.detail.text);
+    if (gen === generation && ev.detail && !SHARED) clipboard.fromSandbox(ev.detail.text);
   });
 
   session.addEventListener('connect', () => {
     if (gen !== generation) return;
     connectedAt = Date.now();
-    clipboard.attach((text) => session.clipboardPasteFrom(text));
+    if (!SHARED) clipboard.attach((text) => session.clipboardPasteFrom(text));
     setPhase('connected', vncBadge(figures.stats));
-    checkResizeLater();
+    if (!SHARED) checkResizeLater();
   });
 
   session.addEventListener('disconnect', () => {
@@ -439,6 +473,8 @@ async function socketClosed(gen, code, reason) {
 }
 
 async function checkSandbox() {
+  // A share's holder has no token to ask the API with: keep retrying.
+  if (SHARED) return { final: false, text: '' };
   try {
     const sb = await getSandbox(id);
     if (sb.state === 'stopping' || sb.state === 'stopped') {

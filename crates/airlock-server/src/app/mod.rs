@@ -21,6 +21,7 @@ pub mod processes;
 pub mod reaper;
 pub mod reserve;
 pub mod sandboxes;
+pub mod shares;
 pub mod state;
 pub mod tickets;
 pub mod volumes;

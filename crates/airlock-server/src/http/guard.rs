@@ -247,6 +247,13 @@ impl Guard {
                  (POST /api/v1/sandboxes/{id}/tickets) replaces it there",
             ));
         }
+        if has_param(query, "share") && !is_viewer_socket(path) {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a share link's secret (?share=) is accepted only on the viewer WebSockets",
+            ));
+        }
         let local = self.local_user
             && peer.is_some_and(|p| p.remote.ip().to_canonical().is_loopback())
             && !PROXY_HEADERS.iter().any(|h| headers.contains_key(*h));
@@ -398,7 +405,11 @@ fn has_encoded_control(s: &str) -> bool {
 }
 
 fn has_token_param(query: Option<&str>) -> bool {
-    query.is_some_and(|q| url::form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "token"))
+    has_param(query, "token")
+}
+
+fn has_param(query: Option<&str>, name: &str) -> bool {
+    query.is_some_and(|q| url::form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == name))
 }
 
 /// `/api/v1/sandboxes/{id}/vnc` and `/api/v1/sandboxes/{id}/stream`.
@@ -827,6 +838,15 @@ mod tests {
         assert!(at("/api/v1/sandboxes/abc/vnc", "token=x").is_ok());
         assert!(at("/api/v1/sandboxes/abc/stream", "a=1&token=x").is_ok());
         assert!(at("/api/v1/sandboxes/abc/vnc", "ticket=x").is_ok());
+        assert!(at("/api/v1/sandboxes/abc/vnc", "share=vs_x").is_ok());
+        for (path, q) in [
+            ("/api/v1/sandboxes/abc/shares", "share=vs_x"),
+            ("/api/v1/sandboxes/abc/files", "sh%61re=vs_x"),
+            ("/view/abc", "share=vs_x"),
+        ] {
+            let err = at(path, q).expect_err(path);
+            assert_eq!(err.status, StatusCode::UNAUTHORIZED, "{path}?{q}");
+        }
         for (path, q) in [
             ("/api/v1/sandboxes", "token=x"),
             ("/api/v1/sandboxes/abc", "token="),

@@ -11,6 +11,7 @@ pub mod nodes;
 pub mod pool;
 pub mod processes;
 pub mod sandboxes;
+pub mod shares;
 pub mod terminal;
 pub mod tickets;
 pub mod usage;
@@ -70,6 +71,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(pool::Doc::openapi());
     doc.merge(workspaces::Doc::openapi());
     doc.merge(nodes::Doc::openapi());
+    doc.merge(shares::Doc::openapi());
     doc
 }
 
@@ -100,6 +102,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(pool::routes())
         .merge(workspaces::routes())
         .merge(nodes::routes())
+        .merge(shares::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|| async {
             error::ApiError::new(

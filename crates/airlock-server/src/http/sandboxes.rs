@@ -1,7 +1,8 @@
 //! Sandbox endpoints. Thin: parse, call the app, shape the answer.
 
-use super::auth::{Caller, ViewerCaller};
+use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
+use super::shares::Viewer;
 use crate::app::state::SandboxState;
 use crate::app::{App, AppError};
 use crate::relay::ws::{self, close};
@@ -203,15 +204,17 @@ pub async fn exec(
 /// that is not ready is upgraded and closed at once with a reason.
 #[utoipa::path(get, path = "/api/v1/sandboxes/{id}/vnc",
     params(("id" = String, Path, description = "the sandbox"),
-        ("ticket" = Option<String>, Query, description = "a viewer ticket (POST /api/v1/sandboxes/{id}/tickets); browsers cannot set headers on a WebSocket")),
+        ("ticket" = Option<String>, Query, description = "a viewer ticket (POST /api/v1/sandboxes/{id}/tickets); browsers cannot set headers on a WebSocket"),
+        ("share" = Option<String>, Query, description = "a share link's secret (POST /api/v1/sandboxes/{id}/shares): a view without input unless the owner granted it")),
     responses((status = 101, description = "WebSocket carrying binary RFB"), (status = 404, body = ErrorBody)))]
 pub async fn vnc(
     State(app): State<Arc<App>>,
-    ViewerCaller(user): ViewerCaller,
+    viewer: Viewer,
     Path(id): Path<String>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let row = app.sandbox_of(&user, &id).await?;
+    let row = app.sandbox_of(&viewer.user, &id).await?;
+    let share = viewer.share;
     let upgrade = upgrade
         .protocols(["binary"])
         .max_message_size(1 << 20)
@@ -244,8 +247,12 @@ pub async fn vnc(
                         metrics.input_to_photon("vnc", input_to_photon_ms)
                     }
                 });
-                let code = ws::relay(socket, target, stopping, reports).await;
+                let (gate, watcher) = share.as_ref().map(|s| app.watch_share(s)).unzip();
+                let code = ws::relay_gated(socket, target, stopping, reports, gate).await;
                 keepalive.abort();
+                if let Some(w) = watcher {
+                    w.abort();
+                }
                 code
             }
             Err(_) => {
@@ -267,11 +274,12 @@ pub async fn vnc(
     responses((status = 101, description = "WebSocket carrying WebRTC signalling (JSON)"), (status = 404, body = ErrorBody)))]
 pub async fn stream(
     State(app): State<Arc<App>>,
-    ViewerCaller(user): ViewerCaller,
+    viewer: Viewer,
     Path(id): Path<String>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let row = app.sandbox_of(&user, &id).await?;
+    let row = app.sandbox_of(&viewer.user, &id).await?;
+    let share = viewer.share;
     let target = app
         .ready_endpoints(&row)
         .await
@@ -290,7 +298,15 @@ pub async fn stream(
                     let hub = app.streams.join(guest);
                     let stopping = app.stopping.subscribe();
                     let metrics = app.stream_metrics.clone();
-                    crate::webrtc::session::serve(socket, endpoint, hub, metrics, stopping).await
+                    let (gate, watcher) = share.as_ref().map(|s| app.watch_share(s)).unzip();
+                    let code = crate::webrtc::session::serve_gated(
+                        socket, endpoint, hub, metrics, stopping, gate,
+                    )
+                    .await;
+                    if let Some(w) = watcher {
+                        w.abort();
+                    }
+                    code
                 }
                 (Ok(_), None) => {
                     ws::close_with(socket, close::NO_WEBRTC, "WebRTC is off on this server").await;

@@ -3,5 +3,7 @@
 //! with the per-sandbox secret) and offers the browser security type None, so
 //! the secret never leaves the host.
 
+pub mod gate;
+pub mod readonly;
 pub mod rfb;
 pub mod ws;

@@ -5,12 +5,15 @@
 //! may add text messages of its own ([`ViewerReport`]), which never reach the
 //! guest.
 
+use super::gate::{ended as gate_ended, ViewGate};
+use super::readonly::ClientFilter;
 use super::rfb::{self, Wire};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::{Buf, BytesMut};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast;
@@ -123,10 +126,22 @@ impl Wire for WsWire<'_> {
 
 /// Run one viewer until either side ends. Returns the close code sent.
 pub async fn relay(
+    socket: WebSocket,
+    target: Target,
+    stopping: broadcast::Receiver<String>,
+    reports: Reports,
+) -> u16 {
+    relay_gated(socket, target, stopping, reports, None).await
+}
+
+/// [`relay`] for a shared viewer when `gate` is given: its messages pass
+/// [`ClientFilter`] and it closes when the gate says so.
+pub async fn relay_gated(
     mut socket: WebSocket,
     target: Target,
     mut stopping: broadcast::Receiver<String>,
     reports: Reports,
+    gate: Option<Arc<ViewGate>>,
 ) -> u16 {
     let connect = tokio::time::timeout(
         HANDSHAKE_DEADLINE,
@@ -189,7 +204,21 @@ pub async fn relay(
             return close::NORMAL;
         }
     }
-    let leftover = std::mem::take(&mut wire.pending);
+    let mut leftover = std::mem::take(&mut wire.pending).to_vec();
+    let mut filter = gate.as_ref().map(|_| ClientFilter::new());
+    if let (Some(f), Some(g)) = (filter.as_mut(), gate.as_ref()) {
+        let mut kept = Vec::new();
+        if f.feed(&leftover, g.input_allowed(), &mut kept).is_err() {
+            close_with(
+                socket,
+                close::NORMAL,
+                "a message not allowed on a shared view",
+            )
+            .await;
+            return close::NORMAL;
+        }
+        leftover = kept;
+    }
     if !leftover.is_empty() && tcp.write_all(&leftover).await.is_err() {
         close_with(
             socket,
@@ -199,7 +228,16 @@ pub async fn relay(
         .await;
         return close::GUEST_UNREACHABLE;
     }
-    pump(socket, tcp, &target.sandbox_id, &mut stopping, reports).await
+    let shared = gate.zip(filter);
+    pump(
+        socket,
+        tcp,
+        &target.sandbox_id,
+        &mut stopping,
+        reports,
+        shared,
+    )
+    .await
 }
 
 async fn pump(
@@ -208,17 +246,28 @@ async fn pump(
     id: &str,
     stopping: &mut broadcast::Receiver<String>,
     reports: Reports,
+    mut shared: Option<(Arc<ViewGate>, ClientFilter)>,
 ) -> u16 {
+    let gate = shared.as_ref().map(|(g, _)| g.clone());
     let (mut sink, mut stream) = socket.split();
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let last_pong = std::sync::Arc::new(std::sync::Mutex::new(Instant::now()));
 
     // Browser → guest. Ends when the browser goes away or the guest stops reading.
     let pong_seen = last_pong.clone();
+    let sandbox = id.to_owned();
     let mut inbound = tokio::spawn(async move {
         while let Some(Ok(msg)) = stream.next().await {
             match msg {
-                Message::Binary(data) => {
+                Message::Binary(mut data) => {
+                    if let Some((gate, filter)) = shared.as_mut() {
+                        let mut kept = Vec::new();
+                        if let Err(e) = filter.feed(&data, gate.input_allowed(), &mut kept) {
+                            tracing::info!(sandbox = %sandbox, error = %e, "a shared viewer sent a refused message");
+                            return;
+                        }
+                        data = kept.into();
+                    }
                     let write =
                         tokio::time::timeout(SEND_DEADLINE, tcp_write.write_all(&data)).await;
                     if !matches!(write, Ok(Ok(()))) {
@@ -244,6 +293,7 @@ async fn pump(
     let mut buf = BytesMut::with_capacity(CHUNK);
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
+    let ended_reason;
     let (code, reason): (u16, &str) = loop {
         tokio::select! {
             read = tcp_read.read_buf(&mut buf) => match read {
@@ -279,6 +329,10 @@ async fn pump(
                 Err(broadcast::error::RecvError::Closed) => break (close::RESTARTING, "the control plane is restarting"),
             },
             _ = &mut inbound => break (close::NORMAL, ""),
+            why = gate_ended(gate.as_deref()) => {
+                ended_reason = why;
+                break (close::GONE, ended_reason.as_str());
+            }
         }
     };
     inbound.abort();

@@ -13,6 +13,7 @@ mod logins;
 mod nodes;
 mod sandboxes;
 mod sealed;
+mod shares;
 mod tickets;
 mod usage;
 mod users;
@@ -25,6 +26,7 @@ pub use logins::{CredentialRow, LoginRow};
 pub use nodes::{Leadership, NodeRow, UserLock};
 pub use sandboxes::SandboxRow;
 pub use sealed::{SealedRef, SealedValue};
+pub use shares::ShareRow;
 pub use users::UserRow;
 pub use workspaces::PlacementRow;
 

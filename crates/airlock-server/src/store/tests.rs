@@ -4,7 +4,7 @@
 use super::*;
 use crate::app::state::{advance, Event, SandboxState};
 
-async fn sqlite() -> (Store, tempfile::TempDir) {
+pub(super) async fn sqlite() -> (Store, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
     (Store::open(&url).await.expect("open sqlite"), dir)
@@ -12,7 +12,7 @@ async fn sqlite() -> (Store, tempfile::TempDir) {
 
 /// A fresh database on the PostgreSQL server, or `None` (with the reason
 /// printed) when no server is configured.
-async fn postgres() -> Option<Store> {
+pub(super) async fn postgres() -> Option<Store> {
     let Ok(base) = std::env::var("AIRLOCK_TEST_POSTGRES_URL") else {
         eprintln!(
             "skipping the PostgreSQL half: AIRLOCK_TEST_POSTGRES_URL is not set (.ci/run sets it)"

@@ -113,6 +113,17 @@ impl ClipboardParts {
     }
 }
 
+/// Whether a shared viewer's message reaches the guest (`input`: the owner
+/// granted input now). Keys, pointer, wheel, typed text and clipboard text
+/// only with input; a resize of the owner's desktop never. No I/O.
+pub fn shared_may_send(incoming: &Incoming, input: bool) -> bool {
+    match incoming {
+        Incoming::Input(Control::Keyframe) => true,
+        Incoming::Input(Control::Resize { .. }) => false,
+        Incoming::Input(_) | Incoming::Clipboard(_) => input,
+    }
+}
+
 /// Which copies of the numbered input to apply. No I/O.
 #[derive(Debug, Default)]
 pub struct InputOrder {
@@ -136,6 +147,34 @@ impl InputOrder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_viewer_sends_input_only_when_granted_and_never_resizes() {
+        let key = Incoming::Input(Control::Key {
+            keysym: 65,
+            down: true,
+        });
+        let pointer = Incoming::Input(Control::Pointer {
+            x: 1,
+            y: 2,
+            buttons: 1,
+        });
+        let text = Incoming::Input(Control::Text { text: "x".into() });
+        let clip = Incoming::Clipboard(ClipboardPart {
+            text: "x".into(),
+            more: false,
+        });
+        let resize = Incoming::Input(Control::Resize {
+            width: 800,
+            height: 600,
+        });
+        for m in [&key, &pointer, &text, &clip] {
+            assert!(!shared_may_send(m, false), "{m:?}");
+            assert!(shared_may_send(m, true), "{m:?}");
+        }
+        assert!(!shared_may_send(&resize, true));
+        assert!(shared_may_send(&Incoming::Input(Control::Keyframe), false));
+    }
 
     #[test]
     fn numbered_input_is_parsed_and_checked() {

@@ -24,6 +24,7 @@ use super::endpoint::{Endpoint, Packet};
 use super::hub::{Frame, Hub, HubState};
 use super::input::{self, ClipboardParts, Incoming, InputOrder};
 use super::StreamMetrics;
+use crate::relay::gate::{ended as gate_ended, ViewGate};
 use crate::relay::ws::close;
 use airlock_proto::stream::Control;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -168,15 +169,31 @@ struct Sending {
     clipboard: ClipboardParts,
     /// An error for the viewer, sent after the drain.
     notice: Option<String>,
+    /// A shared viewer's gate (relay::gate); `None` for the owner.
+    gate: Option<Arc<ViewGate>>,
 }
 
 /// Run one viewer to its end; returns the close code sent.
 pub async fn serve(
+    socket: WebSocket,
+    endpoint: Arc<Endpoint>,
+    hub: Arc<Hub>,
+    metrics: Arc<StreamMetrics>,
+    stopping: broadcast::Receiver<String>,
+) -> u16 {
+    serve_gated(socket, endpoint, hub, metrics, stopping, None).await
+}
+
+/// [`serve`] for a shared viewer when `gate` is given: its input reaches the
+/// guest only as [`input::shared_may_send`] says, it gets no clipboard text
+/// without input, and it closes when the gate says so.
+pub async fn serve_gated(
     mut socket: WebSocket,
     endpoint: Arc<Endpoint>,
     hub: Arc<Hub>,
     metrics: Arc<StreamMetrics>,
     mut stopping: broadcast::Receiver<String>,
+    gate: Option<Arc<ViewGate>>,
 ) -> u16 {
     let offer = match tokio::time::timeout(OFFER_DEADLINE, read_offer(&mut socket)).await {
         Ok(Ok(offer)) => offer,
@@ -219,6 +236,7 @@ pub async fn serve(
         &mut rtc,
         &mut packets,
         &mut stopping,
+        gate,
     )
     .await;
     rtc.disconnect();
@@ -254,6 +272,7 @@ async fn run(
     rtc: &mut Rtc,
     packets: &mut tokio::sync::mpsc::Receiver<Packet>,
     stopping: &mut broadcast::Receiver<String>,
+    gate: Option<Arc<ViewGate>>,
 ) -> u16 {
     let mut frames = hub.subscribe();
     let mut hub_state = hub.state();
@@ -274,6 +293,7 @@ async fn run(
         input: InputOrder::default(),
         clipboard: ClipboardParts::default(),
         notice: None,
+        gate: gate.clone(),
     };
     let started = Instant::now();
     let mut sent_info = None;
@@ -346,6 +366,7 @@ async fn run(
             }
             Ok(()) = clipboard.changed() => {
                 let text = clipboard.borrow_and_update().as_deref().map(str::to_owned);
+                let text = text.filter(|_| gate.as_ref().is_none_or(|g| g.input_allowed()));
                 if let Some(text) = text {
                     if !send_json(socket, &ToViewer::Clipboard { text }).await {
                         return close::NORMAL;
@@ -373,6 +394,9 @@ async fn run(
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return close::NORMAL,
                 Some(Ok(_)) => {}
             },
+            why = gate_ended(gate.as_deref()) => {
+                return close_with(socket, close::GONE, &why).await;
+            }
             id = stopping.recv() => {
                 if matches!(id.as_deref(), Ok(id) if id == hub.sandbox_id) {
                     return close_with(socket, close::GONE, "the sandbox is stopping").await;
@@ -466,7 +490,11 @@ fn drain(
                 {
                     Ok((seq, incoming)) => {
                         let reliable = sending.reliable_input == Some(d.id);
-                        if sending.input.admit(seq, reliable) {
+                        let allowed = sending
+                            .gate
+                            .as_ref()
+                            .is_none_or(|g| input::shared_may_send(&incoming, g.input_allowed()));
+                        if sending.input.admit(seq, reliable) && allowed {
                             match incoming {
                                 Incoming::Input(c) => {
                                     metrics.input_applied(reliable);

@@ -50,6 +50,30 @@ fn spinner(message: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// `90s`, `30m`, `1h`, or plain seconds, as seconds.
+fn parse_ttl(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = digits.parse().map_err(|_| {
+        fail(
+            exit::BAD_REQUEST,
+            format!("--ttl {text:?}: expected e.g. 90s, 30m or 1h"),
+        )
+    })?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => {
+            return Err(fail(
+                exit::BAD_REQUEST,
+                format!("--ttl {text:?}: the unit is s, m or h"),
+            ))
+        }
+    };
+    Ok(n.saturating_mul(scale))
+}
+
 fn sandbox_path(id: &str) -> String {
     format!("/api/v1/sandboxes/{}", seg(id))
 }
@@ -140,6 +164,73 @@ async fn sandbox(conn: Conn, cmd: SandboxCommand) -> anyhow::Result<i32> {
                     providers.join(",")
                 );
             }
+            Ok(0)
+        }
+        SandboxCommand::Share { id, ttl, input } => {
+            let ttl_s = parse_ttl(&ttl)?;
+            let body = api
+                .json(
+                    Method::POST,
+                    &format!("{}/shares", sandbox_path(&id)),
+                    Some(json!({"ttl_s": ttl_s, "input": input})),
+                )
+                .await?;
+            let url = api.base.join(&s(&body["url"])).map_err(|e| {
+                fail(
+                    exit::FAILURE,
+                    format!("the server's link is not a path: {e}"),
+                )
+            })?;
+            eprintln!(
+                "share {} ({}), until {}",
+                s(&body["id"]),
+                if input { "may type" } else { "read-only" },
+                s(&body["expires_at"])
+            );
+            println!("{url}");
+            Ok(0)
+        }
+        SandboxCommand::Shares { id, json } => {
+            let body = api.get(&format!("{}/shares", sandbox_path(&id))).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+                return Ok(0);
+            }
+            println!("{:<22} {:<10} EXPIRES", "SHARE", "INPUT");
+            for sh in body["shares"].as_array().into_iter().flatten() {
+                let input = if sh["input"] == json!(true) {
+                    "yes"
+                } else {
+                    "no"
+                };
+                println!(
+                    "{:<22} {:<10} {}",
+                    s(&sh["id"]),
+                    input,
+                    s(&sh["expires_at"])
+                );
+            }
+            Ok(0)
+        }
+        SandboxCommand::ShareInput { id, share, input } => {
+            let path = format!("{}/shares/{}", sandbox_path(&id), seg(&share));
+            let body = api
+                .json(Method::PATCH, &path, Some(json!({"input": input == "on"})))
+                .await?;
+            println!(
+                "{share}: input {}",
+                if body["input"] == json!(true) {
+                    "on"
+                } else {
+                    "off"
+                }
+            );
+            Ok(0)
+        }
+        SandboxCommand::Unshare { id, share } => {
+            let path = format!("{}/shares/{}", sandbox_path(&id), seg(&share));
+            api.json(Method::DELETE, &path, None).await?;
+            println!("{share}: revoked");
             Ok(0)
         }
         SandboxCommand::Rm { id } => {
@@ -563,4 +654,20 @@ async fn audit(conn: Conn, args: AuditArgs) -> anyhow::Result<i32> {
         println!("{}", line.join(" "));
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::parse_ttl;
+
+    #[test]
+    fn a_ttl_reads_seconds_minutes_and_hours() {
+        assert_eq!(parse_ttl("90").expect("s"), 90);
+        assert_eq!(parse_ttl("90s").expect("s"), 90);
+        assert_eq!(parse_ttl("30m").expect("m"), 1800);
+        assert_eq!(parse_ttl("24h").expect("h"), 86400);
+        for bad in ["", "h", "1d", "-5m", "1.5h"] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
+    }
 }

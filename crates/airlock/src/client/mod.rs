@@ -121,6 +121,33 @@ pub enum SandboxCommand {
     },
     /// List the sandbox's processes.
     Ps { id: String },
+    /// Make a link that shows the sandbox's desktop to someone without an
+    /// account: read-only unless --input. Prints the link (shown only now).
+    Share {
+        id: String,
+        /// How long the link works: 90s, 30m, 1h … at most 24h.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Let the link's holder type, click and paste too.
+        #[arg(long)]
+        input: bool,
+    },
+    /// The sandbox's live share links (never their secrets).
+    Shares {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grant (`on`) or take back (`off`) input on a share link; open
+    /// viewers follow within a second.
+    ShareInput {
+        id: String,
+        share: String,
+        #[arg(value_parser = ["on", "off"])]
+        input: String,
+    },
+    /// Revoke a share link; its open viewers close.
+    Unshare { id: String, share: String },
     /// Kill a process (SIGKILL, or --signal).
     Kill {
         id: String,
