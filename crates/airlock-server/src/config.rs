@@ -146,6 +146,10 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `[node]`: this process as `airlock node`.
     pub node: NodeConfig,
+
+    // ---- screen recording (docs/recording.md) ----
+    /// `[recording]`: server-side recordings of sandbox screens.
+    pub recording: crate::recording::RecordingConfig,
 }
 
 /// `[cluster]` in the config file (both roles).
@@ -340,6 +344,7 @@ impl Default for Config {
             pool: PoolConfig::default(),
             cluster: ClusterConfig::default(),
             node: NodeConfig::default(),
+            recording: crate::recording::RecordingConfig::default(),
             egress_allow: Vec::new(),
             cpu_max: None,
             io_max: None,
@@ -451,6 +456,9 @@ impl Config {
             if !self.jailer_chroot_base.is_absolute() {
                 return invalid("jailer_chroot_base", "must be an absolute path");
             }
+        }
+        if let Err(e) = self.recording.validate() {
+            return invalid("recording", &e);
         }
         if !(1..=60).contains(&self.webrtc_fps) {
             return invalid("webrtc_fps", "must be between 1 and 60");
@@ -676,6 +684,7 @@ impl Config {
             parallel: self.pool.refill_parallel,
         };
         app.cluster = self.cluster.enabled;
+        app.recording = self.recording.clone();
         let reserve = self.quota.reserve_mb << 20;
         app.reserve_memory = app.limits.memory_bytes.map_or(reserve, |m| m.min(reserve));
         app

@@ -9,6 +9,7 @@ pub mod guard;
 pub mod logins;
 pub mod pool;
 pub mod processes;
+pub mod recordings;
 pub mod sandboxes;
 pub mod terminal;
 pub mod tickets;
@@ -68,6 +69,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(files::Doc::openapi());
     doc.merge(pool::Doc::openapi());
     doc.merge(workspaces::Doc::openapi());
+    doc.merge(recordings::Doc::openapi());
     doc
 }
 
@@ -97,6 +99,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(files::routes())
         .merge(pool::routes())
         .merge(workspaces::routes())
+        .merge(recordings::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|| async {
             error::ApiError::new(
