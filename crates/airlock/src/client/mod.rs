@@ -12,6 +12,7 @@
 mod api;
 mod commands;
 mod io;
+mod record;
 
 pub use commands::{run_audit, run_credentials, run_login, run_sandbox};
 
@@ -121,6 +122,12 @@ pub enum SandboxCommand {
     },
     /// List the sandbox's processes.
     Ps { id: String },
+    /// Screen recordings: `start`, `stop`, `ls`, `get RID -o FILE`.
+    Record {
+        id: String,
+        #[command(subcommand)]
+        cmd: record::RecordCommand,
+    },
     /// Kill a process (SIGKILL, or --signal).
     Kill {
         id: String,
