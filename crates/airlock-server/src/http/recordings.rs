@@ -35,6 +35,8 @@ pub struct Recording {
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecordingList {
+    /// Recording may be started on this server (`[recording] enabled`).
+    pub enabled: bool,
     /// The recording under way, if any.
     pub current: Option<String>,
     /// Oldest first.
@@ -80,6 +82,7 @@ pub async fn list(
 ) -> Result<Json<RecordingList>, ApiError> {
     let (list, current) = app.recordings_of(&user, &id).await?;
     Ok(Json(RecordingList {
+        enabled: app.recordings.cfg.enabled,
         recordings: list
             .into_iter()
             .map(|m| shape(m, current.as_deref()))
