@@ -239,6 +239,16 @@ mod tests {
     }
 
     #[test]
+    fn recordings_are_in_the_openapi_document() {
+        let doc = serde_json::to_value(super::super::openapi()).expect("json");
+        let paths = &doc["paths"];
+        let list = &paths["/api/v1/sandboxes/{id}/recordings"];
+        assert!(list["get"].is_object() && list["post"].is_object());
+        let one = &paths["/api/v1/sandboxes/{id}/recordings/{rid}"];
+        assert!(one["get"].is_object() && one["delete"].is_object());
+    }
+
+    #[test]
     fn byte_ranges() {
         assert_eq!(range(&HeaderMap::new(), 100), Ok(None));
         assert_eq!(range(&with("bytes=0-"), 100), Ok(Some((0, 99))));

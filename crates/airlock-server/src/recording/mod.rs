@@ -481,4 +481,6 @@ impl Recorder {
 }
 
 #[cfg(test)]
+mod api_tests;
+#[cfg(test)]
 mod tests;
