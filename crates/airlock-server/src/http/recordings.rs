@@ -234,7 +234,7 @@ mod tests {
 
     fn with(v: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(header::RANGE, v.parse().unwrap());
+        h.insert(header::RANGE, v.parse().expect("test data"));
         h
     }
 

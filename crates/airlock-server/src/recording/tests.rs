@@ -25,13 +25,13 @@ fn access_unit(keyframe: bool, n: u8) -> Vec<u8> {
 fn boxes(mut data: &[u8]) -> Vec<([u8; 4], &[u8])> {
     let mut out = Vec::new();
     while data.len() >= 8 {
-        let size = u32::from_be_bytes(data[0..4].try_into().unwrap()) as usize;
+        let size = u32::from_be_bytes(data[0..4].try_into().expect("test data")) as usize;
         assert!(
             size >= 8 && size <= data.len(),
             "box size {size} of {}",
             data.len()
         );
-        out.push((data[4..8].try_into().unwrap(), &data[8..size]));
+        out.push((data[4..8].try_into().expect("test data"), &data[8..size]));
         data = &data[size..];
     }
     assert!(data.is_empty(), "trailing bytes");
@@ -47,7 +47,7 @@ fn child<'a>(body: &'a [u8], kind: &[u8; 4]) -> &'a [u8] {
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("test data"))
 }
 
 #[test]
@@ -107,7 +107,7 @@ fn frames_make_a_fragmented_mp4_of_the_right_length() {
         let traf = child(pair[0].1, b"traf");
         let tfdt = child(traf, b"tfdt");
         assert_eq!(
-            u64::from_be_bytes(tfdt[4..12].try_into().unwrap()),
+            u64::from_be_bytes(tfdt[4..12].try_into().expect("test data")),
             expected_time
         );
         let trun = child(traf, b"trun");
@@ -172,9 +172,9 @@ async fn the_sweep_deletes_only_recordings_past_retention() {
         (meta("rec-gone", "sb2", now - 25 * hour - 1, 0), "sb2"),
     ] {
         let d = tmp.path().join("rec").join(dir);
-        std::fs::create_dir_all(&d).unwrap();
-        write_meta(&d, &m).await.unwrap();
-        std::fs::write(d.join(format!("{}.mp4", m.id)), b"mp4").unwrap();
+        std::fs::create_dir_all(&d).expect("test data");
+        write_meta(&d, &m).await.expect("test data");
+        std::fs::write(d.join(format!("{}.mp4", m.id)), b"mp4").expect("test data");
     }
     assert_eq!(r.sweep(now).await.expect("sweep"), 2);
     let left = r.list("sb1").await.expect("list");
