@@ -68,9 +68,45 @@ impl Controller {
     }
 }
 
+/// Every viewer's target on one hub; the guest encodes once for all, so it
+/// is asked for the lowest (a viewer on a thin link must not be flooded).
+#[derive(Debug, Default)]
+pub struct Targets {
+    by_viewer: std::collections::HashMap<u64, u32>,
+    asked: Option<u32>,
+}
+
+impl Targets {
+    /// A viewer's new target (`None`: it left); returns what to ask the
+    /// guest for when the lowest changed. When the last viewer with a
+    /// target leaves, the guest keeps the last one (the encoder stops soon).
+    pub fn set(&mut self, viewer: u64, kbit: Option<u32>) -> Option<u32> {
+        match kbit {
+            Some(k) => self.by_viewer.insert(viewer, k),
+            None => self.by_viewer.remove(&viewer),
+        };
+        let lowest = self.by_viewer.values().min().copied()?;
+        if self.asked == Some(lowest) {
+            return None;
+        }
+        self.asked = Some(lowest);
+        Some(lowest)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lowest_viewer_sets_the_guest() {
+        let mut t = Targets::default();
+        assert_eq!(t.set(1, Some(3000)), Some(3000));
+        assert_eq!(t.set(2, Some(1000)), Some(1000));
+        assert_eq!(t.set(1, Some(2500)), None, "viewer 2 is still lowest");
+        assert_eq!(t.set(2, None), Some(2500), "the thin viewer left");
+        assert_eq!(t.set(1, None), None);
+    }
 
     #[test]
     fn targets_are_a_share_of_the_estimate_within_bounds() {

@@ -119,8 +119,9 @@ pub const BAD_SIGNAL: u16 = 4400;
 /// Close code when ICE did not connect or disconnected.
 pub const ICE_FAILED: u16 = 4504;
 
-/// A new `Rtc` for one viewer: ICE-lite, H.264 only, zero playout delay.
-fn new_rtc(creds: IceCreds) -> Rtc {
+/// A new `Rtc` for one viewer: ICE-lite, H.264 only, zero playout delay;
+/// with `bwe`, str0m estimates the viewer's bandwidth (bitrate.rs).
+fn new_rtc(creds: IceCreds, bwe: bool) -> Rtc {
     let mut cfg = Rtc::builder()
         .set_ice_lite(true)
         .set_local_ice_credentials(creds)
@@ -128,6 +129,11 @@ fn new_rtc(creds: IceCreds) -> Rtc {
         .enable_h264(true)
         .set_stats_interval(Some(STATS_EVERY))
         .set_send_buffer_video(2000);
+    if bwe {
+        cfg = cfg.enable_bwe(Some(str0m::bwe::Bitrate::kbps(u64::from(
+            super::bitrate::MAX_KBIT,
+        ))));
+    }
     cfg.extension_map().set(12, Extension::PlayoutDelay);
     cfg.build(Instant::now())
 }
@@ -168,7 +174,14 @@ struct Sending {
     clipboard: ClipboardParts,
     /// An error for the viewer, sent after the drain.
     notice: Option<String>,
+    /// This viewer among the hub's, for its bitrate target.
+    viewer: u64,
+    /// Bandwidth estimates to the guest's bitrate (bitrate.rs).
+    bitrate: super::bitrate::Controller,
 }
+
+/// Numbers viewers for the hub's bitrate targets.
+static VIEWERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Run one viewer to its end; returns the close code sent.
 pub async fn serve(
@@ -185,7 +198,7 @@ pub async fn serve(
     };
     let creds = IceCreds::new();
     let (_route, mut packets) = endpoint.register(&creds.ufrag);
-    let mut rtc = new_rtc(creds);
+    let mut rtc = new_rtc(creds, endpoint.adaptive_bitrate());
     for c in endpoint.candidates() {
         rtc.add_local_candidate(c);
     }
@@ -211,7 +224,9 @@ pub async fn serve(
         return close::NORMAL;
     }
     metrics.session_started();
+    let viewer_id = VIEWERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let code = run(
+        viewer_id,
         &mut socket,
         &endpoint,
         &hub,
@@ -222,6 +237,7 @@ pub async fn serve(
     )
     .await;
     rtc.disconnect();
+    hub.want_bitrate(viewer_id, None);
     metrics.session_ended();
     code
 }
@@ -247,6 +263,7 @@ async fn read_offer(socket: &mut WebSocket) -> Result<SdpOffer, String> {
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
+    viewer: u64,
     socket: &mut WebSocket,
     endpoint: &Endpoint,
     hub: &Hub,
@@ -274,6 +291,8 @@ async fn run(
         input: InputOrder::default(),
         clipboard: ClipboardParts::default(),
         notice: None,
+        viewer,
+        bitrate: super::bitrate::Controller::default(),
     };
     let started = Instant::now();
     let mut sent_info = None;
@@ -443,6 +462,11 @@ fn drain(
                     sending.connected = true;
                     sending.need_keyframe = true;
                     hub.control(Control::Keyframe);
+                    // Probe up to what the encoder's top target needs (only
+                    // with the estimator on; a no-op otherwise).
+                    let top = f64::from(super::bitrate::MAX_KBIT) / super::bitrate::HEADROOM;
+                    rtc.bwe()
+                        .set_desired_bitrate(str0m::bwe::Bitrate::kbps(top as u64));
                 }
                 Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                     return Err(ICE_FAILED);
@@ -484,6 +508,15 @@ fn drain(
                         tracing::debug!(sandbox = %hub.sandbox_id, error = %e, "viewer input refused")
                     }
                 },
+                Event::EgressBitrateEstimate(
+                    str0m::bwe::BweKind::Twcc { estimate, .. }
+                    | str0m::bwe::BweKind::Remb { estimate, .. },
+                ) => {
+                    if let Some(kbit) = sending.bitrate.update(estimate.as_u64(), Instant::now()) {
+                        tracing::debug!(sandbox = %hub.sandbox_id, kbit, "viewer's bitrate target");
+                        hub.want_bitrate(sending.viewer, Some(kbit));
+                    }
+                }
                 Event::PeerStats(s) => {
                     sending.rtt = s.rtt;
                     if let Some(rtt) = s.rtt {
