@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::unmet;
+use common::{browser_unmet, unmet};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -173,5 +173,30 @@ async fn a_recording_of_a_real_sandbox_plays_for_as_long_as_it_ran() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(app.streams.viewers(&id), None, "the video link closed");
+
+    // The same through the viewer's Record button, in a real Chromium.
+    if browser_unmet().is_none() {
+        let root = common::repo_root();
+        let artifacts = root.join("target/e2e/recording");
+        let status = tokio::process::Command::new("node")
+            .arg(root.join("tests/e2e/recording.mjs"))
+            .args(["--url", &h.base, "--id", &id, "--artifacts"])
+            .arg(&artifacts)
+            .kill_on_drop(true)
+            .status()
+            .await
+            .expect("node runs");
+        assert!(
+            status.success(),
+            "the browser test failed ({status}); pictures are in {}",
+            artifacts.display()
+        );
+        let (_, list) = h.get(&base).await;
+        assert_eq!(
+            list["recordings"].as_array().map(Vec::len),
+            Some(2),
+            "{list}"
+        );
+    }
     h.shutdown().await;
 }

@@ -18,6 +18,7 @@ pub const TIMESCALE: u32 = 90_000;
 const NAL_SPS: u8 = 7;
 const NAL_PPS: u8 = 8;
 const NAL_AUD: u8 = 9;
+// (SPS and PPS are read for `avcC`; they also stay in the samples.)
 
 /// The NAL units of an Annex B access unit, start codes removed.
 pub fn nal_units(data: &[u8]) -> Vec<&[u8]> {
@@ -62,11 +63,13 @@ pub fn parameter_sets(data: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
 }
 
 /// One sample: the access unit with four-byte lengths instead of start
-/// codes, its parameter sets and delimiters left out (they live in `avcC`).
+/// codes, delimiters left out. Parameter sets stay in the stream (`avc3`):
+/// when the viewer resizes the display, the next keyframe brings the new
+/// size and the recording goes on.
 pub fn sample(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + 16);
     for unit in nal_units(data) {
-        if matches!(nal_type(unit), NAL_SPS | NAL_PPS | NAL_AUD) {
+        if nal_type(unit) == NAL_AUD {
             continue;
         }
         out.extend_from_slice(&(unit.len() as u32).to_be_bytes());
@@ -103,7 +106,7 @@ fn matrix() -> Vec<u8> {
 
 /// `ftyp` and `moov`: what a player needs before the first fragment.
 pub fn init_segment(width: u32, height: u32, sps: &[u8], pps: &[u8]) -> Vec<u8> {
-    let ftyp = mp4_box(b"ftyp", b"isom\0\0\x02\0isomiso6avc1mp41");
+    let ftyp = mp4_box(b"ftyp", b"isom\0\0\x02\0isomiso6avc3mp41");
     let mut mvhd = Vec::new();
     mvhd.extend_from_slice(&[0; 8]); // creation, modification
     mvhd.extend_from_slice(&TIMESCALE.to_be_bytes());
@@ -162,7 +165,8 @@ pub fn init_segment(width: u32, height: u32, sps: &[u8], pps: &[u8]) -> Vec<u8> 
     avc1.extend_from_slice(&0x0018u16.to_be_bytes()); // depth
     avc1.extend_from_slice(&0xffffu16.to_be_bytes());
     avc1.extend_from_slice(&avcc);
-    let avc1 = mp4_box(b"avc1", &avc1);
+    // avc3: parameter sets may also come in the samples, and change.
+    let avc1 = mp4_box(b"avc3", &avc1);
     let stsd = full_box(b"stsd", 0, 0, &concat(&[&1u32.to_be_bytes(), &avc1]));
     let empty = 0u32.to_be_bytes();
     let stbl = mp4_box(

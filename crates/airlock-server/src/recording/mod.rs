@@ -403,7 +403,7 @@ impl Recorder {
         self.hub.control(Control::Keyframe);
         let mut mux = fmp4::Muxer::default();
         // Set by the first keyframe: its parameter sets make the init segment.
-        let mut params: Option<(Vec<u8>, Vec<u8>)> = None;
+        let mut started = false;
         let mut last_arrival = Instant::now();
         let mut wants_keyframe = true;
         let first_deadline = tokio::time::Instant::now() + FIRST_KEYFRAME;
@@ -423,12 +423,12 @@ impl Recorder {
                         break why;
                     }
                 }
-                _ = tokio::time::sleep_until(first_deadline), if params.is_none() => {
+                _ = tokio::time::sleep_until(first_deadline), if !started => {
                     break "no keyframe came from the guest".to_owned();
                 }
                 _ = meta_tick.tick() => {
                     self.meta.duration_ms = (mux.duration_us() + last_arrival.elapsed().as_micros() as u64) / 1000;
-                    if params.is_some() {
+                    if started {
                         write_meta(&self.dir, &self.meta).await?;
                     }
                 }
@@ -437,7 +437,7 @@ impl Recorder {
                         if wants_keyframe && !frame.keyframe {
                             continue;
                         }
-                        if params.is_none() {
+                        if !started {
                             let Some((sps, pps)) = fmp4::parameter_sets(&frame.data) else { continue };
                             let info = self.hub.info();
                             let (w, h) = info.map_or((0, 0), |i| (i.width, i.height));
@@ -445,13 +445,13 @@ impl Recorder {
                             self.meta.height = h;
                             let init = fmp4::init_segment(w, h, &sps, &pps);
                             self.write(&init).await?;
-                            params = Some((sps, pps));
+                            started = true;
                         } else if frame.keyframe {
-                            // A new resolution needs a new init segment: this file ends.
-                            if let Some(p) = fmp4::parameter_sets(&frame.data) {
-                                if params.as_ref() != Some(&p) {
-                                    break "the display size changed".to_owned();
-                                }
+                            // The viewer resized the display: the stream carries
+                            // the new parameter sets; the description follows.
+                            if let Some(i) = self.hub.info() {
+                                self.meta.width = i.width;
+                                self.meta.height = i.height;
                             }
                         }
                         wants_keyframe = false;

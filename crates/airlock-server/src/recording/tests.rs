@@ -51,14 +51,23 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 #[test]
-fn annex_b_becomes_length_prefixed_samples_without_parameter_sets() {
+fn annex_b_becomes_length_prefixed_samples_with_parameter_sets_in_band() {
     let au = access_unit(true, 7);
     assert_eq!(
         fmp4::parameter_sets(&au),
         Some((SPS.to_vec(), PPS.to_vec()))
     );
     let s = fmp4::sample(&au);
-    assert_eq!(s, [&[0, 0, 0, 5][..], &[0x65, 0x88, 7, 7, 7]].concat());
+    let want = [
+        &(SPS.len() as u32).to_be_bytes()[..],
+        SPS,
+        &(PPS.len() as u32).to_be_bytes(),
+        PPS,
+        &[0, 0, 0, 5],
+        &[0x65, 0x88, 7, 7, 7],
+    ]
+    .concat();
+    assert_eq!(s, want, "no delimiter, lengths for start codes");
     assert_eq!(fmp4::parameter_sets(&access_unit(false, 1)), None);
 }
 
@@ -90,7 +99,7 @@ fn frames_make_a_fragmented_mp4_of_the_right_length() {
         child(child(child(trak, b"mdia"), b"minf"), b"stbl"),
         b"stsd",
     );
-    let avc1 = child(&stsd[8..], b"avc1");
+    let avc1 = child(&stsd[8..], b"avc3");
     let avcc = child(&avc1[78..], b"avcC");
     assert_eq!(&avcc[8..8 + SPS.len()], SPS);
     assert_eq!(u32_at(child(child(moov, b"mvex"), b"trex"), 4), 1);
@@ -124,9 +133,20 @@ fn frames_make_a_fragmented_mp4_of_the_right_length() {
         assert_eq!(size, pair[1].1.len());
         let key = i % 30 == 0;
         assert_eq!(flags & 0x0001_0000 == 0, key, "sample {i} sync flag");
-        let nal_len = u32_at(pair[1].1, 0) as usize;
-        assert_eq!(nal_len + 4, size, "sample {i} is one length-prefixed NAL");
-        assert_eq!(pair[1].1[4] & 0x1f, if key { 5 } else { 1 });
+        // Length-prefixed NAL units that fill the sample exactly; the last
+        // is the slice, a keyframe's led by its SPS and PPS.
+        let (mut pos, mut types) = (0, Vec::new());
+        while pos < size {
+            let len = u32_at(pair[1].1, pos) as usize;
+            types.push(pair[1].1[pos + 4] & 0x1f);
+            pos += 4 + len;
+        }
+        assert_eq!(pos, size, "sample {i} is whole NAL units");
+        assert_eq!(
+            types,
+            if key { vec![7, 8, 5] } else { vec![1] },
+            "sample {i}"
+        );
         total += u64::from(duration);
         expected_time += u64::from(duration);
         samples += 1;
