@@ -243,7 +243,14 @@ pub enum Control {
     /// Make the display this size (the viewer's window), within
     /// [`MIN_DISPLAY`] and [`MAX_DISPLAY`]; odd sizes are rounded down to even.
     Resize { width: u32, height: u32 },
+    /// Encode at this target bitrate from now on, in kbit/s, within
+    /// [`BITRATE_KBIT`]: the control plane's adaptive bitrate (viewers may
+    /// not send it).
+    Bitrate { kbit: u32 },
 }
+
+/// Target bitrates the guest's encoder may be asked for, kbit/s.
+pub const BITRATE_KBIT: std::ops::RangeInclusive<u32> = 100..=20_000;
 
 /// Smallest display a viewer may ask for: the desktop's two windows side by
 /// side stay usable.
@@ -270,6 +277,8 @@ pub enum ControlError {
     ClipboardTooLarge(usize),
     #[error("a display of {0}x{1} is outside 640x480 to 3840x2160 (MIN_DISPLAY, MAX_DISPLAY)")]
     Size(u32, u32),
+    #[error("a bitrate of {0} kbit/s is outside 100 to 20000 (BITRATE_KBIT)")]
+    Bitrate(u32),
 }
 
 impl Control {
@@ -292,6 +301,9 @@ impl Control {
                     || !(MIN_DISPLAY.1..=MAX_DISPLAY.1).contains(height) =>
             {
                 Err(ControlError::Size(*width, *height))
+            }
+            Control::Bitrate { kbit } if !BITRATE_KBIT.contains(kbit) => {
+                Err(ControlError::Bitrate(*kbit))
             }
             Control::Clipboard { text } if text.len() > MAX_CLIPBOARD_BYTES => {
                 Err(ControlError::ClipboardTooLarge(text.len()))
@@ -320,6 +332,20 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bitrates_round_trip_within_bounds() {
+        let c = Control::parse(r#"{"type":"bitrate","kbit":1500}"#).expect("parses");
+        assert_eq!(c, Control::Bitrate { kbit: 1500 });
+        assert_eq!(Control::parse(&c.to_json()).expect("again"), c);
+        for bad in [0, 99, 20_001, u32::MAX] {
+            let text = Control::Bitrate { kbit: bad }.to_json();
+            assert!(
+                matches!(Control::parse(&text), Err(ControlError::Bitrate(_))),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -78,6 +78,10 @@ pub struct Config {
     /// kbit/s per viewer (0: none). They go to the frames after a quiet
     /// spell first — a key press, a click (docs/webrtc.md, "Packet loss").
     pub webrtc_copies_kbps: u32,
+    /// Set the guest's encoder bitrate from each viewer's bandwidth estimate
+    /// (the lowest viewer's wins) instead of the fixed 4 Mbit/s. Off until
+    /// measured on a shaped link (docs/webrtc.md, "Adaptive bitrate").
+    pub webrtc_adaptive_bitrate: bool,
     /// The `firecracker` binary (default: `firecracker` on the PATH).
     pub firecracker_bin: Option<PathBuf>,
     /// When set, the firecracker driver starts every VM under this `jailer`:
@@ -146,6 +150,10 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `[node]`: this process as `airlock node`.
     pub node: NodeConfig,
+
+    // ---- screen recording (docs/recording.md) ----
+    /// `[recording]`: server-side recordings of sandbox screens.
+    pub recording: crate::recording::RecordingConfig,
 }
 
 /// `[cluster]` in the config file (both roles).
@@ -325,6 +333,7 @@ impl Default for Config {
             webrtc_address: None,
             webrtc_fps: airlock_proto::stream::DEFAULT_FPS,
             webrtc_copies_kbps: 1000,
+            webrtc_adaptive_bitrate: false,
             firecracker_bin: None,
             jailer_bin: None,
             jailer_uid: 64_000,
@@ -340,6 +349,7 @@ impl Default for Config {
             pool: PoolConfig::default(),
             cluster: ClusterConfig::default(),
             node: NodeConfig::default(),
+            recording: crate::recording::RecordingConfig::default(),
             egress_allow: Vec::new(),
             cpu_max: None,
             io_max: None,
@@ -451,6 +461,9 @@ impl Config {
             if !self.jailer_chroot_base.is_absolute() {
                 return invalid("jailer_chroot_base", "must be an absolute path");
             }
+        }
+        if let Err(e) = self.recording.validate() {
+            return invalid("recording", &e);
         }
         if !(1..=60).contains(&self.webrtc_fps) {
             return invalid("webrtc_fps", "must be between 1 and 60");
@@ -588,6 +601,7 @@ impl Config {
             tcp_port: self.webrtc_tcp_port,
             advertise: self.webrtc_address.unwrap_or(self.listen.ip()),
             copies_kbps: self.webrtc_copies_kbps,
+            adaptive_bitrate: self.webrtc_adaptive_bitrate,
             tcp_limits: crate::webrtc::TcpLimits {
                 max_connections: self.webrtc_tcp_max_connections,
                 max_per_ip: self.webrtc_tcp_max_per_ip,
@@ -676,6 +690,7 @@ impl Config {
             parallel: self.pool.refill_parallel,
         };
         app.cluster = self.cluster.enabled;
+        app.recording = self.recording.clone();
         let reserve = self.quota.reserve_mb << 20;
         app.reserve_memory = app.limits.memory_bytes.map_or(reserve, |m| m.min(reserve));
         app

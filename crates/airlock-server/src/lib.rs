@@ -9,6 +9,7 @@ pub mod http;
 pub mod instance;
 pub mod metrics;
 pub mod node;
+pub mod recording;
 pub mod relay;
 pub mod server;
 pub mod store;

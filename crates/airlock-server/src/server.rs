@@ -262,6 +262,7 @@ pub(crate) async fn serve(
     let (shutdown, rx) = watch::channel(false);
     let reaper = tokio::spawn(app.clone().run_reaper(rx.clone()));
     app.spawn(app.clone().run_credential_checks(rx.clone()));
+    app.spawn(app.recordings.clone().run_sweeper());
     app.start_pools();
     reload_on_hangup(hangups, &app, &lock, rx.clone());
     let mut http_rx = rx;

@@ -122,6 +122,9 @@ pub enum CaptureError {
 #[derive(Debug, Default)]
 pub struct Signals {
     pub keyframe: AtomicBool,
+    /// The target bitrate the control plane last asked for (kbit/s); 0
+    /// until it asks, and the encoder keeps `--bitrate` (`Control::Bitrate`).
+    pub bitrate_kbit: std::sync::atomic::AtomicU32,
     pub stop: AtomicBool,
     /// New text on the guest's clipboard, to go out with the next frame.
     pub clipboard: std::sync::Mutex<Option<String>>,
@@ -158,11 +161,14 @@ pub fn capture(
     let interval = Duration::from_secs(1) / opts.fps.clamp(1, MAX_FPS);
     loop {
         let (width, height) = size()?;
-        let enc = Encoder::start(&Settings {
+        // A new pipeline (after a resize) keeps the last target asked for.
+        let asked = signals.bitrate_kbit.load(Ordering::Relaxed);
+        let mut bitrate = if asked == 0 { opts.bitrate_kbit } else { asked };
+        let mut enc = Encoder::start(&Settings {
             width,
             height,
             fps: opts.fps,
-            bitrate_kbit: opts.bitrate_kbit,
+            bitrate_kbit: bitrate,
         })?;
         // Screens are far below 65536 pixels a side; X sizes are 16-bit.
         let mut grabber = Grabber::new(&conn, screen, width as u16, height as u16)?;
@@ -190,6 +196,11 @@ pub fn capture(
             if signals.keyframe.swap(false, Ordering::Relaxed) {
                 enc.force_keyframe();
                 pacer.changed();
+            }
+            let asked = signals.bitrate_kbit.load(Ordering::Relaxed);
+            if asked != 0 && asked != bitrate {
+                enc.set_bitrate(asked);
+                bitrate = asked;
             }
             let mut look = std::mem::take(&mut look_now) || measured.elapsed() >= SIZE_POLL;
             let mut pointer = false;
@@ -398,6 +409,7 @@ fn read_controls(
         }
         match Control::parse(&line) {
             Ok(Control::Keyframe) => signals.keyframe.store(true, Ordering::Relaxed),
+            Ok(Control::Bitrate { kbit }) => signals.bitrate_kbit.store(kbit, Ordering::Relaxed),
             Ok(Control::Clipboard { text }) => {
                 let _ = clipboard.send(text);
             }

@@ -260,6 +260,8 @@ pub fn check() -> Result<String, EncoderError> {
 #[derive(Debug)]
 pub struct Encoder {
     pipeline: gst::Pipeline,
+    /// x264enc, whose `bitrate` may change while it runs.
+    x264: gst::Element,
     src: gst_app::AppSrc,
     sink: gst_app::AppSink,
     bus: gst::Bus,
@@ -286,6 +288,11 @@ impl Encoder {
             .last()
             .and_then(|e| e.clone().downcast::<gst_app::AppSink>().ok())
             .ok_or(missing("appsink", "gstreamer1.0-plugins-base"))?;
+        let x264 = els
+            .get(1)
+            .filter(|e| e.factory().is_some_and(|f| f.name() == "x264enc"))
+            .cloned()
+            .ok_or(missing("x264enc", "gstreamer1.0-plugins-ugly"))?;
         let bus = pipeline.bus().ok_or(EncoderError::Ended)?;
         let caps = raw_caps(settings)
             .parse::<gst::Caps>()
@@ -299,6 +306,7 @@ impl Encoder {
         pool.set_active(true).map_err(EncoderError::Assemble)?;
         let enc = Encoder {
             pipeline,
+            x264,
             src,
             sink,
             bus,
@@ -337,6 +345,19 @@ impl Encoder {
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// Encode at a new target bitrate from the next frame on (x264 takes
+    /// `bitrate` while playing and reconfigures its rate control).
+    pub fn set_bitrate(&mut self, kbit: u32) {
+        self.x264.set_property("bitrate", kbit);
+        self.settings.bitrate_kbit = kbit;
+        tracing::debug!(kbit, "encoder bitrate changed");
+    }
+
+    /// The target bitrate x264 holds now, kbit/s.
+    pub fn bitrate(&self) -> u32 {
+        self.x264.property::<u32>("bitrate")
     }
 
     /// Asks x264 for an IDR frame with SPS and PPS in front, as soon as it can.
@@ -497,6 +518,50 @@ mod tests {
         let mut out = vec![0u8; layout.size()];
         assert!(to_i420(&layout, &[0u8; 64 * 4], &mut out).is_err());
         assert!(to_i420(&layout, &vec![0u8; 64 * 32 * 4], &mut out[..10]).is_err());
+    }
+
+    /// Bytes per frame of `n` frames of noise at the encoder's bitrate.
+    fn noise_bytes(enc: &Encoder, n: usize, seed: &mut u32) -> usize {
+        let mut total = 0;
+        for _ in 0..n {
+            let pixels: Vec<u8> = (0..320 * 240 * 4)
+                .map(|_| {
+                    *seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (*seed >> 24) as u8
+                })
+                .collect();
+            enc.push(&pixels).expect("push");
+            let f = enc
+                .next_frame(Duration::from_secs(5))
+                .expect("encodes")
+                .expect("a frame comes");
+            total += f.data.len();
+            // x264 stamps frames with the running time: space them out.
+            std::thread::sleep(Duration::from_millis(33));
+        }
+        total / n
+    }
+
+    /// `Control::Bitrate` reaches x264 while it runs: noise, which takes
+    /// every bit it is given, comes out far smaller at a lower target.
+    #[test]
+    fn the_bitrate_changes_while_encoding() {
+        let mut enc = Encoder::start(&Settings {
+            width: 320,
+            height: 240,
+            fps: 30,
+            bitrate_kbit: 4000,
+        })
+        .expect("the encoder starts");
+        let mut seed = 7;
+        noise_bytes(&enc, 15, &mut seed);
+        let high = noise_bytes(&enc, 15, &mut seed);
+        enc.set_bitrate(300);
+        assert_eq!(enc.bitrate(), 300);
+        noise_bytes(&enc, 15, &mut seed);
+        let low = noise_bytes(&enc, 15, &mut seed);
+        println!("bytes per frame: {high} at 4000 kbit/s, {low} at 300 kbit/s");
+        assert!(low * 3 < high, "{low} at 300 kbit/s vs {high} at 4000");
     }
 
     #[test]

@@ -177,7 +177,10 @@ impl Injector {
     pub fn apply(&mut self, c: &Control) -> Result<(), InputError> {
         match c {
             // Handled elsewhere: the encoder, the clipboard thread, RandR.
-            Control::Keyframe | Control::Clipboard { .. } | Control::Resize { .. } => return Ok(()),
+            Control::Keyframe
+            | Control::Clipboard { .. }
+            | Control::Resize { .. }
+            | Control::Bitrate { .. } => return Ok(()),
             Control::Pointer { x, y, buttons } => self.pointer(*x, *y, *buttons)?,
             Control::Wheel { dx, dy } => self.wheel(*dx, *dy)?,
             Control::Key { keysym, down } => self.key(*keysym, *down)?,

@@ -95,6 +95,9 @@ pub struct AppConfig {
     /// the store: recovery and the reaper's work are the leader's, and a
     /// sandbox left booting by a replica that went away is failed.
     pub cluster: bool,
+
+    // ---- screen recording (recording/) ----
+    pub recording: crate::recording::RecordingConfig,
 }
 
 impl AppConfig {
@@ -129,6 +132,7 @@ impl AppConfig {
 
             // ---- warm pools ----
             pool: pool::PoolSettings::default(),
+            recording: crate::recording::RecordingConfig::default(),
 
             cluster: false,
         }
@@ -342,6 +346,8 @@ pub struct App {
     /// One video link per sandbox with WebRTC viewers.
     pub streams: Arc<crate::webrtc::hub::Hubs>,
     pub stream_metrics: Arc<crate::webrtc::StreamMetrics>,
+    /// Screen recordings under way and on disk.
+    pub recordings: Arc<crate::recording::Recordings>,
     /// Per-user quotas and the host's room, checked before anything is made.
     pub admission: admission::Admission,
     /// Warm pools of booted sandboxes.
@@ -395,6 +401,11 @@ impl App {
             Arc::new(admission::SystemClock),
         );
         let pools = pool::Pools::new(cfg.pool, &metrics);
+        let recordings = Arc::new(crate::recording::Recordings::new(
+            cfg.recording.clone(),
+            &cfg.data_dir,
+            &metrics,
+        ));
         Arc::new(App {
             cfg,
             store,
@@ -412,6 +423,7 @@ impl App {
             webrtc: std::sync::OnceLock::new(),
             streams: Arc::default(),
             stream_metrics,
+            recordings,
             admission,
             pools,
             lease_lock: tokio::sync::Mutex::new(()),

@@ -10,6 +10,7 @@ pub mod logins;
 pub mod nodes;
 pub mod pool;
 pub mod processes;
+pub mod recordings;
 pub mod sandboxes;
 pub mod shares;
 pub mod terminal;
@@ -72,6 +73,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(workspaces::Doc::openapi());
     doc.merge(nodes::Doc::openapi());
     doc.merge(shares::Doc::openapi());
+    doc.merge(recordings::Doc::openapi());
     doc
 }
 
@@ -103,6 +105,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(workspaces::routes())
         .merge(nodes::routes())
         .merge(shares::routes())
+        .merge(recordings::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|| async {
             error::ApiError::new(

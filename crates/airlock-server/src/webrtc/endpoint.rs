@@ -34,6 +34,9 @@ pub struct EndpointConfig {
     /// Budget of second copies of video packets per viewer (copies.rs).
     pub copies_kbps: u32,
     pub tcp_limits: TcpLimits,
+    /// Estimate each viewer's bandwidth and set the guest's encoder to it
+    /// (bitrate.rs); off: the encoder keeps its fixed rate.
+    pub adaptive_bitrate: bool,
 }
 
 /// What one ICE-TCP connection may take before it is closed.
@@ -121,6 +124,7 @@ pub struct Endpoint {
     tcp_local: SocketAddr,
     advertise: IpAddr,
     copies_kbps: u32,
+    adaptive_bitrate: bool,
     tcp_limits: TcpLimits,
     tcp_count: Mutex<TcpCount>,
     routes: Mutex<Routes>,
@@ -153,6 +157,7 @@ impl Endpoint {
             udp: Arc::new(udp),
             advertise: cfg.advertise,
             copies_kbps: cfg.copies_kbps,
+            adaptive_bitrate: cfg.adaptive_bitrate,
             tcp_limits: cfg.tcp_limits,
             tcp_count: Mutex::default(),
             routes: Mutex::default(),
@@ -186,6 +191,11 @@ impl Endpoint {
 
     pub fn copies_kbps(&self) -> u32 {
         self.copies_kbps
+    }
+
+    /// Viewers' bandwidth estimates set the guest's encoder (bitrate.rs).
+    pub fn adaptive_bitrate(&self) -> bool {
+        self.adaptive_bitrate
     }
 
     /// ICE-TCP connections open now.
@@ -487,6 +497,7 @@ mod tests {
             advertise: "192.0.2.7".parse().expect("ip"),
             copies_kbps: 0,
             tcp_limits: TcpLimits::default(),
+            adaptive_bitrate: false,
         };
         let e = Endpoint::start(&cfg).await.expect("bind");
         let (_a, mut a_rx) = e.register("aaaa");
@@ -544,6 +555,7 @@ mod tests {
             advertise: "127.0.0.1".parse().expect("ip"),
             copies_kbps: 0,
             tcp_limits: limits,
+            adaptive_bitrate: false,
         }
     }
 

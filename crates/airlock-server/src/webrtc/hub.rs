@@ -47,6 +47,8 @@ pub struct Hub {
     clipboard: watch::Receiver<Option<Arc<str>>>,
     state: watch::Receiver<HubState>,
     control: mpsc::Sender<Control>,
+    /// Each viewer's bitrate target; the guest gets the lowest (bitrate.rs).
+    bitrates: Mutex<super::bitrate::Targets>,
 }
 
 impl Hub {
@@ -79,6 +81,19 @@ impl Hub {
     /// is busy (input is small, and a full queue means the guest is stuck).
     pub fn control(&self, c: Control) {
         let _ = self.control.try_send(c);
+    }
+
+    /// A viewer's bitrate target, `None` when it leaves; the guest is asked
+    /// for the lowest of all viewers' when that changes.
+    pub fn want_bitrate(&self, viewer: u64, kbit: Option<u32>) {
+        let ask = self
+            .bitrates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set(viewer, kbit);
+        if let Some(kbit) = ask {
+            self.control(Control::Bitrate { kbit });
+        }
     }
 
     /// How many viewers are attached right now.
@@ -126,6 +141,7 @@ impl Hubs {
             clipboard,
             state,
             control,
+            bitrates: Mutex::default(),
         });
         map.insert(guest.sandbox_id.clone(), hub.clone());
         let hubs = Arc::downgrade(self);

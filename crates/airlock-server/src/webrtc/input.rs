@@ -69,6 +69,10 @@ pub fn parse(text: &str) -> Result<(u64, Incoming), String> {
             if matches!(c, Control::Clipboard { .. }) {
                 return Err("clipboard text comes in parts".into());
             }
+            // The encoder's bitrate is the control plane's to set.
+            if matches!(c, Control::Bitrate { .. }) {
+                return Err("a viewer may not set the bitrate".into());
+            }
             Ok((s.seq, Incoming::Input(c)))
         }
         (None, Some(part)) if part.text.len() > MAX_CLIPBOARD_PART_BYTES => Err(format!(
@@ -174,6 +178,13 @@ mod tests {
         }
         assert!(!shared_may_send(&resize, true));
         assert!(shared_may_send(&Incoming::Input(Control::Keyframe), false));
+    }
+
+    #[test]
+    fn a_viewer_cannot_set_the_bitrate() {
+        let err = parse(r#"{"seq":1,"input":{"type":"bitrate","kbit":1000}}"#)
+            .expect_err("the control plane's to set");
+        assert!(err.contains("bitrate"), "{err}");
     }
 
     #[test]

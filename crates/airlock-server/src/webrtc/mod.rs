@@ -9,6 +9,7 @@
 //!  browser ◀──────── SRTP over the shared UDP socket / ICE-TCP ◀──────────┘ endpoint
 //! ```
 
+pub mod bitrate;
 mod copies;
 pub mod endpoint;
 pub mod hub;

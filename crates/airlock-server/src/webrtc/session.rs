@@ -120,8 +120,9 @@ pub const BAD_SIGNAL: u16 = 4400;
 /// Close code when ICE did not connect or disconnected.
 pub const ICE_FAILED: u16 = 4504;
 
-/// A new `Rtc` for one viewer: ICE-lite, H.264 only, zero playout delay.
-fn new_rtc(creds: IceCreds) -> Rtc {
+/// A new `Rtc` for one viewer: ICE-lite, H.264 only, zero playout delay;
+/// with `bwe`, str0m estimates the viewer's bandwidth (bitrate.rs).
+fn new_rtc(creds: IceCreds, bwe: bool) -> Rtc {
     let mut cfg = Rtc::builder()
         .set_ice_lite(true)
         .set_local_ice_credentials(creds)
@@ -129,6 +130,11 @@ fn new_rtc(creds: IceCreds) -> Rtc {
         .enable_h264(true)
         .set_stats_interval(Some(STATS_EVERY))
         .set_send_buffer_video(2000);
+    if bwe {
+        cfg = cfg.enable_bwe(Some(str0m::bwe::Bitrate::kbps(u64::from(
+            super::bitrate::MAX_KBIT,
+        ))));
+    }
     cfg.extension_map().set(12, Extension::PlayoutDelay);
     cfg.build(Instant::now())
 }
@@ -171,7 +177,14 @@ struct Sending {
     notice: Option<String>,
     /// A shared viewer's gate (relay::gate); `None` for the owner.
     gate: Option<Arc<ViewGate>>,
+    /// This viewer among the hub's, for its bitrate target.
+    viewer: u64,
+    /// Bandwidth estimates to the guest's bitrate (bitrate.rs).
+    bitrate: super::bitrate::Controller,
 }
+
+/// Numbers viewers for the hub's bitrate targets.
+static VIEWERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Run one viewer to its end; returns the close code sent.
 pub async fn serve(
@@ -202,7 +215,7 @@ pub async fn serve_gated(
     };
     let creds = IceCreds::new();
     let (_route, mut packets) = endpoint.register(&creds.ufrag);
-    let mut rtc = new_rtc(creds);
+    let mut rtc = new_rtc(creds, endpoint.adaptive_bitrate());
     for c in endpoint.candidates() {
         rtc.add_local_candidate(c);
     }
@@ -228,7 +241,9 @@ pub async fn serve_gated(
         return close::NORMAL;
     }
     metrics.session_started();
+    let viewer_id = VIEWERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let code = run(
+        viewer_id,
         &mut socket,
         &endpoint,
         &hub,
@@ -240,6 +255,7 @@ pub async fn serve_gated(
     )
     .await;
     rtc.disconnect();
+    hub.want_bitrate(viewer_id, None);
     metrics.session_ended();
     code
 }
@@ -265,6 +281,7 @@ async fn read_offer(socket: &mut WebSocket) -> Result<SdpOffer, String> {
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
+    viewer: u64,
     socket: &mut WebSocket,
     endpoint: &Endpoint,
     hub: &Hub,
@@ -294,6 +311,8 @@ async fn run(
         clipboard: ClipboardParts::default(),
         notice: None,
         gate: gate.clone(),
+        viewer,
+        bitrate: super::bitrate::Controller::default(),
     };
     let started = Instant::now();
     let mut sent_info = None;
@@ -467,6 +486,11 @@ fn drain(
                     sending.connected = true;
                     sending.need_keyframe = true;
                     hub.control(Control::Keyframe);
+                    // Probe up to what the encoder's top target needs (only
+                    // with the estimator on; a no-op otherwise).
+                    let top = f64::from(super::bitrate::MAX_KBIT) / super::bitrate::HEADROOM;
+                    rtc.bwe()
+                        .set_desired_bitrate(str0m::bwe::Bitrate::kbps(top as u64));
                 }
                 Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                     return Err(ICE_FAILED);
@@ -512,6 +536,15 @@ fn drain(
                         tracing::debug!(sandbox = %hub.sandbox_id, error = %e, "viewer input refused")
                     }
                 },
+                Event::EgressBitrateEstimate(
+                    str0m::bwe::BweKind::Twcc { estimate, .. }
+                    | str0m::bwe::BweKind::Remb { estimate, .. },
+                ) => {
+                    if let Some(kbit) = sending.bitrate.update(estimate.as_u64(), Instant::now()) {
+                        tracing::debug!(sandbox = %hub.sandbox_id, kbit, "viewer's bitrate target");
+                        hub.want_bitrate(sending.viewer, Some(kbit));
+                    }
+                }
                 Event::PeerStats(s) => {
                     sending.rtt = s.rtt;
                     if let Some(rtt) = s.rtt {

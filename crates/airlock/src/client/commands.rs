@@ -280,6 +280,7 @@ async fn sandbox(conn: Conn, cmd: SandboxCommand) -> anyhow::Result<i32> {
             Ok(code.unwrap_or(exit::FAILURE))
         }
         SandboxCommand::Cp { from, to } => copy(&api, &from, &to).await,
+        SandboxCommand::Record { id, cmd } => super::record::run(&api, &id, cmd).await,
         SandboxCommand::Logs { id, pid, follow } => {
             let pid = match pid {
                 Some(p) => p,

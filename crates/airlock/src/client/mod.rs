@@ -12,6 +12,7 @@
 mod api;
 mod commands;
 mod io;
+mod record;
 
 pub use commands::{run_audit, run_credentials, run_login, run_sandbox};
 
@@ -148,6 +149,12 @@ pub enum SandboxCommand {
     },
     /// Revoke a share link; its open viewers close.
     Unshare { id: String, share: String },
+    /// Screen recordings: `start`, `stop`, `ls`, `get RID -o FILE`.
+    Record {
+        id: String,
+        #[command(subcommand)]
+        cmd: record::RecordCommand,
+    },
     /// Kill a process (SIGKILL, or --signal).
     Kill {
         id: String,
