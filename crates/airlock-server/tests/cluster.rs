@@ -141,30 +141,7 @@ impl Drop for ChildNode {
     /// Stop the node and destroy what it left, with the driver's own destroy.
     fn drop(&mut self) {
         self.kill9();
-        let Ok(mut cfg) = airlock_server::config::Config::from_file(&self.config) else {
-            return;
-        };
-        cfg.data_dir = self.data_dir.clone();
-        let cleanup = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            let Some(manifest) = common::manifest() else {
-                return;
-            };
-            let Ok(driver) = airlock_server::server::driver_for(&cfg, &manifest) else {
-                return;
-            };
-            rt.block_on(async {
-                for inst in driver.list().await.unwrap_or_default() {
-                    let _ = driver.destroy(&inst.id).await;
-                }
-            });
-        });
-        let _ = cleanup.join();
+        child::destroy_leftovers(&self.config, &self.data_dir);
     }
 }
 

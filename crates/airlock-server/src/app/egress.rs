@@ -530,7 +530,11 @@ impl Resolve for UserResolver {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        match app.cached_upstream(&user_id).await {
+        match app
+            .cached_upstream(&user_id)
+            .await
+            .map_err(|e| crate::app::sandboxes::chain(&e))?
+        {
             Ok(Some((up, _))) => Ok(up),
             Ok(None) => Err(
                 "no upstream proxy is configured for this sandbox's user, so nothing leaves it \
@@ -582,32 +586,36 @@ impl App {
         })
     }
 
-    async fn cached_upstream(&self, user_id: &str) -> Cached {
+    /// The user's upstream (or why there is none), cached for a while. A
+    /// database that cannot answer is no fact about the user: it is the
+    /// outer error, never cached, so the caller may try again.
+    async fn cached_upstream(&self, user_id: &str) -> Result<Cached, crate::store::StoreError> {
         // A pool member belongs to nobody yet: no upstream (and no account
         // port) until a claim rebinds its forwarder to its user's.
         if user_id == super::pool::OWNER {
-            return Ok(None);
+            return Ok(Ok(None));
         }
         {
             let cache = self.egress.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((at, hit)) = cache.get(user_id) {
                 if at.elapsed() < CACHE_TTL {
-                    return hit.clone();
+                    return Ok(hit.clone());
                 }
             }
         }
         let fresh = {
             let vault = self.vault.read().await;
-            resolve(&self.store, &vault, user_id)
-                .await
-                .map_err(|e| e.to_string())
+            match resolve(&self.store, &vault, user_id).await {
+                Err(AppError::Store(e)) => return Err(e),
+                other => other.map_err(|e| e.to_string()),
+            }
         };
         self.egress
             .cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(user_id.to_owned(), (Instant::now(), fresh.clone()));
-        fresh
+        Ok(fresh)
     }
 
     async fn proxy_config(&self, lease: &Lease) -> ProxyConfig {
@@ -640,7 +648,7 @@ impl App {
     ) -> Result<Option<(airlock_proto::metadata::Egress, u16)>, AppError> {
         // Assign the user's account port now, so a full range fails the
         // sandbox with a reason instead of failing every request later.
-        if let Err(e) = self.cached_upstream(&row.owner_id).await {
+        if let Err(e) = self.cached_upstream(&row.owner_id).await? {
             return Err(AppError::NoCapacity(e));
         }
         Ok(Some((
@@ -938,6 +946,20 @@ async fn exit_ip_via(up: &Upstream, echo: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A database that cannot answer while a user's upstream is looked up is
+    /// the caller's to retry: nothing is cached for the user (a cached
+    /// failure failed the next sandbox of that user after the database was
+    /// back), and a create's request says the store failed, not "no room".
+    #[tokio::test]
+    async fn a_database_outage_is_not_remembered_as_the_users_upstream() {
+        let w = crate::app::lifecycle_tests::World::new().await;
+        w.store.close_for_test().await;
+        let got = w.app.cached_upstream(&w.user.id).await;
+        assert!(matches!(&got, Err(e) if e.is_unavailable()), "{got:?}");
+        let cache = w.app.egress.cache.lock().expect("lock");
+        assert!(!cache.contains_key(&w.user.id), "the outage was cached");
+    }
 
     #[tokio::test]
     async fn egress_totals_sum_every_sandbox_never_go_down_and_name_none() {

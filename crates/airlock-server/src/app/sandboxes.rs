@@ -408,11 +408,11 @@ impl App {
             self.with_retries("create", || self.node.create(&req))
                 .await
                 .map_err(|e| ("create", format!("could not create the sandbox: {e}")))?;
-            let lease = self.lease(&row).map_err(|e| ("egress", e.to_string()))?;
+            let lease = self.lease(&row).map_err(|e| ("egress", chain(&e)))?;
             self.forwarders
                 .attach(self, &row, &lease)
                 .await
-                .map_err(|e| ("egress", e.to_string()))
+                .map_err(|e| ("egress", chain(&e)))
         }
         .await;
         drop(guard);

@@ -57,6 +57,9 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// Placements remembered at most (each is read again from the store).
+const MAX_PLACED: usize = 100_000;
+
 /// How stale the registry may be for routing and the capacity probe.
 const FRESH: Duration = Duration::from_millis(1000);
 
@@ -94,6 +97,11 @@ impl Cluster {
         let mut k = self.known();
         k.read_at = Some(Instant::now());
         k.rows = rows.clone();
+        // Only a cache: sandboxes other replicas destroyed leave entries
+        // here, so it is dropped whole now and then and read again.
+        if k.placed.len() > MAX_PLACED {
+            k.placed.clear();
+        }
         Ok(rows)
     }
 

@@ -182,6 +182,15 @@ impl Store {
     }
 }
 
+#[cfg(test)]
+impl Store {
+    /// Close every connection for good: from now on each query fails as
+    /// unavailable (a database that went away, for tests).
+    pub(crate) async fn close_for_test(&self) {
+        self.pool.close().await;
+    }
+}
+
 /// A database URL with any password replaced, for messages.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

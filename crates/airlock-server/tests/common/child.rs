@@ -195,29 +195,35 @@ impl Drop for ChildPlane {
     /// the driver's own destroy, so a failed test does not leave them running.
     fn drop(&mut self) {
         self.kill9();
-        let Ok(mut cfg) = airlock_server::config::Config::from_file(&self.config) else {
+        destroy_leftovers(&self.config, &self.data_dir);
+    }
+}
+
+/// Destroy, with the driver's own destroy, every sandbox the process that
+/// ran with `config` over `data_dir` left behind.
+pub fn destroy_leftovers(config: &Path, data_dir: &Path) {
+    let Ok(mut cfg) = airlock_server::config::Config::from_file(config) else {
+        return;
+    };
+    cfg.data_dir = data_dir.to_path_buf();
+    let cleanup = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
             return;
         };
-        cfg.data_dir = self.data_dir.clone();
-        let cleanup = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            let Some(manifest) = crate::common::manifest() else {
-                return;
-            };
-            let Ok(driver) = airlock_server::server::driver_for(&cfg, &manifest) else {
-                return;
-            };
-            rt.block_on(async {
-                for inst in driver.list().await.unwrap_or_default() {
-                    let _ = driver.destroy(&inst.id).await;
-                }
-            });
+        let Some(manifest) = crate::common::manifest() else {
+            return;
+        };
+        let Ok(driver) = airlock_server::server::driver_for(&cfg, &manifest) else {
+            return;
+        };
+        rt.block_on(async {
+            for inst in driver.list().await.unwrap_or_default() {
+                let _ = driver.destroy(&inst.id).await;
+            }
         });
-        let _ = cleanup.join();
-    }
+    });
+    let _ = cleanup.join();
 }
